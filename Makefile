@@ -1,0 +1,42 @@
+# The two set-up commands of the README: `make demo` and `make test`. Each creates .venv and
+# installs what it needs on a fresh machine.
+VENV := .venv
+PY := $(VENV)/bin/python
+LJ := $(VENV)/bin/llamajobs
+STAMP := $(VENV)/.installed
+# The demo keeps its runs and site profile inside the checkout.
+DEMO_ENV := LLAMAJOBS_HOME=$(CURDIR)/.demo XDG_CACHE_HOME=$(CURDIR)/.demo/cache
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+.PHONY: demo test golden clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch (on this machine's disk); the package itself asks only torch>=2.4,
+	# which unpinned would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# The real LLaMA-style 32k tokenizer.model.v1 for tests; its dependencies would downgrade numpy.
+	$(PY) -m pip install -q --no-deps mistral-common
+	touch $@
+
+demo: $(STAMP)
+	mkdir -p .demo
+	$(DEMO_ENV) $(LJ) estimate hours --size 7b --strategy fsdp --nodes 1 --gpus-per-node 8 --gpu a100-80g --tokens 2.5B
+	$(DEMO_ENV) $(LJ) submit --cluster local --size tiny --strategy fsdp --procs-per-node 2 \
+		--seq-len 128 --global-batch 8 --micro-batch 2 --epochs 3 --lr 3e-3 --name demo --wait --json \
+		| tee .demo/last-submit.json
+	$(DEMO_ENV) $(LJ) status
+	$(DEMO_ENV) $(LJ) estimate hours $$($(PY) -c "import json; print(json.load(open('.demo/last-submit.json'))['id'])")
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+# Re-render the committed golden scripts under sbatch/ after a deliberate template change.
+golden: $(STAMP)
+	$(PY) -m tests.golden
+
+clean:
+	rm -rf $(VENV) .demo build *.egg-info

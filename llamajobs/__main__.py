@@ -1,0 +1,3 @@
+from llamajobs.cli import main
+
+main()

@@ -1,0 +1,182 @@
+"""What llamajobs knows about models, accelerators and strategies: shapes, peaks, names."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Shape:
+    """A LLaMA decoder's shape, enough to build it, count its parameters and its FLOPs."""
+
+    name: str
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    max_seq_len: int
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def layer_params(self) -> int:
+        kv = self.n_kv_heads * self.head_dim
+        attention = self.dim * self.dim * 2 + self.dim * kv * 2
+        mlp = 3 * self.dim * self.ffn_dim
+        return attention + mlp + 2 * self.dim
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embedding plus the output head (untied in LLaMA)."""
+        return self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+
+    @property
+    def params(self) -> int:
+        return self.n_layers * self.layer_params + self.embedding_params + self.dim
+
+    @property
+    def non_embedding_params(self) -> int:
+        """N in the 6N rule: what every token multiplies through, the head excluded."""
+        return self.n_layers * self.layer_params
+
+    def hf_config(self) -> dict:
+        """The keys of a transformers LlamaConfig for this shape."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "intermediate_size": self.ffn_dim,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+        }
+
+
+# The bundled sentencepiece tokenizer (trained on the sample corpus) has this vocabulary; the tiny
+# shape takes it, so a tiny model and its tokenizer always agree.
+TINY_VOCAB = 512
+
+SIZES: dict[str, Shape] = {
+    "tiny": Shape(name="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=172,
+                  vocab_size=TINY_VOCAB, max_seq_len=512),
+    # LLaMA-1 (Touvron et al. 2023, table 2): 6.74B, 13.0B, 32.5B, 65.2B parameters.
+    "7b": Shape(name="7b", dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
+                vocab_size=32000, max_seq_len=2048),
+    "13b": Shape(name="13b", dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824,
+                 vocab_size=32000, max_seq_len=2048),
+    "33b": Shape(name="33b", dim=6656, n_layers=60, n_heads=52, n_kv_heads=52, ffn_dim=17920,
+                 vocab_size=32000, max_seq_len=2048),
+    "65b": Shape(name="65b", dim=8192, n_layers=80, n_heads=64, n_kv_heads=64, ffn_dim=22016,
+                 vocab_size=32000, max_seq_len=2048),
+    # LLaMA-2 and LLaMA-3 shapes for planning.
+    "llama2-7b": Shape(name="llama2-7b", dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                       ffn_dim=11008, vocab_size=32000, max_seq_len=4096, norm_eps=1e-5),
+    "llama2-13b": Shape(name="llama2-13b", dim=5120, n_layers=40, n_heads=40, n_kv_heads=40,
+                        ffn_dim=13824, vocab_size=32000, max_seq_len=4096, norm_eps=1e-5),
+    "llama2-70b": Shape(name="llama2-70b", dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                        ffn_dim=28672, vocab_size=32000, max_seq_len=4096, norm_eps=1e-5),
+    "llama3-8b": Shape(name="llama3-8b", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                       ffn_dim=14336, vocab_size=128256, max_seq_len=8192, norm_eps=1e-5,
+                       rope_theta=500000.0),
+}
+
+
+def shape_from_hf_config(config: dict, name: str) -> Shape:
+    """The shape of an HF LLaMA checkpoint, read from its config.json keys."""
+    n_heads = config["num_attention_heads"]
+    return Shape(
+        name=name,
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        ffn_dim=config["intermediate_size"],
+        vocab_size=config["vocab_size"],
+        max_seq_len=config.get("max_position_embeddings", 2048),
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=config.get("rope_theta", 10000.0),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+
+
+def read_hf_config(model_path: str | Path) -> dict:
+    """config.json of an HF LLaMA directory; ValueError naming the path when it is not one."""
+    path = Path(model_path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"--model-path {path}: no config.json there; expected a Hugging Face LLaMA directory")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-path {path}: config.json is not valid JSON ({e.msg})") from None
+    if config.get("model_type") != "llama":
+        raise ValueError(f"--model-path {path}: model_type is {config.get('model_type')!r}; expected 'llama'")
+    return config
+
+
+def shape_for(size: str, model_path: str | None = None) -> Shape:
+    """The shape a run trains: read from the checkpoint when there is one, else the named size."""
+    if model_path:
+        return shape_from_hf_config(read_hf_config(model_path), name=Path(model_path).name)
+    if size not in SIZES:
+        raise ValueError(f"--size {size!r} is not known; choose one of {', '.join(SIZES)}")
+    return SIZES[size]
+
+
+def with_vocab(shape: Shape, vocab_size: int) -> Shape:
+    return replace(shape, vocab_size=vocab_size)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Accelerator:
+    name: str
+    peak_bf16_flops: float  # dense, datasheet
+    memory_gib: float
+    # What torch.cuda.get_device_name() contains for this card (plus memory for the A100 pair).
+    match: str = ""
+
+
+GPUS: dict[str, Accelerator] = {
+    "a100-40g": Accelerator(name="a100-40g", peak_bf16_flops=312e12, memory_gib=40, match="A100"),
+    "a100-80g": Accelerator(name="a100-80g", peak_bf16_flops=312e12, memory_gib=80, match="A100"),
+    "h100": Accelerator(name="h100", peak_bf16_flops=989e12, memory_gib=80, match="H100"),
+    "h200": Accelerator(name="h200", peak_bf16_flops=989e12, memory_gib=141, match="H200"),
+}
+
+# A CPU has no datasheet bf16 peak that means anything for MFU; this nominal figure (one AVX2 FMA
+# pipe pair at 2.5 GHz, fp32, per core) only keeps the CPU runs' MFU column comparable between runs.
+CPU_PEAK_FLOPS_PER_CORE = 2 * 8 * 2 * 2.5e9
+
+
+def gpu_from_device_name(device_name: str, memory_gib: float) -> Accelerator | None:
+    """The catalog entry for a CUDA device, or None when the card is not in the catalog."""
+    for gpu in GPUS.values():
+        if gpu.match and gpu.match in device_name:
+            if gpu.match == "A100":
+                return GPUS["a100-80g"] if memory_gib > 45 else GPUS["a100-40g"]
+            return gpu
+    return None
+
+
+STRATEGIES: tuple[str, ...] = (
+    "fsdp", "fsdp-offload", "ds-zero2", "ds-zero2-offload", "ds-zero3", "ds-zero3-offload", "pp",
+)
+DEEPSPEED_STRATEGIES = frozenset(s for s in STRATEGIES if s.startswith("ds-"))
+MODES: tuple[str, ...] = ("full", "lora", "prefix", "ptuning", "prompt")
+CLUSTERS: tuple[str, ...] = ("slurm", "local", "debug")
+LAUNCHERS: tuple[str, ...] = ("torchrun", "deepspeed")

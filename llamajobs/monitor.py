@@ -1,0 +1,218 @@
+"""Job state and metrics -> status rows: what `llamajobs status` shows and `--json` prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from llamajobs import events
+from llamajobs.registry import Job
+from llamajobs.spec import JobSpec
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY"}
+# A running job is STALLED when its last metric is older than this many of its own step times,
+# and never sooner than the floor (a step of 7B at large batch can take minutes).
+STALL_STEP_FACTOR = 10
+STALL_FLOOR_S = 600.0
+
+
+@dataclass(slots=True)
+class Row:
+    id: int
+    name: str
+    cluster: str
+    cluster_job_id: str
+    state: str
+    nodes: int
+    gpus_per_node: int
+    size: str
+    mode: str
+    strategy: str
+    step: int | None
+    total_steps: int | None
+    epoch: float | None
+    loss: float | None
+    tokens_per_s: float | None
+    tokens_per_s_per_gpu: float | None
+    mfu: float | None
+    peak: str | None
+    eta_s: float | None
+    elapsed_s: float | None
+    last_metric_age_s: float | None
+    run_dir: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_metrics(run_dir: Path, tail_bytes: int | None = 65536) -> list[dict[str, Any]]:
+    """metrics.jsonl, or only its last lines; a line torn by a writer still writing is skipped."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    with open(path, "rb") as f:
+        if tail_bytes is not None:
+            f.seek(max(0, path.stat().st_size - tail_bytes))
+        lines = f.read().decode(errors="replace").splitlines()
+    if tail_bytes is not None and lines and path.stat().st_size > tail_bytes:
+        lines = lines[1:]  # the first line of a tail is usually cut
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+# --- the local cluster: a controller process per job, recorded by pid ---
+
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()  # fields after the command name
+
+
+def _is_local_controller(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    if stat is None or stat[0] == "Z":
+        return False
+    try:
+        return b"submitit.local._local" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))):
+            children.setdefault(int(stat[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_local(pid: int, grace_s: float = 5.0) -> None:
+    """Stop a local job's controller and everything under it (launcher, torchrun, workers)."""
+    if not _is_local_controller(pid):
+        return
+    tree = [pid] + _descendants(pid)
+    for p in tree:
+        with_signal(p, signal.SIGTERM)
+    deadline = time.time() + grace_s
+    while time.time() < deadline and any(_proc_stat(p) and _proc_stat(p)[0] != "Z" for p in tree):
+        time.sleep(0.1)
+    for p in tree:
+        with_signal(p, signal.SIGKILL)
+
+
+def with_signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def local_result(job: Job) -> tuple[str, Any] | None:
+    """submitit's result pickle of the local job: ("success", value) or ("error", traceback)."""
+    path = job.run_dir / "submitit" / f"{job.cluster_job_id}_0_result.pkl"
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return None
+
+
+def local_state(job: Job, history: list[dict[str, Any]]) -> str:
+    if any(e["event"] == "cancelled" for e in history):
+        return "CANCELLED"
+    if _is_local_controller(int(job.cluster_job_id)):
+        return "RUNNING"
+    result = local_result(job)
+    if result is not None:
+        return "COMPLETED" if result[0] == "success" else "FAILED"
+    return "COMPLETED" if any(e["event"] == "finished" for e in history) else "FAILED"
+
+
+def cluster_state(job: Job, history: list[dict[str, Any]]) -> str:
+    if job.cluster in ("local", "debug"):
+        return local_state(job, history)
+    return "UNKNOWN"
+
+
+# --- rows ---
+
+def recent_step_time(metrics: list[dict[str, Any]], window: int = 20) -> float | None:
+    """Median step time of the recent logged steps, the first (warm-up, compile) left out."""
+    times = [m["step_time_s"] for m in metrics if m.get("step_time_s") and m.get("step", 0) > 1][-window:]
+    return statistics.median(times) if times else None
+
+
+def stall_threshold(step_time: float | None) -> float:
+    configured = os.environ.get("LLAMAJOBS_STALL_S")
+    if configured:
+        return float(configured)
+    return max(STALL_FLOOR_S, STALL_STEP_FACTOR * (step_time or 0.0))
+
+
+def row(job: Job, now: float | None = None) -> Row:
+    now = now or time.time()
+    spec = JobSpec.load(job.run_dir / "spec.json")
+    history = events.read(job.run_dir)
+    metrics = read_metrics(job.run_dir)
+    last = metrics[-1] if metrics else {}
+    state = cluster_state(job, history)
+    step_time = recent_step_time(metrics)
+    age = now - last["time"] if last.get("time") else None
+    if state == "RUNNING" and age is not None and age > stall_threshold(step_time):
+        state = "STALLED"
+    eta = None
+    if state in ("RUNNING", "STALLED") and step_time and last.get("total_steps"):
+        eta = max(0.0, (last["total_steps"] - last["step"]) * step_time - (age or 0.0))
+    started = next((e["time"] for e in history if e["event"] == "started"), None)
+    ended = next((e["time"] for e in reversed(history) if e["event"] == "finished"), None)
+    if state not in TERMINAL:
+        ended = now
+    elif ended is None:
+        ended = last.get("time")
+    return Row(
+        id=job.id, name=job.name, cluster=job.cluster, cluster_job_id=job.cluster_job_id, state=state,
+        nodes=spec.nodes, gpus_per_node=spec.gpus_per_node, size=spec.size, mode=spec.mode,
+        strategy=spec.strategy, step=last.get("step"), total_steps=last.get("total_steps"),
+        epoch=last.get("epoch"), loss=last.get("loss"), tokens_per_s=last.get("tokens_per_s"),
+        tokens_per_s_per_gpu=last.get("tokens_per_s_per_gpu"), mfu=last.get("mfu"), peak=last.get("peak"),
+        eta_s=eta, elapsed_s=(ended - started) if started and ended else None, last_metric_age_s=age,
+        run_dir=str(job.run_dir),
+    )
+
+
+def log_files(job: Job) -> list[Path]:
+    """Every log of the job: submitit's per-node logs, then the per-rank worker logs."""
+    submitit_logs = sorted((job.run_dir / "submitit").glob("*_log.*"))
+    rank_logs = sorted((job.run_dir / "logs").glob("attempt-*/node-*/**/std*.log"))
+    return submitit_logs + rank_logs
+
+
+def traceback_log(job: Job) -> Path | None:
+    """The log that holds the root-cause traceback: a worker's own log before submitit's."""
+    logs = log_files(job)
+    for path in sorted(logs, key=lambda p: "submitit" in p.parts):
+        try:
+            if "Traceback (most recent call last)" in path.read_text(errors="replace"):
+                return path
+        except OSError:
+            continue
+    return None

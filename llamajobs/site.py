@@ -1,0 +1,72 @@
+"""The site profile, $LLAMAJOBS_HOME/site.yaml: what differs between clusters, kept out of the code.
+
+It holds site keys (setup lines, env, GPU request syntax, NCCL interface, interpreter) and, at the
+top level beside them, defaults for any JobSpec key (partition, account, time, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llamajobs.spec import SpecError
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Site:
+    # Shell lines run first on every node: module loads, venv/conda activation, a container.
+    setup: tuple[str, ...] = ()
+    # Exported on every node before the launch.
+    env: dict[str, str] = field(default_factory=dict)
+    # How GPUs are asked for: a --gres value with {gpus}; "" asks for none (CPU partitions).
+    gres: str = "gpu:{gpus}"
+    nccl_socket_ifname: str | None = None
+    # Interpreter on the nodes; by default the one running llamajobs (a venv on the shared disk).
+    python: str | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    runs_dir: str | None = None
+
+
+SITE_KEYS = {f.name for f in fields(Site)}
+
+
+def home() -> Path:
+    return Path(os.environ.get("LLAMAJOBS_HOME") or Path.home() / ".llamajobs")
+
+
+def runs_dir(site: Site, flag: str | None = None) -> Path:
+    """Where run directories live: --runs-dir, $LLAMAJOBS_RUNS, the profile, or $LLAMAJOBS_HOME/runs."""
+    chosen = flag or os.environ.get("LLAMAJOBS_RUNS") or site.runs_dir
+    return Path(chosen).expanduser().absolute() if chosen else home().absolute() / "runs"
+
+
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise SpecError(f"{what} {path}: cannot be read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{what} {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{what} {path}: expected a mapping of keys to values")
+    return data
+
+
+def load(path: Path | None = None) -> tuple[Site, dict[str, Any]]:
+    """The profile's site settings and its JobSpec defaults (validated later, with the other sources)."""
+    path = path or home() / "site.yaml"
+    if not path.exists():
+        return Site(), {}
+    data = read_yaml(path, "site profile")
+    site_values = {k.replace("-", "_"): v for k, v in data.items() if k.replace("-", "_") in SITE_KEYS}
+    spec_defaults = {k: v for k, v in data.items() if k.replace("-", "_") not in SITE_KEYS}
+    if isinstance(site_values.get("setup"), str):
+        site_values["setup"] = [site_values["setup"]]
+    site_values["setup"] = tuple(site_values.get("setup") or ())
+    site_values["env"] = {str(k): str(v) for k, v in (site_values.get("env") or {}).items()}
+    return Site(**site_values), spec_defaults

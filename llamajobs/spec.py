@@ -1,0 +1,285 @@
+"""The JobSpec: every setting of a run, validated once, frozen, and the only place defaults live.
+
+Sources, weakest first: these defaults, the site profile, `--config run.yaml`, explicit flags.
+spec.json in the run dir is the JobSpec as JSON; the worker reads nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from llamajobs import catalog
+from llamajobs.errors import SpecError
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JobSpec:
+    # model
+    size: str = "tiny"
+    strategy: str = "fsdp"
+    mode: str = "full"
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    num_virtual_tokens: int = 32
+    model_path: str | None = None
+    init_from: str | None = None
+    # data and schedule
+    data: str | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None
+    tokens_per_epoch: int | None = None
+    seq_len: int = 512
+    global_batch: int = 128
+    micro_batch: int = 4
+    lr: float = 2e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    # checkpoints and requeue
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_minutes: float | None = 60.0
+    keep_checkpoints: int = 2
+    max_requeues: int = 20
+    # where it runs
+    cluster: str = "local"
+    nodes: int = 1
+    gpus_per_node: int = 8
+    procs_per_node: int | None = None
+    device: str = "auto"
+    launcher: str = "torchrun"
+    # SLURM
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    exclude: str | None = None
+    mail_user: str | None = None
+    mail_type: str | None = None
+    after: tuple[str, ...] = ()
+    hold: bool = False
+    # bookkeeping
+    name: str | None = None
+    wandb: str | None = None
+    log_every_steps: int = 1
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # --- derived values (never stored twice) ---
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.size}-{self.mode}-{self.strategy}"
+
+    @property
+    def planned_procs_per_node(self) -> int:
+        """Processes per node as far as the login node can tell; the worker checks the real count."""
+        if self.procs_per_node:
+            return self.procs_per_node
+        if self.strategy == "pp":
+            return 1
+        return 2 if self.cluster != "slurm" or self.device == "cpu" else self.gpus_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.planned_procs_per_node
+
+    @property
+    def time_minutes(self) -> int | None:
+        return parse_slurm_time(self.time) if self.time else None
+
+    @property
+    def shape(self) -> catalog.Shape:
+        return catalog.shape_for(self.size, self.model_path)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        return from_mapping(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> JobSpec:
+        return cls.from_json(Path(path).read_text())
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(JobSpec)}
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def default(name: str) -> Any:
+    return FIELDS[name].default
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def parse_slurm_time(value: str) -> int:
+    """SLURM's time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) to whole minutes."""
+    m = _TIME.match(value.strip())
+    if not m:
+        raise SpecError(f"--time {value!r} is malformed; use HH:MM:SS, MM, D-HH or D-HH:MM:SS")
+    days, a, b, c = m.groups()
+    parts = [int(x) for x in (a, b, c) if x is not None]
+    if days is not None:  # D-HH[:MM[:SS]]
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+        total_s = int(days) * 86400 + hours * 3600 + minutes * 60 + seconds
+    elif len(parts) == 3:
+        total_s = parts[0] * 3600 + parts[1] * 60 + parts[2]
+    elif len(parts) == 2:  # MM:SS
+        total_s = parts[0] * 60 + parts[1]
+    else:
+        total_s = parts[0] * 60
+    if (days is None and len(parts) == 3 and (parts[1] > 59 or parts[2] > 59)) or total_s <= 0:
+        raise SpecError(f"--time {value!r} is malformed; use HH:MM:SS, MM, D-HH or D-HH:MM:SS")
+    return max(1, -(-total_s // 60))
+
+
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)\s*$")
+_SCALE = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+
+def parse_count(value: str | int, what: str = "--tokens") -> int:
+    """'2.5B', '800M', '2500000000' -> an integer count."""
+    if isinstance(value, int):
+        return value
+    m = _COUNT.match(str(value).replace("_", "").replace(",", ""))
+    if not m:
+        raise SpecError(f"{what} {value!r} is not a count; use e.g. 2.5B, 800M or 2500000000")
+    return int(round(float(m.group(1)) * _SCALE[m.group(2).lower()]))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """A value from YAML, JSON or a flag, as the field's type."""
+    if value is None:
+        return None
+    kind = FIELDS[name].type
+    try:
+        if kind.startswith("tuple"):
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(str(v).strip() for v in items if str(v).strip())
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return parse_count(value, _flag(name)) if name == "tokens_per_epoch" else int(value)
+        if kind.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise SpecError(f"{_flag(name)} {value!r} is not a valid {kind.split(' ')[0]}") from None
+
+
+def normalise_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Keys as the flags spell them (global-batch) or as fields (global_batch); unknown keys refused."""
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise SpecError(f"{source}: unknown key {key!r}; allowed: {', '.join(k.replace('_', '-') for k in FIELDS)}")
+        out[name] = _coerce(name, value)
+    return out
+
+
+def from_mapping(values: Mapping[str, Any]) -> JobSpec:
+    return JobSpec(**normalise_keys(values, "spec"))
+
+
+def build(flags: Mapping[str, Any], config: Mapping[str, Any] | None = None,
+          site: Mapping[str, Any] | None = None) -> JobSpec:
+    """Merge the sources (explicit flags win over the run YAML, which wins over the site profile).
+
+    `flags` holds only what the user typed: click's defaults must not shadow the lower sources.
+    """
+    merged: dict[str, Any] = {}
+    for source, values in (("site profile", site or {}), ("--config", config or {}), ("flags", flags)):
+        merged.update(normalise_keys(values, source))
+    if merged.get("mode", default("mode")) != "lora":
+        given = [k for k in LORA_FIELDS if k in merged and merged[k] != default(k)]
+        if given:
+            raise SpecError(f"{_flag(given[0])} needs --mode lora (mode is {merged.get('mode', default('mode'))!r})")
+    return JobSpec(**merged)
+
+
+def _choice(spec: JobSpec, name: str, allowed: tuple[str, ...] | list[str]) -> None:
+    value = getattr(spec, name)
+    if value not in allowed:
+        raise SpecError(f"{_flag(name)} {value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _positive(spec: JobSpec, *names: str) -> None:
+    for name in names:
+        value = getattr(spec, name)
+        if value is not None and value <= 0:
+            raise SpecError(f"{_flag(name)} {value} must be positive")
+
+
+def validate(spec: JobSpec) -> None:
+    _choice(spec, "strategy", catalog.STRATEGIES)
+    _choice(spec, "mode", catalog.MODES)
+    _choice(spec, "cluster", catalog.CLUSTERS)
+    _choice(spec, "launcher", catalog.LAUNCHERS)
+    _choice(spec, "device", ("auto", "cuda", "cpu"))
+    if spec.model_path is None and spec.size not in catalog.SIZES:
+        raise SpecError(f"--size {spec.size!r} is not known; choose one of {', '.join(catalog.SIZES)}")
+    _positive(spec, "nodes", "gpus_per_node", "procs_per_node", "seq_len", "global_batch", "micro_batch",
+              "lr", "epochs", "max_steps", "tokens_per_epoch", "checkpoint_every_steps",
+              "checkpoint_every_minutes", "keep_checkpoints", "lora_r", "lora_alpha", "num_virtual_tokens",
+              "log_every_steps")
+    if spec.name is not None and not _NAME.match(spec.name):
+        raise SpecError(f"--name {spec.name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-'")
+    if spec.max_requeues < 0:
+        raise SpecError(f"--max-requeues {spec.max_requeues} must be 0 or more")
+    if not 0 <= spec.lora_dropout < 1:
+        raise SpecError(f"--lora-dropout {spec.lora_dropout} must be in [0, 1)")
+    if not 0 <= spec.warmup_ratio < 1:
+        raise SpecError(f"--warmup-ratio {spec.warmup_ratio} must be in [0, 1)")
+    if spec.weight_decay < 0:
+        raise SpecError(f"--weight-decay {spec.weight_decay} must be 0 or more")
+    if spec.mode == "lora" and not spec.lora_targets:
+        raise SpecError("--lora-targets is empty; name modules such as q_proj,v_proj")
+    if spec.cluster != "slurm" and spec.nodes > 1:
+        raise SpecError(f"--nodes {spec.nodes}: the {spec.cluster} cluster has one node; use --cluster slurm")
+    if spec.launcher == "deepspeed" and spec.strategy not in catalog.DEEPSPEED_STRATEGIES:
+        raise SpecError(f"--launcher deepspeed needs a ds-* strategy (strategy is {spec.strategy!r})")
+    if spec.procs_per_node and spec.cluster == "slurm" and spec.device != "cpu" \
+            and spec.procs_per_node > spec.gpus_per_node:
+        raise SpecError(f"--procs-per-node {spec.procs_per_node} exceeds --gpus-per-node {spec.gpus_per_node}")
+    if spec.time is not None:
+        parse_slurm_time(spec.time)
+    try:
+        shape = spec.shape
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    if spec.seq_len > shape.max_seq_len:
+        raise SpecError(f"--seq-len {spec.seq_len} exceeds the model's maximum {shape.max_seq_len}")
+    per_step = spec.micro_batch * spec.world_size
+    if spec.global_batch % per_step:
+        raise SpecError(
+            f"--global-batch {spec.global_batch} is not divisible by micro-batch {spec.micro_batch} x "
+            f"world size {spec.world_size} = {per_step}; use a multiple of {per_step}")
