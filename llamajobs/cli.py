@@ -7,6 +7,7 @@ torch and transformers are imported only by the commands that need them, so `--h
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from rich.table import Table
 from llamajobs import catalog, site as site_mod
 from llamajobs.errors import Failure, SpecError
 
-out = Console()
+out = Console(soft_wrap=True)  # paths in the output must stay whole for copy and paste
 err = Console(stderr=True)
 
 
@@ -137,6 +138,8 @@ def submit(ctx: click.Context, runs_dir: str | None, force: bool, dry_run: bool,
 
     cluster = None if values.get("cluster") else submit_mod.detect_cluster()
     spec, site = build_spec(ctx, values, cluster_default=cluster)
+    if spec.init_from is not None:
+        raise SpecError(f"--init-from {spec.init_from}: not supported yet; pass the run's final/ as --model-path")
     if spec.data is not None:
         raise SpecError(f"--data {spec.data}: token stores are not supported yet; omit --data to train on the bundled sample")
     if spec.strategy not in ("fsdp", "fsdp-offload") or spec.mode not in ("full", "lora"):
@@ -276,7 +279,7 @@ def status(job_id: int | None, watch: bool, show_all: bool, runs_dir: str | None
     def rows() -> list:
         jobs = [_job(reg, job_id)] if job_id is not None else reg.jobs()
         now = time.time()
-        found = [monitor.row(j, now) for j in jobs]
+        found = monitor.rows(jobs, now)
         if not show_all and job_id is None:
             week = 7 * 86400
             found = [r for r, j in zip(found, jobs) if r.state not in monitor.TERMINAL or now - j.submitted_at < week]
@@ -308,13 +311,16 @@ def cancel(job_id: int, runs_dir: str | None) -> None:
     from llamajobs import events, monitor, registry
 
     job = _job(registry.Registry(_runs(runs_dir)), job_id)
-    if job.cluster not in ("local", "debug"):
-        raise Failure(f"cancel of {job.cluster} jobs is not built yet; use scancel {job.cluster_job_id}")
     state = monitor.row(job).state
     if state in monitor.TERMINAL:
         raise Failure(f"job {job_id} already ended {state}")
     events.record(job.run_dir, "cancelled")
-    monitor.kill_local(int(job.cluster_job_id))
+    if job.cluster == "slurm":
+        result = subprocess.run(["scancel", job.cluster_job_id], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise Failure(f"scancel {job.cluster_job_id} failed: {result.stderr.strip()}")
+    else:
+        monitor.kill_local(int(job.cluster_job_id))
     out.print(f"job {job_id} cancelled")
 
 

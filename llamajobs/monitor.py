@@ -7,6 +7,7 @@ import os
 import pickle
 import signal
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,10 +148,54 @@ def local_state(job: Job, history: list[dict[str, Any]]) -> str:
     return "COMPLETED" if any(e["event"] == "finished" for e in history) else "FAILED"
 
 
-def cluster_state(job: Job, history: list[dict[str, Any]]) -> str:
-    if job.cluster in ("local", "debug"):
-        return local_state(job, history)
-    return "UNKNOWN"
+# --- SLURM: one sacct call for all jobs, squeue for what accounting has not seen yet ---
+
+SLURM_STATES = {"PENDING", "RUNNING", "COMPLETING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED",
+                "REQUEUED", "NODE_FAIL", "OUT_OF_MEMORY", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED",
+                "RESIZING", "DEADLINE", "BOOT_FAIL", "CONFIGURING", "STOPPED", "SIGNALING"}
+
+
+def _state_word(text: str) -> str:
+    word = text.split()[0].rstrip("+") if text.strip() else "UNKNOWN"  # "CANCELLED by 0", "OUT_OF_ME+"
+    if word == "OUT_OF_ME":
+        return "OUT_OF_MEMORY"
+    return word if word in SLURM_STATES else "UNKNOWN"
+
+
+def _run(command: list[str]) -> str | None:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def slurm_states(cluster_job_ids: list[str]) -> dict[str, str]:
+    if not cluster_job_ids:
+        return {}
+    ids = ",".join(cluster_job_ids)
+    states: dict[str, str] = {}
+    for line in (_run(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "JobIDRaw,State"]) or "").splitlines():
+        job_id, _, state = line.partition("|")
+        states[job_id.strip()] = _state_word(state)
+    missing = [i for i in cluster_job_ids if i not in states]
+    if missing:
+        for line in (_run(["squeue", "-h", "-j", ",".join(missing), "-o", "%i %T"]) or "").splitlines():
+            job_id, _, state = line.partition(" ")
+            states[job_id] = _state_word(state)
+    return states
+
+
+def cluster_states(jobs: list[Job]) -> dict[int, str]:
+    """Every job's state from its cluster, with one sacct call for all the SLURM jobs."""
+    slurm = slurm_states([j.cluster_job_id for j in jobs if j.cluster == "slurm"])
+    states = {}
+    for job in jobs:
+        if job.cluster == "slurm":
+            states[job.id] = slurm.get(job.cluster_job_id, "UNKNOWN")
+        else:
+            states[job.id] = local_state(job, events.read(job.run_dir))
+    return states
 
 
 # --- rows ---
@@ -168,13 +213,19 @@ def stall_threshold(step_time: float | None) -> float:
     return max(STALL_FLOOR_S, STALL_STEP_FACTOR * (step_time or 0.0))
 
 
-def row(job: Job, now: float | None = None) -> Row:
+def rows(jobs: list[Job], now: float | None = None) -> list[Row]:
+    states = cluster_states(jobs)
+    return [row(job, states[job.id], now) for job in jobs]
+
+
+def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
+    """One job's status: its cluster state (looked up unless given), its metrics, its ETA."""
     now = now or time.time()
     spec = JobSpec.load(job.run_dir / "spec.json")
     history = events.read(job.run_dir)
     metrics = read_metrics(job.run_dir)
     last = metrics[-1] if metrics else {}
-    state = cluster_state(job, history)
+    state = state or cluster_states([job])[job.id]
     step_time = recent_step_time(metrics)
     age = now - last["time"] if last.get("time") else None
     if state == "RUNNING" and age is not None and age > stall_threshold(step_time):

@@ -21,7 +21,7 @@ from typing import Iterator
 import submitit
 
 from llamajobs import events, registry, render
-from llamajobs.errors import Failure
+from llamajobs.errors import Failure, SpecError
 from llamajobs.registry import Job
 from llamajobs.site import Site
 from llamajobs.spec import JobSpec
@@ -93,13 +93,56 @@ def _detached_stdio() -> Iterator[None]:
         os.close(devnull)
 
 
-def make_executor(spec: JobSpec, site: Site, folder: Path) -> submitit.Executor:
+def partition_time_limit(partition: str | None) -> int:
+    """The partition's MaxTime in minutes (0 when unlimited), for a spec that names no --time."""
+    from llamajobs.spec import parse_slurm_time
+
+    command = ["scontrol", "show", "partition"] + ([partition] if partition else [])
+    try:
+        text = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SubmitError(f"cannot read the time limit of partition {partition or '(default)'}: {e}; "
+                          f"give --time") from None
+    blocks = text.split("\n\n")
+    block = next((b for b in blocks if partition is None and "Default=YES" in b), blocks[0])
+    limit = next((w.split("=", 1)[1] for w in block.split() if w.startswith("MaxTime=")), "UNLIMITED")
+    return 0 if limit in ("UNLIMITED", "INFINITE") else parse_slurm_time(limit)
+
+
+def make_executor(spec: JobSpec, site: Site, folder: Path, dependency: str | None = None) -> submitit.Executor:
     if spec.cluster in ("local", "debug"):
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=spec.time_minutes or LOCAL_DEFAULT_MINUTES, tasks_per_node=1,
                                    gpus_per_node=0)
         return executor
-    raise SubmitError(f"--cluster {spec.cluster}: submission to SLURM is not built yet; use --cluster local")
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=spec.max_requeues)
+    options = {
+        "job_name": spec.run_name, "nodes": spec.nodes, "ntasks_per_node": 1,
+        "time": spec.time_minutes if spec.time else partition_time_limit(spec.partition),
+        "partition": spec.partition, "account": spec.account, "qos": spec.qos, "constraint": spec.constraint,
+        "exclude": spec.exclude, "mail_user": spec.mail_user, "mail_type": spec.mail_type,
+        "exclusive": spec.exclusive or None, "dependency": dependency, "cpus_per_task": site.cpus_per_task,
+        "mem": site.mem, "setup": list(site.setup) or None,
+        "gres": site.gres.format(gpus=spec.gpus_per_node) if site.gres and spec.device != "cpu" else None,
+        "stderr_to_stdout": False,
+    }
+    executor.update_parameters(**{k: v for k, v in options.items() if v is not None})
+    if site.python:
+        executor.python = site.python
+    return executor
+
+
+def dependency_on(after: tuple[str, ...], reg: registry.Registry) -> str | None:
+    """--after names llamajobs ids; SLURM wants its own: afterok:ID:ID."""
+    if not after:
+        return None
+    cluster_ids = []
+    for value in after:
+        job = reg.get(int(value)) if value.isdigit() else None
+        if job is None or job.cluster != "slurm":
+            raise SpecError(f"--after {value}: not a SLURM job known to llamajobs")
+        cluster_ids.append(job.cluster_job_id)
+    return "afterok:" + ":".join(cluster_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,13 +153,15 @@ class Submission:
 
 def submit(spec: JobSpec, site: Site, runs_dir: Path) -> Submission:
     """Allocate, render, submit, register; on failure nothing is left registered or half-written."""
+    reg = registry.Registry(runs_dir)
+    dependency = dependency_on(spec.after, reg)
     job_id = registry.claim_id(runs_dir)
     run_dir = runs_dir / f"{job_id}-{spec.run_name}"
     staging = runs_dir / f".staging-{job_id}"
     try:
         render.render(spec, site, staging, run_dir=str(run_dir))
         os.rename(staging, run_dir)
-        executor = make_executor(spec, site, run_dir / "submitit")
+        executor = make_executor(spec, site, run_dir / "submitit", dependency)
         if spec.cluster == "slurm":
             cluster_job = executor.submit(NodeLauncher(str(run_dir)))
         else:
@@ -133,7 +178,6 @@ def submit(spec: JobSpec, site: Site, runs_dir: Path) -> Submission:
         raise SubmitError(f"submission failed: {e}") from e
     registry.write_job_file(job)
     events.record(run_dir, "submitted", cluster=job.cluster, cluster_job_id=job.cluster_job_id)
-    reg = registry.Registry(runs_dir)
     reg.add(job)
     reg.close()
     return Submission(job=job, spec=spec)

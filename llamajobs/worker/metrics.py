@@ -1,0 +1,98 @@
+"""Throughput, MFU and memory, computed in one place, and rank 0's metrics.jsonl writer.
+
+tokens/s is measured over the wall time of the steps since the last log (the host is synchronised
+with the device by then: the logged loss has been fetched). MFU is model FLOPs (estimate.py, the
+same count the estimator uses) over the catalog peak of the device, and the peak is named.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llamajobs.catalog import CPU_PEAK_FLOPS_PER_CORE, gpu_from_device_name
+
+
+def device_peak(device: torch.device) -> tuple[str, float | None]:
+    """(name, dense bf16 FLOP/s) of one device; None when the card is not in the catalog."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu = gpu_from_device_name(props.name, props.total_memory / 2**30)
+        return (gpu.name, gpu.peak_bf16_flops) if gpu else (props.name, None)
+    return "cpu-nominal", CPU_PEAK_FLOPS_PER_CORE * torch.get_num_threads()
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads per process)"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated by this process, or its peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricsLogger:
+    """Rank 0 appends one JSON line per logged step to metrics.jsonl (the monitor tails it)."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, steps_per_epoch: int,
+                 tokens_per_step: int, flops_per_token: float, world_size: int, device: torch.device) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.device = device
+        self.peak_name, self.peak_flops = device_peak(device)
+        self.start_clock()
+
+    def start_clock(self, step: int = 0) -> None:
+        """Training starts now, after `step` steps (0, or the step a resumed run continues from)."""
+        self.start_time = self.last_time = time.perf_counter()
+        self.last_step = step
+
+    def log(self, step: int, loss: float, lr: float, grad_norm: float) -> dict[str, Any]:
+        now = time.perf_counter()
+        steps = step - self.last_step
+        step_time = (now - self.last_time) / steps
+        tokens_per_s = self.tokens_per_step / step_time
+        per_gpu = tokens_per_s / self.world_size  # per worker process: one per GPU
+        mfu = self.flops_per_token * per_gpu / self.peak_flops if self.peak_flops else None
+        self.last_time, self.last_step = now, step
+        row = {
+            "step": step,
+            "total_steps": self.total_steps,
+            "epoch": step / self.steps_per_epoch,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": step * self.tokens_per_step,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_gpu": per_gpu,
+            "mfu": mfu,
+            "peak": self.peak_name,
+            "peak_flops": self.peak_flops,
+            "step_time_s": step_time,
+            "elapsed_s": now - self.start_time,
+            "time": time.time(),
+            "mem_gib": peak_memory_gib(self.device),
+        }
+        if self.enabled:
+            with open(self.path, "a") as f:  # one open per log: a crash leaves only whole lines
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+            mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
+            print(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s "
+                  f"| {step_time:.3f} s/step | mfu {mfu_text} ({self.peak_name}) | {row['mem_gib']:.2f} GiB",
+                  flush=True)
+        return row

@@ -1,0 +1,258 @@
+"""The training loop, top to bottom: one process per GPU (or two on a CPU box) under torchrun.
+
+main() is the table of contents: setup, tokenizer, data, model, parallelism, optimizer and
+schedule, the loop, the export of final/, teardown. Everything it calls is a small function here or
+in the module named for its concern (model.py, parallel.py, metrics.py, llamajobs.data).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import PreTrainedTokenizerBase
+
+from llamajobs import events
+from llamajobs.catalog import TINY_VOCAB
+from llamajobs.data import SAMPLE_CORPUS, read_texts
+from llamajobs.data.sampler import (IGNORE_INDEX, MicroBatch, WindowSampler, steps_per_epoch, tokenize_documents,
+                                     total_steps)
+from llamajobs.data.tokenizer import ensure_tokenizer, load_tokenizer
+from llamajobs.estimate import flops_per_token
+from llamajobs.spec import JobSpec
+from llamajobs.worker import model as model_lib
+from llamajobs.worker import parallel
+from llamajobs.worker.metrics import MetricsLogger, device_description
+from llamajobs.worker.parallel import Dist
+
+MIN_LR_RATIO = 0.1  # the cosine decays to this fraction of the peak learning rate
+
+
+@record  # torchrun then reports the failing rank's root-cause traceback, not just "exit code 1"
+def main(argv: list[str] | None = None) -> int:
+    run_dir = parse_run_dir(sys.argv[1:] if argv is None else argv)
+    spec = JobSpec.load(run_dir / "spec.json")
+    check_supported(spec)  # before joining the group: a refusal costs no rendezvous
+    env = parallel.init_distributed(spec)
+    try:
+        seed_and_configure(spec.seed, env)
+        tokenizer = build_tokenizer(spec, run_dir, env)
+        sampler, steps_in_epoch = build_data(spec, tokenizer, env)
+        total = total_steps(spec.max_steps, spec.epochs, steps_in_epoch)
+        config = model_lib.model_config(spec)
+        model_lib.check_vocab(config, tokenizer)
+        # Structure on the meta device, sharded, only the shards allocated, weights read once and broadcast.
+        model = model_lib.build_meta_model(spec, config, model_lib.weights_dtype(spec, env.device))
+        parallel.parallelize(model, spec, env.device)
+        model_lib.materialize(model, parallel.init_device(spec, env.device), env.device)
+        model_lib.load_weights(model, spec, config, env.rank)
+        optimizer, scheduler = build_optimizer(model, spec, env.device, total)
+        metrics = MetricsLogger(
+            run_dir, enabled=env.rank == 0, total_steps=total, steps_per_epoch=steps_in_epoch,
+            tokens_per_step=spec.global_batch * spec.seq_len,
+            flops_per_token=flops_per_token(spec.shape, spec.seq_len, spec.mode),
+            world_size=env.world_size, device=env.device)
+        announce(spec, run_dir, env, model, steps_in_epoch=steps_in_epoch, total=total)
+        step = train_loop(model, optimizer, scheduler, sampler, metrics, spec=spec, env=env, total=total)
+        export_dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
+        final = model_lib.export_final(model, spec, config, tokenizer, run_dir, env.rank, export_dtype)
+        if env.rank == 0:
+            events.record(run_dir, "finished", step=step)
+            print(f"finished at step {step}; wrote {final}", flush=True)
+    finally:
+        parallel.teardown()
+    return 0
+
+
+def parse_run_dir(args: list[str]) -> Path:
+    if len(args) != 1:
+        raise SystemExit("usage: python -m llamajobs.worker RUN_DIR   (under torchrun; RUN_DIR holds spec.json)")
+    return Path(args[0]).resolve()
+
+
+def check_supported(spec: JobSpec) -> None:
+    """Refuse, with the setting to change, what this worker cannot do yet (before any rank loads anything)."""
+    model_lib.check_mode(spec)
+    parallel.check_strategy(spec)
+    if spec.data:
+        raise NotImplementedError(
+            f"--data {spec.data}: token stores are not supported by this worker yet; leave --data out "
+            f"to train on the bundled sample corpus")
+    if spec.init_from:  # refused rather than silently ignored: the run would start from the wrong weights
+        raise NotImplementedError(
+            f"--init-from {spec.init_from} is not supported by this worker yet; for a full model's final/, "
+            f"pass that directory as --model-path")
+
+
+def seed_and_configure(seed: int, env: Dist) -> None:
+    """Per-rank seeds (dropout masks must differ between ranks). Identical weights do not rely on
+    this: rank 0 initialises them with `seed` and broadcasts; the sampler has its own generators."""
+    random.seed(seed + env.rank)
+    np.random.seed(seed + env.rank)
+    torch.manual_seed(seed + env.rank)
+    if env.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for whatever fp32 matmuls remain
+
+
+# --- builders ---
+
+
+def build_tokenizer(spec: JobSpec, run_dir: Path, env: Dist) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, or the bundled one: trained by rank 0 on the sample corpus into
+    RUN_DIR/tokenizer (once per run; a requeued attempt reuses it), then loaded by every rank."""
+    if spec.model_path:
+        return load_tokenizer(spec.model_path)
+    path = run_dir / "tokenizer"
+    if env.rank == 0:
+        ensure_tokenizer(read_texts(SAMPLE_CORPUS), TINY_VOCAB, path)
+    dist.barrier()
+    return load_tokenizer(path)
+
+
+def build_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, env: Dist) -> tuple[WindowSampler, int]:
+    """The sample corpus tokenised in memory (small: every rank does it) and this rank's sampler;
+    also the number of steps in an epoch."""
+    grad_accum_steps(spec, env.world_size)  # fail with the batch arithmetic spelled out
+    docs = tokenize_documents(read_texts(SAMPLE_CORPUS), tokenizer)
+    sampler = WindowSampler(docs, seq_len=spec.seq_len, global_batch=spec.global_batch,
+                            micro_batch=spec.micro_batch, rank=env.rank, world_size=env.world_size,
+                            seed=spec.seed, pad_id=tokenizer.eos_token_id)
+    return sampler, steps_per_epoch(len(docs), spec.global_batch, spec.seq_len, spec.tokens_per_epoch)
+
+
+def grad_accum_steps(spec: JobSpec, world_size: int) -> int:
+    """Micro-batches per rank per optimizer step. The real world size can differ from the planned one
+    (procs per node are counted on the node), so this is checked here, not only in the spec."""
+    accum, rest = divmod(spec.global_batch, spec.micro_batch * world_size)
+    if rest or accum == 0:
+        raise ValueError(
+            f"--global-batch {spec.global_batch} is not a multiple of --micro-batch {spec.micro_batch} x "
+            f"world size {world_size} = {spec.micro_batch * world_size}; change --global-batch or --micro-batch")
+    return accum
+
+
+def lr_factor(step: int, *, warmup: int, total: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup over `warmup`
+    steps, then a cosine from 1 at the first step after warmup to MIN_LR_RATIO at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, spec: JobSpec, device: torch.device,
+                    total: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    """AdamW over the trainable parameters only (LoRA: the adapters). No weight decay on vectors
+    (norm scales): decaying them towards 0 only hurts."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": spec.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    # fused: one kernel per step on GPU; the parameters must be there (not under CPU offload).
+    fused = device.type == "cuda" and parallel.init_device(spec, device).type == "cuda"
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, fused=fused or None)
+    warmup = math.ceil(spec.warmup_ratio * total)
+    scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, warmup=warmup, total=total))
+    return optimizer, scheduler
+
+
+def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, *, steps_in_epoch: int, total: int) -> None:
+    """The token budget up front (like nanoGPT), and the "started" event."""
+    hosts: list[str | None] = [None] * env.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    if env.rank != 0:
+        return
+    tokens_per_step = spec.global_batch * spec.seq_len
+    accum = grad_accum_steps(spec, env.world_size)
+    n_params = sum(p.numel() for p in model.parameters())  # DTensor numel is the global size
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model: {spec.shape.name} {spec.mode}, {n_params:,} parameters, {n_trainable:,} trainable; "
+          f"{spec.strategy} over {env.world_size} processes on {device_description(env.device)}", flush=True)
+    print(f"tokens per step: {tokens_per_step:,} = global batch {spec.global_batch} x seq len {spec.seq_len} "
+          f"({accum} micro-batches of {spec.micro_batch} on each of {env.world_size} ranks)", flush=True)
+    print(f"steps: {total:,} = {total / steps_in_epoch:.2f} epochs of {steps_in_epoch:,} steps "
+          f"({steps_in_epoch * tokens_per_step:,} tokens per epoch, {total * tokens_per_step:,} in all)", flush=True)
+    events.record(run_dir, "started", world_size=env.world_size, hosts=sorted(set(hosts)),
+                  device=device_description(env.device))
+
+
+# --- the loop ---
+
+
+def injected_fault_step() -> int | None:
+    # Fault injection for tests: LLAMAJOBS_INJECT_FAULT=crash:N makes every rank raise when step N
+    # starts, so tests can check that a crashing worker ends up FAILED.
+    value = os.environ.get("LLAMAJOBS_INJECT_FAULT", "")
+    if not value:
+        return None
+    kind, _, step = value.partition(":")
+    if kind != "crash" or not step.isdigit():
+        raise ValueError(f"LLAMAJOBS_INJECT_FAULT={value!r}: expected crash:N")
+    return int(step)
+
+
+def to_device(micro_batches: list[MicroBatch], device: torch.device) -> list[MicroBatch]:
+    if device.type != "cuda":
+        return micro_batches
+    # Pinned memory makes the copies asynchronous: no host sync inside the step.
+    return [(x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True))
+            for x, y in micro_batches]
+
+
+def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_size: int) -> torch.Tensor:
+    """Accumulate into .grad the gradient of the global batch's mean token loss; return this rank's
+    share of that mean (detached; the sum of the shares over ranks is the mean).
+
+    Each micro-batch's loss is its summed token cross-entropy over the number of label tokens in the
+    whole global batch (all ranks, counted before the forwards with one all-reduce), so ranks and
+    micro-batches with more real (unpadded) tokens weigh more, exactly as in one pass over the
+    global batch. FSDP averages gradients over ranks; the world_size factor turns that into a sum.
+    """
+    n_tokens = torch.stack([(labels != IGNORE_INDEX).sum() for _, labels in micro_batches]).sum()
+    dist.all_reduce(n_tokens)
+    scale = world_size / n_tokens.clamp(min=1)
+    share = torch.zeros((), device=n_tokens.device)
+    for i, (inputs, labels) in enumerate(micro_batches):
+        # Reduce-scatter only after the last micro-batch; the others accumulate locally, in unsharded
+        # fp32 gradients (for a full fine-tune, a whole model's worth per GPU while accumulating).
+        model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        logits = model(input_ids=inputs).logits
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        (loss_sum * scale).backward()
+        share += loss_sum.detach() * (scale / world_size)
+    return share
+
+
+def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, sampler: WindowSampler,
+               metrics: MetricsLogger, *, spec: JobSpec, env: Dist, total: int) -> int:
+    """Optimizer steps 1..total, one global batch each; returns the last step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = spec.grad_clip if spec.grad_clip > 0 else math.inf
+    fault_step = injected_fault_step()
+    model.train()
+    metrics.start_clock()
+    step = 0
+    for step in range(1, total + 1):
+        if step == fault_step:
+            raise RuntimeError(f"injected fault at step {step}")
+        loss = forward_backward(model, to_device(next(sampler), env.device), env.world_size)
+        grad_norm = parallel.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        if step % spec.log_every_steps == 0 or step == total:
+            dist.all_reduce(loss)  # the shares -> the global batch's mean token loss
+            metrics.log(step, loss.item(), lr, grad_norm.item())
+    return step
