@@ -26,7 +26,7 @@ demo: $(STAMP)
 	mkdir -p .demo
 	$(DEMO_ENV) $(LJ) estimate hours --size 7b --strategy fsdp --nodes 1 --gpus-per-node 8 --gpu a100-80g --tokens 2.5B
 	$(DEMO_ENV) $(LJ) submit --cluster local --size tiny --strategy fsdp --procs-per-node 2 \
-		--seq-len 128 --global-batch 8 --micro-batch 2 --epochs 3 --lr 3e-3 --name demo --wait --json \
+		--seq-len 128 --global-batch 8 --micro-batch 2 --epochs 20 --lr 3e-3 --name demo --wait --json \
 		| tee .demo/last-submit.json
 	$(DEMO_ENV) $(LJ) status
 	$(DEMO_ENV) $(LJ) estimate hours $$($(PY) -c "import json; print(json.load(open('.demo/last-submit.json'))['id'])")

@@ -21,8 +21,9 @@ from rich.table import Table
 from llamajobs import catalog, site as site_mod
 from llamajobs.errors import Failure, SpecError
 
-out = Console(soft_wrap=True)  # paths in the output must stay whole for copy and paste
-err = Console(stderr=True)
+# Paths must stay whole for copy and paste; piped output gets room for the status table.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True)
 
 
 # --- shared options (defined once; every default lives in the JobSpec, so none is given here) ---
@@ -176,13 +177,19 @@ def submit(ctx: click.Context, runs_dir: str | None, force: bool, dry_run: bool,
 
 
 def wait_for(job, poll_s: float = 1.0) -> str:
+    """Poll until the job ends, reporting each new logged step on stderr (stdout stays for --json)."""
     from llamajobs import monitor
 
+    shown = None
     while True:
-        state = monitor.row(job).state
-        if state in monitor.TERMINAL:
-            return state
-        time.sleep(poll_s)
+        r = monitor.row(job)
+        if r.step is not None and r.step != shown:
+            shown = r.step
+            err.print(f"job {job.id} {r.state} step {r.step}/{r.total_steps} loss {_fmt(r.loss, '.4f')} "
+                      f"tok/s {_fmt(r.tokens_per_s, ',.0f')} MFU {_fmt(r.mfu and r.mfu * 100, '.1f')}% ({r.peak})")
+        if r.state in monitor.TERMINAL:
+            return r.state
+        time.sleep(poll_s if job.cluster != "slurm" else max(poll_s, 2.0))
 
 
 def _job(reg, job_id: int):
@@ -215,14 +222,21 @@ def status_table(rows: list) -> Table:
         table.add_column(col)
     for r in rows:
         table.add_row(
-            str(r.id), r.name, f"{r.cluster}:{r.cluster_job_id}", r.state, f"{r.nodes}×{r.gpus_per_node}",
-            f"{r.size}/{r.mode}/{r.strategy}", f"{_fmt(r.step)}/{_fmt(r.total_steps)}",
-            _fmt(r.epoch and r.epoch * 100, ".1f") + ("%" if r.epoch is not None else ""),
+            str(r.id), r.name, f"{r.cluster}:{r.cluster_job_id}", r.state,
+            f"{r.nodes}×{r.gpus_per_node}" if r.cluster == "slurm" else f"{r.nodes}×{r.procs_per_node} cpu",
+            f"{r.size}/{r.mode}/{r.strategy}", f"{_fmt(r.step)}/{_fmt(r.total_steps)}", _epoch(r.epoch),
             _fmt(r.loss, ".4f"), _fmt(r.tokens_per_s, ",.0f"), _fmt(r.tokens_per_s_per_gpu, ",.0f"),
             _fmt(r.mfu and r.mfu * 100, ".1f") + ("%" if r.mfu is not None else ""), _duration(r.eta_s),
             _duration(r.elapsed_s),
         )
     return table
+
+
+def _epoch(epochs: float | None) -> str:
+    """Within the first epoch its percentage; later, epochs done."""
+    if epochs is None:
+        return "-"
+    return f"{epochs * 100:.1f}%" if epochs <= 1 else f"{epochs:.2f} ep"
 
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -244,7 +258,7 @@ def print_detail(job, row) -> None:
     spec = JobSpec.load(job.run_dir / "spec.json")
     out.print(f"[bold]job {job.id}[/] {job.name}  {row.state}  ({job.cluster} job {job.cluster_job_id})")
     out.print(f"run dir   {job.run_dir}")
-    out.print(f"model     {spec.size} {spec.mode} {spec.strategy}, {spec.nodes}×{spec.gpus_per_node} "
+    out.print(f"model     {spec.size} {spec.mode} {spec.strategy}, {spec.nodes} node(s) "
               f"seq {spec.seq_len} global batch {spec.global_batch} micro {spec.micro_batch} lr {spec.lr}")
     out.print(f"progress  step {_fmt(row.step)}/{_fmt(row.total_steps)}  loss {_fmt(row.loss, '.4f')}  "
               f"tok/s {_fmt(row.tokens_per_s, ',.0f')}  MFU {_fmt(row.mfu and row.mfu * 100, '.2f')}% "
@@ -339,10 +353,7 @@ def logs(job_id: int, rank: int | None, follow: bool, use_stderr: bool, runs_dir
     if rank is None:
         candidates = sorted((job.run_dir / "submitit").glob(f"*_0_log.{stream}"))
     else:
-        # torchrun's layout: logs/attempt-A/node-N/<run id>/attempt_0/<local rank>/stdout.log
-        candidates = [p for p in monitor.log_files(job) if p.parent.name == str(rank) and
-                      p.name == f"std{stream}.log"]
-        candidates.sort(key=lambda p: p.stat().st_mtime)
+        candidates = [p for p in monitor.rank_logs(job).get(rank, []) if p.name == f"std{stream}.log"]
     if not candidates:
         raise Failure(f"no log yet for job {job_id}" + (f" rank {rank}" if rank is not None else ""))
     path = candidates[-1]

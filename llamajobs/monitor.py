@@ -33,6 +33,7 @@ class Row:
     state: str
     nodes: int
     gpus_per_node: int
+    procs_per_node: int
     size: str
     mode: str
     strategy: str
@@ -241,7 +242,8 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         ended = last.get("time")
     return Row(
         id=job.id, name=job.name, cluster=job.cluster, cluster_job_id=job.cluster_job_id, state=state,
-        nodes=spec.nodes, gpus_per_node=spec.gpus_per_node, size=spec.size, mode=spec.mode,
+        nodes=spec.nodes, gpus_per_node=spec.gpus_per_node, procs_per_node=spec.planned_procs_per_node,
+        size=spec.size, mode=spec.mode,
         strategy=spec.strategy, step=last.get("step"), total_steps=last.get("total_steps"),
         epoch=last.get("epoch"), loss=last.get("loss"), tokens_per_s=last.get("tokens_per_s"),
         tokens_per_s_per_gpu=last.get("tokens_per_s_per_gpu"), mfu=last.get("mfu"), peak=last.get("peak"),
@@ -255,6 +257,21 @@ def log_files(job: Job) -> list[Path]:
     submitit_logs = sorted((job.run_dir / "submitit").glob("*_log.*"))
     rank_logs = sorted((job.run_dir / "logs").glob("attempt-*/node-*/**/std*.log"))
     return submitit_logs + rank_logs
+
+
+def rank_logs(job: Job) -> dict[int, list[Path]]:
+    """Each global rank's logs, oldest attempt first. torchrun's layout under our per-attempt,
+    per-node folder is <run id>/attempt_0/<local rank>/std{out,err}.log; ranks are node-major."""
+    found: dict[int, list[Path]] = {}
+    for attempt in sorted((job.run_dir / "logs").glob("attempt-*"), key=lambda p: int(p.name.split("-")[1])):
+        nodes = sorted(attempt.glob("node-*"), key=lambda p: int(p.name.split("-")[1]))
+        local_dirs = [sorted({p.parent for p in node.glob("*/attempt_*/*/std*.log")}, key=lambda p: int(p.name))
+                      for node in nodes]
+        procs = max((len(d) for d in local_dirs), default=0)
+        for node_rank, dirs in enumerate(local_dirs):
+            for local in dirs:
+                found.setdefault(node_rank * procs + int(local.name), []).extend(sorted(local.glob("std*.log")))
+    return found
 
 
 def traceback_log(job: Job) -> Path | None:

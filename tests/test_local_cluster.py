@@ -90,3 +90,10 @@ def test_crashing_worker_shows_failed_and_names_the_log(env):
     detail = run_cli("status", str(job_id), env=env, check=True).stdout
     log = Path(detail.split("traceback in ")[1].split()[0])
     assert "injected fault at step 3" in log.read_text()
+
+
+def test_logs_by_rank(env, completed):
+    assert "tokens per step" in run_cli("logs", str(completed["id"]), "--rank", "0", env=env, check=True).stdout
+    assert "Job completed successfully" in run_cli("logs", str(completed["id"]), env=env, check=True).stdout
+    missing = run_cli("logs", str(completed["id"]), "--rank", "7", env=env)
+    assert missing.returncode == 1 and "no log yet" in missing.stderr
