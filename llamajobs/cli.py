@@ -49,9 +49,14 @@ TRAINING_OPTIONS = [
     _opt("--compile/--no-compile"), _opt("--seed", type=int),
     _opt("--nodes", type=int), _opt("--gpus-per-node", type=int),
     _opt("--procs-per-node", type=int, help="Worker processes per node (default: one per GPU, 2 without GPUs)."),
+    _opt("--cpus-per-node", type=int, help="CPUs of each node's task (default: 4 per worker process)."),
+    _opt("--mem-per-node", help="SLURM --mem of each node (default 0: all of it)."),
 ]
 JOB_OPTIONS = [
     _opt("--checkpoint-every-steps", type=int), _opt("--checkpoint-every-minutes", type=float),
+    _opt("--resume/--no-resume", help="Resume from the run's latest checkpoint (default: yes)."),
+    _opt("--merge/--no-merge", help="LoRA: also write a merged full model into final/merged."),
+    _opt("--log-every-steps", type=int),
     _opt("--keep-checkpoints", type=int), _opt("--max-requeues", type=int),
     _opt("--cluster", help="slurm, local or debug (default: slurm when `scontrol ping` answers)."),
     _opt("--device", help="auto, cuda or cpu; decided on the compute node."),
@@ -135,7 +140,7 @@ def cli() -> None:
 def submit(ctx: click.Context, runs_dir: str | None, force: bool, dry_run: bool, wait: bool, as_json: bool,
            **values: Any) -> None:
     """Render a run and submit it (SLURM, or the local cluster)."""
-    from llamajobs import estimate, monitor, render, submit as submit_mod
+    from llamajobs import estimate, monitor, submit as submit_mod
 
     cluster = None if values.get("cluster") else submit_mod.detect_cluster()
     spec, site = build_spec(ctx, values, cluster_default=cluster)
@@ -147,11 +152,11 @@ def submit(ctx: click.Context, runs_dir: str | None, force: bool, dry_run: bool,
         raise SpecError(f"--strategy {spec.strategy} --mode {spec.mode}: the worker runs fsdp/fsdp-offload "
                         f"with full or lora so far")
     if dry_run:
-        import tempfile
-        folder = Path(tempfile.mkdtemp(prefix="llamajobs-dry-run-"))
-        render.render(spec, site, folder)
-        click.echo(f"rendered into {folder}", err=True)
+        folder, verdict = submit_mod.dry_run(spec, site)
         click.echo((folder / "job.sbatch").read_text())
+        err.print(f"rendered into {folder}; nothing queued, nothing registered")
+        if verdict is not None:
+            err.print(f"sbatch --test-only: {verdict}")
         return
     predicted = estimate.hours_for_spec(spec)
     done = submit_mod.submit(spec, site, _runs(runs_dir))

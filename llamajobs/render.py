@@ -55,6 +55,7 @@ def render(spec: JobSpec, site: Site, out_dir: str | Path, run_dir: str | None =
         "site": site,
         "run_dir": run_dir or str(out.absolute()),
         "python": site.python or sys.executable,
+        "container": site.container + " " if site.container else "",
         "version": __version__,
         "sbatch_options": sbatch_options(spec),
     }

@@ -7,6 +7,7 @@ top level beside them, defaults for any JobSpec key (partition, account, time, .
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,17 +19,22 @@ from llamajobs.spec import SpecError
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Site:
-    # Shell lines run first on every node: module loads, venv/conda activation, a container.
+    # Shell lines run first on every node: module loads, venv/conda activation.
     setup: tuple[str, ...] = ()
-    # Exported on every node before the launch.
-    env: dict[str, str] = field(default_factory=dict)
-    # How GPUs are asked for: a --gres value with {gpus}; "" asks for none (CPU partitions).
+    # Environment variables passed through by name (WANDB_API_KEY, HF_TOKEN): values stay out of scripts.
+    env: tuple[str, ...] = ()
+    # How GPUs are asked for: a --gres value with {gpus} (gpu:{gpus}, gpu:a100:{gpus}); "" asks for none.
     gres: str = "gpu:{gpus}"
-    nccl_socket_ifname: str | None = None
+    # NCCL's and gloo's network interface (ib0, eth0); unset lets them choose.
+    socket_ifname: str | None = None
     # Interpreter on the nodes; by default the one running llamajobs (a venv on the shared disk).
     python: str | None = None
-    cpus_per_task: int | None = None
-    mem: str | None = None
+    # A command the worker runs inside: "apptainer exec --nv /images/torch.sif".
+    container: str | None = None
+    # Extra srun arguments of the node tasks, e.g. pyxis' --container-image=...
+    srun_args: tuple[str, ...] = ()
+    # Node-local disk for compiled extensions and Triton caches (shell syntax, expanded on the node).
+    cache_dir: str = "${TMPDIR:-/tmp}/llamajobs-$(id -un)"
     runs_dir: str | None = None
 
 
@@ -65,8 +71,10 @@ def load(path: Path | None = None) -> tuple[Site, dict[str, Any]]:
     data = read_yaml(path, "site profile")
     site_values = {k.replace("-", "_"): v for k, v in data.items() if k.replace("-", "_") in SITE_KEYS}
     spec_defaults = {k: v for k, v in data.items() if k.replace("-", "_") not in SITE_KEYS}
-    if isinstance(site_values.get("setup"), str):
-        site_values["setup"] = [site_values["setup"]]
-    site_values["setup"] = tuple(site_values.get("setup") or ())
-    site_values["env"] = {str(k): str(v) for k, v in (site_values.get("env") or {}).items()}
+    for key in ("setup", "env", "srun_args"):
+        value = site_values.get(key) or ()
+        site_values[key] = tuple(str(v) for v in ([value] if isinstance(value, str) else value))
+    bad = [name for name in site_values["env"] if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name)]
+    if bad:
+        raise SpecError(f"site profile {path}: env lists names of variables to pass through; {bad[0]!r} is not one")
     return Site(**site_values), spec_defaults

@@ -17,6 +17,10 @@ from llamajobs import catalog
 from llamajobs.errors import SpecError
 
 
+# Cores asked per worker process when --cpus-per-node is not given (SLURM's default is one per task).
+CPUS_PER_WORKER = 4
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class JobSpec:
     # model
@@ -29,7 +33,8 @@ class JobSpec:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     num_virtual_tokens: int = 32
     model_path: str | None = None
-    init_from: str | None = None
+    init_from: str | None = None  # a run's final/ (the CLI resolves a JOB id to its directory)
+    merge: bool = False  # LoRA: also write a merged full model into final/merged
     # data and schedule
     data: str | None = None
     epochs: float = 1.0
@@ -48,6 +53,7 @@ class JobSpec:
     # checkpoints and requeue
     checkpoint_every_steps: int | None = None
     checkpoint_every_minutes: float | None = 60.0
+    resume: bool = True  # from checkpoints/latest when there is one
     keep_checkpoints: int = 2
     max_requeues: int = 20
     # where it runs
@@ -57,6 +63,8 @@ class JobSpec:
     procs_per_node: int | None = None
     device: str = "auto"
     launcher: str = "torchrun"
+    cpus_per_node: int | None = None  # default: CPUS_PER_WORKER for each worker process
+    mem_per_node: str = "0"  # SLURM's --mem; 0 is all of the node's memory (loading and offload live there)
     # SLURM
     partition: str | None = None
     account: str | None = None
@@ -91,6 +99,11 @@ class JobSpec:
         if self.strategy == "pp":
             return 1
         return 2 if self.cluster != "slurm" or self.device == "cpu" else self.gpus_per_node
+
+    @property
+    def cpus_per_task(self) -> int:
+        """CPUs of the one task per node: its workers, their data loading and CPU Adam."""
+        return self.cpus_per_node or CPUS_PER_WORKER * self.planned_procs_per_node
 
     @property
     def world_size(self) -> int:
@@ -247,7 +260,9 @@ def validate(spec: JobSpec) -> None:
     _choice(spec, "device", ("auto", "cuda", "cpu"))
     if spec.model_path is None and spec.size not in catalog.SIZES:
         raise SpecError(f"--size {spec.size!r} is not known; choose one of {', '.join(catalog.SIZES)}")
-    _positive(spec, "nodes", "gpus_per_node", "procs_per_node", "seq_len", "global_batch", "micro_batch",
+    if not re.match(r"^\d+[KMGT]?$", spec.mem_per_node):
+        raise SpecError(f"--mem-per-node {spec.mem_per_node!r} is malformed; use SLURM's syntax: 0 (all), 500G, 64000")
+    _positive(spec, "nodes", "gpus_per_node", "cpus_per_node", "procs_per_node", "seq_len", "global_batch", "micro_batch",
               "lr", "epochs", "max_steps", "tokens_per_epoch", "checkpoint_every_steps",
               "checkpoint_every_minutes", "keep_checkpoints", "lora_r", "lora_alpha", "num_virtual_tokens",
               "log_every_steps")
@@ -265,6 +280,8 @@ def validate(spec: JobSpec) -> None:
         raise SpecError("--lora-targets is empty; name modules such as q_proj,v_proj")
     if spec.cluster != "slurm" and spec.nodes > 1:
         raise SpecError(f"--nodes {spec.nodes}: the {spec.cluster} cluster has one node; use --cluster slurm")
+    if spec.hold and spec.cluster != "slurm":
+        raise SpecError(f"--hold needs --cluster slurm (cluster is {spec.cluster!r})")
     if spec.launcher == "deepspeed" and spec.strategy not in catalog.DEEPSPEED_STRATEGIES:
         raise SpecError(f"--launcher deepspeed needs a ds-* strategy (strategy is {spec.strategy!r})")
     if spec.procs_per_node and spec.cluster == "slurm" and spec.device != "cpu" \

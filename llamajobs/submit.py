@@ -61,7 +61,10 @@ class NodeLauncher(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         env = dict(os.environ)
-        if "SLURM_JOB_ID" not in env:
+        if "SLURM_JOB_ID" in env:
+            # submitit parses the node list (gpu[003-004,010]) here, on the compute node.
+            env["LLAMAJOBS_HOSTS"] = " ".join(submitit.JobEnvironment().hostnames)
+        else:
             env["LLAMAJOBS_PORT"] = str(free_port())
         launch = Path(self.run_dir) / "launch.sh"
         process = subprocess.Popen(
@@ -121,8 +124,8 @@ def make_executor(spec: JobSpec, site: Site, folder: Path, dependency: str | Non
         "time": spec.time_minutes if spec.time else partition_time_limit(spec.partition),
         "partition": spec.partition, "account": spec.account, "qos": spec.qos, "constraint": spec.constraint,
         "exclude": spec.exclude, "mail_user": spec.mail_user, "mail_type": spec.mail_type,
-        "exclusive": spec.exclusive or None, "dependency": dependency, "cpus_per_task": site.cpus_per_task,
-        "mem": site.mem, "setup": list(site.setup) or None,
+        "exclusive": spec.exclusive or None, "dependency": dependency, "cpus_per_task": spec.cpus_per_task,
+        "mem": spec.mem_per_node, "setup": list(site.setup) or None, "srun_args": list(site.srun_args) or None,
         "gres": site.gres.format(gpus=spec.gpus_per_node) if site.gres and spec.device != "cpu" else None,
         "stderr_to_stdout": False,
     }
@@ -143,6 +146,19 @@ def dependency_on(after: tuple[str, ...], reg: registry.Registry) -> str | None:
             raise SpecError(f"--after {value}: not a SLURM job known to llamajobs")
         cluster_ids.append(job.cluster_job_id)
     return "afterok:" + ":".join(cluster_ids)
+
+
+def dry_run(spec: JobSpec, site: Site) -> tuple[Path, str | None]:
+    """Render into a new temporary directory; on SLURM also ask `sbatch --test-only` for its verdict."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="llamajobs-dry-run-"))
+    render.render(spec, site, folder)
+    if spec.cluster != "slurm":
+        return folder, None
+    result = subprocess.run(["sbatch", "--test-only", str(folder / "job.sbatch")], capture_output=True, text=True)
+    verdict = (result.stderr or result.stdout).strip().splitlines()
+    return folder, " ".join(verdict) or f"exit code {result.returncode}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +185,8 @@ def submit(spec: JobSpec, site: Site, runs_dir: Path) -> Submission:
                 cluster_job = executor.submit(NodeLauncher(str(run_dir)))
         job = Job(id=job_id, name=spec.run_name, run_dir=run_dir, cluster=spec.cluster,
                   cluster_job_id=str(cluster_job.job_id), submitted_at=time.time())
+        if spec.hold and spec.cluster == "slurm":
+            subprocess.run(["scontrol", "hold", job.cluster_job_id], capture_output=True)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -53,3 +53,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
     if check and result.returncode != 0:
         raise AssertionError(f"llamajobs {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """The real SLURM cluster (tests/slurm/cluster.sh), started once per session; skipped without root/apt."""
+    from tests.slurm.fixture import slurm_cluster
+
+    yield from slurm_cluster()

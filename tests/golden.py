@@ -15,12 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent / "sbatch"
 
 # What a typical site profile says; the scripts show where those lines land.
 SITE = Site(setup=("module load cuda/12.1", "source /shared/venvs/llamajobs/bin/activate"), python="python",
-            nccl_socket_ifname="ib0", cpus_per_task=64)
+            socket_ifname="ib0", env=("WANDB_API_KEY", "HF_TOKEN"))
 
 
 def llama7b_fsdp() -> spec.JobSpec:
     return spec.build({"size": "7b", "strategy": "fsdp", "cluster": "slurm", "nodes": 2, "gpus_per_node": 8,
-                       "partition": "gpu", "time": "48:00:00", "activation_checkpointing": True,
+                       "partition": "gpu", "time": "48:00:00", "activation_checkpointing": True, "cpus_per_node": 64,
                        "tokens_per_epoch": "2.5B"})
 
 

@@ -23,18 +23,20 @@ def test_rendered_scripts_are_valid_bash(tmp_path):
 
 
 def test_hostile_values_stay_data(tmp_path):
-    """A run dir and setup values with spaces, quotes and $() must reach the shell as data."""
+    """A run dir, interpreter and partition with spaces, quotes and $() must reach the shell as data."""
     run_dir = tmp_path / "it's a $(touch pwned) dir"
-    site = Site(env={"WANDB_NOTES": "a \"quoted\" `cmd` $HOME"}, python=str(tmp_path / "my python"))
+    site = Site(python=str(tmp_path / "my `python`"), env=("WANDB_API_KEY",))
     s = spec.build({"cluster": "slurm", "partition": "gpu; rm -rf /"})
     render.render(s, site, run_dir)
     script = (run_dir / "launch.sh").read_text()
     # Only evaluate the assignments: the rest of the script would start torchrun.
-    lines = [line for line in script.splitlines() if line.startswith(("RUN_DIR=", "export WANDB_NOTES="))]
-    probe = "\n".join(lines + ['printf "%s\\n%s\\n" "$RUN_DIR" "$WANDB_NOTES"'])
+    lines = [line for line in script.splitlines() if line.startswith("RUN_DIR=")]
+    probe = "\n".join(lines + ['printf "%s\\n" "$RUN_DIR"'])
     result = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=True)
-    assert result.stdout.splitlines() == [str(run_dir), 'a "quoted" `cmd` $HOME']
+    assert result.stdout.splitlines() == [str(run_dir)]
     assert not (tmp_path / "pwned").exists()
+    assert "exec '" + str(tmp_path) + "/my `python`' -m torch.distributed.run" in script
+    assert "export WANDB_API_KEY\n" in script
     assert "#SBATCH --partition='gpu; rm -rf /'" in (run_dir / "job.sbatch").read_text()
 
 

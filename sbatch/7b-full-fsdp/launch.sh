@@ -6,10 +6,14 @@ set -euo pipefail
 module load cuda/12.1
 source /shared/venvs/llamajobs/bin/activate
 RUN_DIR=/shared/llamajobs/runs/1-7b-full-fsdp
-export NCCL_SOCKET_IFNAME=ib0
+# Passed through by name from the submitting shell; values are never written into scripts.
+export WANDB_API_KEY HF_TOKEN
+export NCCL_SOCKET_IFNAME=ib0 GLOO_SOCKET_IFNAME=ib0
 
 if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-    HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    # The node launcher passes the allocation's hosts; by hand (job.sbatch) scontrol expands them.
+    HOSTS=${LLAMAJOBS_HOSTS:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | tr '\n' ' ')}
+    HEAD=${HOSTS%% *}
     NNODES=$SLURM_NNODES
     NODE_RANK=$SLURM_NODEID
     # Derived from the job id, so jobs sharing a node never collide.
@@ -17,6 +21,7 @@ if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
     # srun (22.05+) no longer inherits --cpus-per-task from the allocation.
     export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-}
 else
+    HOSTS=localhost
     HEAD=127.0.0.1
     NNODES=1
     NODE_RANK=0

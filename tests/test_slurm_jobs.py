@@ -1,0 +1,110 @@
+"""End to end on the real SLURM cluster: slurmctld, two slurmd nodes with fake GPUs, slurmdbd for
+sacct, submitit's SLURM executor, torchrun across the two nodes. Nothing here is mocked."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from llamajobs import events
+from tests.conftest import run_cli
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+TWO_NODES = ["--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--procs-per-node", "2", "--size", "tiny",
+             "--strategy", "fsdp", "--seq-len", "64", "--global-batch", "8", "--micro-batch", "2", "--lr", "3e-3",
+             "--time", "00:10:00"]
+
+
+@pytest.fixture(scope="module")
+def env(slurm, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("slurm-runs")
+    return {"LLAMAJOBS_HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache")}
+
+
+def submit(env, *args: str, extra_env: dict[str, str] | None = None) -> dict:
+    return json.loads(run_cli("submit", *TWO_NODES, *args, "--json", env={**env, **(extra_env or {})},
+                              check=True).stdout)
+
+
+def status(env, job_id: int) -> dict:
+    return json.loads(run_cli("status", str(job_id), "--json", env=env, check=True).stdout)
+
+
+def wait_state(env, job_id: int, states: set[str], timeout: float = 240) -> dict:
+    deadline = time.time() + timeout
+    while (row := status(env, job_id))["state"] not in states:
+        assert time.time() < deadline, f"job {job_id} still {row['state']} after {timeout} s"
+        time.sleep(1)
+    return row
+
+
+@pytest.fixture(scope="module")
+def chained(env) -> dict:
+    """A 2-node job, and a second queued behind it with --after that crashes at step 2: one pair of
+    launches serves the completion, the chain and the crash assertions."""
+    first = submit(env, "--max-steps", "8", "--name", "two-nodes")
+    second = submit(env, "--max-steps", "6", "--name", "crash", "--after", str(first["id"]),
+                    extra_env={"LLAMAJOBS_INJECT_FAULT": "crash:2"})
+    wait_state(env, first["id"], {"RUNNING", "COMPLETED", "FAILED"})
+    queued_behind = status(env, second["id"])["state"]
+    first_row = wait_state(env, first["id"], {"COMPLETED", "FAILED", "CANCELLED"})
+    second_row = wait_state(env, second["id"], {"COMPLETED", "FAILED", "CANCELLED"})
+    return {"first": first, "second": second, "first_row": first_row, "second_row": second_row,
+            "second_while_first_ran": queued_behind}
+
+
+def test_two_node_job_completes_with_four_workers(chained):
+    row = chained["first_row"]
+    assert row["state"] == "COMPLETED" and row["cluster"] == "slurm"
+    assert (row["step"], row["total_steps"]) == (8, 8) and row["tokens_per_s"] > 0
+    history = events.read(Path(row["run_dir"]))
+    started = [e for e in history if e["event"] == "started"]
+    assert started and started[0]["world_size"] == 4
+    assert (Path(row["run_dir"]) / "final" / "config.json").exists()
+
+
+def test_chained_job_starts_only_after_its_predecessor(chained):
+    assert chained["second_while_first_ran"] == "PENDING"
+    first = events.read(Path(chained["first_row"]["run_dir"]))
+    second = events.read(Path(chained["second_row"]["run_dir"]))
+    first_end = next(e["time"] for e in first if e["event"] == "finished")
+    second_start = next(e["time"] for e in second if e["event"] == "started")
+    assert second_start > first_end
+
+
+def test_crashing_worker_shows_failed_with_the_log(env, chained):
+    row = chained["second_row"]
+    assert row["state"] == "FAILED"
+    detail = run_cli("status", str(chained["second"]["id"]), env=env, check=True).stdout
+    log = Path(detail.split("traceback in ")[1].split()[0])
+    assert "injected fault at step 2" in log.read_text()
+
+
+def test_cancelled_job_shows_cancelled(env):
+    job = submit(env, "--max-steps", "100000", "--name", "long")
+    deadline = time.time() + 240
+    while status(env, job["id"])["step"] is None:
+        assert time.time() < deadline, "no step logged"
+        time.sleep(1)
+    run_cli("cancel", str(job["id"]), env=env, check=True)
+    wait_state(env, job["id"], {"CANCELLED"}, timeout=60)
+
+
+def test_more_gpus_than_a_node_has_is_refused_at_submit(env):
+    result = run_cli("submit", *TWO_NODES, "--gpus-per-node", "9", "--max-steps", "2", env=env)
+    assert result.returncode == 1
+    assert "Requested node configuration is not available" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert json.loads(run_cli("status", "--json", "--all", env=env, check=True).stdout)["jobs"] is not None
+
+
+def test_dry_run_asks_sbatch_and_registers_nothing(env):
+    before = json.loads(run_cli("status", "--json", "--all", env=env, check=True).stdout)["jobs"]
+    result = run_cli("submit", *TWO_NODES, "--dry-run", env=env, check=True)
+    assert "#SBATCH --nodes=2" in result.stdout
+    assert "sbatch --test-only: sbatch: Job" in result.stderr and "to start at" in result.stderr
+    assert json.loads(run_cli("status", "--json", "--all", env=env, check=True).stdout)["jobs"] == before
