@@ -298,7 +298,9 @@ def status(job_id: int | None, watch: bool, show_all: bool, runs_dir: str | None
     def rows() -> list:
         jobs = [_job(reg, job_id)] if job_id is not None else reg.jobs()
         now = time.time()
-        found = monitor.rows(jobs, now)
+        cached = reg.finished_rows()
+        found = monitor.rows(jobs, now, cached)
+        reg.set_finished([r.to_dict() for r in found if r.state in monitor.TERMINAL and r.id not in cached])
         if not show_all and job_id is None:
             week = 7 * 86400
             found = [r for r, j in zip(found, jobs) if r.state not in monitor.TERMINAL or now - j.submitted_at < week]
@@ -345,6 +347,29 @@ def cancel(job_id: int, runs_dir: str | None) -> None:
 
 @cli.command()
 @click.argument("job_id", type=int)
+@click.option("--timeout", "timeout_s", type=float, default=900, show_default=True,
+              help="Seconds to wait for the checkpoint before giving up.")
+@runs_dir_option
+def requeue(job_id: int, timeout_s: float, runs_dir: str | None) -> None:
+    """Checkpoint now and requeue, as preemption does; the run resumes from that checkpoint."""
+    from llamajobs import events, monitor, registry
+
+    job = _job(registry.Registry(_runs(runs_dir)), job_id)
+    state = monitor.row(job).state
+    if state not in ("RUNNING", "STALLED"):
+        raise Failure(f"job {job_id} is {state}; only a running job can be requeued")
+    asked = time.time()
+    monitor.signal_launcher(job)
+    while not any(e["event"] == "requeued" and e["time"] >= asked for e in events.read(job.run_dir)):
+        if time.time() - asked > timeout_s:
+            raise Failure(f"job {job_id} did not checkpoint within {timeout_s:.0f} s; see `llamajobs logs {job_id}`")
+        time.sleep(0.5)
+    latest = next(e for e in reversed(events.read(job.run_dir)) if e["event"] == "requeued")["latest"]
+    out.print(f"job {job_id} checkpointed ({latest}) and requeued")
+
+
+@cli.command()
+@click.argument("job_id", type=int)
 @click.option("--rank", type=int, default=None, help="A worker's global rank (default: the node launcher's log).")
 @click.option("--follow", "-f", is_flag=True)
 @click.option("--stderr", "use_stderr", is_flag=True)
@@ -371,6 +396,21 @@ def logs(job_id: int, rank: int | None, follow: bool, use_stderr: bool, runs_dir
                 sys.stdout.flush()
             else:
                 time.sleep(0.5)
+
+
+@cli.command()
+@click.argument("job_id", type=int)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@runs_dir_option
+def plot(job_id: int, output: str, runs_dir: str | None) -> None:
+    """Loss, tokens/s and MFU against step, as a PNG."""
+    from llamajobs import monitor, registry
+    from llamajobs.plot import plot_metrics
+
+    job = _job(registry.Registry(_runs(runs_dir)), job_id)
+    metrics = monitor.read_metrics(job.run_dir, tail_bytes=None)
+    path = plot_metrics(metrics, f"job {job.id} {job.name}", Path(output))
+    out.print(f"wrote {path}")
 
 
 @cli.command("render")

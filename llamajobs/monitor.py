@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llamajobs import events
+from llamajobs.errors import Failure
 from llamajobs.registry import Job
 from llamajobs.spec import JobSpec
 
@@ -88,10 +89,7 @@ def _is_local_controller(pid: int) -> bool:
     stat = _proc_stat(pid)
     if stat is None or stat[0] == "Z":
         return False
-    try:
-        return b"submitit.local._local" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
+    return b"submitit.local._local" in _cmdline(pid)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -126,6 +124,26 @@ def with_signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def signal_launcher(job: Job) -> None:
+    """Send the node launcher of node 0 submitit's timeout signal (USR2): it checkpoints and requeues."""
+    if job.cluster == "slurm":
+        result = subprocess.run(["scancel", "--signal=USR2", job.cluster_job_id], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise Failure(f"scancel --signal=USR2 {job.cluster_job_id} failed: {result.stderr.strip()}")
+        return
+    tasks = [p for p in _descendants(int(job.cluster_job_id)) if b"submitit.core._submit" in _cmdline(p)]
+    if not tasks:
+        raise Failure(f"job {job.id}: its local task process is gone")
+    with_signal(tasks[0], signal.SIGUSR2)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def local_result(job: Job) -> tuple[str, Any] | None:
@@ -214,9 +232,13 @@ def stall_threshold(step_time: float | None) -> float:
     return max(STALL_FLOOR_S, STALL_STEP_FACTOR * (step_time or 0.0))
 
 
-def rows(jobs: list[Job], now: float | None = None) -> list[Row]:
-    states = cluster_states(jobs)
-    return [row(job, states[job.id], now) for job in jobs]
+def rows(jobs: list[Job], now: float | None = None, finished: dict[int, dict] | None = None) -> list[Row]:
+    """Status rows; jobs in `finished` (rows cached when they ended) cost no file read or cluster query."""
+    finished = finished or {}
+    live = [job for job in jobs if job.id not in finished]
+    states = cluster_states(live)
+    computed = {job.id: row(job, states[job.id], now) for job in live}
+    return [Row(**finished[job.id]) if job.id in finished else computed[job.id] for job in jobs]
 
 
 def row(job: Job, state: str | None = None, now: float | None = None) -> Row:

@@ -23,6 +23,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     submitted_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- The status row of a job that ended, so `status` reads no files and asks no cluster for it again.
+CREATE TABLE IF NOT EXISTS finished (id INTEGER PRIMARY KEY, row TEXT NOT NULL);
 """
 
 JOB_FILE = "job.json"
@@ -86,6 +88,7 @@ class Registry:
         found = [job for d in sorted(self.runs_dir.glob("*-*")) if d.is_dir() and (job := job_from_dir(d))]
         with self.db:
             self.db.execute("DELETE FROM jobs")
+            self.db.execute("DELETE FROM finished")
             self.db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)", [_row(j) for j in found])
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('listing', ?)", (stamp or self._listing_stamp(),))
 
@@ -101,6 +104,14 @@ class Registry:
     def get(self, job_id: int) -> Job | None:
         row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
+
+    def finished_rows(self) -> dict[int, dict]:
+        return {i: json.loads(row) for i, row in self.db.execute("SELECT id, row FROM finished")}
+
+    def set_finished(self, rows: list[dict]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO finished VALUES (?, ?)",
+                                [(r["id"], json.dumps(r)) for r in rows])
 
     def close(self) -> None:
         self.db.close()

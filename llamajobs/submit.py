@@ -7,6 +7,7 @@ execs the rendered launch.sh, which starts torchrun. The local cluster is submit
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -49,15 +50,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STOP_REQUEST = "stop-request"
+# Seconds the node launcher waits for the workers to save and exit once it asked them to stop; the
+# signal delay (signal_delay_s) leaves this much room before the time limit.
+STOP_MARGIN_S = 30
+
+
+def request_stop(run_dir: Path, reason: str) -> None:
+    """Ask the workers to checkpoint at the next optimizer step and exit (rank 0 polls this file)."""
+    tmp = run_dir / f".{STOP_REQUEST}.tmp"
+    tmp.write_text(json.dumps({"reason": reason, "time": time.time()}) + "\n")
+    os.replace(tmp, run_dir / STOP_REQUEST)
+
+
 class NodeLauncher(submitit.helpers.Checkpointable):
     """What submitit runs on each node: launch.sh under torchrun, USR2 kept away from torchrun.
 
     torchrun does not handle USR2 (it would die on submitit's timeout signal); an ignored
-    disposition survives exec, so torchrun and its workers never see it.
+    disposition survives exec, so torchrun and its workers never see it. On node 0, submitit calls
+    checkpoint() on that signal: it asks the workers to stop at a step boundary, waits until they
+    saved, and returns itself for the requeue; the requeued job resumes from `latest`.
     """
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, stop_wait_s: float = 600.0) -> None:
         self.run_dir = run_dir
+        self.stop_wait_s = stop_wait_s
+        self._process: subprocess.Popen | None = None
 
     def __call__(self) -> str:
         env = dict(os.environ)
@@ -67,14 +85,38 @@ class NodeLauncher(submitit.helpers.Checkpointable):
         else:
             env["LLAMAJOBS_PORT"] = str(free_port())
         launch = Path(self.run_dir) / "launch.sh"
-        process = subprocess.Popen(
+        self._process = subprocess.Popen(
             ["bash", str(launch)], env=env,
             preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN),
         )
-        code = process.wait()
+        code = self._process.wait()
         if code != 0:
             raise RuntimeError(f"{launch} exited with code {code}; worker logs under {Path(self.run_dir) / 'logs'}")
         return "finished"
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        run_dir = Path(self.run_dir)
+        request_stop(run_dir, "signal")
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=self.stop_wait_s)
+            except subprocess.TimeoutExpired:  # requeue anyway: the last periodic checkpoint holds
+                pass
+        latest = (run_dir / "checkpoints" / "latest")
+        events.record(run_dir, "requeued", latest=latest.read_text().strip() if latest.exists() else None,
+                      hosts=os.environ.get("SLURM_JOB_NODELIST", "localhost"))
+        return submitit.helpers.DelayedSubmission(NodeLauncher(self.run_dir, self.stop_wait_s))
+
+    def __getstate__(self) -> dict:
+        return {"run_dir": self.run_dir, "stop_wait_s": self.stop_wait_s, "_process": None}
+
+
+def signal_delay_s(spec: JobSpec, write_bytes_per_s: float = 1e9) -> int:
+    """How long before the time limit SLURM signals: time to save a checkpoint, doubled, plus the
+    margin for the workers to reach a step boundary. A 7B full checkpoint (weights and Adam in
+    fp32, ~16 bytes/param = 108 GB) needs minutes, not submitit's default 90 s."""
+    trained = spec.shape.params if spec.mode == "full" else 0.02 * spec.shape.params
+    return int(max(120, 2 * 16 * trained / write_bytes_per_s + 2 * STOP_MARGIN_S))
 
 
 @contextlib.contextmanager
@@ -114,9 +156,9 @@ def partition_time_limit(partition: str | None) -> int:
 
 def make_executor(spec: JobSpec, site: Site, folder: Path, dependency: str | None = None) -> submitit.Executor:
     if spec.cluster in ("local", "debug"):
-        executor = submitit.LocalExecutor(folder=folder)
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=spec.max_requeues)
         executor.update_parameters(timeout_min=spec.time_minutes or LOCAL_DEFAULT_MINUTES, tasks_per_node=1,
-                                   gpus_per_node=0)
+                                   gpus_per_node=0, signal_delay_s=signal_delay_s(spec))
         return executor
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=spec.max_requeues)
     options = {
@@ -127,7 +169,7 @@ def make_executor(spec: JobSpec, site: Site, folder: Path, dependency: str | Non
         "exclusive": spec.exclusive or None, "dependency": dependency, "cpus_per_task": spec.cpus_per_task,
         "mem": spec.mem_per_node, "setup": list(site.setup) or None, "srun_args": list(site.srun_args) or None,
         "gres": site.gres.format(gpus=spec.gpus_per_node) if site.gres and spec.device != "cpu" else None,
-        "stderr_to_stdout": False,
+        "stderr_to_stdout": False, "signal_delay_s": signal_delay_s(spec),
     }
     executor.update_parameters(**{k: v for k, v in options.items() if v is not None})
     if site.python:
@@ -178,11 +220,12 @@ def submit(spec: JobSpec, site: Site, runs_dir: Path) -> Submission:
         render.render(spec, site, staging, run_dir=str(run_dir))
         os.rename(staging, run_dir)
         executor = make_executor(spec, site, run_dir / "submitit", dependency)
+        launcher = NodeLauncher(str(run_dir), stop_wait_s=max(60, signal_delay_s(spec) - STOP_MARGIN_S))
         if spec.cluster == "slurm":
-            cluster_job = executor.submit(NodeLauncher(str(run_dir)))
+            cluster_job = executor.submit(launcher)
         else:
             with _detached_stdio():
-                cluster_job = executor.submit(NodeLauncher(str(run_dir)))
+                cluster_job = executor.submit(launcher)
         job = Job(id=job_id, name=spec.run_name, run_dir=run_dir, cluster=spec.cluster,
                   cluster_job_id=str(cluster_job.job_id), submitted_at=time.time())
         if spec.hold and spec.cluster == "slurm":
