@@ -121,8 +121,9 @@ def signal_delay_s(spec: JobSpec, write_bytes_per_s: float = 1e9) -> int:
 
 @contextlib.contextmanager
 def _detached_stdio() -> Iterator[None]:
-    """Start the local controller without our stdio: it outlives this CLI, and a caller reading
-    our output through a pipe would otherwise wait for the whole job."""
+    """Submit without our stdio. The local controller outlives this CLI, and a caller reading our
+    output through a pipe would otherwise wait for the whole job; sbatch's own error lines would
+    come out twice (submitit puts them in the exception we report)."""
     saved = [os.dup(fd) for fd in (0, 1, 2)]
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
@@ -221,11 +222,8 @@ def submit(spec: JobSpec, site: Site, runs_dir: Path) -> Submission:
         os.rename(staging, run_dir)
         executor = make_executor(spec, site, run_dir / "submitit", dependency)
         launcher = NodeLauncher(str(run_dir), stop_wait_s=max(60, signal_delay_s(spec) - STOP_MARGIN_S))
-        if spec.cluster == "slurm":
+        with _detached_stdio():
             cluster_job = executor.submit(launcher)
-        else:
-            with _detached_stdio():
-                cluster_job = executor.submit(launcher)
         job = Job(id=job_id, name=spec.run_name, run_dir=run_dir, cluster=spec.cluster,
                   cluster_job_id=str(cluster_job.job_id), submitted_at=time.time())
         if spec.hold and spec.cluster == "slurm":
