@@ -89,10 +89,10 @@ def _is_local_controller(pid: int) -> bool:
     stat = _proc_stat(pid)
     if stat is None or stat[0] == "Z":
         return False
-    return b"submitit.local._local" in _cmdline(pid)
+    return b"submitit.local._local" in cmdline(pid)
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))):
@@ -109,7 +109,7 @@ def kill_local(pid: int, grace_s: float = 5.0) -> None:
     """Stop a local job's controller and everything under it (launcher, torchrun, workers)."""
     if not _is_local_controller(pid):
         return
-    tree = [pid] + _descendants(pid)
+    tree = [pid] + descendants(pid)
     for p in tree:
         with_signal(p, signal.SIGTERM)
     deadline = time.time() + grace_s
@@ -133,13 +133,13 @@ def signal_launcher(job: Job) -> None:
         if result.returncode != 0:
             raise Failure(f"scancel --signal=USR2 {job.cluster_job_id} failed: {result.stderr.strip()}")
         return
-    tasks = [p for p in _descendants(int(job.cluster_job_id)) if b"submitit.core._submit" in _cmdline(p)]
+    tasks = [p for p in descendants(int(job.cluster_job_id)) if b"submitit.core._submit" in cmdline(p)]
     if not tasks:
         raise Failure(f"job {job.id}: its local task process is gone")
     with_signal(tasks[0], signal.SIGUSR2)
 
 
-def _cmdline(pid: int) -> bytes:
+def cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -28,20 +30,39 @@ def status(env, job_id: int) -> dict:
 
 @pytest.fixture(scope="module")
 def completed(env) -> dict:
-    """One tiny fine-tune, shared by the assertions below (each torchrun launch costs seconds)."""
-    result = run_cli("submit", *TINY, "--max-steps", "12", "--name", "ok", "--wait", "--json", env=env, check=True)
-    return json.loads(result.stdout)
+    """One tiny fine-tune, shared by the assertions below (each torchrun launch costs seconds).
+    Watched while it runs, so its ETA can be checked against when it really ended."""
+    submitted = json.loads(run_cli("submit", *TINY, "--max-steps", "200", "--name", "ok", "--json", env=env,
+                                   check=True).stdout)
+    deadline = time.time() + 180
+    while (row := status(env, submitted["id"]))["step"] is None or row["step"] < 40:
+        assert row["state"] == "RUNNING" and time.time() < deadline, row
+        time.sleep(0.2)
+    predicted_end = time.time() + row["eta_s"] if row["state"] == "RUNNING" else None
+    while (row := status(env, submitted["id"]))["state"] == "RUNNING":
+        assert time.time() < deadline, row
+        time.sleep(0.5)
+    return {**submitted, "state": row["state"], "predicted_end": predicted_end}
 
 
-def test_submit_wait_json_prints_the_ids(completed):
+def test_submit_json_prints_the_ids(completed):
     assert completed["id"] == 1 and completed["state"] == "COMPLETED"
     assert completed["cluster_job_id"].isdigit() and Path(completed["run_dir"]).is_dir()
+
+
+def test_eta_of_a_running_job_is_near_its_real_end(completed):
+    from llamajobs import events
+
+    assert completed["predicted_end"] is not None, "the job ended before it could be watched"
+    ended = next(e["time"] for e in events.read(Path(completed["run_dir"])) if e["event"] == "finished")
+    # The last 160 steps take a few seconds here: within 3 s or half the remaining time.
+    assert abs(completed["predicted_end"] - ended) < max(3.0, 0.5 * (ended - completed["predicted_end"] + 3))
 
 
 def test_status_reports_the_finished_run(env, completed):
     row = status(env, completed["id"])
     assert row["state"] == "COMPLETED"
-    assert (row["step"], row["total_steps"]) == (12, 12)
+    assert (row["step"], row["total_steps"]) == (200, 200)
     assert row["tokens_per_s"] > 0 and row["tokens_per_s_per_gpu"] > 0 and row["mfu"] > 0
     metrics = [json.loads(line) for line in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"]
@@ -67,18 +88,32 @@ def test_estimate_from_the_measured_throughput(env, completed):
     assert result["source"] == "measured" and result["tokens_per_s"] > 0 and result["hours_per_epoch"] > 0
 
 
-def test_cancelled_job_shows_cancelled(env):
+def test_stalled_then_cancelled(env):
+    """A worker stopped with SIGSTOP turns the job STALLED; cancel then ends it as CANCELLED."""
+    from llamajobs import monitor
+
     submitted = json.loads(run_cli("submit", *TINY, "--max-steps", "100000", "--name", "long", "--json",
                                    env=env, check=True).stdout)
     deadline = time.time() + 120
     while (row := status(env, submitted["id"]))["step"] is None:
         assert row["state"] == "RUNNING", row
         assert time.time() < deadline, "no step logged within 120 s"
-        time.sleep(1)
+        time.sleep(0.5)
+    pid = int(submitted["cluster_job_id"])
+    workers = [p for p in monitor.descendants(pid)
+               if b"llamajobs.worker" in monitor.cmdline(p) and b"torch.distributed.run" not in monitor.cmdline(p)]
+    assert len(workers) == 2
+    for p in workers:
+        os.kill(p, signal.SIGSTOP)
+    time.sleep(3)
+    row = json.loads(run_cli("status", str(submitted["id"]), "--json", env={**env, "LLAMAJOBS_STALL_S": "2"},
+                             check=True).stdout)
+    assert row["state"] == "STALLED" and row["last_metric_age_s"] > 2
+    assert status(env, submitted["id"])["state"] == "RUNNING"  # the default threshold is minutes
     run_cli("cancel", str(submitted["id"]), env=env, check=True)
     assert status(env, submitted["id"])["state"] == "CANCELLED"
-    pid = int(submitted["cluster_job_id"])
-    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+    assert not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[1][:3]
+                   for p in [pid, *workers])
 
 
 def test_crashing_worker_shows_failed_and_names_the_log(env):
