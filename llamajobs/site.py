@@ -48,7 +48,7 @@ def home() -> Path:
 def runs_dir(site: Site, flag: str | None = None) -> Path:
     """Where run directories live: --runs-dir, $LLAMAJOBS_RUNS, the profile, or $LLAMAJOBS_HOME/runs."""
     chosen = flag or os.environ.get("LLAMAJOBS_RUNS") or site.runs_dir
-    return Path(chosen).expanduser().absolute() if chosen else home().absolute() / "runs"
+    return Path(os.path.expandvars(chosen)).expanduser().absolute() if chosen else home().absolute() / "runs"
 
 
 def read_yaml(path: Path, what: str) -> dict[str, Any]:
