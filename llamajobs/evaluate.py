@@ -1,0 +1,611 @@
+"""Multiple-choice evaluation (MedQA-USMLE, MedMCQA, PubMedQA) and generation.
+
+The prompt is the one training uses: `llamajobs.data.formats.mcq_prompt` (a header line, the context
+for PubMedQA, "### Question:", the lettered options, "### Answer:" and a newline), and the answer is
+the letter alone (`mcq_answer`); PubMedQA's options are A. yes, B. no, C. maybe. Text is tokenised
+as `data prepare` tokenises it: with sentencepiece when the model directory has a tokenizer.model,
+else with its Hugging Face tokenizer; prompt and answer are encoded together and the prompt's tokens
+are the prefix (`encode`), BOS first.
+
+Scoring (`score="letter"`, the default): the log-likelihood of each option's letter after the prompt.
+Every letter is one token after the newline, so one forward pass over the prompt scores all options
+of a question, and a batch of prompts shares one forward. `score="text"`: the log-likelihood (summed
+over its tokens) of the option's text after the prompt; all options of a batch of questions go
+through one forward. Options whose continuation is more than one token take that path too.
+`generate=True`: greedy decoding, then `parse_choice` finds the letter.
+
+Data formats (JSONL, a JSON list, or for PubMedQA also the original dict of id -> record):
+  medqa     MedQA-USMLE as on the Hugging Face hub: sent1 (+ sent2), ending0..ending3 (ending4), label
+            0-3 (or a letter); or the original release: question, options {"A": ..}, answer_idx "A".
+  medmcqa   question, opa, opb, opc, opd, cop. The original release (Kaggle/GitHub JSON lines) numbers
+            cop 1-4; the Hugging Face dataset 0-3. Decided per file, as `data prepare` does: a 4 and no
+            0 means 1-4, anything else 0-3 (both 0 and 4: an error). A file with only 1-3 is read as
+            0-3 and the notes say so. cop -1 or missing (the unlabelled test split) counts the choice
+            but not the accuracy.
+  pubmedqa  question (or QUESTION), context: a string, a list of strings (joined by newlines), or
+            {"contexts": [...]} (or CONTEXTS), final_decision yes/no/maybe.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from llamajobs.data.formats import LETTERS, mcq_prompt as render_mcq_prompt
+from llamajobs.errors import SpecError
+
+TASKS = ("medqa", "medmcqa", "pubmedqa")
+PUBMEDQA_OPTIONS = ("yes", "no", "maybe")
+SCORES = ("letter", "text")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Question:
+    question: str
+    options: tuple[str, ...]
+    answer: int | None  # index into options; None when the set carries no label
+    context: str | None = None
+
+    @property
+    def letters(self) -> str:
+        return LETTERS[: len(self.options)]
+
+
+# --- the template (the data module's) and the tokenisation (data prepare's) ---
+
+
+def mcq_prompt(q: Question) -> str:
+    """The training prompt of one question (llamajobs.data.formats.mcq_prompt), ending in a newline."""
+    return render_mcq_prompt(q.question, list(q.options), q.context or "")
+
+
+def mcq_answer(q: Question, index: int | None = None) -> str:
+    """The response that answers with option `index` (default: the gold one): the letter alone."""
+    index = q.answer if index is None else index
+    if index is None:
+        raise ValueError("the question has no gold answer")
+    return LETTERS[index]
+
+
+def few_shot_prompt(q: Question, shots: Sequence[Question] = ()) -> str:
+    """K solved examples (prompt and gold answer, a blank line after each), then the question."""
+    return "".join(mcq_prompt(s) + mcq_answer(s) + "\n\n" for s in shots) + mcq_prompt(q)
+
+
+class TextEncoder:
+    """A model directory's tokenizer, used as `data prepare` uses it: sentencepiece itself when there
+    is a tokenizer.model (the ids training saw), else the Hugging Face tokenizer. No special tokens
+    are added by `encode`; `decode` drops them."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        self.sp = self.hf = None
+        if (path / "tokenizer.model").is_file():
+            import sentencepiece as spm
+
+            try:
+                self.sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            except (OSError, RuntimeError) as e:
+                raise SpecError(f"{path / 'tokenizer.model'}: not a sentencepiece model ({e})") from None
+            self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        elif (path / "tokenizer.json").is_file():
+            from llamajobs.data.tokenizer import load_tokenizer
+
+            self.hf = load_tokenizer(path)
+            self.bos_id, self.eos_id = self.hf.bos_token_id, self.hf.eos_token_id
+        else:
+            raise SpecError(f"{path}: no tokenizer.model or tokenizer.json; expected an HF LLaMA directory")
+        if self.bos_id is None or self.bos_id < 0 or self.eos_id is None or self.eos_id < 0:
+            raise SpecError(f"{path}: the tokenizer has no BOS or EOS token; a LLaMA tokenizer has both")
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.sp is not None:
+            return self.sp.encode(texts)
+        return self.hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        if self.sp is not None:
+            return self.sp.decode(ids)
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+
+def encode(tokenizer: TextEncoder, prompt: str, answer: str = "") -> tuple[list[int], list[int]]:
+    """Token ids of the prompt (BOS first) and of the answer, as data prepare splits them: prompt +
+    answer encoded together, the prompt's tokens the prefix. Training: labels on the answer ids
+    followed by EOS, BOS and the prompt masked."""
+    prompt_ids, (answer_ids,) = encode_options(tokenizer, prompt, [answer])
+    return prompt_ids, answer_ids
+
+
+def encode_options(tokenizer: TextEncoder, prompt: str, answers: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """`encode` for several answers to one prompt, in one (batched) tokenizer call."""
+    first, *rest = tokenizer.encode([prompt, *(prompt + a for a in answers)])
+    prompt_ids = [tokenizer.bos_id, *first]
+    answer_ids = []
+    for answer, ids in zip(answers, rest):
+        if ids[: len(first)] == first:
+            answer_ids.append(ids[len(first):])
+        else:  # the tokenizer merged across the boundary (not after the template's newline)
+            answer_ids.append(tokenizer.encode([answer])[0])
+    return prompt_ids, answer_ids
+
+
+# --- reading the data sets ---
+
+
+def read_records(path: str | Path, flag: str = "--data") -> list[tuple[str, dict]]:
+    """(where, record) pairs: JSONL, a JSON list, or a JSON dict of id -> record; where is file:line or file:id."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{flag} {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, list):
+        return [(f"{path}:[{i}]", r) for i, r in enumerate(whole)]
+    if isinstance(whole, dict):
+        if whole and all(isinstance(v, dict) for v in whole.values()):  # PubMedQA's ori_pqal.json
+            return [(f"{path}:{key}", value) for key, value in whole.items()]
+        return [(f"{path}:1", whole)]
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{path}:{number}: not valid JSON ({e.msg}); expected JSON lines") from None
+    return records
+
+
+def _field(record: dict, where: str, task: str, *names: str, required: bool = True) -> Any:
+    for name in names:
+        if name in record:
+            return record[name]
+    if required:
+        raise SpecError(f"{where}: no {names[0]!r} field; --task {task} expects {FORMATS[task]}")
+    return None
+
+
+def _medqa(record: dict, where: str) -> Question:
+    if "sent1" in record or "ending0" in record:
+        question = _field(record, where, "medqa", "sent1")
+        if record.get("sent2"):
+            question = f"{question} {record['sent2']}"
+        options = []
+        while f"ending{len(options)}" in record:
+            options.append(record[f"ending{len(options)}"])
+        label = _field(record, where, "medqa", "label", required=False)
+        answer = None if label is None or label == -1 else _index(label, len(options), where, "label", 0)
+    else:  # the original release: question, options {"A": ...}, answer_idx
+        question = _field(record, where, "medqa", "question")
+        opts = _field(record, where, "medqa", "options")
+        if not isinstance(opts, dict):
+            raise SpecError(f"{where}: 'options' must map letters to texts; --task medqa expects {FORMATS['medqa']}")
+        keys = sorted(opts)
+        options = [opts[k] for k in keys]
+        idx = record.get("answer_idx")
+        answer = keys.index(idx) if idx in keys else None
+    if len(options) < 2:
+        raise SpecError(f"{where}: fewer than two options; --task medqa expects {FORMATS['medqa']}")
+    return Question(question=str(question), options=tuple(map(str, options)), answer=answer)
+
+
+def _index(value: Any, n: int, where: str, name: str, base: int) -> int:
+    """An option index from a number (counted from base) or a letter."""
+    if isinstance(value, str) and value.strip().upper() in LETTERS[:n] and len(value.strip()) == 1:
+        return LETTERS.index(value.strip().upper())
+    try:
+        index = int(value) - base
+    except (TypeError, ValueError):
+        raise SpecError(f"{where}: {name} {value!r} is not an option number or letter") from None
+    if not 0 <= index < n:
+        raise SpecError(f"{where}: {name} {value!r} is out of range ({base} to {n - 1 + base})")
+    return index
+
+
+def _medmcqa(records: list[tuple[str, dict]], notes: list[str]) -> list[Question]:
+    cops = []
+    for where, r in records:
+        cop = _field(r, where, "medmcqa", "cop", required=False)
+        try:
+            cops.append(None if cop is None or int(cop) < 0 else int(cop))
+        except (TypeError, ValueError):
+            raise SpecError(f"{where}: cop {cop!r} is not an option number (0-3 or 1-4)") from None
+    seen = {c for c in cops if c is not None}
+    if 0 in seen and 4 in seen:
+        raise SpecError(f"{records[0][0].rsplit(':', 1)[0]}: cop takes both 0 and 4; expected 0-3 (Hugging Face) "
+                        f"or 1-4 (original release) throughout the file")
+    base = 1 if 4 in seen else 0  # the rule of `data prepare` (llamajobs.data.formats.MedMCQA.scan)
+    if seen and not seen & {0, 4}:
+        notes.append("medmcqa: cop only took values 1-3; read as 0-3 (Hugging Face numbering), as data prepare does")
+    questions = []
+    for (where, r), cop in zip(records, cops):
+        options = tuple(str(_field(r, where, "medmcqa", key)) for key in ("opa", "opb", "opc", "opd"))
+        answer = None if cop is None else _index(cop, 4, where, "cop", base)
+        question = str(_field(r, where, "medmcqa", "question"))
+        questions.append(Question(question=question, options=options, answer=answer))
+    return questions
+
+
+def _pubmedqa(record: dict, where: str) -> Question:
+    question = _field(record, where, "pubmedqa", "question", "QUESTION")
+    context = _field(record, where, "pubmedqa", "context", "CONTEXTS", "contexts", required=False)
+    if isinstance(context, dict):
+        context = context.get("contexts", context.get("CONTEXTS"))
+    if isinstance(context, list):
+        context = "\n".join(map(str, context))
+    decision = _field(record, where, "pubmedqa", "final_decision", required=False)
+    answer = None
+    if decision is not None:
+        decision = str(decision).strip().lower()
+        if decision not in PUBMEDQA_OPTIONS:
+            raise SpecError(f"{where}: final_decision {decision!r}; expected yes, no or maybe")
+        answer = PUBMEDQA_OPTIONS.index(decision)
+    return Question(question=str(question), options=PUBMEDQA_OPTIONS, answer=answer,
+                    context=str(context) if context else None)
+
+
+FORMATS = {
+    "medqa": "MedQA-USMLE records (sent1, ending0-ending3, label 0-3; or question, options, answer_idx)",
+    "medmcqa": "MedMCQA records (question, opa, opb, opc, opd, cop 0-3 or 1-4)",
+    "pubmedqa": "PubMedQA records (question, context, final_decision yes/no/maybe)",
+}
+
+
+def read_questions(task: str, path: str | Path, notes: list[str] | None = None, flag: str = "--data"
+                   ) -> list[Question]:
+    """The questions of a data file in the task's format (see the module docstring)."""
+    if task not in TASKS:
+        raise SpecError(f"--task {task!r} is not known; choose one of {', '.join(TASKS)}")
+    notes = [] if notes is None else notes
+    records = read_records(path, flag)
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise SpecError(f"{where}: expected a JSON object; --task {task} expects {FORMATS[task]}")
+    if task == "medmcqa":
+        return _medmcqa(records, notes)
+    reader = _medqa if task == "medqa" else _pubmedqa
+    return [reader(record, where) for where, record in records]
+
+
+# --- parsing a generated answer ---
+
+_EXPLICIT = re.compile(  # "answer is B", "Answer: (b)", "option D": a lower-case letter only in parentheses
+    r"(?i:answer|option|choice)(?:\s+(?i:is))?\s*[:\-]?\s*(?:\(([A-Ja-j])\)|([A-J])(?![A-Za-z]))")
+_LEADING = re.compile(r"^\s*\(?([A-J])\)?(?=$|[\s.,:;)\]])")
+_PAREN = re.compile(r"\(([A-J])\)")
+_LOOSE = re.compile(r"(?<![A-Za-z])([A-J])[.):](?=\s|$)")
+
+
+def parse_choice(text: str, options: Sequence[str]) -> int | None:
+    """The option a generated answer chose, or None. In order: "the answer is B" / "Answer: (b)" /
+    "option B"; a letter at the start ("B", "B.", "(B)", "B)"); "(B)" anywhere; the option whose text
+    appears first (whole words, case-insensitive: "yes"/"no"/"maybe" for PubMedQA); "B." or "B)"
+    anywhere. Letters beyond the question's options are ignored."""
+    letters = LETTERS[: len(options)]
+    for pattern in (_EXPLICIT, _LEADING, _PAREN):
+        for match in pattern.finditer(text):
+            letter = next(g for g in match.groups() if g).upper()
+            if letter in letters:
+                return letters.index(letter)
+    found = []
+    for i, option in enumerate(options):
+        option = option.strip()
+        if option:
+            match = re.search(rf"(?<!\w){re.escape(option)}(?!\w)", text, re.IGNORECASE)
+            if match:
+                found.append((match.start(), -len(option), i))
+    if found:
+        return min(found)[2]
+    for match in _LOOSE.finditer(text):
+        if match.group(1) in letters:
+            return letters.index(match.group(1))
+    return None
+
+
+# --- the model ---
+
+
+def resolve_device(device: str = "auto") -> Any:
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise SpecError(f"--device {device!r}; choose auto, cpu or cuda")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SpecError("--device cuda: no CUDA device here; use --device cpu")
+    return torch.device(device)
+
+
+def adapter_base(adapter: Path) -> Path:
+    """The base model directory of a LoRA adapter (a LoRA run's final/): llamajobs.json's base_weights,
+    else adapter_config.json's base_model_name_or_path, when that is a directory here."""
+    candidates = []
+    provenance = adapter / "llamajobs.json"
+    if provenance.is_file():
+        candidates.append(json.loads(provenance.read_text()).get("base_weights"))
+    candidates.append(json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path"))
+    for base in candidates:
+        if base and (Path(base) / "config.json").is_file():
+            return Path(base)
+    raise SpecError(f"--model {adapter} holds a LoRA adapter whose base model is not a directory here; pass the "
+                    f"base as --model and {adapter} as --adapter (or the merged model, final/merged)")
+
+
+def load_model(model_dir: str | Path, adapter: str | Path | None = None, device: str = "auto"
+               ) -> tuple[Any, TextEncoder]:
+    """(model, tokenizer) in eval mode: an HF LLaMA directory, plus a peft LoRA adapter if given.
+    fp32 on CPU, bf16 on GPU. A LoRA run's final/ as --model is read as its base plus the adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # "Loading weights" bars would litter logs and piped stderr
+
+    model_dir = Path(model_dir)
+    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        if adapter is not None:
+            raise SpecError(f"--model {model_dir} holds a LoRA adapter, and --adapter was given too; "
+                            f"pass the base as --model")
+        model_dir, adapter = adapter_base(model_dir), model_dir
+    if not (model_dir / "config.json").is_file():
+        raise SpecError(f"--model {model_dir}: no config.json there; expected an HF LLaMA directory "
+                        f"(`llamajobs convert` output, a run's final/ or final/merged)")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise SpecError(f"--adapter {adapter}: no adapter_config.json there; expected a LoRA run's final/")
+    tokenizer_dir = next((d for d in (model_dir, adapter) if d is not None and _has_tokenizer(Path(d))), None)
+    if tokenizer_dir is None:
+        raise SpecError(f"--model {model_dir}: no tokenizer there (tokenizer.json or tokenizer.model)")
+    tokenizer = TextEncoder(tokenizer_dir)
+    target = resolve_device(device)
+    dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    if adapter is not None:
+        import warnings
+
+        from peft import PeftModel
+
+        with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, str(adapter))
+    return model.to(target).eval(), tokenizer
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
+
+
+def _max_len(model: Any) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 2048))
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any, Any]:
+    """input_ids, attention_mask and position_ids (0 at each row's first real token) for left padding."""
+    import torch
+
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _truncate(prompt: list[int], room: int) -> tuple[list[int], bool]:
+    """Keep BOS and the end of a prompt that does not fit (the question and "### Answer:" are at its end)."""
+    if len(prompt) <= room:
+        return prompt, False
+    return [prompt[0], *prompt[len(prompt) - room + 1:]], True
+
+
+def option_scores(model: Any, tokenizer: TextEncoder, prompts: list[str], options: list[list[str]],
+                  batch_size: int = 8) -> tuple[list[list[float]], int]:
+    """Log-likelihood of each option continuation after its prompt, and how many prompts were
+    truncated to fit the model. Single-token continuations: one forward over the prompt per
+    question (batched); longer ones: prompt + option rows, all options of a batch in one forward."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.eos_id  # any id: padding is masked (and cut from generations)
+    encoded = []
+    for prompt, conts in zip(prompts, options):
+        encoded.append(encode_options(tokenizer, prompt, conts))
+    scores: list[list[float] | None] = [None] * len(prompts)
+    truncated = 0
+    single = [i for i, (_, conts) in enumerate(encoded) if all(len(c) == 1 for c in conts)]
+    multi = sorted(set(range(len(prompts))) - set(single))
+    with torch.inference_mode():
+        for start in range(0, len(single), batch_size):
+            batch = single[start:start + batch_size]
+            rows = []
+            for i in batch:
+                row, cut = _truncate(encoded[i][0], _max_len(model))
+                rows.append(row)
+                truncated += cut
+            ids, mask, positions = _left_pad(rows, pad, device)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+            logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)
+            for row, i in enumerate(batch):
+                targets = torch.tensor([c[0] for c in encoded[i][1]], device=device)
+                scores[i] = logprobs[row, targets].tolist()
+        for start in range(0, len(multi), batch_size):
+            batch = multi[start:start + batch_size]
+            rows, conts, owners = [], [], []
+            for i in batch:
+                prompt_ids, cont_ids = encoded[i]
+                longest = max(map(len, cont_ids))
+                prompt_ids, cut = _truncate(prompt_ids, _max_len(model) - longest)
+                truncated += cut
+                for c in cont_ids:
+                    rows.append(prompt_ids + c)
+                    conts.append(c)
+                    owners.append(i)
+            keep = max(map(len, conts)) + 1
+            ids, mask, positions = _left_pad(rows, pad, device)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for row, (c, i) in enumerate(zip(conts, owners)):
+                # Left padding aligns every row's end: the continuation's tokens are the last len(c);
+                # kept logit j predicts the token at kept position j + 1.
+                at = torch.arange(keep - len(c) - 1, keep - 1, device=device)
+                total = logprobs[row, at, torch.tensor(c, device=device)].sum().item()
+                if scores[i] is None:
+                    scores[i] = []
+                scores[i].append(total)
+    return scores, truncated  # type: ignore[return-value]
+
+
+def generate_texts(model: Any, tokenizer: TextEncoder, prompts: list[str], *, max_new_tokens: int = 32,
+                   temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8) -> list[str]:
+    """The continuation of each prompt (greedy unless temperature > 0), special tokens dropped."""
+    import torch
+
+    device = next(model.parameters()).device
+    if max_new_tokens >= _max_len(model) - 1:
+        raise SpecError(f"--max-new-tokens {max_new_tokens}: leaves no room for the prompt in the model's "
+                        f"{_max_len(model)} positions")
+    pad = tokenizer.eos_id  # any id: padding is masked (and cut from generations)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    texts = []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), batch_size):
+            rows = [_truncate(encode(tokenizer, p)[0], _max_len(model) - max_new_tokens)[0]
+                    for p in prompts[start:start + batch_size]]
+            ids, mask, _ = _left_pad(rows, pad, device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_id, **sampling)
+            for row in out[:, ids.shape[1]:].tolist():
+                texts.append(tokenizer.decode(row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row))
+    return texts
+
+
+# --- evaluation ---
+
+
+def run_eval(model: Any, tokenizer: TextEncoder, questions: list[Question], *, shots: Sequence[Question] = (),
+             generate: bool = False, score: str = "letter", batch_size: int = 8,
+             max_new_tokens: int = 16) -> dict:
+    """Accuracy, n and the per-option choice counts (plus per-question details under "predictions")."""
+    check_options(score=score, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    started = time.perf_counter()
+    prompts = [few_shot_prompt(q, shots) for q in questions]
+    truncated = 0
+    if generate:
+        texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        choices = [parse_choice(t, q.options) for t, q in zip(texts, questions)]
+        details: list[dict] = [{"generated": t} for t in texts]
+    else:
+        conts = [[mcq_answer(q, i) if score == "letter" else o for i, o in enumerate(q.options)]
+                 for q in questions]
+        scores, truncated = option_scores(model, tokenizer, prompts, conts, batch_size)
+        choices = [max(range(len(s)), key=s.__getitem__) for s in scores]
+        details = [{"scores": [round(x, 4) for x in s]} for s in scores]
+    seconds = time.perf_counter() - started
+    return summarize(questions, choices, details, seconds=seconds, truncated=truncated,
+                     mode="generate" if generate else f"loglik-{score}")
+
+
+def check_options(*, score: str, batch_size: int, max_new_tokens: int) -> None:
+    if score not in SCORES:
+        raise SpecError(f"--score {score!r}; choose one of {', '.join(SCORES)}")
+    if batch_size < 1:
+        raise SpecError(f"--batch-size {batch_size}: must be at least 1")
+    if max_new_tokens < 1:
+        raise SpecError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+
+
+def summarize(questions: list[Question], choices: list[int | None], details: list[dict], *, seconds: float,
+              truncated: int, mode: str) -> dict:
+    width = max((len(q.options) for q in questions), default=0)
+    counts = {letter: 0 for letter in LETTERS[:width]}
+    gold = dict(counts)
+    labelled = correct = 0
+    predictions = []
+    for q, choice, detail in zip(questions, choices, details):
+        if choice is None:
+            counts["unparsed"] = counts.get("unparsed", 0) + 1
+        else:
+            counts[LETTERS[choice]] += 1
+        if q.answer is not None:
+            labelled += 1
+            gold[LETTERS[q.answer]] += 1
+            correct += choice == q.answer
+        predictions.append({"gold": None if q.answer is None else LETTERS[q.answer],
+                            "choice": None if choice is None else LETTERS[choice], **detail})
+    return {"mode": mode, "n": len(questions), "n_labelled": labelled, "correct": correct,
+            "accuracy": correct / labelled if labelled else None, "choices": counts, "gold": gold,
+            "truncated": truncated, "seconds": round(seconds, 3),
+            "questions_per_s": round(len(questions) / seconds, 2) if seconds > 0 else None,
+            "predictions": predictions}
+
+
+def evaluate(model_dir: str | Path, task: str, data: str | Path, *, adapter: str | Path | None = None,
+             shots: int = 0, shots_file: str | Path | None = None, generate: bool = False, score: str = "letter",
+             batch_size: int = 8, limit: int | None = None, max_new_tokens: int = 16, device: str = "auto") -> dict:
+    """Read the questions (and the K shots), load the model, score; the CLI's `eval`."""
+    check_options(score=score, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    notes: list[str] = []
+    questions = read_questions(task, data, notes)
+    if limit is not None:
+        if limit < 1:
+            raise SpecError(f"--limit {limit}: must be at least 1")
+        questions = questions[:limit]
+    if not questions:
+        raise SpecError(f"--data {data}: no questions in it")
+    examples = load_shots(task, shots, shots_file, notes)
+    model, tokenizer = load_model(model_dir, adapter, device)
+    result = run_eval(model, tokenizer, questions, shots=examples, generate=generate, score=score,
+                      batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return {"task": task, "data": str(data), "model": str(model_dir),
+            "adapter": None if adapter is None else str(adapter),
+            "shots": len(examples), **result, "notes": notes}
+
+
+def load_shots(task: str, shots: int, shots_file: str | Path | None, notes: list[str] | None = None) -> list[Question]:
+    """The first K labelled questions of --shots-file (in the task's format)."""
+    if shots < 0:
+        raise SpecError(f"--shots {shots}: must be 0 or more")
+    if shots == 0:
+        return []
+    if shots_file is None:
+        raise SpecError(f"--shots {shots}: needs --shots-file, a file of solved examples in the --task {task} format")
+    labelled = [q for q in read_questions(task, shots_file, notes, flag="--shots-file") if q.answer is not None]
+    if len(labelled) < shots:
+        raise SpecError(f"--shots {shots}: --shots-file {shots_file} has only {len(labelled)} labelled questions")
+    return labelled[:shots]
+
+
+def generate(model_dir: str | Path, prompt: str, *, adapter: str | Path | None = None, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, device: str = "auto") -> str:
+    """The model's continuation of the prompt, as given (nothing appended); greedy unless temperature > 0."""
+    import torch
+
+    if max_new_tokens < 1:
+        raise SpecError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if temperature < 0:
+        raise SpecError(f"--temperature {temperature}: must be 0 (greedy) or more")
+    if not 0 < top_p <= 1:
+        raise SpecError(f"--top-p {top_p}: must be in (0, 1]")
+    model, tokenizer = load_model(model_dir, adapter, device)
+    torch.manual_seed(seed)
+    return generate_texts(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, batch_size=1)[0]
+
+
+def write_predictions(path: str | Path, predictions: Iterable[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for i, p in enumerate(predictions):
+            f.write(json.dumps({"index": i, **p}) + "\n")
