@@ -6,6 +6,7 @@ torch and transformers are imported only by the commands that need them, so `--h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -133,24 +134,27 @@ def cli() -> None:
 @options(TRAINING_OPTIONS + JOB_OPTIONS)
 @runs_dir_option
 @click.option("--force", is_flag=True, help="Submit even when the estimate says it does not fit.")
+@click.option("--gpu", default=None, help=f"The GPU type the estimate assumes: {', '.join(catalog.GPUS)} "
+                                          f"(default a100-80g, said so in the output).")
 @click.option("--dry-run", is_flag=True, help="Render into a temporary directory and print the batch script.")
 @click.option("--wait", is_flag=True, help="Block until the job ends; exit non-zero unless it COMPLETED.")
 @json_option
 @click.pass_context
-def submit(ctx: click.Context, runs_dir: str | None, force: bool, dry_run: bool, wait: bool, as_json: bool,
-           **values: Any) -> None:
+def submit(ctx: click.Context, runs_dir: str | None, force: bool, gpu: str | None, dry_run: bool, wait: bool,
+           as_json: bool, **values: Any) -> None:
     """Render a run and submit it (SLURM, or the local cluster)."""
     from llamajobs import estimate, monitor, submit as submit_mod
 
     cluster = None if values.get("cluster") else submit_mod.detect_cluster()
     spec, site = build_spec(ctx, values, cluster_default=cluster)
     if spec.init_from is not None:
-        raise SpecError(f"--init-from {spec.init_from}: not supported yet; pass the run's final/ as --model-path")
+        spec = dataclasses.replace(spec, init_from=resolve_init_from(spec.init_from, runs_dir))
     if spec.data is not None:
         raise SpecError(f"--data {spec.data}: token stores are not supported yet; omit --data to train on the bundled sample")
     if spec.strategy not in ("fsdp", "fsdp-offload") or spec.mode not in ("full", "lora"):
         raise SpecError(f"--strategy {spec.strategy} --mode {spec.mode}: the worker runs fsdp/fsdp-offload "
                         f"with full or lora so far")
+    accel, gpu_note = _submit_fit_check(spec, gpu, force, dry_run)
     if dry_run:
         folder, verdict = submit_mod.dry_run(spec, site)
         click.echo((folder / "job.sbatch").read_text())
@@ -158,7 +162,7 @@ def submit(ctx: click.Context, runs_dir: str | None, force: bool, dry_run: bool,
         if verdict is not None:
             err.print(f"sbatch --test-only: {verdict}")
         return
-    predicted = estimate.hours_for_spec(spec)
+    predicted = estimate.hours_for_spec(spec, accel) if accel else None
     done = submit_mod.submit(spec, site, _runs(runs_dir))
     job = done.job
     result = {"id": job.id, "cluster_job_id": job.cluster_job_id, "run_dir": str(job.run_dir),
@@ -168,7 +172,7 @@ def submit(ctx: click.Context, runs_dir: str | None, force: bool, dry_run: bool,
     elif not as_json:
         out.print(f"job [bold]{job.id}[/] ({job.cluster} job {job.cluster_job_id}) submitted; run dir {job.run_dir}")
         if predicted is not None:
-            out.print(f"predicted hours per epoch: {predicted:.3g}")
+            out.print(f"predicted hours per epoch: {predicted:.3g}{gpu_note}")
     if wait:
         state = wait_for(job)
         result["state"] = state
@@ -179,6 +183,38 @@ def submit(ctx: click.Context, runs_dir: str | None, force: bool, dry_run: bool,
         if state != "COMPLETED":
             log = monitor.traceback_log(job)
             raise Failure(f"job {job.id} ended {state}" + (f"; traceback in {log}" if log else ""))
+
+
+def _submit_fit_check(spec, gpu: str | None, force: bool, dry_run: bool):
+    """Refuse (exit 2) a SLURM run the estimate says will not fit GPU or host memory, unless --force;
+    a dry run only warns. Returns the GPU the estimate assumed (None off SLURM) and a note naming it.
+    Local and debug runs (CPU, tiny models) are never refused."""
+    from llamajobs import estimate
+
+    if spec.cluster != "slurm" or spec.device == "cpu":
+        return None, ""
+    accel = _accelerator(gpu, None, None)
+    note = "" if gpu else f" ({accel.name} assumed; pass --gpu)"
+    problem = estimate.fit_check(spec, accel, node_ram_gib=_node_ram_gib(spec, None))
+    if problem and not force:
+        if not dry_run:
+            raise SpecError(f"{problem}; --force submits anyway{note}")
+        err.print(f"warning: {problem}{note}")
+    return accel, note
+
+
+def resolve_init_from(value: str, runs_dir: str | None) -> str:
+    """--init-from JOB|DIR -> the directory: a job's final/, or a directory holding a model or an adapter."""
+    from llamajobs import registry
+
+    path = Path(value)
+    if value.isdigit() and not path.exists():
+        job = _job(registry.Registry(_runs(runs_dir)), int(value))
+        path = job.run_dir / "final"
+    if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
+        raise SpecError(f"--init-from {value}: {path} holds neither a model (config.json) nor an adapter "
+                        f"(adapter_config.json); give a finished job id or a final/ directory")
+    return str(path.absolute())
 
 
 def wait_for(job, poll_s: float = 1.0) -> str:
@@ -426,69 +462,337 @@ def render_cmd(ctx: click.Context, out_dir: str, **values: Any) -> None:
         out.print(str(path))
 
 
+# --- estimate (the model is llamajobs/estimate.py: pure and light, so its help texts come from it) ---
+
+from llamajobs import estimate as estimate_model  # noqa: E402  (no torch: `estimate` stays fast)
+
+_ERRORS = "; ".join(f"{s} {estimate_model.expected_error_text(s)}" for s in catalog.STRATEGIES)
+HOURS_HELP = f"""Hours per epoch: predicted from the model, or measured from JOB's throughput.
+
+Predicted: FLOPs per token (6N + 12·L·d·s; 4N with a frozen base) at our worker's measured
+compute efficiency, plus FSDP's memory copies, all-gathers and reduce-scatters over NVLink or the
+network, offload's PCIe traffic and CPU Adam (README "How estimates are made"). MFU is model FLOPs
+over the catalog's datasheet peak. --size and --strategy take a comma list or `all` (every size but
+tiny; every strategy) for a planning grid. Expected error, checked against published runs: {_ERRORS}.
+
+Measured (JOB): steady tokens/s without warm-up steps and checkpoint pauses, the hours per epoch
+and the time remaining, with the measured MFU.
+"""
+
+
+def estimate_options(f: Callable) -> Callable:
+    """What both estimate commands take besides the training flags."""
+    for option in reversed([
+        click.option("--gpu", default=None,
+                     help=f"One of {', '.join(catalog.GPUS)} (default {estimate_model.DEFAULT_GPU}); another name "
+                          f"needs --peak-tflops and --gpu-mem-gib."),
+        click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Dense bf16 peak of the GPU, TFLOP/s (overrides the catalog's)."),
+        click.option("--gpu-mem-gib", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Memory of the GPU, GiB (overrides the catalog's)."),
+        click.option("--cpu-mem-gib", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Host RAM per node, GiB (default: --mem-per-node, else "
+                          f"{estimate_model.DEFAULT.node_ram_gib:g})."),
+        click.option("--assume", multiple=True, metavar="NAME=VALUE",
+                     help="Override one of the model's constants (repeatable), e.g. network_gbps=100; "
+                          "see llamajobs/estimate.py Assumptions."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _accelerator(gpu: str | None, peak_tflops: float | None, gpu_mem_gib: float | None) -> catalog.Accelerator:
+    import dataclasses
+
+    name = gpu or estimate_model.DEFAULT_GPU
+    if name in catalog.GPUS:
+        base = catalog.GPUS[name]
+    elif peak_tflops and gpu_mem_gib:
+        return catalog.Accelerator(name=name, peak_bf16_flops=peak_tflops * 1e12, memory_gib=gpu_mem_gib)
+    else:
+        raise SpecError(f"--gpu {name!r} is not known; choose one of {', '.join(catalog.GPUS)}, "
+                        f"or give --peak-tflops and --gpu-mem-gib for it")
+    return dataclasses.replace(base, peak_bf16_flops=peak_tflops * 1e12 if peak_tflops else base.peak_bf16_flops,
+                               memory_gib=gpu_mem_gib or base.memory_gib)
+
+
+def _assumptions(assume: tuple[str, ...]):
+    pairs = {}
+    for item in assume:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SpecError(f"--assume {item!r} is malformed; use NAME=VALUE, e.g. network_gbps=100")
+        pairs[name.strip()] = value.strip()
+    try:
+        return estimate_model.with_overrides(pairs)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+
+
+def _node_ram_gib(spec, cpu_mem_gib: float | None) -> float | None:
+    """--cpu-mem-gib, else the spec's --mem-per-node (SLURM syntax, megabytes without a suffix)."""
+    if cpu_mem_gib:
+        return cpu_mem_gib
+    value = spec.mem_per_node.upper()
+    if value in ("0", ""):
+        return None
+    scale = {"K": 1 / 2**20, "M": 1 / 1024, "G": 1.0, "T": 1024.0}
+    unit = value[-1] if value[-1] in scale else "M"
+    return float(value.rstrip("KMGT")) * scale[unit]
+
+
+def _grid_axis(values: dict[str, Any], name: str, known: list[str] | tuple[str, ...]) -> list[str] | None:
+    """The values of a grid axis (--size or --strategy), or None when the flag names one value."""
+    raw = values.get(name)
+    if raw is None or ("," not in raw and raw != "all"):
+        return None
+    items = list(known) if raw == "all" else [v.strip() for v in raw.split(",") if v.strip()]
+    for item in items:
+        if item not in known:
+            raise SpecError(f"--{name} {item!r} is not allowed; choose from {', '.join(known)}, a comma list, or all")
+    return items
+
+
+def _grid(ctx: click.Context, values: dict[str, Any], gpu, tokens: int | None, a, cpu_mem_gib: float | None,
+          sizes: list[str] | None, strategies: list[str] | None) -> dict[str, Any]:
+    rows = []
+    for size in sizes or [values.get("size")]:
+        for strategy in strategies or [values.get("strategy")]:
+            cell = dict(values)
+            if size is not None:
+                cell["size"] = size
+            if strategy is not None:
+                cell["strategy"] = strategy
+            spec, _ = build_spec(ctx, cell, cluster_default="slurm")
+            rows.append(estimate_model.grid_row(spec, gpu, spec.size, tokens, a, _node_ram_gib(spec, cpu_mem_gib)))
+    return {"rows": rows}
+
+
+def _print_grid(result: dict[str, Any], gpu) -> None:
+    table = Table(box=None, header_style="bold")
+    for col in ("size", "strategy", "mode", "hours/epoch", "MFU", "GPU GiB", "CPU GiB/node", "verdict"):
+        table.add_column(col)
+    for r in result["rows"]:
+        table.add_row(r["size"], r["strategy"], r["mode"], _fmt(r["hours_per_epoch"], ",.1f"), f"{r['mfu']:.1%}",
+                      f"{r['gpu_mem_gib']:.1f}", f"{r['cpu_mem_gib']:.0f}", r["verdict"])
+    out.print(table)
+    out.print(f"GPU: {gpu.name} ({gpu.peak_bf16_flops / 1e12:g} TFLOP/s bf16, {gpu.memory_gib:g} GiB); "
+              f"MFU is model FLOPs over that peak")
+
+
 @cli.group()
 def estimate() -> None:
     """Hours per epoch and memory fit, before or during a run."""
 
 
-@estimate.command()
+@estimate.command(help=HOURS_HELP)
 @click.argument("job_id", type=int, required=False)
 @options(TRAINING_OPTIONS)
-@click.option("--gpu", default="a100-80g", show_default=True, help=f"One of {', '.join(catalog.GPUS)}.")
-@click.option("--tokens", default=None, help="Tokens per epoch, e.g. 2.5B (default: the spec's).")
+@estimate_options
+@click.option("--tokens", default=None, help="Tokens per epoch, e.g. 2.5B, 800M or 2500000000 (default: the spec's).")
 @runs_dir_option
 @json_option
 @click.pass_context
-def hours(ctx: click.Context, job_id: int | None, gpu: str, tokens: str | None, runs_dir: str | None,
-          as_json: bool, **values: Any) -> None:
-    """Hours per epoch: predicted from the model, or measured from JOB's throughput."""
-    from llamajobs import estimate as est, monitor, registry
-    from llamajobs.spec import JobSpec, parse_count
+def hours(ctx: click.Context, job_id: int | None, gpu: str | None, peak_tflops: float | None,
+          gpu_mem_gib: float | None, cpu_mem_gib: float | None, assume: tuple[str, ...], tokens: str | None,
+          runs_dir: str | None, as_json: bool, **values: Any) -> None:
+    from llamajobs.spec import parse_count
 
+    a = _assumptions(assume)
+    count = parse_count(tokens) if tokens else None
     if job_id is not None:
-        job = _job(registry.Registry(_runs(runs_dir)), job_id)
-        spec = JobSpec.load(job.run_dir / "spec.json")
-        result = est.hours_from_metrics(spec, monitor.read_metrics(job.run_dir, tail_bytes=None),
-                                        parse_count(tokens) if tokens else None)
-        if result is None:
-            raise Failure(f"job {job_id} has no measured throughput yet")
+        result = _measured_hours(job_id, runs_dir, count, a)
     else:
-        if gpu not in catalog.GPUS:
-            raise SpecError(f"--gpu {gpu!r} is not known; choose one of {', '.join(catalog.GPUS)}")
+        accel = _accelerator(gpu, peak_tflops, gpu_mem_gib)
+        sizes = _grid_axis(values, "size", [s for s in catalog.SIZES if s != "tiny"])
+        strategies = _grid_axis(values, "strategy", catalog.STRATEGIES)
+        if sizes or strategies:
+            result = _grid(ctx, values, accel, count, a, cpu_mem_gib, sizes, strategies)
+            print_json(result) if as_json else _print_grid(result, accel)
+            return
         spec, _ = build_spec(ctx, values, cluster_default="slurm")
-        result = est.hours(spec, catalog.GPUS[gpu], parse_count(tokens) if tokens else None)
+        result = estimate_model.hours(spec, accel, count, a, _node_ram_gib(spec, cpu_mem_gib))
+        result["spec"] = {"size": spec.size, "mode": spec.mode, "strategy": spec.strategy, "nodes": spec.nodes,
+                          "gpus_per_node": spec.gpus_per_node, "seq_len": spec.seq_len,
+                          "global_batch": spec.global_batch, "micro_batch": spec.micro_batch}
     if as_json:
         print_json(result)
         return
+    _print_hours(result)
+
+
+def _measured_hours(job_id: int, runs_dir: str | None, tokens: int | None, a) -> dict[str, Any]:
+    from llamajobs import events, monitor, registry
+    from llamajobs.spec import JobSpec
+
+    job = _job(registry.Registry(_runs(runs_dir)), job_id)
+    spec = JobSpec.load(job.run_dir / "spec.json")
+    result = estimate_model.hours_from_metrics(monitor.read_metrics(job.run_dir, tail_bytes=None),
+                                               events.read(job.run_dir), tokens, spec.tokens_per_epoch, a)
+    if result is None:
+        raise Failure(f"job {job_id} has no measured throughput yet; try again after its first logged steps")
+    gpu = catalog.GPUS.get(result.get("peak") or "")
+    if gpu is not None and spec.cluster == "slurm":  # the model's prediction for the same card, beside it
+        try:
+            result["predicted_tokens_per_s"] = estimate_model.hours(spec, gpu, a=a)["tokens_per_s"]
+        except ValueError:  # the checkpoint's config.json is gone: no shape to predict with
+            pass
+    return result
+
+
+def _print_hours(r: dict[str, Any]) -> None:
     table = Table(box=None, show_header=False)
-    for key, value in result.items():
-        table.add_row(key, _fmt(value, ",.4g") if isinstance(value, float) else _fmt(value))
+    measured = r["source"] == "measured"
+    if "spec" in r:
+        s = r["spec"]
+        table.add_row("run", f"{s['size']} {s['mode']}, {s['strategy']}, {s['nodes']}x{s['gpus_per_node']} "
+                             f"{r['peak']}, seq {s['seq_len']}, global batch {s['global_batch']}, "
+                             f"micro {s['micro_batch']}")
+    epoch = "-" if r["hours_per_epoch"] is None else f"{r['hours_per_epoch']:,.1f}"
+    table.add_row("hours per epoch", epoch + (f" ({r['tokens_per_epoch']:,} tokens)" if r.get("tokens_per_epoch")
+                                              else "  (pass --tokens 2.5B)"))
+    per_gpu = _fmt(r["tokens_per_s_per_gpu"], ",.0f")
+    table.add_row("tokens/s", f"{r['tokens_per_s']:,.0f} total, {per_gpu} per GPU")
+    mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+    table.add_row(f"MFU ({'measured' if measured else 'assumed'})", f"{mfu} of {r.get('peak') or '?'}'s peak")
+    parts = "" if measured else f" ({r['accumulation']} micro-batches: " + ", ".join(
+        f"{k[:-2]} {v:.2f}" for k, v in r["time_parts_s"].items() if v) + ")"
+    table.add_row("step", f"{r['step_s']:.3g} s{parts}")
+    if measured:
+        table.add_row("steps", f"{r['step']}/{_fmt(r['total_steps'])} ({r['steady_steps']} steady steps timed, "
+                               f"{r['checkpoint_s']:.0f} s of checkpoints left out)")
+        table.add_row("remaining", _duration(r["remaining_s"]))
+        if r.get("predicted_tokens_per_s"):
+            table.add_row("predicted", f"{r['predicted_tokens_per_s']:,.0f} tokens/s on this card")
+        table.add_row("peak memory per process", _fmt(r["gpu_mem_gib"], ".1f") + " GiB")
+    else:
+        table.add_row("memory per GPU", f"{r['gpu_mem_gib']:.1f} GiB")
+        table.add_row("memory per node (CPU)", f"{r['cpu_mem_gib']:.0f} GiB")
+        table.add_row("verdict", r["verdict"])
+        table.add_row("largest micro-batch that fits", _fmt(r["largest_fitting_micro_batch"]))
+        table.add_row("expected error", r["expected_error"])
     out.print(table)
 
 
 @estimate.command()
 @options(TRAINING_OPTIONS)
-@click.option("--gpu", default="a100-80g", show_default=True, help=f"One of {', '.join(catalog.GPUS)}.")
+@estimate_options
 @json_option
 @click.pass_context
-def memory(ctx: click.Context, gpu: str, as_json: bool, **values: Any) -> None:
-    """Every strategy's GPU and CPU memory, a verdict, and the fastest strategy that fits."""
-    from llamajobs import estimate as est
+def memory(ctx: click.Context, gpu: str | None, peak_tflops: float | None, gpu_mem_gib: float | None,
+           cpu_mem_gib: float | None, assume: tuple[str, ...], as_json: bool, **values: Any) -> None:
+    """Every strategy's GPU and CPU memory, a verdict, and the fastest strategy that fits.
 
-    if gpu not in catalog.GPUS:
-        raise SpecError(f"--gpu {gpu!r} is not known; choose one of {', '.join(catalog.GPUS)}")
+    Per GPU: model states (by strategy, as DeepSpeed's own estimators count them), the unsharded fp32
+    gradient our FSDP2 worker accumulates over micro-batches, activations (measured per layer), the
+    logits and the framework. Per node's CPU: offloaded states, loading the weights once, the worker
+    processes. fits: below 90% of the memory; tight: up to 100%. --size takes a comma list or `all`.
+    """
+    a = _assumptions(assume)
+    accel = _accelerator(gpu, peak_tflops, gpu_mem_gib)
+    sizes = _grid_axis(values, "size", [s for s in catalog.SIZES if s != "tiny"])
+    strategies = _grid_axis(values, "strategy", catalog.STRATEGIES)
+    if sizes or strategies:
+        result = _grid(ctx, values, accel, None, a, cpu_mem_gib, sizes, strategies)
+        print_json(result) if as_json else _print_grid(result, accel)
+        return
     spec, _ = build_spec(ctx, values, cluster_default="slurm")
-    result = est.memory_table(spec, catalog.GPUS[gpu])
+    result = estimate_model.memory_table(spec, accel, a, _node_ram_gib(spec, cpu_mem_gib))
     if as_json:
         print_json(result)
         return
     table = Table(box=None, header_style="bold")
-    for col in ("strategy", "GPU GiB", "CPU GiB/node", "verdict"):
+    for col in ("strategy", "GPU GiB", "CPU GiB/node", "verdict", "tokens/s"):
         table.add_column(col)
     for r in result["strategies"]:
-        table.add_row(r["strategy"], f"{r['gpu_mem_gib']:.1f}", f"{r['cpu_mem_gib']:.1f}", r["verdict"])
+        table.add_row(r["strategy"], f"{r['gpu_mem_gib']:.1f}", f"{r['cpu_mem_gib']:.0f}", r["verdict"],
+                      f"{r['tokens_per_s']:,.0f}")
     out.print(table)
-    out.print(f"recommended: {result['recommended'] or 'none fits; add nodes or use --mode lora'}")
+    first = result["strategies"][0]
+    out.print(f"{spec.size} {spec.mode} on {spec.nodes}x{spec.gpus_per_node} {accel.name} "
+              f"({first['gpu_capacity_gib']:g} GiB per GPU, {first['node_ram_gib']:g} GiB host RAM per node); "
+              f"micro-batch {spec.micro_batch}")
+    none = "none fits; add nodes, use --mode lora or --activation-checkpointing"
+    out.print(f"recommended: {result['recommended'] or none}")
+
+
+@cli.group()
+def data() -> None:
+    """Token stores: prepare them from corpora and instruction sets, inspect them."""
+
+
+@data.command("prepare")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(),
+              help="The model's directory (tokenizer.model or tokenizer.json), or a tokenizer.model file.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="The store directory to write (written aside, renamed when complete).")
+@click.option("--format", "fmt", default="text", show_default=True,
+              help="text|s2orc|alpaca|medqa|medmcqa|pubmedqa|lmflow (JSON lines, a JSON list, or .gz of either).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Tokenizing processes.")
+@click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed lines instead of stopping at the first.")
+@click.option("--eval-fraction", type=float, default=0.0, show_default=True,
+              help="Hold out this fraction of documents (by a hash of their id) into DIR/eval.")
+@click.option("--force", is_flag=True, help="Replace an existing --out, once the new store is complete.")
+@json_option
+def data_prepare(inputs: tuple[str, ...], tokenizer_path: str, out_dir: str, fmt: str, workers: int,
+                 skip_bad_lines: bool, eval_fraction: float, force: bool, as_json: bool) -> None:
+    """Tokenize corpora or instruction sets into a token store for `submit --data`."""
+    from llamajobs.data import prepare as prep
+
+    config = prep.PrepareConfig(inputs=tuple(Path(p) for p in inputs), tokenizer=Path(tokenizer_path),
+                                out=Path(out_dir), format=fmt, workers=workers, skip_bad_lines=skip_bad_lines,
+                                eval_fraction=eval_fraction, force=force)
+    with prep.RichProgress(err) as progress:
+        meta = prep.prepare(config, progress)
+    if as_json:
+        print_json(meta)
+        return
+    held = meta.get("eval")
+    out.print(f"{out_dir}: {meta['documents']:,} documents, {meta['tokens']:,} tokens ({meta['dtype']})"
+              + (f"; eval split: {held['documents']:,} documents, {held['tokens']:,} tokens" if held else ""))
+    if meta["skipped_empty"] or meta["skipped_bad_lines"]:
+        err.print(f"skipped {meta['skipped_empty']:,} empty documents and {meta['skipped_bad_lines']:,} bad lines"
+                  + "".join(f"\n  {line}" for line in meta["bad_line_examples"]))
+
+
+@data.command("inspect")
+@click.argument("store_dir", type=click.Path(file_okay=False))
+@click.option("--document", type=int, default=0, show_default=True, help="Which document to decode as the sample.")
+@click.option("--tokenizer", "tokenizer_path", default=None, type=click.Path(),
+              help="Decode with this tokenizer (default: the one the store was made with).")
+@json_option
+def data_inspect(store_dir: str, document: int, tokenizer_path: str | None, as_json: bool) -> None:
+    """Documents, tokens, dtype, tokenizer fingerprint and a decoded sample of a token store."""
+    from llamajobs.data.prepare import describe
+
+    info = describe(store_dir, tokenizer=tokenizer_path, document=document)
+    if as_json:
+        print_json(info)
+        return
+    table = Table(box=None, show_header=False)
+    for key in ("path", "format", "documents", "tokens", "dtype", "loss_mask", "vocab_size", "fingerprint",
+                "tokenizer", "mean_document_tokens", "max_document_tokens", "bytes_on_disk", "skipped_empty",
+                "skipped_bad_lines", "eval"):
+        value = info[key]
+        table.add_row(key, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int)
+                      else str(value))
+    out.print(table)
+    sample = info["sample"]
+    if sample:
+        out.print(f"\ndocument {sample['document']} ({sample['tokens']:,} tokens)"
+                  + (", first tokens shown" if sample.get("truncated") else "") + ":", style="bold")
+        if sample.get("note"):
+            out.print(sample["note"], style="yellow")
+        if "prompt" in sample:
+            out.print("[prompt, masked out of the loss]", style="dim", markup=False)
+            out.print(sample["prompt"], markup=False, highlight=False)
+            out.print("[response, trained on]", style="dim", markup=False)
+            out.print(sample["response"], markup=False, highlight=False)
+        elif sample.get("text") is not None:
+            out.print(sample["text"], markup=False, highlight=False)
+        else:
+            out.print(f"ids: {sample['first_ids']} ...")
 
 
 @cli.group()
@@ -506,6 +810,102 @@ def tokenizer_train(texts: tuple[str, ...], vocab_size: int, out_dir: str) -> No
 
     path = train_tokenizer(read_texts([Path(t) for t in texts]), vocab_size, Path(out_dir))
     out.print(f"tokenizer written to {path}")
+
+
+@cli.command()
+@click.option("--input-dir", required=True, type=click.Path(file_okay=False),
+              help="Meta's checkpoint folder: consolidated.NN.pth shards and params.json.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="The Hugging Face directory to write (new or empty).")
+@click.option("--size", default=None, help=f"Cross-check the shape against the catalog: {', '.join(catalog.SIZES)}.")
+@click.option("--tokenizer", "tokenizer_file", default=None, type=click.Path(dir_okay=False),
+              help="Meta's tokenizer.model (default: in --input-dir or its parent).")
+@click.option("--max-seq-len", type=int, default=None,
+              help="max_position_embeddings (default: params.json's, else 2048 for LLaMA-1, 4096 for LLaMA-2).")
+@json_option
+def convert(input_dir: str, out_dir: str, size: str | None, tokenizer_file: str | None, max_seq_len: int | None,
+            as_json: bool) -> None:
+    """Meta's consolidated.*.pth + params.json + tokenizer.model -> an HF LLaMA directory.
+
+    The shape comes from params.json and the shards from the files (merged, streamed layer group by
+    layer group); --size only cross-checks.
+    """
+    from llamajobs import convert as convert_mod
+
+    result = convert_mod.convert(input_dir, out_dir, size=size, tokenizer=tokenizer_file, max_seq_len=max_seq_len)
+    if as_json:
+        print_json(result)
+        return
+    out.print(f"converted {result['shards_in']} shard(s) into {result['out']}: {result['params'] / 1e9:.2f}B "
+              f"parameters, {result['dtype']}, {result['files_out']} safetensors file(s)")
+    out.print(f"dim {result['dim']}, {result['n_layers']} layers, {result['n_heads']} heads "
+              f"({result['n_kv_heads']} kv), ffn {result['ffn_dim']}, vocab {result['vocab_size']}")
+
+
+@cli.command("eval")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+              help="HF LLaMA directory (convert's output, a run's final/ or final/merged).")
+@click.option("--adapter", default=None, type=click.Path(file_okay=False), help="A LoRA adapter (a LoRA run's final/).")
+@click.option("--task", required=True, help="medqa, medmcqa or pubmedqa.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="The questions (JSONL; JSON list or dict).")
+@click.option("--shots", type=int, default=0, show_default=True, help="Solved examples before each question.")
+@click.option("--shots-file", default=None, type=click.Path(dir_okay=False), help="Where the shots come from (first K).")
+@click.option("--generate", "use_generate", is_flag=True, help="Greedy-generate and parse the letter instead of scoring.")
+@click.option("--score", default="letter", show_default=True,
+              help="letter: log-likelihood of the option's letter; text: of its text.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Questions per forward pass.")
+@click.option("--limit", type=int, default=None, help="Only the first N questions.")
+@click.option("--max-new-tokens", type=int, default=16, show_default=True, help="With --generate.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--predictions", default=None, type=click.Path(dir_okay=False), help="Write per-question results (JSONL).")
+@json_option
+def eval_cmd(model_dir: str, adapter: str | None, task: str, data: str, shots: int, shots_file: str | None,
+             use_generate: bool, score: str, batch_size: int, limit: int | None, max_new_tokens: int, device: str,
+             predictions: str | None, as_json: bool) -> None:
+    """Multiple-choice accuracy on MedQA-USMLE, MedMCQA or PubMedQA: n, accuracy, choice counts."""
+    from llamajobs import evaluate
+
+    result = evaluate.evaluate(model_dir, task, data, adapter=adapter, shots=shots, shots_file=shots_file,
+                               generate=use_generate, score=score, batch_size=batch_size, limit=limit,
+                               max_new_tokens=max_new_tokens, device=device)
+    details = result.pop("predictions")
+    if predictions:
+        evaluate.write_predictions(predictions, details)
+    if as_json:
+        print_json(result)
+        return
+    accuracy = "-" if result["accuracy"] is None else f"{result['accuracy'] * 100:.1f}%"
+    out.print(f"{task} ({result['mode']}, {result['shots']}-shot): accuracy [bold]{accuracy}[/] "
+              f"({result['correct']}/{result['n_labelled']}), n {result['n']}, "
+              f"{result['questions_per_s']} questions/s")
+    table = Table(box=None, header_style="bold")
+    table.add_column("")
+    for key in result["choices"]:
+        table.add_column(key)
+    table.add_row("chosen", *(str(v) for v in result["choices"].values()))
+    table.add_row("gold", *(str(result["gold"].get(k, "-")) for k in result["choices"]))
+    out.print(table)
+    for note in result["notes"] + ([f"{result['truncated']} prompt(s) truncated to fit the model"]
+                                   if result["truncated"] else []):
+        err.print(f"note: {note}")
+
+
+@cli.command("generate")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="HF LLaMA directory.")
+@click.option("--adapter", default=None, type=click.Path(file_okay=False), help="A LoRA adapter (a LoRA run's final/).")
+@click.option("--prompt", required=True, help="The text to continue, as given.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="For sampling (temperature > 0).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def generate_cmd(model_dir: str, adapter: str | None, prompt: str, max_new_tokens: int, temperature: float,
+                 top_p: float, seed: int, device: str) -> None:
+    """Continue a prompt (greedy by default); prints only the generated text."""
+    from llamajobs import evaluate
+
+    click.echo(evaluate.generate(model_dir, prompt, adapter=adapter, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, seed=seed, device=device))
 
 
 def main() -> None:

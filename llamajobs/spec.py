@@ -115,7 +115,9 @@ class JobSpec:
 
     @property
     def shape(self) -> catalog.Shape:
-        return catalog.shape_for(self.size, self.model_path)
+        """What trains: a full model given by --init-from, else --model-path, else the named size."""
+        init_model = self.init_from if self.init_from and (Path(self.init_from) / "config.json").exists() else None
+        return catalog.shape_for(self.size, init_model or self.model_path)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"

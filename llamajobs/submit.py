@@ -7,7 +7,6 @@ execs the rendered launch.sh, which starts torchrun. The local cluster is submit
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ from typing import Iterator
 import submitit
 
 from llamajobs import events, registry, render
+from llamajobs.control import request_stop
 from llamajobs.errors import Failure, SpecError
 from llamajobs.registry import Job
 from llamajobs.site import Site
@@ -50,17 +50,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-STOP_REQUEST = "stop-request"
 # Seconds the node launcher waits for the workers to save and exit once it asked them to stop; the
 # signal delay (signal_delay_s) leaves this much room before the time limit.
 STOP_MARGIN_S = 30
-
-
-def request_stop(run_dir: Path, reason: str) -> None:
-    """Ask the workers to checkpoint at the next optimizer step and exit (rank 0 polls this file)."""
-    tmp = run_dir / f".{STOP_REQUEST}.tmp"
-    tmp.write_text(json.dumps({"reason": reason, "time": time.time()}) + "\n")
-    os.replace(tmp, run_dir / STOP_REQUEST)
 
 
 class NodeLauncher(submitit.helpers.Checkpointable):

@@ -132,3 +132,17 @@ def test_logs_by_rank(env, completed):
     assert "Job completed successfully" in run_cli("logs", str(completed["id"]), env=env, check=True).stdout
     missing = run_cli("logs", str(completed["id"]), "--rank", "7", env=env)
     assert missing.returncode == 1 and "no log yet" in missing.stderr
+
+
+def test_init_from_a_finished_job_starts_from_its_weights(env, completed):
+    result = run_cli("submit", *TINY, "--max-steps", "4", "--name", "second-stage", "--init-from", str(completed["id"]),
+                     "--wait", "--json", env=env, check=True)
+    second = json.loads(result.stdout)
+    assert second["state"] == "COMPLETED"
+    first_losses = [json.loads(line)["loss"] for line in (Path(completed["run_dir"]) / "metrics.jsonl").open()]
+    second_losses = [json.loads(line)["loss"] for line in (Path(second["run_dir"]) / "metrics.jsonl").open()]
+    assert second_losses[0] < first_losses[0] - 0.5  # it starts where the first run ended, not from chance
+    spec = json.loads((Path(second["run_dir"]) / "spec.json").read_text())
+    assert spec["init_from"] == str(Path(completed["run_dir"]) / "final")
+    bad = run_cli("submit", *TINY, "--init-from", "/nonexistent", env=env)
+    assert bad.returncode == 2 and "holds neither a model" in bad.stderr

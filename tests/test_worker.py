@@ -176,7 +176,6 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth() -> None:
     ({"mode": "prefix"}, "--mode prefix is not implemented yet"),
     ({"strategy": "ds-zero3"}, "--strategy ds-zero3 is not implemented yet"),
     ({"data": "/data/pmc"}, "token stores are not supported"),
-    ({"init_from": "runs/7/final"}, "--init-from runs/7/final is not supported"),
 ])
 def test_unsupported_settings_are_refused_by_name(changes: dict, named: str) -> None:
     with pytest.raises(NotImplementedError, match=named):
@@ -189,13 +188,15 @@ def test_a_model_vocabulary_smaller_than_the_tokenizer_is_refused(tokenizer_dir:
 
 
 def test_injected_fault_raises_when_its_step_starts(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_metrics = SimpleNamespace(start_clock=lambda: None)
-    monkeypatch.setenv("LLAMAJOBS_INJECT_FAULT", "crash:1")
-    with pytest.raises(RuntimeError, match="injected fault at step 1"):
-        train_loop(nn.Linear(2, 2), None, None, iter(()), fake_metrics, spec=JobSpec(), env=None, total=3)
+    fake_metrics = SimpleNamespace(start_clock=lambda step: None)
+    monkeypatch.setenv("LLAMAJOBS_INJECT_FAULT", "crash:2")
+    with pytest.raises(RuntimeError, match="injected fault at step 2"):  # the first step of a run resumed at 1
+        train_loop(nn.Linear(2, 2), None, None, iter(()), fake_metrics, None, spec=JobSpec(), env=None,
+                   start=1, total=3)
     monkeypatch.setenv("LLAMAJOBS_INJECT_FAULT", "boom")
-    with pytest.raises(ValueError, match="crash:N"):
-        train_loop(nn.Linear(2, 2), None, None, iter(()), fake_metrics, spec=JobSpec(), env=None, total=3)
+    with pytest.raises(ValueError, match="crash:N or stop:N"):
+        train_loop(nn.Linear(2, 2), None, None, iter(()), fake_metrics, None, spec=JobSpec(), env=None,
+                   start=0, total=3)
 
 
 # --- loss normalisation: accumulated, sharded gradients == one pass over the global batch ---
@@ -385,4 +386,4 @@ if __name__ == "__main__":
         if dist.get_rank() == 0:
             Path(sys.argv[2]).write_text(json.dumps(results))
     finally:
-        dist.destroy_process_group()
+        parallel.teardown()  # (collects the FSDP models first: see there)

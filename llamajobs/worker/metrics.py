@@ -8,6 +8,7 @@ same count the estimator uses) over the catalog peak of the device, and the peak
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -55,6 +56,23 @@ class MetricsLogger:
         self.device = device
         self.peak_name, self.peak_flops = device_peak(device)
         self.start_clock()
+
+    def discard_after(self, step: int) -> None:
+        """Keep only the rows of steps up to `step`, the step this attempt continues from: the rows an
+        interrupted attempt logged past its last checkpoint are about to be logged again. Rewritten
+        whole (tmp + os.replace): a reader sees the old file or the new one; torn lines are dropped."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
 
     def start_clock(self, step: int = 0) -> None:
         """Training starts now, after `step` steps (0, or the step a resumed run continues from)."""

@@ -1,5 +1,6 @@
 """The model: a LLaMA decoder (transformers) built on the meta device, LoRA via peft, weights read
-once per job on rank 0 and broadcast into every rank's shards; and the HF-format export of final/.
+once per job on rank 0 and broadcast into every rank's shards; where the starting weights come from
+(--model-path, --init-from, or a seeded random init); and the HF-format export of final/.
 
 Why meta + broadcast: eight ranks each loading a 7B checkpoint need eight copies of it in host RAM.
 Here every rank builds a weightless model, shards it, allocates only its shards, and rank 0 alone
@@ -9,6 +10,7 @@ reads (or randomly initialises) the full weights, which set_model_state_dict bro
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import warnings
@@ -17,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from huggingface_hub import save_torch_state_dict
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
@@ -26,6 +27,8 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 from llamajobs.spec import JobSpec
 
 SUPPORTED_MODES = ("full", "lora")
+# In final/: what the export was trained from, so that --init-from can check it continues on the same base.
+PROVENANCE = "llamajobs.json"
 
 
 def check_mode(spec: JobSpec) -> None:
@@ -34,12 +37,67 @@ def check_mode(spec: JobSpec) -> None:
             f"--mode {spec.mode} is not implemented yet in the worker; use one of {', '.join(SUPPORTED_MODES)}")
 
 
+# --- where the starting weights come from ---
+
+
+def init_kind(path: str | Path) -> str:
+    """What an --init-from directory holds: "adapter" (a LoRA run's final/) or "full" (an HF model)."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return "full"
+    raise ValueError(
+        f"--init-from {path}: neither a LoRA adapter (adapter_config.json) nor a full HF model (config.json "
+        f"and *.safetensors); pass a run's final/ (or final/merged)")
+
+
+def weights_path(spec: JobSpec) -> str | None:
+    """The HF directory the starting weights and config come from: --init-from when it holds a full
+    model (then exactly like --model-path), else --model-path; None means the seeded random init."""
+    if spec.init_from and init_kind(spec.init_from) == "full":
+        return spec.init_from
+    return spec.model_path
+
+
+def check_init_from(spec: JobSpec) -> None:
+    """Refuse, naming the flag to change, an --init-from that cannot continue under this spec."""
+    if not spec.init_from:
+        return
+    path = Path(spec.init_from)
+    if init_kind(path) == "full":
+        if spec.model_path:
+            raise ValueError(f"--init-from {path} holds a full model, which replaces --model-path; "
+                             f"leave --model-path out")
+        return
+    if spec.mode != "lora":
+        raise ValueError(f"--init-from {path} holds a LoRA adapter: continue it with --mode lora, or start "
+                         f"--mode {spec.mode} from its merged model (--init-from {path / 'merged'}, written by "
+                         f"--merge)")
+    adapter = json.loads((path / "adapter_config.json").read_text())
+    saved = (adapter["r"], adapter["lora_alpha"], sorted(adapter["target_modules"]))
+    if saved != (spec.lora_r, spec.lora_alpha, sorted(spec.lora_targets)):
+        raise ValueError(f"--init-from {path}: its adapter has r {saved[0]}, alpha {saved[1]}, targets "
+                         f"{','.join(saved[2])}; pass --lora-r {saved[0]} --lora-alpha {saved[1]} "
+                         f"--lora-targets {','.join(saved[2])}")
+    provenance = path / PROVENANCE
+    if provenance.is_file():
+        base = json.loads(provenance.read_text())
+        # A random base is a function of (size, seed): the adapter only fits the same one.
+        same_random_base = (spec.model_path, spec.size, spec.seed) == (None, base["size"], base["seed"])
+        if base["base_weights"] is None and not same_random_base:
+            raise ValueError(f"--init-from {path}: its adapter was trained on the random init of --size "
+                             f"{base['size']} --seed {base['seed']} (no --model-path); pass the same --size and --seed")
+
+
 def model_config(spec: JobSpec) -> LlamaConfig:
     """The checkpoint's own config (rope scaling and all), or the catalog shape for a random init."""
-    if spec.model_path:
-        config = LlamaConfig.from_pretrained(spec.model_path)
+    # SDPA: the fused (flash / memory-efficient) attention kernels, named rather than left to a default.
+    path = weights_path(spec)
+    if path:
+        config = LlamaConfig.from_pretrained(path, attn_implementation="sdpa")
     else:
-        config = LlamaConfig(**spec.shape.hf_config())
+        config = LlamaConfig(**spec.shape.hf_config(), attn_implementation="sdpa")
     config.use_cache = False  # training needs no KV cache (and activation checkpointing refuses one)
     return config
 
@@ -50,7 +108,10 @@ def weights_dtype(spec: JobSpec, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if spec.mode == "lora" and device.type == "cuda" else torch.float32
 
 
-def _apply_lora(model: LlamaForCausalLM, spec: JobSpec) -> PeftModel:
+def _apply_lora(model: LlamaForCausalLM, spec: JobSpec) -> nn.Module:
+    # Imported here: peft takes over a second to import, and full fine-tunes never need it.
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
                         target_modules=list(spec.lora_targets), task_type="CAUSAL_LM")
     with warnings.catch_warnings():
@@ -89,16 +150,37 @@ def materialize(model: nn.Module, init_device: torch.device, buffer_device: torc
                 setattr(module, name, buffer)
 
 
+def _load_adapter(model: nn.Module, path: str) -> None:
+    """An earlier LoRA run's adapter weights into this (CPU, unsharded) LoRA model."""
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, load_peft_weights(path, device="cpu"))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"--init-from {path}: its adapter does not fit this model (unexpected: "
+                         f"{result.unexpected_keys[:3]}, missing: {missing[:3]}); pass the same --model-path "
+                         f"or --size as the run that trained it")
+
+
 def _full_state_dict_rank0(spec: JobSpec, config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """The full weights in host RAM, read or initialised once per job (rank 0 only)."""
-    if spec.model_path:
-        model = LlamaForCausalLM.from_pretrained(spec.model_path, config=config, dtype="auto")
-    else:
-        torch.manual_seed(spec.seed)
-        model = LlamaForCausalLM(config)
-    if spec.mode == "lora":
-        torch.manual_seed(spec.seed)
-        model = _apply_lora(model, spec)  # the adapters' initial values come from rank 0 too
+    """The full weights in host RAM, read or initialised once per job (rank 0 only).
+
+    A random init is seeded with --seed (the same weights whatever the world size, and the same base
+    for a LoRA run that continues another's adapter). The generator is forked so that rank 0's own
+    random streams (dropout) do not depend on how many numbers the init drew.
+    """
+    with torch.random.fork_rng(devices=[]):
+        path = weights_path(spec)
+        if path:
+            model = LlamaForCausalLM.from_pretrained(path, config=config, dtype="auto")
+        else:
+            torch.manual_seed(spec.seed)
+            model = LlamaForCausalLM(config)
+        if spec.mode == "lora":
+            torch.manual_seed(spec.seed)
+            model = _apply_lora(model, spec)  # the adapters' initial values come from rank 0 too
+            if spec.init_from:  # (check_init_from made sure it holds an adapter for this base)
+                _load_adapter(model, spec.init_from)
     return model.state_dict()
 
 
@@ -120,34 +202,62 @@ def check_vocab(config: LlamaConfig, tokenizer: PreTrainedTokenizerBase) -> None
 
 
 def export_final(model: nn.Module, spec: JobSpec, config: LlamaConfig, tokenizer: PreTrainedTokenizerBase,
-                 run_dir: Path, rank: int, dtype: torch.dtype) -> Path:
-    """Write run_dir/final in HF format (full: safetensors + config; LoRA: the peft adapter), plus the
-    tokenizer. Collective: every rank calls it. Written to final.tmp, then renamed."""
+                 run_dir: Path, rank: int, dtype: torch.dtype, step: int) -> Path:
+    """Write run_dir/final in HF format (full: safetensors + config; LoRA: the peft adapter, and with
+    --merge the merged full model in final/merged), plus the tokenizer and llamajobs.json (what it
+    was trained from). Collective: every rank calls it. Written to final.tmp, then renamed."""
     final, tmp = run_dir / "final", run_dir / "final.tmp"
+    adapter = None
     if spec.mode == "lora":
-        # Only the adapters: gathering the frozen base would move the whole model to rank 0 for nothing.
-        state = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
-                 for name, p in model.named_parameters() if p.requires_grad}
-    else:
+        # Only the adapters: gathering the frozen base would move the whole model to rank 0 for nothing...
+        adapter = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+                   for name, p in model.named_parameters() if p.requires_grad}
+    if spec.mode == "full" or spec.merge:  # ...unless the merged model needs it
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        if spec.mode == "lora":
-            model.save_pretrained(tmp, state_dict=state)  # PeftModel: adapter_config.json + adapter_model.safetensors
+        if adapter is not None:
+            model.save_pretrained(tmp, state_dict=adapter)  # PeftModel: adapter_config.json + adapter_model.safetensors
+            if spec.merge:
+                _write_hf_model(tmp / "merged", _merged_state_dict(state, spec, config), config, dtype)
+                _write_tokenizer(tmp / "merged", tokenizer)
         else:
-            save_torch_state_dict({k: v.to(dtype) for k, v in state.items()}, tmp)  # sharded safetensors (+ index)
-            config = copy.deepcopy(config)
-            config.use_cache = True  # for generation; training turned it off
-            config.dtype = dtype
-            config.save_pretrained(tmp)
-            GenerationConfig.from_model_config(config).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        # The sentencepiece model too, when there is one: tools such as llama.cpp's converter read it.
-        spm_model = getattr(tokenizer, "vocab_file", None)
-        if spm_model and Path(spm_model).is_file() and not (tmp / "tokenizer.model").exists():
-            shutil.copyfile(spm_model, tmp / "tokenizer.model")
+            _write_hf_model(tmp, state, config, dtype)
+        _write_tokenizer(tmp, tokenizer)
+        provenance = {"mode": spec.mode, "size": spec.size, "seed": spec.seed, "base_weights": weights_path(spec),
+                      "init_from": spec.init_from, "step": step}
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)  # a previous attempt's; os.replace cannot replace a full dir
         os.replace(tmp, final)
     dist.barrier()
     return final
+
+
+def _merged_state_dict(state: dict[str, torch.Tensor], spec: JobSpec, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """The LoRA model's full gathered weights with the adapters folded into the base (peft's
+    merge_and_unload), as a plain LlamaForCausalLM state dict. Built on the meta device and filled
+    by assignment: no second copy, no random init of a model that is overwritten anyway."""
+    with torch.device("meta"):
+        peft_model = _apply_lora(LlamaForCausalLM(copy.deepcopy(config)), spec)
+    peft_model.load_state_dict(state, assign=True, strict=True)
+    return peft_model.merge_and_unload().state_dict()
+
+
+def _write_hf_model(folder: Path, state: dict[str, torch.Tensor], config: LlamaConfig, dtype: torch.dtype) -> None:
+    """What LlamaForCausalLM.from_pretrained loads: sharded safetensors (+ index), config, generation config."""
+    folder.mkdir(exist_ok=True)
+    save_torch_state_dict({k: v.to(dtype) for k, v in state.items()}, folder)
+    config = copy.deepcopy(config)
+    config.use_cache = True  # for generation; training turned it off
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    GenerationConfig.from_model_config(config).save_pretrained(folder)
+
+
+def _write_tokenizer(folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    tokenizer.save_pretrained(folder)
+    # The sentencepiece model too, when there is one: tools such as llama.cpp's converter read it.
+    spm_model = getattr(tokenizer, "vocab_file", None)
+    if spm_model and Path(spm_model).is_file() and not (folder / "tokenizer.model").exists():
+        shutil.copyfile(spm_model, folder / "tokenizer.model")

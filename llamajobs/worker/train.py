@@ -1,27 +1,25 @@
 """The training loop, top to bottom: one process per GPU (or two on a CPU box) under torchrun.
 
-main() is the table of contents: setup, tokenizer, data, model, parallelism, optimizer and
-schedule, the loop, the export of final/, teardown. Everything it calls is a small function here or
-in the module named for its concern (model.py, parallel.py, metrics.py, llamajobs.data).
+main() reads the spec, joins the process group, runs train() and leaves the group. train() is the
+table of contents: tokenizer, data, model, parallelism, optimizer and schedule, resume, the loop
+(with its checkpoints), the export of final/. Everything it calls is a small function here or in the
+module named for its concern (model.py, parallel.py, checkpoint.py, metrics.py, rng.py, llamajobs.data).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import random
 import socket
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import PreTrainedTokenizerBase
+from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from llamajobs import events
 from llamajobs.catalog import TINY_VOCAB
@@ -32,7 +30,9 @@ from llamajobs.data.tokenizer import ensure_tokenizer, load_tokenizer
 from llamajobs.estimate import flops_per_token
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
-from llamajobs.worker import parallel
+from llamajobs.worker import parallel, rng
+from llamajobs.worker.checkpoint import Checkpointer, TrainState, find_resume_step
+from llamajobs.worker.faults import injected_fault
 from llamajobs.worker.metrics import MetricsLogger, device_description
 from llamajobs.worker.parallel import Dist
 
@@ -46,33 +46,32 @@ def main(argv: list[str] | None = None) -> int:
     check_supported(spec)  # before joining the group: a refusal costs no rendezvous
     env = parallel.init_distributed(spec)
     try:
-        seed_and_configure(spec.seed, env)
-        tokenizer = build_tokenizer(spec, run_dir, env)
-        sampler, steps_in_epoch = build_data(spec, tokenizer, env)
-        total = total_steps(spec.max_steps, spec.epochs, steps_in_epoch)
-        config = model_lib.model_config(spec)
-        model_lib.check_vocab(config, tokenizer)
-        # Structure on the meta device, sharded, only the shards allocated, weights read once and broadcast.
-        model = model_lib.build_meta_model(spec, config, model_lib.weights_dtype(spec, env.device))
-        parallel.parallelize(model, spec, env.device)
-        model_lib.materialize(model, parallel.init_device(spec, env.device), env.device)
-        model_lib.load_weights(model, spec, config, env.rank)
-        optimizer, scheduler = build_optimizer(model, spec, env.device, total)
-        metrics = MetricsLogger(
-            run_dir, enabled=env.rank == 0, total_steps=total, steps_per_epoch=steps_in_epoch,
-            tokens_per_step=spec.global_batch * spec.seq_len,
-            flops_per_token=flops_per_token(spec.shape, spec.seq_len, spec.mode),
-            world_size=env.world_size, device=env.device)
-        announce(spec, run_dir, env, model, steps_in_epoch=steps_in_epoch, total=total)
-        step = train_loop(model, optimizer, scheduler, sampler, metrics, spec=spec, env=env, total=total)
-        export_dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
-        final = model_lib.export_final(model, spec, config, tokenizer, run_dir, env.rank, export_dtype)
-        if env.rank == 0:
-            events.record(run_dir, "finished", step=step)
-            print(f"finished at step {step}; wrote {final}", flush=True)
+        train(run_dir, spec, env)
     finally:
-        parallel.teardown()
+        parallel.teardown()  # out here, where the model is no longer reachable
     return 0
+
+
+def train(run_dir: Path, spec: JobSpec, env: Dist) -> None:
+    """The run from start (or resume) to final/ or to a stop request. Every rank runs it."""
+    seed_and_configure(spec.seed, env)
+    tokenizer = build_tokenizer(spec, run_dir, env)
+    sampler, steps_in_epoch = build_data(spec, tokenizer, env)
+    total = total_steps(spec.max_steps, spec.epochs, steps_in_epoch)
+    config = model_lib.model_config(spec)
+    model_lib.check_vocab(config, tokenizer)
+    resume_step = find_resume_step(run_dir, spec, env)  # None: this attempt starts at step 0
+    # A full fine-tune's checkpoint holds every weight: resuming one needs no base weights read.
+    model = build_model(spec, config, env, load_weights=resume_step is None or spec.mode != "full")
+    optimizer, scheduler = build_optimizer(model, spec, env.device, total)
+    announce(spec, run_dir, env, model, steps_in_epoch=steps_in_epoch, total=total)
+    checkpointer = Checkpointer(run_dir, spec, env, TrainState(model, optimizer, scheduler, sampler))
+    start = checkpointer.resume(resume_step)  # 0 without a checkpoint
+    metrics = build_metrics(run_dir, spec, env, total=total, steps_in_epoch=steps_in_epoch, start=start)
+    step, stopped = train_loop(model, optimizer, scheduler, sampler, metrics, checkpointer,
+                               spec=spec, env=env, start=start, total=total)
+    if not stopped:  # (stopped: the checkpoint of `step` is complete; the launcher requeues the job)
+        finish(model, spec, config, tokenizer, run_dir, env, step)
 
 
 def parse_run_dir(args: list[str]) -> Path:
@@ -89,18 +88,13 @@ def check_supported(spec: JobSpec) -> None:
         raise NotImplementedError(
             f"--data {spec.data}: token stores are not supported by this worker yet; leave --data out "
             f"to train on the bundled sample corpus")
-    if spec.init_from:  # refused rather than silently ignored: the run would start from the wrong weights
-        raise NotImplementedError(
-            f"--init-from {spec.init_from} is not supported by this worker yet; for a full model's final/, "
-            f"pass that directory as --model-path")
+    model_lib.check_init_from(spec)
 
 
 def seed_and_configure(seed: int, env: Dist) -> None:
     """Per-rank seeds (dropout masks must differ between ranks). Identical weights do not rely on
     this: rank 0 initialises them with `seed` and broadcasts; the sampler has its own generators."""
-    random.seed(seed + env.rank)
-    np.random.seed(seed + env.rank)
-    torch.manual_seed(seed + env.rank)
+    rng.seed_all(seed, env.rank)
     if env.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for whatever fp32 matmuls remain
 
@@ -109,8 +103,11 @@ def seed_and_configure(seed: int, env: Dist) -> None:
 
 
 def build_tokenizer(spec: JobSpec, run_dir: Path, env: Dist) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer, or the bundled one: trained by rank 0 on the sample corpus into
-    RUN_DIR/tokenizer (once per run; a requeued attempt reuses it), then loaded by every rank."""
+    """The tokenizer the starting weights were trained with: --init-from's (a final/ holds one),
+    --model-path's, or the bundled one: trained by rank 0 on the sample corpus into RUN_DIR/tokenizer
+    (once per run; a requeued attempt reuses it), then loaded by every rank."""
+    if spec.init_from and (Path(spec.init_from) / "tokenizer_config.json").is_file():
+        return load_tokenizer(spec.init_from)
     if spec.model_path:
         return load_tokenizer(spec.model_path)
     path = run_dir / "tokenizer"
@@ -129,6 +126,17 @@ def build_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, env: Dist) -> 
                             micro_batch=spec.micro_batch, rank=env.rank, world_size=env.world_size,
                             seed=spec.seed, pad_id=tokenizer.eos_token_id)
     return sampler, steps_per_epoch(len(docs), spec.global_batch, spec.seq_len, spec.tokens_per_epoch)
+
+
+def build_model(spec: JobSpec, config: LlamaConfig, env: Dist, *, load_weights: bool) -> nn.Module:
+    """Structure on the meta device, sharded, only the shards allocated, weights read once (rank 0)
+    and broadcast; without load_weights the shards stay uninitialised for a checkpoint to fill."""
+    model = model_lib.build_meta_model(spec, config, model_lib.weights_dtype(spec, env.device))
+    parallel.parallelize(model, spec, env.device)
+    model_lib.materialize(model, parallel.init_device(spec, env.device), env.device)
+    if load_weights:
+        model_lib.load_weights(model, spec, config, env.rank)
+    return model
 
 
 def grad_accum_steps(spec: JobSpec, world_size: int) -> int:
@@ -166,6 +174,17 @@ def build_optimizer(model: nn.Module, spec: JobSpec, device: torch.device,
     return optimizer, scheduler
 
 
+def build_metrics(run_dir: Path, spec: JobSpec, env: Dist, *, total: int, steps_in_epoch: int,
+                  start: int) -> MetricsLogger:
+    metrics = MetricsLogger(
+        run_dir, enabled=env.rank == 0, total_steps=total, steps_per_epoch=steps_in_epoch,
+        tokens_per_step=spec.global_batch * spec.seq_len,
+        flops_per_token=flops_per_token(spec.shape, spec.seq_len, spec.mode),
+        world_size=env.world_size, device=env.device)
+    metrics.discard_after(start)  # an earlier attempt's steps past its last checkpoint are redone now
+    return metrics
+
+
 def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, *, steps_in_epoch: int, total: int) -> None:
     """The token budget up front (like nanoGPT), and the "started" event."""
     hosts: list[str | None] = [None] * env.world_size
@@ -187,18 +206,6 @@ def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, *, steps
 
 
 # --- the loop ---
-
-
-def injected_fault_step() -> int | None:
-    # Fault injection for tests: LLAMAJOBS_INJECT_FAULT=crash:N makes every rank raise when step N
-    # starts, so tests can check that a crashing worker ends up FAILED.
-    value = os.environ.get("LLAMAJOBS_INJECT_FAULT", "")
-    if not value:
-        return None
-    kind, _, step = value.partition(":")
-    if kind != "crash" or not step.isdigit():
-        raise ValueError(f"LLAMAJOBS_INJECT_FAULT={value!r}: expected crash:N")
-    return int(step)
 
 
 def to_device(micro_batches: list[MicroBatch], device: torch.device) -> list[MicroBatch]:
@@ -235,16 +242,18 @@ def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_si
 
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, sampler: WindowSampler,
-               metrics: MetricsLogger, *, spec: JobSpec, env: Dist, total: int) -> int:
-    """Optimizer steps 1..total, one global batch each; returns the last step."""
+               metrics: MetricsLogger, checkpointer: Checkpointer, *, spec: JobSpec, env: Dist, start: int,
+               total: int) -> tuple[int, bool]:
+    """Optimizer steps start+1..total, one global batch each, a checkpoint whenever due; returns the
+    last step and whether a stop request ended the loop there (its checkpoint saved)."""
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = spec.grad_clip if spec.grad_clip > 0 else math.inf
-    fault_step = injected_fault_step()
+    crash_step = injected_fault("crash")
     model.train()
-    metrics.start_clock()
-    step = 0
-    for step in range(1, total + 1):
-        if step == fault_step:
+    metrics.start_clock(start)
+    step = start
+    for step in range(start + 1, total + 1):
+        if step == crash_step:
             raise RuntimeError(f"injected fault at step {step}")
         loss = forward_backward(model, to_device(next(sampler), env.device), env.world_size)
         grad_norm = parallel.clip_grad_norm_(params, max_norm)
@@ -255,4 +264,19 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: La
         if step % spec.log_every_steps == 0 or step == total:
             dist.all_reduce(loss)  # the shares -> the global batch's mean token loss
             metrics.log(step, loss.item(), lr, grad_norm.item())
-    return step
+        if checkpointer.after_step(step):  # at the optimizer-step boundary: a saved checkpoint, if due
+            return step, True
+    return step, False
+
+
+# --- the end ---
+
+
+def finish(model: nn.Module, spec: JobSpec, config: LlamaConfig, tokenizer: PreTrainedTokenizerBase,
+           run_dir: Path, env: Dist, step: int) -> None:
+    """final/ in HF format (bf16 on GPU, fp32 on the CPU), then the "finished" event."""
+    export_dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
+    final = model_lib.export_final(model, spec, config, tokenizer, run_dir, env.rank, export_dtype, step)
+    if env.rank == 0:
+        events.record(run_dir, "finished", step=step)
+        print(f"finished at step {step}; wrote {final}", flush=True)

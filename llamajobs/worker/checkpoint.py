@@ -1,0 +1,302 @@
+"""Checkpoints: when to save (every N steps, every M minutes, on a stop request), how (atomically,
+every rank writing its own shards), and where a relaunched worker resumes.
+
+    RUN_DIR/checkpoints/
+      step-N/
+        .metadata, __R_0.distcp   model + optimizer (torch.distributed.checkpoint, FSDP2 shards: each
+                                  rank writes its own). LoRA saves only the trainable adapters and
+                                  their optimizer state: the frozen base is rebuilt at start-up from
+                                  --model-path or the seed, exactly as the first attempt built it.
+        rng-rank{R}.pt            rank R's python, numpy, torch (and CUDA) generator states
+        train_state.json          step, scheduler and sampler positions (the same on every rank)
+        meta.json                 written last: {"step", "mode", "world_size", "device", "time", "complete"}
+      latest                      "step-N", the newest complete checkpoint (the launcher waits on it)
+
+Atomic: all of it is written into a hidden sibling (.tmp-step-N-<token>), meta.json last; the
+directory is then renamed to step-N and `latest` replaced (tmp file + os.replace); only then are
+older checkpoints deleted. A directory without complete metadata never counts: resume skips it and
+the next save deletes it.
+
+Every decision that ranks must agree on (save now? stop now?) is taken on rank 0 and broadcast, in
+one small tensor per optimizer step; the step-based schedule needs no message (every rank counts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.optim.lr_scheduler import LRScheduler
+
+from llamajobs import events
+from llamajobs.control import STOP_REQUEST
+from llamajobs.data.sampler import WindowSampler
+from llamajobs.spec import JobSpec
+from llamajobs.worker import rng
+from llamajobs.worker.faults import injected_fault
+from llamajobs.worker.parallel import Dist
+
+LATEST = "latest"
+META = "meta.json"
+TRAIN_STATE = "train_state.json"
+# ignore_frozen_params: a LoRA checkpoint holds the adapters, not the base. strict=False because the
+# base is then absent from what is loaded; nothing goes missing unnoticed: dcp.load fails on any
+# requested (trainable) entry the checkpoint lacks.
+STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+@dataclass(slots=True)
+class TrainState:
+    """What a checkpoint saves and a resume restores (besides the RNG states)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    sampler: WindowSampler
+
+
+# --- the checkpoints on disk (rank 0's bookkeeping; no collectives) ---
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step}"
+
+
+def read_meta(folder: Path) -> dict[str, Any] | None:
+    """The checkpoint's metadata when it is complete, else None (missing, torn, or not marked complete)."""
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("complete") is True else None
+
+
+def complete_steps(root: Path) -> list[int]:
+    """Steps of the complete checkpoints under root, oldest first."""
+    steps = []
+    for folder in root.glob("step-*"):
+        number = folder.name.removeprefix("step-")
+        if number.isdigit() and read_meta(folder) is not None:
+            steps.append(int(number))
+    return sorted(steps)
+
+
+def newest_complete_step(root: Path) -> int | None:
+    """The step to resume from: the newest complete checkpoint. `latest` normally names it; when it
+    names anything else (an incomplete directory, a missing one), say so and use the newest anyway."""
+    steps = complete_steps(root)
+    newest = steps[-1] if steps else None
+    try:
+        named = (root / LATEST).read_text().strip()
+    except OSError:
+        named = None
+    if named is not None and named != f"step-{newest}":
+        found = f"resuming from step-{newest}" if newest is not None else "starting from step 0"
+        print(f"warning: {root / LATEST} names {named!r}, not the newest complete checkpoint; {found}", flush=True)
+    return newest
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """On disk before anything written after it (the metadata must never outlive what it vouches for)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_synced(tmp, text.encode())
+    os.replace(tmp, path)
+
+
+def commit(root: Path, tmp: Path, step: int, meta: dict[str, Any]) -> Path:
+    """Mark the written checkpoint complete (meta.json last), move it into place, point `latest` at it."""
+    write_atomically(tmp / META, json.dumps({**meta, "complete": True}, indent=2) + "\n")
+    final = step_dir(root, step)
+    if final.exists():  # an incomplete leftover of a crashed attempt (or a redone step): superseded
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_atomically(root / LATEST, final.name + "\n")
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the `keep` newest complete checkpoints; delete older ones, incomplete step directories
+    and abandoned temporary ones. Called only after a new checkpoint is complete and `latest` names it."""
+    kept = {f"step-{s}" for s in complete_steps(root)[-keep:]}
+    for folder in root.iterdir():
+        is_checkpoint = folder.name.startswith(("step-", ".tmp-step-"))
+        if folder.is_dir() and is_checkpoint and folder.name not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def set_aside(root: Path) -> None:
+    """--no-resume: an earlier attempt's checkpoints must not be resumed (nor outrank the new ones
+    when pruning); they are moved to checkpoints.previous (replacing an older set aside)."""
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    aside = root.with_name(root.name + ".previous")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(root, aside)
+    print(f"resume is off: moved the earlier checkpoints to {aside}", flush=True)
+
+
+# --- collectives ---
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's value on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def find_resume_step(run_dir: Path, spec: JobSpec, env: Dist) -> int | None:
+    """The step this attempt resumes from (None: from scratch), decided by rank 0 for every rank.
+    Collective. Known before the model is built: resuming a full fine-tune needs no base weights."""
+    step = None
+    if env.rank == 0:
+        root = run_dir / "checkpoints"
+        if spec.resume:
+            step = newest_complete_step(root)
+        else:
+            set_aside(root)
+    return broadcast_object(step)
+
+
+class Checkpointer:
+    """Saves at optimizer-step boundaries when due, and restores a resumed attempt."""
+
+    def __init__(self, run_dir: Path, spec: JobSpec, env: Dist, state: TrainState, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.run_dir = run_dir
+        self.root = run_dir / "checkpoints"
+        self.spec = spec
+        self.env = env
+        self.state = state
+        self.every_steps = spec.checkpoint_every_steps
+        self.every_seconds = spec.checkpoint_every_minutes * 60 if spec.checkpoint_every_minutes else None
+        self.clock = clock
+        self.last_save = clock()
+        self.stop_at = injected_fault("stop")
+        # Names this attempt's temporary directories: the same on every rank, new on every attempt.
+        self.token = broadcast_object(f"{os.getpid()}-{int(time.time())}")
+
+    # --- at every optimizer-step boundary ---
+
+    def after_step(self, step: int) -> bool:
+        """Save when due (every N steps, every M minutes, or on a stop request); True when a stop was
+        requested: the checkpoint of this step is then complete and the worker should exit."""
+        minutes_due, stop = self._rank0_decisions(step)
+        steps_due = bool(self.every_steps) and step % self.every_steps == 0
+        if steps_due or minutes_due or stop:
+            self.save(step)
+        if stop and self.env.rank == 0:
+            # Consumed: the requeued attempt must not stop again. (Gone already: someone withdrew it.)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.run_dir / STOP_REQUEST, self.run_dir / f"{STOP_REQUEST}.done-step-{step}")
+            events.record(self.run_dir, "stopped", step=step)
+            print(f"stop request: saved step {step}; exiting", flush=True)
+        return stop
+
+    def _rank0_decisions(self, step: int) -> tuple[bool, bool]:
+        """(minutes due, stop requested), rank 0's view, on every rank: one broadcast of one small
+        CPU tensor (over gloo, so a GPU run's host never waits for the device here)."""
+        flags = torch.zeros(2, dtype=torch.int32)
+        if self.env.rank == 0:
+            flags[0] = self.every_seconds is not None and self.clock() - self.last_save >= self.every_seconds
+            if step == self.stop_at:  # fault injection: as if the launcher had written the request now
+                (self.run_dir / STOP_REQUEST).touch()
+            flags[1] = (self.run_dir / STOP_REQUEST).exists()
+        dist.broadcast(flags, src=0)
+        minutes_due, stop = flags.tolist()
+        return bool(minutes_due), bool(stop)
+
+    # --- save ---
+
+    def save(self, step: int) -> Path:
+        """Collective: every rank writes its shards and RNG state; rank 0 commits and prunes."""
+        start = time.perf_counter()
+        tmp = self.root / f".tmp-step-{step}-{self.token}"
+        if self.env.rank == 0:
+            tmp.mkdir(parents=True, exist_ok=True)
+        dist.barrier()  # the directory exists before any rank writes into it
+        model_state, optimizer_state = get_state_dict(self.state.model, self.state.optimizer, options=STATE_OPTIONS)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+        buffer = io.BytesIO()
+        torch.save(rng.get_state(self.env.device), buffer)
+        write_synced(tmp / f"rng-rank{self.env.rank}.pt", buffer.getvalue())  # (DCP syncs its own files)
+        dist.barrier()  # every rank's files are written before rank 0 declares the checkpoint complete
+        final = step_dir(self.root, step)
+        if self.env.rank == 0:
+            train_state = {"step": step, "scheduler": self.state.scheduler.state_dict(),
+                           "sampler": self.state.sampler.state_dict()}
+            write_synced(tmp / TRAIN_STATE, (json.dumps(train_state, indent=2) + "\n").encode())
+            commit(self.root, tmp, step, {"step": step, "mode": self.spec.mode, "world_size": self.env.world_size,
+                                          "device": self.env.device.type, "time": time.time()})
+            prune(self.root, self.spec.keep_checkpoints)
+            seconds = time.perf_counter() - start
+            events.record(self.run_dir, "checkpointed", step=step, seconds=round(seconds, 3),
+                          bytes=folder_bytes(final), path=str(final))
+            print(f"checkpoint: step {step} in {seconds:.2f} s -> {final}", flush=True)
+        self.last_save = self.clock()
+        return final
+
+    # --- resume ---
+
+    def resume(self, step: int | None) -> int:
+        """Restore the checkpoint of `step` (from find_resume_step) on every rank; returns the step
+        training continues after (0 when there is none). Collective."""
+        if step is None:
+            return 0
+        folder = step_dir(self.root, step)
+        saved_mode = (read_meta(folder) or {}).get("mode")
+        if saved_mode != self.spec.mode:  # a LoRA checkpoint holds no base weights; a full one no adapters
+            raise ValueError(f"{folder} was saved by a --mode {saved_mode} run; resume it with --mode {saved_mode}, "
+                             f"or turn resume off (--no-resume) to start over")
+        model_state, optimizer_state = get_state_dict(self.state.model, self.state.optimizer, options=STATE_OPTIONS)
+        loaded = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(loaded, checkpoint_id=folder)  # in place, each rank reading its own shards
+        set_state_dict(self.state.model, self.state.optimizer, model_state_dict=loaded["model"],
+                       optim_state_dict=loaded["optimizer"], options=STATE_OPTIONS)
+        train_state = json.loads((folder / TRAIN_STATE).read_text())
+        self.state.scheduler.load_state_dict(train_state["scheduler"])
+        self.state.sampler.load_state_dict(train_state["sampler"])
+        self._restore_rng(folder, step)
+        self.last_save = self.clock()
+        if self.env.rank == 0:
+            events.record(self.run_dir, "resumed", step=step, path=str(folder))
+            print(f"resumed from {folder}", flush=True)
+        return step
+
+    def _restore_rng(self, folder: Path, step: int) -> None:
+        """Each rank's generators as they were, when the ranks are the same ones; otherwise there is
+        no rank to take them from: reseed from (seed, rank, step), reproducibly but not bitwise."""
+        meta = read_meta(folder) or {}
+        same = (meta.get("world_size"), meta.get("device")) == (self.env.world_size, self.env.device.type)
+        if same:
+            rng.set_state(torch.load(folder / f"rng-rank{self.env.rank}.pt", weights_only=True), self.env.device)
+            return
+        rng.seed_all(self.spec.seed, self.env.rank, step)
+        if self.env.rank == 0:
+            print(f"warning: {folder} was saved by {meta.get('world_size')} {meta.get('device')} processes, this "
+                  f"run has {self.env.world_size} {self.env.device.type}; random streams (dropout) are reseeded, "
+                  f"so the losses will not match an uninterrupted run exactly", flush=True)
