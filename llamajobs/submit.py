@@ -89,11 +89,13 @@ class NodeLauncher(submitit.helpers.Checkpointable):
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         run_dir = Path(self.run_dir)
         request_stop(run_dir, "signal")
-        if self._process is not None:
-            try:
-                self._process.wait(timeout=self.stop_wait_s)
-            except subprocess.TimeoutExpired:  # requeue anyway: the last periodic checkpoint holds
-                pass
+        deadline = time.time() + self.stop_wait_s
+        # Not Popen.wait(): this runs in a signal handler that interrupted __call__'s wait(), which
+        # holds the Popen's wait lock, so a nested wait() would only time out. The exited launch
+        # shows as a zombie until __call__ reaps it. Past the deadline the requeue goes on anyway:
+        # the last periodic checkpoint holds.
+        while self._process is not None and time.time() < deadline and not _exited(self._process.pid):
+            time.sleep(0.2)
         latest = (run_dir / "checkpoints" / "latest")
         events.record(run_dir, "requeued", latest=latest.read_text().strip() if latest.exists() else None,
                       hosts=os.environ.get("SLURM_JOB_NODELIST", "localhost"))
@@ -101,6 +103,14 @@ class NodeLauncher(submitit.helpers.Checkpointable):
 
     def __getstate__(self) -> dict:
         return {"run_dir": self.run_dir, "stop_wait_s": self.stop_wait_s, "_process": None}
+
+
+def _exited(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
 
 
 def signal_delay_s(spec: JobSpec, write_bytes_per_s: float = 1e9) -> int:

@@ -1,0 +1,439 @@
+"""Input formats of `data prepare`: reading records from files, and turning a record into an Example.
+
+An Example is a prompt (conditioning text, masked out of the loss) and a response (the text trained
+on). Plain documents (text, s2orc, lmflow text_only) have an empty prompt. Instruction records are
+rendered with a prompt template: Alpaca's (with or without input) or the multiple-choice template
+shared by MedQA, MedMCQA and PubMedQA, whose response is the letter of the correct option.
+
+Files are JSON lines (optionally .gz), a JSON list of records, or one JSON document that the format
+expands into records (LMFlow's {"type", "instances"}; PubMedQA's {pmid: record}). JSON lines are
+handed on as raw bytes so that parsing happens in the worker processes; records of a list or a
+document are parsed here. Every record carries its file line for error messages.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar, Iterator
+
+# --- prompt templates ---
+
+# Alpaca's templates (stanford_alpaca train.py), with the newline after "### Response:" that
+# alpaca-lora and medAlpaca use: the response then starts on a token boundary (LLaMA's newline is
+# the byte piece <0x0A>, which merges with nothing), so the prompt's tokens are exactly a prefix.
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n")
+
+# One template for every multiple-choice set; the response is the letter alone (evaluate.py scores
+# the letters' next-token probabilities after this same prompt).
+MCQ_PROMPT = (
+    "Below is a multiple-choice question{about}. Answer with the letter of the correct option.\n\n"
+    "{context}### Question:\n{question}\n\n### Options:\n{options}\n\n### Answer:\n")
+LETTERS = "ABCDEFGHIJ"
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    if input.strip():
+        return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def mcq_prompt(question: str, options: list[str], context: str = "") -> str:
+    return MCQ_PROMPT.format(
+        about=" about a context" if context else "",
+        context=f"### Context:\n{context}\n\n" if context else "",
+        question=question,
+        options="\n".join(f"{letter}. {option}" for letter, option in zip(LETTERS, options)))
+
+
+# --- records ---
+
+
+class BadRecord(ValueError):
+    """A record that does not fit its format; the message says why (without the file:line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    prompt: str        # masked out of the loss; "" for a plain document
+    response: str      # trained on (an EOS follows it in the store)
+    id: str | None = None  # the record's own id, when it has one (the eval split hashes it)
+
+    def split_key(self) -> str:
+        """What decides train/eval: the id, or the content when there is none (so a duplicate
+        lands in the same split as its twin)."""
+        if self.id is not None:
+            return "id:" + self.id
+        return "sha1:" + hashlib.sha1(f"{self.prompt}\0{self.response}".encode()).hexdigest()
+
+
+def field(record: Any, name: str, kind: type | tuple[type, ...] = str, *, optional: bool = False) -> Any:
+    """record[name], checked: a missing field or a wrong type raises BadRecord naming the field."""
+    if not isinstance(record, dict):
+        raise BadRecord(f"expected a JSON object, got {_json_type(record)}")
+    if name not in record or (record[name] is None and not optional):
+        raise BadRecord(f'missing field "{name}"')
+    value = record[name]
+    if value is None or isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    want = " or ".join(_json_type(k()) for k in (kind if isinstance(kind, tuple) else (kind,)))
+    raise BadRecord(f'field "{name}" is {_json_type(value)}, expected {want}')
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _id(record: dict, *names: str) -> str | None:
+    for name in names:
+        value = record.get(name)
+        if value is not None and value != "":
+            return str(value)
+    return None
+
+
+# --- formats ---
+
+
+class Format:
+    """One input format: `examples` turns a record into Examples (usually one; LMFlow's lines may
+    hold several), raising BadRecord when the record does not fit.
+
+    `expand` turns a whole-file JSON document into records (default: a list's elements);
+    `scan`, when a format needs a first look at a file (MedMCQA's answer numbering), returns
+    options that `examples` then receives for every record of that file.
+    """
+
+    name: ClassVar[str]
+    instruct: ClassVar[bool] = False  # examples have prompts: the store keeps a loss mask
+    expects: ClassVar[str]            # one record, shown when a record does not fit
+    needs_scan: ClassVar[bool] = False
+
+    def examples(self, record: Any, options: Any = None) -> list[Example]:
+        raise NotImplementedError
+
+    def expand(self, document: Any) -> Iterator[Any]:
+        if not isinstance(document, list):
+            raise BadRecord(f"expected JSON lines or a JSON list of records, got {_json_type(document)}")
+        yield from document
+
+    def scan(self, records: Iterator[tuple[int, Any]]) -> Any:
+        return None
+
+
+class Text(Format):
+    name = "text"
+    expects = '{"text": "..."} per line (an "id" is optional)'
+
+    def examples(self, record, options=None):
+        return [Example("", field(record, "text"), _id(record, "id"))]
+
+
+class S2orc(Format):
+    name = "s2orc"
+    expects = '{"corpusid": ..., "externalids": {"pubmedcentral": "..."}, "content": {"text": "..."}} per line'
+
+    def examples(self, record, options=None):
+        content = field(record, "content", dict)
+        if "text" not in content or content["text"] is None:
+            raise BadRecord('missing field "content.text"')
+        if not isinstance(content["text"], str):
+            raise BadRecord(f'field "content.text" is {_json_type(content["text"])}, expected a string')
+        ids = record.get("externalids") or {}
+        doc_id = _id(ids, "pubmedcentral") if isinstance(ids, dict) else None
+        return [Example("", content["text"], doc_id or _id(record, "corpusid", "id"))]
+
+
+class Alpaca(Format):
+    name = "alpaca"
+    instruct = True
+    expects = '{"instruction": "...", "input": "...", "output": "..."} ("input" may be empty or absent)'
+
+    def examples(self, record, options=None):
+        instruction = field(record, "instruction")
+        input = field(record, "input", optional=True) if "input" in record else None
+        output = field(record, "output")
+        return [Example(alpaca_prompt(instruction, input or ""), output, _id(record, "id"))]
+
+
+def _mcq(question: str, options: list[str], answer: int, doc_id: str | None, context: str = "") -> Example:
+    return Example(mcq_prompt(question, options, context), LETTERS[answer], doc_id)
+
+
+def _answer_index(value: Any, name: str, n: int, base: int = 0) -> int:
+    """An option index from a number (base 0 or 1) or a letter."""
+    if isinstance(value, str) and len(value.strip()) == 1 and value.strip().upper() in LETTERS[:n]:
+        return LETTERS.index(value.strip().upper())
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value - base < n:
+        return value - base
+    raise BadRecord(f'field "{name}" is {value!r}, expected {base}-{base + n - 1} or a letter A-{LETTERS[n - 1]}')
+
+
+class MedQA(Format):
+    name = "medqa"
+    instruct = True
+    expects = ('{"sent1": "...", "ending0": "...", "ending1": "...", "ending2": "...", "ending3": "...", '
+               '"label": 0-3} per line (the Hugging Face MedQA-USMLE 4-option layout)')
+
+    def examples(self, record, options=None):
+        question = field(record, "sent1")
+        if isinstance(record.get("sent2"), str) and record["sent2"].strip():
+            question = f"{question} {record['sent2']}"
+        endings = [field(record, f"ending{i}") for i in range(4)]
+        if "ending4" in record and isinstance(record["ending4"], str):  # the 5-option variant
+            endings.append(record["ending4"])
+        answer = _answer_index(field(record, "label", (int, str)), "label", len(endings))
+        return [_mcq(question, endings, answer, _id(record, "id"))]
+
+
+class MedMCQA(Format):
+    """MedMCQA's "cop" counts from 0 on Hugging Face (openlifescienceai/medmcqa) and from 1 in the
+    original release; `scan` tells them apart per file (a 4 means 1-based, a 0 means 0-based)."""
+
+    name = "medmcqa"
+    instruct = True
+    expects = ('{"question": "...", "opa": "...", "opb": "...", "opc": "...", "opd": "...", "cop": 0-3} per line '
+               '(cop 1-4 as in the original release is recognised per file)')
+    needs_scan = True
+
+    def scan(self, records):
+        seen: set[int] = set()
+        for _, record in records:
+            if isinstance(record, (bytes, str)):
+                try:
+                    record = json.loads(record)
+                except ValueError:
+                    continue  # reported by the real pass
+            cop = record.get("cop") if isinstance(record, dict) else None
+            if isinstance(cop, int) and not isinstance(cop, bool):
+                seen.add(cop)
+        return 1 if 4 in seen and 0 not in seen else 0
+
+    def examples(self, record, options=None):
+        question = field(record, "question")
+        opts = [field(record, f"op{c}") for c in "abcd"]
+        answer = _answer_index(field(record, "cop", (int, str)), "cop", 4, base=options or 0)
+        return [_mcq(question, opts, answer, _id(record, "id"))]
+
+
+class PubMedQA(Format):
+    name = "pubmedqa"
+    instruct = True
+    expects = ('{"question": "...", "context": {"contexts": ["..."]} or "...", "final_decision": "yes"|"no"|"maybe"} '
+               'per line, or the original {"PMID": {"QUESTION", "CONTEXTS", "final_decision"}} file')
+    decisions = ("yes", "no", "maybe")
+
+    def expand(self, document):
+        if isinstance(document, dict):  # ori_pqal.json: {pmid: record}
+            for pmid, record in document.items():
+                yield {**record, "pubid": pmid} if isinstance(record, dict) else record
+        else:
+            yield from super().expand(document)
+
+    def examples(self, record, options=None):
+        if (isinstance(record, dict) and record and "question" not in record and "QUESTION" not in record
+                and all(isinstance(v, dict) for v in record.values())):  # a one-line {pmid: record} file
+            return [e for r in self.expand(record) for e in self.examples(r)]
+        if isinstance(record, dict) and "question" not in record and "QUESTION" in record:
+            record = {**record, "question": record["QUESTION"], "context": record.get("CONTEXTS")}
+        question = field(record, "question")
+        context = field(record, "context", (str, list, dict))
+        if isinstance(context, dict):
+            context = context.get("contexts", "")
+        if isinstance(context, list):
+            context = "\n".join(str(c) for c in context)
+        decision = field(record, "final_decision").strip().lower()
+        if decision not in self.decisions:
+            raise BadRecord(f'field "final_decision" is {decision!r}, expected yes, no or maybe')
+        return [_mcq(question, list(self.decisions), self.decisions.index(decision),
+                     _id(record, "pubid", "id"), context=context)]
+
+
+class LMFlow(Format):
+    name = "lmflow"
+    instruct = True  # text2text has prompts; text_only rows get a mask of ones
+    expects = ('{"type": "text_only", "instances": [{"text": "..."}]} or '
+               '{"type": "text2text", "instances": [{"input": "...", "output": "..."}]}')
+
+    def expand(self, document):
+        kind = field(document, "type")
+        for instance in field(document, "instances", list):
+            yield {"type": kind, "instances": [instance]}  # one small record per instance
+
+    def examples(self, record, options=None):
+        kind = field(record, "type")
+        instances = field(record, "instances", list)
+        if kind == "text_only":
+            return [Example("", field(i, "text"), _id(i, "id")) for i in instances]
+        if kind == "text2text":
+            return [Example(field(i, "input"), field(i, "output"), _id(i, "id")) for i in instances]
+        raise BadRecord(f'field "type" is {kind!r}, expected text_only or text2text')
+
+
+FORMATS: dict[str, type[Format]] = {f.name: f for f in (Text, S2orc, Alpaca, MedQA, MedMCQA, PubMedQA, LMFlow)}
+
+
+def get_format(name: str) -> Format:
+    if name not in FORMATS:
+        raise ValueError(f"--format {name!r} is not known; choose one of {', '.join(FORMATS)}")
+    return FORMATS[name]()
+
+
+# --- files ---
+
+
+class CountingReader(io.RawIOBase):
+    """A raw file whose position is the progress (for .gz the compressed bytes read)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(b)
+        self.position += n or 0
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def open_binary(path: Path) -> tuple[BinaryIO, CountingReader]:
+    """The file's decompressed bytes (gzip by the .gz suffix), and the raw reader counting bytes."""
+    raw = CountingReader(open(path, "rb", buffering=0))
+    buffered = io.BufferedReader(raw, 1 << 20)
+    if path.suffix == ".gz":
+        return io.BufferedReader(gzip.GzipFile(fileobj=buffered), 1 << 20), raw  # type: ignore[arg-type]
+    return buffered, raw
+
+
+def iter_records(path: Path, fmt: Format) -> Iterator[tuple[int, Any]]:
+    """(line, record) of every record of a file, in order: a JSON line's raw bytes (parsed later, in a
+    worker), or a parsed record from a JSON list or a whole-file document. Blank lines are skipped.
+
+    Raises FileError when the file's structure itself is broken (a JSON list that stops parsing),
+    since nothing after that point can be read.
+    """
+    f, _ = open_binary(path)
+    with f:
+        yield from records(path, f, fmt)
+
+
+def records(path: Path, f: BinaryIO, fmt: Format) -> Iterator[tuple[int, Any]]:
+    first, number = b"", 0
+    while not first.strip():  # leading blank lines
+        first = f.readline()
+        number += 1
+        if not first:
+            return
+    if first.lstrip()[:1] == b"[":
+        yield from _json_list(path, first, f, number)
+        return
+    if not _parses(first) and type(fmt).expand is not Format.expand:
+        # A pretty-printed document (LMFlow's {"type", "instances"}, PubMedQA's {pmid: record}):
+        # formats with such documents are small; anything else is JSON lines, its first line bad.
+        data = first + f.read()
+        try:
+            document = json.loads(data)
+        except ValueError:
+            pass
+        else:
+            try:
+                for record in fmt.expand(document):
+                    yield number, record
+            except BadRecord as e:
+                raise FileError(path, number, str(e)) from None
+            return
+        for offset, line in enumerate(data.split(b"\n")):
+            if line.strip():
+                yield number + offset, line
+        return
+    yield number, first
+    for number, line in enumerate(f, number + 1):
+        if line.strip():
+            yield number, line
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
+
+
+def _json_list(path: Path, first: bytes, f: BinaryIO, line: int, chunk: int = 1 << 20) -> Iterator[tuple[int, Any]]:
+    """The elements of a JSON list, read incrementally (memory: one chunk plus one element)."""
+    decoder = json.JSONDecoder()
+    text = io.TextIOWrapper(f, encoding="utf-8")
+    try:
+        buffer = first.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FileError(path, line, "not valid UTF-8") from None
+    pos = buffer.index("[") + 1
+    eof = False
+    while True:
+        while True:  # whitespace and the comma between elements, counting lines
+            while pos < len(buffer) and buffer[pos] in " \t\r\n,":
+                line += buffer[pos] == "\n"
+                pos += 1
+            if pos < len(buffer) or eof:
+                break
+            buffer, pos = text.read(chunk), 0
+            eof = not buffer
+        if pos >= len(buffer):
+            raise FileError(path, line, "the JSON list is not closed with ]")
+        if buffer[pos] == "]":
+            return
+        while True:
+            try:
+                record, end = decoder.raw_decode(buffer, pos)
+                break
+            except json.JSONDecodeError as e:
+                more = "" if eof else text.read(chunk)
+                if not more:
+                    bad_line = line + buffer.count("\n", pos, e.pos)
+                    reason = f"not valid JSON ({e.msg}); a JSON list cannot be read past it"
+                    raise FileError(path, bad_line, reason) from None
+                buffer, pos = buffer[pos:] + more, 0
+        yield line, record
+        line += buffer.count("\n", pos, end)
+        pos = end
+
+
+class FileError(Exception):
+    """A file whose structure is broken at a line (nothing after it can be read)."""
+
+    def __init__(self, path: Path, line: int, reason: str) -> None:
+        super().__init__(reason)
+        self.path, self.line, self.reason = path, line, reason
+
+
+def parse_record(payload: Any) -> Any:
+    """A record from what iter_records yielded: JSON lines are parsed here (in the worker)."""
+    if isinstance(payload, (bytes, str)):
+        try:
+            return json.loads(payload)
+        except UnicodeDecodeError:
+            raise BadRecord("not valid UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise BadRecord(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    return payload

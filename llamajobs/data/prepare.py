@@ -1,0 +1,468 @@
+"""`data prepare`: input files -> records -> Examples -> tokens -> a token store; and `data inspect`.
+
+The pipeline streams: the main process reads the files in chunks of about a megabyte (JSON lines
+stay raw bytes), worker processes parse, template and tokenise each chunk, and the main process
+writes the chunks' tokens in input order. At most two chunks per worker are in flight, so memory
+does not grow with the corpus, and the store is the same byte for byte whatever --workers is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import shutil
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from llamajobs.data import formats as fmts
+from llamajobs.data import store as st
+from llamajobs.errors import SpecError
+
+CHUNK_BYTES = 1 << 20
+CHUNK_RECORDS = 4096  # parsed records (JSON lists, documents) have no byte size; cap them by count
+BAD_LINE_EXAMPLES = 10  # how many skipped lines meta.json quotes
+
+
+# --- the tokenizer, as prepare uses it ---
+
+
+class Encoder:
+    """A tokenizer directory (or a tokenizer.model file) for batch encoding.
+
+    With a tokenizer.model, sentencepiece itself encodes (one thread per process, no torch or
+    transformers import): a LLaMA-1/2 HF directory's tokenizer.json gives the same ids (the
+    fingerprint checks the vocabulary). Without one (LLaMA-3's tiktoken-style vocabulary), the
+    transformers tokenizer encodes, with special-token strings in the text kept as text.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        model = path if path.is_file() else path / "tokenizer.model"
+        self.path = path.resolve()
+        self.sp = self.hf = None
+        if model.is_file():
+            import sentencepiece as spm
+
+            try:
+                self.sp = spm.SentencePieceProcessor(model_file=str(model))
+            except (OSError, RuntimeError) as e:
+                raise SpecError(f"--tokenizer {path}: {model.name} is not a sentencepiece model ({e})") from None
+            self.vocab_size = self.sp.get_piece_size()
+            self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+            self.fingerprint = st.fingerprint_of(self.sp)
+        elif path.is_dir() and (path / "tokenizer.json").is_file():
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
+            from llamajobs.data.tokenizer import load_tokenizer
+
+            self.hf = load_tokenizer(path)
+            self.vocab_size = len(self.hf)  # added tokens included: they are ids the store may hold
+            self.bos_id, self.eos_id = self.hf.bos_token_id, self.hf.eos_token_id
+            self.fingerprint = st.fingerprint_of(self.hf)
+        else:
+            raise SpecError(f"--tokenizer {path}: expected a model directory with tokenizer.model or tokenizer.json, "
+                            f"or a tokenizer.model file")
+        if self.bos_id is None or self.bos_id < 0 or self.eos_id is None or self.eos_id < 0:
+            raise SpecError(f"--tokenizer {path} has no BOS or EOS token; a LLaMA tokenizer has both")
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        try:
+            return self._encode(texts)
+        except (TypeError, UnicodeEncodeError):  # a lone surrogate ("\\ud800" in the JSON) is no UTF-8
+            return self._encode([_valid_unicode(t) for t in texts])
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        if self.sp is not None:
+            return self.sp.encode(texts, num_threads=1)
+        return self.hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        if self.sp is not None:
+            return self.sp.decode(ids)
+        return self.hf.decode(ids)
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": str(self.path), "fingerprint": self.fingerprint, "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+def _valid_unicode(text: str) -> str:
+    """The text with lone surrogates replaced by U+FFFD (pairs written as two escapes are joined)."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+# --- configuration ---
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PrepareConfig:
+    inputs: tuple[Path, ...]
+    tokenizer: Path
+    out: Path
+    format: str = "text"
+    workers: int = 1
+    skip_bad_lines: bool = False
+    eval_fraction: float = 0.0
+    force: bool = False  # replace an existing --out (once the new store is complete)
+    chunk_bytes: int = CHUNK_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise SpecError("INPUT: give at least one file")
+        for path in self.inputs:
+            if not Path(path).exists() or Path(path).is_dir():  # not is_file(): a named pipe is fine
+                raise SpecError(f"INPUT {path}: no such file")
+        if self.format not in fmts.FORMATS:
+            raise SpecError(f"--format {self.format!r} is not known; choose one of {', '.join(fmts.FORMATS)}")
+        if self.workers < 1:
+            raise SpecError(f"--workers {self.workers}: must be at least 1")
+        if not 0 <= self.eval_fraction < 1:
+            raise SpecError(f"--eval-fraction {self.eval_fraction}: must be at least 0 and below 1")
+        if Path(self.out).exists() and not self.force:
+            raise SpecError(f"--out {self.out} already exists; choose another directory or pass --force to replace it")
+
+
+# --- chunks: what the main process reads and a worker encodes ---
+
+
+@dataclass(slots=True)
+class Chunk:
+    source: int                      # index into the inputs
+    records: list[tuple[int, Any]]   # (line, raw JSON line bytes or a parsed record)
+    position: int                    # input bytes read when the chunk was cut (all files)
+
+
+@dataclass(slots=True)
+class Encoded:
+    tokens: np.ndarray               # uint32, the documents end to end (BOS ... EOS each)
+    lengths: np.ndarray              # int64, one per document
+    mask: np.ndarray | None          # uint8 aligned with tokens (instruction formats)
+    held_out: np.ndarray | None      # bool per document: goes to the eval split
+    bad: list[tuple[int, str]]       # (line, reason) of records that did not fit the format
+    empty: int                       # documents with no text, skipped
+
+
+def read_chunks(inputs: tuple[Path, ...], fmt: fmts.Format, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    """The inputs' records in order, cut into chunks of about chunk_bytes of input."""
+    done = 0
+    for index, path in enumerate(inputs):
+        f, raw = fmts.open_binary(Path(path))
+        with f:
+            records: list[tuple[int, Any]] = []
+            size = 0
+            try:
+                for line, payload in fmts.records(Path(path), f, fmt):
+                    records.append((line, payload))
+                    size += len(payload) if isinstance(payload, bytes) else chunk_bytes // CHUNK_RECORDS
+                    if size >= chunk_bytes:
+                        yield Chunk(index, records, done + raw.position)
+                        records, size = [], 0
+            except fmts.FileError as e:  # not skippable: nothing after it can be read
+                raise SpecError(f"{e.path}:{e.line}: {e.reason}") from None
+            except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+                raise SpecError(f"INPUT {path}: cannot be read ({e})") from None
+            if records:
+                yield Chunk(index, records, done + raw.position)
+        done += Path(path).stat().st_size
+
+
+def held_out(key: str, fraction: float) -> bool:
+    """Deterministic eval membership: the key's hash as a number in [0, 1) is below the fraction."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < fraction * 2**64
+
+
+class ChunkEncoder:
+    """Parse, template and tokenise chunks (in a worker process, or in the main one with --workers 1)."""
+
+    def __init__(self, tokenizer: Path | Encoder, format: str, options: list[Any], eval_fraction: float) -> None:
+        self.encoder = tokenizer if isinstance(tokenizer, Encoder) else Encoder(tokenizer)
+        self.fmt = fmts.get_format(format)
+        self.options = options
+        self.eval_fraction = eval_fraction
+
+    def __call__(self, chunk: Chunk) -> Encoded:
+        examples: list[fmts.Example] = []
+        bad: list[tuple[int, str]] = []
+        empty = 0
+        for line, payload in chunk.records:
+            try:
+                found = self.fmt.examples(fmts.parse_record(payload), self.options[chunk.source])
+            except fmts.BadRecord as e:
+                bad.append((line, str(e)))
+                continue
+            for example in found:
+                if example.response.strip():
+                    examples.append(example)
+                else:
+                    empty += 1
+        ids = self.encoder.encode([e.prompt + e.response for e in examples])
+        lengths = np.fromiter((len(doc) + 2 for doc in ids), np.int64, len(ids))
+        tokens = np.fromiter(chain.from_iterable(_framed(ids, self.encoder.bos_id, self.encoder.eos_id)), np.uint32,
+                             int(lengths.sum()))
+        mask = None
+        if self.fmt.instruct:
+            mask = np.ones(len(tokens), np.uint8)
+            prompts = self.encoder.encode([e.prompt for e in examples])
+            start = 0
+            for doc, prompt, length in zip(ids, prompts, lengths):
+                mask[start:start + 1 + _common_prefix(doc, prompt)] = 0  # BOS and the prompt
+                start += int(length)
+        held = None
+        if self.eval_fraction > 0:
+            held = np.fromiter((held_out(e.split_key(), self.eval_fraction) for e in examples), bool, len(examples))
+        return Encoded(tokens, lengths, mask, held, bad, empty)
+
+
+def _framed(ids: list[list[int]], bos: int, eos: int) -> Iterator[Sequence[int]]:
+    """Each document as BOS, its tokens, EOS (pieces for chain.from_iterable)."""
+    head, tail = (bos,), (eos,)
+    for doc in ids:
+        yield head
+        yield doc
+        yield tail
+
+
+def _common_prefix(doc: list[int], prompt: list[int]) -> int:
+    """How many leading tokens of the whole example are the prompt's (all of them, unless the
+    tokenizer merged across the prompt/response boundary; the merged token then counts as response)."""
+    n = min(len(doc), len(prompt))
+    if doc[:n] == prompt[:n]:
+        return n
+    k = 0
+    while k < n and doc[k] == prompt[k]:
+        k += 1
+    return k
+
+
+_worker: ChunkEncoder | None = None
+
+
+def _init_worker(*args: Any) -> None:
+    global _worker
+    _worker = ChunkEncoder(*args)
+
+
+def _encode_in_worker(chunk: Chunk) -> Encoded:
+    assert _worker is not None
+    return _worker(chunk)
+
+
+def encode_chunks(chunks: Iterator[Chunk], args: tuple, workers: int,
+                  encoder: Encoder | None = None) -> Iterator[tuple[Chunk, Encoded]]:
+    """(chunk, its encoding) in input order. Workers > 1: a process pool with at most 2 chunks per
+    worker in flight (Pool.imap would read ahead without bound)."""
+    if workers == 1:
+        encode = ChunkEncoder(encoder or args[0], *args[1:])
+        for chunk in chunks:
+            yield chunk, encode(chunk)
+        return
+    # spawn, not fork: the main process has threads (the progress display) that fork could deadlock
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, args) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append((Chunk(chunk.source, [], chunk.position), pool.apply_async(_encode_in_worker, (chunk,))))
+            if len(pending) >= 2 * workers:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
+
+
+# --- the pipeline ---
+
+
+@dataclass(slots=True)
+class Progress:
+    bytes_read: int
+    total_bytes: int
+    documents: int
+    tokens: int
+    elapsed_s: float
+
+
+@dataclass(slots=True)
+class Counts:
+    empty: int = 0
+    bad: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+    per_source: list[int] = field(default_factory=list)
+
+
+def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None = None) -> dict[str, Any]:
+    """Write the token store config.out; returns its meta.json (with the eval split's under "eval").
+
+    Bad input raises SpecError naming file:line (unless skip_bad_lines); any failure removes the
+    staging directory, and an existing store is untouched until the new one is complete.
+    """
+    started = time.perf_counter()
+    fmt = fmts.get_format(config.format)
+    encoder = Encoder(config.tokenizer)
+    inputs = tuple(Path(p) for p in config.inputs)
+    options = [_scan(fmt, path) for path in inputs]
+    dtype = st.token_dtype(encoder.vocab_size)
+    total_bytes = sum(p.stat().st_size for p in inputs)
+    out = Path(config.out)
+    tmp = st.staging_dir(out)
+    try:
+        train = st.PartWriter(tmp / st.part_name(0), dtype, fmt.instruct)
+        held = st.PartWriter(tmp / st.EVAL / st.part_name(0), dtype, fmt.instruct) if config.eval_fraction else None
+        counts = Counts(per_source=[0] * len(inputs))
+        args = (encoder.path, config.format, options, config.eval_fraction)
+        for chunk, enc in encode_chunks(read_chunks(inputs, fmt, config.chunk_bytes), args, config.workers, encoder):
+            _bad_lines(enc.bad, inputs[chunk.source], fmt, config.skip_bad_lines, counts)
+            counts.empty += enc.empty
+            counts.per_source[chunk.source] += len(enc.lengths)
+            _write(train, held, enc)
+            if progress:
+                progress(Progress(chunk.position, total_bytes, train.documents + (held.documents if held else 0),
+                                  train.tokens + (held.tokens if held else 0), time.perf_counter() - started))
+        if train.documents + (held.documents if held else 0) == 0:
+            raise SpecError(f"INPUT {', '.join(map(str, inputs))}: no documents ({counts.empty} empty, "
+                            f"{counts.bad} bad lines skipped); is --format {fmt.name} right?")
+        common = {"format": fmt.name, "dtype": dtype, "loss_mask": "uint8" if fmt.instruct else None,
+                  "tokenizer": encoder.describe(), "vocab_size": encoder.vocab_size,
+                  "sources": [{"path": str(p.resolve()), "bytes": p.stat().st_size, "documents": n}
+                              for p, n in zip(inputs, counts.per_source)],
+                  "eval_fraction": config.eval_fraction}
+        meta = _meta([train.close()], common, counts)
+        if held is not None:
+            eval_meta = _meta([held.close()], {**common, "split": "eval"}, Counts())
+            st.write_json(tmp / st.EVAL / st.META, eval_meta)
+            meta["eval"] = {"path": st.EVAL, "documents": eval_meta["documents"], "tokens": eval_meta["tokens"]}
+        st.write_json(tmp / st.META, meta)  # last: a directory with meta.json is a finished store
+        st.commit(tmp, out, replace=config.force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _scan(fmt: fmts.Format, path: Path) -> Any:
+    if not fmt.needs_scan:
+        return None
+    try:
+        return fmt.scan(fmts.iter_records(path, fmt))
+    except fmts.FileError as e:
+        raise SpecError(f"{e.path}:{e.line}: {e.reason}") from None
+
+
+def _bad_lines(bad: list[tuple[int, str]], path: Path, fmt: fmts.Format, skip: bool, counts: Counts) -> None:
+    for line, reason in bad:
+        where = f"{path}:{line}: {reason}"
+        if not skip:
+            hint = f"--format {fmt.name} expects {fmt.expects}" if "field" in reason or "object" in reason else ""
+            raise SpecError(f"{where}; {hint + '; ' if hint else ''}pass --skip-bad-lines to skip such lines")
+        counts.bad += 1
+        if len(counts.bad_examples) < BAD_LINE_EXAMPLES:
+            counts.bad_examples.append(where)
+
+
+def _write(train: st.PartWriter, held: st.PartWriter | None, enc: Encoded) -> None:
+    if held is None or enc.held_out is None or not enc.held_out.any():
+        train.write(enc.tokens, enc.lengths, enc.mask)
+        return
+    doc_of_token = np.repeat(enc.held_out, enc.lengths)
+    for writer, docs, toks in ((train, ~enc.held_out, ~doc_of_token), (held, enc.held_out, doc_of_token)):
+        writer.write(enc.tokens[toks], enc.lengths[docs], None if enc.mask is None else enc.mask[toks])
+
+
+def _meta(parts: list[dict[str, Any]], common: dict[str, Any], counts: Counts) -> dict[str, Any]:
+    return {"kind": st.KIND, "format_version": st.FORMAT_VERSION, **common,
+            "documents": sum(p["documents"] for p in parts), "tokens": sum(p["tokens"] for p in parts),
+            "max_token_id": max((p["max_token_id"] for p in parts), default=-1),
+            "skipped_empty": counts.empty, "skipped_bad_lines": counts.bad, "bad_line_examples": counts.bad_examples,
+            "parts": parts}
+
+
+# --- the progress bar ---
+
+
+class RichProgress:
+    """A rich progress bar (on the given console, stderr for the CLI): input bytes read, documents
+    and tokens with their rates. Use as a context manager; call it with each Progress."""
+
+    def __init__(self, console: Any) -> None:
+        from rich.progress import (BarColumn, Progress as Bar, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.bar = Bar(TextColumn("tokenizing"), BarColumn(), TaskProgressColumn(),
+                       TextColumn("{task.fields[mb_s]:.1f} MB/s"),
+                       TextColumn("{task.fields[docs]:,} docs ({task.fields[docs_s]:,.0f}/s)"),
+                       TextColumn("{task.fields[tokens]:,} tokens ({task.fields[tokens_s]:,.0f}/s)"),
+                       TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+        self.task = None
+
+    def __enter__(self) -> RichProgress:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if self.task is not None:
+            self.bar.live.transient = exc_type is not None  # an error is then the only thing on stderr
+            self.bar.stop()
+
+    def __call__(self, p: Progress) -> None:
+        rate = 1 / max(p.elapsed_s, 1e-9)
+        fields = {"mb_s": p.bytes_read / 1e6 * rate, "docs": p.documents, "docs_s": p.documents * rate,
+                  "tokens": p.tokens, "tokens_s": p.tokens * rate}
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("prepare", total=p.total_bytes or None, **fields)
+        self.bar.update(self.task, completed=p.bytes_read, **fields)
+
+
+# --- inspect ---
+
+
+def describe(path: str | Path, *, tokenizer: str | Path | None = None, document: int = 0,
+             max_tokens: int = 200) -> dict[str, Any]:
+    """What `data inspect` shows: the counts, dtype, fingerprint, bytes on disk, and one document
+    decoded (with the tokenizer the store was made with, or the one given)."""
+    store = st.TokenStore(path)
+    meta = store.meta
+    lengths = store.lengths()
+    size = sum(f.stat().st_size for f in store.path.rglob("*")
+               if f.is_file() and st.EVAL not in f.relative_to(store.path).parts)
+    info: dict[str, Any] = {
+        "path": str(store.path), "format": meta["format"], "documents": len(store), "tokens": store.num_tokens,
+        "dtype": meta["dtype"], "loss_mask": meta.get("loss_mask"), "vocab_size": store.vocab_size,
+        "fingerprint": store.fingerprint, "tokenizer": meta["tokenizer"].get("path"),
+        "skipped_empty": meta["skipped_empty"], "skipped_bad_lines": meta["skipped_bad_lines"],
+        "mean_document_tokens": float(lengths.mean()) if len(lengths) else 0.0,
+        "max_document_tokens": int(lengths.max()) if len(lengths) else 0,
+        "bytes_on_disk": size, "parts": len(meta["parts"]), "eval": meta.get("eval"),
+    }
+    if len(store) == 0:
+        info["sample"] = None
+        return info
+    if not -len(store) <= document < len(store):
+        raise SpecError(f"--document {document}: the store has documents 0 to {len(store) - 1}")
+    tokens = store[document]
+    mask = store.loss_mask(document)
+    sample: dict[str, Any] = {"document": document, "tokens": len(tokens), "first_ids": tokens[:16].tolist()}
+    try:
+        encoder = Encoder(tokenizer or meta["tokenizer"]["path"])
+    except SpecError as e:
+        sample["text"] = None
+        sample["note"] = f"not decoded: {e}; pass --tokenizer"
+    else:
+        if encoder.fingerprint != store.fingerprint:
+            sample["note"] = "decoded with a tokenizer whose fingerprint differs from the store's"
+        ids = tokens.tolist()
+        if store.has_loss_mask:
+            prompt_end = int(np.argmax(mask)) if mask.any() else len(ids)
+            sample["prompt"] = encoder.decode(ids[:prompt_end][:max_tokens])
+            sample["response"] = encoder.decode(ids[prompt_end:][:max_tokens])
+        sample["text"] = encoder.decode(ids[:max_tokens])
+        sample["truncated"] = len(ids) > max_tokens
+    info["sample"] = sample
+    return info
