@@ -150,7 +150,8 @@ def submit(ctx: click.Context, runs_dir: str | None, force: bool, gpu: str | Non
     if spec.init_from is not None:
         spec = dataclasses.replace(spec, init_from=resolve_init_from(spec.init_from, runs_dir))
     if spec.data is not None:
-        raise SpecError(f"--data {spec.data}: token stores are not supported yet; omit --data to train on the bundled sample")
+        from llamajobs.data.store import TokenStore
+        TokenStore(spec.data)  # a path that is not a complete store fails before anything is queued
     if spec.strategy not in ("fsdp", "fsdp-offload") or spec.mode not in ("full", "lora"):
         raise SpecError(f"--strategy {spec.strategy} --mode {spec.mode}: the worker runs fsdp/fsdp-offload "
                         f"with full or lora so far")
@@ -806,9 +807,15 @@ def tokenizer() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 def tokenizer_train(texts: tuple[str, ...], vocab_size: int, out_dir: str) -> None:
     """Train a LLaMA-style sentencepiece BPE model on text files (plain text or JSONL with "text")."""
-    from llamajobs.data.tokenizer import read_texts, train_tokenizer
+    from llamajobs.data import read_text_files
+    from llamajobs.data.tokenizer import train_tokenizer
 
-    path = train_tokenizer(read_texts([Path(t) for t in texts]), vocab_size, Path(out_dir))
+    try:
+        path = train_tokenizer(read_text_files(texts), vocab_size, Path(out_dir))
+    except ValueError as e:  # a JSONL line without "text"
+        raise SpecError(str(e)) from None
+    except RuntimeError as e:  # sentencepiece refuses the vocabulary size, in its own words
+        raise SpecError(f"--vocab-size {vocab_size}: {str(e).split('] ')[-1]}") from None
     out.print(f"tokenizer written to {path}")
 
 

@@ -146,3 +146,25 @@ def test_init_from_a_finished_job_starts_from_its_weights(env, completed):
     assert spec["init_from"] == str(Path(completed["run_dir"]) / "final")
     bad = run_cli("submit", *TINY, "--init-from", "/nonexistent", env=env)
     assert bad.returncode == 2 and "holds neither a model" in bad.stderr
+
+
+def test_instruction_store_trains_end_to_end(env, tmp_path):
+    """tokenizer train -> data prepare (alpaca) -> submit --data: the packed, prompt-masked path."""
+    from llamajobs.catalog import TINY_VOCAB
+    from llamajobs.data import SAMPLE_CORPUS, read_texts
+
+    tokenizer = tmp_path / "tokenizer"
+    run_cli("tokenizer", "train", str(SAMPLE_CORPUS), "--vocab-size", str(TINY_VOCAB), "--out", str(tokenizer),
+            env=env, check=True)
+    records = [{"instruction": "Summarise the finding in one sentence.", "input": text[:300],
+                "output": text.split(". ")[0] + "."} for text in read_texts()]
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(records))
+    store = tmp_path / "store"
+    run_cli("data", "prepare", str(data), "--format", "alpaca", "--tokenizer", str(tokenizer), "--out", str(store),
+            env=env, check=True)
+    result = run_cli("submit", *TINY, "--max-steps", "6", "--name", "alpaca", "--data", str(store), "--wait", "--json",
+                     env=env, check=True)
+    assert json.loads(result.stdout)["state"] == "COMPLETED"
+    missing = run_cli("submit", *TINY, "--data", str(tmp_path / "nowhere"), env=env)
+    assert missing.returncode == 2 and "nowhere" in missing.stderr

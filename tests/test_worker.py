@@ -175,11 +175,15 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth() -> None:
 @pytest.mark.parametrize("changes, named", [
     ({"mode": "prefix"}, "--mode prefix is not implemented yet"),
     ({"strategy": "ds-zero3"}, "--strategy ds-zero3 is not implemented yet"),
-    ({"data": "/data/pmc"}, "token stores are not supported"),
 ])
 def test_unsupported_settings_are_refused_by_name(changes: dict, named: str) -> None:
     with pytest.raises(NotImplementedError, match=named):
         check_supported(JobSpec(**changes))
+
+
+def test_a_missing_token_store_is_refused_before_training() -> None:
+    with pytest.raises(ValueError, match="/data/pmc"):
+        check_supported(JobSpec(data="/data/pmc"))
 
 
 def test_a_model_vocabulary_smaller_than_the_tokenizer_is_refused(tokenizer_dir: Path) -> None:

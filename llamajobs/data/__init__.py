@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 SAMPLE_CORPUS = Path(__file__).parent / "sample" / "pmc_sample.jsonl"
 
@@ -22,3 +22,13 @@ def read_texts(path: str | Path = SAMPLE_CORPUS) -> Iterator[str]:
                 yield json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ValueError(f"{path}:{number}: expected a JSON object with a \"text\" field") from None
+
+
+def read_text_files(paths: Iterable[str | Path]) -> Iterator[str]:
+    """Texts for tokenizer training: JSONL files give their "text" fields, other files their lines."""
+    for path in map(Path, paths):
+        if path.suffix == ".jsonl":
+            yield from read_texts(path)
+        else:
+            with open(path, encoding="utf-8") as f:
+                yield from (line.rstrip("\n") for line in f if line.strip())

@@ -26,6 +26,8 @@ from llamajobs.catalog import TINY_VOCAB
 from llamajobs.data import SAMPLE_CORPUS, read_texts
 from llamajobs.data.sampler import (IGNORE_INDEX, MicroBatch, WindowSampler, steps_per_epoch, tokenize_documents,
                                      total_steps)
+from llamajobs.data import instruct
+from llamajobs.data.store import TokenStore, open_documents
 from llamajobs.data.tokenizer import ensure_tokenizer, load_tokenizer
 from llamajobs.estimate import flops_per_token
 from llamajobs.spec import JobSpec
@@ -85,9 +87,7 @@ def check_supported(spec: JobSpec) -> None:
     model_lib.check_mode(spec)
     parallel.check_strategy(spec)
     if spec.data:
-        raise NotImplementedError(
-            f"--data {spec.data}: token stores are not supported by this worker yet; leave --data out "
-            f"to train on the bundled sample corpus")
+        TokenStore(spec.data)  # reads meta.json only: a path that is not a complete store fails here
     model_lib.check_init_from(spec)
 
 
@@ -118,13 +118,18 @@ def build_tokenizer(spec: JobSpec, run_dir: Path, env: Dist) -> PreTrainedTokeni
 
 
 def build_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, env: Dist) -> tuple[WindowSampler, int]:
-    """The sample corpus tokenised in memory (small: every rank does it) and this rank's sampler;
-    also the number of steps in an epoch."""
+    """This rank's sampler and the number of steps in an epoch. A token store (--data) is memory
+    mapped, after its tokenizer fingerprint is checked against ours; without one, the sample corpus
+    is tokenised in memory (small: every rank does it). Instruction stores (with a loss mask) are
+    packed into rows; pretraining stores give one random window per document per epoch."""
     grad_accum_steps(spec, env.world_size)  # fail with the batch arithmetic spelled out
-    docs = tokenize_documents(read_texts(SAMPLE_CORPUS), tokenizer)
-    sampler = WindowSampler(docs, seq_len=spec.seq_len, global_batch=spec.global_batch,
-                            micro_batch=spec.micro_batch, rank=env.rank, world_size=env.world_size,
-                            seed=spec.seed, pad_id=tokenizer.eos_token_id)
+    docs = open_documents(spec.data, tokenizer) if spec.data else tokenize_documents(read_texts(SAMPLE_CORPUS), tokenizer)
+    shared = dict(seq_len=spec.seq_len, global_batch=spec.global_batch, micro_batch=spec.micro_batch,
+                  rank=env.rank, world_size=env.world_size, seed=spec.seed, pad_id=tokenizer.eos_token_id)
+    if getattr(docs, "has_loss_mask", False):
+        packed = instruct.PackedSampler(docs, **shared)
+        return packed, instruct.steps_per_epoch(packed, spec.tokens_per_epoch)
+    sampler = WindowSampler(docs, **shared)
     return sampler, steps_per_epoch(len(docs), spec.global_batch, spec.seq_len, spec.tokens_per_epoch)
 
 
