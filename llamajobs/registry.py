@@ -78,24 +78,44 @@ class Registry:
         return str(self.runs_dir.stat().st_mtime_ns) if self.runs_dir.is_dir() else "absent"
 
     def _sync_if_stale(self) -> None:
+        """Rescan when the runs directory's listing changed; otherwise only look again at the run
+        dirs that had no job.json yet (a submit on this or another login node was in flight):
+        writing job.json inside a run dir does not change the listing."""
         row = self.db.execute("SELECT value FROM meta WHERE key = 'listing'").fetchone()
         stamp = self._listing_stamp()
         if row is None or row[0] != stamp:
             self.rebuild(stamp)
+            return
+        pending = [Path(r[0]) for r in self.db.execute("SELECT value FROM meta WHERE key LIKE 'pending:%'")]
+        for run_dir in pending:
+            if (job := job_from_dir(run_dir)) or not run_dir.exists():
+                with self.db:
+                    if job:
+                        self.db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)", _row(job))
+                    self.db.execute("DELETE FROM meta WHERE key = ?", (f"pending:{run_dir}",))
 
     def rebuild(self, stamp: str | None = None) -> None:
-        """Index every run dir that records a job; forget rows whose run dir is gone."""
-        found = [job for d in sorted(self.runs_dir.glob("*-*")) if d.is_dir() and (job := job_from_dir(d))]
+        """Index every run dir that records a job, remember those that do not yet, and forget rows
+        whose run dir is gone. Rows are replaced, never cleared first, so a concurrent add() survives."""
+        stamp = stamp or self._listing_stamp()
+        dirs = [d for d in sorted(self.runs_dir.glob("*-*")) if d.is_dir() and not d.name.startswith(".")]
+        found = {d: job_from_dir(d) for d in dirs}
+        gone = [r[0] for r in self.db.execute("SELECT run_dir FROM jobs") if not Path(r[0]).exists()]
         with self.db:
-            self.db.execute("DELETE FROM jobs")
-            self.db.execute("DELETE FROM finished")
-            self.db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)", [_row(j) for j in found])
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('listing', ?)", (stamp or self._listing_stamp(),))
+            self.db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
+                                [_row(j) for j in found.values() if j])
+            self.db.executemany("DELETE FROM jobs WHERE run_dir = ?", [(g,) for g in gone])
+            self.db.execute("DELETE FROM finished WHERE id NOT IN (SELECT id FROM jobs)")
+            self.db.execute("DELETE FROM meta WHERE key LIKE 'pending:%'")
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                [(f"pending:{d}", str(d)) for d, j in found.items() if j is None])
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('listing', ?)", (stamp,))
 
     def add(self, job: Job) -> None:
+        """Index a job just submitted (the listing stamp is left alone: other new run dirs may need a scan)."""
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)", _row(job))
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('listing', ?)", (self._listing_stamp(),))
+            self.db.execute("DELETE FROM meta WHERE key = ?", (f"pending:{job.run_dir}",))
 
     def jobs(self) -> list[Job]:
         rows = self.db.execute("SELECT * FROM jobs ORDER BY id").fetchall()

@@ -10,6 +10,7 @@ from pathlib import Path
 import jinja2
 
 from llamajobs import __version__
+from llamajobs.errors import SpecError
 from llamajobs.site import Site
 from llamajobs.spec import JobSpec
 
@@ -49,6 +50,9 @@ def sbatch_options(spec: JobSpec) -> list[tuple[str, str]]:
 def render(spec: JobSpec, site: Site, out_dir: str | Path, run_dir: str | None = None) -> list[Path]:
     """Write the rendered files into out_dir; `run_dir` is where they will live when it differs."""
     out = Path(out_dir)
+    for what, value in (("run dir", run_dir or str(out.absolute())), ("site python", site.python or "")):
+        if any(c in value for c in "\n\r\0"):
+            raise SpecError(f"{what} {value!r} contains a line break or NUL; scripts cannot carry it safely")
     out.mkdir(parents=True, exist_ok=True)
     context = {
         "spec": spec,

@@ -254,7 +254,18 @@ def _positive(spec: JobSpec, *names: str) -> None:
             raise SpecError(f"{_flag(name)} {value} must be positive")
 
 
+def _single_line(spec: JobSpec) -> None:
+    """No value may carry a line break or NUL: values land in #SBATCH lines (submitit's and ours),
+    and a newline there would start a line the shell runs."""
+    for name in FIELDS:
+        value = getattr(spec, name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, str) and any(c in item for c in "\n\r\0"):
+                raise SpecError(f"{_flag(name)} {item!r} contains a line break or NUL; give it on one line")
+
+
 def validate(spec: JobSpec) -> None:
+    _single_line(spec)
     _choice(spec, "strategy", catalog.STRATEGIES)
     _choice(spec, "mode", catalog.MODES)
     _choice(spec, "cluster", catalog.CLUSTERS)

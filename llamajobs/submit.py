@@ -173,6 +173,7 @@ def make_executor(spec: JobSpec, site: Site, folder: Path, dependency: str | Non
         "mem": spec.mem_per_node, "setup": list(site.setup) or None, "srun_args": list(site.srun_args) or None,
         "gres": site.gres.format(gpus=spec.gpus_per_node) if site.gres and spec.device != "cpu" else None,
         "stderr_to_stdout": False, "signal_delay_s": signal_delay_s(spec),
+        "additional_parameters": {"hold": True} if spec.hold else None,
     }
     executor.update_parameters(**{k: v for k, v in options.items() if v is not None})
     if site.python:
@@ -216,6 +217,7 @@ def submit(spec: JobSpec, site: Site, runs_dir: Path) -> Submission:
     """Allocate, render, submit, register; on failure nothing is left registered or half-written."""
     reg = registry.Registry(runs_dir)
     dependency = dependency_on(spec.after, reg)
+    os.umask(0o022)  # the run dir and what submitit writes into it are not world-writable
     job_id = registry.claim_id(runs_dir)
     run_dir = runs_dir / f"{job_id}-{spec.run_name}"
     staging = runs_dir / f".staging-{job_id}"
@@ -228,8 +230,6 @@ def submit(spec: JobSpec, site: Site, runs_dir: Path) -> Submission:
             cluster_job = executor.submit(launcher)
         job = Job(id=job_id, name=spec.run_name, run_dir=run_dir, cluster=spec.cluster,
                   cluster_job_id=str(cluster_job.job_id), submitted_at=time.time())
-        if spec.hold and spec.cluster == "slurm":
-            subprocess.run(["scontrol", "hold", job.cluster_job_id], capture_output=True)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)

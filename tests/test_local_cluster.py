@@ -14,6 +14,7 @@ from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
+SECRET = "hf_do_not_write_me_0451"
 TINY = ["--cluster", "local", "--size", "tiny", "--strategy", "fsdp", "--procs-per-node", "2", "--seq-len", "64",
         "--global-batch", "8", "--micro-batch", "2", "--lr", "3e-3", "--warmup-ratio", "0.1"]
 
@@ -21,7 +22,10 @@ TINY = ["--cluster", "local", "--size", "tiny", "--strategy", "fsdp", "--procs-p
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("local-cluster")
-    return {"LLAMAJOBS_HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache")}
+    (root / "home").mkdir()
+    (root / "home" / "site.yaml").write_text("env: [HF_TOKEN]\n")
+    # A secret in the submitting environment, passed through by name: it must never land on disk.
+    return {"LLAMAJOBS_HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache"), "HF_TOKEN": SECRET}
 
 
 def status(env, job_id: int) -> dict:
@@ -68,6 +72,13 @@ def test_status_reports_the_finished_run(env, completed):
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     table = json.loads(run_cli("status", "--json", env=env, check=True).stdout)
     assert [j["id"] for j in table["jobs"]] == [completed["id"]]
+
+
+def test_run_dir_holds_no_secret_and_nothing_world_writable(completed):
+    for path in Path(completed["run_dir"]).rglob("*"):
+        assert not path.stat().st_mode & 0o002, f"{path} is world-writable"
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"{path} holds the secret"
 
 
 def test_final_model_loads_and_generates(completed):

@@ -51,3 +51,16 @@ def test_a_run_dir_added_by_another_login_node_is_seen(tmp_path, monkeypatch):
     _make_run(runs, 2)  # written to the shared runs dir without touching our index
     assert [j.id for j in Registry(runs).jobs()] == [1, 2]
     assert Registry(runs).get(2).cluster_job_id == "1002"
+
+
+def test_a_job_file_written_after_a_scan_is_still_indexed(tmp_path, monkeypatch):
+    """A scan that sees a run dir before its job.json (a submit in flight) looks at it again later,
+    although writing job.json does not change the runs directory's listing."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    runs = tmp_path / "runs"
+    (runs / "1-inflight").mkdir(parents=True)
+    assert Registry(runs).jobs() == []
+    job = Job(id=1, name="inflight", run_dir=runs / "1-inflight", cluster="slurm", cluster_job_id="77",
+              submitted_at=time.time())
+    registry.write_job_file(job)
+    assert [j.cluster_job_id for j in Registry(runs).jobs()] == ["77"]

@@ -108,3 +108,27 @@ def test_dry_run_asks_sbatch_and_registers_nothing(env):
     assert "#SBATCH --nodes=2" in result.stdout
     assert "sbatch --test-only: sbatch: Job" in result.stderr and "to start at" in result.stderr
     assert json.loads(run_cli("status", "--json", "--all", env=env, check=True).stdout)["jobs"] == before
+
+
+def test_twenty_concurrent_submits_and_status_calls_lose_nothing(env):
+    """20 `submit --hold` (queued, never started) and 5 `status` at once against one runs directory."""
+    import concurrent.futures
+    import subprocess
+
+    def one_submit(i: int):
+        return run_cli("submit", *TWO_NODES, "--max-steps", "2", "--hold", "--name", f"held{i}", "--json", env=env)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=25) as pool:
+        submits = [pool.submit(one_submit, i) for i in range(20)]
+        statuses = [pool.submit(run_cli, "status", "--json", env=env) for _ in range(5)]
+        results = [f.result() for f in submits]
+        for f in statuses:
+            assert f.result().returncode == 0, f.result().stderr
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results if r.returncode]
+    jobs = [json.loads(r.stdout) for r in results]
+    assert len({j["id"] for j in jobs}) == 20 and len({j["run_dir"] for j in jobs}) == 20
+    assert len({j["cluster_job_id"] for j in jobs}) == 20
+    listed = {j["id"]: j for j in json.loads(run_cli("status", "--json", "--all", env=env, check=True).stdout)["jobs"]}
+    for j in jobs:
+        assert listed[j["id"]]["state"] == "PENDING" and listed[j["id"]]["run_dir"] == j["run_dir"]
+    subprocess.run(["scancel", *[j["cluster_job_id"] for j in jobs]], check=True)

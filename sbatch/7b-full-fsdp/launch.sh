@@ -3,6 +3,8 @@
 # SLURM runs this once on every node (one task per node); it starts a static torchrun rendezvous
 # whose head is resolved here, on the compute node, never on the login node.
 set -euo pipefail
+# Run dirs, checkpoints and logs are never world-writable, whatever the submitting shell's umask.
+umask 022
 module load cuda/12.1
 source /shared/venvs/llamajobs/bin/activate
 RUN_DIR=/shared/llamajobs/runs/1-7b-full-fsdp
