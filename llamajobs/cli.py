@@ -315,7 +315,12 @@ def print_detail(job, row) -> None:
     out.print("logs")
     for path in monitor.log_files(job):
         out.print(f"  {path}")
-    if row.state == "FAILED":
+    if row.error:
+        out.print(f"[red]first error: {row.error}[/]")
+    if row.state == "OUT_OF_MEMORY":
+        out.print("out of memory: lower --micro-batch, add --activation-checkpointing, or see "
+                  f"`llamajobs estimate memory --size {spec.size} --mode {spec.mode}` for the strategy that fits")
+    if row.state in ("FAILED", "OUT_OF_MEMORY"):
         log = monitor.traceback_log(job)
         out.print(f"[red]traceback in {log}[/]" if log else "[red]no traceback found in the logs[/]")
 
@@ -569,12 +574,16 @@ def _grid(ctx: click.Context, values: dict[str, Any], gpu, tokens: int | None, a
     return {"rows": rows}
 
 
+def _hours(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}" if value >= 10 else f"{value:.3g}"
+
+
 def _print_grid(result: dict[str, Any], gpu) -> None:
     table = Table(box=None, header_style="bold")
     for col in ("size", "strategy", "mode", "hours/epoch", "MFU", "GPU GiB", "CPU GiB/node", "verdict"):
         table.add_column(col)
     for r in result["rows"]:
-        table.add_row(r["size"], r["strategy"], r["mode"], _fmt(r["hours_per_epoch"], ",.1f"), f"{r['mfu']:.1%}",
+        table.add_row(r["size"], r["strategy"], r["mode"], _hours(r["hours_per_epoch"]), f"{r['mfu']:.1%}",
                       f"{r['gpu_mem_gib']:.1f}", f"{r['cpu_mem_gib']:.0f}", r["verdict"])
     out.print(table)
     out.print(f"GPU: {gpu.name} ({gpu.peak_bf16_flops / 1e12:g} TFLOP/s bf16, {gpu.memory_gib:g} GiB); "
@@ -649,7 +658,7 @@ def _print_hours(r: dict[str, Any]) -> None:
         table.add_row("run", f"{s['size']} {s['mode']}, {s['strategy']}, {s['nodes']}x{s['gpus_per_node']} "
                              f"{r['peak']}, seq {s['seq_len']}, global batch {s['global_batch']}, "
                              f"micro {s['micro_batch']}")
-    epoch = "-" if r["hours_per_epoch"] is None else f"{r['hours_per_epoch']:,.1f}"
+    epoch = _hours(r["hours_per_epoch"])
     table.add_row("hours per epoch", epoch + (f" ({r['tokens_per_epoch']:,} tokens)" if r.get("tokens_per_epoch")
                                               else "  (pass --tokens 2.5B)"))
     per_gpu = _fmt(r["tokens_per_s_per_gpu"], ",.0f")
@@ -723,35 +732,79 @@ def data() -> None:
 
 
 @data.command("prepare")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(),
               help="The model's directory (tokenizer.model or tokenizer.json), or a tokenizer.model file.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="The store directory to write (written aside, renamed when complete).")
 @click.option("--format", "fmt", default="text", show_default=True,
               help="text|s2orc|alpaca|medqa|medmcqa|pubmedqa|lmflow (JSON lines, a JSON list, or .gz of either).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Tokenizing processes.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Tokenizing processes (per shard).")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed lines instead of stopping at the first.")
 @click.option("--eval-fraction", type=float, default=0.0, show_default=True,
               help="Hold out this fraction of documents (by a hash of their id) into DIR/eval.")
-@click.option("--force", is_flag=True, help="Replace an existing --out, once the new store is complete.")
+@click.option("--force", is_flag=True, help="Replace an existing --out, once the new store is complete; with --shards, "
+              "also discard an unfinished preparation made with other settings.")
+@click.option("--shards", type=int, default=None,
+              help="Split the inputs into N shards of equal bytes, one array task each, in DIR.parts; rerun the "
+                   "same command to finish after an interruption or failed tasks.")
+@click.option("--cluster", default=None, help="Where shards run: slurm or local (default: the site profile's, "
+              "else slurm when `scontrol ping` answers).")
+@click.option("--partition", default=None, help="SLURM partition of the shards (default: the site profile's).")
+@click.option("--account", default=None, help="SLURM account of the shards (default: the site profile's).")
+@click.option("--time", "time_limit", default=None,
+              help="Each shard's time limit, HH:MM:SS (default: the site profile's, else the partition's).")
+@click.option("--cpus-per-task", type=int, default=None, help="CPUs of each shard's task (default: --workers).")
+@click.option("--mem", default=None, help="SLURM --mem of each shard's task (default: the cluster's).")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait for the shards and merge them; --no-wait submits and returns (rerun to wait and merge).")
 @json_option
 def data_prepare(inputs: tuple[str, ...], tokenizer_path: str, out_dir: str, fmt: str, workers: int,
-                 skip_bad_lines: bool, eval_fraction: float, force: bool, as_json: bool) -> None:
-    """Tokenize corpora or instruction sets into a token store for `submit --data`."""
+                 skip_bad_lines: bool, eval_fraction: float, force: bool, shards: int | None, cluster: str | None,
+                 partition: str | None, account: str | None, time_limit: str | None, cpus_per_task: int | None,
+                 mem: str | None, wait: bool, as_json: bool) -> None:
+    """Tokenize corpora or instruction sets into a token store for `submit --data`.
+
+    INPUT is a file (JSON lines, a JSON list, or .gz of either) or a directory of them."""
     from llamajobs.data import prepare as prep
 
     config = prep.PrepareConfig(inputs=tuple(Path(p) for p in inputs), tokenizer=Path(tokenizer_path),
                                 out=Path(out_dir), format=fmt, workers=workers, skip_bad_lines=skip_bad_lines,
                                 eval_fraction=eval_fraction, force=force)
-    with prep.RichProgress(err) as progress:
-        meta = prep.prepare(config, progress)
+    sharding = {"cluster": cluster, "partition": partition, "account": account, "time": time_limit,
+                "cpus_per_task": cpus_per_task, "mem": mem}
+    if shards is None:
+        given = [f"--{k.replace('_', '-')}" for k, v in sharding.items() if v is not None] + ([] if wait else
+                                                                                              ["--no-wait"])
+        if given:
+            raise SpecError(f"{', '.join(given)}: only with --shards N (sharded preparation)")
+        with prep.RichProgress(err) as progress:
+            meta = prep.prepare(config, progress)
+    else:
+        from llamajobs.data import shards as sh
+
+        cluster_config = sh.cluster_config(shards, wait=wait, **sharding)
+        with prep.RichProgress(err) as progress:
+            meta = sh.prepare_sharded(config, cluster_config, progress, on_submit=lambda line: err.print(line))
+        if meta.get("unfinished"):
+            if as_json:
+                print_json(meta)
+                return
+            out.print(f"{meta['workdir']}: {meta['counts']}; `llamajobs data inspect {out_dir}` shows the shards; "
+                      f"rerun the same command to wait for them and merge")
+            return
     if as_json:
         print_json(meta)
         return
     held = meta.get("eval")
     out.print(f"{out_dir}: {meta['documents']:,} documents, {meta['tokens']:,} tokens ({meta['dtype']})"
               + (f"; eval split: {held['documents']:,} documents, {held['tokens']:,} tokens" if held else ""))
+    done = meta.get("preparation")
+    if done:
+        out.print(f"{done['shards']} shard(s) on the {done['cluster']} cluster"
+                  + (f" ({done['shards_requested']} requested: whole files are not split)"
+                     if done["shards"] < done["shards_requested"] else "")
+                  + f", {done['seconds']:.1f} s; merge {done['merge_seconds']:.2f} s")
     if meta["skipped_empty"] or meta["skipped_bad_lines"]:
         err.print(f"skipped {meta['skipped_empty']:,} empty documents and {meta['skipped_bad_lines']:,} bad lines"
                   + "".join(f"\n  {line}" for line in meta["bad_line_examples"]))
@@ -770,6 +823,9 @@ def data_inspect(store_dir: str, document: int, tokenizer_path: str | None, as_j
     info = describe(store_dir, tokenizer=tokenizer_path, document=document)
     if as_json:
         print_json(info)
+        return
+    if info.get("unfinished"):
+        _print_unfinished(info)
         return
     table = Table(box=None, show_header=False)
     for key in ("path", "format", "documents", "tokens", "dtype", "loss_mask", "vocab_size", "fingerprint",
@@ -794,6 +850,24 @@ def data_inspect(store_dir: str, document: int, tokenizer_path: str | None, as_j
             out.print(sample["text"], markup=False, highlight=False)
         else:
             out.print(f"ids: {sample['first_ids']} ...")
+
+
+def _print_unfinished(info: dict[str, Any]) -> None:
+    """`data inspect` of a sharded preparation that is not finished: one row per shard."""
+    counts = ", ".join(f"{n} {state}" for state, n in info["counts"].items())
+    out.print(f"{info['path']}: unfinished sharded preparation in {info['workdir']} ({counts}); "
+              f"rerun the same `data prepare` command to finish it", markup=False)
+    table = Table(box=None, header_style="bold")
+    for column in ("shard", "state", "MB", "documents", "tokens", "host", "job", "note"):
+        table.add_column(column)
+    for row in info["shards"]:
+        note = row.get("error") or (f"{row['done_fraction']:.0%}, updated {row['updated_s_ago']:.0f} s ago"
+                                    if "done_fraction" in row else f"{row['seconds']} s" if "seconds" in row else "")
+        table.add_row(str(row["index"]), row["state"], f"{row['bytes'] / 1e6:,.1f}",
+                      f"{row['documents']:,}" if "documents" in row else "",
+                      f"{row['tokens']:,}" if "tokens" in row else "", row.get("host") or "", row.get("job") or "",
+                      note)
+    out.print(table)
 
 
 @cli.group()

@@ -50,6 +50,7 @@ class Row:
     elapsed_s: float | None
     last_metric_age_s: float | None
     run_dir: str
+    error: str | None = None  # the first failing rank's error, for FAILED and OUT_OF_MEMORY jobs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -256,6 +257,11 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
     eta = None
     if state in ("RUNNING", "STALLED") and step_time and last.get("total_steps"):
         eta = max(0.0, (last["total_steps"] - last["step"]) * step_time - (age or 0.0))
+    error = None
+    if state in ("FAILED", "OUT_OF_MEMORY") and (first := first_error(job)) is not None:
+        error = f"rank {first.rank} on {first.host}: {first.message} ({first.log})"
+        if is_out_of_memory(first):
+            state = "OUT_OF_MEMORY"
     started = next((e["time"] for e in history if e["event"] == "started"), None)
     ended = next((e["time"] for e in reversed(history) if e["event"] == "finished"), None)
     if state not in TERMINAL:
@@ -270,7 +276,7 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         epoch=last.get("epoch"), loss=last.get("loss"), tokens_per_s=last.get("tokens_per_s"),
         tokens_per_s_per_gpu=last.get("tokens_per_s_per_gpu"), mfu=last.get("mfu"), peak=last.get("peak"),
         eta_s=eta, elapsed_s=(ended - started) if started and ended else None, last_metric_age_s=age,
-        run_dir=str(job.run_dir),
+        run_dir=str(job.run_dir), error=error,
     )
 
 
@@ -281,25 +287,67 @@ def log_files(job: Job) -> list[Path]:
     return submitit_logs + rank_logs
 
 
-def rank_logs(job: Job) -> dict[int, list[Path]]:
-    """Each global rank's logs, oldest attempt first. torchrun's layout under our per-attempt,
-    per-node folder is <run id>/attempt_0/<local rank>/std{out,err}.log; ranks are node-major."""
-    found: dict[int, list[Path]] = {}
+def _rank_dirs(job: Job) -> list[tuple[int, Path, Path]]:
+    """(global rank, the rank's torchrun log dir, its node dir) for every attempt, oldest first.
+    torchrun's layout under our per-attempt, per-node folder is <run id>/attempt_0/<local rank>/;
+    ranks are node-major."""
+    found = []
     for attempt in sorted((job.run_dir / "logs").glob("attempt-*"), key=lambda p: int(p.name.split("-")[1])):
         nodes = sorted(attempt.glob("node-*"), key=lambda p: int(p.name.split("-")[1]))
         local_dirs = [sorted({p.parent for p in node.glob("*/attempt_*/*/std*.log")}, key=lambda p: int(p.name))
                       for node in nodes]
         procs = max((len(d) for d in local_dirs), default=0)
-        for node_rank, dirs in enumerate(local_dirs):
-            for local in dirs:
-                found.setdefault(node_rank * procs + int(local.name), []).extend(sorted(local.glob("std*.log")))
+        for node_rank, (node, dirs) in enumerate(zip(nodes, local_dirs)):
+            found += [(node_rank * procs + int(local.name), local, node) for local in dirs]
     return found
 
 
+def rank_logs(job: Job) -> dict[int, list[Path]]:
+    """Each global rank's logs, oldest attempt first."""
+    found: dict[int, list[Path]] = {}
+    for rank, local, _ in _rank_dirs(job):
+        found.setdefault(rank, []).extend(sorted(local.glob("std*.log")))
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class FirstError:
+    rank: int
+    host: str
+    message: str
+    log: Path
+    time: float
+
+
+def first_error(job: Job) -> FirstError | None:
+    """The earliest error a rank reported (torchrun's error.json, written by the worker's @record):
+    later errors are usually other ranks noticing that one died."""
+    errors = []
+    for rank, local, node in _rank_dirs(job):
+        try:
+            info = json.loads((local / "error.json").read_text())["message"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        host_file = node / "host"
+        host = host_file.read_text().strip() if host_file.exists() else "?"
+        errors.append(FirstError(rank=rank, host=host, message=str(info.get("message", "")).strip(),
+                                 log=local / "stderr.log", time=float(info.get("extraInfo", {}).get("timestamp", 0))))
+    return min(errors, key=lambda e: (e.time, e.rank), default=None)
+
+
+OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory")
+
+
+def is_out_of_memory(error: FirstError | None) -> bool:
+    return error is not None and any(m in error.message for m in OOM_MARKERS)
+
+
 def traceback_log(job: Job) -> Path | None:
-    """The log that holds the root-cause traceback: a worker's own log before submitit's."""
-    logs = log_files(job)
-    for path in sorted(logs, key=lambda p: "submitit" in p.parts):
+    """The log that holds the root-cause traceback: the first failing rank's, else any worker log
+    with a traceback, before submitit's."""
+    if (error := first_error(job)) is not None:
+        return error.log
+    for path in sorted(log_files(job), key=lambda p: "submitit" in p.parts):
         try:
             if "Traceback (most recent call last)" in path.read_text(errors="replace"):
                 return path

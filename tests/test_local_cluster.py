@@ -127,15 +127,20 @@ def test_stalled_then_cancelled(env):
                    for p in [pid, *workers])
 
 
-def test_crashing_worker_shows_failed_and_names_the_log(env):
-    result = run_cli("submit", *TINY, "--max-steps", "6", "--name", "crash", "--wait", "--json",
-                     env={**env, "LLAMAJOBS_INJECT_FAULT": "crash:3"})
+@pytest.mark.parametrize("fault, state", [("crash:3", "FAILED"), ("oom:3", "OUT_OF_MEMORY")])
+def test_failing_worker_shows_why_and_names_the_log(env, fault, state):
+    result = run_cli("submit", *TINY, "--max-steps", "6", "--name", fault.split(":")[0], "--wait", "--json",
+                     env={**env, "LLAMAJOBS_INJECT_FAULT": fault})
     assert result.returncode == 1
     job_id = json.loads(result.stdout)["id"]
-    assert status(env, job_id)["state"] == "FAILED"
+    row = status(env, job_id)
+    assert row["state"] == state
+    assert row["error"].startswith(f"rank 0 on {os.uname().nodename}: ") and "injected fault at step 3" in row["error"]
     detail = run_cli("status", str(job_id), env=env, check=True).stdout
     log = Path(detail.split("traceback in ")[1].split()[0])
     assert "injected fault at step 3" in log.read_text()
+    if state == "OUT_OF_MEMORY":
+        assert "lower --micro-batch" in detail
 
 
 def test_logs_by_rank(env, completed):

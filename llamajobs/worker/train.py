@@ -253,13 +253,15 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: La
     last step and whether a stop request ended the loop there (its checkpoint saved)."""
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = spec.grad_clip if spec.grad_clip > 0 else math.inf
-    crash_step = injected_fault("crash")
+    crash_step, oom_step = injected_fault("crash"), injected_fault("oom")
     model.train()
     metrics.start_clock(start)
     step = start
     for step in range(start + 1, total + 1):
         if step == crash_step:
             raise RuntimeError(f"injected fault at step {step}")
+        if step == oom_step:
+            raise torch.OutOfMemoryError(f"CUDA out of memory: injected fault at step {step}")
         loss = forward_backward(model, to_device(next(sampler), env.device), env.world_size)
         grad_norm = parallel.clip_grad_norm_(params, max_norm)
         optimizer.step()

@@ -50,6 +50,7 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$NODE_CACHE/triton}
 ATTEMPT=${SLURM_RESTART_COUNT:-${LLAMAJOBS_ATTEMPT:-0}}
 LOG_DIR=$RUN_DIR/logs/attempt-$ATTEMPT/node-$NODE_RANK
 mkdir -p "$LOG_DIR"
+hostname > "$LOG_DIR/host"  # so `status` can name the host of a failing rank
 
 exec python -m torch.distributed.run \
     --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$PROCS" \
