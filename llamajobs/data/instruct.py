@@ -14,37 +14,19 @@ in the stream (two integers) is the whole state.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
-import torch
 
-from llamajobs.data.sampler import IGNORE_INDEX, MicroBatch
+from llamajobs.data.sampler import IGNORE_INDEX, BatchStream
 from llamajobs.data.store import TokenStore
 
 
-class PackedSampler:
+class PackedSampler(BatchStream):
     """Global batches of packed rows, this data-parallel rank's slice as micro-batches."""
 
-    def __init__(self, store: TokenStore, *, seq_len: int, global_batch: int, micro_batch: int,
-                 rank: int, world_size: int, seed: int, pad_id: int) -> None:
-        if not len(store):
-            raise ValueError("the store has no documents")
-        per_rank, rest = divmod(global_batch, world_size)
-        if rest or per_rank % micro_batch:
-            raise ValueError(
-                f"--global-batch {global_batch} must be a multiple of --micro-batch {micro_batch} x "
-                f"world size {world_size} = {micro_batch * world_size}")
+    def __init__(self, store: TokenStore, **batching: int) -> None:
+        super().__init__(len(store), **batching)
         self.store = store
-        self.lengths = np.minimum(store.lengths(), seq_len)
-        self.seq_len = seq_len
-        self.global_batch = global_batch
-        self.micro_batch = micro_batch
-        self.rank = rank
-        self.per_rank = per_rank
-        self.seed = seed
-        self.pad_id = pad_id
-        self.next_row = 0  # index in the stream of the next batch's first row
+        self.lengths = np.minimum(store.lengths(), self.seq_len)
         self._rows_per_epoch: list[int] = []
         self._packing: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, order, row starts)
 
@@ -98,31 +80,15 @@ class PackedSampler:
             at += n
         return inputs, labels
 
-    # --- batches ---
-
-    def __iter__(self) -> Iterator[list[MicroBatch]]:
-        return self
-
-    def __next__(self) -> list[MicroBatch]:
-        first = self.next_row + self.rank * self.per_rank
-        rows = [self.example(first + i) for i in range(self.per_rank)]
-        inputs = torch.from_numpy(np.stack([r[0] for r in rows]))
-        labels = torch.from_numpy(np.stack([r[1] for r in rows]))
-        self.next_row += self.global_batch
-        return list(zip(inputs.split(self.micro_batch), labels.split(self.micro_batch)))
-
     # --- resume ---
 
     def state_dict(self) -> dict[str, int]:
-        epoch, row = self.row_at(self.next_row)
+        epoch, row = self.row_at(self.position)
         return {"epoch": epoch, "row": row, "seed": self.seed, "n_docs": len(self.store)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["n_docs"] != len(self.store) or state["seed"] != self.seed:
-            raise ValueError(
-                f"sampler state is for {state['n_docs']} documents and seed {state['seed']}, but this run has "
-                f"{len(self.store)} documents and seed {self.seed}; resume with the same data and --seed")
-        self.next_row = sum(self.rows_in_epoch(e) for e in range(state["epoch"])) + state["row"]
+        self.check_state(state)
+        self.position = sum(self.rows_in_epoch(e) for e in range(state["epoch"])) + state["row"]
 
 
 def steps_per_epoch(sampler: PackedSampler, tokens_per_epoch: int | None = None) -> int:

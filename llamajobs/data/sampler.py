@@ -41,24 +41,22 @@ def total_steps(max_steps: int | None, epochs: float, steps_in_epoch: int) -> in
     return max_steps or max(1, math.ceil(epochs * steps_in_epoch))
 
 
-class WindowSampler:
-    """Global batches of windows, this data-parallel rank's slice of each as micro-batches.
+class BatchStream:
+    """What both samplers share: a stream of examples (windows, or packed rows) cut into global
+    batches; global batch b is examples [b * global_batch, (b + 1) * global_batch) and rank r takes
+    the r-th contiguous 1/world_size of it, as micro-batches. `position` (the index of the next
+    batch's first example) is the whole state; subclasses say what example i is."""
 
-    The stream of samples is epoch 0's documents in its order, then epoch 1's, and so on; global
-    batch `b` is samples [b * global_batch, (b + 1) * global_batch), so a batch may straddle two
-    epochs and no document is dropped. Rank r takes the r-th contiguous 1/world_size of each batch.
-    """
-
-    def __init__(self, docs: list[np.ndarray], *, seq_len: int, global_batch: int, micro_batch: int,
-                 rank: int, world_size: int, seed: int, pad_id: int) -> None:
-        if not docs:
+    def __init__(self, n_docs: int, *, seq_len: int, global_batch: int, micro_batch: int, rank: int,
+                 world_size: int, seed: int, pad_id: int) -> None:
+        if not n_docs:
             raise ValueError("the corpus has no documents")
         per_rank, rest = divmod(global_batch, world_size)
         if rest or per_rank % micro_batch:
             raise ValueError(
                 f"--global-batch {global_batch} must be a multiple of --micro-batch {micro_batch} x "
                 f"world size {world_size} = {micro_batch * world_size}")
-        self.docs = docs
+        self.n_docs = n_docs
         self.seq_len = seq_len
         self.global_batch = global_batch
         self.micro_batch = micro_batch
@@ -66,10 +64,39 @@ class WindowSampler:
         self.per_rank = per_rank
         self.seed = seed
         self.pad_id = pad_id
-        self.next_sample = 0  # index in the stream of the next batch's first sample
-        self._orders: dict[int, np.ndarray] = {}
+        self.position = 0
 
-    # --- the stream ---
+    def example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Example `index` of the stream as (input_ids, labels), seq_len each."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[MicroBatch]]:
+        return self
+
+    def __next__(self) -> list[MicroBatch]:
+        """This rank's micro-batches of the next global batch."""
+        first = self.position + self.rank * self.per_rank
+        rows = [self.example(first + i) for i in range(self.per_rank)]
+        inputs = torch.from_numpy(np.stack([r[0] for r in rows]))
+        labels = torch.from_numpy(np.stack([r[1] for r in rows]))
+        self.position += self.global_batch
+        return list(zip(inputs.split(self.micro_batch), labels.split(self.micro_batch)))
+
+    def check_state(self, state: dict[str, int]) -> None:
+        if state["n_docs"] != self.n_docs or state["seed"] != self.seed:
+            raise ValueError(
+                f"sampler state is for {state['n_docs']} documents and seed {state['seed']}, but this run has "
+                f"{self.n_docs} documents and seed {self.seed}; resume with the same data and --seed")
+
+
+class WindowSampler(BatchStream):
+    """Pretraining: the stream of samples is epoch 0's documents in its order, then epoch 1's, and
+    so on, one window each, so a batch may straddle two epochs and no document is dropped."""
+
+    def __init__(self, docs: list[np.ndarray], **batching: int) -> None:
+        super().__init__(len(docs), **batching)
+        self.docs = docs
+        self._orders: dict[int, np.ndarray] = {}
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
@@ -91,33 +118,19 @@ class WindowSampler:
         start = int(np.random.default_rng([self.seed, 1, epoch, doc]).integers(0, len(tokens) - span + 1))
         return tokens[start:start + span]
 
-    # --- batches ---
-
-    def __iter__(self) -> Iterator[list[MicroBatch]]:
-        return self
-
-    def __next__(self) -> list[MicroBatch]:
-        """This rank's micro-batches of the next global batch."""
-        first = self.next_sample + self.rank * self.per_rank
-        inputs = torch.full((self.per_rank, self.seq_len), self.pad_id, dtype=torch.long)
-        labels = torch.full((self.per_rank, self.seq_len), IGNORE_INDEX, dtype=torch.long)
-        for row in range(self.per_rank):
-            window = torch.from_numpy(self.window_at(first + row).astype(np.int64))
-            n = len(window) - 1
-            inputs[row, :n] = window[:-1]
-            labels[row, :n] = window[1:]
-        self.next_sample += self.global_batch
-        return list(zip(inputs.split(self.micro_batch), labels.split(self.micro_batch)))
-
-    # --- resume ---
+    def example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        window = self.window_at(index).astype(np.int64)
+        inputs = np.full(self.seq_len, self.pad_id, np.int64)
+        labels = np.full(self.seq_len, IGNORE_INDEX, np.int64)
+        n = len(window) - 1
+        inputs[:n] = window[:-1]
+        labels[:n] = window[1:]
+        return inputs, labels
 
     def state_dict(self) -> dict[str, int]:
-        epoch, position = divmod(self.next_sample, len(self.docs))
+        epoch, position = divmod(self.position, len(self.docs))
         return {"epoch": epoch, "position": position, "seed": self.seed, "n_docs": len(self.docs)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["n_docs"] != len(self.docs) or state["seed"] != self.seed:
-            raise ValueError(
-                f"sampler state is for {state['n_docs']} documents and seed {state['seed']}, but this run has "
-                f"{len(self.docs)} documents and seed {self.seed}; resume with the same data and --seed")
-        self.next_sample = state["epoch"] * len(self.docs) + state["position"]
+        self.check_state(state)
+        self.position = state["epoch"] * len(self.docs) + state["position"]
