@@ -90,6 +90,9 @@ SIZES: dict[str, Shape] = {
                         ffn_dim=13824, vocab_size=32000, max_seq_len=4096, norm_eps=1e-5),
     "llama2-70b": Shape(name="llama2-70b", dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
                         ffn_dim=28672, vocab_size=32000, max_seq_len=4096, norm_eps=1e-5),
+    # TinyLlama: the 1.1B shape of the GPU bench (full fine-tuning), a real LLaMA-2-architecture model.
+    "tinyllama-1.1b": Shape(name="tinyllama-1.1b", dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632,
+                            vocab_size=32000, max_seq_len=2048, norm_eps=1e-5),
     "llama3-8b": Shape(name="llama3-8b", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                        ffn_dim=14336, vocab_size=128256, max_seq_len=8192, norm_eps=1e-5,
                        rope_theta=500000.0),

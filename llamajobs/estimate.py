@@ -671,8 +671,7 @@ def hours_for_spec(spec: Any, gpu: Accelerator | None = None, a: Assumptions = D
 
 # TinyLlama-1.1B (dim 2048, 22 layers, 32 heads, 4 kv heads, ffn 5632, vocab 32000): the 1.1B shape
 # of DESIGN.md's H200 anchor. Not a catalog size; the bench needs only its shape.
-TINYLLAMA = Shape(name="tinyllama-1.1b", dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632,
-                  vocab_size=32000, max_seq_len=2048, norm_eps=1e-5)
+TINYLLAMA = SIZES["tinyllama-1.1b"]
 BENCH_CASES: dict[str, Plan] = {
     "7b-lora-seq512": Plan(shape=SIZES["7b"], mode="lora", nodes=1, gpus_per_node=1, seq_len=512,
                            global_batch=8, micro_batch=8),
