@@ -17,7 +17,7 @@ from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
-STEPS = 300
+STEPS = 120
 TINY = ["--size", "tiny", "--strategy", "fsdp", "--procs-per-node", "2", "--seq-len", "64", "--global-batch", "8",
         "--micro-batch", "2", "--lr", "3e-3", "--warmup-ratio", "0.1", "--max-steps", str(STEPS),
         "--checkpoint-every-steps", "1000"]
@@ -53,9 +53,9 @@ def interrupted_twice(env, cluster_args: list[str], second_interrupt) -> tuple[d
                                    check=True).stdout)
     wait(env, reference["id"], lambda r: r["state"] not in ("PENDING", "RUNNING"))
     job = json.loads(run_cli("submit", *cluster_args, *TINY, "--name", "twice", "--json", env=env, check=True).stdout)
-    wait(env, job["id"], lambda r: (r["step"] or 0) >= 20)
+    wait(env, job["id"], lambda r: (r["step"] or 0) >= 10)
     run_cli("requeue", str(job["id"]), env=env, check=True)
-    wait(env, job["id"], lambda r: r["state"] == "RUNNING" and (r["step"] or 0) > _stopped_at(job, 0) + 20)
+    wait(env, job["id"], lambda r: r["state"] == "RUNNING" and (r["step"] or 0) > _stopped_at(job, 0) + 10)
     second_interrupt(job)
     row = wait(env, job["id"], lambda r: r["state"] not in ("PENDING", "RUNNING", "REQUEUED"), timeout=400)
     return status(env, reference["id"]), row
