@@ -6,9 +6,16 @@ paper-length documents (lognormal, median about 20 kB of text, like full PMC art
 --mb megabytes of JSONL. The tokenizer is the real LLaMA-style 32k model from mistral-common.
 
     python bench/data.py [--mb 80] [--workers 1,2] [--repeat 2] [--json]
+    python bench/data.py --mb 40 --shards 1,4 --cluster local [--only-shards]
 
 Rates: MB/s of JSONL read, tokens/s written. "per process" divides by the worker processes (the
 main process reads, orders and writes; with --workers 1 it also tokenises).
+
+--shards times sharded preparation (`data prepare --shards N --cluster C`, one array task per
+shard, --workers 1 each) of the same corpus: the command's wall time, the slowest shard, the peak
+RSS of the largest shard process (its own getrusage) and the merge; each sharded store is checked
+to hold the same documents as the first (store.content_digest). On the local cluster at most
+CPUs shards run at once; on SLURM as many as the cluster schedules.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import sentencepiece as spm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llamajobs.data import SAMPLE_CORPUS, read_texts  # noqa: E402
 from llamajobs.data.prepare import PrepareConfig, prepare  # noqa: E402
-from llamajobs.data.store import TokenStore  # noqa: E402
+from llamajobs.data.store import TokenStore, content_digest  # noqa: E402
 
 GPU_TOKENS_PER_S = 20_000  # LoRA 7B on one GPU, seq 512 (DESIGN.md: 14-19k on an H200)
 SEQ_LEN = 512
@@ -117,6 +124,38 @@ def run_prepare(corpus: Path, model: Path, out: Path, workers: int) -> dict:
             "cpu_s": cpu, "tokens_per_cpu_s": tokens / cpu, "tokens": tokens, "documents": meta["documents"]}
 
 
+def run_sharded(corpus: Path, model: Path, out: Path, shards: int, cluster: str) -> dict:
+    from llamajobs.data.shards import ClusterConfig, prepare_sharded
+
+    start = time.perf_counter()
+    meta = prepare_sharded(PrepareConfig(inputs=(corpus,), tokenizer=model, out=out),
+                           ClusterConfig(shards=shards, cluster=cluster, poll_s=0.2))
+    seconds = time.perf_counter() - start
+    prep = meta["preparation"]
+    stats = prep["shard_stats"]
+    return {"shards": prep["shards"], "cluster": cluster, "seconds": seconds,
+            "mb_per_s": corpus.stat().st_size / 1e6 / seconds, "tokens_per_s": meta["tokens"] / seconds,
+            "slowest_shard_s": max(s["seconds"] for s in stats), "sum_shard_s": sum(s["seconds"] for s in stats),
+            "peak_rss_mb": max(s["peak_rss_bytes"] for s in stats) / 1e6, "merge_s": prep["merge_seconds"],
+            "hosts": sorted({s["host"] for s in stats}), "tokens": meta["tokens"], "documents": meta["documents"],
+            "digest": content_digest(out)}
+
+
+def sharded(corpus: Path, model: Path, root: Path, counts: list[int], cluster: str) -> list[dict]:
+    runs = []
+    for n in counts:
+        out = root / f"sharded-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        runs.append(run_sharded(corpus, model, out, n, cluster))
+    for r in runs[1:]:
+        if r["digest"] != runs[0]["digest"]:
+            sys.exit(f"--shards {r['shards']} gave another store than --shards {runs[0]['shards']}")
+    for r in runs:
+        r["same_store_as_first"] = True
+        del r["digest"]
+    return runs
+
+
 def sampler_rate(store_dir: Path, seconds: float = 5.0) -> dict:
     """Tokens/s one rank draws: raw random windows from the memory map, and WindowSampler's batches
     (windows copied into int64 torch tensors), both with the pages cold at the start."""
@@ -151,6 +190,9 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="comma list of --workers values to time")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each measurement; the fastest counts")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--shards", default="", help="comma list of --shards values to time (sharded preparation)")
+    parser.add_argument("--cluster", default="local", help="where the shards run: local or slurm")
+    parser.add_argument("--only-shards", action="store_true", help="time sharded preparation only")
     args = parser.parse_args()
     model = tokenizer_model()
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,6 +202,11 @@ def main() -> None:
         docs, size = make_corpus(corpus, args.mb)
         result: dict = {"cpus": os.cpu_count(), "corpus": {"documents": docs, "bytes": size,
                                                            "generated_in_s": time.perf_counter() - t}}
+        if args.shards:
+            result["sharded"] = sharded(corpus, model, root, [int(n) for n in args.shards.split(",")], args.cluster)
+        if args.only_shards:
+            print_sharded(result) if not args.json else print(json.dumps(result, indent=2))
+            return
         # best of --repeat: the machine may be shared, and other work only ever slows a run down
         result["plain_loop"] = min((plain_loop(corpus, model) for _ in range(args.repeat)), key=lambda r: r["seconds"])
         result["prepare"] = []
@@ -207,9 +254,23 @@ def main() -> None:
           f"{s['tokens_per_jsonl_byte']:.3f} tokens per JSONL byte")
     g = result["one_gb_jsonl_minutes"]
     print(f"1 GB of JSONL: {g['minutes']:.1f} min with --workers {g['workers']} on this machine")
+    print_sharded(result)
     r = result["sampler"]
     print(f"sampler: random windows {r['random_windows_tokens_per_s']:,.0f} tokens/s; WindowSampler batches "
           f"{r['window_sampler_tokens_per_s']:,.0f} tokens/s = x{r['vs_one_gpu']:,.0f} one GPU's {GPU_TOKENS_PER_S:,}")
+
+
+def print_sharded(result: dict) -> None:
+    if "sharded" not in result:
+        return
+    c = result["corpus"]
+    print(f"sharded preparation of {c['documents']:,} documents, {c['bytes'] / 1e6:.1f} MB JSONL "
+          f"({result['cpus']} CPUs here):")
+    for r in result["sharded"]:
+        print(f"  --shards {r['shards']} --cluster {r['cluster']}: {r['seconds']:.1f} s ({r['mb_per_s']:.2f} MB/s), "
+              f"slowest shard {r['slowest_shard_s']:.1f} s, shards' sum {r['sum_shard_s']:.1f} s, "
+              f"peak RSS per shard {r['peak_rss_mb']:.0f} MB, merge {r['merge_s'] * 1e3:.1f} ms, "
+              f"hosts {', '.join(r['hosts'])}")
 
 
 if __name__ == "__main__":

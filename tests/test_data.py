@@ -136,6 +136,23 @@ def test_gzip_input_gives_the_same_store(tmp_path, real_tok):
     assert a == b
 
 
+def test_directory_input_is_its_files_in_order(tmp_path, real_tok):
+    """A directory gives its files, recursively, in sorted order, without hidden ones."""
+    d = tmp_path / "in"
+    (d / "z").mkdir(parents=True)
+    (d / ".partial.jsonl").write_text("not json\n")
+    docs = corpus(20)
+    write_jsonl(d / "z" / "b.jsonl.gz", docs[10:], gz=True)
+    write_jsonl(d / "a.jsonl", docs[:10])
+    meta = run(d, real_tok, tmp_path / "dir")
+    run([d / "a.jsonl", d / "z" / "b.jsonl.gz"], real_tok, tmp_path / "files")
+    assert tree(tmp_path / "dir") == tree(tmp_path / "files")
+    assert [s["documents"] for s in meta["sources"]] == [10, 10]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpecError, match="INPUT .*empty: a directory without files"):
+        run(tmp_path / "empty", real_tok, tmp_path / "x")
+
+
 def test_trained_tokenizer_hf_and_sentencepiece_agree(tmp_path, trained_tok):
     from transformers import LlamaTokenizer
 
@@ -342,6 +359,10 @@ def test_skip_bad_lines_counts_and_reports(cli, tmp_path, real_tok):
     (["--format", "csv"], "--format 'csv' is not known; choose one of text, s2orc"),
     (["--workers", "0"], "--workers 0: must be at least 1"),
     (["--eval-fraction", "1.5"], "--eval-fraction 1.5"),
+    (["--cluster", "local", "--no-wait"], "--cluster, --no-wait: only with --shards N"),
+    (["--shards", "0", "--cluster", "local"], "--shards 0: must be at least 1"),
+    (["--shards", "2", "--cluster", "debug"], "--cluster 'debug': shards run on slurm or local"),
+    (["--shards", "2", "--cluster", "slurm", "--time", "1:99:00"], "--time '1:99:00' is malformed"),
 ])
 def test_bad_flags_exit_2(cli, tmp_path, real_tok, args, message):
     f = write_jsonl(tmp_path / "in.jsonl", corpus(2))

@@ -4,6 +4,10 @@ The pipeline streams: the main process reads the files in chunks of about a mega
 stay raw bytes), worker processes parse, template and tokenise each chunk, and the main process
 writes the chunks' tokens in input order. At most two chunks per worker are in flight, so memory
 does not grow with the corpus, and the store is the same byte for byte whatever --workers is.
+
+An INPUT may be a directory: its files (recursively, hidden ones left out) in sorted order. What is
+read can be a byte range of a JSON-lines file (a Piece): sharded preparation (shards.py) gives each
+array task its pieces and runs the same chunk pipeline over them.
 """
 
 from __future__ import annotations
@@ -118,8 +122,10 @@ class PrepareConfig:
         if not self.inputs:
             raise SpecError("INPUT: give at least one file")
         for path in self.inputs:
-            if not Path(path).exists() or Path(path).is_dir():  # not is_file(): a named pipe is fine
-                raise SpecError(f"INPUT {path}: no such file")
+            if not Path(path).exists():  # not is_file(): a named pipe is fine
+                raise SpecError(f"INPUT {path}: no such file or directory")
+            if Path(path).is_dir() and not _files_under(Path(path)):
+                raise SpecError(f"INPUT {path}: a directory without files")
         if self.format not in fmts.FORMATS:
             raise SpecError(f"--format {self.format!r} is not known; choose one of {', '.join(fmts.FORMATS)}")
         if self.workers < 1:
@@ -130,14 +136,46 @@ class PrepareConfig:
             raise SpecError(f"--out {self.out} already exists; choose another directory or pass --force to replace it")
 
 
+def resolve_inputs(inputs: Sequence[str | Path]) -> tuple[Path, ...]:
+    """The input files: a file as given, a directory as its files (recursively, sorted by their
+    path inside it, names starting with a dot left out)."""
+    files: list[Path] = []
+    for path in map(Path, inputs):
+        files.extend(_files_under(path) if path.is_dir() else [path])
+    return tuple(files)
+
+
+def _files_under(directory: Path) -> list[Path]:
+    found = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(Path(root) / n for n in names if not n.startswith("."))
+    return sorted(found, key=lambda p: p.relative_to(directory).parts)
+
+
 # --- chunks: what the main process reads and a worker encodes ---
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """What one reader reads of an input: the whole file (with the format's own reader: gzip, JSON
+    lists and documents), or bytes [start, end) of a JSON-lines file, cut at line starts."""
+    source: int                      # index into the inputs
+    start: int
+    end: int                         # the file's size for a whole file (when it was planned)
+    whole: bool
+
+    @property
+    def bytes(self) -> int:
+        return self.end - self.start
 
 
 @dataclass(slots=True)
 class Chunk:
     source: int                      # index into the inputs
     records: list[tuple[int, Any]]   # (line, raw JSON line bytes or a parsed record)
-    position: int                    # input bytes read when the chunk was cut (all files)
+    position: int                    # input bytes read when the chunk was cut (all pieces)
+    piece: int = 0                   # index into the pieces read; lines count from the piece's start
 
 
 @dataclass(slots=True)
@@ -150,28 +188,82 @@ class Encoded:
     empty: int                       # documents with no text, skipped
 
 
-def read_chunks(inputs: tuple[Path, ...], fmt: fmts.Format, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
-    """The inputs' records in order, cut into chunks of about chunk_bytes of input."""
+def whole_files(inputs: Sequence[Path]) -> list[Piece]:
+    return [Piece(i, 0, Path(p).stat().st_size, True) for i, p in enumerate(inputs)]
+
+
+def read_chunks(inputs: Sequence[Path], fmt: fmts.Format, chunk_bytes: int = CHUNK_BYTES,
+                pieces: Sequence[Piece] | None = None) -> Iterator[Chunk]:
+    """The records of the pieces (default: every input whole) in order, cut into chunks of about
+    chunk_bytes of input. A chunk's lines count from its piece's start (see line_base)."""
     done = 0
-    for index, path in enumerate(inputs):
-        f, raw = fmts.open_binary(Path(path))
+    for number, piece in enumerate(whole_files(inputs) if pieces is None else pieces):
+        path = Path(inputs[piece.source])
+        if piece.whole:
+            f, raw = fmts.open_binary(path)
+            lines = fmts.records(path, f, fmt)
+        else:
+            f = raw = LineRange(path, piece.start, piece.end)
+            lines = iter(raw)
         with f:
             records: list[tuple[int, Any]] = []
             size = 0
             try:
-                for line, payload in fmts.records(Path(path), f, fmt):
+                for line, payload in lines:
                     records.append((line, payload))
                     size += len(payload) if isinstance(payload, bytes) else chunk_bytes // CHUNK_RECORDS
                     if size >= chunk_bytes:
-                        yield Chunk(index, records, done + raw.position)
+                        yield Chunk(piece.source, records, done + raw.position, number)
                         records, size = [], 0
             except fmts.FileError as e:  # not skippable: nothing after it can be read
                 raise SpecError(f"{e.path}:{e.line}: {e.reason}") from None
             except (OSError, EOFError) as e:  # a truncated or corrupt .gz
                 raise SpecError(f"INPUT {path}: cannot be read ({e})") from None
             if records:
-                yield Chunk(index, records, done + raw.position)
-        done += Path(path).stat().st_size
+                yield Chunk(piece.source, records, done + raw.position, number)
+        done += piece.bytes
+
+
+class LineRange:
+    """The lines starting in bytes [start, end) of a file (start at a line start): (line number
+    counted from start, the line's bytes), blank lines left out; `position` is the bytes read."""
+
+    def __init__(self, path: Path, start: int, end: int) -> None:
+        self.f = open(path, "rb", buffering=1 << 20)
+        self.f.seek(start)
+        self.start, self.end = start, end
+        self.position = 0
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        number = 0
+        while self.start + self.position < self.end:
+            line = self.f.readline()
+            if not line:
+                return
+            self.position += len(line)
+            number += 1
+            if line.strip():
+                yield number, line
+
+    def __enter__(self) -> LineRange:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.f.close()
+
+
+def line_base(path: Path, offset: int, block: int = 1 << 20) -> int:
+    """Lines before byte `offset` of a file: a piece's line n is the file's line base + n. Read only
+    when a bad line needs its file line (streamed: memory of one block)."""
+    count = 0
+    with open(path, "rb") as f:
+        while offset > 0:
+            data = f.read(min(block, offset))
+            if not data:
+                break
+            count += data.count(b"\n")
+            offset -= len(data)
+    return count
 
 
 def held_out(key: str, fraction: float) -> bool:
@@ -269,7 +361,8 @@ def encode_chunks(chunks: Iterator[Chunk], args: tuple, workers: int,
     with multiprocessing.get_context("spawn").Pool(workers, _init_worker, args) as pool:
         pending: deque = deque()
         for chunk in chunks:
-            pending.append((Chunk(chunk.source, [], chunk.position), pool.apply_async(_encode_in_worker, (chunk,))))
+            pending.append((Chunk(chunk.source, [], chunk.position, chunk.piece),
+                            pool.apply_async(_encode_in_worker, (chunk,))))
             if len(pending) >= 2 * workers:
                 done, result = pending.popleft()
                 yield done, result.get()
@@ -288,6 +381,7 @@ class Progress:
     documents: int
     tokens: int
     elapsed_s: float
+    label: str = "tokenizing"  # sharded: how many shards are done, running, queued
 
 
 @dataclass(slots=True)
@@ -307,8 +401,8 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     started = time.perf_counter()
     fmt = fmts.get_format(config.format)
     encoder = Encoder(config.tokenizer)
-    inputs = tuple(Path(p) for p in config.inputs)
-    options = [_scan(fmt, path) for path in inputs]
+    inputs = resolve_inputs(config.inputs)
+    options = [scan_options(fmt, path) for path in inputs]
     dtype = st.token_dtype(encoder.vocab_size)
     total_bytes = sum(p.stat().st_size for p in inputs)
     out = Path(config.out)
@@ -319,24 +413,20 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         counts = Counts(per_source=[0] * len(inputs))
         args = (encoder.path, config.format, options, config.eval_fraction)
         for chunk, enc in encode_chunks(read_chunks(inputs, fmt, config.chunk_bytes), args, config.workers, encoder):
-            _bad_lines(enc.bad, inputs[chunk.source], fmt, config.skip_bad_lines, counts)
+            check_bad_lines(enc.bad, inputs[chunk.source], fmt, config.skip_bad_lines, counts)
             counts.empty += enc.empty
             counts.per_source[chunk.source] += len(enc.lengths)
-            _write(train, held, enc)
+            write_encoded(train, held, enc)
             if progress:
                 progress(Progress(chunk.position, total_bytes, train.documents + (held.documents if held else 0),
                                   train.tokens + (held.tokens if held else 0), time.perf_counter() - started))
         if train.documents + (held.documents if held else 0) == 0:
             raise SpecError(f"INPUT {', '.join(map(str, inputs))}: no documents ({counts.empty} empty, "
                             f"{counts.bad} bad lines skipped); is --format {fmt.name} right?")
-        common = {"format": fmt.name, "dtype": dtype, "loss_mask": "uint8" if fmt.instruct else None,
-                  "tokenizer": encoder.describe(), "vocab_size": encoder.vocab_size,
-                  "sources": [{"path": str(p.resolve()), "bytes": p.stat().st_size, "documents": n}
-                              for p, n in zip(inputs, counts.per_source)],
-                  "eval_fraction": config.eval_fraction}
-        meta = _meta([train.close()], common, counts)
+        common = common_meta(fmt, dtype, encoder.describe(), inputs, counts.per_source, config.eval_fraction)
+        meta = store_meta([train.close()], common, counts)
         if held is not None:
-            eval_meta = _meta([held.close()], {**common, "split": "eval"}, Counts())
+            eval_meta = store_meta([held.close()], {**common, "split": "eval"}, Counts())
             st.write_json(tmp / st.EVAL / st.META, eval_meta)
             meta["eval"] = {"path": st.EVAL, "documents": eval_meta["documents"], "tokens": eval_meta["tokens"]}
         st.write_json(tmp / st.META, meta)  # last: a directory with meta.json is a finished store
@@ -347,7 +437,8 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     return meta
 
 
-def _scan(fmt: fmts.Format, path: Path) -> Any:
+def scan_options(fmt: fmts.Format, path: Path) -> Any:
+    """The format's per-file options (MedMCQA's answer numbering), from a first pass over the file."""
     if not fmt.needs_scan:
         return None
     try:
@@ -356,9 +447,12 @@ def _scan(fmt: fmts.Format, path: Path) -> Any:
         raise SpecError(f"{e.path}:{e.line}: {e.reason}") from None
 
 
-def _bad_lines(bad: list[tuple[int, str]], path: Path, fmt: fmts.Format, skip: bool, counts: Counts) -> None:
+def check_bad_lines(bad: list[tuple[int, str]], path: Path, fmt: fmts.Format, skip: bool, counts: Counts,
+                    base: int = 0) -> None:
+    """Raise SpecError at the first bad line, or (skip) count them and keep the first few; a
+    line is the file's line base + the chunk's line."""
     for line, reason in bad:
-        where = f"{path}:{line}: {reason}"
+        where = f"{path}:{base + line}: {reason}"
         if not skip:
             hint = f"--format {fmt.name} expects {fmt.expects}" if "field" in reason or "object" in reason else ""
             raise SpecError(f"{where}; {hint + '; ' if hint else ''}pass --skip-bad-lines to skip such lines")
@@ -367,7 +461,7 @@ def _bad_lines(bad: list[tuple[int, str]], path: Path, fmt: fmts.Format, skip: b
             counts.bad_examples.append(where)
 
 
-def _write(train: st.PartWriter, held: st.PartWriter | None, enc: Encoded) -> None:
+def write_encoded(train: st.PartWriter, held: st.PartWriter | None, enc: Encoded) -> None:
     if held is None or enc.held_out is None or not enc.held_out.any():
         train.write(enc.tokens, enc.lengths, enc.mask)
         return
@@ -376,7 +470,16 @@ def _write(train: st.PartWriter, held: st.PartWriter | None, enc: Encoded) -> No
         writer.write(enc.tokens[toks], enc.lengths[docs], None if enc.mask is None else enc.mask[toks])
 
 
-def _meta(parts: list[dict[str, Any]], common: dict[str, Any], counts: Counts) -> dict[str, Any]:
+def common_meta(fmt: fmts.Format, dtype: str, tokenizer: dict[str, Any], inputs: Sequence[Path],
+                per_source: list[int], eval_fraction: float) -> dict[str, Any]:
+    return {"format": fmt.name, "dtype": dtype, "loss_mask": "uint8" if fmt.instruct else None,
+            "tokenizer": tokenizer, "vocab_size": tokenizer["vocab_size"],
+            "sources": [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size, "documents": n}
+                        for p, n in zip(inputs, per_source)],
+            "eval_fraction": eval_fraction}
+
+
+def store_meta(parts: list[dict[str, Any]], common: dict[str, Any], counts: Counts) -> dict[str, Any]:
     return {"kind": st.KIND, "format_version": st.FORMAT_VERSION, **common,
             "documents": sum(p["documents"] for p in parts), "tokens": sum(p["tokens"] for p in parts),
             "max_token_id": max((p["max_token_id"] for p in parts), default=-1),
@@ -395,7 +498,7 @@ class RichProgress:
         from rich.progress import (BarColumn, Progress as Bar, TaskProgressColumn, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
-        self.bar = Bar(TextColumn("tokenizing"), BarColumn(), TaskProgressColumn(),
+        self.bar = Bar(TextColumn("{task.fields[label]}"), BarColumn(), TaskProgressColumn(),
                        TextColumn("{task.fields[mb_s]:.1f} MB/s"),
                        TextColumn("{task.fields[docs]:,} docs ({task.fields[docs_s]:,.0f}/s)"),
                        TextColumn("{task.fields[tokens]:,} tokens ({task.fields[tokens_s]:,.0f}/s)"),
@@ -412,8 +515,8 @@ class RichProgress:
 
     def __call__(self, p: Progress) -> None:
         rate = 1 / max(p.elapsed_s, 1e-9)
-        fields = {"mb_s": p.bytes_read / 1e6 * rate, "docs": p.documents, "docs_s": p.documents * rate,
-                  "tokens": p.tokens, "tokens_s": p.tokens * rate}
+        fields = {"label": p.label, "mb_s": p.bytes_read / 1e6 * rate, "docs": p.documents,
+                  "docs_s": p.documents * rate, "tokens": p.tokens, "tokens_s": p.tokens * rate}
         if self.task is None:
             self.bar.start()
             self.task = self.bar.add_task("prepare", total=p.total_bytes or None, **fields)
@@ -426,7 +529,15 @@ class RichProgress:
 def describe(path: str | Path, *, tokenizer: str | Path | None = None, document: int = 0,
              max_tokens: int = 200) -> dict[str, Any]:
     """What `data inspect` shows: the counts, dtype, fingerprint, bytes on disk, and one document
-    decoded (with the tokenizer the store was made with, or the one given)."""
+    decoded (with the tokenizer the store was made with, or the one given). For a sharded
+    preparation that is not finished (DIR.parts, or DIR given while only DIR.parts exists), its
+    shards' states instead (shards.describe_work; "unfinished" is true)."""
+    if not (Path(path) / st.META).is_file():
+        from llamajobs.data import shards
+
+        work = Path(path) if (Path(path) / shards.PLAN).is_file() else shards.work_dir(path)
+        if (work / shards.PLAN).is_file():
+            return shards.describe_work(work)
     store = st.TokenStore(path)
     meta = store.meta
     lengths = store.lengths()

@@ -16,6 +16,11 @@ as one sequence of documents in part order (global document i = the parts' docum
 
 A store is written into DIR.tmp-<pid> and renamed to DIR when complete, so a directory named DIR
 with a meta.json is always a finished store; an existing DIR is replaced only by a finished one.
+Sharded preparation works in DIR.parts (one part per shard, kept across reruns) and renames that.
+
+Two stores hold the same data when their `content_digest`s are equal: the documents' tokens end to
+end, their lengths and loss masks, however they are cut into parts (a one-process store and a
+sharded one of the same input are equal this way; their part files differ only in where they cut).
 """
 
 from __future__ import annotations
@@ -114,6 +119,11 @@ class PartWriter:
         self.documents += len(lengths)
         self.tokens += int(np.sum(lengths))
 
+    def flush(self) -> None:
+        """Hand what was written so far to the OS (close also fsyncs)."""
+        for f in filter(None, (self._tokens, self._offsets, self._mask)):
+            f.flush()
+
     def close(self, **extra: Any) -> dict[str, Any]:
         for f in filter(None, (self._tokens, self._offsets, self._mask)):
             f.flush()
@@ -181,6 +191,9 @@ class TokenStore(Sequence[np.ndarray]):
         if not meta_path.is_file():
             leftovers = sorted(p.name for p in self.path.parent.glob(f"{self.path.name}.tmp-*"))
             hint = f" (an unfinished prepare left {', '.join(leftovers)})" if leftovers else ""
+            if self.path.with_name(f"{self.path.name}.parts").is_dir():
+                hint += (f" (a sharded prepare is unfinished in {self.path.name}.parts: `llamajobs data inspect "
+                         f"{self.path}` shows its shards; rerun the same `data prepare` command to finish it)")
             raise SpecError(f"{self.path} is not a token store: no {META}{hint}; "
                             f"write one with `llamajobs data prepare`")
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
@@ -269,6 +282,30 @@ class TokenStore(Sequence[np.ndarray]):
     def __repr__(self) -> str:
         return (f"TokenStore({str(self.path)!r}, documents={len(self)}, tokens={self.num_tokens}, "
                 f"dtype={self.dtype.name})")
+
+
+def content_digest(store: TokenStore | str | Path, block: int = 1 << 24) -> dict[str, Any]:
+    """What a store holds, independent of its parts: sha256 of every document's tokens end to end
+    (in the store's dtype), of the documents' lengths (int64) and of the loss masks, with the counts;
+    the eval split's under "eval". Streamed a block at a time (memory independent of the store)."""
+    if not isinstance(store, TokenStore):
+        store = TokenStore(store)
+    tokens, lengths, masks = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    for part in range(len(store._tokens)):
+        for start in range(0, len(store._tokens[part]), block):
+            tokens.update(store._tokens[part][start:start + block].tobytes())
+            if store._masks[part] is not None:
+                masks.update(store._masks[part][start:start + block].tobytes())
+        offsets = store._offsets[part]
+        for start in range(0, len(offsets) - 1, block):
+            lengths.update(np.diff(offsets[start:start + block + 1]).astype(OFFSET_DTYPE).tobytes())
+    digest: dict[str, Any] = {"documents": len(store), "tokens": store.num_tokens, "dtype": store.meta["dtype"],
+                              "tokens_sha256": tokens.hexdigest(), "lengths_sha256": lengths.hexdigest(),
+                              "loss_mask_sha256": masks.hexdigest() if store.has_loss_mask else None}
+    held = store.eval_split()
+    if held is not None:
+        digest["eval"] = content_digest(held, block)
+    return digest
 
 
 def window_tokens_per_epoch(store: TokenStore, seq_len: int) -> int:
