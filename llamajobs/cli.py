@@ -39,6 +39,7 @@ TRAINING_OPTIONS = [
     _opt("--mode", help=f"One of {', '.join(catalog.MODES)}."),
     _opt("--lora-r", type=int), _opt("--lora-alpha", type=int), _opt("--lora-dropout", type=float),
     _opt("--lora-targets", help="Comma list of module names, e.g. q_proj,v_proj."),
+    _opt("--num-virtual-tokens", type=int, help="Virtual tokens trained by --mode prefix, ptuning or prompt."),
     _opt("--model-path", help="HF-format LLaMA weights; the shape is read from its config.json."),
     _opt("--init-from", help="Start from another run's final/ (JOB id or DIR)."),
     _opt("--data", help="A token store from `llamajobs data prepare`; default: the bundled sample corpus."),
@@ -152,9 +153,10 @@ def submit(ctx: click.Context, runs_dir: str | None, force: bool, gpu: str | Non
     if spec.data is not None:
         from llamajobs.data.store import TokenStore
         TokenStore(spec.data)  # a path that is not a complete store fails before anything is queued
-    if spec.strategy not in ("fsdp", "fsdp-offload") or spec.mode not in ("full", "lora"):
-        raise SpecError(f"--strategy {spec.strategy} --mode {spec.mode}: the worker runs fsdp/fsdp-offload "
-                        f"with full or lora so far")
+    if spec.merge and spec.mode != "lora":
+        raise SpecError(f"--merge folds LoRA adapters into the base; --mode {spec.mode} has none: leave --merge out")
+    if spec.strategy == "pp" and (spec.compile or (spec.procs_per_node or 1) > 1):
+        raise SpecError("--strategy pp runs one uncompiled process per node; leave --compile and --procs-per-node out")
     accel, gpu_note = _submit_fit_check(spec, gpu, force, dry_run)
     if dry_run:
         folder, verdict = submit_mod.dry_run(spec, site)
