@@ -153,6 +153,8 @@ def submit(ctx: click.Context, runs_dir: str | None, force: bool, gpu: str | Non
     if spec.data is not None:
         from llamajobs.data.store import TokenStore
         TokenStore(spec.data)  # a path that is not a complete store fails before anything is queued
+    if spec.wandb is not None:
+        raise SpecError(f"--wandb {spec.wandb}: not supported yet; metrics.jsonl, `status` and `plot` hold the curves")
     if spec.merge and spec.mode != "lora":
         raise SpecError(f"--merge folds LoRA adapters into the base; --mode {spec.mode} has none: leave --merge out")
     if spec.strategy == "pp" and (spec.compile or (spec.procs_per_node or 1) > 1):
@@ -270,10 +272,17 @@ def status_table(rows: list) -> Table:
             f"{r.nodes}×{r.gpus_per_node}" if r.cluster == "slurm" else f"{r.nodes}×{r.procs_per_node} cpu",
             f"{r.size}/{r.mode}/{r.strategy}", f"{_fmt(r.step)}/{_fmt(r.total_steps)}", _epoch(r.epoch),
             _fmt(r.loss, ".4f"), _fmt(r.tokens_per_s, ",.0f"), _fmt(r.tokens_per_s_per_gpu, ",.0f"),
-            _fmt(r.mfu and r.mfu * 100, ".1f") + ("%" if r.mfu is not None else ""), _duration(r.eta_s),
+            _fmt(r.mfu and r.mfu * 100, ".1f") + ("%" if r.mfu is not None else ""), _eta(r.eta_s),
             _duration(r.elapsed_s),
         )
     return table
+
+
+def _eta(seconds: float | None) -> str:
+    """The time left and the time of day it ends: '5:12:00 (Tue 14:05)'."""
+    if seconds is None:
+        return "-"
+    return f"{_duration(seconds)} ({time.strftime('%a %H:%M', time.localtime(time.time() + seconds))})"
 
 
 def _epoch(epochs: float | None) -> str:
@@ -306,7 +315,7 @@ def print_detail(job, row) -> None:
               f"seq {spec.seq_len} global batch {spec.global_batch} micro {spec.micro_batch} lr {spec.lr}")
     out.print(f"progress  step {_fmt(row.step)}/{_fmt(row.total_steps)}  loss {_fmt(row.loss, '.4f')}  "
               f"tok/s {_fmt(row.tokens_per_s, ',.0f')}  MFU {_fmt(row.mfu and row.mfu * 100, '.2f')}% "
-              f"(peak {row.peak or '-'})  ETA {_duration(row.eta_s)}  elapsed {_duration(row.elapsed_s)}")
+              f"(peak {row.peak or '-'})  ETA {_eta(row.eta_s)}  elapsed {_duration(row.elapsed_s)}")
     losses = [m["loss"] for m in monitor.read_metrics(job.run_dir, tail_bytes=None) if m.get("loss") is not None]
     if losses:
         out.print(f"loss      {sparkline(losses)}  {losses[0]:.3f} → {losses[-1]:.3f}")

@@ -184,3 +184,12 @@ def test_instruction_store_trains_end_to_end(env, tmp_path):
     assert json.loads(result.stdout)["state"] == "COMPLETED"
     missing = run_cli("submit", *TINY, "--data", str(tmp_path / "nowhere"), env=env)
     assert missing.returncode == 2 and "nowhere" in missing.stderr
+
+
+def test_plot_writes_a_readable_png(env, completed, tmp_path):
+    out = tmp_path / "curves.png"
+    run_cli("plot", str(completed["id"]), "-o", str(out), env=env, check=True)
+    header = out.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    assert (width, height) == (900, 900) and out.stat().st_size > 20_000
