@@ -157,8 +157,12 @@ def submit(ctx: click.Context, runs_dir: str | None, force: bool, gpu: str | Non
         raise SpecError(f"--wandb {spec.wandb}: not supported yet; metrics.jsonl, `status` and `plot` hold the curves")
     if spec.merge and spec.mode != "lora":
         raise SpecError(f"--merge folds LoRA adapters into the base; --mode {spec.mode} has none: leave --merge out")
-    if spec.strategy == "pp" and (spec.compile or (spec.procs_per_node or 1) > 1):
-        raise SpecError("--strategy pp runs one uncompiled process per node; leave --compile and --procs-per-node out")
+    if spec.compile and spec.strategy not in ("fsdp", "fsdp-offload"):
+        raise SpecError(f"--compile is implemented for fsdp and fsdp-offload; leave it out with "
+                        f"--strategy {spec.strategy}")
+    if spec.strategy == "pp" and (spec.procs_per_node or 1) > 1:
+        raise SpecError("--strategy pp runs one process per node (it drives all the node's GPUs); "
+                        "leave --procs-per-node out")
     accel, gpu_note = _submit_fit_check(spec, gpu, force, dry_run)
     if dry_run:
         folder, verdict = submit_mod.dry_run(spec, site)

@@ -1,7 +1,9 @@
-"""Render templates/ into a run dir: spec.json, the per-node launch.sh and a standalone job.sbatch."""
+"""Render templates/ into a run dir: spec.json, the per-node launch.sh, a standalone job.sbatch, and
+for the DeepSpeed strategies ds_config.json."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -9,12 +11,13 @@ from pathlib import Path
 
 import jinja2
 
-from llamajobs import __version__
+from llamajobs import __version__, catalog
 from llamajobs.errors import SpecError
 from llamajobs.site import Site
 from llamajobs.spec import JobSpec
 
 RENDERED = ("spec.json", "launch.sh", "job.sbatch")
+DS_CONFIG = "ds_config.json"  # ds-* strategies only
 
 
 def templates_dir() -> Path:
@@ -47,6 +50,33 @@ def sbatch_options(spec: JobSpec) -> list[tuple[str, str]]:
     return [(k, v) for k, v in values.items() if v]
 
 
+def ds_config(spec: JobSpec, *, world_size: int | None = None, cuda: bool | None = None) -> dict:
+    """DeepSpeed's config for a ds-* spec, every value filled from the spec (none left "auto").
+
+    spec.json is the one source of truth: the run dir's ds_config.json is this function's output for
+    the planned world size and device, and the worker calls it again on the node with the real ones
+    (the launch counts the GPUs there; --device auto decides bf16 or fp32 there). Buckets are sized
+    from the hidden size d as Hugging Face's "auto" sizes them: d^2 elements per reduce (and ZeRO-2
+    all-gather) bucket, 0.9 d^2 per ZeRO-3 prefetch, parameters under 10 d elements kept whole."""
+    if spec.strategy not in catalog.DEEPSPEED_STRATEGIES:
+        raise ValueError(f"--strategy {spec.strategy} is not a DeepSpeed strategy "
+                         f"({', '.join(sorted(catalog.DEEPSPEED_STRATEGIES))})")
+    world_size = spec.world_size if world_size is None else world_size
+    if cuda is None:  # the plan: GPUs on SLURM unless --device cpu; the CPU elsewhere
+        cuda = spec.device == "cuda" or (spec.device == "auto" and spec.cluster == "slurm")
+    accum, rest = divmod(spec.global_batch, spec.micro_batch * world_size)
+    if rest or not accum:
+        raise ValueError(f"--global-batch {spec.global_batch} is not a multiple of --micro-batch {spec.micro_batch} x "
+                         f"world size {world_size}; change --global-batch or --micro-batch")
+    d = spec.shape.dim
+    context = {
+        "spec": spec, "accum": accum, "cuda": cuda, "stage": 3 if spec.strategy.startswith("ds-zero3") else 2,
+        "offload_optimizer": spec.strategy.endswith("-offload"), "offload_param": spec.strategy == "ds-zero3-offload",
+        "reduce_bucket": d * d, "prefetch_bucket": int(0.9 * d * d), "persistence_threshold": 10 * d,
+    }
+    return json.loads(_environment().get_template(DS_CONFIG + ".j2").render(context))
+
+
 def render(spec: JobSpec, site: Site, out_dir: str | Path, run_dir: str | None = None) -> list[Path]:
     """Write the rendered files into out_dir; `run_dir` is where they will live when it differs."""
     out = Path(out_dir)
@@ -65,8 +95,11 @@ def render(spec: JobSpec, site: Site, out_dir: str | Path, run_dir: str | None =
     }
     env = _environment()
     written = []
-    for name in RENDERED:
-        text = spec.to_json() if name == "spec.json" else env.get_template(name + ".j2").render(context)
+    for name in RENDERED + ((DS_CONFIG,) if spec.strategy in catalog.DEEPSPEED_STRATEGIES else ()):
+        if name == DS_CONFIG:
+            text = json.dumps(ds_config(spec), indent=2) + "\n"
+        else:
+            text = spec.to_json() if name == "spec.json" else env.get_template(name + ".j2").render(context)
         path = out / name
         path.write_text(text)
         if name.endswith((".sh", ".sbatch")):

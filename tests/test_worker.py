@@ -173,8 +173,8 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth() -> None:
 
 
 @pytest.mark.parametrize("changes, named", [
-    ({"mode": "prefix"}, "--mode prefix is not implemented yet"),
-    ({"strategy": "ds-zero3"}, "--strategy ds-zero3 is not implemented yet"),
+    ({"mode": "prefix", "merge": True}, "--merge folds LoRA adapters into the base; --mode prefix has none"),
+    ({"strategy": "pp", "compile": True}, "--compile is not implemented for --strategy pp"),
 ])
 def test_unsupported_settings_are_refused_by_name(changes: dict, named: str) -> None:
     with pytest.raises(NotImplementedError, match=named):

@@ -4,12 +4,18 @@ every rank writing its own shards), and where a relaunched worker resumes.
     RUN_DIR/checkpoints/
       step-N/
         .metadata, __R_0.distcp   model + optimizer (torch.distributed.checkpoint, FSDP2 shards: each
-                                  rank writes its own). LoRA saves only the trainable adapters and
-                                  their optimizer state: the frozen base is rebuilt at start-up from
+                                  rank writes its own; pp: the one process per node). LoRA and the
+                                  prompt-learning modes save only the trainable adapter and its
+                                  optimizer state: the frozen base is rebuilt at start-up from
                                   --model-path or the seed, exactly as the first attempt built it.
+        engine/, zero_to_fp32.py  instead, under the ds-* strategies: DeepSpeed's own checkpoint
+                                  (engine.save_checkpoint with tag "engine" and no `latest` of its
+                                  own; each rank writes its ZeRO partitions; adapters only, as above).
+                                  It resumes on the same number of processes only.
         rng-rank{R}.pt            rank R's python, numpy, torch (and CUDA) generator states
         train_state.json          step, scheduler and sampler positions (the same on every rank)
-        meta.json                 written last: {"step", "mode", "world_size", "device", "time", "complete"}
+        meta.json                 written last: {"step", "mode", "strategy", "world_size", "device", "time",
+                                  "complete"}
       latest                      "step-N", the newest complete checkpoint (the launcher waits on it)
 
 Atomic: all of it is written into a hidden sibling (.tmp-step-N-<token>), meta.json last; the
@@ -41,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.optim.lr_scheduler import LRScheduler
 
 from llamajobs import events
+from llamajobs.catalog import DEEPSPEED_STRATEGIES
 from llamajobs.control import STOP_REQUEST
 from llamajobs.data.sampler import WindowSampler
 from llamajobs.spec import JobSpec
@@ -51,6 +58,7 @@ from llamajobs.worker.parallel import Dist
 LATEST = "latest"
 META = "meta.json"
 TRAIN_STATE = "train_state.json"
+ENGINE_TAG = "engine"  # DeepSpeed's checkpoint inside step-N (its "tag": a subdirectory)
 # ignore_frozen_params: a LoRA checkpoint holds the adapters, not the base. strict=False because the
 # base is then absent from what is loaded; nothing goes missing unnoticed: dcp.load fails on any
 # requested (trainable) entry the checkpoint lacks.
@@ -59,7 +67,8 @@ STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 @dataclass(slots=True)
 class TrainState:
-    """What a checkpoint saves and a resume restores (besides the RNG states)."""
+    """What a checkpoint saves and a resume restores (besides the RNG states). Under DeepSpeed the
+    model is its engine, which saves and loads the optimizer's partitions itself."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -128,20 +137,33 @@ def commit(root: Path, tmp: Path, step: int, meta: dict[str, Any]) -> Path:
     write_atomically(tmp / META, json.dumps({**meta, "complete": True}, indent=2) + "\n")
     final = step_dir(root, step)
     if final.exists():  # an incomplete leftover of a crashed attempt (or a redone step): superseded
-        shutil.rmtree(final)
+        discard(final)
     os.replace(tmp, final)
     write_atomically(root / LATEST, final.name + "\n")
     return final
 
 
+def discard(folder: Path) -> None:
+    """Delete a checkpoint directory so that no kill can leave half of it looking complete: it
+    leaves its step-N name in one atomic rename first (a partly deleted step-N would still hold
+    meta.json, but not all of its shards)."""
+    trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def prune(root: Path, keep: int) -> None:
     """Keep the `keep` newest complete checkpoints; delete older ones, incomplete step directories
-    and abandoned temporary ones. Called only after a new checkpoint is complete and `latest` names it."""
+    and abandoned temporary or half-deleted ones. Called only after a new checkpoint is complete
+    and `latest` names it."""
     kept = {f"step-{s}" for s in complete_steps(root)[-keep:]}
     for folder in root.iterdir():
-        is_checkpoint = folder.name.startswith(("step-", ".tmp-step-"))
-        if folder.is_dir() and is_checkpoint and folder.name not in kept:
+        if not folder.is_dir() or folder.name in kept:
+            continue
+        if folder.name.startswith(".trash-"):
             shutil.rmtree(folder, ignore_errors=True)
+        elif folder.name.startswith(("step-", ".tmp-step-")):
+            discard(folder)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -239,8 +261,7 @@ class Checkpointer:
         if self.env.rank == 0:
             tmp.mkdir(parents=True, exist_ok=True)
         dist.barrier()  # the directory exists before any rank writes into it
-        model_state, optimizer_state = get_state_dict(self.state.model, self.state.optimizer, options=STATE_OPTIONS)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+        self._save_model_and_optimizer(tmp)
         buffer = io.BytesIO()
         torch.save(rng.get_state(self.env.device), buffer)
         write_synced(tmp / f"rng-rank{self.env.rank}.pt", buffer.getvalue())  # (DCP syncs its own files)
@@ -250,8 +271,9 @@ class Checkpointer:
             train_state = {"step": step, "scheduler": self.state.scheduler.state_dict(),
                            "sampler": self.state.sampler.state_dict()}
             write_synced(tmp / TRAIN_STATE, (json.dumps(train_state, indent=2) + "\n").encode())
-            commit(self.root, tmp, step, {"step": step, "mode": self.spec.mode, "world_size": self.env.world_size,
-                                          "device": self.env.device.type, "time": time.time()})
+            commit(self.root, tmp, step, {"step": step, "mode": self.spec.mode, "strategy": self.spec.strategy,
+                                          "world_size": self.env.world_size, "device": self.env.device.type,
+                                          "time": time.time()})
             prune(self.root, self.spec.keep_checkpoints)
             seconds = time.perf_counter() - start
             events.record(self.run_dir, "checkpointed", step=step, seconds=round(seconds, 3),
@@ -268,15 +290,21 @@ class Checkpointer:
         if step is None:
             return 0
         folder = step_dir(self.root, step)
-        saved_mode = (read_meta(folder) or {}).get("mode")
+        meta = read_meta(folder) or {}
+        saved_mode = meta.get("mode")
         if saved_mode != self.spec.mode:  # a LoRA checkpoint holds no base weights; a full one no adapters
             raise ValueError(f"{folder} was saved by a --mode {saved_mode} run; resume it with --mode {saved_mode}, "
                              f"or turn resume off (--no-resume) to start over")
-        model_state, optimizer_state = get_state_dict(self.state.model, self.state.optimizer, options=STATE_OPTIONS)
-        loaded = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(loaded, checkpoint_id=folder)  # in place, each rank reading its own shards
-        set_state_dict(self.state.model, self.state.optimizer, model_state_dict=loaded["model"],
-                       optim_state_dict=loaded["optimizer"], options=STATE_OPTIONS)
+        saved_format = "engine" if (folder / ENGINE_TAG).is_dir() else "dcp"
+        if saved_format != ("engine" if self.engine_checkpoints else "dcp"):
+            raise ValueError(f"{folder} was saved by a --strategy {meta.get('strategy', '?')} run in another format "
+                             f"({'DeepSpeed' if saved_format == 'engine' else 'DCP'}); resume it with that "
+                             f"strategy, or turn resume off (--no-resume) to start over")
+        if self.engine_checkpoints and meta.get("world_size") != self.env.world_size:
+            raise ValueError(f"{folder} holds DeepSpeed ZeRO partitions of {meta.get('world_size')} processes and this "
+                             f"run has {self.env.world_size}; resume it on {meta.get('world_size')} (--nodes, "
+                             f"--procs-per-node), or turn resume off (--no-resume) to start over")
+        self._load_model_and_optimizer(folder)
         train_state = json.loads((folder / TRAIN_STATE).read_text())
         self.state.scheduler.load_state_dict(train_state["scheduler"])
         self.state.sampler.load_state_dict(train_state["sampler"])
@@ -286,6 +314,53 @@ class Checkpointer:
             events.record(self.run_dir, "resumed", step=step, path=str(folder))
             print(f"resumed from {folder}", flush=True)
         return step
+
+    # --- the model and optimizer: DCP shards, or DeepSpeed's engine checkpoint ---
+
+    @property
+    def engine_checkpoints(self) -> bool:
+        return self.spec.strategy in DEEPSPEED_STRATEGIES
+
+    def _save_model_and_optimizer(self, tmp: Path) -> None:
+        """Collective: every rank writes its shards (or ZeRO partitions) into tmp."""
+        if self.engine_checkpoints:
+            # Into tmp/engine, with no `latest` of DeepSpeed's own: ours, written after meta.json, is the
+            # only one. A frozen base is rebuilt at start-up, as under DCP.
+            self.state.model.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False,
+                                             exclude_frozen_parameters=self.spec.mode != "full")
+            # DeepSpeed does not sync what it wrote (DCP does): on disk before meta.json vouches for it.
+            # Every rank syncs every file: each flushes whatever of them it wrote.
+            for path in (tmp / ENGINE_TAG).iterdir():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            return
+        model_state, optimizer_state = self._dcp_state()
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+
+    def _load_model_and_optimizer(self, folder: Path) -> None:
+        if self.engine_checkpoints:
+            path, _ = self.state.model.load_checkpoint(
+                str(folder), tag=ENGINE_TAG, load_module_strict=self.spec.mode == "full",
+                load_optimizer_states=True, load_lr_scheduler_states=False)  # (the schedule is in train_state.json)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / ENGINE_TAG}")
+            return
+        model_state, optimizer_state = self._dcp_state()
+        loaded = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(loaded, checkpoint_id=folder)  # in place, each rank reading its own shards
+        set_state_dict(self.state.model, self.state.optimizer, model_state_dict=loaded["model"],
+                       optim_state_dict=loaded["optimizer"], options=STATE_OPTIONS)
+
+    def _dcp_state(self) -> tuple[dict, dict]:
+        """The model's and optimizer's state dicts as DCP saves and loads them. Under a peft mode only
+        what is trained: ignore_frozen_params misses the second name peft's prompt learning gives the
+        frozen input embedding (word_embeddings), which would put the base's largest matrix in every
+        checkpoint."""
+        model_state, optimizer_state = get_state_dict(self.state.model, self.state.optimizer, options=STATE_OPTIONS)
+        if self.spec.mode != "full":
+            trainable = {name for name, p in self.state.model.named_parameters() if p.requires_grad}
+            model_state = {name: value for name, value in model_state.items() if name in trainable}
+        return model_state, optimizer_state
 
     def _restore_rng(self, folder: Path, step: int) -> None:
         """Each rank's generators as they were, when the ranks are the same ones; otherwise there is

@@ -1,6 +1,7 @@
-"""The model: a LLaMA decoder (transformers) built on the meta device, LoRA via peft, weights read
-once per job on rank 0 and broadcast into every rank's shards; where the starting weights come from
-(--model-path, --init-from, or a seeded random init); and the HF-format export of final/.
+"""The model: a LLaMA decoder (transformers) built on the meta device, LoRA and the prompt-learning
+modes (prefix, p-tuning, prompt tuning) via peft, weights read once per job on rank 0 and broadcast
+into every rank's shards; where the starting weights come from (--model-path, --init-from, or a
+seeded random init); and the HF-format export of final/.
 
 Why meta + broadcast: eight ranks each loading a 7B checkpoint need eight copies of it in host RAM.
 Here every rank builds a weightless model, shards it, allocates only its shards, and rank 0 alone
@@ -15,18 +16,20 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from huggingface_hub import save_torch_state_dict
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llamajobs.spec import JobSpec
 
-SUPPORTED_MODES = ("full", "lora")
+SUPPORTED_MODES = ("full", "lora", "prefix", "ptuning", "prompt")
+# peft's prompt learning: virtual tokens (--num-virtual-tokens) trained in front of a frozen model.
+PROMPT_MODES = ("prefix", "ptuning", "prompt")
 # In final/: what the export was trained from, so that --init-from can check it continues on the same base.
 PROVENANCE = "llamajobs.json"
 
@@ -35,6 +38,9 @@ def check_mode(spec: JobSpec) -> None:
     if spec.mode not in SUPPORTED_MODES:
         raise NotImplementedError(
             f"--mode {spec.mode} is not implemented yet in the worker; use one of {', '.join(SUPPORTED_MODES)}")
+    if spec.merge and spec.mode != "lora":
+        raise NotImplementedError(f"--merge folds LoRA adapters into the base; --mode {spec.mode} has none to fold: "
+                                  f"leave --merge out")
 
 
 # --- where the starting weights come from ---
@@ -70,11 +76,15 @@ def check_init_from(spec: JobSpec) -> None:
             raise ValueError(f"--init-from {path} holds a full model, which replaces --model-path; "
                              f"leave --model-path out")
         return
+    adapter = json.loads((path / "adapter_config.json").read_text())
+    if adapter.get("peft_type", "LORA") != "LORA":
+        # A prompt-learning adapter holds the virtual tokens' embeddings, not the encoder that made them.
+        raise ValueError(f"--init-from {path} holds a {adapter['peft_type']} adapter, which training cannot continue; "
+                         f"start from its base (--model-path) instead")
     if spec.mode != "lora":
         raise ValueError(f"--init-from {path} holds a LoRA adapter: continue it with --mode lora, or start "
                          f"--mode {spec.mode} from its merged model (--init-from {path / 'merged'}, written by "
                          f"--merge)")
-    adapter = json.loads((path / "adapter_config.json").read_text())
     saved = (adapter["r"], adapter["lora_alpha"], sorted(adapter["target_modules"]))
     if saved != (spec.lora_r, spec.lora_alpha, sorted(spec.lora_targets)):
         raise ValueError(f"--init-from {path}: its adapter has r {saved[0]}, alpha {saved[1]}, targets "
@@ -103,51 +113,91 @@ def model_config(spec: JobSpec) -> LlamaConfig:
 
 
 def weights_dtype(spec: JobSpec, device: torch.device) -> torch.dtype:
-    """fp32 master weights for whatever is trained; a frozen LoRA base on GPU is bf16 (never updated,
-    half the memory). The LoRA adapters themselves stay fp32 (peft upcasts them)."""
-    return torch.bfloat16 if spec.mode == "lora" and device.type == "cuda" else torch.float32
+    """fp32 master weights for whatever is trained; a frozen base (LoRA, prompt learning) on GPU is
+    bf16 (never updated, half the memory). The adapters themselves stay fp32 (peft upcasts them)."""
+    return torch.bfloat16 if spec.mode != "full" and device.type == "cuda" else torch.float32
 
 
-def _apply_lora(model: LlamaForCausalLM, spec: JobSpec) -> nn.Module:
+def peft_config(spec: JobSpec):
+    """The peft config of a LoRA or prompt-learning mode (prompt learning: --num-virtual-tokens)."""
     # Imported here: peft takes over a second to import, and full fine-tunes never need it.
-    from peft import LoraConfig, get_peft_model
+    import peft
 
-    config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                        target_modules=list(spec.lora_targets), task_type="CAUSAL_LM")
+    if spec.mode == "lora":
+        return peft.LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                               target_modules=list(spec.lora_targets), task_type="CAUSAL_LM")
+    tokens = {"task_type": "CAUSAL_LM", "num_virtual_tokens": spec.num_virtual_tokens}
+    if spec.mode == "prefix":  # trained keys and values in front of every layer's attention
+        return peft.PrefixTuningConfig(**tokens)
+    if spec.mode == "ptuning":  # virtual token embeddings produced by a small trained MLP
+        return peft.PromptEncoderConfig(**tokens)
+    return peft.PromptTuningConfig(**tokens, prompt_tuning_init=peft.PromptTuningInit.RANDOM)  # trained embeddings
+
+
+def _apply_peft(model: LlamaForCausalLM, spec: JobSpec) -> nn.Module:
+    from peft import get_peft_model
+
     with warnings.catch_warnings():
         # peft still asks transformers' deprecated is_gradient_checkpointing; nothing for us to change.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, config)  # freezes the base: only the adapters require grad
+        return get_peft_model(model, peft_config(spec))  # freezes the base: only the adapter requires grad
+
+
+def build_structure(spec: JobSpec, config: LlamaConfig, dtype: torch.dtype) -> nn.Module:
+    """The model (peft-wrapped unless --mode full) wherever the caller's context builds it: on the
+    meta device (build_meta_model) or inside DeepSpeed's zero.Init."""
+    model = LlamaForCausalLM(config)
+    if next(model.parameters()).dtype != dtype:  # (zero.Init builds in its own dtype already)
+        model = model.to(dtype)
+    if spec.activation_checkpointing:
+        # HF's per-decoder-layer checkpointing (non-reentrant) keeps parameter names unchanged,
+        # unlike torch's checkpoint_wrapper, so state dicts stay in HF format.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable:
+            enable({"use_reentrant": False})
+        else:  # transformers releases before the rename
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.mode != "full":
+        model = _apply_peft(model, spec)
+    return model
 
 
 def build_meta_model(spec: JobSpec, config: LlamaConfig, dtype: torch.dtype) -> nn.Module:
     """The model's structure on the meta device (no memory); same on every rank."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(dtype)
-        if spec.activation_checkpointing:
-            # HF's per-decoder-layer checkpointing (non-reentrant) keeps parameter names unchanged,
-            # unlike torch's checkpoint_wrapper, so state dicts stay in HF format.
-            enable = getattr(model, "activation_checkpointing_enable", None)
-            if enable:
-                enable({"use_reentrant": False})
-            else:  # transformers releases before the rename
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if spec.mode == "lora":
-            model = _apply_lora(model, spec)
-    return model
+        return build_structure(spec, config, dtype)
 
 
-def materialize(model: nn.Module, init_device: torch.device, buffer_device: torch.device) -> None:
+def materialize(model: nn.Module, init_device: torch.device, buffer_device: torch.device,
+                placement: dict[nn.Module, torch.device] | None = None) -> None:
     """Allocate the (sharded) parameters on init_device, uninitialised, and recompute the rotary
     embedding's buffers on buffer_device: they are not in the state dict (non-persistent), so the
-    weight load cannot fill them. With CPU offload the parameters live on the CPU, the buffers not."""
-    model.to_empty(device=init_device)
+    weight load cannot fill them. With CPU offload the parameters live on the CPU, the buffers not.
+    `placement` puts some modules (and what they contain) on other devices (pp's layer split)."""
+    if placement is None:
+        model.to_empty(device=init_device)
+    else:
+        def place(module: nn.Module, device: torch.device) -> None:
+            device = placement.get(module, device)
+            module.to_empty(device=device, recurse=False)
+            for child in module.children():
+                place(child, device)
+        place(model, init_device)
     for module in model.modules():
         if type(module).__name__.endswith("RotaryEmbedding"):
             with torch.device(buffer_device):
                 fresh = type(module)(module.config)
             for name, buffer in fresh.named_buffers(recurse=False):
                 setattr(module, name, buffer)
+    _real_prompt_tokens(model)
+
+
+def _real_prompt_tokens(model: nn.Module) -> None:
+    """peft's prompt learning indexes its encoder with prompt_tokens, a plain tensor attribute (no
+    buffer: to_empty leaves it on the meta device). It is arange(number of virtual tokens)."""
+    for name, tokens in getattr(model, "prompt_tokens", {}).items():
+        if tokens.is_meta:
+            model.prompt_tokens[name] = torch.arange(tokens.numel(), dtype=torch.long)
 
 
 def _load_adapter(model: nn.Module, path: str) -> None:
@@ -166,7 +216,8 @@ def _full_state_dict_rank0(spec: JobSpec, config: LlamaConfig) -> dict[str, torc
     """The full weights in host RAM, read or initialised once per job (rank 0 only).
 
     A random init is seeded with --seed (the same weights whatever the world size, and the same base
-    for a LoRA run that continues another's adapter). The generator is forked so that rank 0's own
+    for a LoRA run that continues another's adapter). Under a peft mode the adapter's initial values
+    come from here too. The generator is forked so that rank 0's own
     random streams (dropout) do not depend on how many numbers the init drew.
     """
     with torch.random.fork_rng(devices=[]):
@@ -176,18 +227,28 @@ def _full_state_dict_rank0(spec: JobSpec, config: LlamaConfig) -> dict[str, torc
         else:
             torch.manual_seed(spec.seed)
             model = LlamaForCausalLM(config)
-        if spec.mode == "lora":
+        if spec.mode != "full":
             torch.manual_seed(spec.seed)
-            model = _apply_lora(model, spec)  # the adapters' initial values come from rank 0 too
-            if spec.init_from:  # (check_init_from made sure it holds an adapter for this base)
+            model = _apply_peft(model, spec)  # the adapters' initial values come from rank 0 too
+            if spec.init_from and spec.mode == "lora":  # (check_init_from: an adapter for this base)
                 _load_adapter(model, spec.init_from)
-    return model.state_dict()
+    return _without_aliases(model)
+
+
+def _without_aliases(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor once. peft's prompt learning registers the input embedding a
+    second time (as word_embeddings): that name is dropped, the base model's own is kept."""
+    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: tensor for name, tensor in model.state_dict().items() if name in names}
 
 
 def load_weights(model: nn.Module, spec: JobSpec, config: LlamaConfig, rank: int) -> None:
     """Fill every rank's shards with the same weights: rank 0's, broadcast (others pass {})."""
     state = _full_state_dict_rank0(spec, config) if rank == 0 else {}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Not strict under prompt learning: the model's state dict also names the embedding by its alias
+    # (see _without_aliases), which the weights fill through its first name.
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=spec.mode not in PROMPT_MODES)
+    set_model_state_dict(model, state, options=options)
 
 
 def check_vocab(config: LlamaConfig, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -201,23 +262,29 @@ def check_vocab(config: LlamaConfig, tokenizer: PreTrainedTokenizerBase) -> None
 # --- final/ ---
 
 
+Gather = Callable[..., dict[str, torch.Tensor]]  # gather(trainable_only=...): rank 0's full CPU tensors
+
+
 def export_final(model: nn.Module, spec: JobSpec, config: LlamaConfig, tokenizer: PreTrainedTokenizerBase,
-                 run_dir: Path, rank: int, dtype: torch.dtype, step: int) -> Path:
-    """Write run_dir/final in HF format (full: safetensors + config; LoRA: the peft adapter, and with
-    --merge the merged full model in final/merged), plus the tokenizer and llamajobs.json (what it
-    was trained from). Collective: every rank calls it. Written to final.tmp, then renamed."""
+                 run_dir: Path, rank: int, dtype: torch.dtype, step: int, *, gather: Gather) -> Path:
+    """Write run_dir/final in HF format (full: safetensors + config; LoRA and prompt learning: the
+    peft adapter, and with --merge the merged full model in final/merged), plus the tokenizer and
+    llamajobs.json (what it was trained from). Collective: every rank calls it. Written to
+    final.tmp, then renamed. `model` is the Hugging Face (or peft) module; `gather` is the
+    strategy's way to collect its full tensors on rank 0 (Strategy.gather)."""
     final, tmp = run_dir / "final", run_dir / "final.tmp"
     adapter = None
-    if spec.mode == "lora":
+    if spec.mode != "full":
         # Only the adapters: gathering the frozen base would move the whole model to rank 0 for nothing...
-        adapter = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
-                   for name, p in model.named_parameters() if p.requires_grad}
+        adapter = gather(trainable_only=True)
     if spec.mode == "full" or spec.merge:  # ...unless the merged model needs it
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = gather(trainable_only=False)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        if adapter is not None:
+        if spec.mode in PROMPT_MODES:
+            _prompt_adapter_model(adapter, spec, config).save_pretrained(tmp, state_dict=adapter)
+        elif adapter is not None:
             model.save_pretrained(tmp, state_dict=adapter)  # PeftModel: adapter_config.json + adapter_model.safetensors
             if spec.merge:
                 _write_hf_model(tmp / "merged", _merged_state_dict(state, spec, config), config, dtype)
@@ -239,9 +306,22 @@ def _merged_state_dict(state: dict[str, torch.Tensor], spec: JobSpec, config: Ll
     merge_and_unload), as a plain LlamaForCausalLM state dict. Built on the meta device and filled
     by assignment: no second copy, no random init of a model that is overwritten anyway."""
     with torch.device("meta"):
-        peft_model = _apply_lora(LlamaForCausalLM(copy.deepcopy(config)), spec)
+        peft_model = _apply_peft(LlamaForCausalLM(copy.deepcopy(config)), spec)
     peft_model.load_state_dict(state, assign=True, strict=True)
     return peft_model.merge_and_unload().state_dict()
+
+
+def _prompt_adapter_model(adapter: dict[str, torch.Tensor], spec: JobSpec, config: LlamaConfig) -> nn.Module:
+    """A prompt-learning model whose base stays on the meta device and whose prompt encoder holds the
+    gathered trained weights, on the CPU: what peft's save_pretrained needs, since it saves the
+    encoder's output (the virtual tokens' embeddings; for p-tuning, its MLP applied), not its weights."""
+    with torch.device("meta"):
+        peft_model = _apply_peft(LlamaForCausalLM(copy.deepcopy(config)), spec)
+    result = peft_model.load_state_dict(adapter, assign=True, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"the trained prompt encoder does not fit peft's: {result.unexpected_keys[:3]}")
+    _real_prompt_tokens(peft_model)
+    return peft_model
 
 
 def _write_hf_model(folder: Path, state: dict[str, torch.Tensor], config: LlamaConfig, dtype: torch.dtype) -> None:

@@ -1,26 +1,40 @@
-"""Distributed setup and data parallelism: the process group, FSDP2 sharding, gradient clipping.
+"""Distributed setup and the strategies: how the model is built, stepped and gathered under each.
 
-Strategies here: fsdp (FSDP2 full shard per decoder layer, bf16 compute on GPU) and fsdp-offload
-(the same with parameters, gradients and optimizer state on the CPU). DeepSpeed and pp come later.
+    fsdp, fsdp-offload      Fsdp: FSDP2 full shard per decoder layer (bf16 compute on GPU); -offload
+                            keeps parameters, gradients and optimizer state on the CPU
+    ds-zero2[-offload],     Zero (zero.py): DeepSpeed ZeRO-2/3 through deepspeed.initialize under the
+    ds-zero3[-offload]      same torchrun launch; -offload moves the optimizer (ZeRO-3: and parameters)
+    pp                      LayerSplit: one process per node, the decoder layers split contiguously
+                            over the node's devices; slow, for debugging
+
+train.py calls only the hooks of Strategy; everything a strategy does differently lives behind them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from llamajobs.catalog import DEEPSPEED_STRATEGIES
 from llamajobs.spec import JobSpec
+from llamajobs.worker import model as model_lib
 
-SUPPORTED_STRATEGIES = ("fsdp", "fsdp-offload")
+FSDP_STRATEGIES = ("fsdp", "fsdp-offload")
+SUPPORTED_STRATEGIES = (*FSDP_STRATEGIES, *sorted(DEEPSPEED_STRATEGIES), "pp")
 # Collectives wait this long before the watchdog aborts the job. Longer than torch's 10 minutes
 # because every rank waits in one while rank 0 alone reads a checkpoint (65B: 130 GB) or writes final/.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
@@ -28,7 +42,7 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 @dataclass(frozen=True, slots=True)
 class Dist:
-    """Where this process sits: torchrun's environment, resolved once."""
+    """Where this process sits: torchrun's environment (or the deepspeed launcher's), resolved once."""
 
     rank: int
     local_rank: int
@@ -42,13 +56,17 @@ def check_strategy(spec: JobSpec) -> None:
         raise NotImplementedError(
             f"--strategy {spec.strategy} is not implemented yet in the worker; use one of "
             f"{', '.join(SUPPORTED_STRATEGIES)}")
+    if spec.compile and spec.strategy not in FSDP_STRATEGIES:
+        raise NotImplementedError(f"--compile is not implemented for --strategy {spec.strategy} (it compiles the "
+                                  f"decoder layers under FSDP); leave --compile out")
 
 
 def init_distributed(spec: JobSpec) -> Dist:
-    """Join torchrun's process group (RANK, WORLD_SIZE, MASTER_ADDR... in the environment)."""
+    """Join the launcher's process group (RANK, WORLD_SIZE, MASTER_ADDR... in the environment)."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    # torchrun says LOCAL_WORLD_SIZE; DeepSpeed's launcher says LOCAL_SIZE.
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
     use_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
@@ -57,8 +75,10 @@ def init_distributed(spec: JobSpec) -> Dist:
         torch.cuda.set_device(device)
         # gloo carries the collectives on CPU tensors, which NCCL cannot do: the per-step stop and
         # checkpoint decision (a CPU tensor, so the host never waits for the GPU to learn it), and
-        # under CPU offload the loading and clipping of the parameters that live on the CPU.
-        dist.init_process_group(backend="cuda:nccl,cpu:gloo", device_id=device, timeout=COLLECTIVE_TIMEOUT)
+        # under CPU offload the loading and clipping of the parameters that live on the CPU. pp's one
+        # process drives all the node's GPUs: NCCL is not bound to one of them.
+        bound = None if spec.strategy == "pp" else device
+        dist.init_process_group(backend="cuda:nccl,cpu:gloo", device_id=bound, timeout=COLLECTIVE_TIMEOUT)
     else:
         device = torch.device("cpu")
         dist.init_process_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
@@ -80,10 +100,112 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def for_spec(spec: JobSpec, env: Dist | None) -> Strategy:
+    """The strategy object of spec.strategy (DeepSpeed imported only when one is asked for)."""
+    check_strategy(spec)
+    if spec.strategy in DEEPSPEED_STRATEGIES:
+        from llamajobs.worker.zero import Zero
+
+        return Zero(spec, env)
+    if spec.strategy == "pp":
+        return LayerSplit(spec, env)
+    return Fsdp(spec, env)
+
+
+class Strategy(ABC):
+    """What differs between strategies, as hooks. The model passed to the hooks is what build_model
+    and wrap returned (for DeepSpeed: the engine); unwrap gives the Hugging Face (or peft) module."""
+
+    # Checkpoint format: torch.distributed.checkpoint (DCP) shards, or DeepSpeed's engine files.
+    engine_checkpoints = False
+
+    def __init__(self, spec: JobSpec, env: Dist | None) -> None:
+        self.spec = spec
+        self.env = env
+
+    # --- building ---
+
+    @abstractmethod
+    def build_model(self, config: LlamaConfig, *, load_weights: bool) -> nn.Module:
+        """This rank's model with the starting weights (rank 0's, the same everywhere); without
+        load_weights, allocated but uninitialised, for a checkpoint to fill."""
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The model and optimizer the loop steps (DeepSpeed: its engine and ZeRO optimizer)."""
+        return model, optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    @property
+    def devices_per_process(self) -> int:
+        return 1
+
+    def describe(self, run_dir: Path) -> str:
+        """What rank 0 prints about the strategy at start-up, beyond its name ("" for nothing)."""
+        return ""
+
+    # --- one optimizer step ---
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Around each micro-batch's forward (FSDP and DeepSpeed cast by themselves)."""
+        return contextlib.nullcontext()
+
+    def set_gradient_sync(self, model: nn.Module, sync: bool) -> None:
+        """Before each micro-batch's forward: whether its backward reduces the gradients (the last)."""
+
+    def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
+        """Accumulate d(loss)/d(params); the loss is already scaled for the global batch."""
+        loss.backward()
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+             max_norm: float) -> torch.Tensor:
+        """Clip the gradients, step the optimizer, zero the gradients; returns the norm before clipping."""
+        grad_norm = clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # --- final/ ---
+
+    @abstractmethod
+    def gather(self, model: nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
+        """Collective: the full (unsharded) tensors on rank 0, on the CPU, named as in the unwrapped
+        module's state dict; other ranks may get {}. trainable_only: the adapters, not the base."""
+
+
+# --- FSDP2 ---
+
+
+class Fsdp(Strategy):
+    def build_model(self, config: LlamaConfig, *, load_weights: bool) -> nn.Module:
+        """Structure on the meta device, sharded, only the shards allocated, weights read once (rank 0)
+        and broadcast; without load_weights the shards stay uninitialised for a checkpoint to fill."""
+        spec, device = self.spec, self.env.device
+        model = model_lib.build_meta_model(spec, config, model_lib.weights_dtype(spec, device))
+        parallelize(model, spec, device)
+        model_lib.materialize(model, init_device(spec, device), device)
+        if load_weights:
+            model_lib.load_weights(model, spec, config, self.env.rank)
+        return model
+
+    def set_gradient_sync(self, model: nn.Module, sync: bool) -> None:
+        # Reduce-scatter only after the last micro-batch; the others accumulate locally, in unsharded
+        # fp32 gradients (for a full fine-tune, a whole model's worth per GPU while accumulating).
+        model.set_requires_gradient_sync(sync)
+
+    def gather(self, model: nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
+        if trainable_only:  # small: every rank gathers them (full_tensor is a collective)
+            return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+                    for name, p in model.named_parameters() if p.requires_grad}
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def parallelize(model: nn.Module, spec: JobSpec, device: torch.device) -> nn.Module:
     """FSDP2: shard each decoder layer (its own all-gather/reduce-scatter unit), then the root
-    (embeddings, final norm, head). In place; returns the model for readability."""
-    check_strategy(spec)
+    (embeddings, final norm, head, a prompt encoder). In place; returns the model for readability."""
+    if spec.strategy not in FSDP_STRATEGIES:
+        raise ValueError(f"parallelize shards with FSDP; --strategy {spec.strategy} is not an FSDP strategy")
     if device.type == "cuda":
         # bf16 compute and all-gathers; fp32 gradient reduction and fp32 master weights (the sharded
         # parameters keep the dtype they were built in).
@@ -121,3 +243,95 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor
         total_norm = total_norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm, foreach=True)
     return total_norm
+
+
+# --- pp: the naive layer split ---
+
+
+class LayerSplit(Strategy):
+    """One process per node drives all of the node's GPUs: embeddings (and a prompt encoder) on the
+    first, the decoder layers split contiguously, the final norm and the head on the last; each part
+    moves its inputs to its own device (forward pre-hooks), so one GPU computes at a time. On a CPU
+    node everything is on the CPU. Between nodes (one process each) the gradients are all-reduced:
+    plain data parallelism, every process holding the whole model."""
+
+    @property
+    def devices(self) -> list[torch.device]:
+        if self.env.device.type == "cuda":
+            return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        return [self.env.device]
+
+    @property
+    def devices_per_process(self) -> int:
+        return len(self.devices)
+
+    def describe(self, run_dir: Path) -> str:
+        names = ", ".join(str(d) for d in self.devices)
+        return f"pp: the decoder layers split contiguously over {len(self.devices)} device(s) of this process: {names}"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        # bf16 compute on GPU (a full fine-tune keeps fp32 weights, as FSDP's mixed precision does).
+        if self.env.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def build_model(self, config: LlamaConfig, *, load_weights: bool) -> nn.Module:
+        """Every process (one per node) reads or initialises the weights itself: once per node."""
+        spec, devices = self.spec, self.devices
+        if self.env.local_world_size > 1:
+            raise ValueError(f"--strategy pp runs one process per node (it drives all the node's GPUs), not "
+                             f"{self.env.local_world_size}; leave --procs-per-node out")
+        if spec.mode == "prefix" and len(devices) > 1:
+            raise NotImplementedError("--mode prefix with --strategy pp on several GPUs: the prefix's keys and values "
+                                      "would have to follow each layer to its GPU; use --strategy fsdp (or one GPU)")
+        model = model_lib.build_meta_model(spec, config, model_lib.weights_dtype(spec, devices[0]))
+        placement = dict(split_layers(model, devices))
+        model_lib.materialize(model, devices[0], devices[0], placement)  # each part allocated on its device
+        for module, device in placement.items():
+            module.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
+        if load_weights:
+            model.load_state_dict(model_lib._full_state_dict_rank0(spec, config), strict=True)
+        return model
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+             max_norm: float) -> torch.Tensor:
+        world_size = self.env.world_size
+        if world_size > 1:  # each node's gradient is its share of the global mean times world_size
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(world_size)
+        return super().step(model, optimizer, params, max_norm)
+
+    def gather(self, model: nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
+        if trainable_only:
+            return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+        return {name: t.detach().cpu() for name, t in model.state_dict().items()}
+
+
+def split_layers(model: nn.Module, devices: list[torch.device]) -> list[tuple[nn.Module, torch.device]]:
+    """Contiguous placement: decoder layer i of L on devices[i * len(devices) // L]; the final norm
+    and the head on the last device. What is not listed (embeddings, rotary, a prompt encoder) stays
+    on the first."""
+    layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
+    decoder = next(m for m in model.modules() if type(m).__name__ == "LlamaModel")
+    head = next(m for m in model.modules() if type(m).__name__ == "LlamaForCausalLM").lm_head
+    placement = [(layer, devices[i * len(devices) // len(layers)]) for i, layer in enumerate(layers)]
+    return placement + [(decoder.norm, devices[-1]), (head, devices[-1])]
+
+
+def _inputs_to(device: torch.device):
+    """A forward pre-hook that moves every tensor among a module's inputs (in tuples, lists and
+    dicts too: the rotary (cos, sin) pair) to `device`; anything else passes as it is."""
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        if isinstance(x, (tuple, list)):
+            return type(x)(move(item) for item in x)
+        if isinstance(x, dict):
+            return {key: move(value) for key, value in x.items()}
+        return x
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return move(args), move(kwargs)
+    return hook

@@ -1,13 +1,16 @@
-"""The training loop, top to bottom: one process per GPU (or two on a CPU box) under torchrun.
+"""The training loop, top to bottom: one process per GPU (or two on a CPU box) under torchrun (or
+DeepSpeed's launcher); --strategy pp runs one process per node.
 
 main() reads the spec, joins the process group, runs train() and leaves the group. train() is the
 table of contents: tokenizer, data, model, parallelism, optimizer and schedule, resume, the loop
 (with its checkpoints), the export of final/. Everything it calls is a small function here or in the
-module named for its concern (model.py, parallel.py, checkpoint.py, metrics.py, rng.py, llamajobs.data).
+module named for its concern (model.py, parallel.py and zero.py for the strategies, checkpoint.py,
+metrics.py, rng.py, llamajobs.data).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import socket
 import sys
@@ -32,11 +35,11 @@ from llamajobs.data.tokenizer import ensure_tokenizer, load_tokenizer
 from llamajobs.estimate import flops_per_token
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
-from llamajobs.worker import parallel, rng
+from llamajobs.worker import parallel, rng, zero
 from llamajobs.worker.checkpoint import Checkpointer, TrainState, find_resume_step
 from llamajobs.worker.faults import injected_fault
 from llamajobs.worker.metrics import MetricsLogger, device_description
-from llamajobs.worker.parallel import Dist
+from llamajobs.worker.parallel import Dist, Strategy
 
 MIN_LR_RATIO = 0.1  # the cosine decays to this fraction of the peak learning rate
 
@@ -63,20 +66,24 @@ def train(run_dir: Path, spec: JobSpec, env: Dist) -> None:
     config = model_lib.model_config(spec)
     model_lib.check_vocab(config, tokenizer)
     resume_step = find_resume_step(run_dir, spec, env)  # None: this attempt starts at step 0
+    strategy = parallel.for_spec(spec, env)
     # A full fine-tune's checkpoint holds every weight: resuming one needs no base weights read.
-    model = build_model(spec, config, env, load_weights=resume_step is None or spec.mode != "full")
+    model = strategy.build_model(config, load_weights=resume_step is None or spec.mode != "full")
     optimizer, scheduler = build_optimizer(model, spec, env.device, total)
-    announce(spec, run_dir, env, model, steps_in_epoch=steps_in_epoch, total=total)
+    model, optimizer = strategy.wrap(model, optimizer)  # DeepSpeed: its engine and ZeRO optimizer
+    announce(spec, run_dir, env, model, strategy, steps_in_epoch=steps_in_epoch, total=total)
     checkpointer = Checkpointer(run_dir, spec, env, TrainState(model, optimizer, scheduler, sampler))
     start = checkpointer.resume(resume_step)  # 0 without a checkpoint
-    metrics = build_metrics(run_dir, spec, env, total=total, steps_in_epoch=steps_in_epoch, start=start)
+    metrics = build_metrics(run_dir, spec, env, strategy, total=total, steps_in_epoch=steps_in_epoch, start=start)
     step, stopped = train_loop(model, optimizer, scheduler, sampler, metrics, checkpointer,
-                               spec=spec, env=env, start=start, total=total)
+                               spec=spec, env=env, start=start, total=total, strategy=strategy)
     if not stopped:  # (stopped: the checkpoint of `step` is complete; the launcher requeues the job)
-        finish(model, spec, config, tokenizer, run_dir, env, step)
+        finish(model, strategy, spec, config, tokenizer, run_dir, env, step)
 
 
 def parse_run_dir(args: list[str]) -> Path:
+    # DeepSpeed's launcher adds --local_rank=N (LOCAL_RANK in the environment says the same).
+    args = [a for a in args if not a.startswith(("--local_rank=", "--local-rank="))]
     if len(args) != 1:
         raise SystemExit("usage: python -m llamajobs.worker RUN_DIR   (under torchrun; RUN_DIR holds spec.json)")
     return Path(args[0]).resolve()
@@ -134,14 +141,9 @@ def build_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, env: Dist) -> 
 
 
 def build_model(spec: JobSpec, config: LlamaConfig, env: Dist, *, load_weights: bool) -> nn.Module:
-    """Structure on the meta device, sharded, only the shards allocated, weights read once (rank 0)
-    and broadcast; without load_weights the shards stay uninitialised for a checkpoint to fill."""
-    model = model_lib.build_meta_model(spec, config, model_lib.weights_dtype(spec, env.device))
-    parallel.parallelize(model, spec, env.device)
-    model_lib.materialize(model, parallel.init_device(spec, env.device), env.device)
-    if load_weights:
-        model_lib.load_weights(model, spec, config, env.rank)
-    return model
+    """The strategy's model with the starting weights, read once (rank 0) and broadcast; without
+    load_weights left uninitialised for a checkpoint to fill (Strategy.build_model)."""
+    return parallel.for_spec(spec, env).build_model(config, load_weights=load_weights)
 
 
 def grad_accum_steps(spec: JobSpec, world_size: int) -> int:
@@ -167,30 +169,38 @@ def lr_factor(step: int, *, warmup: int, total: int) -> float:
 def build_optimizer(model: nn.Module, spec: JobSpec, device: torch.device,
                     total: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
     """AdamW over the trainable parameters only (LoRA: the adapters). No weight decay on vectors
-    (norm scales): decaying them towards 0 only hurts."""
+    (norm scales): decaying them towards 0 only hurts. DeepSpeed's optimizer offload needs its CPU
+    Adam (the same update; a C++ kernel over the CPU-resident fp32 masters)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": spec.weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    # fused: one kernel per step on GPU; the parameters must be there (not under CPU offload).
-    fused = device.type == "cuda" and parallel.init_device(spec, device).type == "cuda"
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, fused=fused or None)
+    ndim = [len(getattr(p, "ds_shape", p.shape)) for p in trainable]  # (ZeRO-3 partitions look 1-D)
+    groups = [{"params": [p for p, n in zip(trainable, ndim) if n >= 2], "weight_decay": spec.weight_decay},
+              {"params": [p for p, n in zip(trainable, ndim) if n < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if zero.offloads_optimizer(spec):
+        optimizer = zero.cpu_adam(groups, spec.lr)
+    else:
+        # fused: one kernel per step on GPU; the parameters must be there (not under CPU offload).
+        fused = device.type == "cuda" and parallel.init_device(spec, device).type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=spec.lr, fused=fused or None)
     warmup = math.ceil(spec.warmup_ratio * total)
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, warmup=warmup, total=total))
     return optimizer, scheduler
 
 
-def build_metrics(run_dir: Path, spec: JobSpec, env: Dist, *, total: int, steps_in_epoch: int,
+def build_metrics(run_dir: Path, spec: JobSpec, env: Dist, strategy: Strategy, *, total: int, steps_in_epoch: int,
                   start: int) -> MetricsLogger:
     metrics = MetricsLogger(
         run_dir, enabled=env.rank == 0, total_steps=total, steps_per_epoch=steps_in_epoch,
         tokens_per_step=spec.global_batch * spec.seq_len,
         flops_per_token=flops_per_token(spec.shape, spec.seq_len, spec.mode),
-        world_size=env.world_size, device=env.device)
+        # Per GPU: pp's one process drives all of its node's GPUs.
+        world_size=env.world_size * strategy.devices_per_process, device=env.device)
     metrics.discard_after(start)  # an earlier attempt's steps past its last checkpoint are redone now
     return metrics
 
 
-def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, *, steps_in_epoch: int, total: int) -> None:
+def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, strategy: Strategy, *, steps_in_epoch: int,
+             total: int) -> None:
     """The token budget up front (like nanoGPT), and the "started" event."""
     hosts: list[str | None] = [None] * env.world_size
     dist.all_gather_object(hosts, socket.gethostname())
@@ -198,10 +208,13 @@ def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, *, steps
         return
     tokens_per_step = spec.global_batch * spec.seq_len
     accum = grad_accum_steps(spec, env.world_size)
-    n_params = sum(p.numel() for p in model.parameters())  # DTensor numel is the global size
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # DTensor numel is the global size; a ZeRO-3 partition's is not (ds_numel is).
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    n_params, n_trainable = sum(n for n, _ in sizes), sum(n for n, trainable in sizes if trainable)
     print(f"model: {spec.shape.name} {spec.mode}, {n_params:,} parameters, {n_trainable:,} trainable; "
           f"{spec.strategy} over {env.world_size} processes on {device_description(env.device)}", flush=True)
+    if details := strategy.describe(run_dir):
+        print(details, flush=True)
     print(f"tokens per step: {tokens_per_step:,} = global batch {spec.global_batch} x seq len {spec.seq_len} "
           f"({accum} micro-batches of {spec.micro_batch} on each of {env.world_size} ranks)", flush=True)
     print(f"steps: {total:,} = {total / steps_in_epoch:.2f} epochs of {steps_in_epoch:,} steps "
@@ -221,36 +234,41 @@ def to_device(micro_batches: list[MicroBatch], device: torch.device) -> list[Mic
             for x, y in micro_batches]
 
 
-def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_size: int) -> torch.Tensor:
+def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_size: int,
+                     strategy: Strategy | None = None) -> torch.Tensor:
     """Accumulate into .grad the gradient of the global batch's mean token loss; return this rank's
     share of that mean (detached; the sum of the shares over ranks is the mean).
 
     Each micro-batch's loss is its summed token cross-entropy over the number of label tokens in the
     whole global batch (all ranks, counted before the forwards with one all-reduce), so ranks and
     micro-batches with more real (unpadded) tokens weigh more, exactly as in one pass over the
-    global batch. FSDP averages gradients over ranks; the world_size factor turns that into a sum.
+    global batch. FSDP and DeepSpeed average gradients over ranks; the world_size factor turns that
+    into a sum. (The strategy's backward is the engine's under DeepSpeed, told not to divide again.)
     """
+    strategy = strategy or parallel.Fsdp(JobSpec(), None)
     n_tokens = torch.stack([(labels != IGNORE_INDEX).sum() for _, labels in micro_batches]).sum()
     dist.all_reduce(n_tokens)
     scale = world_size / n_tokens.clamp(min=1)
     share = torch.zeros((), device=n_tokens.device)
     for i, (inputs, labels) in enumerate(micro_batches):
-        # Reduce-scatter only after the last micro-batch; the others accumulate locally, in unsharded
-        # fp32 gradients (for a full fine-tune, a whole model's worth per GPU while accumulating).
-        model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        logits = model(input_ids=inputs).logits
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+        strategy.set_gradient_sync(model, i == len(micro_batches) - 1)
+        with strategy.autocast():
+            # Prompt tuning and p-tuning prepend their virtual tokens' logits: only the last
+            # seq_len positions are the inputs'. (pp: the logits are on the node's last GPU.)
+            logits = model(input_ids=inputs).logits[:, -labels.shape[1]:]
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(logits.device).flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
-        (loss_sum * scale).backward()
-        share += loss_sum.detach() * (scale / world_size)
+        strategy.backward(model, loss_sum * scale.to(loss_sum.device))
+        share += loss_sum.detach().to(share.device) * (scale / world_size)
     return share
 
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, sampler: WindowSampler,
                metrics: MetricsLogger, checkpointer: Checkpointer, *, spec: JobSpec, env: Dist, start: int,
-               total: int) -> tuple[int, bool]:
+               total: int, strategy: Strategy | None = None) -> tuple[int, bool]:
     """Optimizer steps start+1..total, one global batch each, a checkpoint whenever due; returns the
     last step and whether a stop request ended the loop there (its checkpoint saved)."""
+    strategy = strategy or parallel.for_spec(spec, env)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = spec.grad_clip if spec.grad_clip > 0 else math.inf
     crash_step, oom_step = injected_fault("crash"), injected_fault("oom")
@@ -262,10 +280,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: La
             raise RuntimeError(f"injected fault at step {step}")
         if step == oom_step:
             raise torch.OutOfMemoryError(f"CUDA out of memory: injected fault at step {step}")
-        loss = forward_backward(model, to_device(next(sampler), env.device), env.world_size)
-        grad_norm = parallel.clip_grad_norm_(params, max_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = forward_backward(model, to_device(next(sampler), env.device), env.world_size, strategy)
+        grad_norm = strategy.step(model, optimizer, params, max_norm)  # clip, update, zero the gradients
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         if step % spec.log_every_steps == 0 or step == total:
@@ -279,11 +295,12 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: La
 # --- the end ---
 
 
-def finish(model: nn.Module, spec: JobSpec, config: LlamaConfig, tokenizer: PreTrainedTokenizerBase,
-           run_dir: Path, env: Dist, step: int) -> None:
+def finish(model: nn.Module, strategy: Strategy, spec: JobSpec, config: LlamaConfig,
+           tokenizer: PreTrainedTokenizerBase, run_dir: Path, env: Dist, step: int) -> None:
     """final/ in HF format (bf16 on GPU, fp32 on the CPU), then the "finished" event."""
     export_dtype = torch.bfloat16 if env.device.type == "cuda" else torch.float32
-    final = model_lib.export_final(model, spec, config, tokenizer, run_dir, env.rank, export_dtype, step)
+    final = model_lib.export_final(strategy.unwrap(model), spec, config, tokenizer, run_dir, env.rank, export_dtype,
+                                   step, gather=functools.partial(strategy.gather, model))
     if env.rank == 0:
         events.record(run_dir, "finished", step=step)
         print(f"finished at step {step}; wrote {final}", flush=True)

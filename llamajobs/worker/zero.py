@@ -1,0 +1,184 @@
+"""DeepSpeed ZeRO: ds-zero2, ds-zero2-offload, ds-zero3, ds-zero3-offload, under the same torchrun
+launch as FSDP (deepspeed.initialize reads torchrun's environment and adopts its process group).
+
+    ds-zero2          gradients and optimizer state partitioned, each rank a whole 16-bit model
+    ds-zero2-offload  the same, the fp32 master weights and Adam's moments on the CPU (CPU Adam)
+    ds-zero3          the parameters partitioned too, gathered layer by layer for compute
+    ds-zero3-offload  and offloaded to the CPU (pinned), optimizer too
+
+The config comes from spec.json through templates/ds_config.json.j2 (llamajobs.render.ds_config),
+rendered here with this node's world size and device. The loop's semantics are the FSDP path's:
+one optimizer step per global batch (unmanaged gradient accumulation: backward() only accumulates,
+step() is the boundary), the loss of each micro-batch already normalised by the global batch's
+label tokens, so backward() is told not to divide by the accumulation steps again; like FSDP,
+DeepSpeed averages the gradients over ranks, which the world_size factor of forward_backward undoes.
+
+Host memory: ZeRO-3 builds the model inside zero.Init (each layer partitioned as soon as it is
+built), ZeRO-2 on the meta device; either way rank 0 alone reads (or initialises) the full weights
+and broadcasts them, so a node's RAM holds the model once, not once per rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import LlamaConfig
+
+from llamajobs import render
+from llamajobs.spec import JobSpec
+from llamajobs.worker import model as model_lib
+from llamajobs.worker.parallel import Dist, Strategy
+
+
+def offloads_optimizer(spec: JobSpec) -> bool:
+    return spec.strategy in ("ds-zero2-offload", "ds-zero3-offload")
+
+
+def cpu_adam(groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """DeepSpeed's CPU Adam in AdamW mode (decoupled weight decay, torch's betas and eps), which ZeRO
+    offload requires. Its C++ extension is compiled on first use (about a minute) into
+    TORCH_EXTENSIONS_DIR, where later runs find it."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, adamw_mode=True)
+
+
+class Zero(Strategy):
+    engine_checkpoints = True
+
+    def __init__(self, spec: JobSpec, env: Dist | None) -> None:
+        super().__init__(spec, env)
+        self.stage = 3 if spec.strategy.startswith("ds-zero3") else 2
+        self.offload_param = spec.strategy == "ds-zero3-offload"
+
+    @property
+    def cuda(self) -> bool:
+        return self.env.device.type == "cuda"
+
+    @property
+    def config(self) -> dict:
+        """The DeepSpeed config of this node's real world size and device."""
+        return render.ds_config(self.spec, world_size=self.env.world_size, cuda=self.cuda)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """16-bit weights on GPU (the fp32 masters live in the optimizer), fp32 on the CPU."""
+        return torch.bfloat16 if self.cuda else torch.float32
+
+    # --- building ---
+
+    def build_model(self, config: LlamaConfig, *, load_weights: bool) -> nn.Module:
+        import deepspeed
+
+        # Its INFO log repeats the whole config and each step's timers: our own lines say what matters.
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        # DeepSpeed 0.19 still calls these torch.distributed names: one warning per call, every step.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\."
+                                r"(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")  # adopts the existing group
+        if self.stage == 3:
+            # Each rank's layers are initialised for real (and overwritten by rank 0's weights): under a
+            # forked generator, so that the ranks' random streams (dropout) are those of the other
+            # strategies, which build on the meta device and draw nothing.
+            devices = [self.env.device] if self.cuda else []
+            with torch.random.fork_rng(devices=devices), \
+                    deepspeed.zero.Init(config_dict_or_path=self.config, dtype=self.dtype,
+                                        remote_device="cpu" if self.offload_param else None,
+                                        pin_memory=self.cuda and self.offload_param):
+                model = model_lib.build_structure(self.spec, config, self.dtype)
+        else:
+            model = model_lib.build_meta_model(self.spec, config, self.dtype)
+            model_lib.materialize(model, self.env.device, self.env.device)
+        if load_weights:
+            self._load_rank0(model, config)
+        return model
+
+    def _load_rank0(self, model: nn.Module, config: LlamaConfig) -> None:
+        """Rank 0's weights (read or initialised there alone) into every rank's model, one parameter at
+        a time: ZeRO-3 gathers each partitioned parameter, rank 0 writes it, leaving the context
+        broadcasts and partitions it again; ZeRO-2's replicas are broadcast."""
+        import deepspeed
+
+        rank = self.env.rank
+        state = model_lib._full_state_dict_rank0(self.spec, config) if rank == 0 else {}
+        names = [name for name, _ in model.named_parameters()]
+        if rank == 0 and set(names) != set(state):
+            missing, unexpected = sorted(set(names) - set(state))[:3], sorted(set(state) - set(names))[:3]
+            raise RuntimeError(f"the starting weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        for name, param in model.named_parameters():
+            partitioned = self.stage == 3
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=partitioned), torch.no_grad():
+                if rank == 0:
+                    param.copy_(state.pop(name))  # (to the model's dtype and device)
+                if not partitioned:
+                    dist.broadcast(param.data, src=0)
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        import deepspeed
+
+        engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
+                                                            dist_init_required=False)
+        return engine, zero_optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module
+
+    def describe(self, run_dir: Path) -> str:
+        """One line on what runs; notes a run dir ds_config.json that is not spec.json's rendering."""
+        config = self.config
+        zero = config["zero_optimization"]
+        offloaded = [what for what in ("optimizer", "param") if f"offload_{what}" in zero]
+        line = (f"deepspeed: ZeRO-{zero['stage']}, offload {'+'.join(offloaded) or 'none'}, "
+                f"{'bf16' if config['bf16']['enabled'] else 'fp32'}, {config['gradient_accumulation_steps']} "
+                f"micro-batches per step, clip {config['gradient_clipping']} (config from spec.json)")
+        planned = run_dir / render.DS_CONFIG
+        if planned.is_file() and json.loads(planned.read_text()) != render.ds_config(self.spec):
+            line += (f"\nwarning: {planned} differs from spec.json's rendering; the worker renders its config from "
+                     f"spec.json (edit the spec, not ds_config.json)")
+        return line
+
+    # --- one optimizer step ---
+
+    def backward(self, model: nn.Module, loss: torch.Tensor) -> None:
+        model.backward(loss, scale_wrt_gas=False)  # the loss is already the global batch's share
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+             max_norm: float) -> torch.Tensor:
+        model.step()  # the accumulation boundary: reduce, clip (gradient_clipping), update, zero the gradients
+        norm = model.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).cpu()
+
+    # --- final/ ---
+
+    def gather(self, model: nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
+        """The 16-bit weights (fp32 on the CPU) gathered onto rank 0, parameter by parameter: ZeRO-3's
+        partitions whole again (no placeholders), ZeRO-2's replicas as they are."""
+        import deepspeed
+
+        module = model.module
+        state: dict[str, torch.Tensor] = {}
+        for name, param in module.named_parameters():
+            if trainable_only and not param.requires_grad:
+                continue
+            gathered = deepspeed.zero.GatheredParameters([param]) if self.stage == 3 else contextlib.nullcontext()
+            with gathered:
+                if self.env.rank == 0:
+                    state[name] = param.detach().cpu().clone()
+        if not trainable_only and self.env.rank == 0:
+            state.update({name: buffer.detach().cpu() for name, buffer in _persistent_buffers(module)})
+        return state
+
+
+def _persistent_buffers(module: nn.Module):
+    """(name, buffer) of the buffers a state dict holds (none in LLaMA; rotary tables are not saved)."""
+    for prefix, sub in module.named_modules():
+        for name, buffer in sub.named_buffers(recurse=False):
+            if buffer is not None and name not in sub._non_persistent_buffers_set:
+                yield f"{prefix}.{name}" if prefix else name, buffer
