@@ -149,7 +149,7 @@ def submit(ctx: click.Context, runs_dir: str | None, force: bool, gpu: str | Non
     cluster = None if values.get("cluster") else submit_mod.detect_cluster()
     spec, site = build_spec(ctx, values, cluster_default=cluster)
     if spec.init_from is not None:
-        spec = dataclasses.replace(spec, init_from=resolve_init_from(spec.init_from, runs_dir))
+        spec = dataclasses.replace(spec, init_from=resolve_init_from(spec.init_from, runs_dir, spec.after))
     if spec.data is not None:
         from llamajobs.data.store import TokenStore
         TokenStore(spec.data)  # a path that is not a complete store fails before anything is queued
@@ -212,14 +212,17 @@ def _submit_fit_check(spec, gpu: str | None, force: bool, dry_run: bool):
     return accel, note
 
 
-def resolve_init_from(value: str, runs_dir: str | None) -> str:
-    """--init-from JOB|DIR -> the directory: a job's final/, or a directory holding a model or an adapter."""
+def resolve_init_from(value: str, runs_dir: str | None, after: tuple[str, ...] = ()) -> str:
+    """--init-from JOB|DIR -> the directory: a job's final/, or a directory holding a model or an
+    adapter. A job this one waits for (--after) need not have finished yet."""
     from llamajobs import registry
 
     path = Path(value)
     if value.isdigit() and not path.exists():
         job = _job(registry.Registry(_runs(runs_dir)), int(value))
         path = job.run_dir / "final"
+        if value in after:
+            return str(path.absolute())
     if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
         raise SpecError(f"--init-from {value}: {path} holds neither a model (config.json) nor an adapter "
                         f"(adapter_config.json); give a finished job id or a final/ directory")
