@@ -565,6 +565,17 @@ def _node_ram_gib(spec, cpu_mem_gib: float | None) -> float | None:
     return float(value.rstrip("KMGT")) * scale[unit]
 
 
+def _printed_grid(ctx, values, accel, count, a, cpu_mem_gib, as_json: bool) -> bool:
+    """When --size or --strategy names several values (or all), print the planning grid; True if so."""
+    sizes = _grid_axis(values, "size", [s for s in catalog.SIZES if s != "tiny"])
+    strategies = _grid_axis(values, "strategy", catalog.STRATEGIES)
+    if not (sizes or strategies):
+        return False
+    result = _grid(ctx, values, accel, count, a, cpu_mem_gib, sizes, strategies)
+    print_json(result) if as_json else _print_grid(result, accel)
+    return True
+
+
 def _grid_axis(values: dict[str, Any], name: str, known: list[str] | tuple[str, ...]) -> list[str] | None:
     """The values of a grid axis (--size or --strategy), or None when the flag names one value."""
     raw = values.get(name)
@@ -632,11 +643,7 @@ def hours(ctx: click.Context, job_id: int | None, gpu: str | None, peak_tflops: 
         result = _measured_hours(job_id, runs_dir, count, a)
     else:
         accel = _accelerator(gpu, peak_tflops, gpu_mem_gib)
-        sizes = _grid_axis(values, "size", [s for s in catalog.SIZES if s != "tiny"])
-        strategies = _grid_axis(values, "strategy", catalog.STRATEGIES)
-        if sizes or strategies:
-            result = _grid(ctx, values, accel, count, a, cpu_mem_gib, sizes, strategies)
-            print_json(result) if as_json else _print_grid(result, accel)
+        if _printed_grid(ctx, values, accel, count, a, cpu_mem_gib, as_json):
             return
         spec, _ = build_spec(ctx, values, cluster_default="slurm")
         result = estimate_model.hours(spec, accel, count, a, _node_ram_gib(spec, cpu_mem_gib))
@@ -718,11 +725,7 @@ def memory(ctx: click.Context, gpu: str | None, peak_tflops: float | None, gpu_m
     """
     a = _assumptions(assume)
     accel = _accelerator(gpu, peak_tflops, gpu_mem_gib)
-    sizes = _grid_axis(values, "size", [s for s in catalog.SIZES if s != "tiny"])
-    strategies = _grid_axis(values, "strategy", catalog.STRATEGIES)
-    if sizes or strategies:
-        result = _grid(ctx, values, accel, None, a, cpu_mem_gib, sizes, strategies)
-        print_json(result) if as_json else _print_grid(result, accel)
+    if _printed_grid(ctx, values, accel, None, a, cpu_mem_gib, as_json):
         return
     spec, _ = build_spec(ctx, values, cluster_default="slurm")
     result = estimate_model.memory_table(spec, accel, a, _node_ram_gib(spec, cpu_mem_gib))

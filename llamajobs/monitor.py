@@ -86,9 +86,14 @@ def _proc_stat(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2:].split()  # fields after the command name
 
 
-def _is_local_controller(pid: int) -> bool:
+def exited(pid: int) -> bool:
+    """Gone, or a zombie (dead, waiting to be reaped) or dead-but-listed."""
     stat = _proc_stat(pid)
-    if stat is None or stat[0] == "Z":
+    return stat is None or stat[0] in "ZX"
+
+
+def _is_local_controller(pid: int) -> bool:
+    if exited(pid):
         return False
     return b"submitit.local._local" in cmdline(pid)
 
@@ -114,7 +119,7 @@ def kill_local(pid: int, grace_s: float = 5.0) -> None:
     for p in tree:
         with_signal(p, signal.SIGTERM)
     deadline = time.time() + grace_s
-    while time.time() < deadline and any(_proc_stat(p) and _proc_stat(p)[0] != "Z" for p in tree):
+    while time.time() < deadline and not all(exited(p) for p in tree):
         time.sleep(0.1)
     for p in tree:
         with_signal(p, signal.SIGKILL)

@@ -22,6 +22,7 @@ import submitit
 
 from llamajobs import events, registry, render
 from llamajobs.control import request_stop
+from llamajobs.monitor import exited
 from llamajobs.errors import Failure, SpecError
 from llamajobs.registry import Job
 from llamajobs.site import Site
@@ -94,7 +95,7 @@ class NodeLauncher(submitit.helpers.Checkpointable):
         # holds the Popen's wait lock, so a nested wait() would only time out. The exited launch
         # shows as a zombie until __call__ reaps it. Past the deadline the requeue goes on anyway:
         # the last periodic checkpoint holds.
-        while self._process is not None and time.time() < deadline and not _exited(self._process.pid):
+        while self._process is not None and time.time() < deadline and not exited(self._process.pid):
             time.sleep(0.2)
         latest = (run_dir / "checkpoints" / "latest")
         events.record(run_dir, "requeued", latest=latest.read_text().strip() if latest.exists() else None,
@@ -103,14 +104,6 @@ class NodeLauncher(submitit.helpers.Checkpointable):
 
     def __getstate__(self) -> dict:
         return {"run_dir": self.run_dir, "stop_wait_s": self.stop_wait_s, "_process": None}
-
-
-def _exited(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] in "ZX"
 
 
 def signal_delay_s(spec: JobSpec, write_bytes_per_s: float = 1e9) -> int:

@@ -19,7 +19,7 @@ import pytest
 from llamajobs.catalog import TINY_VOCAB
 from llamajobs.data import read_texts
 from llamajobs.data.tokenizer import train_tokenizer
-from llamajobs.monitor import descendants
+from llamajobs.monitor import descendants, exited
 from llamajobs.spec import JobSpec
 from llamajobs.worker.checkpoint import complete_steps, newest_complete_step
 
@@ -65,8 +65,7 @@ def test_sigkill_during_saves_keeps_the_last_complete_checkpoint(tmp_path):
         for pid in tree:
             os.kill(pid, signal.SIGKILL)
         process.wait()
-        while any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[1][:3]
-                  for p in tree):
+        while not all(exited(p) for p in tree):
             time.sleep(0.05)
         root = run_dir / "checkpoints"
         newest = newest_complete_step(root)

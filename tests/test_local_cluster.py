@@ -123,8 +123,7 @@ def test_stalled_then_cancelled(env):
     assert status(env, submitted["id"])["state"] == "RUNNING"  # the default threshold is minutes
     run_cli("cancel", str(submitted["id"]), env=env, check=True)
     assert status(env, submitted["id"])["state"] == "CANCELLED"
-    assert not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[1][:3]
-                   for p in [pid, *workers])
+    assert all(monitor.exited(p) for p in [pid, *workers])
 
 
 @pytest.mark.parametrize("fault, state", [("crash:3", "FAILED"), ("oom:3", "OUT_OF_MEMORY")])
