@@ -218,6 +218,7 @@ class Checkpointer:
         self.every_seconds = spec.checkpoint_every_minutes * 60 if spec.checkpoint_every_minutes else None
         self.clock = clock
         self.last_save = clock()
+        self.seconds_saving = 0.0  # this attempt's time spent in save(), for the metrics rows
         self.stop_at = injected_fault("stop")
         # Names this attempt's temporary directories: the same on every rank, new on every attempt.
         self.token = broadcast_object(f"{os.getpid()}-{int(time.time())}")
@@ -280,6 +281,7 @@ class Checkpointer:
                           bytes=folder_bytes(final), path=str(final))
             print(f"checkpoint: step {step} in {seconds:.2f} s -> {final}", flush=True)
         self.last_save = self.clock()
+        self.seconds_saving += time.perf_counter() - start
         return final
 
     # --- resume ---
