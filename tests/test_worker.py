@@ -32,7 +32,8 @@ from llamajobs.data.tokenizer import train_tokenizer
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
 from llamajobs.worker import parallel
-from llamajobs.worker.train import build_optimizer, check_supported, forward_backward, train_loop
+from llamajobs.worker.train import (build_optimizer, check_supported, forward_backward, token_loss_sum, train_loop,
+                                    train_step)
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN_TIMEOUT_S = 180
@@ -266,6 +267,45 @@ def test_accumulated_gradient_equals_the_global_batch_mean_loss_gradient(single_
     result = gradient_check(mode)
     assert result["allclose"], result
     assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-5)
+
+
+def test_chunked_loss_equals_the_whole_cross_entropy_in_value_and_gradient() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7), generator=generator)
+    labels[0, 4:] = IGNORE_INDEX
+    whole = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    (expected,) = torch.autograd.grad(whole, logits)
+    chunked = token_loss_sum(logits, labels, chunk=4)  # 21 rows: chunks of 4, 4, 4, 4, 4, 1
+    (grad,) = torch.autograd.grad(chunked, logits)
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
+    torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_one_process_trains_unsharded_with_the_sharded_step_s_numbers(single_rank_group, mode: str) -> None:
+    """fsdp with a world of one skips FSDP (nothing to shard with); two steps give what FSDP gives."""
+    spec = JobSpec(size="tiny", mode=mode, lora_dropout=0.0, seq_len=16, global_batch=4, micro_batch=2, lr=1e-2)
+    env = parallel.Dist(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(3, TINY_VOCAB, (2, 16), generator=generator),
+                torch.randint(3, TINY_VOCAB, (2, 16), generator=generator)) for _ in range(2)]
+    results = {}
+    for sharded in (False, True):
+        strategy = parallel.Fsdp(spec, env)
+        strategy.sharded = sharded
+        model = strategy.build_model(model_lib.model_config(spec), load_weights=True)
+        assert isinstance(model, parallel.FSDPModule) == sharded
+        optimizer, scheduler = build_optimizer(model, spec, env.device, total=10)
+        params = [p for p in model.parameters() if p.requires_grad]
+        losses = [train_step(model, optimizer, scheduler, batches, strategy=strategy, params=params, max_norm=1.0,
+                             world_size=1)[0].item() for _ in range(2)]
+        weights = {n: (p.full_tensor() if sharded else p).detach().clone() for n, p in model.named_parameters()}
+        results[sharded] = losses, weights
+    (plain_losses, plain_weights), (fsdp_losses, fsdp_weights) = results[False], results[True]
+    assert plain_losses == pytest.approx(fsdp_losses, rel=1e-5)
+    for name, weight in fsdp_weights.items():
+        torch.testing.assert_close(plain_weights[name], weight, rtol=1e-4, atol=1e-6)
 
 
 def _torchrun(*args: str, nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import sentencepiece as spm
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
 # sentencepiece silently drops training sentences longer than this (in bytes); papers are much
@@ -34,6 +33,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
     Returns out_dir, which `LlamaTokenizer.from_pretrained(out_dir)` (and `load_tokenizer`) loads.
     Training is deterministic: the same texts give a byte-identical tokenizer.model.
     """
+    # Imported here: a worker that loads an existing tokenizer (or a GPU bench with none) never needs it.
+    import sentencepiece as spm
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / "tokenizer"

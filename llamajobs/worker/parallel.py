@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -178,21 +179,43 @@ class Strategy(ABC):
 
 
 class Fsdp(Strategy):
+    def __init__(self, spec: JobSpec, env: Dist | None) -> None:
+        super().__init__(spec, env)
+        # A single process has nobody to shard with: FSDP would only copy every layer's weights into
+        # and out of its all-gather buffers, forward and backward, every step. It runs the plain model
+        # (bf16 autocast on GPU, the same mixed precision) unless offload needs FSDP's CPU placement.
+        self.sharded = env is None or env.world_size > 1 or spec.strategy == "fsdp-offload"
+
     def build_model(self, config: LlamaConfig, *, load_weights: bool) -> nn.Module:
         """Structure on the meta device, sharded, only the shards allocated, weights read once (rank 0)
         and broadcast; without load_weights the shards stay uninitialised for a checkpoint to fill."""
         spec, device = self.spec, self.env.device
         model = model_lib.build_meta_model(spec, config, model_lib.weights_dtype(spec, device))
-        parallelize(model, spec, device)
+        if spec.compile:
+            compile_layers(model)
+        if self.sharded:
+            parallelize(model, spec, device)
         model_lib.materialize(model, init_device(spec, device), device)
         if load_weights:
             model_lib.load_weights(model, spec, config, self.env.rank)
         return model
 
+    def describe(self, run_dir: Path) -> str:
+        if self.sharded:
+            return ""
+        return "fsdp over one process: nothing to shard, the model runs unsharded" + (
+            " under bf16 autocast" if self.env.device.type == "cuda" else "")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.sharded and self.env.device.type == "cuda":  # (sharded: FSDP's mixed precision casts)
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def set_gradient_sync(self, model: nn.Module, sync: bool) -> None:
         # Reduce-scatter only after the last micro-batch; the others accumulate locally, in unsharded
         # fp32 gradients (for a full fine-tune, a whole model's worth per GPU while accumulating).
-        model.set_requires_gradient_sync(sync)
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(sync)
 
     def gather(self, model: nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
         if trainable_only:  # small: every rank gathers them (full_tensor is a collective)
@@ -216,14 +239,19 @@ def parallelize(model: nn.Module, spec: JobSpec, device: torch.device) -> nn.Mod
         else OffloadPolicy()
     layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
     for i, layer in enumerate(layers):
-        if spec.compile:
-            # Compile the layer's forward, not the module: FSDP's hooks stay outside the graph and
-            # parameter names stay unchanged (no _orig_mod prefix in checkpoints).
-            layer.forward = torch.compile(layer.forward)
         # The last layer's parameters are needed again right away by the backward: keep them.
         fully_shard(layer, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=i < len(layers) - 1)
     fully_shard(model, mp_policy=mp_policy, offload_policy=offload)
     return model
+
+
+def compile_layers(model: nn.Module) -> None:
+    """torch.compile each decoder layer's forward, not the module: FSDP's hooks stay outside the
+    graph and parameter names stay unchanged (no _orig_mod prefix in checkpoints). The layers share
+    one code object, so one graph serves them all (parameters are graph inputs, not constants)."""
+    for layer in model.modules():
+        if isinstance(layer, LlamaDecoderLayer):
+            layer.forward = torch.compile(layer.forward)
 
 
 def init_device(spec: JobSpec, device: torch.device) -> torch.device:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from llamajobs import events
@@ -256,11 +257,42 @@ def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_si
             # Prompt tuning and p-tuning prepend their virtual tokens' logits: only the last
             # seq_len positions are the inputs'. (pp: the logits are on the node's last GPU.)
             logits = model(input_ids=inputs).logits[:, -labels.shape[1]:]
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.to(logits.device).flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        loss_sum = token_loss_sum(logits, labels.to(logits.device))
         strategy.backward(model, loss_sum * scale.to(loss_sum.device))
         share += loss_sum.detach().to(share.device) * (scale / world_size)
     return share
+
+
+# Rows of logits upcast to fp32 at a time by token_loss_sum: 2,048 x 32k vocabulary = 256 MiB per chunk.
+LOSS_CHUNK_TOKENS = 2048
+
+
+def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, chunk: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+    """Summed token cross-entropy in fp32, over chunks of rows, each recomputed in the backward.
+
+    Why chunks: the fp32 copy of bf16 logits and its softmax gradient would each be a whole
+    micro-batch x seq x vocabulary (micro-batch 8, seq 512, 32k: 0.5 GiB apiece, 1 GiB at peak);
+    chunked and checkpointed, only one chunk's exist at a time. split's backward is one cat."""
+    logits, labels = logits.flatten(0, 1), labels.flatten()
+    if logits.shape[0] <= chunk:
+        return _cross_entropy_sum(logits, labels)
+    return sum(checkpoint(_cross_entropy_sum, part, target, use_reentrant=False)
+               for part, target in zip(logits.split(chunk), labels.split(chunk)))
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+               micro_batches: list[MicroBatch], *, strategy: Strategy, params: list[nn.Parameter], max_norm: float,
+               world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches: (loss share, gradient norm), both still on
+    the device: nothing here waits for the GPU (bench/worker_step.py times exactly this)."""
+    loss = forward_backward(model, micro_batches, world_size, strategy)
+    grad_norm = strategy.step(model, optimizer, params, max_norm)  # clip, update, zero the gradients
+    scheduler.step()
+    return loss, grad_norm
 
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, sampler: WindowSampler,

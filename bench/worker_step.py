@@ -1,0 +1,320 @@
+"""The worker's training step against a plain transformers(+peft) loop, same card, same shapes, one run.
+
+    python bench/worker_step.py                 # one GPU: 7B-shape LoRA r8 q/v and a 1.1B-shape full
+                                                # fine-tune, seq 512, eager and torch.compile
+    python bench/worker_step.py --cpu           # the tiny shape on the CPU, eager: what CI smokes
+    python bench/worker_step.py --fill          # also the worker at the micro-batch the estimator
+                                                # picks to fill the card
+
+The worker rows run the worker's own code: its strategy builds the model (fsdp; with one process it
+runs unsharded under bf16 autocast), build_optimizer (fused AdamW on GPU), and train.train_step
+(forward, chunked fp32 cross-entropy, backward, clip, step), on random weights and random tokens in
+one single-process group. The plain rows are what a guide's script does: LlamaForCausalLM in bf16
+(+ peft LoRA), model(input_ids, labels).loss.backward(), torch.optim.AdamW, optionally the whole model
+under torch.compile. Each row builds its own model, warms up (compiles), then times `--steps` steps
+`--repeats` times with CUDA events (perf_counter on the CPU); the median is reported. MFU is model
+FLOPs (the estimator's count) over the catalog's peak for the card, which is named. Runs with torch,
+transformers and peft alone (no submitit, deepspeed or click). --json writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llamajobs import estimate  # noqa: E402
+from llamajobs.catalog import GPUS, SIZES, gpu_from_device_name  # noqa: E402
+from llamajobs.spec import JobSpec  # noqa: E402
+from llamajobs.worker import model as model_lib  # noqa: E402
+from llamajobs.worker import parallel, train  # noqa: E402
+from llamajobs.worker.metrics import device_peak  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    size: str
+    mode: str
+    seq_len: int
+    micro_batch: int
+
+    def spec(self, device: str, compile: bool, micro_batch: int | None = None) -> JobSpec:
+        mb = micro_batch or self.micro_batch
+        return JobSpec(size=self.size, mode=self.mode, seq_len=self.seq_len, micro_batch=mb, global_batch=mb,
+                       compile=compile, device=device, lora_r=8, lora_alpha=16, lora_targets=("q_proj", "v_proj"),
+                       cluster="local", procs_per_node=1)
+
+
+GPU_CASES = (Case("7b lora r8 q/v", "7b", "lora", 512, 8), Case("1.1b full", "tinyllama-1.1b", "full", 512, 8))
+CPU_CASES = (Case("tiny lora r8 q/v", "tiny", "lora", 128, 4), Case("tiny full", "tiny", "full", 128, 4))
+
+
+@dataclass
+class Row:
+    case: str
+    loop: str  # "plain" or "worker"
+    compiled: bool
+    micro_batch: int
+    tokens_per_s: float = math.nan
+    mfu: float | None = None
+    peak: str = ""
+    mem_gib: float | None = None
+    loss: float = math.nan
+    error: str = ""
+    vs_plain: float | None = None
+    vs_plain_compiled: float | None = None
+
+
+# --- the two loops, each as a step function over one fixed random micro-batch ---
+
+
+def random_batch(spec: JobSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, spec.shape.vocab_size, (spec.micro_batch, spec.seq_len + 1), generator=generator)
+    return tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
+
+
+def randomize(model: torch.nn.Module) -> None:
+    """Random weights in place of a checkpoint (the worker's own init reads or builds the full model
+    on the CPU first: minutes for 7B). Norm scales 1, matrices N(0, 0.02)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            local.fill_(1.0) if local.ndim == 1 else local.normal_(0.0, 0.02)
+
+
+def worker_step(spec: JobSpec, env: parallel.Dist) -> Callable[[], torch.Tensor]:
+    strategy = parallel.for_spec(spec, env)
+    model = strategy.build_model(model_lib.model_config(spec), load_weights=False)
+    randomize(model)
+    optimizer, scheduler = train.build_optimizer(model, spec, env.device, total=10**9)
+    model, optimizer = strategy.wrap(model, optimizer)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = [random_batch(spec, env.device)]
+    max_norm = spec.grad_clip if spec.grad_clip > 0 else math.inf
+
+    def step() -> torch.Tensor:
+        loss, _ = train.train_step(model, optimizer, scheduler, batch, strategy=strategy, params=params,
+                                   max_norm=max_norm, world_size=1)
+        return loss
+    return step
+
+
+def plain_step(spec: JobSpec, device: torch.device) -> Callable[[], torch.Tensor]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**spec.shape.hf_config(), attn_implementation="sdpa", use_cache=False)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    if spec.mode == "lora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+            target_modules=list(spec.lora_targets), task_type="CAUSAL_LM"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr)
+    forward = torch.compile(model) if spec.compile else model
+    inputs, _ = random_batch(spec, device)
+
+    def step() -> torch.Tensor:
+        loss = forward(input_ids=inputs, labels=inputs).loss  # (HF shifts the labels itself)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+# --- timing ---
+
+
+def seconds_per_step(step: Callable[[], torch.Tensor], device: torch.device, *, warmup: int, steps: int,
+                     repeats: int) -> tuple[float, float]:
+    """(median seconds per step, the last loss). Warm-up steps absorb compilation and allocator growth."""
+    for _ in range(warmup):
+        loss = step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                loss = step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000 / steps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = step()
+            times.append((time.perf_counter() - t0) / steps)
+    return statistics.median(times), float(loss)
+
+
+def measure(row: Row, build: Callable[[], Callable[[], torch.Tensor]], spec: JobSpec, device: torch.device,
+            args: argparse.Namespace) -> Row:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        step_s, row.loss = seconds_per_step(build(), device, warmup=args.warmup, steps=args.steps,
+                                            repeats=args.repeats)
+    except torch.OutOfMemoryError:
+        row.error = "out of memory"
+        return row
+    finally:
+        gc.collect()
+        if spec.compile:
+            torch._dynamo.reset()
+        if device.type == "cuda":
+            row.mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.empty_cache()
+    row.tokens_per_s = spec.micro_batch * spec.seq_len / step_s
+    row.peak, peak_flops = device_peak(device)
+    if peak_flops:
+        row.mfu = estimate.flops_per_token(spec.shape, spec.seq_len, spec.mode) * row.tokens_per_s / peak_flops
+    return row
+
+
+def join_single_process_group(spec: JobSpec) -> parallel.Dist:
+    """The worker's own process-group setup, for a world of one (no torchrun)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return parallel.init_distributed(spec)
+
+
+def fill_micro_batch(case: Case, device: torch.device, compile: bool) -> int | None:
+    """The estimator's largest power-of-two micro-batch that fits this card (up to 64)."""
+    props = torch.cuda.get_device_properties(device)
+    gpu = gpu_from_device_name(props.name, props.total_memory / 2**30)
+    if gpu is None:
+        return None
+    plan = estimate.Plan(shape=SIZES[case.size], mode=case.mode, nodes=1, gpus_per_node=1, seq_len=case.seq_len,
+                         global_batch=64, micro_batch=1, compile=compile)
+    return estimate.largest_fitting_micro_batch(plan, gpu)
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    device_name = "cpu" if args.cpu else "cuda"
+    cases = CPU_CASES if args.cpu else GPU_CASES
+    compiles = (False, True) if args.compile else (False,)
+    env = join_single_process_group(cases[0].spec(device_name, compile=False))
+    device = env.device
+    rows: list[Row] = []
+    for case in cases:
+        for compile in compiles:
+            spec = case.spec(device_name, compile)
+            rows.append(measure(Row(case.name, "plain", compile, spec.micro_batch),
+                                lambda: plain_step(spec, device), spec, device, args))
+            rows.append(measure(Row(case.name, "worker", compile, spec.micro_batch),
+                                lambda: worker_step(spec, env), spec, device, args))
+            print(format_row(rows[-2]), format_row(rows[-1]), sep="\n", flush=True)
+        if args.fill and device.type == "cuda":
+            micro = fill_micro_batch(case, device, compiles[-1])
+            if micro and micro != case.micro_batch:
+                spec = case.spec(device_name, compiles[-1], micro)
+                rows.append(measure(Row(case.name, "worker", compiles[-1], micro),
+                                    lambda: worker_step(spec, env), spec, device, args))
+                print(format_row(rows[-1]), flush=True)
+    return with_ratios(rows)
+
+
+def with_ratios(rows: list[Row]) -> list[Row]:
+    """Each worker row over the plain loop of its case, eager and compiled (tokens/s against tokens/s)."""
+    plain = {(r.case, r.compiled): r.tokens_per_s for r in rows if r.loop == "plain" and not r.error}
+    for r in rows:
+        if r.loop == "worker" and not r.error:
+            if (r.case, False) in plain:
+                r.vs_plain = r.tokens_per_s / plain[(r.case, False)]
+            if (r.case, True) in plain:
+                r.vs_plain_compiled = r.tokens_per_s / plain[(r.case, True)]
+    return rows
+
+
+HEADER = (f"{'case':<18} {'loop':<7} {'compile':<7} {'mb':>3} {'tokens/s':>10} {'MFU':>6} {'peak':<12} "
+          f"{'mem GiB':>7} {'loss':>6} {'/plain':>7} {'/plain+c':>8}")
+
+
+def format_row(r: Row) -> str:
+    def ratio(x: float | None) -> str:
+        return f"{x:.2f}x" if x is not None else "-"
+    if r.error:
+        return f"{r.case:<18} {r.loop:<7} {str(r.compiled):<7} {r.micro_batch:>3} {r.error}"
+    mfu = f"{r.mfu:.1%}" if r.mfu is not None else "-"
+    mem = f"{r.mem_gib:.1f}" if r.mem_gib is not None else "-"
+    return (f"{r.case:<18} {r.loop:<7} {str(r.compiled):<7} {r.micro_batch:>3} {r.tokens_per_s:>10,.0f} {mfu:>6} "
+            f"{r.peak:<12} {mem:>7} {r.loss:>6.2f} {ratio(r.vs_plain):>7} {ratio(r.vs_plain_compiled):>8}")
+
+
+def predictions_text(device: torch.device) -> list[str]:
+    """What the estimator predicts for the worker on this card, for the GPU cases."""
+    if device.type != "cuda":
+        return []
+    props = torch.cuda.get_device_properties(device)
+    gpu = gpu_from_device_name(props.name, props.total_memory / 2**30) or GPUS["h100"]
+    lines = []
+    for compile in (False, True):
+        for name, p in estimate.bench_predictions(gpu, compile=compile).items():
+            lines.append(f"estimate ({gpu.name}, {name}, mb {p['micro_batch']}, compile {compile}): "
+                         f"{p['tokens_per_s']:,.0f} tokens/s, MFU {p['mfu']:.1%}, {p['gpu_mem_gib']:.1f} GiB")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="The tiny shape on the CPU (the CI smoke).")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="Also the torch.compile rows (default: on GPU yes, on the CPU no).")
+    parser.add_argument("--fill", action="store_true", help="Also the worker at the estimator's micro-batch.")
+    parser.add_argument("--warmup", type=int, default=None, help="Untimed steps first (default 3 GPU, 1 CPU).")
+    parser.add_argument("--steps", type=int, default=None, help="Steps per timed repeat (default 5 GPU, 2 CPU).")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed repeats; the median is reported.")
+    parser.add_argument("--json", type=Path, default=None, help="Also write the rows here.")
+    args = parser.parse_args()
+    if not args.cpu and not torch.cuda.is_available():
+        parser.error("no CUDA device: pass --cpu for the small CPU shape")
+    args.compile = (not args.cpu) if args.compile is None else args.compile
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu else 3)
+    args.steps = args.steps or (2 if args.cpu else 5)
+    device = torch.device("cpu" if args.cpu else "cuda")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+          f"median of {args.repeats} x {args.steps} steps after {args.warmup} warm-up", flush=True)
+    print(HEADER, flush=True)
+    try:
+        rows = run(args)
+    finally:
+        parallel.teardown()
+    print("\n" + HEADER)
+    for r in rows:
+        print(format_row(r))
+    for line in predictions_text(device):
+        print(line)
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
