@@ -439,7 +439,8 @@ def step_time(run: Plan | Any, gpu: Accelerator, a: Assumptions = DEFAULT) -> di
     hbm_bytes_per_s = facts.hbm_gbps * 1e9 * a.hbm_fraction
     ring = (g - 1) / g if g > 1 else 0.0
     busbw = facts.nvlink_gbps if plan.nodes == 1 else min(facts.nvlink_gbps, a.network_gbps)
-    sharded = strategy in ("fsdp", "fsdp-offload", "ds-zero3", "ds-zero3-offload")
+    # (fsdp in one process runs unsharded: the worker skips FSDP's copies when it has no one to shard with)
+    sharded = strategy in ("fsdp-offload", "ds-zero3", "ds-zero3-offload") or (strategy == "fsdp" and g > 1)
     grad_bytes = 4 if strategy.startswith("fsdp") else 2  # our FSDP2 reduces in fp32 (reduce_dtype)
     hbm = comm = pcie = offload = optimizer = 0.0
     if strategy == "pp":
