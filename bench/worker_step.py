@@ -13,7 +13,8 @@ one single-process group. The plain rows are what a guide's script does: LlamaFo
 (+ peft LoRA), model(input_ids, labels).loss.backward(), torch.optim.AdamW, optionally the whole model
 under torch.compile. Each row builds its own model, warms up (compiles), then times `--steps` steps
 `--repeats` times with CUDA events (perf_counter on the CPU); the median is reported. MFU is model
-FLOPs (the estimator's count) over the catalog's peak for the card, which is named. Runs with torch,
+FLOPs (the estimator's count) over the catalog's peak for the card, which is named. On GPU one more
+worker step runs under CUDA's sync debugging, to show that the step never makes the host wait. Runs with torch,
 transformers and peft alone (no submitit, deepspeed or click). --json writes the rows.
 """
 
@@ -73,6 +74,7 @@ class Row:
     peak: str = ""
     mem_gib: float | None = None
     loss: float = math.nan
+    host_sync: str = "-"  # worker rows on GPU: "none", or the first operation that made the host wait
     error: str = ""
     vs_plain: float | None = None
     vs_plain_compiled: float | None = None
@@ -172,13 +174,29 @@ def seconds_per_step(step: Callable[[], torch.Tensor], device: torch.device, *, 
     return statistics.median(times), float(loss)
 
 
+def first_host_sync(step: Callable[[], torch.Tensor]) -> str:
+    """Run one step with CUDA's sync debugging set to raise: "none", or the operation that synced."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        return "none"
+    except RuntimeError as error:
+        return str(error).splitlines()[0][:60]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def measure(row: Row, build: Callable[[], Callable[[], torch.Tensor]], spec: JobSpec, device: torch.device,
             args: argparse.Namespace) -> Row:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        step_s, row.loss = seconds_per_step(build(), device, warmup=args.warmup, steps=args.steps,
+        step = build()
+        step_s, row.loss = seconds_per_step(step, device, warmup=args.warmup, steps=args.steps,
                                             repeats=args.repeats)
+        if device.type == "cuda" and row.loop == "worker":
+            row.host_sync = first_host_sync(step)
+        del step
     except torch.OutOfMemoryError:
         row.error = "out of memory"
         return row
@@ -255,7 +273,7 @@ def with_ratios(rows: list[Row]) -> list[Row]:
 
 
 HEADER = (f"{'case':<18} {'loop':<7} {'compile':<7} {'mb':>3} {'tokens/s':>10} {'MFU':>6} {'peak':<12} "
-          f"{'mem GiB':>7} {'loss':>6} {'/plain':>7} {'/plain+c':>8}")
+          f"{'mem GiB':>7} {'loss':>6} {'/plain':>7} {'/plain+c':>8}  host sync")
 
 
 def format_row(r: Row) -> str:
@@ -266,7 +284,7 @@ def format_row(r: Row) -> str:
     mfu = f"{r.mfu:.1%}" if r.mfu is not None else "-"
     mem = f"{r.mem_gib:.1f}" if r.mem_gib is not None else "-"
     return (f"{r.case:<18} {r.loop:<7} {str(r.compiled):<7} {r.micro_batch:>3} {r.tokens_per_s:>10,.0f} {mfu:>6} "
-            f"{r.peak:<12} {mem:>7} {r.loss:>6.2f} {ratio(r.vs_plain):>7} {ratio(r.vs_plain_compiled):>8}")
+            f"{r.peak:<12} {mem:>7} {r.loss:>6.2f} {ratio(r.vs_plain):>7} {ratio(r.vs_plain_compiled):>8}  {r.host_sync}")
 
 
 def predictions_text(device: torch.device) -> list[str]:
@@ -300,6 +318,7 @@ def main() -> None:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.cpu else 3)
     args.steps = args.steps or (2 if args.cpu else 5)
     device = torch.device("cpu" if args.cpu else "cuda")
+    print("host sync: whether one worker step, after warm-up, makes the host wait for the GPU (none: it never does)")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
           f"median of {args.repeats} x {args.steps} steps after {args.warmup} warm-up", flush=True)
     print(HEADER, flush=True)

@@ -67,3 +67,4 @@ def test_gpu_bench_runs_every_case(tmp_path: Path) -> None:
         ("7b lora r8 q/v", "plain", False), ("7b lora r8 q/v", "plain", True),
         ("7b lora r8 q/v", "worker", False), ("7b lora r8 q/v", "worker", True), ("1.1b full", "worker", False)}
     _check_rows(rows, vocab=32000)
+    assert all(r["host_sync"] == "none" for r in rows if r["loop"] == "worker"), rows  # the step never waits
