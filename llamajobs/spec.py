@@ -133,6 +133,7 @@ class JobSpec:
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(JobSpec)}
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+PROMPT_MODES = ("prefix", "ptuning", "prompt")  # the peft modes that train virtual tokens
 
 
 def default(name: str) -> Any:
@@ -238,6 +239,10 @@ def build(flags: Mapping[str, Any], config: Mapping[str, Any] | None = None,
         given = [k for k in LORA_FIELDS if k in merged and merged[k] != default(k)]
         if given:
             raise SpecError(f"{_flag(given[0])} needs --mode lora (mode is {merged.get('mode', default('mode'))!r})")
+    mode = merged.get("mode", default("mode"))
+    if mode not in PROMPT_MODES and merged.get("num_virtual_tokens", default("num_virtual_tokens")) != default(
+            "num_virtual_tokens"):
+        raise SpecError(f"--num-virtual-tokens needs --mode prefix, ptuning or prompt (mode is {mode!r})")
     return JobSpec(**merged)
 
 

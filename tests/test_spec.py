@@ -33,6 +33,7 @@ def test_explicit_flags_win_over_config_over_site():
     ({"size": "tiny", "seq_len": 4096, "global_batch": 8, "micro_batch": 1}, "--seq-len 4096 exceeds the model's maximum 512"),
     ({"nodes": 2, "cluster": "local"}, "--nodes 2: the local cluster has one node"),
     ({"lora_r": 16}, "--lora-r needs --mode lora"),
+    ({"num_virtual_tokens": 8}, "--num-virtual-tokens needs --mode prefix, ptuning or prompt"),
     ({"time": "1:2:3:4"}, "--time '1:2:3:4' is malformed"),
     ({"time": "soon"}, "--time 'soon' is malformed"),
     ({"global_batch": "many"}, "--global-batch 'many' is not a valid int"),

@@ -25,11 +25,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from llamajobs.spec import JobSpec
+from llamajobs.spec import PROMPT_MODES, JobSpec
 
-SUPPORTED_MODES = ("full", "lora", "prefix", "ptuning", "prompt")
-# peft's prompt learning: virtual tokens (--num-virtual-tokens) trained in front of a frozen model.
-PROMPT_MODES = ("prefix", "ptuning", "prompt")
+SUPPORTED_MODES = ("full", "lora", *PROMPT_MODES)  # (prompt modes: peft's virtual tokens before a frozen model)
 # In final/: what the export was trained from, so that --init-from can check it continues on the same base.
 PROVENANCE = "llamajobs.json"
 
