@@ -4,12 +4,14 @@ sacct, submitit's SLURM executor, torchrun across the two nodes. Nothing here is
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from llamajobs import events
+from llamajobs import events, monitor
 from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -82,6 +84,52 @@ def test_crashing_worker_shows_failed_with_the_log(env, chained):
     detail = run_cli("status", str(chained["second"]["id"]), env=env, check=True).stdout
     log = Path(detail.split("traceback in ")[1].split()[0])
     assert "injected fault at step 2" in log.read_text()
+
+
+def workers_of(run_dir: str) -> list[int]:
+    """The worker processes of a job (both nodes are this host): `python -m llamajobs.worker RUN_DIR`,
+    not the torchrun agents that started them."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        command = monitor.cmdline(int(entry.name)) if entry.name.isdigit() else b""
+        if b"llamajobs.worker" in command and run_dir.encode() in command and b"torch.distributed.run" not in command:
+            found.append(int(entry.name))
+    return found
+
+
+def test_eta_and_stalled_of_a_running_job(env):
+    """One 2-node job: its ETA at step 20 against its real end, and its workers stopped with SIGSTOP
+    turn it STALLED while SLURM still says RUNNING; SIGCONT lets it finish (the stop's length is
+    added to the predicted end)."""
+    job = submit(env, "--max-steps", "150", "--name", "eta-stall")
+    deadline = time.time() + 240
+    while (row := status(env, job["id"]))["step"] is None or row["step"] < 20:
+        assert row["state"] in ("PENDING", "RUNNING") and time.time() < deadline, row
+        time.sleep(0.5)
+    assert row["state"] == "RUNNING" and row["eta_s"] > 0, row
+    eta, predicted_at = row["eta_s"], time.time()
+    predicted_end = predicted_at + eta
+    workers = workers_of(job["run_dir"])
+    assert len(workers) == 4
+    stopped = time.time()
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(3)
+        quick = {**env, "LLAMAJOBS_STALL_S": "2"}
+        row = json.loads(run_cli("status", str(job["id"]), "--json", env=quick, check=True).stdout)
+        assert row["state"] == "STALLED" and row["last_metric_age_s"] > 2
+        assert "STALLED" in run_cli("status", env=quick, check=True).stdout
+        assert status(env, job["id"])["state"] == "RUNNING"  # the default threshold is minutes
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    paused = time.time() - stopped
+    assert wait_state(env, job["id"], {"COMPLETED", "FAILED", "CANCELLED"})["state"] == "COMPLETED"
+    ended = next(e["time"] for e in events.read(Path(job["run_dir"])) if e["event"] == "finished")
+    left = ended - paused - predicted_at  # what the ETA had to predict, the stop taken out
+    # Within 3 s or half the time that was left (as on the local cluster).
+    assert abs(predicted_end + paused - ended) < max(3.0, 0.5 * left), f"predicted {eta:.1f} s, took {left:.1f} s"
 
 
 def test_cancelled_job_shows_cancelled(env):
