@@ -465,8 +465,9 @@ def accumulation_check(tokenizer_dir: Path) -> dict:
         model = build_model(spec, model_lib.model_config(spec), env, load_weights=True)
         optimizer, scheduler = build_optimizer(model, spec, env.device, total=4)
         losses: list[float] = []
-        metrics = SimpleNamespace(start_clock=lambda step: None, log=lambda step, loss, lr, norm: losses.append(loss))
-        no_checkpoints = SimpleNamespace(after_step=lambda step: False)
+        metrics = SimpleNamespace(start_clock=lambda step: None,
+                                  log=lambda step, loss, lr, norm, **timings: losses.append(loss))
+        no_checkpoints = SimpleNamespace(after_step=lambda step: False, seconds_saving=0.0)
         train_loop(model, optimizer, scheduler, sampler, metrics, no_checkpoints, spec=spec, env=env, start=0, total=4)
         results[micro_batch] = losses
     first = WindowSampler(docs, seq_len=64, global_batch=8, micro_batch=8, rank=0, world_size=1, seed=0, pad_id=2)

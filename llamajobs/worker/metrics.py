@@ -3,6 +3,12 @@
 tokens/s is measured over the wall time of the steps since the last log (the host is synchronised
 with the device by then: the logged loss has been fetched). MFU is model FLOPs (estimate.py, the
 same count the estimator uses) over the catalog peak of the device, and the peak is named.
+
+Each row also says where the step time went besides compute: data_wait_s, the host seconds per step
+spent fetching the next batch and queueing its copy to the device (data_wait_frac of the step
+time; on a GPU the host runs ahead of the device, so this costs step time only when the host falls
+behind), and checkpoint_s, the seconds spent saving checkpoints since the previous row. Rows also
+go to the optional sinks (TensorBoard, Weights & Biases: sinks.py).
 """
 
 from __future__ import annotations
@@ -12,11 +18,12 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from llamajobs.catalog import CPU_PEAK_FLOPS_PER_CORE, gpu_from_device_name
+from llamajobs.worker.sinks import Sink
 
 
 def device_peak(device: torch.device) -> tuple[str, float | None]:
@@ -45,8 +52,10 @@ class MetricsLogger:
     """Rank 0 appends one JSON line per logged step to metrics.jsonl (the monitor tails it)."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, steps_per_epoch: int,
-                 tokens_per_step: int, flops_per_token: float, world_size: int, device: torch.device) -> None:
+                 tokens_per_step: int, flops_per_token: float, world_size: int, device: torch.device,
+                 sinks: Sequence[Sink] = ()) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self.sinks = list(sinks)
         self.enabled = enabled
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
@@ -78,15 +87,21 @@ class MetricsLogger:
         """Training starts now, after `step` steps (0, or the step a resumed run continues from)."""
         self.start_time = self.last_time = time.perf_counter()
         self.last_step = step
+        self.last_checkpoint_total = 0.0
 
-    def log(self, step: int, loss: float, lr: float, grad_norm: float) -> dict[str, Any]:
+    def log(self, step: int, loss: float, lr: float, grad_norm: float, *, data_wait_s: float = 0.0,
+            checkpoint_total_s: float = 0.0) -> dict[str, Any]:
+        """One row for the steps since the last one. data_wait_s: the host seconds spent waiting for
+        batches over those steps; checkpoint_total_s: the seconds spent saving checkpoints in this
+        attempt so far (the row gets the part since the previous row)."""
         now = time.perf_counter()
         steps = step - self.last_step
         step_time = (now - self.last_time) / steps
         tokens_per_s = self.tokens_per_step / step_time
         per_gpu = tokens_per_s / self.world_size  # per worker process: one per GPU
         mfu = self.flops_per_token * per_gpu / self.peak_flops if self.peak_flops else None
-        self.last_time, self.last_step = now, step
+        checkpoint_s = checkpoint_total_s - self.last_checkpoint_total
+        self.last_time, self.last_step, self.last_checkpoint_total = now, step, checkpoint_total_s
         row = {
             "step": step,
             "total_steps": self.total_steps,
@@ -104,13 +119,24 @@ class MetricsLogger:
             "elapsed_s": now - self.start_time,
             "time": time.time(),
             "mem_gib": peak_memory_gib(self.device),
+            "data_wait_s": data_wait_s / steps,
+            "data_wait_frac": data_wait_s / steps / step_time,
+            "checkpoint_s": checkpoint_s,
         }
         if self.enabled:
             with open(self.path, "a") as f:  # one open per log: a crash leaves only whole lines
                 f.write(json.dumps(row) + "\n")
                 f.flush()
+            for sink in self.sinks:
+                sink.write(row)
             mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
             print(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s "
-                  f"| {step_time:.3f} s/step | mfu {mfu_text} ({self.peak_name}) | {row['mem_gib']:.2f} GiB",
-                  flush=True)
+                  f"| {step_time:.3f} s/step | data {row['data_wait_s']:.3f} s/step ({row['data_wait_frac']:.0%}) "
+                  f"| mfu {mfu_text} ({self.peak_name}) | {row['mem_gib']:.2f} GiB", flush=True)
         return row
+
+    def close(self) -> None:
+        """Flush and close the sinks (a wandb run is finished: its offline files are then complete)."""
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
