@@ -33,6 +33,21 @@ def _opt(*names: str, **kw: Any) -> Callable:
     return click.option(*names, default=None, **kw)
 
 
+# Where a job runs and how it is queued: submit's, and `eval --cluster`'s.
+PLACEMENT_OPTIONS = [
+    _opt("--nodes", type=int), _opt("--gpus-per-node", type=int),
+    _opt("--procs-per-node", type=int, help="Worker processes per node (default: one per GPU, 2 without GPUs)."),
+    _opt("--cpus-per-node", type=int, help="CPUs of each node's task (default: 4 per worker process)."),
+    _opt("--mem-per-node", help="SLURM --mem of each node (default 0: all of it)."),
+]
+QUEUE_OPTIONS = [
+    _opt("--device", help="auto, cuda or cpu; decided on the compute node."),
+    _opt("--partition"), _opt("--account"), _opt("--qos"),
+    _opt("--time", help="SLURM time limit, HH:MM:SS or D-HH:MM:SS."),
+    _opt("--constraint"), _opt("--exclusive/--no-exclusive"), _opt("--exclude"),
+    _opt("--mail-user"), _opt("--mail-type"),
+    _opt("--after", help="Start only after these jobs completed (comma list)."),
+]
 TRAINING_OPTIONS = [
     _opt("--size", help=f"Model size: {', '.join(catalog.SIZES)}. Ignored with --model-path."),
     _opt("--strategy", help=f"One of {', '.join(catalog.STRATEGIES)}."),
@@ -49,10 +64,7 @@ TRAINING_OPTIONS = [
     _opt("--lr", type=float), _opt("--warmup-ratio", type=float), _opt("--weight-decay", type=float),
     _opt("--activation-checkpointing/--no-activation-checkpointing"),
     _opt("--compile/--no-compile"), _opt("--seed", type=int),
-    _opt("--nodes", type=int), _opt("--gpus-per-node", type=int),
-    _opt("--procs-per-node", type=int, help="Worker processes per node (default: one per GPU, 2 without GPUs)."),
-    _opt("--cpus-per-node", type=int, help="CPUs of each node's task (default: 4 per worker process)."),
-    _opt("--mem-per-node", help="SLURM --mem of each node (default 0: all of it)."),
+    *PLACEMENT_OPTIONS,
 ]
 JOB_OPTIONS = [
     _opt("--checkpoint-every-steps", type=int), _opt("--checkpoint-every-minutes", type=float),
@@ -61,12 +73,7 @@ JOB_OPTIONS = [
     _opt("--log-every-steps", type=int),
     _opt("--keep-checkpoints", type=int), _opt("--max-requeues", type=int),
     _opt("--cluster", help="slurm, local or debug (default: slurm when `scontrol ping` answers)."),
-    _opt("--device", help="auto, cuda or cpu; decided on the compute node."),
-    _opt("--partition"), _opt("--account"), _opt("--qos"),
-    _opt("--time", help="SLURM time limit, HH:MM:SS or D-HH:MM:SS."),
-    _opt("--constraint"), _opt("--exclusive/--no-exclusive"), _opt("--exclude"),
-    _opt("--mail-user"), _opt("--mail-type"),
-    _opt("--after", help="Start only after these jobs completed (comma list)."),
+    *QUEUE_OPTIONS,
     _opt("--launcher", help="torchrun or deepspeed."), _opt("--name"), _opt("--wandb"),
     _opt("--hold/--no-hold"),
     _opt("--config", "config_file", type=click.Path(dir_okay=False), help="A run YAML with the same keys as the flags."),
@@ -87,13 +94,16 @@ def explicit_flags(ctx: click.Context, values: dict[str, Any]) -> dict[str, Any]
     return {k: v for k, v in values.items() if ctx.get_parameter_source(k) in typed and v is not None}
 
 
-def build_spec(ctx: click.Context, values: dict[str, Any], cluster_default: str | None = None):
+def build_spec(ctx: click.Context, values: dict[str, Any], cluster_default: str | None = None,
+               fixed: dict[str, Any] | None = None):
+    """The JobSpec of the typed flags over the run YAML and the site profile; `fixed` holds fields the
+    command sets itself (an eval job's `evaluation`)."""
     from llamajobs import spec as spec_mod
 
     site, site_defaults = site_mod.load()
     config_file = values.pop("config_file", None)
     config = site_mod.read_yaml(Path(config_file), "--config") if config_file else {}
-    flags = explicit_flags(ctx, values)
+    flags = {**explicit_flags(ctx, values), **(fixed or {})}
     if cluster_default and "cluster" not in flags and "cluster" not in config and "cluster" not in site_defaults:
         flags["cluster"] = cluster_default
     return spec_mod.build(flags, config, site_defaults), site
@@ -277,12 +287,18 @@ def status_table(rows: list) -> Table:
         table.add_row(
             str(r.id), r.name, f"{r.cluster}:{r.cluster_job_id}", r.state,
             f"{r.nodes}×{r.gpus_per_node}" if r.cluster == "slurm" else f"{r.nodes}×{r.procs_per_node} cpu",
-            f"{r.size}/{r.mode}/{r.strategy}", f"{_fmt(r.step)}/{_fmt(r.total_steps)}", _epoch(r.epoch),
+            _what(r), f"{_fmt(r.step)}/{_fmt(r.total_steps)}", _epoch(r.epoch),
             _fmt(r.loss, ".4f"), _fmt(r.tokens_per_s, ",.0f"), _fmt(r.tokens_per_s_per_gpu, ",.0f"),
             _fmt(r.mfu and r.mfu * 100, ".1f") + ("%" if r.mfu is not None else ""), _eta(r.eta_s),
             _duration(r.elapsed_s),
         )
     return table
+
+
+def _what(r) -> str:
+    """size/mode/strategy; an eval job's model/eval/task, with its accuracy once it finished."""
+    accuracy = f" acc {r.accuracy:.1%}" if r.accuracy is not None else ""
+    return f"{r.size}/{r.mode}/{r.strategy}{accuracy}"
 
 
 def _eta(seconds: float | None) -> str:
@@ -311,13 +327,9 @@ def sparkline(values: list[float], width: int = 60) -> str:
     return "".join(SPARK[int((v - lo) / (hi - lo + 1e-12) * (len(SPARK) - 1))] for v in values)
 
 
-def print_detail(job, row) -> None:
-    from llamajobs import events, monitor
-    from llamajobs.spec import JobSpec
+def print_training_progress(job, row, spec) -> None:
+    from llamajobs import monitor
 
-    spec = JobSpec.load(job.run_dir / "spec.json")
-    out.print(f"[bold]job {job.id}[/] {job.name}  {row.state}  ({job.cluster} job {job.cluster_job_id})")
-    out.print(f"run dir   {job.run_dir}")
     out.print(f"model     {spec.size} {spec.mode} {spec.strategy}, {spec.nodes} node(s) "
               f"seq {spec.seq_len} global batch {spec.global_batch} micro {spec.micro_batch} lr {spec.lr}")
     out.print(f"progress  step {_fmt(row.step)}/{_fmt(row.total_steps)}  loss {_fmt(row.loss, '.4f')}  "
@@ -326,6 +338,38 @@ def print_detail(job, row) -> None:
     losses = [m["loss"] for m in monitor.read_metrics(job.run_dir, tail_bytes=None) if m.get("loss") is not None]
     if losses:
         out.print(f"loss      {sparkline(losses)}  {losses[0]:.3f} → {losses[-1]:.3f}")
+
+
+def print_eval_progress(row, evaluation, run_dir: Path) -> None:
+    """An eval job has no steps: what it scores, then its result once eval.json is there."""
+    from llamajobs import evaluate, monitor
+
+    adapter = f" + adapter {evaluation.adapter}" if evaluation.adapter else ""
+    out.print(f"eval      {evaluation.task} {evaluation.data} ({evaluation.shots}-shot, "
+              f"{evaluate.eval_mode(evaluation.generate, evaluation.score)}), model {evaluation.model}{adapter}")
+    result = monitor.eval_result(run_dir)
+    if result is None:
+        out.print(f"result    none yet  elapsed {_duration(row.elapsed_s)}")
+        return
+    accuracy = "-" if result["accuracy"] is None else f"{result['accuracy'] * 100:.1f}%"
+    choices = " ".join(f"{k} {v}" for k, v in result["choices"].items())
+    out.print(f"result    accuracy {accuracy} ({result['correct']}/{result['n_labelled']}), n {result['n']}, "
+              f"{result['questions_per_s']} questions/s over {result.get('world_size', '-')} processes  "
+              f"chosen {choices}  elapsed {_duration(row.elapsed_s)}")
+    out.print(f"          {run_dir / 'eval.json'}, {run_dir / 'predictions.jsonl'}")
+
+
+def print_detail(job, row) -> None:
+    from llamajobs import events, monitor
+    from llamajobs.spec import JobSpec
+
+    spec = JobSpec.load(job.run_dir / "spec.json")
+    out.print(f"[bold]job {job.id}[/] {job.name}  {row.state}  ({job.cluster} job {job.cluster_job_id})")
+    out.print(f"run dir   {job.run_dir}")
+    if spec.evaluation is not None:
+        print_eval_progress(row, spec.evaluation, job.run_dir)
+    else:
+        print_training_progress(job, row, spec)
     out.print("events")
     for e in events.read(job.run_dir):
         extra = {k: v for k, v in e.items() if k not in ("time", "event")}
@@ -944,42 +988,114 @@ def convert(input_dir: str, out_dir: str, size: str | None, tokenizer_file: str 
               f"({result['n_kv_heads']} kv), ffn {result['ffn_dim']}, vocab {result['vocab_size']}")
 
 
+def _eval_default(name: str) -> str:
+    from llamajobs.spec import EVAL_FIELDS
+
+    return f" (default {EVAL_FIELDS[name].default})"
+
+
 @cli.command("eval")
 @click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
               help="HF LLaMA directory (convert's output, a run's final/ or final/merged).")
 @click.option("--adapter", default=None, type=click.Path(file_okay=False), help="A LoRA adapter (a LoRA run's final/).")
 @click.option("--task", required=True, help="medqa, medmcqa or pubmedqa.")
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="The questions (JSONL; JSON list or dict).")
-@click.option("--shots", type=int, default=0, show_default=True, help="Solved examples before each question.")
+@click.option("--shots", type=int, default=None, help="Solved examples before each question" + _eval_default("shots") + ".")
 @click.option("--shots-file", default=None, type=click.Path(dir_okay=False), help="Where the shots come from (first K).")
 @click.option("--generate", "use_generate", is_flag=True, help="Greedy-generate and parse the letter instead of scoring.")
-@click.option("--score", default="letter", show_default=True,
-              help="letter: log-likelihood of the option's letter; text: of its text.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Questions per forward pass.")
+@click.option("--score", default=None,
+              help="letter: log-likelihood of the option's letter; text: of its text" + _eval_default("score") + ".")
+@click.option("--batch-size", type=int, default=None, help="Questions per forward pass" + _eval_default("batch_size") + ".")
 @click.option("--limit", type=int, default=None, help="Only the first N questions.")
-@click.option("--max-new-tokens", type=int, default=16, show_default=True, help="With --generate.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--predictions", default=None, type=click.Path(dir_okay=False), help="Write per-question results (JSONL).")
+@click.option("--max-new-tokens", type=int, default=None, help="With --generate" + _eval_default("max_new_tokens") + ".")
+@click.option("--predictions", default=None, type=click.Path(dir_okay=False),
+              help="Write per-question results (JSONL); a cluster job writes RUN_DIR/predictions.jsonl.")
+@_opt("--cluster", help="slurm, local or debug: submit the eval as a job there (default: run it here).")
+@options(PLACEMENT_OPTIONS + QUEUE_OPTIONS)
+@click.option("--name", default=None, help="With --cluster: the job's name (default eval-TASK).")
+@click.option("--wait", is_flag=True, help="With --cluster: block until the job ends, then print its accuracy.")
+@runs_dir_option
 @json_option
-def eval_cmd(model_dir: str, adapter: str | None, task: str, data: str, shots: int, shots_file: str | None,
-             use_generate: bool, score: str, batch_size: int, limit: int | None, max_new_tokens: int, device: str,
-             predictions: str | None, as_json: bool) -> None:
-    """Multiple-choice accuracy on MedQA-USMLE, MedMCQA or PubMedQA: n, accuracy, choice counts."""
-    from llamajobs import evaluate
+@click.pass_context
+def eval_cmd(ctx: click.Context, model_dir: str, adapter: str | None, task: str, data: str, shots: int | None,
+             shots_file: str | None, use_generate: bool, score: str | None, batch_size: int | None, limit: int | None,
+             max_new_tokens: int | None, predictions: str | None, wait: bool, runs_dir: str | None, as_json: bool,
+             **values: Any) -> None:
+    """Multiple-choice accuracy on MedQA-USMLE, MedMCQA or PubMedQA: n, accuracy, choice counts.
 
-    result = evaluate.evaluate(model_dir, task, data, adapter=adapter, shots=shots, shots_file=shots_file,
-                               generate=use_generate, score=score, batch_size=batch_size, limit=limit,
-                               max_new_tokens=max_new_tokens, device=device)
-    details = result.pop("predictions")
+    Runs here, or with --cluster as a job (the questions split over its worker processes; `status`,
+    `logs` and `cancel` as for training; RUN_DIR/eval.json holds what --json prints).
+    """
+    from llamajobs import evaluate
+    from llamajobs.spec import EvalSpec, default
+
+    settings = {"model": model_dir, "adapter": adapter, "task": task, "data": data, "shots": shots,
+                "shots_file": shots_file, "generate": use_generate, "score": score, "batch_size": batch_size,
+                "limit": limit, "max_new_tokens": max_new_tokens}
+    options = EvalSpec(**{k: v for k, v in settings.items() if v is not None})
+    if values["cluster"] is None:
+        job_flags = [k for k, v in values.items() if v is not None and k != "device"] + (["wait"] if wait else [])
+        if job_flags:
+            raise SpecError(f"--{job_flags[0].replace('_', '-')} is for an eval job: add --cluster slurm or "
+                            f"--cluster local (without --cluster, eval runs here)")
+        result = evaluate.evaluate(options, device=values["device"] or default("device"))
+        details = result.pop("predictions")
+        if predictions:
+            evaluate.write_predictions(predictions, details)
+        print_eval(result, as_json)
+        return
     if predictions:
-        evaluate.write_predictions(predictions, details)
+        raise SpecError(f"--predictions {predictions}: an eval job writes RUN_DIR/predictions.jsonl; leave it out")
+    submit_eval(ctx, options, values, wait=wait, runs_dir=runs_dir, as_json=as_json)
+
+
+def submit_eval(ctx: click.Context, options, values: dict[str, Any], *, wait: bool, runs_dir: str | None,
+                as_json: bool) -> None:
+    """`eval --cluster`: the files checked here, then a job like training's (run dir, registry)."""
+    from llamajobs import evaluate, monitor, submit as submit_mod
+
+    def absolute(path: str | None) -> str | None:  # the job runs elsewhere: no relative paths
+        return None if path is None else str(Path(path).absolute())
+
+    options = dataclasses.replace(options, model=absolute(options.model), data=absolute(options.data),
+                                  adapter=absolute(options.adapter), shots_file=absolute(options.shots_file))
+    spec, site = build_spec(ctx, values, fixed={"evaluation": options})
+    evaluate.read_inputs(options)  # a bad data or shots file fails before anything is queued
+    if not spec.after:  # a model that a job it waits for will write need not exist yet
+        evaluate.resolve_model(options.model, options.adapter)
+    job = submit_mod.submit(spec, site, _runs(runs_dir)).job
+    result: dict[str, Any] = {"id": job.id, "cluster_job_id": job.cluster_job_id, "run_dir": str(job.run_dir)}
+    if as_json and not wait:
+        print_json(result)
+    elif not as_json:
+        out.print(f"eval job [bold]{job.id}[/] ({job.cluster} job {job.cluster_job_id}) submitted; run dir {job.run_dir}")
+    if not wait:
+        return
+    state = wait_for(job)
+    scored = monitor.eval_result(job.run_dir) if state == "COMPLETED" else None
+    if as_json:
+        print_json({**result, "state": state, **(scored or {})})
+    else:
+        out.print(f"job {job.id} ended {state}")
+        if scored:
+            print_eval(scored, as_json=False)
+    if state != "COMPLETED":
+        log = monitor.traceback_log(job)
+        raise Failure(f"job {job.id} ended {state}" + (f"; traceback in {log}" if log else ""))
+    if scored is None:
+        raise Failure(f"job {job.id} completed without writing {job.run_dir / 'eval.json'}")
+
+
+def print_eval(result: dict[str, Any], as_json: bool) -> None:
+    """Accuracy, n, throughput and the choice counts; or the whole result as JSON."""
     if as_json:
         print_json(result)
         return
     accuracy = "-" if result["accuracy"] is None else f"{result['accuracy'] * 100:.1f}%"
-    out.print(f"{task} ({result['mode']}, {result['shots']}-shot): accuracy [bold]{accuracy}[/] "
+    ranks = f" over {result['world_size']} processes" if result.get("world_size") else ""
+    out.print(f"{result['task']} ({result['mode']}, {result['shots']}-shot): accuracy [bold]{accuracy}[/] "
               f"({result['correct']}/{result['n_labelled']}), n {result['n']}, "
-              f"{result['questions_per_s']} questions/s")
+              f"{result['questions_per_s']} questions/s{ranks}")
     table = Table(box=None, header_style="bold")
     table.add_column("")
     for key in result["choices"]:

@@ -24,6 +24,9 @@ Data formats (JSONL, a JSON list, or for PubMedQA also the original dict of id -
             but not the accuracy.
   pubmedqa  question (or QUESTION), context: a string, a list of strings (joined by newlines), or
             {"contexts": [...]} (or CONTEXTS), final_decision yes/no/maybe.
+
+As a job (`eval --cluster`), llamajobs/worker/evaluate.py runs `score_questions` on each rank's share
+of the questions and `summarize` on the gathered whole: the same result as `evaluate` here.
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from llamajobs.data.formats import LETTERS, mcq_prompt as render_mcq_prompt
 from llamajobs.errors import SpecError
+
+if TYPE_CHECKING:  # spec.py imports TASKS and SCORES from here
+    from llamajobs.spec import EvalSpec
 
 TASKS = ("medqa", "medmcqa", "pubmedqa")
 PUBMEDQA_OPTIONS = ("yes", "no", "maybe")
@@ -352,20 +358,7 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, device:
     if not sys.stderr.isatty():
         hf_logging.disable_progress_bar()  # "Loading weights" bars would litter logs and piped stderr
 
-    model_dir = Path(model_dir)
-    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
-        if adapter is not None:
-            raise SpecError(f"--model {model_dir} holds a LoRA adapter, and --adapter was given too; "
-                            f"pass the base as --model")
-        model_dir, adapter = adapter_base(model_dir), model_dir
-    if not (model_dir / "config.json").is_file():
-        raise SpecError(f"--model {model_dir}: no config.json there; expected an HF LLaMA directory "
-                        f"(`llamajobs convert` output, a run's final/ or final/merged)")
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise SpecError(f"--adapter {adapter}: no adapter_config.json there; expected a LoRA run's final/")
-    tokenizer_dir = next((d for d in (model_dir, adapter) if d is not None and _has_tokenizer(Path(d))), None)
-    if tokenizer_dir is None:
-        raise SpecError(f"--model {model_dir}: no tokenizer there (tokenizer.json or tokenizer.model)")
+    model_dir, adapter, tokenizer_dir = resolve_model(model_dir, adapter)
     tokenizer = TextEncoder(tokenizer_dir)
     target = resolve_device(device)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
@@ -379,6 +372,26 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, device:
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = PeftModel.from_pretrained(model, str(adapter))
     return model.to(target).eval(), tokenizer
+
+
+def resolve_model(model_dir: str | Path, adapter: str | Path | None = None) -> tuple[Path, Path | None, Path]:
+    """(model dir, adapter dir, tokenizer dir) after checking the directories, without loading
+    anything: `eval --cluster` refuses a wrong path before it queues a job."""
+    model_dir = Path(model_dir)
+    if (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file():
+        if adapter is not None:
+            raise SpecError(f"--model {model_dir} holds a LoRA adapter, and --adapter was given too; "
+                            f"pass the base as --model")
+        model_dir, adapter = adapter_base(model_dir), model_dir
+    if not (model_dir / "config.json").is_file():
+        raise SpecError(f"--model {model_dir}: no config.json there; expected an HF LLaMA directory "
+                        f"(`llamajobs convert` output, a run's final/ or final/merged)")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise SpecError(f"--adapter {adapter}: no adapter_config.json there; expected a LoRA run's final/")
+    tokenizer_dir = next((Path(d) for d in (model_dir, adapter) if d is not None and _has_tokenizer(Path(d))), None)
+    if tokenizer_dir is None:
+        raise SpecError(f"--model {model_dir}: no tokenizer there (tokenizer.json or tokenizer.model)")
+    return model_dir, None if adapter is None else Path(adapter), tokenizer_dir
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -501,11 +514,25 @@ def run_eval(model: Any, tokenizer: TextEncoder, questions: list[Question], *, s
     """Accuracy, n and the per-option choice counts (plus per-question details under "predictions")."""
     check_options(score=score, batch_size=batch_size, max_new_tokens=max_new_tokens)
     started = time.perf_counter()
+    choices, details, truncated = score_questions(model, tokenizer, questions, shots=shots, generate=generate,
+                                                  score=score, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    seconds = time.perf_counter() - started
+    return summarize(questions, choices, details, seconds=seconds, truncated=truncated,
+                     mode=eval_mode(generate, score))
+
+
+def score_questions(model: Any, tokenizer: TextEncoder, questions: list[Question], *,
+                    shots: Sequence[Question] = (), generate: bool = False, score: str = "letter",
+                    batch_size: int = 8, max_new_tokens: int = 16
+                    ) -> tuple[list[int | None], list[dict], int]:
+    """Each question's chosen option (None: a generation with no letter found), its details (the
+    option scores or the generated text) and how many prompts were truncated. The eval worker runs
+    this on each rank's share of the questions; `summarize` turns the whole set into the result."""
     prompts = [few_shot_prompt(q, shots) for q in questions]
     truncated = 0
     if generate:
         texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        choices = [parse_choice(t, q.options) for t, q in zip(texts, questions)]
+        choices: list[int | None] = [parse_choice(t, q.options) for t, q in zip(texts, questions)]
         details: list[dict] = [{"generated": t} for t in texts]
     else:
         conts = [[mcq_answer(q, i) if score == "letter" else o for i, o in enumerate(q.options)]
@@ -513,9 +540,11 @@ def run_eval(model: Any, tokenizer: TextEncoder, questions: list[Question], *, s
         scores, truncated = option_scores(model, tokenizer, prompts, conts, batch_size)
         choices = [max(range(len(s)), key=s.__getitem__) for s in scores]
         details = [{"scores": [round(x, 4) for x in s]} for s in scores]
-    seconds = time.perf_counter() - started
-    return summarize(questions, choices, details, seconds=seconds, truncated=truncated,
-                     mode="generate" if generate else f"loglik-{score}")
+    return choices, details, truncated
+
+
+def eval_mode(generate: bool, score: str) -> str:
+    return "generate" if generate else f"loglik-{score}"
 
 
 def check_options(*, score: str, batch_size: int, max_new_tokens: int) -> None:
@@ -552,26 +581,42 @@ def summarize(questions: list[Question], choices: list[int | None], details: lis
             "predictions": predictions}
 
 
-def evaluate(model_dir: str | Path, task: str, data: str | Path, *, adapter: str | Path | None = None,
-             shots: int = 0, shots_file: str | Path | None = None, generate: bool = False, score: str = "letter",
-             batch_size: int = 8, limit: int | None = None, max_new_tokens: int = 16, device: str = "auto") -> dict:
-    """Read the questions (and the K shots), load the model, score; the CLI's `eval`."""
-    check_options(score=score, batch_size=batch_size, max_new_tokens=max_new_tokens)
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    questions: list[Question]
+    shots: list[Question]
+    notes: list[str]  # what reading the files decided, for the user (e.g. MedMCQA's cop numbering)
+
+
+def read_inputs(options: EvalSpec) -> Inputs:
+    """The questions (the first --limit) and the K shots. `eval --cluster` reads them on the login
+    node too, so a bad file is refused before anything is queued."""
     notes: list[str] = []
-    questions = read_questions(task, data, notes)
-    if limit is not None:
-        if limit < 1:
-            raise SpecError(f"--limit {limit}: must be at least 1")
-        questions = questions[:limit]
+    questions = read_questions(options.task, options.data, notes)[:options.limit]
     if not questions:
-        raise SpecError(f"--data {data}: no questions in it")
-    examples = load_shots(task, shots, shots_file, notes)
-    model, tokenizer = load_model(model_dir, adapter, device)
-    result = run_eval(model, tokenizer, questions, shots=examples, generate=generate, score=score,
-                      batch_size=batch_size, max_new_tokens=max_new_tokens)
-    return {"task": task, "data": str(data), "model": str(model_dir),
-            "adapter": None if adapter is None else str(adapter),
-            "shots": len(examples), **result, "notes": notes}
+        raise SpecError(f"--data {options.data}: no questions in it")
+    shots = load_shots(options.task, options.shots, options.shots_file, notes)
+    return Inputs(questions=questions, shots=shots, notes=notes)
+
+
+def scoring_options(options: EvalSpec) -> dict[str, Any]:
+    """The keyword arguments of run_eval and score_questions that come from the spec."""
+    return {"generate": options.generate, "score": options.score, "batch_size": options.batch_size,
+            "max_new_tokens": options.max_new_tokens}
+
+
+def evaluate(options: EvalSpec, device: str = "auto") -> dict:
+    """Read the questions (and the K shots), load the model, score; the CLI's in-process `eval`."""
+    inputs = read_inputs(options)
+    model, tokenizer = load_model(options.model, options.adapter, device)
+    return report(options, inputs, run_eval(model, tokenizer, inputs.questions, shots=inputs.shots,
+                                            **scoring_options(options)))
+
+
+def report(options: EvalSpec, inputs: Inputs, result: dict) -> dict:
+    """What `eval --json` prints (and an eval job's eval.json holds), predictions aside."""
+    return {"task": options.task, "data": options.data, "model": options.model, "adapter": options.adapter,
+            "shots": len(inputs.shots), **result, "notes": inputs.notes}
 
 
 def load_shots(task: str, shots: int, shots_file: str | Path | None, notes: list[str] | None = None) -> list[Question]:

@@ -9,7 +9,7 @@ import signal
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ class Row:
     last_metric_age_s: float | None
     run_dir: str
     error: str | None = None  # the first failing rank's error, for FAILED and OUT_OF_MEMORY jobs
+    kind: str = "train"  # or "eval" (`llamajobs eval --cluster`): then mode is "eval" and strategy the task
+    accuracy: float | None = None  # an eval job's, once it finished
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -273,7 +275,7 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         ended = now
     elif ended is None:
         ended = last.get("time")
-    return Row(
+    found = Row(
         id=job.id, name=job.name, cluster=job.cluster, cluster_job_id=job.cluster_job_id, state=state,
         nodes=spec.nodes, gpus_per_node=spec.gpus_per_node, procs_per_node=spec.planned_procs_per_node,
         size=spec.size, mode=spec.mode,
@@ -283,6 +285,20 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         eta_s=eta, elapsed_s=(ended - started) if started and ended else None, last_metric_age_s=age,
         run_dir=str(job.run_dir), error=error,
     )
+    if spec.evaluation is not None:  # no metrics: what it scores, and its accuracy once eval.json is there
+        result = eval_result(job.run_dir) or {}
+        found = replace(found, kind="eval", size=Path(spec.evaluation.model).name, mode="eval",
+                        strategy=spec.evaluation.task, accuracy=result.get("accuracy"))
+    return found
+
+
+def eval_result(run_dir: Path) -> dict[str, Any] | None:
+    """An eval job's result (what `eval --json` prints), written by its rank 0 at the end."""
+    try:
+        return json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return None
+
 
 
 def log_files(job: Job) -> list[Path]:

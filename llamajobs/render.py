@@ -92,6 +92,8 @@ def render(spec: JobSpec, site: Site, out_dir: str | Path, run_dir: str | None =
         "container": site.container + " " if site.container else "",
         "version": __version__,
         "sbatch_options": sbatch_options(spec),
+        # What the job runs is the spec's to say: training, or an eval (`llamajobs eval --cluster`).
+        "worker_module": "llamajobs.worker" if spec.evaluation is None else "llamajobs.worker.evaluate",
     }
     env = _environment()
     written = []

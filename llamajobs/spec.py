@@ -15,10 +15,32 @@ from typing import Any, Mapping
 
 from llamajobs import catalog
 from llamajobs.errors import SpecError
+from llamajobs.evaluate import SCORES, TASKS
 
 
 # Cores asked per worker process when --cpus-per-node is not given (SLURM's default is one per task).
 CPUS_PER_WORKER = 4
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvalSpec:
+    """What an eval job scores: the flags of `llamajobs eval`, with their defaults (the in-process
+    eval reads them from here too). Paths are absolute once the CLI has built the spec."""
+
+    model: str  # an HF LLaMA directory, or a LoRA run's final/ (its base found from llamajobs.json)
+    task: str
+    data: str
+    adapter: str | None = None
+    shots: int = 0
+    shots_file: str | None = None
+    generate: bool = False
+    score: str = "letter"
+    batch_size: int = 8
+    limit: int | None = None
+    max_new_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        validate_eval(self)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -81,6 +103,8 @@ class JobSpec:
     name: str | None = None
     wandb: str | None = None
     log_every_steps: int = 1
+    # what runs: training (None), or an eval of a model (`llamajobs eval --cluster ...`)
+    evaluation: EvalSpec | None = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -88,7 +112,13 @@ class JobSpec:
     # --- derived values (never stored twice) ---
 
     @property
+    def kind(self) -> str:
+        return "train" if self.evaluation is None else "eval"
+
+    @property
     def run_name(self) -> str:
+        if self.evaluation is not None:
+            return self.name or f"eval-{self.evaluation.task}"
         return self.name or f"{self.size}-{self.mode}-{self.strategy}"
 
     @property
@@ -132,6 +162,7 @@ class JobSpec:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(JobSpec)}
+EVAL_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(EvalSpec)}
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 PROMPT_MODES = ("prefix", "ptuning", "prompt")  # the peft modes that train virtual tokens
 
@@ -187,6 +218,8 @@ def _coerce(name: str, value: Any) -> Any:
     """A value from YAML, JSON or a flag, as the field's type."""
     if value is None:
         return None
+    if name == "evaluation":
+        return value if isinstance(value, EvalSpec) else eval_from_mapping(value)
     kind = FIELDS[name].type
     try:
         if kind.startswith("tuple"):
@@ -224,6 +257,22 @@ def normalise_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 def from_mapping(values: Mapping[str, Any]) -> JobSpec:
     return JobSpec(**normalise_keys(values, "spec"))
+
+def eval_from_mapping(values: Any) -> EvalSpec:
+    """An EvalSpec from spec.json or a run YAML (keys as fields or as eval's flags spell them)."""
+    if not isinstance(values, Mapping):
+        raise SpecError(f"evaluation {values!r} is not a mapping; give eval's settings as keys (task, data, model, ...)")
+    fields = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in EVAL_FIELDS:
+            raise SpecError(f"evaluation: unknown key {key!r}; allowed: {', '.join(EVAL_FIELDS)}")
+        fields[name] = value
+    missing = [name for name in ("model", "task", "data") if fields.get(name) is None]
+    if missing:
+        raise SpecError(f"evaluation: no {missing[0]!r}; an eval job needs model, task and data")
+    return EvalSpec(**fields)
+
 
 
 def build(flags: Mapping[str, Any], config: Mapping[str, Any] | None = None,
@@ -267,6 +316,26 @@ def _single_line(spec: JobSpec) -> None:
         for item in value if isinstance(value, tuple) else (value,):
             if isinstance(item, str) and any(c in item for c in "\n\r\0"):
                 raise SpecError(f"{_flag(name)} {item!r} contains a line break or NUL; give it on one line")
+
+
+def validate_eval(options: EvalSpec) -> None:
+    for name in ("shots", "batch_size", "max_new_tokens", "limit"):
+        value = getattr(options, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise SpecError(f"{_flag(name)} {value!r} is not a valid int")
+    if options.task not in TASKS:
+        raise SpecError(f"--task {options.task!r} is not known; choose one of {', '.join(TASKS)}")
+    if options.score not in SCORES:
+        raise SpecError(f"--score {options.score!r}; choose one of {', '.join(SCORES)}")
+    if options.shots < 0:
+        raise SpecError(f"--shots {options.shots}: must be 0 or more")
+    if options.shots and options.shots_file is None:
+        raise SpecError(f"--shots {options.shots}: needs --shots-file, a file of solved examples in the "
+                        f"--task {options.task} format")
+    for name in ("batch_size", "max_new_tokens", "limit"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise SpecError(f"{_flag(name)} {value}: must be at least 1")
 
 
 def validate(spec: JobSpec) -> None:
@@ -314,7 +383,7 @@ def validate(spec: JobSpec) -> None:
     if spec.seq_len > shape.max_seq_len:
         raise SpecError(f"--seq-len {spec.seq_len} exceeds the model's maximum {shape.max_seq_len}")
     per_step = spec.micro_batch * spec.world_size
-    if spec.global_batch % per_step:
+    if spec.evaluation is None and spec.global_batch % per_step:  # an eval job has no batch schedule
         raise SpecError(
             f"--global-batch {spec.global_batch} is not divisible by micro-batch {spec.micro_batch} x "
             f"world size {spec.world_size} = {per_step}; use a multiple of {per_step}")

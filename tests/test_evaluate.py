@@ -15,6 +15,8 @@ import torch
 from llamajobs import evaluate as ev
 from llamajobs.data import formats
 from llamajobs.errors import SpecError
+from llamajobs.spec import EvalSpec
+from tests.conftest import run_cli
 
 # --- the toy set: the cue word in the question names the letter; the options are filler ---
 
@@ -209,6 +211,90 @@ def test_generate_continues_the_prompt_as_given(cli, tuned_model):
     assert stdout.strip() == "ABCD"[q.answer]
     code, _, stderr = cli("generate", "--model", str(tuned_model), "--prompt", "x", "--top-p", "0")
     assert code == 2 and "--top-p 0.0" in stderr
+
+
+# --- eval as a job: the questions split over ranks, the same answers as in-process ---
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def in_process(tuned_model, toy) -> dict:
+    """The in-process eval of the tuned model on the toy test set (what `eval --json` prints, with
+    the per-question predictions)."""
+    return ev.evaluate(EvalSpec(model=str(tuned_model), task="medqa", data=str(toy["test"])), device="cpu")
+
+
+def assert_same_answers(job: dict, job_rows: list[dict], local: dict) -> None:
+    for key in ("n", "n_labelled", "correct", "accuracy", "choices", "gold", "mode", "truncated", "shots"):
+        assert job[key] == local[key], key
+    local_rows = local["predictions"]
+    assert [r["choice"] for r in job_rows] == [r["choice"] for r in local_rows]
+    assert [r["index"] for r in job_rows] == list(range(local["n"]))
+    # Other batches, other padding: the same scores up to float rounding.
+    assert torch.allclose(torch.tensor([r["scores"] for r in job_rows]),
+                          torch.tensor([r["scores"] for r in local_rows]), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_eval_job_on_the_local_cluster_gives_the_in_process_answers(home, tuned_model, toy, in_process):
+    """`eval --cluster local --procs-per-node 2 --wait`: real submitit and torchrun, each rank scores
+    every second question, rank 0 gathers them; the same accuracy, choices and scores as in-process."""
+    result = run_cli("eval", "--model", str(tuned_model), "--task", "medqa", "--data", str(toy["test"]),
+                     "--cluster", "local", "--procs-per-node", "2", "--wait", check=True)
+    assert f"accuracy {in_process['accuracy'] * 100:.1f}%" in result.stdout and "over 2 processes" in result.stdout
+    job_id = int(result.stdout.split("eval job ")[1].split()[0])
+    row = json.loads(run_cli("status", str(job_id), "--json", check=True).stdout)
+    assert (row["kind"], row["state"], row["strategy"]) == ("eval", "COMPLETED", "medqa")
+    assert row["accuracy"] == in_process["accuracy"]
+    run_dir = Path(row["run_dir"])
+    job = json.loads((run_dir / "eval.json").read_text())
+    assert job["world_size"] == 2
+    assert_same_answers(job, read_jsonl(run_dir / "predictions.jsonl"), in_process)
+    detail = run_cli("status", str(job_id), check=True).stdout
+    assert f"accuracy {in_process['accuracy'] * 100:.1f}%" in detail and "finished" in detail
+    assert "eval: 48 questions over 2 ranks" in run_cli("logs", str(job_id), "--rank", "0", check=True).stdout
+    print(f"questions/s on this box: in-process {in_process['questions_per_s']}, "
+          f"local cluster with 2 ranks {job['questions_per_s']}")
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_eval_job_on_two_slurm_nodes_gives_the_in_process_answers(slurm, tmp_path, tuned_model, toy, in_process):
+    """The same on the real SLURM cluster: one worker on each of two nodes, torchrun across them."""
+    env = {"LLAMAJOBS_HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = run_cli("eval", "--model", str(tuned_model), "--task", "medqa", "--data", str(toy["test"]),
+                     "--cluster", "slurm", "--nodes", "2", "--procs-per-node", "1", "--device", "cpu",
+                     "--time", "00:10:00", "--wait", "--json", env=env, check=True)
+    job = json.loads(result.stdout)
+    assert job["state"] == "COMPLETED" and job["world_size"] == 2
+    assert_same_answers(job, read_jsonl(Path(job["run_dir"]) / "predictions.jsonl"), in_process)
+    from llamajobs import events
+
+    started = next(e for e in events.read(Path(job["run_dir"])) if e["event"] == "started")
+    assert started["world_size"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "2"], "--nodes is for an eval job: add --cluster"),
+    (["--wait"], "--wait is for an eval job"),
+    (["--cluster", "local", "--predictions", "p.jsonl"], "an eval job writes RUN_DIR/predictions.jsonl"),
+    (["--cluster", "local", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--cluster", "local", "--task", "usmle"], "--task 'usmle' is not known"),
+    (["--cluster", "moon"], "--cluster 'moon' is not allowed"),
+    (["--cluster", "local", "--nodes", "2"], "--nodes 2: the local cluster has one node"),
+    (["--cluster", "local", "--model", "."], "no config.json there"),
+])
+def test_bad_eval_job_input_is_one_line_and_exit_2_and_queues_nothing(cli, home, base_model, tmp_path, args, message):
+    data = write(tmp_path / "d.jsonl", [{"question": "Q?", "context": "C", "final_decision": "yes"}])
+    required = {"--model": str(base_model), "--task": "pubmedqa", "--data": str(data)}
+    required = [x for flag, value in required.items() if flag not in args for x in (flag, value)]
+    code, stdout, stderr = cli("eval", *required, *args)
+    assert code == 2, stderr
+    assert message in stderr and len(stderr.strip().splitlines()) == 1
+    assert stdout == ""
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
 
 
 # --- batching and the two scoring paths ---
