@@ -72,6 +72,8 @@ JOB_OPTIONS = [
     _opt("--merge/--no-merge", help="LoRA: also write a merged full model into final/merged."),
     _opt("--log-every-steps", type=int),
     _opt("--keep-checkpoints", type=int), _opt("--max-requeues", type=int),
+    _opt("--collective-timeout-minutes", type=float,
+         help="How long the ranks wait for one that went silent before the job fails (default 30)."),
     _opt("--cluster", help="slurm, local or debug (default: slurm when `scontrol ping` answers)."),
     *QUEUE_OPTIONS,
     _opt("--launcher", help="torchrun or deepspeed."), _opt("--name"), _opt("--wandb"),

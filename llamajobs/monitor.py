@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import statistics
 import subprocess
@@ -341,19 +342,73 @@ class FirstError:
 
 
 def first_error(job: Job) -> FirstError | None:
-    """The earliest error a rank reported (torchrun's error.json, written by the worker's @record):
-    later errors are usually other ranks noticing that one died."""
-    errors = []
+    """The earliest error a rank reported (torchrun's error.json, written by the worker's @record),
+    or the earliest death without one that torchrun saw (a rank killed, or crashed in native code):
+    later errors are usually other ranks noticing that one died. Times are whole seconds; at the same
+    second a death without a Python error comes first (the others' errors are their reaction to it)."""
+    found = []  # (time, 1 for a Python error or 0 for a death without one, rank, the error)
+    newest: dict[int, tuple[Path, Path]] = {}  # rank -> (its log dir, its node dir), newest attempt
     for rank, local, node in _rank_dirs(job):
+        newest[rank] = (local, node)
         try:
             info = json.loads((local / "error.json").read_text())["message"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        host_file = node / "host"
-        host = host_file.read_text().strip() if host_file.exists() else "?"
-        errors.append(FirstError(rank=rank, host=host, message=str(info.get("message", "")).strip(),
-                                 log=local / "stderr.log", time=float(info.get("extraInfo", {}).get("timestamp", 0))))
-    return min(errors, key=lambda e: (e.time, e.rank), default=None)
+        error = FirstError(rank=rank, host=_host(node), message=str(info.get("message", "")).strip(),
+                           log=local / "stderr.log", time=float(info.get("extraInfo", {}).get("timestamp", 0)))
+        found.append((error.time, 1, rank, error))
+    for death in torchrun_deaths(job):
+        if death.rank in newest:
+            local, node = newest[death.rank]
+            death = replace(death, host=_host(node, death.host), log=local / "stderr.log")
+        found.append((death.time, 0, death.rank, death))
+    return min(found, key=lambda f: f[:3], default=(None,) * 4)[3]
+
+
+# torchrun's summary of a failed launch, at the end of its output (the node launcher's log):
+#   Root Cause (first observed failure):
+#   [0]:
+#     time      : 2026-11-28_02:21:45
+#     host      : gpu003
+#     rank      : 1 (local_rank: 1)
+#     exitcode  : -9 (pid: 9638)
+#     error_file: <N/A>
+ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):\s*\[\d+\]:\s*time\s*:\s*(?P<time>\S+)\s*"
+                        r"host\s*:\s*(?P<host>\S+)\s*rank\s*:\s*(?P<rank>\d+)[^\n]*\s*"
+                        r"exitcode\s*:\s*(?P<code>-?\d+)[^\n]*\s*error_file:\s*(?P<file>\S+)")
+
+
+def torchrun_deaths(job: Job, tail_bytes: int = 65536) -> list[FirstError]:
+    """The ranks whose death torchrun reported as a node's first failure with no error file: they
+    left no Python error (killed by a signal, os._exit, a crash in native code). Ranks that did
+    leave one are found through their error.json."""
+    deaths = []
+    for path in sorted((job.run_dir / "submitit").glob("*_log.err")):
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - tail_bytes))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        for match in ROOT_CAUSE.finditer(text):
+            if match["file"] != "<N/A>":
+                continue
+            code = int(match["code"])
+            how = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+                   else f"exited with code {code}")
+            try:
+                when = time.mktime(time.strptime(match["time"], "%Y-%m-%d_%H:%M:%S"))
+            except ValueError:
+                when = path.stat().st_mtime
+            deaths.append(FirstError(rank=int(match["rank"]), host=match["host"], log=path, time=when,
+                                     message=f"the process {how} without a Python error (killed, out of host "
+                                             f"memory, or crashed in native code)"))
+    return deaths
+
+
+def _host(node: Path, default: str = "?") -> str:
+    host_file = node / "host"
+    return host_file.read_text().strip() if host_file.exists() else default
 
 
 OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory")

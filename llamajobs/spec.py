@@ -78,6 +78,10 @@ class JobSpec:
     resume: bool = True  # from checkpoints/latest when there is one
     keep_checkpoints: int = 2
     max_requeues: int = 20
+    # How long a collective waits for a rank that went silent before the job fails (and how long, at
+    # most 5 minutes, the start-up preflight waits for every rank). Longer than torch's 10 minutes:
+    # every rank waits in one while rank 0 alone reads a checkpoint (65B: 130 GB) or writes final/.
+    collective_timeout_minutes: float = 30.0
     # where it runs
     cluster: str = "local"
     nodes: int = 1
@@ -352,7 +356,7 @@ def validate(spec: JobSpec) -> None:
     _positive(spec, "nodes", "gpus_per_node", "cpus_per_node", "procs_per_node", "seq_len", "global_batch", "micro_batch",
               "lr", "epochs", "max_steps", "tokens_per_epoch", "checkpoint_every_steps",
               "checkpoint_every_minutes", "keep_checkpoints", "lora_r", "lora_alpha", "num_virtual_tokens",
-              "log_every_steps")
+              "log_every_steps", "collective_timeout_minutes")
     if spec.name is not None and not _NAME.match(spec.name):
         raise SpecError(f"--name {spec.name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-'")
     if spec.max_requeues < 0:

@@ -21,7 +21,8 @@ from llamajobs.data import read_texts
 from llamajobs.data.tokenizer import train_tokenizer
 from llamajobs.monitor import descendants, exited
 from llamajobs.spec import JobSpec
-from llamajobs.worker.checkpoint import complete_steps, newest_complete_step
+from llamajobs.worker.checkpoint import (complete_steps, describe_write_failure, mount_point, newest_complete_step,
+                                         write_failure, write_synced)
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +86,110 @@ def test_sigkill_during_saves_keeps_the_last_complete_checkpoint(tmp_path):
                for line in p.read_text().splitlines() if json.loads(line)["event"] == "resumed"]
     assert sorted(resumed) == sorted(survived)
     assert (run_dir / "final" / "config.json").exists()
+
+
+# --- a full filesystem during a save ---
+
+FULL_DISK_SPEC = dict(size="tiny", seq_len=64, global_batch=8, micro_batch=2, lr=3e-3, procs_per_node=2, max_steps=6,
+                      checkpoint_every_steps=2)  # saves at 2 and 4: the one at 4 finds no room
+
+
+def new_run(tmp_path: Path, **spec: object) -> Path:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copytree(train_tokenizer(read_texts(), TINY_VOCAB, tmp_path / "tokenizer"), run_dir / "tokenizer")
+    (run_dir / "spec.json").write_text(JobSpec(**{**FULL_DISK_SPEC, **spec}).to_json())
+    return run_dir
+
+
+def run_worker(run_dir: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    """One torchrun launch to its end, each rank's output in RUN_DIR/logs (as the launch script does)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LLAMAJOBS_INJECT_FAULT", None)
+    if fault:
+        env["LLAMAJOBS_INJECT_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--max-restarts", "0", "--log-dir", str(run_dir / "logs"), "--redirects", "3",
+                           "-m", "llamajobs.worker", str(run_dir)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def rank_logs(run_dir: Path, name: str) -> dict[int, Path]:
+    """{rank: its file `name`} of the newest launch (torchrun: logs/<run id>/attempt_0/<rank>/)."""
+    newest = max((run_dir / "logs").iterdir(), key=lambda p: p.stat().st_mtime)
+    return {int(p.parent.name): p for p in newest.glob(f"attempt_0/*/{name}")}
+
+
+def assert_the_save_failed_cleanly(run_dir: Path, result: subprocess.CompletedProcess, reason: str,
+                                   mount: Path) -> str:
+    """The save of step 4 failed: non-zero exit, step-2 still `latest` and complete, nothing partial
+    left, and one line on every rank's stderr naming the reason and the filesystem. Returns the line."""
+    assert result.returncode != 0, result.stderr[-3000:]
+    root = run_dir / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-2"]  # no .tmp-step-4-*, no .trash-*
+    assert (root / "latest").read_text() == "step-2\n" and complete_steps(root) == [2]
+    lines = []
+    for rank, stderr in sorted(rank_logs(run_dir, "stderr.log").items()):
+        errors = [line for line in stderr.read_text().splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in stderr.read_text(), stderr.read_text()[-3000:]
+        lines.append(errors[0])
+    assert len(lines) == 2 and lines[0] == lines[1]  # every rank says the same
+    line = lines[0]
+    assert "checkpoint of step 4 failed on rank " in line and reason in line
+    assert f"filesystem mounted at {mount}: " in line and " bytes free; the save needs about " in line
+    assert "step-2 is kept as the latest checkpoint" in line
+    # torchrun's error file holds it too: `status JOB` shows it as the job's first error.
+    error_file = json.loads(rank_logs(run_dir, "error.json")[0].read_text())
+    assert line.removeprefix("error: ") in error_file["message"]["message"]
+    return line
+
+
+def test_a_save_past_the_file_size_limit_fails_cleanly_and_the_run_resumes(tmp_path):
+    """EFBIG, a real one: at step 3 every rank lowers its RLIMIT_FSIZE below a checkpoint shard's size."""
+    run_dir = new_run(tmp_path)
+    result = run_worker(run_dir, "fsize:3")
+    line = assert_the_save_failed_cleanly(run_dir, result, "file-size limit (ulimit -f) [EFBIG]", mount_point(run_dir))
+    # The kept checkpoint is loadable: a relaunch resumes from it and runs to the end.
+    again = run_worker(run_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = [json.loads(line)["step"] for p in (run_dir / "events").glob("*.jsonl")
+               for line in p.read_text().splitlines() if json.loads(line)["event"] == "resumed"]
+    assert resumed == [2] and (run_dir / "final" / "config.json").exists()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 3 MiB tmpfs (one checkpoint of the tiny model is 2.3 MB), where mounting is allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN); the EFBIG test covers the save path")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_save_on_a_full_filesystem_fails_cleanly(tmp_path, small_tmpfs):
+    """ENOSPC, a real one: the checkpoints live on a tmpfs with room for one checkpoint, not two."""
+    run_dir = new_run(tmp_path)
+    (run_dir / "checkpoints").symlink_to(small_tmpfs)
+    result = run_worker(run_dir)
+    # ENOSPC reaches DCP's writer as torch.save's "unexpected pos" (a short write), without the errno.
+    line = assert_the_save_failed_cleanly(run_dir, result, "no space left on the filesystem", small_tmpfs)
+    assert "free space there (or lower --keep-checkpoints)" in line
+
+
+def test_a_real_enospc_is_described_by_errno_filesystem_and_the_kept_checkpoint(tmp_path):
+    """The kernel's own ENOSPC (/dev/full), without a process group or a mount."""
+    root = tmp_path / "checkpoints"
+    (root / "step-2").mkdir(parents=True)
+    (root / "step-2" / "__0_0.distcp").write_bytes(b"x" * 1000)
+    (root / "step-2" / "meta.json").write_text('{"complete": true}')
+    with pytest.raises(OSError) as caught:
+        write_synced(Path("/dev/full"), b"shards")
+    line = describe_write_failure(write_failure(1, caught.value, root), root / ".tmp-step-4-1", 4)
+    assert line.startswith(f"checkpoint of step 4 failed on rank 1: no space left on the filesystem [ENOSPC] "
+                           f"writing into {root / '.tmp-step-4-1'}; filesystem mounted at {mount_point(root)}: ")
+    assert "the save needs about 1,018 bytes (the size of step-2)" in line
+    assert "step-2 is kept as the latest checkpoint: free space there (or lower --keep-checkpoints)" in line

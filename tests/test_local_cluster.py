@@ -126,18 +126,24 @@ def test_stalled_then_cancelled(env):
     assert all(monitor.exited(p) for p in [pid, *workers])
 
 
-@pytest.mark.parametrize("fault, state", [("crash:3", "FAILED"), ("oom:3", "OUT_OF_MEMORY")])
-def test_failing_worker_shows_why_and_names_the_log(env, fault, state):
+@pytest.mark.parametrize("fault, state, rank, says, log_says", [
+    ("crash:3", "FAILED", 0, "injected fault at step 3", "injected fault at step 3"),
+    ("oom:3", "OUT_OF_MEMORY", 0, "injected fault at step 3", "injected fault at step 3"),
+    # The last rank exits with no Python error (as one killed by the OOM killer): torchrun stops the
+    # other, and status names the rank that died first, not the one stopped after it.
+    ("die:3", "FAILED", 1, "the process exited with code 1 without a Python error", "rank 1 exits after step 3"),
+])
+def test_failing_worker_shows_why_and_names_the_log(env, fault, state, rank, says, log_says):
     result = run_cli("submit", *TINY, "--max-steps", "6", "--name", fault.split(":")[0], "--wait", "--json",
                      env={**env, "LLAMAJOBS_INJECT_FAULT": fault})
     assert result.returncode == 1
     job_id = json.loads(result.stdout)["id"]
     row = status(env, job_id)
     assert row["state"] == state
-    assert row["error"].startswith(f"rank 0 on {os.uname().nodename}: ") and "injected fault at step 3" in row["error"]
+    assert row["error"].startswith(f"rank {rank} on {os.uname().nodename}: ") and says in row["error"], row["error"]
     detail = run_cli("status", str(job_id), env=env, check=True).stdout
     log = Path(detail.split("traceback in ")[1].split()[0])
-    assert "injected fault at step 3" in log.read_text()
+    assert log_says in log.read_text()
     if state == "OUT_OF_MEMORY":
         assert "lower --micro-batch" in detail
 

@@ -199,7 +199,7 @@ def test_injected_fault_raises_when_its_step_starts(monkeypatch: pytest.MonkeyPa
         train_loop(nn.Linear(2, 2), None, None, iter(()), fake_metrics, None, spec=JobSpec(), env=None,
                    start=1, total=3)
     monkeypatch.setenv("LLAMAJOBS_INJECT_FAULT", "boom")
-    with pytest.raises(ValueError, match="crash:N, oom:N or stop:N"):
+    with pytest.raises(ValueError, match="expected one of crash:N, oom:N, stop:N, die:N, hang:N, fsize:N"):
         train_loop(nn.Linear(2, 2), None, None, iter(()), fake_metrics, None, spec=JobSpec(), env=None,
                    start=0, total=3)
 

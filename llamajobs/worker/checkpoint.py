@@ -30,6 +30,7 @@ one small tensor per optimizer step; the step-based schedule needs no message (e
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -43,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -52,7 +54,7 @@ from llamajobs.control import STOP_REQUEST
 from llamajobs.data.sampler import WindowSampler
 from llamajobs.spec import JobSpec
 from llamajobs.worker import rng
-from llamajobs.worker.faults import injected_fault
+from llamajobs.worker.faults import injected_fault, limit_file_size, lose_a_rank
 from llamajobs.worker.parallel import Dist
 
 LATEST = "latest"
@@ -181,6 +183,105 @@ def set_aside(root: Path) -> None:
     print(f"resume is off: moved the earlier checkpoints to {aside}", flush=True)
 
 
+# --- a save that cannot write ---
+
+# What a write that found no room says: the filesystem is full, the quota is used up, or a file-size
+# limit (`ulimit -f`, RLIMIT_FSIZE) was reached.
+NO_ROOM = {errno.ENOSPC: "no space left on the filesystem", errno.EDQUOT: "disk quota exceeded",
+           errno.EFBIG: "a file grew past this process's file-size limit (ulimit -f)"}
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the previous one is intact. Its message is the whole story."""
+
+
+# Free bytes below which a failed write is taken for a full filesystem when the writer's error has
+# no errno (torch.save's zip writer reports a short write as a RuntimeError: "unexpected pos").
+NEARLY_FULL_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class WriteFailure:
+    """One rank's failed write, small enough to gather to rank 0."""
+
+    rank: int
+    errno: int | None  # None: the writer's error carried none
+    path: str
+    reason: str
+    free_bytes: int  # on the checkpoint's filesystem when it failed (before the partial files go)
+
+
+def _attempt(write: Callable[[], None], root: Path) -> WriteFailure | None:
+    """Run `write`; None when it worked, else what failed. DCP reports every rank's failures on every
+    rank; anything that is neither an OSError nor DCP's is a bug, raised."""
+    try:
+        write()
+    except OSError as error:
+        return write_failure(dist.get_rank(), error, root)
+    except CheckpointException as error:
+        return min((write_failure(rank, exception, root) for rank, (exception, _) in error.failures.items()),
+                   key=lambda f: (f.errno is None, f.rank))  # one with an errno tells the most
+    return None
+
+
+def write_failure(rank: int, error: BaseException, root: Path) -> WriteFailure:
+    """What rank's failed write (error) says, with the room left on root's filesystem right now."""
+    free = free_bytes(root)
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):  # an OSError may hide in the chain
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError):
+        return WriteFailure(rank=rank, errno=cause.errno, path=str(cause.filename or ""), free_bytes=free,
+                            reason=NO_ROOM.get(cause.errno) or cause.strerror or str(cause))
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return WriteFailure(rank=rank, errno=None, path="", reason=first_line, free_bytes=free)
+
+
+def _existing(path: Path) -> Path:
+    """path, or its nearest ancestor that exists; symlinks (a checkpoints directory linked to scratch
+    space) followed."""
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still write on the filesystem that holds path."""
+    vfs = os.statvfs(_existing(path))
+    return vfs.f_bavail * vfs.f_frsize
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the filesystem that holds path (path need not exist any more)."""
+    path = _existing(path)
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def describe_write_failure(failure: WriteFailure, tmp: Path, step: int) -> str:
+    """One line: what failed, on which filesystem, how much room there is and the save needs (when an
+    earlier checkpoint tells), and where the run resumes. tmp: the (removed) directory it was writing."""
+    root = tmp.parent
+    reason = failure.reason
+    if failure.errno in errno.errorcode:
+        reason += f" [{errno.errorcode[failure.errno]}]"
+    elif failure.free_bytes < NEARLY_FULL_BYTES:
+        reason = f"no space left on the filesystem ({failure.free_bytes:,} bytes free when it failed: {reason})"
+    room = f"filesystem mounted at {mount_point(root)}: {free_bytes(root):,} bytes free"
+    steps = complete_steps(root)
+    if steps:
+        last = step_dir(root, steps[-1])
+        room += f"; the save needs about {folder_bytes(last):,} bytes (the size of {last.name})"
+    kept = f"step-{steps[-1]} is kept as the latest checkpoint" if steps else "there is no earlier checkpoint"
+    advice = ("raise the file-size limit (ulimit -f) where the job runs" if failure.errno == errno.EFBIG
+              else "free space there (or lower --keep-checkpoints)")
+    where = failure.path or f"into {tmp}"
+    return (f"checkpoint of step {step} failed on rank {failure.rank}: {reason} writing {where}; {room}. "
+            f"The partial checkpoint was removed and {kept}: {advice}, then resubmit to resume")
+
+
 # --- collectives ---
 
 
@@ -228,6 +329,8 @@ class Checkpointer:
     def after_step(self, step: int) -> bool:
         """Save when due (every N steps, every M minutes, or on a stop request); True when a stop was
         requested: the checkpoint of this step is then complete and the worker should exit."""
+        lose_a_rank(step, self.env.rank, self.env.world_size)  # fault injection (die:N, hang:N)
+        limit_file_size(step)  # fault injection (fsize:N)
         minutes_due, stop = self._rank0_decisions(step)
         steps_due = bool(self.every_steps) and step % self.every_steps == 0
         if steps_due or minutes_due or stop:
@@ -256,33 +359,62 @@ class Checkpointer:
     # --- save ---
 
     def save(self, step: int) -> Path:
-        """Collective: every rank writes its shards and RNG state; rank 0 commits and prunes."""
+        """Collective: every rank writes its shards and RNG state; rank 0 commits and prunes. When a write
+        fails on any rank (a full filesystem, a quota, a file-size limit), every rank raises the same
+        CheckpointWriteError, the partial directory is removed and the previous checkpoint stays `latest`."""
         start = time.perf_counter()
         tmp = self.root / f".tmp-step-{step}-{self.token}"
+        failure = None
         if self.env.rank == 0:
-            tmp.mkdir(parents=True, exist_ok=True)
-        dist.barrier()  # the directory exists before any rank writes into it
+            failure = _attempt(lambda: tmp.mkdir(parents=True, exist_ok=True), self.root)
+        if broadcast_object(failure) is None:  # the directory exists before any rank writes into it
+            failure = _attempt(lambda: self._write_shards(tmp), self.root)
+        self._agree_or_raise(failure, tmp, step)  # every rank's files are written before rank 0 commits
+        final = step_dir(self.root, step)
+        failure = None
+        if self.env.rank == 0:
+            failure = _attempt(lambda: self._commit(tmp, step, start), self.root)
+        self._agree_or_raise(failure, tmp, step)
+        self.last_save = self.clock()
+        self.seconds_saving += time.perf_counter() - start
+        return final
+
+    def _write_shards(self, tmp: Path) -> None:
+        """This rank's files: its shards (DCP is collective and raises the same error on every rank
+        when one failed) and its RNG state."""
         self._save_model_and_optimizer(tmp)
         buffer = io.BytesIO()
         torch.save(rng.get_state(self.env.device), buffer)
         write_synced(tmp / f"rng-rank{self.env.rank}.pt", buffer.getvalue())  # (DCP syncs its own files)
-        dist.barrier()  # every rank's files are written before rank 0 declares the checkpoint complete
-        final = step_dir(self.root, step)
+
+    def _commit(self, tmp: Path, step: int, start: float) -> None:
+        """Rank 0: the train state, then meta.json and `latest` (commit), then the pruning of older ones."""
+        train_state = {"step": step, "scheduler": self.state.scheduler.state_dict(),
+                       "sampler": self.state.sampler.state_dict()}
+        write_synced(tmp / TRAIN_STATE, (json.dumps(train_state, indent=2) + "\n").encode())
+        final = commit(self.root, tmp, step, {"step": step, "mode": self.spec.mode, "strategy": self.spec.strategy,
+                                              "world_size": self.env.world_size, "device": self.env.device.type,
+                                              "time": time.time()})
+        prune(self.root, self.spec.keep_checkpoints)
+        seconds = time.perf_counter() - start
+        events.record(self.run_dir, "checkpointed", step=step, seconds=round(seconds, 3),
+                      bytes=folder_bytes(final), path=str(final))
+        print(f"checkpoint: step {step} in {seconds:.2f} s -> {final}", flush=True)
+
+    def _agree_or_raise(self, failure: WriteFailure | None, tmp: Path, step: int) -> None:
+        """Collective: go on when no rank failed; otherwise rank 0 removes the partial directory and
+        every rank raises rank 0's description of the first failure (the same line everywhere)."""
+        failures: list[WriteFailure | None] = [None] * self.env.world_size
+        dist.all_gather_object(failures, failure)
+        first = next((f for f in failures if f is not None), None)
+        if first is None:
+            return
+        message = None
         if self.env.rank == 0:
-            train_state = {"step": step, "scheduler": self.state.scheduler.state_dict(),
-                           "sampler": self.state.sampler.state_dict()}
-            write_synced(tmp / TRAIN_STATE, (json.dumps(train_state, indent=2) + "\n").encode())
-            commit(self.root, tmp, step, {"step": step, "mode": self.spec.mode, "strategy": self.spec.strategy,
-                                          "world_size": self.env.world_size, "device": self.env.device.type,
-                                          "time": time.time()})
-            prune(self.root, self.spec.keep_checkpoints)
-            seconds = time.perf_counter() - start
-            events.record(self.run_dir, "checkpointed", step=step, seconds=round(seconds, 3),
-                          bytes=folder_bytes(final), path=str(final))
-            print(f"checkpoint: step {step} in {seconds:.2f} s -> {final}", flush=True)
-        self.last_save = self.clock()
-        self.seconds_saving += time.perf_counter() - start
-        return final
+            if tmp.exists():
+                discard(tmp)
+            message = describe_write_failure(first, tmp, step)
+        raise CheckpointWriteError(broadcast_object(message))
 
     # --- resume ---
 

@@ -1,4 +1,4 @@
-"""Fault injection for tests: LLAMAJOBS_INJECT_FAULT=crash:N, oom:N or stop:N.
+"""Fault injection for tests: LLAMAJOBS_INJECT_FAULT=crash:N, oom:N, stop:N, die:N, hang:N or fsize:N.
 
 crash:N  every rank raises when optimizer step N starts (a crashing worker must end up FAILED and a
          relaunch must resume from the last checkpoint).
@@ -6,13 +6,29 @@ oom:N    every rank raises torch's out-of-memory error when step N starts (statu
          OUT_OF_MEMORY with advice).
 stop:N   rank 0 writes RUN_DIR/stop-request at the boundary after step N, so the worker takes the
          real preemption path (checkpoint, exit 0 without final/) at a step a test can predict.
+die:N    the last rank exits at the boundary after step N with no Python error (os._exit(1), as a
+         rank killed by the OOM killer or a segfault would), leaving the others waiting for it in
+         a collective.
+hang:N   the last rank stops taking part at the boundary after step N and sleeps (as a rank on a node
+         whose network is gone); hang:0 stops it after it reached the rendezvous, before it joins the
+         process group (as a node that rendezvoused but cannot connect, e.g. a wrong interface).
+fsize:N  every rank lowers its file-size limit (RLIMIT_FSIZE, `ulimit -f`) to FSIZE_LIMIT at the boundary
+         after step N, before that step's checkpoint, so the kernel fails the save's writes with EFBIG:
+         a real write error, as a full filesystem's ENOSPC would be (SIGXFSZ ignored: the write fails
+         instead of killing the process).
 """
 
 from __future__ import annotations
 
 import os
+import resource
+import signal
+import sys
+import time
 
-KINDS = ("crash", "oom", "stop")
+KINDS = ("crash", "oom", "stop", "die", "hang", "fsize")
+# fsize:N's limit: above anything the worker writes but checkpoint shards (the tiny model's are ~1 MB).
+FSIZE_LIMIT = 256 * 1024
 
 
 def injected_fault(kind: str) -> int | None:
@@ -22,5 +38,27 @@ def injected_fault(kind: str) -> int | None:
         return None
     name, _, step = value.partition(":")
     if name not in KINDS or not step.isdigit():
-        raise ValueError(f"LLAMAJOBS_INJECT_FAULT={value!r}: expected crash:N, oom:N or stop:N")
+        raise ValueError(f"LLAMAJOBS_INJECT_FAULT={value!r}: expected one of {', '.join(k + ':N' for k in KINDS)}")
     return int(step) if name == kind else None
+
+
+def lose_a_rank(step: int, rank: int, world_size: int) -> None:
+    """die:N and hang:N: the last rank leaves (dies, or hangs) at the boundary after step N. A no-op
+    without such a fault, on the other ranks, and on one rank (nobody would be left to notice)."""
+    if rank != world_size - 1 or world_size == 1:
+        return
+    if step == injected_fault("die"):
+        print(f"injected fault: rank {rank} exits after step {step}", file=sys.stderr, flush=True)
+        os._exit(1)
+    if step == injected_fault("hang"):
+        print(f"injected fault: rank {rank} hangs after step {step}", flush=True)
+        while True:
+            time.sleep(60)
+
+
+def limit_file_size(step: int) -> None:
+    """fsize:N: from the boundary after step N on, no file this process writes may grow past FSIZE_LIMIT."""
+    if step == injected_fault("fsize"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        print(f"injected fault: files are limited to {FSIZE_LIMIT} bytes after step {step}", flush=True)

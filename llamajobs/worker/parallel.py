@@ -15,10 +15,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import socket
+import sys
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,12 +37,13 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from llamajobs.catalog import DEEPSPEED_STRATEGIES
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
+from llamajobs.worker.faults import lose_a_rank
 
 FSDP_STRATEGIES = ("fsdp", "fsdp-offload")
 SUPPORTED_STRATEGIES = (*FSDP_STRATEGIES, *sorted(DEEPSPEED_STRATEGIES), "pp")
-# Collectives wait this long before the watchdog aborts the job. Longer than torch's 10 minutes
-# because every rank waits in one while rank 0 alone reads a checkpoint (65B: 130 GB) or writes final/.
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# The start-up preflight gives every rank this long to join (or the collective timeout, if shorter).
+PREFLIGHT_TIMEOUT = timedelta(minutes=5)
+PREFLIGHT_KEYS = "llamajobs/preflight"  # its keys in the rendezvous store (+ torchrun's restart count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,15 +84,94 @@ def init_distributed(spec: JobSpec) -> Dist:
         # under CPU offload the loading and clipping of the parameters that live on the CPU. pp's one
         # process drives all the node's GPUs: NCCL is not bound to one of them.
         bound = None if spec.strategy == "pp" else device
-        dist.init_process_group(backend="cuda:nccl,cpu:gloo", device_id=bound, timeout=COLLECTIVE_TIMEOUT)
+        backend, options = "cuda:nccl,cpu:gloo", {"device_id": bound}
     else:
         device = torch.device("cpu")
-        dist.init_process_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+        backend, options = "gloo", {}
+    timeout = timedelta(minutes=spec.collective_timeout_minutes)
+    # The rendezvous init_process_group would do, done here to keep the store for the preflight.
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    preflight(store, rank, world_size, device, min(timeout, PREFLIGHT_TIMEOUT), join=lambda: dist.init_process_group(
+        backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **options))
     # torchrun sets OMP_NUM_THREADS=1; without a share of the cores each CPU step is 3-10x slower.
     # Affinity, not os.cpu_count(): under SLURM a task sees only the cores it was given.
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size))
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size,
                 local_world_size=local_world_size, device=device)
+
+
+# The preflight's stages, in order: each rank marks in the store the last one it reached.
+STAGES = {
+    "arrived": "reached the rendezvous but did not start joining the process group",
+    "joining": "did not finish joining the process group (every pair of hosts must reach each other)",
+    "joined": "joined the process group but did not finish the first collectives",
+    "passed": "passed",
+}
+
+
+def preflight(store: dist.Store, rank: int, world_size: int, device: torch.device, timeout: timedelta, *,
+              join: Callable[[], None]) -> list[str]:
+    """Join the process group (`join`), then one all_gather of the hosts and one all_reduce on the
+    device, all within `timeout`; returns every rank's host.
+
+    Why: torchrun's rendezvous only shows that every node reached the store. A node that cannot
+    reach the others (a wrong network interface, a firewall) would hang the first collective until
+    the collective timeout and then fail naming no one. Each rank marks its stage in the store, and
+    a watchdog thread, when `timeout` passes first, names the ranks and hosts that lag, records that
+    as this rank's error (torchrun's error file, which `status` reads) and ends the process. Cost: a
+    few store writes and two tiny collectives."""
+    host = socket.gethostname()
+    keys = preflight_keys(store)
+    keys.set(f"arrived/{rank}", host)
+    lose_a_rank(0, rank, world_size)  # fault injection (hang:0): a rank that rendezvoused and went no further
+    done = threading.Event()
+    watchdog = threading.Thread(target=_preflight_watchdog, args=(done, store, world_size, timeout), daemon=True)
+    watchdog.start()
+    try:
+        keys.set(f"joining/{rank}", host)
+        join()
+        keys.set(f"joined/{rank}", host)
+        hosts: list[str] = [""] * world_size
+        dist.all_gather_object(hosts, host)
+        dist.all_reduce(torch.ones(1, device=device))  # on a GPU, the first NCCL collective
+        keys.set(f"passed/{rank}", host)
+    finally:
+        done.set()  # (an error raised here is the rank's own and says more than the watchdog would)
+    return hosts
+
+
+def _preflight_watchdog(done: threading.Event, store: dist.Store, world_size: int, timeout: timedelta) -> None:
+    if done.wait(timeout.total_seconds()):
+        return
+    message = preflight_report(preflight_keys(store.clone()), world_size, timeout)
+    get_error_handler().record_exception(RuntimeError(message))  # torchrun's error file: `status` shows it
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)  # the main thread is blocked inside a collective: nothing else can end it
+
+
+def preflight_keys(store: dist.Store) -> dist.Store:
+    """This launch's preflight keys: torchrun's store outlives a restart, whose ranks start over."""
+    return dist.PrefixStore(f"{PREFLIGHT_KEYS}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def preflight_report(keys: dist.Store, world_size: int, timeout: timedelta) -> str:
+    """Which ranks (and hosts) lag furthest behind in the preflight: the others wait for them."""
+    stages: dict[int, tuple[int, str]] = {}  # rank -> (index of its stage, its host); absent: never arrived
+    for rank in range(world_size):
+        for index, stage in reversed(list(enumerate(STAGES))):
+            if keys.check([f"{stage}/{rank}"]):
+                stages[rank] = (index, keys.get(f"{stage}/{rank}").decode())
+                break
+    seconds = f"{timeout.total_seconds():g} s"
+    absent = [r for r in range(world_size) if r not in stages]
+    if absent:
+        return (f"preflight: rank(s) {', '.join(map(str, absent))} of {world_size} never reached the rendezvous "
+                f"store within {seconds} (not started, or died at start-up: see their logs)")
+    lowest = min(index for index, _ in stages.values())
+    lagging = ", ".join(f"rank {r} on {host}" for r, (index, host) in stages.items() if index == lowest)
+    return (f"preflight: {lagging} {list(STAGES.values())[lowest]} within {seconds}; check that node's network "
+            f"(site.yaml socket_ifname sets NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME) and its log")
 
 
 def teardown() -> None:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, PreTrainedTokenizerBase
@@ -37,7 +37,7 @@ from llamajobs.estimate import flops_per_token
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
 from llamajobs.worker import parallel, rng, zero
-from llamajobs.worker.checkpoint import Checkpointer, TrainState, find_resume_step
+from llamajobs.worker.checkpoint import Checkpointer, CheckpointWriteError, TrainState, find_resume_step
 from llamajobs.worker.faults import injected_fault
 from llamajobs.worker.metrics import MetricsLogger, device_description
 from llamajobs.worker.parallel import Dist, Strategy
@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     env = parallel.init_distributed(spec)
     try:
         train(run_dir, spec, env)
+    except CheckpointWriteError as error:  # its message is the whole story: one line, no traceback
+        get_error_handler().record_exception(error)  # torchrun's error file, which `status` shows
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     finally:
         parallel.teardown()  # out here, where the model is no longer reachable
     return 0
