@@ -76,7 +76,9 @@ JOB_OPTIONS = [
          help="How long the ranks wait for one that went silent before the job fails (default 30)."),
     _opt("--cluster", help="slurm, local or debug (default: slurm when `scontrol ping` answers)."),
     *QUEUE_OPTIONS,
-    _opt("--launcher", help="torchrun or deepspeed."), _opt("--name"), _opt("--wandb"),
+    _opt("--launcher", help="torchrun or deepspeed."), _opt("--name"),
+    _opt("--wandb", help="Also log to this Weights & Biases [ENTITY/]PROJECT. Offline (RUN_DIR/wandb, upload with "
+                         "`wandb sync`) unless WANDB_API_KEY or WANDB_MODE is set where the job runs."),
     _opt("--hold/--no-hold"),
     _opt("--config", "config_file", type=click.Path(dir_okay=False), help="A run YAML with the same keys as the flags."),
 ]
@@ -165,8 +167,6 @@ def submit(ctx: click.Context, runs_dir: str | None, force: bool, gpu: str | Non
     if spec.data is not None:
         from llamajobs.data.store import TokenStore
         TokenStore(spec.data)  # a path that is not a complete store fails before anything is queued
-    if spec.wandb is not None:
-        raise SpecError(f"--wandb {spec.wandb}: not supported yet; metrics.jsonl, `status` and `plot` hold the curves")
     if spec.merge and spec.mode != "lora":
         raise SpecError(f"--merge folds LoRA adapters into the base; --mode {spec.mode} has none: leave --merge out")
     if spec.compile and spec.strategy not in ("fsdp", "fsdp-offload"):
@@ -337,6 +337,13 @@ def print_training_progress(job, row, spec) -> None:
     out.print(f"progress  step {_fmt(row.step)}/{_fmt(row.total_steps)}  loss {_fmt(row.loss, '.4f')}  "
               f"tok/s {_fmt(row.tokens_per_s, ',.0f')}  MFU {_fmt(row.mfu and row.mfu * 100, '.2f')}% "
               f"(peak {row.peak or '-'})  ETA {_eta(row.eta_s)}  elapsed {_duration(row.elapsed_s)}")
+    share = f" ({row.data_wait_frac:.1%} of the step)" if row.data_wait_frac is not None else ""
+    last_save = f", the last in {row.checkpoint_s:.1f} s" if row.checkpoint_s is not None else ""
+    out.print(f"time      data wait {_fmt(row.data_wait_s, '.4f')} s/step{share}  checkpoints {row.checkpoints}"
+              f"{last_save}  peak memory {_fmt(row.mem_gib, '.2f')} GiB per process")
+    if row.data_wait_frac is not None and row.data_wait_frac > monitor.SLOW_INPUT_FRAC:
+        out.print(f"[yellow]slow input: each step waits {row.data_wait_frac:.0%} of its time for the next batch; "
+                  "is the token store (--data) on a slow filesystem? copy it to node-local disk or a faster one[/]")
     losses = [m["loss"] for m in monitor.read_metrics(job.run_dir, tail_bytes=None) if m.get("loss") is not None]
     if losses:
         out.print(f"loss      {sparkline(losses)}  {losses[0]:.3f} → {losses[-1]:.3f}")

@@ -24,6 +24,8 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FA
 # and never sooner than the floor (a step of 7B at large batch can take minutes).
 STALL_STEP_FACTOR = 10
 STALL_FLOOR_S = 600.0
+# `status JOB` warns when waiting for batches takes more than this share of the step time.
+SLOW_INPUT_FRAC = 0.1
 
 
 @dataclass(slots=True)
@@ -52,6 +54,13 @@ class Row:
     last_metric_age_s: float | None
     run_dir: str
     error: str | None = None  # the first failing rank's error, for FAILED and OUT_OF_MEMORY jobs
+    # Where step time goes besides compute (recent medians), and memory. Defaults: rows cached by
+    # an older version lack them.
+    data_wait_s: float | None = None  # host seconds per step waiting for the next batch
+    data_wait_frac: float | None = None  # the same as a share of the step time
+    checkpoint_s: float | None = None  # the last checkpoint's save time
+    checkpoints: int = 0  # saved in this run, all attempts
+    mem_gib: float | None = None  # peak per process: GPU memory allocated, or RSS on the CPU
     kind: str = "train"  # or "eval" (`llamajobs eval --cluster`): then mode is "eval" and strategy the task
     accuracy: float | None = None  # an eval job's, once it finished
 
@@ -234,6 +243,12 @@ def recent_step_time(metrics: list[dict[str, Any]], window: int = 20) -> float |
     return statistics.median(times) if times else None
 
 
+def recent_median(metrics: list[dict[str, Any]], key: str, window: int = 20) -> float | None:
+    """Median of a metric over the recent logged steps, the first left out (as for the step time)."""
+    values = [m[key] for m in metrics if m.get(key) is not None and m.get("step", 0) > 1][-window:]
+    return statistics.median(values) if values else None
+
+
 def stall_threshold(step_time: float | None) -> float:
     configured = os.environ.get("LLAMAJOBS_STALL_S")
     if configured:
@@ -270,6 +285,7 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         error = f"rank {first.rank} on {first.host}: {first.message} ({first.log})"
         if is_out_of_memory(first):
             state = "OUT_OF_MEMORY"
+    saves = [e for e in history if e["event"] == "checkpointed"]
     started = next((e["time"] for e in history if e["event"] == "started"), None)
     ended = next((e["time"] for e in reversed(history) if e["event"] == "finished"), None)
     if state not in TERMINAL:
@@ -285,6 +301,8 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         tokens_per_s_per_gpu=last.get("tokens_per_s_per_gpu"), mfu=last.get("mfu"), peak=last.get("peak"),
         eta_s=eta, elapsed_s=(ended - started) if started and ended else None, last_metric_age_s=age,
         run_dir=str(job.run_dir), error=error,
+        data_wait_s=recent_median(metrics, "data_wait_s"), data_wait_frac=recent_median(metrics, "data_wait_frac"),
+        checkpoint_s=saves[-1].get("seconds") if saves else None, checkpoints=len(saves), mem_gib=last.get("mem_gib"),
     )
     if spec.evaluation is not None:  # no metrics: what it scores, and its accuracy once eval.json is there
         result = eval_result(job.run_dir) or {}
@@ -299,7 +317,6 @@ def eval_result(run_dir: Path) -> dict[str, Any] | None:
         return json.loads((run_dir / "eval.json").read_text())
     except (OSError, ValueError):
         return None
-
 
 
 def log_files(job: Job) -> list[Path]:

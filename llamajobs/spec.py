@@ -176,6 +176,7 @@ def default(name: str) -> Any:
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_WANDB = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # [ENTITY/]PROJECT
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
@@ -262,6 +263,7 @@ def normalise_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
 def from_mapping(values: Mapping[str, Any]) -> JobSpec:
     return JobSpec(**normalise_keys(values, "spec"))
 
+
 def eval_from_mapping(values: Any) -> EvalSpec:
     """An EvalSpec from spec.json or a run YAML (keys as fields or as eval's flags spell them)."""
     if not isinstance(values, Mapping):
@@ -276,7 +278,6 @@ def eval_from_mapping(values: Any) -> EvalSpec:
     if missing:
         raise SpecError(f"evaluation: no {missing[0]!r}; an eval job needs model, task and data")
     return EvalSpec(**fields)
-
 
 
 def build(flags: Mapping[str, Any], config: Mapping[str, Any] | None = None,
@@ -359,6 +360,9 @@ def validate(spec: JobSpec) -> None:
               "log_every_steps", "collective_timeout_minutes")
     if spec.name is not None and not _NAME.match(spec.name):
         raise SpecError(f"--name {spec.name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-'")
+    if spec.wandb is not None and not _WANDB.match(spec.wandb):
+        raise SpecError(f"--wandb {spec.wandb!r} is not allowed; give PROJECT or ENTITY/PROJECT in letters, "
+                        "digits, '.', '_' or '-'")
     if spec.max_requeues < 0:
         raise SpecError(f"--max-requeues {spec.max_requeues} must be 0 or more")
     if not 0 <= spec.lora_dropout < 1:

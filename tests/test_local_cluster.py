@@ -24,8 +24,10 @@ def env(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("local-cluster")
     (root / "home").mkdir()
     (root / "home" / "site.yaml").write_text("env: [HF_TOKEN]\n")
-    # A secret in the submitting environment, passed through by name: it must never land on disk.
-    return {"LLAMAJOBS_HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache"), "HF_TOKEN": SECRET}
+    # Secrets in the submitting environment, passed through by name: they must never land on disk.
+    # (With the API key, wandb would go online; WANDB_MODE keeps --wandb runs offline here.)
+    return {"LLAMAJOBS_HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache"), "HF_TOKEN": SECRET,
+            "WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"}
 
 
 def status(env, job_id: int) -> dict:
@@ -36,8 +38,8 @@ def status(env, job_id: int) -> dict:
 def completed(env) -> dict:
     """One tiny fine-tune, shared by the assertions below (each torchrun launch costs seconds).
     Watched while it runs, so its ETA can be checked against when it really ended."""
-    submitted = json.loads(run_cli("submit", *TINY, "--max-steps", "200", "--name", "ok", "--json", env=env,
-                                   check=True).stdout)
+    submitted = json.loads(run_cli("submit", *TINY, "--max-steps", "200", "--name", "ok", "--wandb", "llamajobs-tests",
+                                   "--json", env=env, check=True).stdout)
     deadline = time.time() + 180
     while (row := status(env, submitted["id"]))["step"] is None or row["step"] < 40:
         assert row["state"] == "RUNNING" and time.time() < deadline, row
@@ -79,6 +81,18 @@ def test_run_dir_holds_no_secret_and_nothing_world_writable(completed):
         assert not path.stat().st_mode & 0o002, f"{path} is world-writable"
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), f"{path} holds the secret"
+
+
+def test_worker_wrote_tensorboard_and_an_offline_wandb_run(completed):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.test_metrics import wandb_history
+
+    run_dir = Path(completed["run_dir"])
+    board = EventAccumulator(str(run_dir / "tensorboard"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("loss")] == list(range(1, 201))
+    assert [h["step"] for h in wandb_history(run_dir)] == list(range(1, 201))
 
 
 def test_final_model_loads_and_generates(completed):

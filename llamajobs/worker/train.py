@@ -14,6 +14,7 @@ import functools
 import math
 import socket
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from llamajobs.data.tokenizer import ensure_tokenizer, load_tokenizer
 from llamajobs.estimate import flops_per_token
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
-from llamajobs.worker import parallel, rng, zero
+from llamajobs.worker import parallel, rng, sinks, zero
 from llamajobs.worker.checkpoint import Checkpointer, CheckpointWriteError, TrainState, find_resume_step
 from llamajobs.worker.faults import injected_fault
 from llamajobs.worker.metrics import MetricsLogger, device_description
@@ -82,6 +83,7 @@ def train(run_dir: Path, spec: JobSpec, env: Dist) -> None:
     metrics = build_metrics(run_dir, spec, env, strategy, total=total, steps_in_epoch=steps_in_epoch, start=start)
     step, stopped = train_loop(model, optimizer, scheduler, sampler, metrics, checkpointer,
                                spec=spec, env=env, start=start, total=total, strategy=strategy)
+    metrics.close()  # the TensorBoard and wandb files are complete before the export (or the requeue)
     if not stopped:  # (stopped: the checkpoint of `step` is complete; the launcher requeues the job)
         finish(model, strategy, spec, config, tokenizer, run_dir, env, step)
 
@@ -199,7 +201,8 @@ def build_metrics(run_dir: Path, spec: JobSpec, env: Dist, strategy: Strategy, *
         tokens_per_step=spec.global_batch * spec.seq_len,
         flops_per_token=flops_per_token(spec.shape, spec.seq_len, spec.mode),
         # Per GPU: pp's one process drives all of its node's GPUs.
-        world_size=env.world_size * strategy.devices_per_process, device=env.device)
+        world_size=env.world_size * strategy.devices_per_process, device=env.device,
+        sinks=sinks.open_sinks(run_dir, spec, start=start) if env.rank == 0 else ())
     metrics.discard_after(start)  # an earlier attempt's steps past its last checkpoint are redone now
     return metrics
 
@@ -310,19 +313,25 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: La
     crash_step, oom_step = injected_fault("crash"), injected_fault("oom")
     model.train()
     metrics.start_clock(start)
+    data_wait = 0.0  # host seconds spent getting batches since the last log
     step = start
     for step in range(start + 1, total + 1):
         if step == crash_step:
             raise RuntimeError(f"injected fault at step {step}")
         if step == oom_step:
             raise torch.OutOfMemoryError(f"CUDA out of memory: injected fault at step {step}")
-        loss = forward_backward(model, to_device(next(sampler), env.device), env.world_size, strategy)
-        grad_norm = strategy.step(model, optimizer, params, max_norm)  # clip, update, zero the gradients
         lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        # Host-side clock only: the copies are queued, never waited for (no device sync in the step).
+        fetching = time.perf_counter()
+        micro_batches = to_device(next(sampler), env.device)
+        data_wait += time.perf_counter() - fetching
+        loss, grad_norm = train_step(model, optimizer, scheduler, micro_batches,
+                                     strategy=strategy, params=params, max_norm=max_norm, world_size=env.world_size)
         if step % spec.log_every_steps == 0 or step == total:
             dist.all_reduce(loss)  # the shares -> the global batch's mean token loss
-            metrics.log(step, loss.item(), lr, grad_norm.item())
+            metrics.log(step, loss.item(), lr, grad_norm.item(), data_wait_s=data_wait,
+                        checkpoint_total_s=checkpointer.seconds_saving)
+            data_wait = 0.0
         if checkpointer.after_step(step):  # at the optimizer-step boundary: a saved checkpoint, if due
             return step, True
     return step, False
