@@ -29,6 +29,7 @@ import socket
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -55,7 +56,7 @@ class Case:
     def spec(self, device: str, compile: bool, micro_batch: int | None = None) -> JobSpec:
         mb = micro_batch or self.micro_batch
         return JobSpec(size=self.size, mode=self.mode, seq_len=self.seq_len, micro_batch=mb, global_batch=mb,
-                       compile=compile, device=device, lora_r=8, lora_alpha=16, lora_targets=("q_proj", "v_proj"),
+                       compile=compile, warmup_ratio=0.0, device=device, lora_r=8, lora_alpha=16, lora_targets=("q_proj", "v_proj"),
                        cluster="local", procs_per_node=1)
 
 
@@ -73,6 +74,7 @@ class Row:
     mfu: float | None = None
     peak: str = ""
     mem_gib: float | None = None
+    first_loss: float = math.nan  # of the first warm-up step: about ln(vocab) for random weights
     loss: float = math.nan
     host_sync: str = "-"  # worker rows on GPU: "none", or the first operation that made the host wait
     error: str = ""
@@ -102,7 +104,7 @@ def worker_step(spec: JobSpec, env: parallel.Dist) -> Callable[[], torch.Tensor]
     strategy = parallel.for_spec(spec, env)
     model = strategy.build_model(model_lib.model_config(spec), load_weights=False)
     randomize(model)
-    optimizer, scheduler = train.build_optimizer(model, spec, env.device, total=10**9)
+    optimizer, scheduler = train.build_optimizer(model, spec, env.device, total=10**6)  # ~ the plain loop's fixed lr
     model, optimizer = strategy.wrap(model, optimizer)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -152,9 +154,10 @@ def plain_step(spec: JobSpec, device: torch.device) -> Callable[[], torch.Tensor
 
 
 def seconds_per_step(step: Callable[[], torch.Tensor], device: torch.device, *, warmup: int, steps: int,
-                     repeats: int) -> tuple[float, float]:
-    """(median seconds per step, the last loss). Warm-up steps absorb compilation and allocator growth."""
-    for _ in range(warmup):
+                     repeats: int) -> tuple[float, float, float]:
+    """(median seconds per step, the first loss, the last). Warm-up absorbs compilation and allocator growth."""
+    first = float(step())
+    for _ in range(warmup - 1):
         loss = step()
     times = []
     for _ in range(repeats):
@@ -171,7 +174,7 @@ def seconds_per_step(step: Callable[[], torch.Tensor], device: torch.device, *, 
             for _ in range(steps):
                 loss = step()
             times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times), float(loss)
+    return statistics.median(times), first, float(loss)
 
 
 def first_host_sync(step: Callable[[], torch.Tensor]) -> str:
@@ -181,7 +184,11 @@ def first_host_sync(step: Callable[[], torch.Tensor]) -> str:
         step()
         return "none"
     except RuntimeError as error:
-        return str(error).splitlines()[0][:60]
+        # Where: the innermost frame outside torch itself, i.e. the code that asked for the sync.
+        torch_dir = str(Path(torch.__file__).parent)
+        frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(torch_dir)]
+        where = frames[-1] if frames else None
+        return f"{'/'.join(Path(where.filename).parts[-2:])}:{where.lineno} {where.name}" if where else str(error)[:60]
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -192,7 +199,7 @@ def measure(row: Row, build: Callable[[], Callable[[], torch.Tensor]], spec: Job
         torch.cuda.reset_peak_memory_stats(device)
     try:
         step = build()
-        step_s, row.loss = seconds_per_step(step, device, warmup=args.warmup, steps=args.steps,
+        step_s, row.first_loss, row.loss = seconds_per_step(step, device, warmup=args.warmup, steps=args.steps,
                                             repeats=args.repeats)
         if device.type == "cuda" and row.loop == "worker":
             row.host_sync = first_host_sync(step)
@@ -237,7 +244,7 @@ def fill_micro_batch(case: Case, device: torch.device, compile: bool) -> int | N
 
 def run(args: argparse.Namespace) -> list[Row]:
     device_name = "cpu" if args.cpu else "cuda"
-    cases = CPU_CASES if args.cpu else GPU_CASES
+    cases = [c for c in (CPU_CASES if args.cpu else GPU_CASES) if not args.only or c.name.startswith(args.only)]
     compiles = (False, True) if args.compile else (False,)
     env = join_single_process_group(cases[0].spec(device_name, compile=False))
     device = env.device
@@ -310,6 +317,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="Untimed steps first (default 3 GPU, 1 CPU).")
     parser.add_argument("--steps", type=int, default=None, help="Steps per timed repeat (default 5 GPU, 2 CPU).")
     parser.add_argument("--repeats", type=int, default=3, help="Timed repeats; the median is reported.")
+    parser.add_argument("--only", default=None, help="Only the cases whose name starts with this (e.g. 7b, 1.1b).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the rows here.")
     args = parser.parse_args()
     if not args.cpu and not torch.cuda.is_available():

@@ -282,6 +282,31 @@ def test_chunked_loss_equals_the_whole_cross_entropy_in_value_and_gradient() -> 
     torch.testing.assert_close(grad, expected)
 
 
+def test_the_worker_s_attention_skips_transformers_per_forward_packing_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """That check is an `if` on a GPU tensor (a host sync every forward); our attention name skips it
+    and gives the same logits as transformers' sdpa."""
+    import transformers.masking_utils as masking
+
+    config = model_lib.model_config(JobSpec(size="tiny"))
+    assert config._attn_implementation == model_lib.CAUSAL_SDPA
+    torch.manual_seed(0)
+    ours = LlamaForCausalLM(config)
+    reference_config = LlamaConfig(**config.to_dict())
+    reference_config._attn_implementation = "sdpa"
+    reference = LlamaForCausalLM(reference_config)
+    reference.load_state_dict(ours.state_dict())
+    inputs = torch.randint(0, TINY_VOCAB, (2, 16))
+    expected = reference(input_ids=inputs).logits
+
+    def host_sync(*args, **kwargs):
+        raise AssertionError("transformers checked for packed sequences")
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", host_sync)
+    assert torch.equal(ours(input_ids=inputs).logits, expected)
+    with pytest.raises(AssertionError, match="packed sequences"):  # (the check is there for plain sdpa)
+        reference(input_ids=inputs)
+    assert model_lib.model_config(JobSpec(size="tiny", mode="prefix"))._attn_implementation == "sdpa"
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_one_process_trains_unsharded_with_the_sharded_step_s_numbers(single_rank_group, mode: str) -> None:
     """fsdp with a world of one skips FSDP (nothing to shard with); two steps give what FSDP gives."""

@@ -98,14 +98,33 @@ def check_init_from(spec: JobSpec) -> None:
                              f"{base['size']} --seed {base['seed']} (no --model-path); pass the same --size and --seed")
 
 
+# transformers' own SDPA attention under a name of ours. transformers builds no mask for an attention
+# it has no mask function for, and so skips its check for packed sequences in every forward, a
+# Python `if` on a GPU tensor that makes the host wait for the GPU (bench/worker_step.py found it).
+# The worker never passes a mask, so the mask is plain causal, which SDPA's is_causal gives exactly.
+# Not under prefix tuning: its prefix makes the keys longer than the queries, and is_causal would
+# align them wrongly. (Not saved in config.json: final/ loads with the default attention.)
+CAUSAL_SDPA = "llamajobs_causal_sdpa"
+
+
+def attention_for(spec: JobSpec) -> str:
+    if spec.mode == "prefix":
+        return "sdpa"
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+    return CAUSAL_SDPA
+
+
 def model_config(spec: JobSpec) -> LlamaConfig:
-    """The checkpoint's own config (rope scaling and all), or the catalog shape for a random init."""
-    # SDPA: the fused (flash / memory-efficient) attention kernels, named rather than left to a default.
+    """The checkpoint's own config (rope scaling and all), or the catalog shape for a random init,
+    with the fused SDPA attention kernels (flash / memory-efficient) named, not left to a default."""
     path = weights_path(spec)
     if path:
-        config = LlamaConfig.from_pretrained(path, attn_implementation="sdpa")
+        config = LlamaConfig.from_pretrained(path, attn_implementation=attention_for(spec))
     else:
-        config = LlamaConfig(**spec.shape.hf_config(), attn_implementation="sdpa")
+        config = LlamaConfig(**spec.shape.hf_config(), attn_implementation=attention_for(spec))
     config.use_cache = False  # training needs no KV cache (and activation checkpointing refuses one)
     return config
 
