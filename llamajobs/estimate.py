@@ -758,6 +758,14 @@ ANCHORS: tuple[Anchor, ...] = (
     Anchor(name="TinyLlama 1.1B shape full, seq 512, one GPU", source="DESIGN.md, H200 plain loop",
            plan=BENCH_CASES["1.1b-full-seq512"], gpu=GPUS["h200"], measured=40265, unit="tokens/s", role="fit",
            kind="plain loop", note="sets loop_efficiency_*"),
+    *(Anchor(name=f"{label}, our worker{', --compile' if compile else ''}", source="bench/worker_step.py, H200, 2026-11-28",
+             plan=dataclasses.replace(BENCH_CASES[case], compile=compile), gpu=GPUS["h200"], measured=measured,
+             unit="tokens/s", role="check", note="fsdp in one process (unsharded), micro-batch 8")
+      for label, case, compile, measured in (
+          ("LLaMA-7B shape LoRA r8 q/v, seq 512", "7b-lora-seq512", False, 14401),
+          ("LLaMA-7B shape LoRA r8 q/v, seq 512", "7b-lora-seq512", True, 20482),
+          ("TinyLlama 1.1B shape full, seq 512", "1.1b-full-seq512", False, 40567),
+          ("TinyLlama 1.1B shape full, seq 512", "1.1b-full-seq512", True, 60470))),
     _seed("7b", "fsdp", 384, 35, 4),
     _seed("7b", "fsdp", 128, 36, 4),
     _seed("7b", "ds-zero2-offload", 384, 90, 16),
