@@ -150,6 +150,11 @@ def partition_time_limit(partition: str | None) -> int:
     return 0 if limit in ("UNLIMITED", "INFINITE") else parse_slurm_time(limit)
 
 
+# When one node's launcher fails, srun ends the others' at once: a rank hung outside any collective
+# (so no collective timeout fires) would otherwise hold its node until the time limit.
+KILL_ON_BAD_EXIT = ("--kill-on-bad-exit=1",)
+
+
 def make_executor(spec: JobSpec, site: Site, folder: Path, dependency: str | None = None) -> submitit.Executor:
     if spec.cluster in ("local", "debug"):
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=spec.max_requeues)
@@ -163,7 +168,7 @@ def make_executor(spec: JobSpec, site: Site, folder: Path, dependency: str | Non
         "partition": spec.partition, "account": spec.account, "qos": spec.qos, "constraint": spec.constraint,
         "exclude": spec.exclude, "mail_user": spec.mail_user, "mail_type": spec.mail_type,
         "exclusive": spec.exclusive or None, "dependency": dependency, "cpus_per_task": spec.cpus_per_task,
-        "mem": spec.mem_per_node, "setup": list(site.setup) or None, "srun_args": list(site.srun_args) or None,
+        "mem": spec.mem_per_node, "setup": list(site.setup) or None, "srun_args": [*KILL_ON_BAD_EXIT, *site.srun_args],
         "gres": site.gres.format(gpus=spec.gpus_per_node) if site.gres and spec.device != "cpu" else None,
         "stderr_to_stdout": False, "signal_delay_s": signal_delay_s(spec),
         "additional_parameters": {"hold": True} if spec.hold else None,

@@ -84,6 +84,9 @@ def test_crashing_worker_shows_failed_with_the_log(env, chained):
     detail = run_cli("status", str(chained["second"]["id"]), env=env, check=True).stdout
     log = Path(detail.split("traceback in ")[1].split()[0])
     assert "injected fault at step 2" in log.read_text()
+    # srun ends every node's launcher when one fails (a rank hung outside a collective would not time out)
+    (script,) = Path(row["run_dir"]).glob("**/*_submission.sh")
+    assert "--kill-on-bad-exit=1" in next(line for line in script.read_text().splitlines() if line.startswith("srun"))
 
 
 def workers_of(run_dir: str) -> list[int]:
