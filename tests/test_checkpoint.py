@@ -439,7 +439,7 @@ def test_init_from_a_lora_final_continues_from_its_adapter(lora_reference: Path,
 def test_init_from_a_full_final_reads_its_weights_like_a_model_path(full_reference: Path) -> None:
     spec = JobSpec(init_from=str(full_reference / "final"))
     config = model_lib.model_config(spec)
-    assert config._attn_implementation == "sdpa" and config.hidden_size == SIZES["tiny"].dim
+    assert config._attn_implementation == model_lib.CAUSAL_SDPA and config.hidden_size == SIZES["tiny"].dim
     _assert_same_tensors(model_lib._full_state_dict_rank0(spec, config),
                          load_file(full_reference / "final" / "model.safetensors"))
 
