@@ -203,7 +203,7 @@ def submit(ctx: click.Context, runs_dir: str | None, force: bool, gpu: str | Non
             out.print(f"job {job.id} ended {state}")
         if state != "COMPLETED":
             log = monitor.traceback_log(job)
-            raise Failure(f"job {job.id} ended {state}" + (f"; traceback in {log}" if log else ""))
+            raise Failure(f"job {job.id} ended {state}" + (f"; its first error's log: {log}" if log else ""))
 
 
 def _submit_fit_check(spec, gpu: str | None, force: bool, dry_run: bool):
@@ -280,6 +280,13 @@ def _duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
+def _state(r) -> str:
+    """The state; a STALLED job also says how old its last metric is (the cluster still says RUNNING)."""
+    if r.state == "STALLED" and r.last_metric_age_s is not None:
+        return f"STALLED, no metric for {_duration(r.last_metric_age_s)}"
+    return r.state
+
+
 def status_table(rows: list) -> Table:
     table = Table(box=None, header_style="bold")
     for col in ("id", "name", "job", "state", "nodes×gpus", "size/mode/strategy", "step", "epoch",
@@ -287,7 +294,7 @@ def status_table(rows: list) -> Table:
         table.add_column(col)
     for r in rows:
         table.add_row(
-            str(r.id), r.name, f"{r.cluster}:{r.cluster_job_id}", r.state,
+            str(r.id), r.name, f"{r.cluster}:{r.cluster_job_id}", _state(r),
             f"{r.nodes}×{r.gpus_per_node}" if r.cluster == "slurm" else f"{r.nodes}×{r.procs_per_node} cpu",
             _what(r), f"{_fmt(r.step)}/{_fmt(r.total_steps)}", _epoch(r.epoch),
             _fmt(r.loss, ".4f"), _fmt(r.tokens_per_s, ",.0f"), _fmt(r.tokens_per_s_per_gpu, ",.0f"),
@@ -373,7 +380,7 @@ def print_detail(job, row) -> None:
     from llamajobs.spec import JobSpec
 
     spec = JobSpec.load(job.run_dir / "spec.json")
-    out.print(f"[bold]job {job.id}[/] {job.name}  {row.state}  ({job.cluster} job {job.cluster_job_id})")
+    out.print(f"[bold]job {job.id}[/] {job.name}  {_state(row)}  ({job.cluster} job {job.cluster_job_id})")
     out.print(f"run dir   {job.run_dir}")
     if spec.evaluation is not None:
         print_eval_progress(row, spec.evaluation, job.run_dir)
@@ -393,7 +400,7 @@ def print_detail(job, row) -> None:
                   f"`llamajobs estimate memory --size {spec.size} --mode {spec.mode}` for the strategy that fits")
     if row.state in ("FAILED", "OUT_OF_MEMORY"):
         log = monitor.traceback_log(job)
-        out.print(f"[red]traceback in {log}[/]" if log else "[red]no traceback found in the logs[/]")
+        out.print(f"[red]first error's log: {log}[/]" if log else "[red]no log holds an error[/]")
 
 
 @cli.command()
@@ -1090,7 +1097,7 @@ def submit_eval(ctx: click.Context, options, values: dict[str, Any], *, wait: bo
             print_eval(scored, as_json=False)
     if state != "COMPLETED":
         log = monitor.traceback_log(job)
-        raise Failure(f"job {job.id} ended {state}" + (f"; traceback in {log}" if log else ""))
+        raise Failure(f"job {job.id} ended {state}" + (f"; its first error's log: {log}" if log else ""))
     if scored is None:
         raise Failure(f"job {job.id} completed without writing {job.run_dir / 'eval.json'}")
 

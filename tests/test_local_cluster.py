@@ -134,6 +134,8 @@ def test_stalled_then_cancelled(env):
     row = json.loads(run_cli("status", str(submitted["id"]), "--json", env={**env, "LLAMAJOBS_STALL_S": "2"},
                              check=True).stdout)
     assert row["state"] == "STALLED" and row["last_metric_age_s"] > 2
+    table = run_cli("status", env={**env, "LLAMAJOBS_STALL_S": "2"}, check=True).stdout
+    assert "STALLED, no metric for 0:0" in table  # with the age of its last metric
     assert status(env, submitted["id"])["state"] == "RUNNING"  # the default threshold is minutes
     run_cli("cancel", str(submitted["id"]), env=env, check=True)
     assert status(env, submitted["id"])["state"] == "CANCELLED"
@@ -156,7 +158,7 @@ def test_failing_worker_shows_why_and_names_the_log(env, fault, state, rank, say
     assert row["state"] == state
     assert row["error"].startswith(f"rank {rank} on {os.uname().nodename}: ") and says in row["error"], row["error"]
     detail = run_cli("status", str(job_id), env=env, check=True).stdout
-    log = Path(detail.split("traceback in ")[1].split()[0])
+    log = Path(detail.split("first error's log: ")[1].split()[0])
     assert log_says in log.read_text()
     if state == "OUT_OF_MEMORY":
         assert "lower --micro-batch" in detail

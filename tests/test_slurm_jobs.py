@@ -82,7 +82,7 @@ def test_crashing_worker_shows_failed_with_the_log(env, chained):
     row = chained["second_row"]
     assert row["state"] == "FAILED"
     detail = run_cli("status", str(chained["second"]["id"]), env=env, check=True).stdout
-    log = Path(detail.split("traceback in ")[1].split()[0])
+    log = Path(detail.split("first error's log: ")[1].split()[0])
     assert "injected fault at step 2" in log.read_text()
     # srun ends every node's launcher when one fails (a rank hung outside a collective would not time out)
     (script,) = Path(row["run_dir"]).glob("**/*_submission.sh")
