@@ -265,6 +265,18 @@ def _job(reg, job_id: int):
     return job
 
 
+def _training_job(reg, job_id: int):
+    """The job, refused by name when it is an eval job (it logs no training metrics)."""
+    from llamajobs.spec import JobSpec
+
+    job = _job(reg, job_id)
+    evaluation = JobSpec.load(job.run_dir / "spec.json").evaluation
+    if evaluation is not None:
+        raise Failure(f"job {job_id} is an eval job ({evaluation.task}): it logs no training metrics; "
+                      f"`llamajobs status {job_id}` shows its accuracy")
+    return job
+
+
 def _fmt(value: Any, spec: str = "") -> str:
     if value is None:
         return "-"
@@ -527,7 +539,7 @@ def plot(job_id: int, output: str, runs_dir: str | None) -> None:
     from llamajobs import monitor, registry
     from llamajobs.plot import plot_metrics
 
-    job = _job(registry.Registry(_runs(runs_dir)), job_id)
+    job = _training_job(registry.Registry(_runs(runs_dir)), job_id)
     metrics = monitor.read_metrics(job.run_dir, tail_bytes=None)
     path = plot_metrics(metrics, f"job {job.id} {job.name}", Path(output))
     out.print(f"wrote {path}")
@@ -720,7 +732,7 @@ def _measured_hours(job_id: int, runs_dir: str | None, tokens: int | None, a) ->
     from llamajobs import events, monitor, registry
     from llamajobs.spec import JobSpec
 
-    job = _job(registry.Registry(_runs(runs_dir)), job_id)
+    job = _training_job(registry.Registry(_runs(runs_dir)), job_id)
     spec = JobSpec.load(job.run_dir / "spec.json")
     result = estimate_model.hours_from_metrics(monitor.read_metrics(job.run_dir, tail_bytes=None),
                                                events.read(job.run_dir), tokens, spec.tokens_per_epoch, a)

@@ -255,6 +255,9 @@ def test_eval_job_on_the_local_cluster_gives_the_in_process_answers(home, tuned_
     detail = run_cli("status", str(job_id), check=True).stdout
     assert f"accuracy {in_process['accuracy'] * 100:.1f}%" in detail and "finished" in detail
     assert "eval: 48 questions over 2 ranks" in run_cli("logs", str(job_id), "--rank", "0", check=True).stdout
+    for command in (("plot", str(job_id), "-o", str(run_dir / "x.png")), ("estimate", "hours", str(job_id))):
+        refused = run_cli(*command)
+        assert refused.returncode == 1 and f"job {job_id} is an eval job (medqa)" in refused.stderr, command
     print(f"questions/s on this box: in-process {in_process['questions_per_s']}, "
           f"local cluster with 2 ranks {job['questions_per_s']}")
 
