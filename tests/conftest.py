@@ -1,4 +1,5 @@
-"""Fixtures shared by the suite: an isolated LLAMAJOBS_HOME and cache, and a CLI runner."""
+"""Fixtures shared by the suite: an isolated LLAMAJOBS_HOME and cache, a CLI runner, torchrun
+launches of this checkout, a one-process gloo group, the bundled tokenizer."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent
+TORCHRUN_TIMEOUT_S = 180
 
 
 @pytest.fixture
@@ -61,3 +63,41 @@ def slurm():
     from tests.slurm.fixture import slurm_cluster
 
     yield from slurm_cluster()
+
+
+def torchrun(*args: str, nproc: int = 2, env: dict[str, str] | None = None,
+             timeout: float = TORCHRUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N ARGS` with this checkout importable; no fault is
+    injected unless `env` says so."""
+    environment = {k: v for k, v in os.environ.items() if k != "LLAMAJOBS_INJECT_FAULT"}
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    environment.update(PYTHONPATH=python_path, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), *args], cwd=REPO, env=environment, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_exit_0(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+
+
+@pytest.fixture
+def single_rank_group(tmp_path: Path):
+    """A one-process gloo group, for the worker's collectives in-process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled tokenizer (TINY_VOCAB, trained on the sample corpus), trained once per session."""
+    from llamajobs.catalog import TINY_VOCAB
+    from llamajobs.data import read_texts
+    from llamajobs.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(read_texts(), TINY_VOCAB, tmp_path_factory.mktemp("tokenizer"))

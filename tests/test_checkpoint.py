@@ -17,7 +17,6 @@ with torch.equal.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -34,19 +33,18 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llamajobs import events
-from llamajobs.catalog import SIZES, TINY_VOCAB
+from llamajobs.catalog import SIZES
 from llamajobs.data import read_texts
 from llamajobs.data.sampler import IGNORE_INDEX, WindowSampler, tokenize_documents
-from llamajobs.data.tokenizer import load_tokenizer, train_tokenizer
+from llamajobs.data.tokenizer import load_tokenizer
 from llamajobs.spec import JobSpec
 from llamajobs.worker import checkpoint, rng
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.checkpoint import Checkpointer
 from llamajobs.worker.metrics import MetricsLogger
 from llamajobs.worker.parallel import Dist
+from tests.conftest import assert_exit_0, torchrun
 
-REPO = Path(__file__).resolve().parent.parent
-TORCHRUN_TIMEOUT_S = 180
 # Measured on this CPU (fp32, 2 ranks, 4 steps): micro-batches of 2 x 2 vs 4 x 1 differ by at most
 # 1.6e-7 relative in the loss (a different summation order in the matmuls, carried through AdamW).
 MICRO_BATCH_RTOL = 1e-5
@@ -95,15 +93,6 @@ def test_commit_moves_the_checkpoint_into_place_then_prune_keeps_the_newest(tmp_
     (tmp_path / ".tmp-step-7-old").mkdir()
     checkpoint.prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-4", "step-6"]
-
-
-@pytest.fixture
-def single_rank_group(tmp_path: Path):
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_checkpointer_saves_on_steps_minutes_and_stop_requests(single_rank_group, tmp_path: Path,
@@ -202,24 +191,6 @@ def test_init_from_must_hold_an_adapter_or_a_full_model(tmp_path: Path) -> None:
 # --- launches ---
 
 
-def _torchrun(*args: str, env: dict[str, str] | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k != "LLAMAJOBS_INJECT_FAULT"}
-    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    environment.update(PYTHONPATH=python_path, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                           str(nproc), *args], cwd=REPO, env=environment, capture_output=True, text=True,
-                          timeout=TORCHRUN_TIMEOUT_S)
-
-
-def _check(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tokenizer(read_texts(), TINY_VOCAB, tmp_path_factory.mktemp("tokenizer"))
-
-
 @pytest.fixture(scope="module")
 def new_run(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
     """A run dir with spec.json and the bundled tokenizer already trained (as a requeued run has it)."""
@@ -232,7 +203,7 @@ def new_run(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
 
 
 def _work(run_dir: Path, fault: str | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
-    return _torchrun("-m", "llamajobs.worker", str(run_dir), env={"LLAMAJOBS_INJECT_FAULT": fault} if fault else None,
+    return torchrun("-m", "llamajobs.worker", str(run_dir), env={"LLAMAJOBS_INJECT_FAULT": fault} if fault else None,
                      nproc=nproc)
 
 
@@ -260,7 +231,7 @@ FULL = dict(max_steps=6, checkpoint_every_steps=2)  # checkpoints at 2, 4, 6; ke
 @pytest.fixture(scope="module")
 def full_reference(new_run) -> Path:
     run_dir = new_run("full-reference", **FULL)
-    _check(_work(run_dir))
+    assert_exit_0(_work(run_dir))
     return run_dir
 
 
@@ -271,14 +242,14 @@ def full_interrupted(new_run) -> SimpleNamespace:
     run_dir = new_run("full-interrupted", **FULL)
     ckpt = run_dir / "checkpoints"
     stop = _work(run_dir, "stop:3")
-    _check(stop)
+    assert_exit_0(stop)
     after_stop = SimpleNamespace(files=_listing(run_dir), checkpoints=_listing(ckpt), losses=_losses(run_dir))
     crash = _work(run_dir, "crash:6")
     after_crash = SimpleNamespace(checkpoints=_listing(ckpt), losses=_losses(run_dir))
     _fake_checkpoint(ckpt, 9, None)
     (ckpt / "latest").write_text("step-9\n")
     last = _work(run_dir)
-    _check(last)
+    assert_exit_0(last)
     return SimpleNamespace(run_dir=run_dir, stop=stop, crash=crash, last=last, after_stop=after_stop,
                            after_crash=after_crash)
 
@@ -339,7 +310,7 @@ def test_a_checkpoint_resumes_on_another_world_size_with_fresh_random_streams(fu
     run_dir = tmp_path / "one-rank"
     shutil.copytree(full_reference, run_dir, ignore=shutil.ignore_patterns("final", "events", "step-4"))
     result = _work(run_dir, nproc=1)
-    _check(result)
+    assert_exit_0(result)
     assert "saved by 2 cpu processes, this run has 1 cpu; random streams (dropout) are reseeded" in result.stdout
     _assert_same_tensors(load_file(full_reference / "final" / "model.safetensors"),
                          load_file(run_dir / "final" / "model.safetensors"))
@@ -356,15 +327,15 @@ LORA = dict(mode="lora", merge=True, max_steps=4, checkpoint_every_steps=2)  # d
 @pytest.fixture(scope="module")
 def lora_reference(new_run) -> Path:
     run_dir = new_run("lora-reference", **LORA)
-    _check(_work(run_dir))
+    assert_exit_0(_work(run_dir))
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def lora_interrupted(new_run) -> Path:
     run_dir = new_run("lora-interrupted", **LORA)
-    _check(_work(run_dir, "stop:1"))
-    _check(_work(run_dir))
+    assert_exit_0(_work(run_dir, "stop:1"))
+    assert_exit_0(_work(run_dir))
     return run_dir
 
 
@@ -409,7 +380,7 @@ def test_merge_writes_a_full_model_with_the_adapters_folded_in(lora_reference: P
 def lora_continued(new_run, lora_reference: Path) -> Path:
     run_dir = new_run("lora-continued", mode="lora", init_from=str(lora_reference / "final"), lora_dropout=0.0,
                       max_steps=1)
-    _check(_work(run_dir))
+    assert_exit_0(_work(run_dir))
     return run_dir
 
 
@@ -447,7 +418,7 @@ def test_init_from_a_full_final_reads_its_weights_like_a_model_path(full_referen
 # --- gradient accumulation: micro-batches of 2 twice == micro-batches of 4 once ---
 
 
-def accumulation_check(tokenizer_dir: Path) -> dict:
+def accumulationassert_exit_0(tokenizer_dir: Path) -> dict:
     """In a 2-rank group: the per-step losses of 4 optimizer steps with global batch 8 as 2 ranks x 2
     micro-batches of 2 and as 2 ranks x 1 micro-batch of 4, on the sample papers cut to 10..100
     tokens (seq 64: many rows padded), through the worker's own model, optimizer and loop."""
@@ -479,7 +450,7 @@ def accumulation_check(tokenizer_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def accumulation(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict:
     out = tmp_path_factory.mktemp("accumulation") / "losses.json"
-    _check(_torchrun(str(Path(__file__)), "accumulation-check", str(tokenizer_dir), str(out)))
+    assert_exit_0(torchrun(str(Path(__file__)), "accumulation-check", str(tokenizer_dir), str(out)))
     return json.loads(out.read_text())
 
 
@@ -499,7 +470,7 @@ if __name__ == "__main__":
 
     assert sys.argv[1] == "accumulation-check"
     try:
-        result = accumulation_check(Path(sys.argv[2]))
+        result = accumulationassert_exit_0(Path(sys.argv[2]))
         if dist.get_rank() == 0:
             Path(sys.argv[3]).write_text(json.dumps(result))
     finally:

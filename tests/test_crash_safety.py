@@ -148,7 +148,7 @@ def test_a_save_past_the_file_size_limit_fails_cleanly_and_the_run_resumes(tmp_p
     """EFBIG, a real one: at step 3 every rank lowers its RLIMIT_FSIZE below a checkpoint shard's size."""
     run_dir = new_run(tmp_path)
     result = run_worker(run_dir, "fsize:3")
-    line = assert_the_save_failed_cleanly(run_dir, result, "file-size limit (ulimit -f) [EFBIG]", mount_point(run_dir))
+    assert_the_save_failed_cleanly(run_dir, result, "file-size limit (ulimit -f) [EFBIG]", mount_point(run_dir))
     # The kept checkpoint is loadable: a relaunch resumes from it and runs to the end.
     again = run_worker(run_dir)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -51,15 +51,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llamajobs import events, render
 from llamajobs.catalog import SIZES, TINY_VOCAB
-from llamajobs.data import read_texts
 from llamajobs.data.sampler import IGNORE_INDEX
-from llamajobs.data.tokenizer import load_tokenizer, train_tokenizer
+from llamajobs.data.tokenizer import load_tokenizer
 from llamajobs.site import Site
 from llamajobs.spec import JobSpec
 from llamajobs.worker import checkpoint, parallel
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.parallel import Dist
 from llamajobs.worker.train import check_supported, parse_run_dir
+from tests.conftest import assert_exit_0, torchrun
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN_TIMEOUT_S = 600  # (a first offload launch compiles CPU Adam)
@@ -194,28 +194,14 @@ def test_engine_checkpoints_resume_only_on_their_world_size_and_format(tmp_path:
 
 
 def _torchrun(*args: str, nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k != "LLAMAJOBS_INJECT_FAULT"}
-    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    environment.update(PYTHONPATH=python_path, **extensions_env(), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                           str(nproc), *args], cwd=REPO, env=environment, capture_output=True, text=True,
-                          timeout=TORCHRUN_TIMEOUT_S)
-
-
-def _check(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return torchrun(*args, nproc=nproc, env={**extensions_env(), **(env or {})}, timeout=TORCHRUN_TIMEOUT_S)
 
 
 def _train(*runs: tuple[Path, str | None], nproc: int = 2) -> subprocess.CompletedProcess:
     """One launch training each (run dir, fault) in turn: this file's `train` mode (see the bottom)."""
     result = _torchrun(str(Path(__file__)), "train", *(f"{d}@{fault or ''}" for d, fault in runs), nproc=nproc)
-    _check(result)
+    assert_exit_0(result)
     return result
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tokenizer(read_texts(), TINY_VOCAB, tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")
@@ -494,7 +480,7 @@ def test_the_deepspeed_launcher_branch_of_launch_sh_trains(new_run, tmp_path: Pa
                    **extensions_env(), "PYTHONPATH": python_path, "LLAMAJOBS_PORT": str(29400 + os.getpid() % 500)}
     result = subprocess.run(["bash", str(run_dir / "launch.sh")], cwd=run_dir, env=environment, capture_output=True,
                             text=True, timeout=TORCHRUN_TIMEOUT_S)
-    _check(result)
+    assert_exit_0(result)
     assert "--local_rank=1" in result.stdout + result.stderr
     assert [r["step"] for r in _metrics(run_dir)] == [1, 2] and (run_dir / "final" / "model.safetensors").is_file()
     assert "over 2 processes" in result.stdout + result.stderr
@@ -503,7 +489,7 @@ def test_the_deepspeed_launcher_branch_of_launch_sh_trains(new_run, tmp_path: Pa
 # --- the accumulated ZeRO gradient is the global batch's mean token loss gradient ---
 
 
-def zero_gradient_check(strategy_name: str, mode: str) -> dict:
+def zero_gradientassert_exit_0(strategy_name: str, mode: str) -> dict:
     """In a 2-rank group: the worker's ZeRO model, engine and forward_backward over a fixed global
     batch of 8 rows with uneven padding (micro-batches of 2, accumulated), stepped once by SGD with
     lr 1 and no clipping, so the update is minus the gradient DeepSpeed applied; against one
@@ -578,7 +564,7 @@ def _fill_lora_b(model: torch.nn.Module, *, zero3: bool) -> None:
 @pytest.mark.slow
 def test_zero_gradients_equal_the_global_batch_mean_loss_gradient_and_fsdps(tmp_path: Path) -> None:
     out = tmp_path / "gradients.json"
-    _check(_torchrun(str(Path(__file__)), "gradient-check", str(out)))
+    assert_exit_0(_torchrun(str(Path(__file__)), "gradient-check", str(out)))
     results = json.loads(out.read_text())
     assert set(results) == {f"{s} {m}" for s in ("ds-zero2", "ds-zero3") for m in ("full", "lora")}
     for name, result in results.items():
@@ -609,7 +595,7 @@ if __name__ == "__main__":
         assert sys.argv[1] == "gradient-check"
         dist.init_process_group("gloo")
         try:
-            results = {f"{s} {m}": zero_gradient_check(s, m)
+            results = {f"{s} {m}": zero_gradientassert_exit_0(s, m)
                        for s in ("ds-zero2", "ds-zero3") for m in ("full", "lora")}
             if dist.get_rank() == 0:
                 Path(sys.argv[2]).write_text(json.dumps(results))

@@ -20,9 +20,6 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from llamajobs.catalog import TINY_VOCAB
-from llamajobs.data import read_texts
-from llamajobs.data.tokenizer import train_tokenizer
 from llamajobs.spec import JobSpec
 from llamajobs.worker.parallel import STAGES, preflight_report
 
@@ -31,11 +28,6 @@ TIMEOUT_MINUTES = 0.05  # 3 s: the collective timeout (and so the preflight's) o
 # Start-up of a launch here (imports, the model, two ranks on 2 shared cores) takes 5-10 s; exits
 # are measured from the moment of the fault, with room for a loaded machine.
 EXIT_WITHIN_S = 30
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tokenizer(read_texts(), TINY_VOCAB, tmp_path_factory.mktemp("tokenizer"))
 
 
 def new_run(tmp_path: Path, tokenizer_dir: Path, procs_per_node: int = 2) -> Path:

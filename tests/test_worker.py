@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,17 +33,11 @@ from llamajobs.worker import model as model_lib
 from llamajobs.worker import parallel
 from llamajobs.worker.train import (build_optimizer, check_supported, forward_backward, token_loss_sum, train_loop,
                                     train_step)
+from tests.conftest import assert_exit_0, torchrun
 
-REPO = Path(__file__).resolve().parent.parent
-TORCHRUN_TIMEOUT_S = 180
 
 
 # --- tokenizer ---
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tokenizer(read_texts(), TINY_VOCAB, tmp_path_factory.mktemp("tokenizer"))
 
 
 def test_tokenizer_has_the_tiny_vocab_and_round_trips_text(tokenizer_dir: Path) -> None:
@@ -207,7 +200,7 @@ def test_injected_fault_raises_when_its_step_starts(monkeypatch: pytest.MonkeyPa
 # --- loss normalisation: accumulated, sharded gradients == one pass over the global batch ---
 
 
-def gradient_check(mode: str) -> dict[str, float]:
+def gradientassert_exit_0(mode: str) -> dict[str, float]:
     """In an initialised process group: this rank's share of a fixed global batch of 8 rows (uneven
     padding), in micro-batches of 2, through the worker's FSDP model and forward_backward; against
     one unsharded forward/backward of the mean token loss over all 8 rows."""
@@ -253,18 +246,9 @@ def gradient_check(mode: str) -> dict[str, float]:
     }
 
 
-@pytest.fixture
-def single_rank_group(tmp_path: Path):
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_accumulated_gradient_equals_the_global_batch_mean_loss_gradient(single_rank_group, mode: str) -> None:
-    result = gradient_check(mode)
+    result = gradientassert_exit_0(mode)
     assert result["allclose"], result
     assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-5)
 
@@ -282,7 +266,7 @@ def test_chunked_loss_equals_the_whole_cross_entropy_in_value_and_gradient() -> 
     torch.testing.assert_close(grad, expected)
 
 
-def test_the_worker_s_attention_skips_transformers_per_forward_packing_check(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_worker_s_attention_skips_transformers_per_forward_packingassert_exit_0(monkeypatch: pytest.MonkeyPatch) -> None:
     """That check is an `if` on a GPU tensor (a host sync every forward); our attention name skips it
     and gives the same logits as transformers' sdpa."""
     import transformers.masking_utils as masking
@@ -333,24 +317,11 @@ def test_one_process_trains_unsharded_with_the_sharded_step_s_numbers(single_ran
         torch.testing.assert_close(plain_weights[name], weight, rtol=1e-4, atol=1e-6)
 
 
-def _torchrun(*args: str, nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k != "LLAMAJOBS_INJECT_FAULT"}
-    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    environment.update(PYTHONPATH=python_path, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", str(nproc), *args],
-                          cwd=REPO, env=environment, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
-
-
-def _check(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-
-
 @pytest.mark.slow
 def test_two_ranks_gradient_equals_the_global_batch_mean_loss_gradient(tmp_path: Path) -> None:
     """FSDP averages gradients over ranks; the worker's world_size factor must undo exactly that."""
     out = tmp_path / "gradient_check.json"
-    _check(_torchrun(str(Path(__file__)), "gradient-check", str(out)))
+    assert_exit_0(torchrun(str(Path(__file__)), "gradient-check", str(out)))
     for mode, result in json.loads(out.read_text()).items():
         assert result["allclose"], (mode, result)
         assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-5), (mode, result)
@@ -363,7 +334,7 @@ def _launch(tmp_path_factory: pytest.TempPathFactory, name: str,
             **spec: object) -> tuple[Path, subprocess.CompletedProcess]:
     run_dir = tmp_path_factory.mktemp(name)
     (run_dir / "spec.json").write_text(JobSpec(size="tiny", cluster="local", procs_per_node=2, **spec).to_json())
-    return run_dir, _torchrun("-m", "llamajobs.worker", str(run_dir))
+    return run_dir, torchrun("-m", "llamajobs.worker", str(run_dir))
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -374,7 +345,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir, result = _launch(tmp_path_factory, "full", seq_len=64, global_batch=8, micro_batch=2, max_steps=12,
                               lr=3e-3, warmup_ratio=0.1)
-    _check(result)
+    assert_exit_0(result)
     return run_dir
 
 
@@ -415,7 +386,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir, result = _launch(tmp_path_factory, "lora", mode="lora", strategy="fsdp-offload",
                               activation_checkpointing=True, seq_len=64, global_batch=8, micro_batch=2,
                               max_steps=6, lr=3e-3, log_every_steps=4)
-    _check(result)
+    assert_exit_0(result)
     return run_dir
 
 
@@ -451,7 +422,7 @@ if __name__ == "__main__":
     assert sys.argv[1] == "gradient-check"
     dist.init_process_group("gloo")
     try:
-        results = {mode: gradient_check(mode) for mode in ("full", "lora")}
+        results = {mode: gradientassert_exit_0(mode) for mode in ("full", "lora")}
         if dist.get_rank() == 0:
             Path(sys.argv[2]).write_text(json.dumps(results))
     finally:
