@@ -407,6 +407,8 @@ def print_detail(job, row) -> None:
         out.print(f"  {path}")
     if row.error:
         out.print(f"[red]first error: {row.error}[/]")
+        if hint := monitor.collective_timeout_hint(row.error):
+            out.print(hint)
     if row.state == "OUT_OF_MEMORY":
         out.print("out of memory: lower --micro-batch, add --activation-checkpointing, or see "
                   f"`llamajobs estimate memory --size {spec.size} --mode {spec.mode}` for the strategy that fits")

@@ -26,6 +26,17 @@ STALL_STEP_FACTOR = 10
 STALL_FLOOR_S = 600.0
 # `status JOB` warns when waiting for batches takes more than this share of the step time.
 SLOW_INPUT_FRAC = 0.1
+# How gloo and NCCL say that a collective waited out its timeout: the rank that reports it is the
+# one that waited, not the one that stopped.
+COLLECTIVE_TIMEOUTS = ("Timed out waiting", "collective operation timeout")
+
+
+def collective_timeout_hint(error: str | None) -> str | None:
+    """What a collective timeout means, when the first error is one."""
+    if error is None or not any(text in error for text in COLLECTIVE_TIMEOUTS):
+        return None
+    return ("a collective timed out: this rank waited --collective-timeout-minutes for a rank that stopped "
+            "answering (hung, or its node died); that rank's log is the one that ends earliest")
 
 
 @dataclass(slots=True)
