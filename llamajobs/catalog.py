@@ -183,3 +183,5 @@ DEEPSPEED_STRATEGIES = frozenset(s for s in STRATEGIES if s.startswith("ds-"))
 MODES: tuple[str, ...] = ("full", "lora", "prefix", "ptuning", "prompt")
 CLUSTERS: tuple[str, ...] = ("slurm", "local", "debug")
 LAUNCHERS: tuple[str, ...] = ("torchrun", "deepspeed")
+TASKS: tuple[str, ...] = ("medqa", "medmcqa", "pubmedqa")  # eval's multiple-choice sets
+SCORES: tuple[str, ...] = ("letter", "text")  # eval's log-likelihood of an option's letter, or of its text

@@ -158,7 +158,7 @@ def cli() -> None:
 def submit(ctx: click.Context, runs_dir: str | None, force: bool, gpu: str | None, dry_run: bool, wait: bool,
            as_json: bool, **values: Any) -> None:
     """Render a run and submit it (SLURM, or the local cluster)."""
-    from llamajobs import estimate, monitor, submit as submit_mod
+    from llamajobs import estimate, submit as submit_mod
 
     cluster = None if values.get("cluster") else submit_mod.detect_cluster()
     spec, site = build_spec(ctx, values, cluster_default=cluster)
@@ -201,9 +201,7 @@ def submit(ctx: click.Context, runs_dir: str | None, force: bool, gpu: str | Non
             print_json(result)
         else:
             out.print(f"job {job.id} ended {state}")
-        if state != "COMPLETED":
-            log = monitor.traceback_log(job)
-            raise Failure(f"job {job.id} ended {state}" + (f"; its first error's log: {log}" if log else ""))
+        fail_unless_completed(job, state)
 
 
 def _submit_fit_check(spec, gpu: str | None, force: bool, dry_run: bool):
@@ -265,16 +263,25 @@ def _job(reg, job_id: int):
     return job
 
 
+def fail_unless_completed(job, state: str) -> None:
+    """--wait's end: exit 1, naming the first error's log, unless the job completed."""
+    from llamajobs import monitor
+
+    if state != "COMPLETED":
+        log = monitor.traceback_log(job)
+        raise Failure(f"job {job.id} ended {state}" + (f"; its first error's log: {log}" if log else ""))
+
+
 def _training_job(reg, job_id: int):
-    """The job, refused by name when it is an eval job (it logs no training metrics)."""
+    """The job and its spec, refused by name when it is an eval job (it logs no training metrics)."""
     from llamajobs.spec import JobSpec
 
     job = _job(reg, job_id)
-    evaluation = JobSpec.load(job.run_dir / "spec.json").evaluation
-    if evaluation is not None:
-        raise Failure(f"job {job_id} is an eval job ({evaluation.task}): it logs no training metrics; "
+    spec = JobSpec.load(job.run_dir / "spec.json")
+    if spec.evaluation is not None:
+        raise Failure(f"job {job_id} is an eval job ({spec.evaluation.task}): it logs no training metrics; "
                       f"`llamajobs status {job_id}` shows its accuracy")
-    return job
+    return job, spec
 
 
 def _fmt(value: Any, spec: str = "") -> str:
@@ -541,7 +548,7 @@ def plot(job_id: int, output: str, runs_dir: str | None) -> None:
     from llamajobs import monitor, registry
     from llamajobs.plot import plot_metrics
 
-    job = _training_job(registry.Registry(_runs(runs_dir)), job_id)
+    job, _ = _training_job(registry.Registry(_runs(runs_dir)), job_id)
     metrics = monitor.read_metrics(job.run_dir, tail_bytes=None)
     path = plot_metrics(metrics, f"job {job.id} {job.name}", Path(output))
     out.print(f"wrote {path}")
@@ -600,8 +607,6 @@ def estimate_options(f: Callable) -> Callable:
 
 
 def _accelerator(gpu: str | None, peak_tflops: float | None, gpu_mem_gib: float | None) -> catalog.Accelerator:
-    import dataclasses
-
     name = gpu or estimate_model.DEFAULT_GPU
     if name in catalog.GPUS:
         base = catalog.GPUS[name]
@@ -732,10 +737,8 @@ def hours(ctx: click.Context, job_id: int | None, gpu: str | None, peak_tflops: 
 
 def _measured_hours(job_id: int, runs_dir: str | None, tokens: int | None, a) -> dict[str, Any]:
     from llamajobs import events, monitor, registry
-    from llamajobs.spec import JobSpec
 
-    job = _training_job(registry.Registry(_runs(runs_dir)), job_id)
-    spec = JobSpec.load(job.run_dir / "spec.json")
+    job, spec = _training_job(registry.Registry(_runs(runs_dir)), job_id)
     result = estimate_model.hours_from_metrics(monitor.read_metrics(job.run_dir, tail_bytes=None),
                                                events.read(job.run_dir), tokens, spec.tokens_per_epoch, a)
     if result is None:
@@ -743,7 +746,7 @@ def _measured_hours(job_id: int, runs_dir: str | None, tokens: int | None, a) ->
     gpu = catalog.GPUS.get(result.get("peak") or "")
     if gpu is not None and spec.cluster == "slurm":  # the model's prediction for the same card, beside it
         try:
-            result["predicted_tokens_per_s"] = estimate_model.hours(spec, gpu, a=a)["tokens_per_s"]
+            result["predicted_tokens_per_s"] = estimate_model.throughput(spec, gpu, a)["tokens_per_s"]
         except ValueError:  # the checkpoint's config.json is gone: no shape to predict with
             pass
     return result
@@ -1109,9 +1112,7 @@ def submit_eval(ctx: click.Context, options, values: dict[str, Any], *, wait: bo
         out.print(f"job {job.id} ended {state}")
         if scored:
             print_eval(scored, as_json=False)
-    if state != "COMPLETED":
-        log = monitor.traceback_log(job)
-        raise Failure(f"job {job.id} ended {state}" + (f"; its first error's log: {log}" if log else ""))
+    fail_unless_completed(job, state)
     if scored is None:
         raise Failure(f"job {job.id} completed without writing {job.run_dir / 'eval.json'}")
 

@@ -40,14 +40,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from llamajobs.data.formats import LETTERS, mcq_prompt as render_mcq_prompt
+from llamajobs.catalog import TASKS
 from llamajobs.errors import SpecError
 
-if TYPE_CHECKING:  # spec.py imports TASKS and SCORES from here
+if TYPE_CHECKING:
     from llamajobs.spec import EvalSpec
 
-TASKS = ("medqa", "medmcqa", "pubmedqa")
 PUBMEDQA_OPTIONS = ("yes", "no", "maybe")
-SCORES = ("letter", "text")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -511,8 +510,8 @@ def generate_texts(model: Any, tokenizer: TextEncoder, prompts: list[str], *, ma
 def run_eval(model: Any, tokenizer: TextEncoder, questions: list[Question], *, shots: Sequence[Question] = (),
              generate: bool = False, score: str = "letter", batch_size: int = 8,
              max_new_tokens: int = 16) -> dict:
-    """Accuracy, n and the per-option choice counts (plus per-question details under "predictions")."""
-    check_options(score=score, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    """Accuracy, n and the per-option choice counts (plus per-question details under "predictions").
+    The options are an EvalSpec's, validated where it was made (spec.validate_eval)."""
     started = time.perf_counter()
     choices, details, truncated = score_questions(model, tokenizer, questions, shots=shots, generate=generate,
                                                   score=score, batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -545,15 +544,6 @@ def score_questions(model: Any, tokenizer: TextEncoder, questions: list[Question
 
 def eval_mode(generate: bool, score: str) -> str:
     return "generate" if generate else f"loglik-{score}"
-
-
-def check_options(*, score: str, batch_size: int, max_new_tokens: int) -> None:
-    if score not in SCORES:
-        raise SpecError(f"--score {score!r}; choose one of {', '.join(SCORES)}")
-    if batch_size < 1:
-        raise SpecError(f"--batch-size {batch_size}: must be at least 1")
-    if max_new_tokens < 1:
-        raise SpecError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
 
 
 def summarize(questions: list[Question], choices: list[int | None], details: list[dict], *, seconds: float,
@@ -620,13 +610,10 @@ def report(options: EvalSpec, inputs: Inputs, result: dict) -> dict:
 
 
 def load_shots(task: str, shots: int, shots_file: str | Path | None, notes: list[str] | None = None) -> list[Question]:
-    """The first K labelled questions of --shots-file (in the task's format)."""
-    if shots < 0:
-        raise SpecError(f"--shots {shots}: must be 0 or more")
+    """The first K labelled questions of --shots-file (in the task's format; spec.validate_eval has
+    checked that K >= 0 and that a file is given when K > 0)."""
     if shots == 0:
         return []
-    if shots_file is None:
-        raise SpecError(f"--shots {shots}: needs --shots-file, a file of solved examples in the --task {task} format")
     labelled = [q for q in read_questions(task, shots_file, notes, flag="--shots-file") if q.answer is not None]
     if len(labelled) < shots:
         raise SpecError(f"--shots {shots}: --shots-file {shots_file} has only {len(labelled)} labelled questions")

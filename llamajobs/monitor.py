@@ -115,7 +115,7 @@ def exited(pid: int) -> bool:
     return stat is None or stat[0] in "ZX"
 
 
-def _is_local_controller(pid: int) -> bool:
+def is_local_controller(pid: int) -> bool:
     if exited(pid):
         return False
     return b"submitit.local._local" in cmdline(pid)
@@ -136,7 +136,7 @@ def descendants(pid: int) -> list[int]:
 
 def kill_local(pid: int, grace_s: float = 5.0) -> None:
     """Stop a local job's controller and everything under it (launcher, torchrun, workers)."""
-    if not _is_local_controller(pid):
+    if not is_local_controller(pid):
         return
     tree = [pid] + descendants(pid)
     for p in tree:
@@ -188,7 +188,7 @@ def local_result(job: Job) -> tuple[str, Any] | None:
 def local_state(job: Job, history: list[dict[str, Any]]) -> str:
     if any(e["event"] == "cancelled" for e in history):
         return "CANCELLED"
-    if _is_local_controller(int(job.cluster_job_id)):
+    if is_local_controller(int(job.cluster_job_id)):
         return "RUNNING"
     result = local_result(job)
     if result is not None:
@@ -250,8 +250,7 @@ def cluster_states(jobs: list[Job]) -> dict[int, str]:
 
 def recent_step_time(metrics: list[dict[str, Any]], window: int = 20) -> float | None:
     """Median step time of the recent logged steps, the first (warm-up, compile) left out."""
-    times = [m["step_time_s"] for m in metrics if m.get("step_time_s") and m.get("step", 0) > 1][-window:]
-    return statistics.median(times) if times else None
+    return recent_median(metrics, "step_time_s", window)
 
 
 def recent_median(metrics: list[dict[str, Any]], key: str, window: int = 20) -> float | None:

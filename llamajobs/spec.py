@@ -15,7 +15,6 @@ from typing import Any, Mapping
 
 from llamajobs import catalog
 from llamajobs.errors import SpecError
-from llamajobs.evaluate import SCORES, TASKS
 
 
 # Cores asked per worker process when --cpus-per-node is not given (SLURM's default is one per task).
@@ -289,11 +288,11 @@ def build(flags: Mapping[str, Any], config: Mapping[str, Any] | None = None,
     merged: dict[str, Any] = {}
     for source, values in (("site profile", site or {}), ("--config", config or {}), ("flags", flags)):
         merged.update(normalise_keys(values, source))
-    if merged.get("mode", default("mode")) != "lora":
+    mode = merged.get("mode", default("mode"))
+    if mode != "lora":
         given = [k for k in LORA_FIELDS if k in merged and merged[k] != default(k)]
         if given:
-            raise SpecError(f"{_flag(given[0])} needs --mode lora (mode is {merged.get('mode', default('mode'))!r})")
-    mode = merged.get("mode", default("mode"))
+            raise SpecError(f"{_flag(given[0])} needs --mode lora (mode is {mode!r})")
     if mode not in PROMPT_MODES and merged.get("num_virtual_tokens", default("num_virtual_tokens")) != default(
             "num_virtual_tokens"):
         raise SpecError(f"--num-virtual-tokens needs --mode prefix, ptuning or prompt (mode is {mode!r})")
@@ -328,10 +327,10 @@ def validate_eval(options: EvalSpec) -> None:
         value = getattr(options, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise SpecError(f"{_flag(name)} {value!r} is not a valid int")
-    if options.task not in TASKS:
-        raise SpecError(f"--task {options.task!r} is not known; choose one of {', '.join(TASKS)}")
-    if options.score not in SCORES:
-        raise SpecError(f"--score {options.score!r}; choose one of {', '.join(SCORES)}")
+    if options.task not in catalog.TASKS:
+        raise SpecError(f"--task {options.task!r} is not known; choose one of {', '.join(catalog.TASKS)}")
+    if options.score not in catalog.SCORES:
+        raise SpecError(f"--score {options.score!r}; choose one of {', '.join(catalog.SCORES)}")
     if options.shots < 0:
         raise SpecError(f"--shots {options.shots}: must be 0 or more")
     if options.shots and options.shots_file is None:
