@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Iterator
 
+from llamajobs.errors import SpecError
+
 # --- prompt templates ---
 
 # Alpaca's templates (stanford_alpaca train.py), with the newline after "### Response:" that
@@ -289,7 +291,7 @@ FORMATS: dict[str, type[Format]] = {f.name: f for f in (Text, S2orc, Alpaca, Med
 
 def get_format(name: str) -> Format:
     if name not in FORMATS:
-        raise ValueError(f"--format {name!r} is not known; choose one of {', '.join(FORMATS)}")
+        raise SpecError(f"--format {name!r} is not known; choose one of {', '.join(FORMATS)}")
     return FORMATS[name]()
 
 

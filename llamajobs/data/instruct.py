@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from llamajobs.data.sampler import IGNORE_INDEX, BatchStream
+from llamajobs.data.sampler import steps_per_epoch as sampler_steps_per_epoch
 from llamajobs.data.store import TokenStore
 
 
@@ -93,6 +94,4 @@ class PackedSampler(BatchStream):
 
 def steps_per_epoch(sampler: PackedSampler, tokens_per_epoch: int | None = None) -> int:
     """Optimizer steps in an epoch: epoch 0's rows (or the token budget) over the global batch."""
-    if tokens_per_epoch:
-        return max(1, tokens_per_epoch // (sampler.global_batch * sampler.seq_len))
-    return max(1, sampler.rows_in_epoch(0) // sampler.global_batch)
+    return sampler_steps_per_epoch(sampler.rows_in_epoch(0), sampler.global_batch, sampler.seq_len, tokens_per_epoch)

@@ -126,8 +126,7 @@ class PrepareConfig:
                 raise SpecError(f"INPUT {path}: no such file or directory")
             if Path(path).is_dir() and not _files_under(Path(path)):
                 raise SpecError(f"INPUT {path}: a directory without files")
-        if self.format not in fmts.FORMATS:
-            raise SpecError(f"--format {self.format!r} is not known; choose one of {', '.join(fmts.FORMATS)}")
+        fmts.get_format(self.format)  # an unknown --format is refused here, before any work
         if self.workers < 1:
             raise SpecError(f"--workers {self.workers}: must be at least 1")
         if not 0 <= self.eval_fraction < 1:

@@ -56,6 +56,7 @@ from llamajobs.data import formats as fmts
 from llamajobs.data import prepare as prep
 from llamajobs.data import store as st
 from llamajobs.errors import Failure, SpecError
+from llamajobs.monitor import cmdline, is_local_controller
 
 PLAN_KIND = "llamajobs sharded prepare"
 PLAN, JOBS, PROGRESS = "plan.json", "jobs.json", "progress.json"
@@ -524,13 +525,8 @@ class _LocalPid:
 
 
 def _controller_alive(pid: int, folder: Path) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return b"submitit.local._local" in cmdline and str(folder).encode() in cmdline and \
-        stat[stat.rindex(")") + 2] not in "ZX"
+    """A live submitit local controller of this work folder (not a recycled pid)."""
+    return is_local_controller(pid) and str(folder).encode() in cmdline(pid)
 
 
 class _Runner:
