@@ -38,11 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llamajobs import estimate  # noqa: E402
-from llamajobs.catalog import GPUS, SIZES, gpu_from_device_name  # noqa: E402
+from llamajobs.catalog import GPUS, SIZES  # noqa: E402
 from llamajobs.spec import JobSpec  # noqa: E402
 from llamajobs.worker import model as model_lib  # noqa: E402
 from llamajobs.worker import parallel, train  # noqa: E402
-from llamajobs.worker.metrics import device_peak  # noqa: E402
+from llamajobs.worker.metrics import catalog_gpu, device_peak  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -233,8 +233,7 @@ def join_single_process_group(spec: JobSpec) -> parallel.Dist:
 
 def fill_micro_batch(case: Case, device: torch.device, compile: bool) -> int | None:
     """The estimator's largest power-of-two micro-batch that fits this card (up to 64)."""
-    props = torch.cuda.get_device_properties(device)
-    gpu = gpu_from_device_name(props.name, props.total_memory / 2**30)
+    gpu = catalog_gpu(device)
     if gpu is None:
         return None
     plan = estimate.Plan(shape=SIZES[case.size], mode=case.mode, nodes=1, gpus_per_node=1, seq_len=case.seq_len,
@@ -298,8 +297,7 @@ def predictions_text(device: torch.device) -> list[str]:
     """What the estimator predicts for the worker on this card, for the GPU cases."""
     if device.type != "cuda":
         return []
-    props = torch.cuda.get_device_properties(device)
-    gpu = gpu_from_device_name(props.name, props.total_memory / 2**30) or GPUS["h100"]
+    gpu = catalog_gpu(device) or GPUS["h100"]
     lines = []
     for compile in (False, True):
         for name, p in estimate.bench_predictions(gpu, compile=compile).items():

@@ -12,8 +12,6 @@ carries the accuracy for `status`. An eval has no checkpoints: a requeued one st
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from llamajobs import evaluate as ev
 from llamajobs import events
 from llamajobs.spec import EvalSpec, JobSpec
 from llamajobs.worker import parallel
+from llamajobs.worker.checkpoint import write_atomically
 from llamajobs.worker.metrics import device_description
 from llamajobs.worker.parallel import Dist
 from llamajobs.worker.train import parse_run_dir
@@ -81,20 +80,11 @@ def evaluate(run_dir: Path, options: EvalSpec, env: Dist) -> None:
 
 
 def announce(run_dir: Path, env: Dist, n: int) -> None:
-    hosts: list[str | None] = [None] * env.world_size
-    dist.all_gather_object(hosts, socket.gethostname())
     if env.rank != 0:
         return
     print(f"eval: {n} questions over {env.world_size} ranks on {device_description(env.device)}", flush=True)
-    events.record(run_dir, "started", world_size=env.world_size, hosts=sorted(set(hosts)),
+    events.record(run_dir, "started", world_size=env.world_size, hosts=sorted(set(env.hosts)),
                   device=device_description(env.device), questions=n)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """`status` may read eval.json while it is written: it sees the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ go to the optional sinks (TensorBoard, Weights & Biases: sinks.py).
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 from pathlib import Path
@@ -22,16 +21,22 @@ from typing import Any, Sequence
 
 import torch
 
-from llamajobs.catalog import CPU_PEAK_FLOPS_PER_CORE, gpu_from_device_name
+from llamajobs.catalog import CPU_PEAK_FLOPS_PER_CORE, Accelerator, gpu_from_device_name
+from llamajobs.worker.checkpoint import write_atomically
 from llamajobs.worker.sinks import Sink
+
+
+def catalog_gpu(device: torch.device) -> Accelerator | None:
+    """The catalog's entry for a CUDA device (None: not in the catalog)."""
+    props = torch.cuda.get_device_properties(device)
+    return gpu_from_device_name(props.name, props.total_memory / 2**30)
 
 
 def device_peak(device: torch.device) -> tuple[str, float | None]:
     """(name, dense bf16 FLOP/s) of one device; None when the card is not in the catalog."""
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        gpu = gpu_from_device_name(props.name, props.total_memory / 2**30)
-        return (gpu.name, gpu.peak_bf16_flops) if gpu else (props.name, None)
+        gpu = catalog_gpu(device)
+        return (gpu.name, gpu.peak_bf16_flops) if gpu else (torch.cuda.get_device_name(device), None)
     return "cpu-nominal", CPU_PEAK_FLOPS_PER_CORE * torch.get_num_threads()
 
 
@@ -79,9 +84,7 @@ class MetricsLogger:
                     kept.append(line + "\n")
             except (ValueError, KeyError, TypeError):
                 continue
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        write_atomically(self.path, "".join(kept))
 
     def start_clock(self, step: int = 0) -> None:
         """Training starts now, after `step` steps (0, or the step a resumed run continues from)."""

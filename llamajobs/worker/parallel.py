@@ -55,6 +55,7 @@ class Dist:
     world_size: int
     local_world_size: int
     device: torch.device
+    hosts: tuple[str, ...] = ()  # every rank's host, by rank (gathered once, by the start-up preflight)
 
 
 def check_strategy(spec: JobSpec) -> None:
@@ -92,13 +93,14 @@ def init_distributed(spec: JobSpec) -> Dist:
     # The rendezvous init_process_group would do, done here to keep the store for the preflight.
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
-    preflight(store, rank, world_size, device, min(timeout, PREFLIGHT_TIMEOUT), join=lambda: dist.init_process_group(
-        backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **options))
+    hosts = preflight(store, rank, world_size, device, min(timeout, PREFLIGHT_TIMEOUT),
+                      join=lambda: dist.init_process_group(backend=backend, store=store, rank=rank,
+                                                           world_size=world_size, timeout=timeout, **options))
     # torchrun sets OMP_NUM_THREADS=1; without a share of the cores each CPU step is 3-10x slower.
     # Affinity, not os.cpu_count(): under SLURM a task sees only the cores it was given.
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size))
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size,
-                local_world_size=local_world_size, device=device)
+                local_world_size=local_world_size, device=device, hosts=tuple(hosts))
 
 
 # The preflight's stages, in order: each rank marks in the store the last one it reached.
@@ -291,9 +293,8 @@ class Fsdp(Strategy):
             " under bf16 autocast" if self.env.device.type == "cuda" else "")
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if not self.sharded and self.env.device.type == "cuda":  # (sharded: FSDP's mixed precision casts)
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        # (sharded: FSDP's mixed precision casts)
+        return contextlib.nullcontext() if self.sharded else bf16_autocast(self.env.device)
 
     def set_gradient_sync(self, model: nn.Module, sync: bool) -> None:
         # Reduce-scatter only after the last micro-batch; the others accumulate locally, in unsharded
@@ -336,6 +337,14 @@ def compile_layers(model: nn.Module) -> None:
     for layer in model.modules():
         if isinstance(layer, LlamaDecoderLayer):
             layer.forward = torch.compile(layer.forward)
+
+
+def bf16_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 compute on GPU over the weights as they are (a full fine-tune keeps fp32 weights, as
+    FSDP's mixed precision does); nothing on the CPU, where bf16 gains little."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def init_device(spec: JobSpec, device: torch.device) -> torch.device:
@@ -382,10 +391,7 @@ class LayerSplit(Strategy):
         return f"pp: the decoder layers split contiguously over {len(self.devices)} device(s) of this process: {names}"
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        # bf16 compute on GPU (a full fine-tune keeps fp32 weights, as FSDP's mixed precision does).
-        if self.env.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return bf16_autocast(self.env.device)
 
     def build_model(self, config: LlamaConfig, *, load_weights: bool) -> nn.Module:
         """Every process (one per node) reads or initialises the weights itself: once per node."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import socket
 import sys
 import time
 from pathlib import Path
@@ -147,12 +146,6 @@ def build_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, env: Dist) -> 
     return sampler, steps_per_epoch(len(docs), spec.global_batch, spec.seq_len, spec.tokens_per_epoch)
 
 
-def build_model(spec: JobSpec, config: LlamaConfig, env: Dist, *, load_weights: bool) -> nn.Module:
-    """The strategy's model with the starting weights, read once (rank 0) and broadcast; without
-    load_weights left uninitialised for a checkpoint to fill (Strategy.build_model)."""
-    return parallel.for_spec(spec, env).build_model(config, load_weights=load_weights)
-
-
 def grad_accum_steps(spec: JobSpec, world_size: int) -> int:
     """Micro-batches per rank per optimizer step. The real world size can differ from the planned one
     (procs per node are counted on the node), so this is checked here, not only in the spec."""
@@ -210,8 +203,6 @@ def build_metrics(run_dir: Path, spec: JobSpec, env: Dist, strategy: Strategy, *
 def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, strategy: Strategy, *, steps_in_epoch: int,
              total: int) -> None:
     """The token budget up front (like nanoGPT), and the "started" event."""
-    hosts: list[str | None] = [None] * env.world_size
-    dist.all_gather_object(hosts, socket.gethostname())
     if env.rank != 0:
         return
     tokens_per_step = spec.global_batch * spec.seq_len
@@ -227,7 +218,7 @@ def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, strategy
           f"({accum} micro-batches of {spec.micro_batch} on each of {env.world_size} ranks)", flush=True)
     print(f"steps: {total:,} = {total / steps_in_epoch:.2f} epochs of {steps_in_epoch:,} steps "
           f"({steps_in_epoch * tokens_per_step:,} tokens per epoch, {total * tokens_per_step:,} in all)", flush=True)
-    events.record(run_dir, "started", world_size=env.world_size, hosts=sorted(set(hosts)),
+    events.record(run_dir, "started", world_size=env.world_size, hosts=sorted(set(env.hosts)),
                   device=device_description(env.device))
 
 
