@@ -3,6 +3,7 @@ launches of this checkout, a one-process gloo group, the bundled tokenizer."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,6 +64,25 @@ def slurm():
     from tests.slurm.fixture import slurm_cluster
 
     yield from slurm_cluster()
+
+
+def status(env: dict[str, str], job_id: int) -> dict:
+    """`llamajobs status JOB --json`, parsed."""
+    return json.loads(run_cli("status", str(job_id), "--json", env=env, check=True).stdout)
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """RUN_DIR/metrics.jsonl, every row."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    """The same names, each tensor bitwise equal."""
+    import torch
+
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def torchrun(*args: str, nproc: int = 2, env: dict[str, str] | None = None,

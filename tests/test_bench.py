@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
+
 BENCH = REPO / "bench" / "worker_step.py"
 
 

@@ -43,7 +43,7 @@ from llamajobs.worker import model as model_lib
 from llamajobs.worker.checkpoint import Checkpointer
 from llamajobs.worker.metrics import MetricsLogger
 from llamajobs.worker.parallel import Dist
-from tests.conftest import assert_exit_0, torchrun
+from tests.conftest import assert_exit_0, assert_same_tensors, metrics_rows, torchrun
 
 # Measured on this CPU (fp32, 2 ranks, 4 steps): micro-batches of 2 x 2 vs 4 x 1 differ by at most
 # 1.6e-7 relative in the loss (a different summation order in the matmuls, carried through AdamW).
@@ -207,22 +207,12 @@ def _work(run_dir: Path, fault: str | None = None, nproc: int = 2) -> subprocess
                      nproc=nproc)
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in _metrics(run_dir)]
+    return [(r["step"], r["loss"]) for r in metrics_rows(run_dir)]
 
 
 def _listing(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
-
-
-def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 FULL = dict(max_steps=6, checkpoint_every_steps=2)  # checkpoints at 2, 4, 6; keep_checkpoints 2
@@ -270,7 +260,7 @@ def test_resumed_runs_repeat_the_uninterrupted_losses_and_weights_bitwise(full_r
     assert [s for s, _ in reference] == list(range(1, 7))
     assert full_interrupted.after_crash.losses == reference[:5]  # steps 4 and 5: resumed from the stop at 3
     assert _losses(full_interrupted.run_dir) == reference  # no step twice: the crashed attempt's 5 was redone
-    _assert_same_tensors(load_file(full_reference / "final" / "model.safetensors"),
+    assert_same_tensors(load_file(full_reference / "final" / "model.safetensors"),
                          load_file(full_interrupted.run_dir / "final" / "model.safetensors"))
 
 
@@ -312,7 +302,7 @@ def test_a_checkpoint_resumes_on_another_world_size_with_fresh_random_streams(fu
     result = _work(run_dir, nproc=1)
     assert_exit_0(result)
     assert "saved by 2 cpu processes, this run has 1 cpu; random streams (dropout) are reseeded" in result.stdout
-    _assert_same_tensors(load_file(full_reference / "final" / "model.safetensors"),
+    assert_same_tensors(load_file(full_reference / "final" / "model.safetensors"),
                          load_file(run_dir / "final" / "model.safetensors"))
     assert [(e["event"], e.get("step")) for e in events.read(run_dir)] == [("started", None), ("resumed", 6),
                                                                            ("finished", 6)]
@@ -343,7 +333,7 @@ def lora_interrupted(new_run) -> Path:
 def test_lora_resume_is_exact_and_its_checkpoint_holds_only_the_adapters(lora_reference: Path,
                                                                          lora_interrupted: Path) -> None:
     assert _losses(lora_interrupted) == _losses(lora_reference)
-    _assert_same_tensors(load_file(lora_reference / "final" / "adapter_model.safetensors"),
+    assert_same_tensors(load_file(lora_reference / "final" / "adapter_model.safetensors"),
                          load_file(lora_interrupted / "final" / "adapter_model.safetensors"))
     saved = dcp.FileSystemReader(lora_reference / "checkpoints" / "step-4").read_metadata().state_dict_metadata
     weights = [k for k in saved if k.startswith("model.")]
@@ -411,14 +401,14 @@ def test_init_from_a_full_final_reads_its_weights_like_a_model_path(full_referen
     spec = JobSpec(init_from=str(full_reference / "final"))
     config = model_lib.model_config(spec)
     assert config._attn_implementation == model_lib.CAUSAL_SDPA and config.hidden_size == SIZES["tiny"].dim
-    _assert_same_tensors(model_lib._full_state_dict_rank0(spec, config),
+    assert_same_tensors(model_lib._full_state_dict_rank0(spec, config),
                          load_file(full_reference / "final" / "model.safetensors"))
 
 
 # --- gradient accumulation: micro-batches of 2 twice == micro-batches of 4 once ---
 
 
-def accumulationassert_exit_0(tokenizer_dir: Path) -> dict:
+def accumulation_check(tokenizer_dir: Path) -> dict:
     """In a 2-rank group: the per-step losses of 4 optimizer steps with global batch 8 as 2 ranks x 2
     micro-batches of 2 and as 2 ranks x 1 micro-batch of 4, on the sample papers cut to 10..100
     tokens (seq 64: many rows padded), through the worker's own model, optimizer and loop."""
@@ -470,7 +460,7 @@ if __name__ == "__main__":
 
     assert sys.argv[1] == "accumulation-check"
     try:
-        result = accumulationassert_exit_0(Path(sys.argv[2]))
+        result = accumulation_check(Path(sys.argv[2]))
         if dist.get_rank() == 0:
             Path(sys.argv[3]).write_text(json.dumps(result))
     finally:

@@ -16,17 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from llamajobs.catalog import TINY_VOCAB
-from llamajobs.data import read_texts
-from llamajobs.data.tokenizer import train_tokenizer
 from llamajobs.monitor import descendants, exited
 from llamajobs.spec import JobSpec
 from llamajobs.worker.checkpoint import (complete_steps, describe_write_failure, mount_point, newest_complete_step,
                                          write_failure, write_synced)
+from tests.conftest import REPO, assert_exit_0, torchrun
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 KILLS = 3
 STEPS = 120
 
@@ -44,10 +41,10 @@ def logged_steps(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def test_sigkill_during_saves_keeps_the_last_complete_checkpoint(tmp_path):
+def test_sigkill_during_saves_keeps_the_last_complete_checkpoint(tmp_path, tokenizer_dir):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    shutil.copytree(train_tokenizer(read_texts(), TINY_VOCAB, tmp_path / "tokenizer"), run_dir / "tokenizer")
+    shutil.copytree(tokenizer_dir, run_dir / "tokenizer")
     spec = JobSpec(size="tiny", seq_len=64, global_batch=8, micro_batch=2, max_steps=STEPS, lr=3e-3,
                    checkpoint_every_steps=1, keep_checkpoints=2, procs_per_node=2)
     (run_dir / "spec.json").write_text(spec.to_json())
@@ -76,10 +73,7 @@ def test_sigkill_during_saves_keeps_the_last_complete_checkpoint(tmp_path):
         assert int(latest.removeprefix("step-")) in complete_steps(root)  # never names a broken one
         survived.append(newest)
     # The last relaunch resumes from the newest complete checkpoint and runs to the end.
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "llamajobs.worker", str(run_dir)], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_exit_0(torchrun("-m", "llamajobs.worker", str(run_dir), timeout=300))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))  # no step lost or logged twice
     resumed = [json.loads(line)["step"] for p in (run_dir / "events").glob("*.jsonl")
@@ -94,24 +88,19 @@ FULL_DISK_SPEC = dict(size="tiny", seq_len=64, global_batch=8, micro_batch=2, lr
                       checkpoint_every_steps=2)  # saves at 2 and 4: the one at 4 finds no room
 
 
-def new_run(tmp_path: Path, **spec: object) -> Path:
+def new_run(tmp_path: Path, tokenizer_dir: Path, **spec: object) -> Path:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    shutil.copytree(train_tokenizer(read_texts(), TINY_VOCAB, tmp_path / "tokenizer"), run_dir / "tokenizer")
+    shutil.copytree(tokenizer_dir, run_dir / "tokenizer")
     (run_dir / "spec.json").write_text(JobSpec(**{**FULL_DISK_SPEC, **spec}).to_json())
     return run_dir
 
 
 def run_worker(run_dir: Path, fault: str | None = None) -> subprocess.CompletedProcess:
     """One torchrun launch to its end, each rank's output in RUN_DIR/logs (as the launch script does)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("LLAMAJOBS_INJECT_FAULT", None)
-    if fault:
-        env["LLAMAJOBS_INJECT_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "--max-restarts", "0", "--log-dir", str(run_dir / "logs"), "--redirects", "3",
-                           "-m", "llamajobs.worker", str(run_dir)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return torchrun("--max-restarts", "0", "--log-dir", str(run_dir / "logs"), "--redirects", "3",
+                    "-m", "llamajobs.worker", str(run_dir), env={"LLAMAJOBS_INJECT_FAULT": fault} if fault else None,
+                    timeout=300)
 
 
 def rank_logs(run_dir: Path, name: str) -> dict[int, Path]:
@@ -144,14 +133,13 @@ def assert_the_save_failed_cleanly(run_dir: Path, result: subprocess.CompletedPr
     return line
 
 
-def test_a_save_past_the_file_size_limit_fails_cleanly_and_the_run_resumes(tmp_path):
+def test_a_save_past_the_file_size_limit_fails_cleanly_and_the_run_resumes(tmp_path, tokenizer_dir):
     """EFBIG, a real one: at step 3 every rank lowers its RLIMIT_FSIZE below a checkpoint shard's size."""
-    run_dir = new_run(tmp_path)
+    run_dir = new_run(tmp_path, tokenizer_dir)
     result = run_worker(run_dir, "fsize:3")
     assert_the_save_failed_cleanly(run_dir, result, "file-size limit (ulimit -f) [EFBIG]", mount_point(run_dir))
     # The kept checkpoint is loadable: a relaunch resumes from it and runs to the end.
-    again = run_worker(run_dir)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert_exit_0(run_worker(run_dir))
     resumed = [json.loads(line)["step"] for p in (run_dir / "events").glob("*.jsonl")
                for line in p.read_text().splitlines() if json.loads(line)["event"] == "resumed"]
     assert resumed == [2] and (run_dir / "final" / "config.json").exists()
@@ -170,9 +158,9 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def test_a_save_on_a_full_filesystem_fails_cleanly(tmp_path, small_tmpfs):
+def test_a_save_on_a_full_filesystem_fails_cleanly(tmp_path, tokenizer_dir, small_tmpfs):
     """ENOSPC, a real one: the checkpoints live on a tmpfs with room for one checkpoint, not two."""
-    run_dir = new_run(tmp_path)
+    run_dir = new_run(tmp_path, tokenizer_dir)
     (run_dir / "checkpoints").symlink_to(small_tmpfs)
     result = run_worker(run_dir)
     # ENOSPC reaches DCP's writer as torch.save's "unexpected pos" (a short write), without the errno.

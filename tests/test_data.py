@@ -27,7 +27,6 @@ from llamajobs.data import store as st
 from llamajobs.data.prepare import PrepareConfig, describe, held_out, prepare
 from llamajobs.errors import SpecError
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 # --- fixtures and helpers ---
@@ -48,14 +47,6 @@ def real_tok() -> Path:
 @pytest.fixture(scope="session")
 def sp(real_tok: Path) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_file=str(real_tok))
-
-
-@pytest.fixture(scope="session")
-def trained_tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small LLaMA-style tokenizer trained by llamajobs (an HF directory with tokenizer.model)."""
-    from llamajobs.data.tokenizer import train_tokenizer
-
-    return train_tokenizer(read_texts(SAMPLE_CORPUS), TINY_VOCAB, tmp_path_factory.mktemp("tok"))
 
 
 def write_jsonl(path: Path, records: list, *, gz: bool = False) -> Path:
@@ -153,38 +144,38 @@ def test_directory_input_is_its_files_in_order(tmp_path, real_tok):
         run(tmp_path / "empty", real_tok, tmp_path / "x")
 
 
-def test_trained_tokenizer_hf_and_sentencepiece_agree(tmp_path, trained_tok):
+def test_tokenizer_direnizer_hf_and_sentencepiece_agree(tmp_path, tokenizer_dir):
     from transformers import LlamaTokenizer
 
     texts = list(read_texts(SAMPLE_CORPUS))[:10]
-    run(write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts]), trained_tok, tmp_path / "store")
+    run(write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts]), tokenizer_dir, tmp_path / "store")
     store = st.TokenStore(tmp_path / "store")
-    hf = LlamaTokenizer.from_pretrained(trained_tok)
+    hf = LlamaTokenizer.from_pretrained(tokenizer_dir)
     st.check_store(store, hf, model_vocab_size=TINY_VOCAB)  # the worker's check passes
     for doc, text in zip(store, texts):
         assert doc.tolist() == hf(text)["input_ids"] + [hf.eos_token_id]
     hf_only = tmp_path / "hf-only"  # no tokenizer.model (as LLaMA-3): transformers encodes
     hf_only.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        (hf_only / name).write_bytes((trained_tok / name).read_bytes())
+        (hf_only / name).write_bytes((tokenizer_dir / name).read_bytes())
     run(write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in texts]), hf_only, tmp_path / "hf-store")
     a, b = tree(tmp_path / "store"), tree(tmp_path / "hf-store")
     assert a["part-00000/tokens.bin"] == b["part-00000/tokens.bin"]
     assert st.TokenStore(tmp_path / "hf-store").fingerprint == store.fingerprint
 
 
-def test_fingerprint_is_stable_and_mismatch_is_refused(tmp_path, real_tok, trained_tok, sp):
+def test_fingerprint_is_stable_and_mismatch_is_refused(tmp_path, real_tok, tokenizer_dir, sp):
     from transformers import LlamaTokenizer
 
     assert st.fingerprint_of(spm.SentencePieceProcessor(model_file=str(real_tok))) == st.fingerprint_of(sp)
-    run(write_jsonl(tmp_path / "in.jsonl", corpus(3)), trained_tok, tmp_path / "store")
+    run(write_jsonl(tmp_path / "in.jsonl", corpus(3)), tokenizer_dir, tmp_path / "store")
     store = st.TokenStore(tmp_path / "store")
     theirs = st.fingerprint_of(sp)
     with pytest.raises(SpecError) as e:
         st.check_store(store, sp)
     message = str(e.value)
     assert store.fingerprint[:16] in message and theirs[:16] in message and "--tokenizer" in message
-    hf = LlamaTokenizer.from_pretrained(trained_tok)
+    hf = LlamaTokenizer.from_pretrained(tokenizer_dir)
     with pytest.raises(SpecError, match="token id .* vocabulary has 100 ids"):
         st.check_store(store, hf, model_vocab_size=100)
 
@@ -493,15 +484,15 @@ def test_inspect_shows_prompt_and_response(tmp_path, real_tok):
 # --- samplers over a store ---
 
 
-def test_store_is_window_samplers_docs(tmp_path, trained_tok):
+def test_store_is_window_samplers_docs(tmp_path, tokenizer_dir):
     """WindowSampler over TokenStore draws the same batches as over the in-memory documents."""
     from transformers import LlamaTokenizer
 
     from llamajobs.data.sampler import WindowSampler, tokenize_documents
 
-    run(write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in read_texts(SAMPLE_CORPUS)]), trained_tok,
+    run(write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in read_texts(SAMPLE_CORPUS)]), tokenizer_dir,
         tmp_path / "s")
-    hf = LlamaTokenizer.from_pretrained(trained_tok)
+    hf = LlamaTokenizer.from_pretrained(tokenizer_dir)
     store = st.open_documents(tmp_path / "s", hf, model_vocab_size=TINY_VOCAB)
     kw = dict(seq_len=64, global_batch=8, micro_batch=2, rank=1, world_size=2, seed=3, pad_id=hf.eos_token_id)
     a, b = WindowSampler(store, **kw), WindowSampler(tokenize_documents(read_texts(SAMPLE_CORPUS), hf), **kw)

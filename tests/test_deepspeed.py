@@ -59,9 +59,8 @@ from llamajobs.worker import checkpoint, parallel
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.parallel import Dist
 from llamajobs.worker.train import check_supported, parse_run_dir
-from tests.conftest import assert_exit_0, torchrun
+from tests.conftest import REPO, assert_exit_0, assert_same_tensors, metrics_rows, torchrun
 
-REPO = Path(__file__).resolve().parent.parent
 TORCHRUN_TIMEOUT_S = 600  # (a first offload launch compiles CPU Adam)
 ZERO = ["ds-zero2", "ds-zero2-offload", "ds-zero3", "ds-zero3-offload"]
 PROMPT_MODES = ["prefix", "ptuning", "prompt"]
@@ -274,12 +273,8 @@ def pp_runs(new_run) -> dict[str, SimpleNamespace]:
     return {"full": full, "lora": SimpleNamespace(ref=lora)}
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _losses(run_dir: Path) -> list[float]:
-    rows = _metrics(run_dir)
+    rows = metrics_rows(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 7))
     return [r["loss"] for r in rows]
 
@@ -288,15 +283,9 @@ def _final(run_dir: Path, mode: str) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "final" / ("model.safetensors" if mode == "full" else "adapter_model.safetensors"))
 
 
-def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys() and a
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
 def _assert_resumed_exactly(pair: SimpleNamespace, mode: str) -> None:
     assert _losses(pair.int) == _losses(pair.ref)
-    _assert_same_tensors(_final(pair.int, mode), _final(pair.ref, mode))
+    assert_same_tensors(_final(pair.int, mode), _final(pair.ref, mode))
     recorded = [(e["event"], e.get("step")) for e in events.read(pair.int) if e["event"] != "checkpointed"]
     assert recorded == [("started", None), ("stopped", 3), ("started", None), ("resumed", 3), ("finished", 6)]
 
@@ -352,7 +341,7 @@ def test_zero_full_export_is_the_whole_trained_model_without_placeholders(zero_r
                                                          tag=checkpoint.ENGINE_TAG)
     expected_shapes = {k: v.shape for k, v in _random_base().state_dict().items()}
     assert {k: v.shape for k, v in exported.items()} == expected_shapes
-    _assert_same_tensors(exported, {k: v.contiguous() for k, v in recovered.items()})
+    assert_same_tensors(exported, {k: v.contiguous() for k, v in recovered.items()})
     model = LlamaForCausalLM.from_pretrained(run_dir / "final")
     tokenizer = load_tokenizer(run_dir / "final")
     out = model.generate(**tokenizer("Background:", return_tensors="pt"), max_new_tokens=3, do_sample=False)
@@ -382,9 +371,9 @@ def test_fsdp_zero2_and_zero3_give_the_same_loss_curve(fsdp_runs, zero_runs, pp_
     process under full fine-tuning (LoRA's dropout masks depend on the number of ranks)."""
     worst: dict[str, float] = {}
     for mode in ("full", "lora"):
-        reference = _metrics(fsdp_runs[mode].ref)
+        reference = metrics_rows(fsdp_runs[mode].ref)
         for strategy, runs in [*((s, zero_runs(s)) for s in ZERO), *([("pp", pp_runs)] if mode == "full" else [])]:
-            rows = _metrics(runs[mode].ref)
+            rows = metrics_rows(runs[mode].ref)
             for key in ("loss", "grad_norm"):
                 ours, theirs = [r[key] for r in rows], [r[key] for r in reference]
                 assert ours == pytest.approx(theirs, rel=CROSS_STRATEGY_RTOL), (strategy, mode, key)
@@ -482,14 +471,14 @@ def test_the_deepspeed_launcher_branch_of_launch_sh_trains(new_run, tmp_path: Pa
                             text=True, timeout=TORCHRUN_TIMEOUT_S)
     assert_exit_0(result)
     assert "--local_rank=1" in result.stdout + result.stderr
-    assert [r["step"] for r in _metrics(run_dir)] == [1, 2] and (run_dir / "final" / "model.safetensors").is_file()
+    assert [r["step"] for r in metrics_rows(run_dir)] == [1, 2] and (run_dir / "final" / "model.safetensors").is_file()
     assert "over 2 processes" in result.stdout + result.stderr
 
 
 # --- the accumulated ZeRO gradient is the global batch's mean token loss gradient ---
 
 
-def zero_gradientassert_exit_0(strategy_name: str, mode: str) -> dict:
+def zero_gradient_check(strategy_name: str, mode: str) -> dict:
     """In a 2-rank group: the worker's ZeRO model, engine and forward_backward over a fixed global
     batch of 8 rows with uneven padding (micro-batches of 2, accumulated), stepped once by SGD with
     lr 1 and no clipping, so the update is minus the gradient DeepSpeed applied; against one
@@ -595,7 +584,7 @@ if __name__ == "__main__":
         assert sys.argv[1] == "gradient-check"
         dist.init_process_group("gloo")
         try:
-            results = {f"{s} {m}": zero_gradientassert_exit_0(s, m)
+            results = {f"{s} {m}": zero_gradient_check(s, m)
                        for s in ("ds-zero2", "ds-zero3") for m in ("full", "lora")}
             if dist.get_rank() == 0:
                 Path(sys.argv[2]).write_text(json.dumps(results))

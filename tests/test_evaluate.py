@@ -50,14 +50,6 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(workdir):
-    from llamajobs.data import read_texts
-    from llamajobs.data.tokenizer import train_tokenizer
-
-    return train_tokenizer(read_texts(), 512, workdir / "tokenizer")
-
-
-@pytest.fixture(scope="module")
 def base_model(workdir, tokenizer_dir):
     """A randomly initialised tiny LLaMA (the catalog's tiny shape), saved as an HF directory."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, status
 
 pytestmark = pytest.mark.slow
 
@@ -28,10 +28,6 @@ def env(tmp_path_factory) -> dict[str, str]:
     # (With the API key, wandb would go online; WANDB_MODE keeps --wandb runs offline here.)
     return {"LLAMAJOBS_HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache"), "HF_TOKEN": SECRET,
             "WANDB_API_KEY": SECRET, "WANDB_MODE": "offline"}
-
-
-def status(env, job_id: int) -> dict:
-    return json.loads(run_cli("status", str(job_id), "--json", env=env, check=True).stdout)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from llamajobs import events
-from tests.conftest import run_cli
+from tests.conftest import run_cli, status
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +32,6 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted((run_dir / "final").glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
-def status(env, job_id: int) -> dict:
-    return json.loads(run_cli("status", str(job_id), "--json", env=env, check=True).stdout)
 
 
 def wait(env, job_id: int, until, timeout: float = 300) -> dict:

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from llamajobs import monitor
 from llamajobs.spec import JobSpec
 from llamajobs.worker.parallel import STAGES, preflight_report
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_MINUTES = 0.05  # 3 s: the collective timeout (and so the preflight's) of these launches
 # Start-up of a launch here (imports, the model, two ranks on 2 shared cores) takes 5-10 s; exits
 # are measured from the moment of the fault, with room for a loaded machine.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llamajobs import events, monitor
-from tests.conftest import run_cli
+from tests.conftest import run_cli, status
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -30,10 +30,6 @@ def env(slurm, tmp_path_factory) -> dict[str, str]:
 def submit(env, *args: str, extra_env: dict[str, str] | None = None) -> dict:
     return json.loads(run_cli("submit", *TWO_NODES, *args, "--json", env={**env, **(extra_env or {})},
                               check=True).stdout)
-
-
-def status(env, job_id: int) -> dict:
-    return json.loads(run_cli("status", str(job_id), "--json", env=env, check=True).stdout)
 
 
 def wait_state(env, job_id: int, states: set[str], timeout: float = 240) -> dict:

@@ -33,7 +33,7 @@ from llamajobs.worker import model as model_lib
 from llamajobs.worker import parallel
 from llamajobs.worker.train import (build_optimizer, check_supported, forward_backward, token_loss_sum, train_loop,
                                     train_step)
-from tests.conftest import assert_exit_0, torchrun
+from tests.conftest import assert_exit_0, metrics_rows, torchrun
 
 
 
@@ -200,7 +200,7 @@ def test_injected_fault_raises_when_its_step_starts(monkeypatch: pytest.MonkeyPa
 # --- loss normalisation: accumulated, sharded gradients == one pass over the global batch ---
 
 
-def gradientassert_exit_0(mode: str) -> dict[str, float]:
+def gradient_check(mode: str) -> dict[str, float]:
     """In an initialised process group: this rank's share of a fixed global batch of 8 rows (uneven
     padding), in micro-batches of 2, through the worker's FSDP model and forward_backward; against
     one unsharded forward/backward of the mean token loss over all 8 rows."""
@@ -248,7 +248,7 @@ def gradientassert_exit_0(mode: str) -> dict[str, float]:
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_accumulated_gradient_equals_the_global_batch_mean_loss_gradient(single_rank_group, mode: str) -> None:
-    result = gradientassert_exit_0(mode)
+    result = gradient_check(mode)
     assert result["allclose"], result
     assert result["loss"] == pytest.approx(result["reference_loss"], rel=1e-5)
 
@@ -266,7 +266,7 @@ def test_chunked_loss_equals_the_whole_cross_entropy_in_value_and_gradient() -> 
     torch.testing.assert_close(grad, expected)
 
 
-def test_the_worker_s_attention_skips_transformers_per_forward_packingassert_exit_0(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_worker_s_attention_skips_transformers_per_forward_packing_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """That check is an `if` on a GPU tensor (a host sync every forward); our attention name skips it
     and gives the same logits as transformers' sdpa."""
     import transformers.masking_utils as masking
@@ -337,10 +337,6 @@ def _launch(tmp_path_factory: pytest.TempPathFactory, name: str,
     return run_dir, torchrun("-m", "llamajobs.worker", str(run_dir))
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir, result = _launch(tmp_path_factory, "full", seq_len=64, global_batch=8, micro_batch=2, max_steps=12,
@@ -351,7 +347,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_full_run_logs_every_step_and_learns(full_run: Path) -> None:
-    rows = _metrics(full_run)
+    rows = metrics_rows(full_run)
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert rows[0]["loss"] == pytest.approx(math.log(TINY_VOCAB), abs=0.2)  # a random init starts at chance
@@ -392,7 +388,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_lora_run_logs_on_its_interval_and_the_last_step(lora_run: Path) -> None:
-    assert [r["step"] for r in _metrics(lora_run)] == [4, 6]
+    assert [r["step"] for r in metrics_rows(lora_run)] == [4, 6]
 
 
 @pytest.mark.slow
@@ -422,7 +418,7 @@ if __name__ == "__main__":
     assert sys.argv[1] == "gradient-check"
     dist.init_process_group("gloo")
     try:
-        results = {mode: gradientassert_exit_0(mode) for mode in ("full", "lora")}
+        results = {mode: gradient_check(mode) for mode in ("full", "lora")}
         if dist.get_rank() == 0:
             Path(sys.argv[2]).write_text(json.dumps(results))
     finally:
