@@ -176,11 +176,70 @@ def gpu_from_device_name(device_name: str, memory_gib: float) -> Accelerator | N
     return None
 
 
-STRATEGIES: tuple[str, ...] = (
-    "fsdp", "fsdp-offload", "ds-zero2", "ds-zero2-offload", "ds-zero3", "ds-zero3-offload", "pp",
-)
-DEEPSPEED_STRATEGIES = frozenset(s for s in STRATEGIES if s.startswith("ds-"))
-MODES: tuple[str, ...] = ("full", "lora", "prefix", "ptuning", "prompt")
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StrategyInfo:
+    """What a strategy is, as data: every module asks these fields instead of parsing the name."""
+
+    name: str
+    engine: str  # "fsdp" (FSDP2), "deepspeed" or "pp" (one process drives the node's GPUs)
+    zero_stage: int | None = None  # DeepSpeed's ZeRO stage
+    offload_optimizer: bool = False  # Adam's states (and the step) on the CPU
+    offload_params: bool = False  # the parameters live on the CPU between uses
+    compiles: bool = False  # --compile is implemented
+    without_offload: str | None = None  # the same strategy with nothing offloaded
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.engine == "deepspeed"
+
+    @property
+    def fsdp(self) -> bool:
+        return self.engine == "fsdp"
+
+    @property
+    def offload(self) -> bool:
+        return self.offload_optimizer or self.offload_params
+
+    @property
+    def one_process_per_node(self) -> bool:
+        return self.engine == "pp"
+
+
+STRATEGY: dict[str, StrategyInfo] = {s.name: s for s in (
+    StrategyInfo(name="fsdp", engine="fsdp", compiles=True),
+    StrategyInfo(name="fsdp-offload", engine="fsdp", offload_optimizer=True, offload_params=True, compiles=True,
+                 without_offload="fsdp"),
+    StrategyInfo(name="ds-zero2", engine="deepspeed", zero_stage=2),
+    StrategyInfo(name="ds-zero2-offload", engine="deepspeed", zero_stage=2, offload_optimizer=True,
+                 without_offload="ds-zero2"),
+    StrategyInfo(name="ds-zero3", engine="deepspeed", zero_stage=3),
+    StrategyInfo(name="ds-zero3-offload", engine="deepspeed", zero_stage=3, offload_optimizer=True,
+                 offload_params=True, without_offload="ds-zero3"),
+    StrategyInfo(name="pp", engine="pp"),
+)}
+STRATEGIES: tuple[str, ...] = tuple(STRATEGY)
+DEEPSPEED_STRATEGIES = frozenset(s.name for s in STRATEGY.values() if s.deepspeed)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModeInfo:
+    """What a training mode trains, as data."""
+
+    name: str
+    frozen_base: bool  # the base weights get no gradient (about 4N FLOPs per token, not 6N)
+    adapters: bool = False  # LoRA: the --lora-* flags apply, --merge can fold them in
+    virtual_tokens: bool = False  # the prompt methods: --num-virtual-tokens applies
+
+
+MODE: dict[str, ModeInfo] = {m.name: m for m in (
+    ModeInfo(name="full", frozen_base=False),
+    ModeInfo(name="lora", frozen_base=True, adapters=True),
+    ModeInfo(name="prefix", frozen_base=True, virtual_tokens=True),
+    ModeInfo(name="ptuning", frozen_base=True, virtual_tokens=True),
+    ModeInfo(name="prompt", frozen_base=True, virtual_tokens=True),
+)}
+MODES: tuple[str, ...] = tuple(MODE)
+PROMPT_MODES: tuple[str, ...] = tuple(m.name for m in MODE.values() if m.virtual_tokens)
 CLUSTERS: tuple[str, ...] = ("slurm", "local", "debug")
 LAUNCHERS: tuple[str, ...] = ("torchrun", "deepspeed")
 TASKS: tuple[str, ...] = ("medqa", "medmcqa", "pubmedqa")  # eval's multiple-choice sets
