@@ -74,6 +74,7 @@ class Row:
     mem_gib: float | None = None  # peak per process: GPU memory allocated, or RSS on the CPU
     kind: str = "train"  # or "eval" (`llamajobs eval --cluster`): then mode is "eval" and strategy the task
     accuracy: float | None = None  # an eval job's, once it finished
+    problem: str | None = None  # what is wrong with a damaged run dir (unreadable, bad spec, truncated metrics)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
