@@ -6,6 +6,7 @@ Files written from several hosts are never shared appends: on NFS/Lustre those i
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -22,11 +23,18 @@ def record(run_dir: str | Path, event: str, **fields: Any) -> None:
 
 
 def read(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every event, oldest first. Any line that is not an event (a writer killed mid-line, or
+    damage: not JSON, not an object, no event name, a time that is not a number) is skipped; an
+    unreadable file raises OSError."""
     events = []
-    for path in (Path(run_dir) / "events").glob("*.jsonl"):
-        for line in path.read_text().splitlines():
+    for path in sorted((Path(run_dir) / "events").glob("*.jsonl")):
+        for line in path.read_text(errors="replace").splitlines():
             try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:  # a writer killed mid-line; the rest still counts
+                event = json.loads(line)
+            except ValueError:
                 continue
-    return sorted(events, key=lambda e: e.get("time", 0))
+            if (isinstance(event, dict) and isinstance(event.get("event"), str)
+                    and isinstance(event.get("time"), (int, float)) and not isinstance(event["time"], bool)
+                    and math.isfinite(event["time"])):
+                events.append(event)
+    return sorted(events, key=lambda e: e["time"])

@@ -1,48 +1,33 @@
-"""Submission: a run dir allocated and rendered, a submitit executor, the node launcher it runs.
+"""Submission: a run dir allocated and rendered, the allocation asked of the cluster, the node
+launcher it runs, the job registered.
 
 The node launcher runs once per node (one SLURM task per node; the local cluster has one node) and
-execs the rendered launch.sh, which starts torchrun. The local cluster is submitit's LocalExecutor.
+execs the rendered launch.sh, which starts torchrun. Executors come from the cluster layer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import submitit
 
-from llamajobs import events, registry, render
+from llamajobs import cluster, events, registry, render
+from llamajobs.cluster import Allocation, SubmitError
+from llamajobs.cluster.local import exited
+from llamajobs.cluster.slurm import SlurmBackend
 from llamajobs.control import request_stop
-from llamajobs.monitor import exited
-from llamajobs.errors import Failure, SpecError
+from llamajobs.errors import SpecError
 from llamajobs.registry import Job
 from llamajobs.site import Site
 from llamajobs.spec import JobSpec
-
-# The local cluster has no time limit of its own; submitit's default (2 minutes) would kill the run.
-LOCAL_DEFAULT_MINUTES = 7 * 24 * 60
-
-
-class SubmitError(Failure):
-    """The cluster refused or failed the submission; nothing was registered."""
-
-
-def detect_cluster() -> str:
-    """slurm when a controller answers `scontrol ping`, else the local cluster."""
-    try:
-        out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "local"
-    return "slurm" if out.returncode == 0 and "UP" in out.stdout else "local"
 
 
 def free_port() -> int:
@@ -114,69 +99,21 @@ def signal_delay_s(spec: JobSpec, write_bytes_per_s: float = 1e9) -> int:
     return int(max(120, 2 * 16 * trained / write_bytes_per_s + 2 * STOP_MARGIN_S))
 
 
-@contextlib.contextmanager
-def _detached_stdio() -> Iterator[None]:
-    """Submit without our stdio. The local controller outlives this CLI, and a caller reading our
-    output through a pipe would otherwise wait for the whole job; sbatch's own error lines would
-    come out twice (submitit puts them in the exception we report)."""
-    saved = [os.dup(fd) for fd in (0, 1, 2)]
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        yield
-    finally:
-        for fd, copy in zip((0, 1, 2), saved):
-            os.dup2(copy, fd)
-            os.close(copy)
-        os.close(devnull)
-
-
-def partition_time_limit(partition: str | None) -> int:
-    """The partition's MaxTime in minutes (0 when unlimited), for a spec that names no --time."""
-    from llamajobs.spec import parse_slurm_time
-
-    command = ["scontrol", "show", "partition"] + ([partition] if partition else [])
-    try:
-        text = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise SubmitError(f"cannot read the time limit of partition {partition or '(default)'}: {e}; "
-                          f"give --time") from None
-    blocks = text.split("\n\n")
-    block = next((b for b in blocks if partition is None and "Default=YES" in b), blocks[0])
-    limit = next((w.split("=", 1)[1] for w in block.split() if w.startswith("MaxTime=")), "UNLIMITED")
-    return 0 if limit in ("UNLIMITED", "INFINITE") else parse_slurm_time(limit)
-
-
 # When one node's launcher fails, srun ends the others' at once: a rank hung outside any collective
 # (so no collective timeout fires) would otherwise hold its node until the time limit.
 KILL_ON_BAD_EXIT = ("--kill-on-bad-exit=1",)
 
 
-def make_executor(spec: JobSpec, site: Site, folder: Path, dependency: str | None = None) -> submitit.Executor:
-    if spec.cluster in ("local", "debug"):
-        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=spec.max_requeues)
-        executor.update_parameters(timeout_min=spec.time_minutes or LOCAL_DEFAULT_MINUTES, tasks_per_node=1,
-                                   gpus_per_node=0, signal_delay_s=signal_delay_s(spec))
-        return executor
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=spec.max_requeues)
-    options = {
-        "job_name": spec.run_name, "nodes": spec.nodes, "ntasks_per_node": 1,
-        "time": spec.time_minutes if spec.time else partition_time_limit(spec.partition),
-        "partition": spec.partition, "account": spec.account, "qos": spec.qos, "constraint": spec.constraint,
-        "exclude": spec.exclude, "mail_user": spec.mail_user, "mail_type": spec.mail_type,
-        "exclusive": spec.exclusive or None, "dependency": dependency, "cpus_per_task": spec.cpus_per_task,
-        "mem": spec.mem_per_node, "setup": list(site.setup) or None, "srun_args": [*KILL_ON_BAD_EXIT, *site.srun_args],
-        "gres": site.gres.format(gpus=spec.gpus_per_node) if site.gres and spec.device != "cpu" else None,
-        "stderr_to_stdout": False, "signal_delay_s": signal_delay_s(spec),
-        "additional_parameters": {"hold": True} if spec.hold else None,
-    }
-    executor.update_parameters(**{k: v for k, v in options.items() if v is not None})
-    if site.python:
-        executor.python = site.python
-    return executor
+def allocation(spec: JobSpec, site: Site, dependency: str | None = None) -> Allocation:
+    """What the job asks of its cluster: its nodes, time, resources and the site's setup lines."""
+    return Allocation(
+        name=spec.run_name, nodes=spec.nodes, minutes=spec.time_minutes, cpus_per_task=spec.cpus_per_task,
+        gres=site.gres.format(gpus=spec.gpus_per_node) if site.gres and spec.device != "cpu" else None,
+        mem=spec.mem_per_node, partition=spec.partition, account=spec.account, qos=spec.qos,
+        constraint=spec.constraint, exclude=spec.exclude, exclusive=spec.exclusive, mail_user=spec.mail_user,
+        mail_type=spec.mail_type, dependency=dependency, hold=spec.hold, signal_delay_s=signal_delay_s(spec),
+        max_requeues=spec.max_requeues, setup=site.setup, srun_args=(*KILL_ON_BAD_EXIT, *site.srun_args),
+        python=site.python)
 
 
 def dependency_on(after: tuple[str, ...], reg: registry.Registry) -> str | None:
@@ -194,15 +131,11 @@ def dependency_on(after: tuple[str, ...], reg: registry.Registry) -> str | None:
 
 def dry_run(spec: JobSpec, site: Site) -> tuple[Path, str | None]:
     """Render into a new temporary directory; on SLURM also ask `sbatch --test-only` for its verdict."""
-    import tempfile
-
     folder = Path(tempfile.mkdtemp(prefix="llamajobs-dry-run-"))
     render.render(spec, site, folder)
     if spec.cluster != "slurm":
         return folder, None
-    result = subprocess.run(["sbatch", "--test-only", str(folder / "job.sbatch")], capture_output=True, text=True)
-    verdict = (result.stderr or result.stdout).strip().splitlines()
-    return folder, " ".join(verdict) or f"exit code {result.returncode}"
+    return folder, SlurmBackend().test_only(folder / "job.sbatch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,27 +145,35 @@ class Submission:
 
 
 def submit(spec: JobSpec, site: Site, runs_dir: Path) -> Submission:
-    """Allocate, render, submit, register; on failure nothing is left registered or half-written."""
+    """Allocate, render, submit, register; on failure nothing is left registered or half-written,
+    and nothing is removed that this call did not create."""
+    backend = cluster.backend(spec.cluster)
     reg = registry.Registry(runs_dir)
     dependency = dependency_on(spec.after, reg)
     os.umask(0o022)  # the run dir and what submitit writes into it are not world-writable
     job_id = registry.claim_id(runs_dir)
     run_dir = runs_dir / f"{job_id}-{spec.run_name}"
     staging = runs_dir / f".staging-{job_id}"
+    made: list[Path] = []  # what this call created: the only paths it may remove
     try:
+        staging.mkdir()
+        made.append(staging)
         render.render(spec, site, staging, run_dir=str(run_dir))
+        if run_dir.exists():  # the claim makes this unreachable for llamajobs' own submits
+            raise SubmitError(f"{run_dir} exists already; nothing was submitted")
         os.rename(staging, run_dir)
-        executor = make_executor(spec, site, run_dir / "submitit", dependency)
+        made[-1] = run_dir
+        executor = backend.executor(allocation(spec, site, dependency), run_dir / "submitit")
         launcher = NodeLauncher(str(run_dir), stop_wait_s=max(60, signal_delay_s(spec) - STOP_MARGIN_S))
-        with _detached_stdio():
+        with cluster.detached_stdio():
             cluster_job = executor.submit(launcher)
         job = Job(id=job_id, name=spec.run_name, run_dir=run_dir, cluster=spec.cluster,
                   cluster_job_id=str(cluster_job.job_id), submitted_at=time.time())
     except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
         registry.release_id(runs_dir, job_id)
-        if isinstance(e, (SubmitError, KeyboardInterrupt)):
+        if isinstance(e, (SubmitError, SpecError, KeyboardInterrupt)):
             raise
         raise SubmitError(f"submission failed: {e}") from e
     registry.write_job_file(job)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from llamajobs import registry, spec
+from llamajobs.metrics import MetricsRow
 from llamajobs.registry import Job
 
 SPEC_JSON = spec.build({"size": "7b", "cluster": "slurm", "max_steps": 100}).to_json()
@@ -27,11 +28,12 @@ def make_runs(runs: Path, n: int, live: int, metrics_lines: int = 200) -> list[J
             json.dumps({"time": started, "event": "started", "world_size": 8}) + "\n")
         with open(run_dir / "metrics.jsonl", "w") as f:
             for step in range(1, metrics_lines + 1):
-                f.write(json.dumps({"step": step, "total_steps": 10 * metrics_lines, "epoch": step / metrics_lines,
-                                    "loss": 3.0 - step / metrics_lines, "lr": 2e-5, "tokens": step * 65536,
-                                    "tokens_per_s": 20000.0, "tokens_per_s_per_gpu": 2500.0, "mfu": 0.4,
-                                    "peak": "a100-80g", "step_time_s": 3.2, "elapsed_s": step * 3.2,
-                                    "time": started + step * 3.2}) + "\n")
+                row = MetricsRow(step=step, total_steps=10 * metrics_lines, epoch=step / metrics_lines,
+                                 loss=3.0 - step / metrics_lines, lr=2e-5, grad_norm=1.0, tokens=step * 65536,
+                                 tokens_per_s=20000.0, tokens_per_s_per_gpu=2500.0, mfu=0.4, peak="a100-80g",
+                                 peak_flops=312e12, step_time_s=3.2, elapsed_s=step * 3.2, time=started + step * 3.2,
+                                 mem_gib=40.0)
+                f.write(row.to_json() + "\n")
         job = Job(id=i, name=f"job{i}", run_dir=run_dir, cluster="slurm", cluster_job_id=str(1000 + i),
                   submitted_at=started - 5)
         registry.write_job_file(job)

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 
 from llamajobs.data import prepare as prep
+from llamajobs.data import shard_plan as sp
+from llamajobs.data import sharded_prepare as sharded
 from llamajobs.data import shards as sh
 from llamajobs.data import store as st
 from llamajobs.errors import Failure, SpecError
@@ -72,19 +74,19 @@ def test_split_is_contiguous_balanced_and_keeps_whole_files_whole():
     def align(_, offset):
         return -(-offset // lines) * lines
 
-    runs = sh.split([4000, 0, 1000, 3000], [True, True, False, True], 4, align)
+    runs = sp.split([4000, 0, 1000, 3000], [True, True, False, True], 4, align)
     assert [[(p.source, p.start, p.end, p.whole) for p in run] for run in runs] == [
         [(0, 0, 2000, False)], [(0, 2000, 4000, False)], [(2, 0, 1000, True), (3, 0, 1000, False)],
         [(3, 1000, 3000, False)]]
-    many = sh.split([10] * 12, [False] * 12, 4, align)  # many whole files: split by files
+    many = sp.split([10] * 12, [False] * 12, 4, align)  # many whole files: split by files
     assert [[p.source for p in run] for run in many] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
-    few = sh.split([10, 10], [False, False], 4, align)  # fewer files than shards: fewer shards
+    few = sp.split([10, 10], [False, False], 4, align)  # fewer files than shards: fewer shards
     assert [[p.source for p in run] for run in few] == [[0], [1]]
-    assert sh.split([0, 0], [True, True], 3, align) == []
+    assert sp.split([0, 0], [True, True], 3, align) == []
 
 
 def test_plan_cuts_at_line_starts_by_bytes(inputs, real_tok, tmp_path):
-    plan = sh.make_plan(config(inputs, real_tok, tmp_path / "s"), 4, prep.Encoder(real_tok))
+    plan = sp.make_plan(config(inputs, real_tok, tmp_path / "s"), 4, prep.Encoder(real_tok))
     files = prep.resolve_inputs((inputs,))
     assert [f.relative_to(inputs).as_posix() for f in files] == ["a.jsonl", "c.jsonl", "sub/b.jsonl.gz"]
     assert plan["given"] == [str(f) for f in files]
@@ -108,13 +110,13 @@ def test_shard_errors_name_the_file_line_and_tokenizer_is_checked(inputs, real_t
     """In process (no cluster): a bad line deep in a cut file is reported at its file line, as one
     process reports it; a shard seeing another tokenizer, or a merge of one, is refused."""
     cfg = prep.PrepareConfig(inputs=(inputs,), tokenizer=real_tok, out=tmp_path / "s", eval_fraction=0.1)
-    work, plan = sh.open_work(cfg, 4, prep.Encoder(real_tok))
+    work, plan = sp.open_work(cfg, 4, prep.Encoder(real_tok))
     with pytest.raises(SpecError) as one:
         prep.prepare(prep.PrepareConfig(inputs=(inputs,), tokenizer=real_tok, out=tmp_path / "one"))
     errors = []
     for k in range(len(plan["shards"])):
         try:
-            sh.run_shard(str(work), k)
+            sp.run_shard(str(work), k)
         except SpecError as e:
             errors.append((k, str(e)))
     (k, message), = errors
@@ -123,36 +125,36 @@ def test_shard_errors_name_the_file_line_and_tokenizer_is_checked(inputs, real_t
     assert json.loads(sh.failed_path(work, k).read_text())["error"] == message
     assert sh.describe_work(work)["counts"] == {"done": 3, "failed": 1}
 
-    work, plan = sh.open_work(config(inputs, real_tok, tmp_path / "t"), 2, prep.Encoder(real_tok))
+    work, plan = sp.open_work(config(inputs, real_tok, tmp_path / "t"), 2, prep.Encoder(real_tok))
     for k in range(2):
-        sh.run_shard(str(work), k)
+        sp.run_shard(str(work), k)
     marker = json.loads(sh.marker_path(work, 1).read_text())
     sh.write_json_atomic(sh.marker_path(work, 1), {**marker, "fingerprint": "0" * 64, "host": "n9"})
     with pytest.raises(SpecError, match="shard 1 was tokenized on n9 with tokenizer 0000000000000000"):
-        sh.merge(work, plan)
+        sharded.merge(work, plan)
     sh.write_json_atomic(sh.marker_path(work, 1), marker)
     plan["tokenizer"]["fingerprint"] = "f" * 64
     sh.write_json_atomic(work / sh.PLAN, plan)
     sh.marker_path(work, 1).unlink()
     with pytest.raises(SpecError, match="has fingerprint .* but the plan was made with ffffffffffffffff"):
-        sh.run_shard(str(work), 1)
+        sp.run_shard(str(work), 1)
 
 
 def test_rerun_with_other_settings_is_refused_unless_forced(inputs, real_tok, tmp_path):
     out = tmp_path / "s"
-    sh.open_work(config(inputs, real_tok, out), 4, prep.Encoder(real_tok))
+    sp.open_work(config(inputs, real_tok, out), 4, prep.Encoder(real_tok))
     with pytest.raises(SpecError, match=r"other --eval-fraction, --shards; rerun with its arguments"):
-        sh.open_work(prep.PrepareConfig(inputs=(inputs,), tokenizer=real_tok, out=out, skip_bad_lines=True), 2,
+        sp.open_work(prep.PrepareConfig(inputs=(inputs,), tokenizer=real_tok, out=out, skip_bad_lines=True), 2,
                      prep.Encoder(real_tok))
     old = json.loads((sh.work_dir(out) / sh.PLAN).read_text())
-    work, plan = sh.open_work(prep.PrepareConfig(inputs=(inputs,), tokenizer=real_tok, out=out, skip_bad_lines=True,
+    work, plan = sp.open_work(prep.PrepareConfig(inputs=(inputs,), tokenizer=real_tok, out=out, skip_bad_lines=True,
                                                  force=True), 2, prep.Encoder(real_tok))
     assert plan["settings"]["shards"] == 2 and plan["settings"]["eval_fraction"] == 0 and plan["id"] != old["id"]
     # a job of the discarded plan that still runs publishes nothing, and its marker would not count
     with pytest.raises(Failure, match="was restarted .--force. while shard 0 ran"):
-        sh._run_shard(work, old, 0, work / sh.WORK_DIR / "stale", 1, prep.CHUNK_BYTES)
+        sp.prepare_shard(work, old, 0, work / sh.WORK_DIR / "stale", 1, prep.CHUNK_BYTES)
     assert not (work / st.part_name(0)).exists()
-    sh.run_shard(str(work), 0)
+    sp.run_shard(str(work), 0)
     marker = json.loads(sh.marker_path(work, 0).read_text())
     sh.write_json_atomic(sh.marker_path(work, 0), {**marker, "plan": old["id"]})
     assert sh.read_marker(work, 0, plan["id"]) is None and sh.describe_work(work)["counts"] == {"pending": 2}
@@ -181,12 +183,12 @@ def test_killed_shard_is_redone_alone(inputs, real_tok, reference, tmp_path, mon
     """SIGKILL in the middle of shard 2 (after its first chunk is on disk): the command fails naming
     it, inspect shows it, and a rerun runs shard 2 only; the other parts are not rewritten."""
     out = tmp_path / "store"
-    cluster = sh.ClusterConfig(shards=4, cluster="local", poll_s=0.1)
-    monkeypatch.setenv(sh.FAULT_ENV, "kill:2")
+    cluster = sharded.ClusterConfig(shards=4, cluster="local", poll_s=0.1)
+    monkeypatch.setenv(sp.FAULT_ENV, "kill:2")
     with pytest.raises(Failure, match=r"shard 2 of 4: job \d+ ended without finishing the shard .* 3 of 4 shards are "
                                       r"finished and kept: rerun the same command"):
-        sh.prepare_sharded(config(inputs, real_tok, out, chunk_bytes=2000), cluster)
-    monkeypatch.delenv(sh.FAULT_ENV)
+        sharded.prepare_sharded(config(inputs, real_tok, out, chunk_bytes=2000), cluster)
+    monkeypatch.delenv(sp.FAULT_ENV)
     with pytest.raises(SpecError, match=r"a sharded prepare is unfinished in store.parts: `llamajobs data inspect"):
         st.TokenStore(out)
     info = prep.describe(out)
@@ -196,7 +198,7 @@ def test_killed_shard_is_redone_alone(inputs, real_tok, reference, tmp_path, mon
     assert (partial / st.part_name(2) / st.TOKENS).stat().st_size > 0, "killed mid-way, not before it started"
     kept = {k: (work / st.part_name(k) / st.TOKENS).stat().st_mtime_ns for k in (0, 1, 3)}
 
-    meta = sh.prepare_sharded(config(inputs, real_tok, out, chunk_bytes=2000), cluster)
+    meta = sharded.prepare_sharded(config(inputs, real_tok, out, chunk_bytes=2000), cluster)
     first, second = meta["preparation"]["commands"]
     assert sorted(first["submitted"]) == ["0", "1", "2", "3"] and list(second["submitted"]) == ["2"]
     assert {k: (out / st.part_name(k) / st.TOKENS).stat().st_mtime_ns for k in (0, 1, 3)} == kept
@@ -211,7 +213,7 @@ def test_no_wait_leaves_stdio_alone_and_a_rerun_adopts_running_shards(cli, input
             "--eval-fraction", "0.1", "--shards", "4", "--cluster", "local"]
     started = time.monotonic()
     first = subprocess.run([sys.executable, "-m", "llamajobs", *args, "--no-wait", "--json"], capture_output=True,
-                           text=True, timeout=60, env={**os.environ, sh.FAULT_ENV: "stall:1:4"})
+                           text=True, timeout=60, env={**os.environ, sp.FAULT_ENV: "stall:1:4"})
     assert first.returncode == 0, first.stderr
     assert time.monotonic() - started < 30
     assert not sh.marker_path(sh.work_dir(out), 1).exists(), "returned while shard 1 runs"
@@ -242,9 +244,9 @@ def test_peak_memory_does_not_grow_with_the_corpus(real_tok, tmp_path):
                 line = json.dumps({"id": f"d{i}", "text": f"{texts[i % len(texts)]} {i}"}) + "\n"
                 written += f.write(line)
                 i += 1
-        meta = sh.prepare_sharded(prep.PrepareConfig(inputs=(path,), tokenizer=real_tok, out=tmp_path / f"s{mb}",
+        meta = sharded.prepare_sharded(prep.PrepareConfig(inputs=(path,), tokenizer=real_tok, out=tmp_path / f"s{mb}",
                                                      chunk_bytes=1 << 16),
-                                  sh.ClusterConfig(shards=1, cluster="local", poll_s=0.1))
+                                  sharded.ClusterConfig(shards=1, cluster="local", poll_s=0.1))
         (stats,) = meta["preparation"]["shard_stats"]
         peaks[mb], tokens[mb] = stats["peak_rss_bytes"], meta["tokens"]
     assert tokens[10] > 9 * tokens[1]
@@ -263,7 +265,7 @@ def test_slurm_array_crashed_shard_rerun_gives_the_one_process_store(slurm, cli,
     out = tmp_path / "store"
     args = ["data", "prepare", str(inputs), "--tokenizer", str(real_tok), "--out", str(out), "--skip-bad-lines",
             "--eval-fraction", "0.1", "--shards", "4", "--cluster", "slurm", "--time", "00:05:00", "--json"]
-    monkeypatch.setenv(sh.FAULT_ENV, "crash:2")
+    monkeypatch.setenv(sp.FAULT_ENV, "crash:2")
     code, _, stderr = cli(*args)
     assert code == 1 and "shard 2 of 4: LLAMAJOBS_DATA_FAULT: injected crash (on n" in stderr, stderr
     code, stdout, _ = cli("data", "inspect", str(out), "--json")
@@ -272,9 +274,9 @@ def test_slurm_array_crashed_shard_rerun_gives_the_one_process_store(slurm, cli,
     assert {r["host"] for r in rows} <= set(slurm.nodes)
     kept = {k: (sh.work_dir(out) / st.part_name(k) / st.TOKENS).stat().st_mtime_ns for k in (0, 1, 3)}
 
-    monkeypatch.setenv(sh.FAULT_ENV, "stall:2:4")
+    monkeypatch.setenv(sp.FAULT_ENV, "stall:2:4")
     code, stdout, stderr = cli(*args, "--no-wait")
-    monkeypatch.delenv(sh.FAULT_ENV)
+    monkeypatch.delenv(sp.FAULT_ENV)
     assert code == 0 and json.loads(stdout)["unfinished"], stderr
     code, stdout, stderr = cli(*args)
     assert code == 0, stderr

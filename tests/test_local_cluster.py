@@ -111,7 +111,7 @@ def test_estimate_from_the_measured_throughput(env, completed):
 
 def test_stalled_then_cancelled(env):
     """A worker stopped with SIGSTOP turns the job STALLED; cancel then ends it as CANCELLED."""
-    from llamajobs import monitor
+    from llamajobs.cluster.local import cmdline, descendants, exited
 
     submitted = json.loads(run_cli("submit", *TINY, "--max-steps", "100000", "--name", "long", "--json",
                                    env=env, check=True).stdout)
@@ -121,8 +121,8 @@ def test_stalled_then_cancelled(env):
         assert time.time() < deadline, "no step logged within 120 s"
         time.sleep(0.5)
     pid = int(submitted["cluster_job_id"])
-    workers = [p for p in monitor.descendants(pid)
-               if b"llamajobs.worker" in monitor.cmdline(p) and b"torch.distributed.run" not in monitor.cmdline(p)]
+    workers = [p for p in descendants(pid)
+               if b"llamajobs.worker" in cmdline(p) and b"torch.distributed.run" not in cmdline(p)]
     assert len(workers) == 2
     for p in workers:
         os.kill(p, signal.SIGSTOP)
@@ -135,7 +135,7 @@ def test_stalled_then_cancelled(env):
     assert status(env, submitted["id"])["state"] == "RUNNING"  # the default threshold is minutes
     run_cli("cancel", str(submitted["id"]), env=env, check=True)
     assert status(env, submitted["id"])["state"] == "CANCELLED"
-    assert all(monitor.exited(p) for p in [pid, *workers])
+    assert all(exited(p) for p in [pid, *workers])
 
 
 @pytest.mark.parametrize("fault, state, rank, says, log_says", [

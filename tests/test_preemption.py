@@ -85,9 +85,9 @@ def local_env(tmp_path) -> dict[str, str]:
 def test_local_run_interrupted_twice_ends_as_if_never_interrupted(local_env):
     def time_limit(job: dict) -> None:
         # What submitit's local controller does near the time limit: USR2 to the task.
-        from llamajobs import monitor, registry
+        from llamajobs import cluster, registry
         reg = registry.Registry(Path(local_env["LLAMAJOBS_HOME"]) / "runs")
-        monitor.signal_launcher(reg.get(job["id"]))
+        cluster.backend("local").signal_stop(reg.get(job["id"]))
 
     reference, row = interrupted_twice(local_env, ["--cluster", "local"], time_limit)
     check_identical(reference, row)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from llamajobs import monitor
+from llamajobs import forensics
 from llamajobs.spec import JobSpec
 from llamajobs.worker.parallel import STAGES, preflight_report
 from tests.conftest import REPO
@@ -134,8 +134,8 @@ def test_a_rank_that_hangs_fails_the_job_after_the_collective_timeout(tmp_path, 
     assert TIMEOUT_MINUTES * 60 <= waited < TIMEOUT_MINUTES * 60 + EXIT_WITHIN_S
     assert "Timed out waiting 3000ms" in launch.error_files()[0]
     # status explains it: the rank named is the one that waited, not the one that hung
-    assert "waited --collective-timeout-minutes" in monitor.collective_timeout_hint(launch.error_files()[0])
-    assert monitor.collective_timeout_hint("RuntimeError: injected fault at step 3") is None
+    assert "waited --collective-timeout-minutes" in forensics.collective_timeout_hint(launch.error_files()[0])
+    assert forensics.collective_timeout_hint("RuntimeError: injected fault at step 3") is None
 
 
 @pytest.mark.slow

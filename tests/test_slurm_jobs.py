@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from llamajobs import events, monitor
+from llamajobs import events
+from llamajobs.cluster.local import cmdline
 from tests.conftest import run_cli, status
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -90,7 +91,7 @@ def workers_of(run_dir: str) -> list[int]:
     not the torchrun agents that started them."""
     found = []
     for entry in Path("/proc").iterdir():
-        command = monitor.cmdline(int(entry.name)) if entry.name.isdigit() else b""
+        command = cmdline(int(entry.name)) if entry.name.isdigit() else b""
         if b"llamajobs.worker" in command and run_dir.encode() in command and b"torch.distributed.run" not in command:
             found.append(int(entry.name))
     return found
@@ -142,11 +143,20 @@ def test_cancelled_job_shows_cancelled(env):
 
 
 def test_more_gpus_than_a_node_has_is_refused_at_submit(env):
+    def ids() -> list[int]:
+        return [j["id"] for j in json.loads(run_cli("status", "--json", "--all", env=env, check=True).stdout)["jobs"]]
+
+    def run_dirs() -> list[str]:
+        runs = Path(env["LLAMAJOBS_HOME"]) / "runs"
+        return sorted(d.name for d in runs.iterdir() if not d.name.startswith(".")) if runs.is_dir() else []
+
+    ids_before, dirs_before = ids(), run_dirs()
     result = run_cli("submit", *TWO_NODES, "--gpus-per-node", "9", "--max-steps", "2", env=env)
     assert result.returncode == 1
     assert "Requested node configuration is not available" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert json.loads(run_cli("status", "--json", "--all", env=env, check=True).stdout)["jobs"] is not None
+    # the refused job is registered nowhere and leaves no run dir behind
+    assert ids() == ids_before and run_dirs() == dirs_before
 
 
 def test_dry_run_asks_sbatch_and_registers_nothing(env):

@@ -3,20 +3,28 @@ local cluster's /proc process trees, behind a small Backend interface (submitit'
 few `_` hooks per backend the same way).
 
     backend("slurm" | "local" | "debug") -> Backend
-    Backend.executor(spec, site, folder, dependency)  a submitit executor for a run's node launchers
-    Backend.states(jobs)                              {job id: state} in one query for all of them
-    Backend.cancel(job)                               end the job (scancel / kill the process tree)
-    Backend.signal_stop(job)                          submitit's timeout signal to node 0's launcher:
-                                                      it checkpoints and the job is requeued
+    Backend.executor(allocation, folder)   a submitit executor: a job's node launchers, or an array
+    Backend.states(jobs)                   {job id: state} in one query for all of them
+    Backend.cancel(job)                    end the job (scancel / kill the process tree)
+    Backend.signal_stop(job)               submitit's timeout signal to node 0's launcher: it
+                                           checkpoints and the job is requeued
+    Backend.reattach(job ids, folder)      an earlier command's jobs that still run, to wait on
+    states(jobs)                           the same over jobs of any cluster
+    detect()                               slurm when a controller answers, else local
 """
 
 from __future__ import annotations
 
-from llamajobs.cluster.base import TERMINAL, Backend, SubmitError
-from llamajobs.cluster.local import LocalBackend
-from llamajobs.cluster.slurm import SlurmBackend
+from typing import Sequence
 
-__all__ = ["TERMINAL", "Backend", "SubmitError", "backend"]
+from llamajobs.cluster.base import TERMINAL, UNKNOWN, Allocation, Backend, Handle, SubmitError, detached_stdio
+from llamajobs.cluster.local import LocalBackend
+from llamajobs.cluster.slurm import SlurmBackend, available
+from llamajobs.registry import Job
+
+__all__ = ["TERMINAL", "UNKNOWN", "Allocation", "Backend", "Handle", "SubmitError", "backend", "detached_stdio",
+           "detect", "states"]
+NAMES = ("slurm", "local", "debug")
 
 
 def backend(name: str) -> Backend:
@@ -25,3 +33,17 @@ def backend(name: str) -> Backend:
     if name in ("local", "debug"):
         return LocalBackend(name)
     raise ValueError(f"cluster {name!r}; choose slurm, local or debug")
+
+
+def detect() -> str:
+    """slurm when a controller answers `scontrol ping`, else the local cluster."""
+    return "slurm" if available() else "local"
+
+
+def states(jobs: Sequence[Job]) -> dict[int, str]:
+    """Every job's state from its own cluster, one query per cluster; a job of a cluster this
+    version does not know (a damaged job.json) is UNKNOWN."""
+    found = {j.id: UNKNOWN for j in jobs}
+    for name in dict.fromkeys(j.cluster for j in jobs if j.cluster in NAMES):
+        found.update(backend(name).states([j for j in jobs if j.cluster == name]))
+    return found

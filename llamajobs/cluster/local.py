@@ -1,34 +1,169 @@
-"""The local cluster: submitit's LocalExecutor, one controller process per job recorded by pid,
-/proc process trees and signals. (Bodies move here from monitor.py and submit.py.)"""
+"""The local cluster: submitit's LocalExecutor, whose controller process (recorded by pid as the job's
+cluster id) runs the task; states, cancel and signals through /proc process trees."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+import pickle
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
 
-from llamajobs.cluster.base import Backend
+from llamajobs import events
+from llamajobs.cluster.base import UNKNOWN, Allocation, Backend, Handle
+from llamajobs.errors import Failure
 from llamajobs.registry import Job
+
+# The local cluster has no time limit of its own; submitit's default (2 minutes) would kill the run.
+DEFAULT_MINUTES = 7 * 24 * 60
+# How a submitit local controller and the task it starts show in /proc/PID/cmdline.
+CONTROLLER = b"submitit.local._local"
+TASK = b"submitit.core._submit"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()  # fields after the command name, which may hold spaces
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie (dead, waiting to be reaped) or dead-but-listed."""
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] in "ZX"
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def is_controller(pid: int, folder: Path | None = None) -> bool:
+    """A live submitit local controller (of jobs in `folder`, when given): not a recycled pid."""
+    if exited(pid):
+        return False
+    command = cmdline(pid)
+    return CONTROLLER in command and (folder is None or str(folder).encode() in command)
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))):
+            children.setdefault(int(stat[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def send(pid: int, sig: int) -> None:
+    """Signal a process that may have exited meanwhile."""
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_tree(pid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM the process and everything under it, SIGKILL what is left after grace_s."""
+    tree = [pid] + descendants(pid)
+    for p in tree:
+        send(p, signal.SIGTERM)
+    deadline = time.time() + grace_s
+    while time.time() < deadline and not all(exited(p) for p in tree):
+        time.sleep(0.1)
+    for p in tree:
+        if not exited(p):
+            send(p, signal.SIGKILL)
+
+
+def _pid(job: Job) -> int | None:
+    return int(job.cluster_job_id) if job.cluster_job_id.isdigit() else None
+
+
+def result(job: Job) -> tuple[str, Any] | None:
+    """submitit's result pickle of the local job: ("success", value) or ("error", traceback)."""
+    path = job.run_dir / "submitit" / f"{job.cluster_job_id}_0_result.pkl"
+    try:
+        with open(path, "rb") as f:
+            found = pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, ValueError):
+        return None
+    return found if isinstance(found, tuple) and len(found) == 2 else None
+
+
+def state(job: Job) -> str:
+    """RUNNING while its controller lives; after that, what the job left: a cancel recorded by
+    `llamajobs cancel`, submitit's result, or the worker's `finished` event."""
+    pid = _pid(job)
+    if pid is None:
+        return UNKNOWN
+    history = events.read(job.run_dir)
+    if any(e["event"] == "cancelled" for e in history):
+        return "CANCELLED"
+    if is_controller(pid):
+        return "RUNNING"
+    outcome = result(job)
+    if outcome is not None:
+        return "COMPLETED" if outcome[0] == "success" else "FAILED"
+    return "COMPLETED" if any(e["event"] == "finished" for e in history) else "FAILED"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalHandle:
+    """A local job of an earlier command, by its controller's pid."""
+
+    job_id: str
+    folder: Path
+
+    def done(self) -> bool:
+        return not self.job_id.isdigit() or not is_controller(int(self.job_id), self.folder)
 
 
 class LocalBackend(Backend):
     def __init__(self, name: str = "local") -> None:
         self.name = name
 
-    def executor(self, spec, site, folder, dependency=None):
-        from llamajobs import submit  # TODO(cluster helper): the body moves here
+    def executor(self, allocation: Allocation, folder: Path) -> Any:
+        import submitit  # not at the top: `status` never loads it
 
-        return submit.make_executor(spec, site, folder, dependency)
+        executor = submitit.LocalExecutor(folder=folder, max_num_timeout=allocation.max_requeues)
+        options = {"timeout_min": allocation.minutes or DEFAULT_MINUTES, "tasks_per_node": 1, "gpus_per_node": 0,
+                   "signal_delay_s": allocation.signal_delay_s}
+        executor.update_parameters(**{k: v for k, v in options.items() if v is not None})
+        return executor
 
-    def states(self, jobs: Sequence[Job]) -> dict[int, str]:
-        from llamajobs import events, monitor  # TODO(cluster helper): the body moves here
-
-        return {j.id: monitor.local_state(j, events.read(j.run_dir)) for j in jobs}
+    def _states(self, jobs: Sequence[Job]) -> dict[int, str]:
+        found = {}
+        for job in jobs:
+            try:
+                found[job.id] = state(job)
+            except OSError:  # its run dir is unreadable or gone: the row says so, the state is unknown
+                continue
+        return found
 
     def cancel(self, job: Job) -> None:
-        from llamajobs import monitor  # TODO(cluster helper): the body moves here
-
-        monitor.kill_local(int(job.cluster_job_id))
+        pid = _pid(job)
+        if pid is not None and is_controller(pid):
+            kill_tree(pid)
 
     def signal_stop(self, job: Job) -> None:
-        from llamajobs import monitor  # TODO(cluster helper): the body moves here
+        """USR2 to the task under the controller, as submitit's controller does near the time limit."""
+        pid = _pid(job)
+        tasks = [p for p in descendants(pid) if TASK in cmdline(p)] if pid is not None and is_controller(pid) else []
+        if not tasks:
+            raise Failure(f"job {job.id}: its local task process is gone")
+        send(tasks[0], signal.SIGUSR2)
 
-        monitor.signal_launcher(job)
+    def reattach(self, job_ids: Sequence[str], folder: Path) -> dict[str, Handle]:
+        handles = {i: LocalHandle(i, folder) for i in job_ids}
+        return {i: h for i, h in handles.items() if not h.done()}

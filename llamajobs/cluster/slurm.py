@@ -1,36 +1,156 @@
-"""SLURM: sbatch through submitit, sacct/squeue for states, scancel. (Bodies move here from
-submit.py, monitor.py and data/shards.py.)"""
+"""SLURM: sbatch through submitit's SlurmExecutor; sacct and squeue for states, scancel, `scontrol show
+partition` for the time limit, `sbatch --test-only` for a dry run's verdict, `scontrol ping` to tell
+whether there is a cluster at all. Every call to a SLURM command goes through `_run`, the one
+subprocess boundary the unit tests fake."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import subprocess
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
-from llamajobs.cluster.base import Backend
+from llamajobs.cluster.base import UNKNOWN, Allocation, Backend, Handle, SubmitError
 from llamajobs.errors import Failure
 from llamajobs.registry import Job
+from llamajobs.spec import parse_slurm_time
+
+STATES = frozenset({"PENDING", "RUNNING", "COMPLETING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED",
+                    "REQUEUED", "NODE_FAIL", "OUT_OF_MEMORY", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED",
+                    "RESIZING", "DEADLINE", "BOOT_FAIL", "CONFIGURING", "STOPPED", "SIGNALING", "STAGE_OUT"})
+# A job in one of these is still the controller's: queued, running, or on its way back to the queue.
+LIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
+                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"})
+TIMEOUT_S = 60
+
+
+def _run(command: list[str], timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run a SLURM command; a missing or hanging command reads as a failed one (exit 127 or 124)."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except OSError as e:
+        return subprocess.CompletedProcess(command, 127, "", str(e))
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(command, 124, "", f"{command[0]} did not answer within {timeout:.0f} s")
+
+
+def state_word(text: str) -> str:
+    """One of STATES from sacct's or squeue's column: "CANCELLED by 0" and sacct's cut "OUT_OF_ME+"
+    are read as such; a word SLURM may add later is UNKNOWN rather than shown raw."""
+    word = text.split()[0].rstrip("+") if text.strip() else UNKNOWN
+    if word == "OUT_OF_ME":
+        return "OUT_OF_MEMORY"
+    return word if word in STATES else UNKNOWN
+
+
+def parse_states(sacct: str, squeue: str = "") -> dict[str, str]:
+    """{cluster job id: state} from `sacct -P -o JobIDRaw,State` and `squeue -o '%i %T'` output."""
+    states: dict[str, str] = {}
+    for line in squeue.splitlines():
+        job_id, _, state = line.strip().partition(" ")
+        if job_id:
+            states[job_id] = state_word(state)
+    for line in sacct.splitlines():  # accounting wins once it has the job
+        job_id, _, state = line.partition("|")
+        if job_id.strip():
+            states[job_id.strip()] = state_word(state)
+    return states
+
+
+def parse_max_time(text: str, partition: str | None) -> int:
+    """The MaxTime of `scontrol show partition [P]` in minutes (0: unlimited); without a partition,
+    the default one's (the block with Default=YES, else the first)."""
+    blocks = [b for b in text.split("\n\n") if b.strip()]
+    if not blocks:
+        raise ValueError("no partition in its output")
+    block = next((b for b in blocks if partition is None and "Default=YES" in b.split()), blocks[0])
+    limit = next((w.split("=", 1)[1] for w in block.split() if w.startswith("MaxTime=")), "UNLIMITED")
+    return 0 if limit in ("UNLIMITED", "INFINITE") else parse_slurm_time(limit)
+
+
+def available() -> bool:
+    """Whether a SLURM controller answers `scontrol ping` from here."""
+    result = _run(["scontrol", "ping"], timeout=10)
+    return result.returncode == 0 and "UP" in result.stdout
 
 
 class SlurmBackend(Backend):
     name = "slurm"
 
-    def executor(self, spec, site, folder, dependency=None):
-        from llamajobs import submit  # TODO(cluster helper): the body moves here
+    def executor(self, allocation: Allocation, folder: Path) -> Any:
+        import submitit  # not at the top: `status` never loads it
 
-        return submit.make_executor(spec, site, folder, dependency)
+        a = allocation
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=a.max_requeues)
+        options = {
+            "job_name": a.name, "nodes": a.nodes, "ntasks_per_node": 1,
+            "time": a.minutes if a.minutes is not None else self.time_limit(a.partition),
+            "partition": a.partition, "account": a.account, "qos": a.qos, "constraint": a.constraint,
+            "exclude": a.exclude, "mail_user": a.mail_user, "mail_type": a.mail_type,
+            "exclusive": a.exclusive or None, "dependency": a.dependency, "cpus_per_task": a.cpus_per_task,
+            "mem": a.mem, "gres": a.gres, "setup": list(a.setup) or None, "srun_args": list(a.srun_args) or None,
+            "stderr_to_stdout": False, "signal_delay_s": a.signal_delay_s,
+            "additional_parameters": {"hold": True} if a.hold else None,
+        }
+        executor.update_parameters(**{k: v for k, v in options.items() if v is not None})
+        if a.python:
+            executor.python = a.python
+        return executor
 
-    def states(self, jobs: Sequence[Job]) -> dict[int, str]:
-        from llamajobs import monitor  # TODO(cluster helper): the body moves here
-
-        found = monitor.slurm_states([j.cluster_job_id for j in jobs])
-        return {j.id: found.get(j.cluster_job_id, "UNKNOWN") for j in jobs}
+    def _states(self, jobs: Sequence[Job]) -> dict[int, str]:
+        """One sacct call for all of them, then squeue for those accounting has not seen yet (it
+        learns of a new job only after a while)."""
+        ids = list(dict.fromkeys(j.cluster_job_id for j in jobs))
+        sacct = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobIDRaw,State"])
+        found = parse_states(sacct.stdout if sacct.returncode == 0 else "")
+        missing = [i for i in ids if i not in found]
+        if missing:
+            squeue = _run(["squeue", "-h", "-j", ",".join(missing), "-o", "%i %T"])
+            found.update(parse_states("", squeue.stdout if squeue.returncode == 0 else ""))
+        return {j.id: found[j.cluster_job_id] for j in jobs if j.cluster_job_id in found}
 
     def cancel(self, job: Job) -> None:
-        result = subprocess.run(["scancel", job.cluster_job_id], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise Failure(f"scancel {job.cluster_job_id} failed: {result.stderr.strip()}")
+        _check(_run(["scancel", job.cluster_job_id]))
 
     def signal_stop(self, job: Job) -> None:
-        result = subprocess.run(["scancel", "--signal=USR2", job.cluster_job_id], capture_output=True, text=True)
+        _check(_run(["scancel", "--signal=USR2", job.cluster_job_id]))
+
+    def reattach(self, job_ids: Sequence[str], folder: Path) -> dict[str, Handle]:
+        import submitit
+
+        live = self.live_jobs()
+        return {i: submitit.SlurmJob(folder=folder, job_id=i) for i in job_ids if i in live}
+
+    def live_jobs(self) -> set[str]:
+        """This user's jobs that slurmctld holds as queued or running, one id per array element
+        (squeue, not sacct: accounting learns of a new job only after a while). None seen when
+        squeue fails: the caller resubmits rather than waits for jobs nobody can see."""
+        user = pwd.getpwuid(os.getuid()).pw_name
+        result = _run(["squeue", "-h", "-r", "-u", user, "-o", "%i|%T"])
         if result.returncode != 0:
-            raise Failure(f"scancel --signal=USR2 {job.cluster_job_id} failed: {result.stderr.strip()}")
+            return set()
+        return {job for job, _, state in (line.partition("|") for line in result.stdout.split()) if state in LIVE}
+
+    def time_limit(self, partition: str | None) -> int:
+        """The partition's MaxTime in minutes (0 when unlimited), for a job that names no --time."""
+        result = _run(["scontrol", "show", "partition"] + ([partition] if partition else []), timeout=30)
+        try:
+            if result.returncode != 0:
+                raise ValueError(result.stderr.strip() or f"exit code {result.returncode}")
+            return parse_max_time(result.stdout, partition)
+        except ValueError as e:
+            raise SubmitError(f"cannot read the time limit of partition {partition or '(default)'}: {e}; "
+                              f"give --time") from None
+
+    def test_only(self, script: Path) -> str:
+        """`sbatch --test-only SCRIPT`: where and when the job would start, or why it would not."""
+        result = _run(["sbatch", "--test-only", str(script)])
+        verdict = " ".join((result.stderr or result.stdout).strip().splitlines())
+        return verdict or f"exit code {result.returncode}"
+
+
+def _check(result: subprocess.CompletedProcess) -> None:
+    if result.returncode != 0:
+        message = result.stderr.strip() or result.stdout.strip() or f"exit code {result.returncode}"
+        raise Failure(f"{' '.join(result.args)} failed: {message}")
