@@ -126,7 +126,10 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         except Exception as e:  # any damage: not JSON, wrong types, unreadable, or a rule it breaks now
             damage("spec.json", e)
         try:
-            history = events.read(job.run_dir)
+            log = events.history(job.run_dir)
+            history = log.events
+            if log.bad_lines:
+                problems.append(f"events: {_lines(log.bad_lines)}")
         except OSError as e:
             damage("events", e)
         try:
@@ -134,7 +137,7 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         except OSError as e:
             damage(metrics.METRICS_FILE, e)
     if found.bad_lines:
-        problems.append(f"{metrics.METRICS_FILE}: {found.bad_lines} damaged line{'s' * (found.bad_lines > 1)}")
+        problems.append(f"{metrics.METRICS_FILE}: {_lines(found.bad_lines)}")
     last = found.last
     step_time = recent_step_time(found.rows)
     age = now - last.time if last else None
@@ -179,6 +182,10 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         result = replace(result, kind="eval", size=Path(spec.evaluation.model).name, mode="eval",
                          strategy=spec.evaluation.task, accuracy=_number(accuracy))
     return replace(result, problem="; ".join(problems) or None)
+
+
+def _lines(n: int) -> str:
+    return f"{n} damaged line{'s' * (n > 1)}"
 
 
 def _number(value: Any) -> float | None:

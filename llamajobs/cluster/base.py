@@ -108,6 +108,8 @@ def detached_stdio() -> Iterator[None]:
             os.dup2(devnull, fd)
         yield
     finally:
+        sys.stdout.flush()  # what Python buffered meanwhile goes to /dev/null too
+        sys.stderr.flush()
         for fd, copy in zip((0, 1, 2), saved):
             os.dup2(copy, fd)
             os.close(copy)
