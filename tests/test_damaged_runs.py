@@ -1,0 +1,180 @@
+"""Damage never spreads: each kind of damage to one run dir gives that job a row naming its problem
+(with the state its cluster still knows), and every other job's row is as if nothing happened.
+SLURM is faked at the subprocess boundary (tests/fake_runs.py's sacct and squeue on PATH)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from llamajobs import monitor, registry
+from llamajobs.registry import Job, Registry
+from tests.fake_runs import fake_slurm_bin, make_runs
+from tests.other_user import as_other_user, open_tmp
+
+N, LIVE = 6, 2  # jobs 1-4 COMPLETED, 5-6 RUNNING (fake sacct)
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bin_dir = fake_slurm_bin(tmp_path / "bin", N, LIVE)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    make_runs(tmp_path / "runs", N, LIVE, metrics_lines=20)
+    return tmp_path / "runs"
+
+
+def table(runs: Path) -> dict[int, monitor.Row]:
+    return {r.id: r for r in monitor.rows(Registry(runs).jobs())}
+
+
+def healthy(runs: Path) -> dict[int, dict]:
+    """The rows as they are before any damage (elapsed and ages moved on: left out)."""
+    return {i: _stable(r) for i, r in table(runs).items()}
+
+
+def _stable(r: monitor.Row) -> dict:
+    return {k: v for k, v in r.to_dict().items() if k not in ("elapsed_s", "last_metric_age_s", "eta_s")}
+
+
+def run_dir(runs: Path, job_id: int) -> Path:
+    return runs / f"{job_id}-job{job_id}"
+
+
+def damage_spec(runs: Path) -> None:
+    (run_dir(runs, 2) / "spec.json").write_text("{ this is not json")
+
+
+def damage_spec_types(runs: Path) -> None:
+    spec = json.loads((run_dir(runs, 2) / "spec.json").read_text())
+    (run_dir(runs, 2) / "spec.json").write_text(json.dumps({**spec, "nodes": "two"}))
+
+
+def damage_events_array(runs: Path) -> None:
+    with open(run_dir(runs, 2) / "events" / "login-1.jsonl", "a") as f:
+        f.write("[1, 2, 3]\n")
+
+
+def damage_events_time(runs: Path) -> None:
+    with open(run_dir(runs, 2) / "events" / "login-1.jsonl", "a") as f:
+        f.write(json.dumps({"time": "yesterday", "event": "finished"}) + "\n")
+
+
+def damage_metrics_time(runs: Path) -> None:
+    path = run_dir(runs, 2) / "metrics.jsonl"
+    last = json.loads(path.read_text().splitlines()[-1])
+    with open(path, "a") as f:
+        f.write(json.dumps({**last, "step": last["step"] + 1, "time": "now"}) + "\n")
+
+
+def damage_metrics_truncated(runs: Path) -> None:
+    path = run_dir(runs, 2) / "metrics.jsonl"
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def damage_job_file(runs: Path) -> None:
+    (run_dir(runs, 2) / registry.JOB_FILE).write_text("\x00\x01garbage")
+
+
+def damage_vanished(runs: Path) -> None:
+    shutil.rmtree(run_dir(runs, 2))
+
+
+DAMAGE = {  # what is done to job 2 (COMPLETED) -> what its row's problem says
+    "garbage spec.json": (damage_spec, "spec.json: "),
+    "spec.json of wrong types": (damage_spec_types, "spec.json: "),
+    "an events line that is an array": (damage_events_array, "events: 1 damaged line"),
+    "an event with a string time": (damage_events_time, "events: 1 damaged line"),
+    "a metrics row with a string time": (damage_metrics_time, "metrics.jsonl: 1 damaged line"),
+    "metrics truncated mid-line": (damage_metrics_truncated, "metrics.jsonl: 1 damaged line"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_one_damaged_run_dir_gives_a_row_naming_it_and_spares_the_others(runs, kind):
+    before = healthy(runs)
+    damage, says = DAMAGE[kind]
+    damage(runs)
+    after = table(runs)
+    assert sorted(after) == sorted(before)
+    assert says in after[2].problem, after[2].problem
+    assert after[2].state == "COMPLETED"  # what sacct says: damage to files does not hide it
+    assert {i: _stable(r) for i, r in after.items() if i != 2} == {i: r for i, r in before.items() if i != 2}
+
+
+def test_a_garbage_job_file_still_shows_the_job(runs):
+    before = healthy(runs)
+    Registry(runs).close()
+    damage_job_file(runs)
+    Registry(runs).rebuild()  # as when the runs directory's listing changes
+    after = table(runs)
+    assert "job.json: not JSON" in after[2].problem
+    assert after[2].cluster_job_id == "1002" and after[2].state == "COMPLETED"  # indexed before: still known
+    assert {i: _stable(r) for i, r in after.items() if i != 2} == {i: r for i, r in before.items() if i != 2}
+
+
+def test_a_garbage_job_file_never_indexed_is_a_row_of_unknown_state(runs):
+    damage_job_file(runs)
+    after = table(runs)  # the first index of these runs sees it damaged
+    assert after[2].state == "UNKNOWN" and "job.json" in after[2].problem and after[2].name == "job2"
+    assert all(after[i].problem is None for i in after if i != 2)
+
+
+def test_a_vanished_run_dir_keeps_its_cluster_state(runs):
+    jobs = Registry(runs).jobs()
+    damage_vanished(runs)
+    found = {r.id: r for r in monitor.rows(jobs)}  # the registry listed it a moment ago
+    assert found[2].problem == f"run dir {run_dir(runs, 2)} is gone" and found[2].state == "COMPLETED"
+    assert found[5].state == "RUNNING" and found[5].problem is None
+    assert 2 not in table(runs)  # on the next open, the index forgets it
+
+
+def test_a_metrics_file_with_bad_lines_among_good_ones_counts_them(runs):
+    path = run_dir(runs, 5) / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:5] + ["[]", '{"step": "x"}'] + lines[5:]) + "\n")
+    row = table(runs)[5]
+    assert row.problem == "metrics.jsonl: 2 damaged lines"
+    assert row.step == 20 and row.state == "RUNNING" and row.eta_s is not None  # the good rows still count
+
+
+def test_an_unreadable_run_dir_is_a_row_saying_so():
+    with open_tmp() as tmp:
+        make_runs(tmp / "runs", 2, 0, metrics_lines=5)
+        jobs = [Job(id=i, name=f"job{i}", run_dir=run_dir(tmp / "runs", i), cluster="slurm",
+                    cluster_job_id=str(1000 + i), submitted_at=time.time()) for i in (1, 2)]
+        for path in [tmp / "runs", *(tmp / "runs").rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)  # readable by all, but for the damage below
+        run_dir(tmp / "runs", 2).chmod(0)
+        found = as_other_user(lambda: [monitor.row(j, state="COMPLETED") for j in jobs])
+    assert not isinstance(found, Exception), found
+    assert found[0].problem is None and found[0].step == 5
+    assert "is not readable" in found[1].problem and found[1].state == "COMPLETED" and found[1].step is None
+
+
+def test_a_cached_row_that_is_damaged_or_of_another_version_is_computed_again(runs):
+    fresh = table(runs)
+    cached = {1: {"id": 1, "no_such_field": 3}, 2: {**fresh[2].to_dict(), "problem": "events: 1 damaged line"},
+              3: fresh[3].to_dict()}
+    found = {r.id: r for r in monitor.rows(Registry(runs).jobs(), finished=cached)}
+    assert _stable(found[1]) == _stable(fresh[1])
+    assert found[2].problem is None  # computed again: the damage was repaired
+    assert found[3] == monitor.Row(**cached[3])
+
+
+def test_a_row_of_an_eval_job_with_a_damaged_result(runs):
+    from llamajobs import spec
+
+    evaluation = spec.build({"size": "tiny", "cluster": "slurm",
+                             "evaluation": {"model": "/models/x", "task": "medqa", "data": "/data/test.jsonl"}})
+    (run_dir(runs, 3) / "spec.json").write_text(evaluation.to_json())
+    (run_dir(runs, 3) / "eval.json").write_text('["not", "a", "result"]')
+    row = table(runs)[3]
+    assert row.kind == "eval" and row.accuracy is None and row.problem is None
+    (run_dir(runs, 3) / "eval.json").write_text('{"accuracy": "high"}')
+    assert table(runs)[3].accuracy is None
