@@ -160,6 +160,25 @@ def test_rerun_with_other_settings_is_refused_unless_forced(inputs, real_tok, tm
     assert sh.read_marker(work, 0, plan["id"]) is None and sh.describe_work(work)["counts"] == {"pending": 2}
 
 
+def test_a_work_directory_llamajobs_did_not_make_is_left_alone(inputs, real_tok, tmp_path):
+    out = tmp_path / "s"
+    mine = sh.work_dir(out)
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    for force in (False, True):
+        with pytest.raises(SpecError, match=r"s.parts exists and holds no preparation of llamajobs .* left as it is"):
+            sp.open_work(config(inputs, real_tok, out, force=force), 2, prep.Encoder(real_tok))
+    assert (mine / "notes.txt").read_text() == "the user's"
+    (mine / "notes.txt").unlink()
+    (mine / sh.SHARDS_DIR).mkdir()  # what a start that stopped before its plan leaves: taken over
+    (mine / sh.PLAN).write_text("{ torn")
+    with pytest.raises(SpecError, match="holds no preparation"):  # a torn plan is not known to be ours
+        sp.open_work(config(inputs, real_tok, out), 2, prep.Encoder(real_tok))
+    (mine / sh.PLAN).unlink()
+    work, plan = sp.open_work(config(inputs, real_tok, out), 2, prep.Encoder(real_tok))
+    assert work == mine and plan["kind"] == sh.PLAN_KIND
+
+
 # --- the local cluster ---
 
 

@@ -109,7 +109,7 @@ def settings_of(config: prep.PrepareConfig, shards: int, inputs: Sequence[Path],
 
 def make_plan(config: prep.PrepareConfig, shards: int, encoder: prep.Encoder) -> dict[str, Any]:
     fmt = fmts.get_format(config.format)
-    inputs = prep.resolveplan_inputs(config.inputs)
+    inputs = prep.resolve_inputs(config.inputs)
     sizes = [p.stat().st_size for p in inputs]
     runs = split(sizes, [splittable(p, fmt) for p in inputs], shards, lambda i, offset: line_start(inputs[i], offset))
     if not runs:
@@ -132,9 +132,9 @@ def open_work(config: prep.PrepareConfig, shards: int, encoder: prep.Encoder) ->
     (else SpecError, or with --force a fresh start), or a new one."""
     work = work_dir(config.out)
     plan_path = work / PLAN
-    if plan_path.is_file():
-        plan = read_json(plan_path)
-        wanted = settings_of(config, shards, prep.resolveplan_inputs(config.inputs), encoder.fingerprint)
+    plan = maybe_json(plan_path)
+    if _ours(plan):
+        wanted = settings_of(config, shards, prep.resolve_inputs(config.inputs), encoder.fingerprint)
         differ = [k for k in wanted if plan["settings"].get(k) != wanted[k]]
         if not differ:
             return work, plan
@@ -142,12 +142,30 @@ def open_work(config: prep.PrepareConfig, shards: int, encoder: prep.Encoder) ->
             raise SpecError(f"{work} holds an unfinished preparation made with other {_differences(differ)}; "
                             f"rerun with its arguments to finish it (`llamajobs data inspect {config.out}` shows "
                             f"them), or pass --force to discard it and start over")
-    shutil.rmtree(work, ignore_errors=True)  # no plan: stopped before it was written; nothing to keep
+    elif not _only_a_start(work):
+        raise SpecError(f"{work} exists and holds no preparation of llamajobs (no plan.json of its own); it is left "
+                        f"as it is: move it away or choose another --out")
+    shutil.rmtree(work, ignore_errors=True)  # ours: discarded with --force, or a start stopped before its plan
     plan = make_plan(config, shards, encoder)
     for d in (work / SHARDS_DIR, work / WORK_DIR):
         d.mkdir(parents=True)
     write_json_atomic(plan_path, plan)
     return work, plan
+
+
+def _ours(plan: Any) -> bool:
+    return isinstance(plan, dict) and plan.get("kind") == PLAN_KIND and isinstance(plan.get("settings"), dict)
+
+
+def _only_a_start(work: Path) -> bool:
+    """Nothing there, or only what a start makes before its plan is in place: the empty folders and
+    the plan's temporary file."""
+    try:
+        entries = list(work.iterdir())
+    except FileNotFoundError:
+        return True
+    return all(e.name.startswith(f"{PLAN}.tmp-") and e.is_file()
+               or e.name in (SHARDS_DIR, WORK_DIR) and e.is_dir() and not any(e.iterdir()) for e in entries)
 
 
 def _differences(keys: list[str]) -> str:
