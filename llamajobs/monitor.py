@@ -11,7 +11,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -106,40 +106,63 @@ def _cached(data: dict[str, Any]) -> Row | None:
     return None if found.problem else found
 
 
+@dataclass(slots=True)
+class RunFiles:
+    """What a run dir holds for its status row, and what could not be read of it."""
+
+    spec: JobSpec | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: metrics.Metrics = field(default_factory=lambda: metrics.Metrics(rows=[]))
+    problems: list[str] = field(default_factory=list)
+
+
+def read_run_dir(job: Job) -> RunFiles:
+    """spec.json, the events and metrics.jsonl of a job; never raises: damage goes to `problems`."""
+    found = RunFiles(problems=[job.problem] if job.problem else [])
+
+    def damage(what: str, e: Exception) -> None:
+        found.problems.append(f"{what}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+
+    if not job.run_dir.is_dir():
+        found.problems.append(f"run dir {job.run_dir} is gone")
+        return found
+    if not os.access(job.run_dir, os.R_OK | os.X_OK):
+        found.problems.append(f"run dir {job.run_dir} is not readable by this user")
+        return found
+    try:
+        found.spec = JobSpec.load(job.run_dir / "spec.json")
+    except Exception as e:  # any damage: not JSON, wrong types, unreadable, or a rule it breaks now
+        damage("spec.json", e)
+    try:
+        log = events.history(job.run_dir)
+        found.history = log.events
+        if log.bad_lines:
+            found.problems.append(f"events: {_lines(log.bad_lines)}")
+    except OSError as e:
+        damage("events", e)
+    try:
+        found.metrics = metrics.read(job.run_dir)
+        if found.metrics.bad_lines:
+            found.problems.append(f"{metrics.METRICS_FILE}: {_lines(found.metrics.bad_lines)}")
+    except OSError as e:
+        damage(metrics.METRICS_FILE, e)
+    return found
+
+
+SPEC_FIELDS = ("nodes", "gpus_per_node", "procs_per_node", "size", "mode", "strategy")
+METRICS_FIELDS = ("step", "total_steps", "epoch", "loss", "tokens_per_s", "tokens_per_s_per_gpu", "mfu", "peak",
+                  "mem_gib")
+
+
 def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
     """One job's status: its cluster state (looked up unless given), its metrics, its ETA."""
     now = now or time.time()
     state = state or cluster.states([job])[job.id]
-    problems = [job.problem] if job.problem else []
-
-    def damage(what: str, e: Exception) -> None:
-        problems.append(f"{what}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
-
-    spec, history, found = None, [], metrics.Metrics(rows=[])
-    if not job.run_dir.is_dir():
-        problems.append(f"run dir {job.run_dir} is gone")
-    elif not os.access(job.run_dir, os.R_OK | os.X_OK):
-        problems.append(f"run dir {job.run_dir} is not readable by this user")
-    else:
-        try:
-            spec = JobSpec.load(job.run_dir / "spec.json")
-        except Exception as e:  # any damage: not JSON, wrong types, unreadable, or a rule it breaks now
-            damage("spec.json", e)
-        try:
-            log = events.history(job.run_dir)
-            history = log.events
-            if log.bad_lines:
-                problems.append(f"events: {_lines(log.bad_lines)}")
-        except OSError as e:
-            damage("events", e)
-        try:
-            found = metrics.read(job.run_dir)
-        except OSError as e:
-            damage(metrics.METRICS_FILE, e)
-    if found.bad_lines:
-        problems.append(f"{metrics.METRICS_FILE}: {_lines(found.bad_lines)}")
-    last = found.last
-    step_time = recent_step_time(found.rows)
+    files = read_run_dir(job)
+    spec, history, measured = files.spec, files.history, files.metrics.rows
+    evaluation = spec.evaluation if spec is not None else None  # an eval job: no metrics, an accuracy
+    last = files.metrics.last
+    step_time = recent_step_time(measured)
     age = now - last.time if last else None
     if state == "RUNNING" and age is not None and age > stall_threshold(step_time):
         state = "STALLED"
@@ -147,16 +170,10 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
     if state in ("RUNNING", "STALLED") and step_time and last:
         eta = max(0.0, (last.total_steps - last.step) * step_time - (age or 0.0))
     error = None
-    if state in ("FAILED", "OUT_OF_MEMORY"):
-        try:
-            first = forensics.first_error(job)
-        except OSError as e:
-            first = None
-            damage("logs", e)
-        if first is not None:
-            error = f"rank {first.rank} on {first.host}: {first.message} ({first.log})"
-            if forensics.is_out_of_memory(first):
-                state = "OUT_OF_MEMORY"
+    if state in ("FAILED", "OUT_OF_MEMORY") and (first := forensics.first_error(job)) is not None:
+        error = f"rank {first.rank} on {first.host}: {first.message} ({first.log})"
+        if forensics.is_out_of_memory(first):
+            state = "OUT_OF_MEMORY"
     saves = [e for e in history if e["event"] == "checkpointed"]
     started = next((e["time"] for e in history if e["event"] == "started"), None)
     ended = next((e["time"] for e in reversed(history) if e["event"] == "finished"), None)
@@ -164,24 +181,22 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         ended = now
     elif ended is None:
         ended = last.time if last else None
-    result = Row(
+    from_spec = dict.fromkeys(SPEC_FIELDS) if spec is None else {
+        "nodes": spec.nodes, "gpus_per_node": spec.gpus_per_node, "procs_per_node": spec.planned_procs_per_node,
+        "size": spec.size, "mode": spec.mode, "strategy": spec.strategy}
+    if evaluation is not None:  # what it scores
+        from_spec.update(size=Path(evaluation.model).name, mode="eval", strategy=evaluation.task)
+    return Row(
         id=job.id, name=job.name, cluster=job.cluster, cluster_job_id=job.cluster_job_id, state=state,
-        nodes=spec and spec.nodes, gpus_per_node=spec and spec.gpus_per_node,
-        procs_per_node=spec and spec.planned_procs_per_node, size=spec and spec.size, mode=spec and spec.mode,
-        strategy=spec and spec.strategy, step=last and last.step, total_steps=last and last.total_steps,
-        epoch=last and last.epoch, loss=last and last.loss, tokens_per_s=last and last.tokens_per_s,
-        tokens_per_s_per_gpu=last and last.tokens_per_s_per_gpu, mfu=last and last.mfu, peak=last and last.peak,
+        **from_spec, **{f: getattr(last, f) if last else None for f in METRICS_FIELDS},
         eta_s=eta, elapsed_s=(ended - started) if started and ended else None, last_metric_age_s=age,
         run_dir=str(job.run_dir), error=error,
-        data_wait_s=recent_median(found.rows, "data_wait_s"), data_wait_frac=recent_median(found.rows, "data_wait_frac"),
+        data_wait_s=recent_median(measured, "data_wait_s"), data_wait_frac=recent_median(measured, "data_wait_frac"),
         checkpoint_s=_number(saves[-1].get("seconds")) if saves else None, checkpoints=len(saves),
-        mem_gib=last and last.mem_gib,
+        kind="train" if evaluation is None else "eval",
+        accuracy=None if evaluation is None else _number((eval_result(job.run_dir) or {}).get("accuracy")),
+        problem="; ".join(files.problems) or None,
     )
-    if spec is not None and spec.evaluation is not None:  # no metrics: what it scores, and its accuracy
-        accuracy = (eval_result(job.run_dir) or {}).get("accuracy")
-        result = replace(result, kind="eval", size=Path(spec.evaluation.model).name, mode="eval",
-                         strategy=spec.evaluation.task, accuracy=_number(accuracy))
-    return replace(result, problem="; ".join(problems) or None)
 
 
 def _lines(n: int) -> str:
