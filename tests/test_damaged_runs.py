@@ -178,3 +178,32 @@ def test_a_row_of_an_eval_job_with_a_damaged_result(runs):
     assert row.kind == "eval" and row.accuracy is None and row.problem is None
     (run_dir(runs, 3) / "eval.json").write_text('{"accuracy": "high"}')
     assert table(runs)[3].accuracy is None
+
+
+def test_forensics_passes_over_damaged_logs(tmp_path):
+    """The first error is found among log folders and error files that are not what torchrun writes."""
+    from llamajobs import forensics
+
+    run = tmp_path / "1-job"
+    good = run / "logs" / "attempt-0" / "node-0" / "abc" / "attempt_0"
+    for rank, error in ((0, {"message": {"message": "RuntimeError: boom", "extraInfo": {"timestamp": "20"}}}),
+                        (1, {"message": ["not", "a", "dict"]})):
+        (good / str(rank)).mkdir(parents=True)
+        (good / str(rank) / "stderr.log").write_text("Traceback (most recent call last):\n")
+        (good / str(rank) / "error.json").write_text(json.dumps(error))
+    (run / "logs" / "attempt-x" / "node-y").mkdir(parents=True)  # not ours: passed over
+    (run / "logs" / "attempt-0" / "node-zz").mkdir()
+    (good / "local").mkdir()
+    (good / "local" / "stderr.log").write_text("")
+    (run / "logs" / "attempt-0" / "node-0" / "host").write_text("gpu007\n")
+    (run / "submitit").mkdir(parents=True)
+    (run / "submitit" / "5_0_log.err").write_text(
+        "Root Cause (first observed failure):\n[0]:\n  time      : 2026-13-45_99:99:99\n  host      : gpu007\n"
+        "  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 9638)\n  error_file: <N/A>\n")
+    job = Job(id=1, name="job", run_dir=run, cluster="local", cluster_job_id="5", submitted_at=0.0)
+    first = forensics.first_error(job)
+    assert (first.rank, first.host, first.message) == (0, "gpu007", "RuntimeError: boom")  # at second 20
+    (death,) = forensics.torchrun_deaths(job)  # its time is garbage: the log's mtime stands in
+    assert death.rank == 1 and "killed by SIGKILL" in death.message and death.time > 20
+    assert sorted(forensics.rank_logs(job)) == [0, 1]
+    assert forensics.traceback_log(job) == good / "0" / "stderr.log"
