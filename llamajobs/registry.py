@@ -148,8 +148,9 @@ def _open(path: Path) -> sqlite3.Connection:
         raise SpecError(f"cannot create the registry's cache folder {path.parent} ({e.strerror}); "
                         f"set XDG_CACHE_HOME to a writable local directory") from None
     for attempt in range(2):
-        db = sqlite3.connect(path, timeout=30)
+        db = None
         try:
+            db = sqlite3.connect(path, timeout=30)
             if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 with db:
                     for table in ("jobs", "meta", "finished"):
@@ -159,10 +160,12 @@ def _open(path: Path) -> sqlite3.Connection:
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return db
         except sqlite3.OperationalError as e:  # locked past the timeout, or the folder is not writable
-            db.close()
+            if db is not None:
+                db.close()
             raise SpecError(f"registry index {path}: {e}; set XDG_CACHE_HOME to a writable local directory") from None
         except sqlite3.DatabaseError:  # not a database, or malformed: a cache, so start it again
-            db.close()
+            if db is not None:
+                db.close()
             if attempt:
                 raise
             for suffix in ("", "-wal", "-shm", "-journal"):

@@ -280,3 +280,22 @@ def test_a_runs_directory_not_writable_is_one_clear_error():
         error = as_other_user(registry.claim_id, runs)
     assert isinstance(error, SpecError) and f"runs directory {runs} is not writable" in str(error)
     assert not (runs / registry.CLAIMS).exists()
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_clear_error():
+    with open_tmp() as tmp:
+        runs, cache = tmp / "runs", tmp / "cache"
+        _make_run(runs, 1)
+        cache.mkdir(mode=0o555)
+        cache.chmod(0o555)
+
+        def open_registry():
+            old = os.environ.get("XDG_CACHE_HOME")
+            os.environ["XDG_CACHE_HOME"] = str(cache)
+            try:
+                return Registry(runs).jobs()
+            finally:  # as_other_user runs this in our own process when we are not root
+                os.environ.pop("XDG_CACHE_HOME") if old is None else os.environ.update(XDG_CACHE_HOME=old)
+
+        error = as_other_user(open_registry)
+    assert isinstance(error, SpecError) and "XDG_CACHE_HOME" in str(error), error
