@@ -22,7 +22,7 @@ import submitit
 from llamajobs import cluster, events, registry, render
 from llamajobs.cluster import Allocation, SubmitError
 from llamajobs.cluster.local import exited
-from llamajobs.cluster.slurm import SlurmBackend
+from llamajobs.cluster.slurm import Partition, SlurmBackend
 from llamajobs.control import request_stop
 from llamajobs.errors import SpecError
 from llamajobs.registry import Job
@@ -91,12 +91,28 @@ class NodeLauncher(submitit.helpers.Checkpointable):
         return {"run_dir": self.run_dir, "stop_wait_s": self.stop_wait_s, "_process": None}
 
 
-def signal_delay_s(spec: JobSpec, write_bytes_per_s: float = 1e9) -> int:
-    """How long before the time limit SLURM signals: time to save a checkpoint, doubled, plus the
-    margin for the workers to reach a step boundary. A 7B full checkpoint (weights and Adam in
-    fp32, ~16 bytes/param = 108 GB) needs minutes, not submitit's default 90 s."""
+def save_seconds(spec: JobSpec, write_bytes_per_s: float = 1e9) -> float:
+    """A checkpoint's predicted save time: weights and Adam in fp32, ~16 bytes per trained parameter
+    (a 7B full checkpoint is ~108 GB: minutes, not seconds)."""
     trained = spec.shape.params if spec.mode == "full" else 0.02 * spec.shape.params
-    return int(max(120, 2 * 16 * trained / write_bytes_per_s + 2 * STOP_MARGIN_S))
+    return 16 * trained / write_bytes_per_s
+
+
+def signal_delay_s(spec: JobSpec) -> int:
+    """How long before the time limit SLURM signals: time to save a checkpoint, doubled, plus the
+    margin for the workers to reach a step boundary; never below submitit's default 90 s."""
+    return int(max(120, 2 * save_seconds(spec) + 2 * STOP_MARGIN_S))
+
+
+def grace_warning(spec: JobSpec, partition: Partition) -> str | None:
+    """Preemption sends SIGTERM, then SIGKILL after the partition's GraceTime: a warning when the
+    predicted save does not fit in between (the job then resumes from its last periodic checkpoint)."""
+    needed = save_seconds(spec) + STOP_MARGIN_S
+    if partition.preempt_mode.upper().startswith("OFF") or partition.grace_s >= needed:
+        return None
+    return (f"partition {partition.name} preempts with GraceTime {partition.grace_s} s, less than the ~{needed:.0f} s "
+            f"this job needs to save a checkpoint; a preempted run resumes from its last periodic checkpoint "
+            f"(--checkpoint-every-minutes sets how old that may be)")
 
 
 # When one node's launcher fails, srun ends the others' at once: a rank hung outside any collective

@@ -126,6 +126,7 @@ PARTITIONS = """PartitionName=debug
 PartitionName=gpu
    AllowGroups=ALL Default=YES QoS=N/A
    MaxNodes=UNLIMITED MaxTime=2-12:00:00 MinNodes=0
+   PreemptMode=REQUEUE GraceTime=60
 
 PartitionName=long
    AllowGroups=ALL Default=NO QoS=N/A
@@ -133,15 +134,31 @@ PartitionName=long
 """
 
 
-def test_partition_max_time():
-    assert slurm.parse_max_time(PARTITIONS, None) == (2 * 24 + 12) * 60  # the Default=YES block
+def max_time(text: str, partition: str | None) -> int:
+    return slurm.parse_partition(text, partition).max_minutes
+
+
+def test_partition_max_time_and_grace_time():
+    default = slurm.parse_partition(PARTITIONS, None)  # the Default=YES block
+    assert (default.name, default.max_minutes, default.grace_s) == ("gpu", (2 * 24 + 12) * 60, 60)
     one = PARTITIONS.split("\n\n")
-    assert slurm.parse_max_time(one[0], "debug") == 30
-    assert slurm.parse_max_time(one[2], "long") == 0
-    assert slurm.parse_max_time("PartitionName=x\n   MaxTime=INFINITE\n", "x") == 0
-    assert slurm.parse_max_time("PartitionName=x\n   MaxTime=1-00:00:00\n", "x") == 24 * 60
-    assert slurm.parse_max_time(one[0] + "\n\n" + one[2], None) == 30  # no default block: the first
-    assert slurm.parse_max_time("PartitionName=x\n   State=UP\n", "x") == 0  # no MaxTime: unlimited
+    assert max_time(one[0], "debug") == 30 and slurm.parse_partition(one[0], "debug").grace_s == 0
+    assert max_time(one[2], "long") == 0
+    assert max_time("PartitionName=x\n   MaxTime=INFINITE\n", "x") == 0
+    assert max_time("PartitionName=x\n   MaxTime=1-00:00:00\n", "x") == 24 * 60
+    assert max_time(one[0] + "\n\n" + one[2], None) == 30  # no default block: the first
+    assert max_time("PartitionName=x\n   State=UP\n", "x") == 0  # no MaxTime: unlimited
+    for bad in ("", "PartitionName=x MaxTime=soon", "PartitionName=x GraceTime=-1"):
+        with pytest.raises(ValueError):
+            slurm.parse_partition(bad, "x")
+
+
+def test_a_grace_time_too_short_for_the_checkpoint_is_a_warning():
+    big = spec.build({"size": "7b", "cluster": "slurm"})  # ~108 GB to save at 1 GB/s
+    requeue = slurm.parse_partition(PARTITIONS, None)  # PreemptMode=REQUEUE GraceTime=60
+    assert "GraceTime 60 s, less than the ~138 s" in submit.grace_warning(big, requeue)
+    assert submit.grace_warning(spec.build({"size": "tiny", "cluster": "slurm"}), requeue) is None
+    assert submit.grace_warning(big, slurm.parse_partition(PARTITIONS.split("\n\n")[0], "debug")) is None  # no preemption
 
 
 def test_time_limit_asks_scontrol_and_says_what_to_do_when_it_cannot(fake):

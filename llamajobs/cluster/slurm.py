@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pwd
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,15 +59,31 @@ def parse_states(sacct: str, squeue: str = "") -> dict[str, str]:
     return states
 
 
-def parse_max_time(text: str, partition: str | None) -> int:
-    """The MaxTime of `scontrol show partition [P]` in minutes (0: unlimited); without a partition,
-    the default one's (the block with Default=YES, else the first)."""
-    blocks = [b for b in text.split("\n\n") if b.strip()]
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """What submit needs of a partition: its time limit, and how long a preempted job has to save."""
+
+    name: str
+    max_minutes: int  # 0: unlimited
+    grace_s: int  # GraceTime: between preemption's SIGTERM and its SIGKILL
+    preempt_mode: str = "OFF"  # REQUEUE, CANCEL, SUSPEND, ... or OFF: no job here is preempted
+
+
+def parse_partition(text: str, partition: str | None) -> Partition:
+    """`scontrol show partition [P]`'s block of P, or without a name the default partition's (the
+    block with Default=YES, else the first). ValueError when it holds no partition or a bad value."""
+    blocks = [b.split() for b in text.split("\n\n") if b.strip()]
     if not blocks:
         raise ValueError("no partition in its output")
-    block = next((b for b in blocks if partition is None and "Default=YES" in b.split()), blocks[0])
-    limit = next((w.split("=", 1)[1] for w in block.split() if w.startswith("MaxTime=")), "UNLIMITED")
-    return 0 if limit in ("UNLIMITED", "INFINITE") else parse_slurm_time(limit)
+    words = next((b for b in blocks if partition is None and "Default=YES" in b), blocks[0])
+    fields = dict(w.split("=", 1) for w in words if "=" in w)
+    limit = fields.get("MaxTime", "UNLIMITED")
+    grace = fields.get("GraceTime", "0")
+    if not grace.isdigit():
+        raise ValueError(f"GraceTime={grace!r}")
+    return Partition(name=fields.get("PartitionName", partition or ""), grace_s=int(grace),
+                     preempt_mode=fields.get("PreemptMode", "OFF"),
+                     max_minutes=0 if limit in ("UNLIMITED", "INFINITE") else parse_slurm_time(limit))
 
 
 def available() -> bool:
@@ -132,16 +149,19 @@ class SlurmBackend(Backend):
             return set()
         return {job for job, _, state in (line.partition("|") for line in result.stdout.split()) if state in LIVE}
 
-    def time_limit(self, partition: str | None) -> int:
-        """The partition's MaxTime in minutes (0 when unlimited), for a job that names no --time."""
-        result = _run(["scontrol", "show", "partition"] + ([partition] if partition else []), timeout=30)
+    def partition(self, name: str | None) -> Partition:
+        """The named partition, or the default one; SubmitError when scontrol cannot tell."""
+        result = _run(["scontrol", "show", "partition"] + ([name] if name else []), timeout=30)
         try:
             if result.returncode != 0:
                 raise ValueError(result.stderr.strip() or f"exit code {result.returncode}")
-            return parse_max_time(result.stdout, partition)
+            return parse_partition(result.stdout, name)
         except ValueError as e:
-            raise SubmitError(f"cannot read the time limit of partition {partition or '(default)'}: {e}; "
-                              f"give --time") from None
+            raise SubmitError(f"cannot read partition {name or '(default)'}: {e}; give --time") from None
+
+    def time_limit(self, partition: str | None) -> int:
+        """The partition's MaxTime in minutes (0 when unlimited), for a job that names no --time."""
+        return self.partition(partition).max_minutes
 
     def test_only(self, script: Path) -> str:
         """`sbatch --test-only SCRIPT`: where and when the job would start, or why it would not."""
