@@ -98,6 +98,16 @@ def test_states_over_clusters_asks_each_once_and_knows_no_other(fake, tmp_path):
     assert cluster.states([]) == {}
 
 
+def test_a_job_whose_job_file_is_damaged_cannot_be_reached():
+    damaged = Job(id=4, name="x", run_dir=Path("/r/4-x"), cluster="", cluster_job_id="", submitted_at=0.0,
+                  problem="job.json: not JSON (Expecting value)")
+    with pytest.raises(Failure, match=r"job 4: job.json: not JSON .*; which cluster job it is cannot be told"):
+        cluster.of(damaged)
+    with pytest.raises(Failure, match="its cluster 'mars' is none of slurm, local, debug"):
+        cluster.of(job(5, "1", name="mars"))
+    assert cluster.of(job(6, "1")).name == "slurm"
+
+
 # --- SLURM: cancel, signals, limits, dry runs, detection ---
 
 

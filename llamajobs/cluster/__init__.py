@@ -9,6 +9,7 @@ few `_` hooks per backend the same way).
     Backend.signal_stop(job)               submitit's timeout signal to node 0's launcher: it
                                            checkpoints and the job is requeued
     Backend.reattach(job ids, folder)      an earlier command's jobs that still run, to wait on
+    of(job)                                a registered job's backend (Failure when job.json is damaged)
     states(jobs)                           the same over jobs of any cluster
     detect()                               slurm when a controller answers, else local
 """
@@ -20,10 +21,11 @@ from typing import Sequence
 from llamajobs.cluster.base import TERMINAL, UNKNOWN, Allocation, Backend, Handle, SubmitError, detached_stdio
 from llamajobs.cluster.local import LocalBackend
 from llamajobs.cluster.slurm import SlurmBackend, available
+from llamajobs.errors import Failure
 from llamajobs.registry import Job
 
 __all__ = ["TERMINAL", "UNKNOWN", "Allocation", "Backend", "Handle", "SubmitError", "backend", "detached_stdio",
-           "detect", "states"]
+           "detect", "of", "states"]
 NAMES = ("slurm", "local", "debug")
 
 
@@ -33,6 +35,15 @@ def backend(name: str) -> Backend:
     if name in ("local", "debug"):
         return LocalBackend(name)
     raise ValueError(f"cluster {name!r}; choose slurm, local or debug")
+
+
+def of(job: Job) -> Backend:
+    """The backend of a registered job (to cancel it, signal it); Failure when its job.json is too
+    damaged to tell which cluster job it is."""
+    if job.cluster not in NAMES or not job.cluster_job_id:
+        why = job.problem or f"its cluster {job.cluster!r} is none of {', '.join(NAMES)}"
+        raise Failure(f"job {job.id}: {why}; which cluster job it is cannot be told, so llamajobs cannot reach it")
+    return backend(job.cluster)
 
 
 def detect() -> str:
