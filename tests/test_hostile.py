@@ -66,7 +66,7 @@ def test_hostile_run_dir_and_interpreter_paths_stay_data(payload, tmp_path):
 
 
 def test_line_breaks_in_paths_are_refused(tmp_path):
-    with pytest.raises(SpecError, match="line break"):
+    with pytest.raises(SpecError, match="control character"):
         render.render(spec.build({}), Site(), tmp_path / "a\ntouch PWNED")
 
 
