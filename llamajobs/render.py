@@ -3,6 +3,7 @@ for the DeepSpeed strategies ds_config.json."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -25,6 +26,7 @@ def templates_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
 
 
+@functools.cache  # one environment: its templates are compiled once per process
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(templates_dir()),
