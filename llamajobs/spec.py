@@ -174,15 +174,26 @@ class JobSpec:
         return self.model_shape or catalog.SIZES[self.size]
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        return json.dumps(dataclasses.asdict(self), indent=2, allow_nan=False) + "\n"  # strict JSON: never NaN
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
-        return from_mapping(json.loads(text))
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"spec.json is not valid JSON ({e.msg}, line {e.lineno})") from None
+        except RecursionError:
+            raise SpecError("spec.json is nested too deeply to be a spec") from None
+        return from_mapping(values)
 
     @classmethod
     def load(cls, path: str | Path) -> JobSpec:
-        return cls.from_json(Path(path).read_text())
+        """spec.json, and no other file (OSError when it cannot be read; SpecError when it is no spec)."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SpecError(f"{path} is not UTF-8 text") from None
+        return cls.from_json(text)
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(JobSpec)}
