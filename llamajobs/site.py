@@ -64,9 +64,10 @@ def validate(site: Site) -> None:
         if (many and not isinstance(value, tuple)) or not all(isinstance(v, str) for v in items):
             what = "a list of strings" if many else "a string"
             raise SpecError(f"site profile: {name} {value!r} is not {what}")
-        if name != "setup":  # setup is shell by design: its lines may hold anything a script may
-            for item in items:
-                check_text(f"site profile: {name}", item)
+        for item in items:
+            # setup is shell by design, one line per item (indented with tabs if you like); every
+            # other value is data
+            check_text(f"site profile: {name}", item, allowed="\t" if name == "setup" else "")
     bad = [v for v in site.env if not _ENV_NAME.match(v)]
     if bad:
         raise SpecError(f"site profile: env lists names of variables to pass through; {bad[0]!r} is not one")

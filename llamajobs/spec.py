@@ -241,21 +241,23 @@ def parse_count(value: str | int, what: str = "--tokens") -> int:
     if isinstance(value, int):
         return value
     m = _COUNT.match(str(value).replace("_", "").replace(",", ""))
-    if not m:
+    count = float(m.group(1)) * _SCALE[m.group(2).lower()] if m else math.nan
+    if not math.isfinite(count):
         raise SpecError(f"{what} {value!r} is not a count; use e.g. 2.5B, 800M or 2500000000")
-    return int(round(float(m.group(1)) * _SCALE[m.group(2).lower()]))
+    return int(round(count))
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_text(what: str, value: str) -> None:
+def check_text(what: str, value: str, allowed: str = "") -> None:
     """The one rule for text that may reach a script (an #SBATCH line, launch.sh, a YAML key): no control
-    character at all. A newline would start a line the shell runs; a carriage return, tab, escape or
-    NUL has no business in a name or path either. Quoting is the renderer's job; this is the rest."""
+    character at all (but those `allowed`). A newline would start a line the shell runs; a carriage
+    return, tab, escape or NUL has no business in a name or path either. Quoting is the renderer's job;
+    this is the rest."""
     for c in value:
-        if unicodedata.category(c) == "Cc":
+        if unicodedata.category(c) == "Cc" and c not in allowed:
             raise SpecError(f"{what} {value!r} contains a control character ({c!r}); give it on one line, "
                             "without control characters")
 
@@ -312,7 +314,10 @@ def shape_from_mapping(values: Any) -> catalog.Shape:
         raise SpecError(f"model_shape {values!r} is not a mapping of a model's shape")
     unknown = [k for k in values if k not in SHAPE_FIELDS]
     if unknown:
-        raise SpecError(f"model_shape: unknown key {unknown[0]!r}; allowed: {', '.join(SHAPE_FIELDS)}")
+        raise SpecError(f"model_shape: unknown key {str(unknown[0])!r}; allowed: {', '.join(SHAPE_FIELDS)}")
+    missing = [name for name, f in SHAPE_FIELDS.items() if f.default is dataclasses.MISSING and name not in values]
+    if missing:
+        raise SpecError(f"model_shape: no {missing[0]!r}; a stored shape has {', '.join(SHAPE_FIELDS)}")
     return catalog.Shape(**values)
 
 
@@ -379,14 +384,14 @@ def eval_from_mapping(values: Any) -> EvalSpec:
 def read_model_shape(model_path: str | None, init_from: str | None) -> catalog.Shape | None:
     """The shape of the model a run starts from, read from its config.json: --init-from's when it
     holds a full model, else --model-path's; None for the named size. The one place a spec reads files."""
-    full_init = init_from if init_from and (Path(init_from) / "config.json").is_file() else None
-    path = full_init or model_path
-    if not path:
-        return None
     try:
-        return catalog.shape_for("", path)
+        full_init = init_from if init_from and (Path(init_from) / "config.json").is_file() else None
+        path = full_init or model_path
+        return catalog.shape_for("", path) if path else None
     except ValueError as e:
         raise SpecError(str(e)) from None
+    except OSError as e:  # a name too long, a directory that cannot be listed
+        raise SpecError(f"--model-path {model_path} / --init-from {init_from}: cannot be read ({e.strerror})") from None
 
 
 def with_model_shape(spec: JobSpec) -> JobSpec:
