@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llamajobs import estimate  # noqa: E402
-from llamajobs.catalog import GPUS, SIZES  # noqa: E402
+from llamajobs.catalog import GPUS  # noqa: E402
 from llamajobs.spec import JobSpec  # noqa: E402
 from llamajobs.worker import model as model_lib  # noqa: E402
 from llamajobs.worker import parallel, train  # noqa: E402
@@ -130,7 +130,7 @@ def plain_step(spec: JobSpec, device: torch.device) -> Callable[[], torch.Tensor
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
-    if spec.mode == "lora":
+    if spec.mode_info.adapters:
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(

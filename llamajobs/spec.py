@@ -321,8 +321,9 @@ def shape_from_mapping(values: Any) -> catalog.Shape:
     return catalog.Shape(**values)
 
 
-def _check_types(obj: Any, fields: Mapping[str, dataclasses.Field]) -> None:
-    """Each field holds its annotated type (a spec built in code skips _coerce): SpecError naming it."""
+def _check_types(obj: Any, fields: Mapping[str, dataclasses.Field], prefix: str = "") -> None:
+    """Each field holds its annotated type (a spec built in code skips _coerce): SpecError naming it
+    as its flag (or, with a prefix, as the key of spec.json's model_shape)."""
     for name, field in fields.items():
         value, kind = getattr(obj, name), str(field.type)
         if value is None and "None" in kind:
@@ -337,13 +338,14 @@ def _check_types(obj: Any, fields: Mapping[str, dataclasses.Field]) -> None:
             "catalog.Shape": isinstance(value, catalog.Shape),
             "EvalSpec": isinstance(value, EvalSpec),
         }.get(base, True)
+        label = prefix + name if prefix else _flag(name)
         if not ok:
-            raise SpecError(f"{_flag(name)} {value!r} is not a valid {base}")
+            raise SpecError(f"{label} {value!r} is not a valid {base}")
         if base == "float" and not math.isfinite(value):
-            raise SpecError(f"{_flag(name)} {value!r} is not a finite number")
+            raise SpecError(f"{label} {value!r} is not a finite number")
         for item in value if isinstance(value, tuple) else (value,):
             if isinstance(item, str):
-                check_text(_flag(name), item)
+                check_text(label, item)
 
 
 def normalise_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -433,11 +435,11 @@ def _choice(spec: JobSpec, name: str, allowed: tuple[str, ...] | list[str]) -> N
         raise SpecError(f"{_flag(name)} {value!r} is not allowed; choose one of {', '.join(allowed)}")
 
 
-def _positive(spec: JobSpec | catalog.Shape, *names: str, what: str = "") -> None:
+def _positive(spec: JobSpec, *names: str) -> None:
     for name in names:
         value = getattr(spec, name)
         if value is not None and value <= 0:
-            raise SpecError(f"{what}{_flag(name)} {value} must be positive")
+            raise SpecError(f"{_flag(name)} {value} must be positive")
 
 
 def validate_eval(options: EvalSpec) -> None:
@@ -457,9 +459,11 @@ def validate_eval(options: EvalSpec) -> None:
 
 
 def validate_shape(shape: catalog.Shape) -> None:
-    _check_types(shape, SHAPE_FIELDS)
-    _positive(shape, "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len", "norm_eps",
-              "rope_theta", what="model_shape ")
+    _check_types(shape, SHAPE_FIELDS, prefix="model_shape.")
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len", "norm_eps",
+                 "rope_theta"):
+        if getattr(shape, name) <= 0:
+            raise SpecError(f"model_shape.{name} {getattr(shape, name)} must be positive")
     if shape.dim % shape.n_heads or shape.n_heads % shape.n_kv_heads:
         raise SpecError(f"model_shape: hidden size {shape.dim}, {shape.n_heads} heads and {shape.n_kv_heads} kv "
                         "heads do not divide; not a LLaMA shape")

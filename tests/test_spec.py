@@ -117,7 +117,7 @@ def test_a_spec_json_of_the_previous_version_loads_without_reading_the_model(tmp
 def test_a_stored_shape_is_checked_like_any_field():
     stored = json.loads(JobSpec().to_json())
     stored["model_shape"] = {**dataclasses.asdict(catalog.SIZES["tiny"]), "dim": "64"}
-    with pytest.raises(SpecError, match="--dim '64' is not a valid int"):
+    with pytest.raises(SpecError, match="model_shape.dim '64' is not a valid int"):
         spec.from_mapping(stored)
     stored["model_shape"] = {**dataclasses.asdict(catalog.SIZES["tiny"]), "n_heads": 3}
     with pytest.raises(SpecError, match="do not divide"):
