@@ -14,7 +14,8 @@ import jinja2
 
 from llamajobs import __version__, catalog
 from llamajobs.site import Site
-from llamajobs.spec import JobSpec, check_text
+from llamajobs.spec import JobSpec
+from llamajobs.values import check_text
 
 RENDERED = ("spec.json", "launch.sh", "job.sbatch")
 DS_CONFIG = "ds_config.json"  # ds-* strategies only

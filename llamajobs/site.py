@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from llamajobs.spec import SpecError, check_text
+from llamajobs.errors import SpecError
+from llamajobs.values import check_text
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
