@@ -187,3 +187,20 @@ def test_eval_spec_values_are_checked_too():
         spec.build({"evaluation": {"model": "/m\n", "task": "medqa", "data": "/d"}})
     with pytest.raises(SpecError, match="--data \\['a'\\] is not a valid str"):
         spec.build({"evaluation": {"model": "/m", "task": "medqa", "data": ["a"]}})
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe{}", "config.json is not UTF-8 text"),
+    (b"[1, 2]", "config.json holds a list, not an object"),
+    (b'{"model_type": "llama", "num_attention_heads": 4, "hidden_size": "64"}',
+     "config.json's 'hidden_size' is '64'; expected a positive int"),
+    (b'{"model_type": "llama", "num_attention_heads": 4, "hidden_size": 64}', "config.json has no 'num_hidden_layers'"),
+    (b'{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, '
+     b'"intermediate_size": 172, "vocab_size": 512, "rms_norm_eps": NaN}', "'rms_norm_eps' is nan"),
+    (b'{"model_type": ["llama"]}', "model_type is \\['llama'\\]; expected 'llama'"),
+])
+def test_a_damaged_config_json_is_one_line(tmp_path, content, message):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(SpecError, match=message) as e:
+        spec.build({"model_path": str(tmp_path)})
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"--model-path {tmp_path}")
