@@ -20,17 +20,26 @@ from llamajobs.spec import FIELDS, JobSpec
 from llamajobs.worker.parallel import Dist
 from llamajobs.worker.train import check_node, check_supported
 
-AXES = {
+# Where it runs: the flags that decide processes, devices and the launch.
+PLACEMENT = {
     "strategy": catalog.STRATEGIES,
     "mode": catalog.MODES,
     "compile": (False, True),
-    "merge": (False, True),
     "procs_per_node": (None, 1, 2),
     "launcher": catalog.LAUNCHERS,
     "device": ("auto", "cpu", "cuda"),
     "cluster": ("local", "slurm"),
     "gpus_per_node": (1, 8),
-    "lora_targets": (("q_proj", "v_proj"), ()),
+    "nodes": (1, 2),
+}
+# What trains: the flags that belong to a mode.
+MODE_FLAGS = {
+    "strategy": catalog.STRATEGIES,
+    "mode": catalog.MODES,
+    "merge": (False, True),
+    "lora_targets": ("q_proj,v_proj", ""),
+    "lora_r": (8, 16),
+    "num_virtual_tokens": (32, 4),
 }
 
 
@@ -65,12 +74,13 @@ def worker_refuses(spec: JobSpec) -> str | None:
     return None
 
 
-def test_validation_and_the_worker_agree_on_every_combination():
+@pytest.mark.parametrize("axes", [PLACEMENT, MODE_FLAGS], ids=["placement", "mode flags"])
+def test_validation_and_the_worker_agree_on_every_combination(axes):
     accepted = refused = 0
-    for combination in itertools.product(*AXES.values()):
-        values = dict(zip(AXES, combination))
+    for combination in itertools.product(*axes.values()):
+        values = dict(zip(axes, combination))
         try:
-            spec = JobSpec(**values)
+            spec = spec_mod.build(values)  # what render, submit and estimate build from the same flags
         except SpecError as e:
             message = str(e)
             assert "\n" not in message and message.startswith("--"), (values, message)
