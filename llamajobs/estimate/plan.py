@@ -64,7 +64,7 @@ class Plan:
                    global_batch=spec.global_batch, micro_batch=spec.micro_batch,
                    recompute=spec.activation_checkpointing, compile=spec.compile, lora_r=spec.lora_r,
                    lora_targets=tuple(spec.lora_targets), num_virtual_tokens=spec.num_virtual_tokens,
-                   cpus_per_node=spec.cpus_per_node, weights_from_disk=bool(spec.model_path or spec.init_from),
+                   cpus_per_node=spec.cpus_per_node, weights_from_disk=bool(spec.model_path),
                    tokens_per_epoch=spec.tokens_per_epoch)
         return dataclasses.replace(plan, **changes)
 
