@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from llamajobs import estimate as est
+from llamajobs import metrics
 from llamajobs.catalog import GPUS, SIZES, STRATEGIES, STRATEGY, Shape
 from llamajobs.metrics import MetricsRow
 from llamajobs.spec import JobSpec
@@ -32,6 +33,18 @@ def test_llama_7b_parameters_by_hand():
     assert SIZES["7b"].layer_params == layer == 202_383_360
     # 32 layers, embedding and head 2·32000·4096, final norm 4096: LLaMA-7B's "6.7B"
     assert SIZES["7b"].params == 32 * layer + 2 * 32000 * 4096 + 4096 == 6_738_415_616
+
+
+def test_the_plan_takes_every_value_from_a_jobspec():
+    """Defaults live only in the JobSpec: a Plan has none of its own, and from_spec copies the spec's."""
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               for f in dataclasses.fields(est.Plan))
+    spec = JobSpec(size="7b", mode="lora", cluster="slurm", seq_len=1024, global_batch=64, micro_batch=2,
+                   lora_r=16, activation_checkpointing=True, cpus_per_node=12)
+    plan = est.Plan.from_spec(spec)
+    assert (plan.shape, plan.mode, plan.seq_len, plan.global_batch, plan.micro_batch, plan.lora_r, plan.recompute,
+            plan.cpu_cores) == (SIZES["7b"], "lora", 1024, 64, 2, 16, True, 12)
+    assert BASE.procs == 8 and est.Plan.from_spec(JobSpec(strategy="pp")).procs == 1
 
 
 def test_flops_per_token_by_hand():
@@ -304,6 +317,14 @@ def test_measured_hours_leave_out_warmup_and_checkpoints():
     assert result["remaining_s"] == pytest.approx(80 * 2.0 * (1 + 30 / (sum(steps) - 30)), rel=1e-6)
     assert result["mfu"] == pytest.approx(0.1)  # measured MFU scaled to the steady throughput
     assert result["source"] == "measured"
+
+
+def test_measured_hours_read_the_rows_the_worker_writes(tmp_path):
+    rows = _rows([9.0, 5.0, 3.0, 2.0, 2.0] + [2.0] * 10)
+    (tmp_path / metrics.METRICS_FILE).write_text("".join(row.to_json() + "\n" for row in rows) + '{"step": 1')
+    read = metrics.read(tmp_path, tail_bytes=None)
+    assert read.rows == rows and read.bad_lines == 1  # (a torn last line is no row)
+    assert est.hours_from_metrics(read.rows) == est.hours_from_metrics(rows)
 
 
 def test_measured_hours_restart_warmup_after_a_resume():
