@@ -371,6 +371,8 @@ def build(flags: Mapping[str, Any], config: Mapping[str, Any] | None = None,
     for name in ("model_path", "init_from"):  # refused here, before a file is read
         if isinstance(merged.get(name), str):
             check_text(_flag(name), merged[name])
+    if "model_shape" in merged:
+        raise SpecError("model_shape is not a setting: it is read from the config.json of --model-path or --init-from")
     merged["model_shape"] = read_model_shape(merged.get("model_path"), merged.get("init_from"))
     return JobSpec(**merged)
 

@@ -114,6 +114,11 @@ def test_a_spec_json_of_the_previous_version_loads_without_reading_the_model(tmp
     assert loaded.model_shape is None and loaded.shape == catalog.SIZES["tiny"]
 
 
+def test_the_shape_is_read_not_given():
+    with pytest.raises(SpecError, match="model_shape is not a setting"):
+        spec.build({}, config={"model_shape": dataclasses.asdict(catalog.SIZES["7b"])})
+
+
 def test_a_stored_shape_is_checked_like_any_field():
     stored = json.loads(JobSpec().to_json())
     stored["model_shape"] = {**dataclasses.asdict(catalog.SIZES["tiny"]), "dim": "64"}
