@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llamajobs import estimate  # noqa: E402
-from llamajobs.catalog import GPUS, SIZES  # noqa: E402
+from llamajobs.catalog import GPUS  # noqa: E402
 from llamajobs.spec import JobSpec  # noqa: E402
 from llamajobs.worker import model as model_lib  # noqa: E402
 from llamajobs.worker import parallel, train  # noqa: E402
@@ -101,7 +101,7 @@ def randomize(model: torch.nn.Module) -> None:
 
 
 def worker_step(spec: JobSpec, env: parallel.Dist) -> Callable[[], torch.Tensor]:
-    strategy = parallel.for_spec(spec, env)
+    strategy = train.build_strategy(spec, env)
     model = strategy.build_model(model_lib.model_config(spec), load_weights=False)
     randomize(model)
     optimizer, scheduler = train.build_optimizer(model, spec, env.device, total=10**6)  # ~ the plain loop's fixed lr
@@ -130,7 +130,7 @@ def plain_step(spec: JobSpec, device: torch.device) -> Callable[[], torch.Tensor
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
-    if spec.mode == "lora":
+    if spec.mode_info.adapters:
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(
@@ -236,8 +236,7 @@ def fill_micro_batch(case: Case, device: torch.device, compile: bool) -> int | N
     gpu = catalog_gpu(device)
     if gpu is None:
         return None
-    plan = estimate.Plan(shape=SIZES[case.size], mode=case.mode, nodes=1, gpus_per_node=1, seq_len=case.seq_len,
-                         global_batch=64, micro_batch=1, compile=compile)
+    plan = estimate.Plan.from_spec(case.spec("cuda", compile, micro_batch=1), gpus_per_node=1, global_batch=64)
     return estimate.largest_fitting_micro_batch(plan, gpu)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class Shape:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
+    family: str = "llama"  # config.json's model_type
 
     @property
     def head_dim(self) -> int:
@@ -100,20 +102,31 @@ SIZES: dict[str, Shape] = {
 
 
 def shape_from_hf_config(config: dict, name: str) -> Shape:
-    """The shape of an HF LLaMA checkpoint, read from its config.json keys."""
-    n_heads = config["num_attention_heads"]
+    """The shape of an HF LLaMA checkpoint, read from its config.json keys; ValueError naming a key that
+    is missing or of the wrong type."""
+    def number(key: str, default: float | None = None, kind: type = int) -> float:
+        value = config.get(key, default)
+        if value is None and default is None:
+            raise ValueError(f"config.json has no {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (kind is int and value != int(value)) or value <= 0:
+            raise ValueError(f"config.json's {key!r} is {value!r}; expected a positive {kind.__name__}")
+        return kind(value)
+
+    n_heads = number("num_attention_heads")
     return Shape(
         name=name,
-        dim=config["hidden_size"],
-        n_layers=config["num_hidden_layers"],
+        dim=number("hidden_size"),
+        n_layers=number("num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads,
-        ffn_dim=config["intermediate_size"],
-        vocab_size=config["vocab_size"],
-        max_seq_len=config.get("max_position_embeddings", 2048),
-        norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=config.get("rope_theta", 10000.0),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        n_kv_heads=number("num_key_value_heads") if config.get("num_key_value_heads") else n_heads,
+        ffn_dim=number("intermediate_size"),
+        vocab_size=number("vocab_size"),
+        max_seq_len=number("max_position_embeddings", 2048),
+        norm_eps=number("rms_norm_eps", 1e-6, float),
+        rope_theta=number("rope_theta", 10000.0, float),
+        tie_embeddings=config.get("tie_word_embeddings") is True,
+        family=str(config.get("model_type") or "llama"),
     )
 
 
@@ -124,9 +137,15 @@ def read_hf_config(model_path: str | Path) -> dict:
     if not config_file.is_file():
         raise ValueError(f"--model-path {path}: no config.json there; expected a Hugging Face LLaMA directory")
     try:
-        config = json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"--model-path {path}: config.json cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--model-path {path}: config.json is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"--model-path {path}: config.json is not valid JSON ({e.msg})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--model-path {path}: config.json holds a {type(config).__name__}, not an object")
     if config.get("model_type") != "llama":
         raise ValueError(f"--model-path {path}: model_type is {config.get('model_type')!r}; expected 'llama'")
     return config
@@ -135,7 +154,11 @@ def read_hf_config(model_path: str | Path) -> dict:
 def shape_for(size: str, model_path: str | None = None) -> Shape:
     """The shape a run trains: read from the checkpoint when there is one, else the named size."""
     if model_path:
-        return shape_from_hf_config(read_hf_config(model_path), name=Path(model_path).name)
+        try:
+            return shape_from_hf_config(read_hf_config(model_path), name=Path(model_path).name)
+        except ValueError as e:
+            message = str(e)
+            raise ValueError(message if message.startswith("--") else f"--model-path {model_path}: {message}") from None
     if size not in SIZES:
         raise ValueError(f"--size {size!r} is not known; choose one of {', '.join(SIZES)}")
     return SIZES[size]
@@ -229,12 +252,14 @@ class ModeInfo:
     frozen_base: bool  # the base weights get no gradient (about 4N FLOPs per token, not 6N)
     adapters: bool = False  # LoRA: the --lora-* flags apply, --merge can fold them in
     virtual_tokens: bool = False  # the prompt methods: --num-virtual-tokens applies
+    # Prefix tuning: trained keys and values in every layer (not only embeddings before the input).
+    layer_prefix: bool = False
 
 
 MODE: dict[str, ModeInfo] = {m.name: m for m in (
     ModeInfo(name="full", frozen_base=False),
     ModeInfo(name="lora", frozen_base=True, adapters=True),
-    ModeInfo(name="prefix", frozen_base=True, virtual_tokens=True),
+    ModeInfo(name="prefix", frozen_base=True, virtual_tokens=True, layer_prefix=True),
     ModeInfo(name="ptuning", frozen_base=True, virtual_tokens=True),
     ModeInfo(name="prompt", frozen_base=True, virtual_tokens=True),
 )}

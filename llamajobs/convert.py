@@ -24,6 +24,7 @@ The output is written into OUT.tmp-PID and renamed to OUT when complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -107,18 +108,39 @@ def find_tokenizer(input_dir: Path, tokenizer: str | Path | None) -> Path:
     raise SpecError(f"--input-dir {input_dir}: no tokenizer.model there or in its parent; pass --tokenizer FILE")
 
 
+# params.json's numbers and their types (vocab_size -1 means "from the tokenizer" in LLaMA-1's files).
+PARAM_TYPES: dict[str, type | tuple[type, ...]] = {
+    "dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int, "multiple_of": int, "vocab_size": int,
+    "max_seq_len": int, "ffn_dim_multiplier": (int, float), "norm_eps": (int, float), "rope_theta": (int, float),
+}
+
+
 def read_params(input_dir: Path) -> dict:
     path = input_dir / "params.json"
     if not path.is_file():
         raise SpecError(f"--input-dir {input_dir}: no params.json there; expected Meta's checkpoint directory")
     try:
-        params = json.loads(path.read_text())
+        params = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SpecError(f"{path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not UTF-8 text; expected Meta's params.json") from None
     except json.JSONDecodeError as e:
         raise SpecError(f"{path}: not valid JSON ({e.msg})") from None
+    if not isinstance(params, dict):
+        raise SpecError(f"{path}: holds a {type(params).__name__}, not an object; expected Meta's params.json")
     missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
     if missing:
         raise SpecError(f"{path}: missing {', '.join(missing)}; expected Meta's params.json "
                         f"(dim, n_layers, n_heads, norm_eps, multiple_of, vocab_size)")
+    for key, kind in PARAM_TYPES.items():
+        value = params.get(key)
+        if value is None and key not in ("dim", "n_layers", "n_heads"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) \
+                or (value <= 0 and key != "vocab_size"):
+            what = "a positive whole number" if kind is int else "a positive number"
+            raise SpecError(f"{path}: {key} is {value!r}; expected {what}")
     if params.get("use_scaled_rope"):
         raise SpecError(f"{path}: use_scaled_rope (LLaMA-3.1 rope scaling) is not supported by this converter")
     return params
@@ -139,6 +161,9 @@ def inspect(input_dir: str | Path, tokenizer: str | Path | None = None, max_seq_
     """Check the directory and open its shards (mmap: no weights read yet); the shape comes from
     params.json, cross-checked against the tensors' shapes."""
     input_dir = Path(input_dir)
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                    or max_seq_len < 1):
+        raise SpecError(f"--max-seq-len {max_seq_len!r} must be a positive number of tokens")
     if not input_dir.is_dir():
         raise SpecError(f"--input-dir {input_dir}: not a directory")
     params = read_params(input_dir)

@@ -3,6 +3,7 @@ for the DeepSpeed strategies ds_config.json."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -12,9 +13,9 @@ from pathlib import Path
 import jinja2
 
 from llamajobs import __version__, catalog
-from llamajobs.errors import SpecError
 from llamajobs.site import Site
 from llamajobs.spec import JobSpec
+from llamajobs.values import check_text
 
 RENDERED = ("spec.json", "launch.sh", "job.sbatch")
 DS_CONFIG = "ds_config.json"  # ds-* strategies only
@@ -26,6 +27,7 @@ def templates_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "templates"
 
 
+@functools.cache  # one environment: its templates are compiled once per process
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(templates_dir()),
@@ -34,9 +36,11 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    # Every value that reaches a shell goes through this filter: a path with a space or a quote in
-    # a job name must not become shell syntax.
+    # Every value that reaches a shell goes through one of these filters: a path with a space or a
+    # quote in a job name must not become shell syntax. `shell` keeps the value literal; `expand` (the
+    # site's cache_dir only) double-quotes it so that its $VARIABLES expand on the node and nothing else.
     env.filters["shell"] = lambda value: shlex.quote(str(value))
+    env.filters["expand"] = lambda value: '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
     return env
 
 
@@ -58,20 +62,21 @@ def ds_config(spec: JobSpec, *, world_size: int | None = None, cuda: bool | None
     (the launch counts the GPUs there; --device auto decides bf16 or fp32 there). Buckets are sized
     from the hidden size d as Hugging Face's "auto" sizes them: d^2 elements per reduce (and ZeRO-2
     all-gather) bucket, 0.9 d^2 per ZeRO-3 prefetch, parameters under 10 d elements kept whole."""
-    if spec.strategy not in catalog.DEEPSPEED_STRATEGIES:
+    info = spec.strategy_info
+    if not info.deepspeed:
         raise ValueError(f"--strategy {spec.strategy} is not a DeepSpeed strategy "
                          f"({', '.join(sorted(catalog.DEEPSPEED_STRATEGIES))})")
     world_size = spec.world_size if world_size is None else world_size
     if cuda is None:  # the plan: GPUs on SLURM unless --device cpu; the CPU elsewhere
-        cuda = spec.device == "cuda" or (spec.device == "auto" and spec.cluster == "slurm")
+        cuda = spec.plans_gpus
     accum, rest = divmod(spec.global_batch, spec.micro_batch * world_size)
     if rest or not accum:
         raise ValueError(f"--global-batch {spec.global_batch} is not a multiple of --micro-batch {spec.micro_batch} x "
                          f"world size {world_size}; change --global-batch or --micro-batch")
     d = spec.shape.dim
     context = {
-        "spec": spec, "accum": accum, "cuda": cuda, "stage": 3 if spec.strategy.startswith("ds-zero3") else 2,
-        "offload_optimizer": spec.strategy.endswith("-offload"), "offload_param": spec.strategy == "ds-zero3-offload",
+        "spec": spec, "accum": accum, "cuda": cuda, "stage": info.zero_stage,
+        "offload_optimizer": info.offload_optimizer, "offload_param": info.offload_params,
         "reduce_bucket": d * d, "prefetch_bucket": int(0.9 * d * d), "persistence_threshold": 10 * d,
     }
     return json.loads(_environment().get_template(DS_CONFIG + ".j2").render(context))
@@ -80,16 +85,15 @@ def ds_config(spec: JobSpec, *, world_size: int | None = None, cuda: bool | None
 def render(spec: JobSpec, site: Site, out_dir: str | Path, run_dir: str | None = None) -> list[Path]:
     """Write the rendered files into out_dir; `run_dir` is where they will live when it differs."""
     out = Path(out_dir)
-    for what, value in (("run dir", run_dir or str(out.absolute())), ("site python", site.python or "")):
-        if any(c in value for c in "\n\r\0"):
-            raise SpecError(f"{what} {value!r} contains a line break or NUL; scripts cannot carry it safely")
+    check_text("run dir", run_dir or str(out.absolute()))  # (the spec and the site checked their own values)
     out.mkdir(parents=True, exist_ok=True)
     context = {
         "spec": spec,
         "site": site,
         "run_dir": run_dir or str(out.absolute()),
         "python": site.python or sys.executable,
-        "container": site.container + " " if site.container else "",
+        # The container command as words, each quoted: data, whatever its paths hold.
+        "container": "".join(shlex.quote(word) + " " for word in shlex.split(site.container or "")),
         "version": __version__,
         "sbatch_options": sbatch_options(spec),
         # What the job runs is the spec's to say: training, or an eval (`llamajobs eval --cluster`).
@@ -97,7 +101,7 @@ def render(spec: JobSpec, site: Site, out_dir: str | Path, run_dir: str | None =
     }
     env = _environment()
     written = []
-    for name in RENDERED + ((DS_CONFIG,) if spec.strategy in catalog.DEEPSPEED_STRATEGIES else ()):
+    for name in RENDERED + ((DS_CONFIG,) if spec.strategy_info.deepspeed else ()):
         if name == DS_CONFIG:
             text = json.dumps(ds_config(spec), indent=2) + "\n"
         else:

@@ -2,24 +2,31 @@
 
 It holds site keys (setup lines, env, GPU request syntax, NCCL interface, interpreter) and, at the
 top level beside them, defaults for any JobSpec key (partition, account, time, ...).
+
+Every value here reaches a shell script. `setup` is the one key that is shell by design (its lines
+run as written, first, on every node); every other value passes `spec.check_text` (no control
+characters) and is quoted where it is rendered, so it stays data.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
+import shlex
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from llamajobs.spec import SpecError
+from llamajobs.errors import SpecError
+from llamajobs.values import check_text
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Site:
-    # Shell lines run first on every node: module loads, venv/conda activation.
+    # Shell lines run first on every node, as written: module loads, venv/conda activation. The one
+    # raw-shell key of the profile.
     setup: tuple[str, ...] = ()
     # Environment variables passed through by name (WANDB_API_KEY, HF_TOKEN): values stay out of scripts.
     env: tuple[str, ...] = ()
@@ -29,16 +36,55 @@ class Site:
     socket_ifname: str | None = None
     # Interpreter on the nodes; by default the one running llamajobs (a venv on the shared disk).
     python: str | None = None
-    # A command the worker runs inside: "apptainer exec --nv /images/torch.sif".
+    # A command the worker runs inside: "apptainer exec --nv /images/torch.sif" (split into words as the
+    # shell would, each word quoted).
     container: str | None = None
     # Extra srun arguments of the node tasks, e.g. pyxis' --container-image=...
     srun_args: tuple[str, ...] = ()
-    # Node-local disk for compiled extensions and Triton caches (shell syntax, expanded on the node).
-    cache_dir: str = "${TMPDIR:-/tmp}/llamajobs-$(id -un)"
+    # Node-local disk for compiled extensions and Triton caches. Expanded on the node inside double
+    # quotes: $VARIABLES and ${VAR:-default} work; command substitution belongs in `setup`.
+    cache_dir: str = "${TMPDIR:-/tmp}/llamajobs-$UID"
     runs_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        validate(self)
 
-SITE_KEYS = {f.name for f in fields(Site)}
+
+SITE_KEYS = {f.name: f for f in fields(Site)}
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def validate(site: Site) -> None:
+    """Types, then the one rule for text that reaches a script; SpecError naming the key."""
+    for name, field in SITE_KEYS.items():
+        value = getattr(site, name)
+        many = str(field.type).startswith("tuple")
+        if value is None and "None" in str(field.type):
+            continue
+        items = value if many and isinstance(value, tuple) else (value,)
+        if (many and not isinstance(value, tuple)) or not all(isinstance(v, str) for v in items):
+            what = "a list of strings" if many else "a string"
+            raise SpecError(f"site profile: {name} {value!r} is not {what}")
+        for item in items:
+            # setup is shell by design, one line per item (indented with tabs if you like); every
+            # other value is data
+            check_text(f"site profile: {name}", item, allowed="\t" if name == "setup" else "")
+    bad = [v for v in site.env if not _ENV_NAME.match(v)]
+    if bad:
+        raise SpecError(f"site profile: env lists names of variables to pass through; {bad[0]!r} is not one")
+    try:
+        site.gres.format(gpus=1)
+    except (KeyError, IndexError, ValueError):
+        raise SpecError(f"site profile: gres {site.gres!r} is malformed; give e.g. gpu:{{gpus}} or gpu:a100:{{gpus}}, "
+                        "with {gpus} the only placeholder") from None
+    if site.container is not None:
+        try:
+            shlex.split(site.container)
+        except ValueError as e:
+            raise SpecError(f"site profile: container {site.container!r} cannot be split into words ({e})") from None
+    if "$(" in site.cache_dir or "`" in site.cache_dir:
+        raise SpecError(f"site profile: cache_dir {site.cache_dir!r} runs a command; only $VARIABLES expand there "
+                        "(put commands in setup)")
 
 
 def home() -> Path:
@@ -51,30 +97,51 @@ def runs_dir(site: Site, flag: str | None = None) -> Path:
     return Path(os.path.expandvars(chosen)).expanduser().absolute() if chosen else home().absolute() / "runs"
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, except that sexagesimal-looking values (1:00:00, 90:00) stay strings:
+    YAML 1.1 reads an unquoted `time: 1:00:00` as the integer 3600, which SLURM would take as minutes."""
+
+
+_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+_Loader.yaml_implicit_resolvers = {first: list(resolvers)
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "+-0123456789":
+    _Loader.yaml_implicit_resolvers.setdefault(_first, []).insert(0, ("tag:yaml.org,2002:str", _SEXAGESIMAL))
+
+
 def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    """A YAML mapping (site.yaml, a run YAML); SpecError in one line for anything else."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
     except OSError as e:
         raise SpecError(f"{what} {path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{what} {path}: not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{what} {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise SpecError(f"{what} {path}: nested too deeply") from None
     if not isinstance(data, dict):
         raise SpecError(f"{what} {path}: expected a mapping of keys to values")
-    return data
+    return {str(key): value for key, value in data.items()}
 
 
-def load(path: Path | None = None) -> tuple[Site, dict[str, Any]]:
+def from_mapping(data: dict[str, Any], where: str = "site profile") -> tuple[Site, dict[str, Any]]:
     """The profile's site settings and its JobSpec defaults (validated later, with the other sources)."""
-    path = path or home() / "site.yaml"
-    if not path.exists():
-        return Site(), {}
-    data = read_yaml(path, "site profile")
     site_values = {k.replace("-", "_"): v for k, v in data.items() if k.replace("-", "_") in SITE_KEYS}
     spec_defaults = {k: v for k, v in data.items() if k.replace("-", "_") not in SITE_KEYS}
     for key in ("setup", "env", "srun_args"):
         value = site_values.get(key) or ()
-        site_values[key] = tuple(str(v) for v in ([value] if isinstance(value, str) else value))
-    bad = [name for name in site_values["env"] if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name)]
-    if bad:
-        raise SpecError(f"site profile {path}: env lists names of variables to pass through; {bad[0]!r} is not one")
-    return Site(**site_values), spec_defaults
+        site_values[key] = tuple(value) if isinstance(value, list) else (value,) if isinstance(value, str) else value
+    try:
+        return Site(**site_values), spec_defaults
+    except SpecError as e:
+        raise SpecError(str(e).replace("site profile", where, 1)) from None
+
+
+def load(path: Path | None = None) -> tuple[Site, dict[str, Any]]:
+    """$LLAMAJOBS_HOME/site.yaml (or `path`): the site settings and the JobSpec defaults it holds."""
+    path = path or home() / "site.yaml"
+    if not path.exists():
+        return Site(), {}
+    return from_mapping(read_yaml(path, "site profile"), f"site profile {path}")

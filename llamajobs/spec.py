@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Mapping
 
 from llamajobs import catalog
 from llamajobs.errors import SpecError
+from llamajobs.values import check_text, flag as _flag, parse_count, parse_slurm_time
 
 
 # Cores asked per worker process when --cpus-per-node is not given (SLURM's default is one per task).
@@ -39,6 +41,7 @@ class EvalSpec:
     max_new_tokens: int = 16
 
     def __post_init__(self) -> None:
+        _check_types(self, EVAL_FIELDS)
         validate_eval(self)
 
 
@@ -55,6 +58,10 @@ class JobSpec:
     num_virtual_tokens: int = 32
     model_path: str | None = None
     init_from: str | None = None  # a run's final/ (the CLI resolves a JOB id to its directory)
+    # The shape of --init-from's full model, else of --model-path's, read from its config.json when the
+    # spec is built (`build`, `with_model_shape`) and stored here, so that reading spec.json later
+    # never touches the model (it may have moved). None: the named --size.
+    model_shape: catalog.Shape | None = None
     merge: bool = False  # LoRA: also write a merged full model into final/merged
     # data and schedule
     data: str | None = None
@@ -110,9 +117,23 @@ class JobSpec:
     evaluation: EvalSpec | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self, FIELDS)
         validate(self)
 
     # --- derived values (never stored twice) ---
+
+    @property
+    def strategy_info(self) -> catalog.StrategyInfo:
+        return catalog.STRATEGY[self.strategy]
+
+    @property
+    def mode_info(self) -> catalog.ModeInfo:
+        return catalog.MODE[self.mode]
+
+    @property
+    def plans_gpus(self) -> bool:
+        """Whether the run is planned on GPUs: --device cuda, or auto on SLURM (the node decides auto)."""
+        return self.device == "cuda" or (self.device == "auto" and self.cluster == "slurm")
 
     @property
     def kind(self) -> str:
@@ -129,7 +150,7 @@ class JobSpec:
         """Processes per node as far as the login node can tell; the worker checks the real count."""
         if self.procs_per_node:
             return self.procs_per_node
-        if self.strategy == "pp":
+        if self.strategy_info.one_process_per_node:
             return 1
         return 2 if self.cluster != "slurm" or self.device == "cpu" else self.gpus_per_node
 
@@ -148,26 +169,37 @@ class JobSpec:
 
     @property
     def shape(self) -> catalog.Shape:
-        """What trains: a full model given by --init-from, else --model-path, else the named size."""
-        init_model = self.init_from if self.init_from and (Path(self.init_from) / "config.json").exists() else None
-        return catalog.shape_for(self.size, init_model or self.model_path)
+        """What trains: the model's shape stored when the spec was built, else the named size (a spec.json
+        of an earlier version has none stored; its shape is never read from the model's files here)."""
+        return self.model_shape or catalog.SIZES[self.size]
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        return json.dumps(dataclasses.asdict(self), indent=2, allow_nan=False) + "\n"  # strict JSON: never NaN
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
-        return from_mapping(json.loads(text))
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"spec.json is not valid JSON ({e.msg}, line {e.lineno})") from None
+        except RecursionError:
+            raise SpecError("spec.json is nested too deeply to be a spec") from None
+        return from_mapping(values)
 
     @classmethod
     def load(cls, path: str | Path) -> JobSpec:
-        return cls.from_json(Path(path).read_text())
+        """spec.json, and no other file (OSError when it cannot be read; SpecError when it is no spec)."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SpecError(f"{path} is not UTF-8 text") from None
+        return cls.from_json(text)
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(JobSpec)}
 EVAL_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(EvalSpec)}
+SHAPE_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(catalog.Shape)}
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
-PROMPT_MODES = ("prefix", "ptuning", "prompt")  # the peft modes that train virtual tokens
 
 
 def default(name: str) -> Any:
@@ -176,76 +208,90 @@ def default(name: str) -> Any:
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _WANDB = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # [ENTITY/]PROJECT
-_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-
-
-def parse_slurm_time(value: str) -> int:
-    """SLURM's time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) to whole minutes."""
-    m = _TIME.match(value.strip())
-    if not m:
-        raise SpecError(f"--time {value!r} is malformed; use HH:MM:SS, MM, D-HH or D-HH:MM:SS")
-    days, a, b, c = m.groups()
-    parts = [int(x) for x in (a, b, c) if x is not None]
-    if days is not None:  # D-HH[:MM[:SS]]
-        hours, minutes, seconds = (parts + [0, 0])[:3]
-        total_s = int(days) * 86400 + hours * 3600 + minutes * 60 + seconds
-    elif len(parts) == 3:
-        total_s = parts[0] * 3600 + parts[1] * 60 + parts[2]
-    elif len(parts) == 2:  # MM:SS
-        total_s = parts[0] * 60 + parts[1]
-    else:
-        total_s = parts[0] * 60
-    if (days is None and len(parts) == 3 and (parts[1] > 59 or parts[2] > 59)) or total_s <= 0:
-        raise SpecError(f"--time {value!r} is malformed; use HH:MM:SS, MM, D-HH or D-HH:MM:SS")
-    return max(1, -(-total_s // 60))
-
-
-_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)\s*$")
-_SCALE = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
-
-
-def parse_count(value: str | int, what: str = "--tokens") -> int:
-    """'2.5B', '800M', '2500000000' -> an integer count."""
-    if isinstance(value, int):
-        return value
-    m = _COUNT.match(str(value).replace("_", "").replace(",", ""))
-    if not m:
-        raise SpecError(f"{what} {value!r} is not a count; use e.g. 2.5B, 800M or 2500000000")
-    return int(round(float(m.group(1)) * _SCALE[m.group(2).lower()]))
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def _kind(field: dataclasses.Field) -> str:
+    return str(field.type).split(" |")[0]
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """A value from YAML, JSON or a flag, as the field's type."""
+    """A value from YAML, JSON or a flag, as the field's type; SpecError naming the flag when it is not one.
+    Lists, mappings and bytes never become a string or a number by accident."""
     if value is None:
         return None
     if name == "evaluation":
         return value if isinstance(value, EvalSpec) else eval_from_mapping(value)
-    kind = FIELDS[name].type
+    if name == "model_shape":
+        return value if isinstance(value, catalog.Shape) else shape_from_mapping(value)
+    kind = _kind(FIELDS[name])
+    bad = SpecError(f"{_flag(name)} {value!r} is not a valid {kind.replace('tuple[str, ...]', 'list of names')}")
+    scalar = isinstance(value, (str, int, float)) and not isinstance(value, bool)
     try:
         if kind.startswith("tuple"):
             items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(
+                    isinstance(v, (str, int)) and not isinstance(v, bool) for v in items):
+                raise bad
             return tuple(str(v).strip() for v in items if str(v).strip())
-        if kind.startswith("bool"):
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if kind.startswith("int"):
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise bad
+        if not scalar:
+            raise bad
+        if kind == "int":
             if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
+                raise bad
             return parse_count(value, _flag(name)) if name == "tokens_per_epoch" else int(value)
-        if kind.startswith("float"):
+        if kind == "float":
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
-        raise SpecError(f"{_flag(name)} {value!r} is not a valid {kind.split(' ')[0]}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise bad from None
+
+
+def shape_from_mapping(values: Any) -> catalog.Shape:
+    """A stored model shape (spec.json's model_shape), every field checked for its type."""
+    if not isinstance(values, Mapping):
+        raise SpecError(f"model_shape {values!r} is not a mapping of a model's shape")
+    unknown = [k for k in values if k not in SHAPE_FIELDS]
+    if unknown:
+        raise SpecError(f"model_shape: unknown key {str(unknown[0])!r}; allowed: {', '.join(SHAPE_FIELDS)}")
+    missing = [name for name, f in SHAPE_FIELDS.items() if f.default is dataclasses.MISSING and name not in values]
+    if missing:
+        raise SpecError(f"model_shape: no {missing[0]!r}; a stored shape has {', '.join(SHAPE_FIELDS)}")
+    return catalog.Shape(**values)
+
+
+def _check_types(obj: Any, fields: Mapping[str, dataclasses.Field], prefix: str = "") -> None:
+    """Each field holds its annotated type (a spec built in code skips _coerce): SpecError naming it
+    as its flag (or, with a prefix, as the key of spec.json's model_shape)."""
+    for name, field in fields.items():
+        value, kind = getattr(obj, name), str(field.type)
+        if value is None and "None" in kind:
+            continue
+        base = _kind(field)
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+            "tuple[str, ...]": isinstance(value, tuple) and all(isinstance(v, str) for v in value),
+            "catalog.Shape": isinstance(value, catalog.Shape),
+            "EvalSpec": isinstance(value, EvalSpec),
+        }.get(base, True)
+        label = prefix + name if prefix else _flag(name)
+        if not ok:
+            raise SpecError(f"{label} {value!r} is not a valid {base}")
+        if base == "float" and not math.isfinite(value):
+            raise SpecError(f"{label} {value!r} is not a finite number")
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, str):
+                check_text(label, item)
 
 
 def normalise_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -254,12 +300,16 @@ def normalise_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in FIELDS:
-            raise SpecError(f"{source}: unknown key {key!r}; allowed: {', '.join(k.replace('_', '-') for k in FIELDS)}")
+            raise SpecError(f"{source}: unknown key {str(key)!r}; allowed: "
+                            f"{', '.join(k.replace('_', '-') for k in FIELDS)}")
         out[name] = _coerce(name, value)
     return out
 
 
 def from_mapping(values: Mapping[str, Any]) -> JobSpec:
+    """A JobSpec from spec.json's mapping: no file is read (the model's shape is stored in it)."""
+    if not isinstance(values, Mapping):
+        raise SpecError(f"spec: expected a mapping of keys to values, not {type(values).__name__}")
     return JobSpec(**normalise_keys(values, "spec"))
 
 
@@ -271,7 +321,7 @@ def eval_from_mapping(values: Any) -> EvalSpec:
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in EVAL_FIELDS:
-            raise SpecError(f"evaluation: unknown key {key!r}; allowed: {', '.join(EVAL_FIELDS)}")
+            raise SpecError(f"evaluation: unknown key {str(key)!r}; allowed: {', '.join(EVAL_FIELDS)}")
         fields[name] = value
     missing = [name for name in ("model", "task", "data") if fields.get(name) is None]
     if missing:
@@ -279,9 +329,28 @@ def eval_from_mapping(values: Any) -> EvalSpec:
     return EvalSpec(**fields)
 
 
+def read_model_shape(model_path: str | None, init_from: str | None) -> catalog.Shape | None:
+    """The shape of the model a run starts from, read from its config.json: --init-from's when it
+    holds a full model, else --model-path's; None for the named size. The one place a spec reads files."""
+    try:
+        full_init = init_from if init_from and (Path(init_from) / "config.json").is_file() else None
+        path = full_init or model_path
+        return catalog.shape_for("", path) if path else None
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    except OSError as e:  # a name too long, a directory that cannot be listed
+        raise SpecError(f"--model-path {model_path} / --init-from {init_from}: cannot be read ({e.strerror})") from None
+
+
+def with_model_shape(spec: JobSpec) -> JobSpec:
+    """The spec with its model's shape read again (after --init-from was resolved to a directory)."""
+    return dataclasses.replace(spec, model_shape=read_model_shape(spec.model_path, spec.init_from))
+
+
 def build(flags: Mapping[str, Any], config: Mapping[str, Any] | None = None,
           site: Mapping[str, Any] | None = None) -> JobSpec:
-    """Merge the sources (explicit flags win over the run YAML, which wins over the site profile).
+    """Merge the sources (explicit flags win over the run YAML, which wins over the site profile) and
+    store the shape of the model the run starts from.
 
     `flags` holds only what the user typed: click's defaults must not shadow the lower sources.
     """
@@ -289,13 +358,22 @@ def build(flags: Mapping[str, Any], config: Mapping[str, Any] | None = None,
     for source, values in (("site profile", site or {}), ("--config", config or {}), ("flags", flags)):
         merged.update(normalise_keys(values, source))
     mode = merged.get("mode", default("mode"))
-    if mode != "lora":
+    info = catalog.MODE.get(mode)
+    # These two rules need to know what was given, which a JobSpec (holding defaults) cannot tell.
+    if info is not None and not info.adapters:
         given = [k for k in LORA_FIELDS if k in merged and merged[k] != default(k)]
         if given:
             raise SpecError(f"{_flag(given[0])} needs --mode lora (mode is {mode!r})")
-    if mode not in PROMPT_MODES and merged.get("num_virtual_tokens", default("num_virtual_tokens")) != default(
-            "num_virtual_tokens"):
-        raise SpecError(f"--num-virtual-tokens needs --mode prefix, ptuning or prompt (mode is {mode!r})")
+    if info is not None and not info.virtual_tokens and merged.get(
+            "num_virtual_tokens", default("num_virtual_tokens")) != default("num_virtual_tokens"):
+        raise SpecError(f"--num-virtual-tokens needs --mode {', '.join(catalog.PROMPT_MODES[:-1])} or "
+                        f"{catalog.PROMPT_MODES[-1]} (mode is {mode!r})")
+    for name in ("model_path", "init_from"):  # refused here, before a file is read
+        if isinstance(merged.get(name), str):
+            check_text(_flag(name), merged[name])
+    if "model_shape" in merged:
+        raise SpecError("model_shape is not a setting: it is read from the config.json of --model-path or --init-from")
+    merged["model_shape"] = read_model_shape(merged.get("model_path"), merged.get("init_from"))
     return JobSpec(**merged)
 
 
@@ -312,21 +390,7 @@ def _positive(spec: JobSpec, *names: str) -> None:
             raise SpecError(f"{_flag(name)} {value} must be positive")
 
 
-def _single_line(spec: JobSpec) -> None:
-    """No value may carry a line break or NUL: values land in #SBATCH lines (submitit's and ours),
-    and a newline there would start a line the shell runs."""
-    for name in FIELDS:
-        value = getattr(spec, name)
-        for item in value if isinstance(value, tuple) else (value,):
-            if isinstance(item, str) and any(c in item for c in "\n\r\0"):
-                raise SpecError(f"{_flag(name)} {item!r} contains a line break or NUL; give it on one line")
-
-
 def validate_eval(options: EvalSpec) -> None:
-    for name in ("shots", "batch_size", "max_new_tokens", "limit"):
-        value = getattr(options, name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise SpecError(f"{_flag(name)} {value!r} is not a valid int")
     if options.task not in catalog.TASKS:
         raise SpecError(f"--task {options.task!r} is not known; choose one of {', '.join(catalog.TASKS)}")
     if options.score not in catalog.SCORES:
@@ -342,14 +406,28 @@ def validate_eval(options: EvalSpec) -> None:
             raise SpecError(f"{_flag(name)} {value}: must be at least 1")
 
 
+def validate_shape(shape: catalog.Shape) -> None:
+    _check_types(shape, SHAPE_FIELDS, prefix="model_shape.")
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len", "norm_eps",
+                 "rope_theta"):
+        if getattr(shape, name) <= 0:
+            raise SpecError(f"model_shape.{name} {getattr(shape, name)} must be positive")
+    if shape.dim % shape.n_heads or shape.n_heads % shape.n_kv_heads:
+        raise SpecError(f"model_shape: hidden size {shape.dim}, {shape.n_heads} heads and {shape.n_kv_heads} kv "
+                        "heads do not divide; not a LLaMA shape")
+
+
 def validate(spec: JobSpec) -> None:
-    _single_line(spec)
+    """Every rule on the spec's values, the worker's included: what passes here the worker runs (it
+    checks only what the node alone can tell: the GPUs and processes it finds, the files it reads)."""
     _choice(spec, "strategy", catalog.STRATEGIES)
     _choice(spec, "mode", catalog.MODES)
     _choice(spec, "cluster", catalog.CLUSTERS)
     _choice(spec, "launcher", catalog.LAUNCHERS)
     _choice(spec, "device", ("auto", "cuda", "cpu"))
-    if spec.model_path is None and spec.size not in catalog.SIZES:
+    if spec.model_shape is not None:
+        validate_shape(spec.model_shape)
+    elif spec.size not in catalog.SIZES:
         raise SpecError(f"--size {spec.size!r} is not known; choose one of {', '.join(catalog.SIZES)}")
     if not re.match(r"^\d+[KMGT]?$", spec.mem_per_node):
         raise SpecError(f"--mem-per-node {spec.mem_per_node!r} is malformed; use SLURM's syntax: 0 (all), 500G, 64000")
@@ -370,27 +448,44 @@ def validate(spec: JobSpec) -> None:
         raise SpecError(f"--warmup-ratio {spec.warmup_ratio} must be in [0, 1)")
     if spec.weight_decay < 0:
         raise SpecError(f"--weight-decay {spec.weight_decay} must be 0 or more")
-    if spec.mode == "lora" and not spec.lora_targets:
-        raise SpecError("--lora-targets is empty; name modules such as q_proj,v_proj")
-    if spec.cluster != "slurm" and spec.nodes > 1:
-        raise SpecError(f"--nodes {spec.nodes}: the {spec.cluster} cluster has one node; use --cluster slurm")
-    if spec.hold and spec.cluster != "slurm":
-        raise SpecError(f"--hold needs --cluster slurm (cluster is {spec.cluster!r})")
-    if spec.launcher == "deepspeed" and spec.strategy not in catalog.DEEPSPEED_STRATEGIES:
-        raise SpecError(f"--launcher deepspeed needs a ds-* strategy (strategy is {spec.strategy!r})")
-    if spec.procs_per_node and spec.cluster == "slurm" and spec.device != "cpu" \
-            and spec.procs_per_node > spec.gpus_per_node:
-        raise SpecError(f"--procs-per-node {spec.procs_per_node} exceeds --gpus-per-node {spec.gpus_per_node}")
+    if spec.grad_clip < 0:
+        raise SpecError(f"--grad-clip {spec.grad_clip} must be 0 (no clipping) or more")
+    _validate_combinations(spec)
     if spec.time is not None:
         parse_slurm_time(spec.time)
-    try:
-        shape = spec.shape
-    except ValueError as e:
-        raise SpecError(str(e)) from None
-    if spec.seq_len > shape.max_seq_len:
-        raise SpecError(f"--seq-len {spec.seq_len} exceeds the model's maximum {shape.max_seq_len}")
+    if spec.seq_len > spec.shape.max_seq_len:
+        raise SpecError(f"--seq-len {spec.seq_len} exceeds the model's maximum {spec.shape.max_seq_len}")
     per_step = spec.micro_batch * spec.world_size
     if spec.evaluation is None and spec.global_batch % per_step:  # an eval job has no batch schedule
         raise SpecError(
             f"--global-batch {spec.global_batch} is not divisible by micro-batch {spec.micro_batch} x "
             f"world size {spec.world_size} = {per_step}; use a multiple of {per_step}")
+
+
+def _validate_combinations(spec: JobSpec) -> None:
+    """The rules between flags (strategy x mode x where it runs), from the catalog's facts."""
+    strategy, mode = spec.strategy_info, spec.mode_info
+    if mode.adapters and not spec.lora_targets:
+        raise SpecError("--lora-targets is empty; name modules such as q_proj,v_proj")
+    if spec.merge and not mode.adapters:
+        raise SpecError(f"--merge folds LoRA adapters into the base; --mode {spec.mode} has none: leave --merge out")
+    if spec.compile and not strategy.compiles:
+        names = [s.name for s in catalog.STRATEGY.values() if s.compiles]
+        compiling = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        raise SpecError(f"--compile is implemented for {compiling}; leave it out with --strategy {spec.strategy}")
+    if strategy.one_process_per_node and spec.procs_per_node not in (None, 1):
+        raise SpecError(f"--strategy {spec.strategy} runs one process per node (it drives all the node's GPUs); "
+                        f"leave --procs-per-node out")
+    if strategy.one_process_per_node and mode.layer_prefix and spec.plans_gpus and spec.gpus_per_node > 1:
+        raise SpecError(f"--mode {spec.mode} with --strategy {spec.strategy} on {spec.gpus_per_node} GPUs: the "
+                        "prefix's keys and values would have to follow each layer to its GPU; use --strategy fsdp, "
+                        "--gpus-per-node 1 or --device cpu")
+    if spec.cluster != "slurm" and spec.nodes > 1:
+        raise SpecError(f"--nodes {spec.nodes}: the {spec.cluster} cluster has one node; use --cluster slurm")
+    if spec.hold and spec.cluster != "slurm":
+        raise SpecError(f"--hold needs --cluster slurm (cluster is {spec.cluster!r})")
+    if spec.launcher == "deepspeed" and not strategy.deepspeed:
+        raise SpecError(f"--launcher deepspeed needs a ds-* strategy (strategy is {spec.strategy!r})")
+    if spec.procs_per_node and spec.cluster == "slurm" and spec.device != "cpu" \
+            and spec.procs_per_node > spec.gpus_per_node:
+        raise SpecError(f"--procs-per-node {spec.procs_per_node} exceeds --gpus-per-node {spec.gpus_per_node}")

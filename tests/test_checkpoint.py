@@ -413,7 +413,7 @@ def accumulation_check(tokenizer_dir: Path) -> dict:
     micro-batches of 2 and as 2 ranks x 1 micro-batch of 4, on the sample papers cut to 10..100
     tokens (seq 64: many rows padded), through the worker's own model, optimizer and loop."""
     from llamajobs.worker import parallel
-    from llamajobs.worker.train import build_optimizer, train_loop
+    from llamajobs.worker.train import build_optimizer, build_strategy, train_loop
 
     lengths = np.random.default_rng(0).integers(10, 100, size=80)
     docs = [doc[:n] for doc, n in zip(tokenize_documents(read_texts(), load_tokenizer(tokenizer_dir)), lengths)]
@@ -423,7 +423,7 @@ def accumulation_check(tokenizer_dir: Path) -> dict:
         spec = JobSpec(**{**BASE, "micro_batch": micro_batch, "max_steps": 4})
         sampler = WindowSampler(docs, seq_len=64, global_batch=8, micro_batch=micro_batch, rank=env.rank,
                                 world_size=env.world_size, seed=0, pad_id=2)
-        model = parallel.for_spec(spec, env).build_model(model_lib.model_config(spec), load_weights=True)
+        model = build_strategy(spec, env).build_model(model_lib.model_config(spec), load_weights=True)
         optimizer, scheduler = build_optimizer(model, spec, env.device, total=4)
         losses: list[float] = []
         metrics = SimpleNamespace(start_clock=lambda step: None,

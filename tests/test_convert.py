@@ -194,6 +194,12 @@ def test_plan_files_groups_consecutive_units():
     ("ok", ["--size", "7b"], "--size 7b: the checkpoint is not that size: dim 64 (catalog 4096)"),
     ("ok", ["--size", "8b"], "--size '8b' is not known"),
     ("out-exists", [], "exists and is not an empty directory"),
+    ("ok", ["--max-seq-len", "-1"], "--max-seq-len -1 must be a positive number of tokens"),
+    ("ok", ["--max-seq-len", "0"], "--max-seq-len 0 must be a positive number of tokens"),
+    ("params-bytes", [], "params.json: not UTF-8 text"),
+    ("params-list", [], "params.json: holds a list, not an object"),
+    ("params-dim-string", [], "params.json: dim is '64'; expected a positive whole number"),
+    ("params-eps-nan", [], "params.json: norm_eps is nan; expected a positive number"),
 ])
 def test_bad_input_dirs(cli, tmp_path, setup, args, message):
     meta = tmp_path / "meta" / "tiny"
@@ -208,6 +214,14 @@ def test_bad_input_dirs(cli, tmp_path, setup, args, message):
         (meta / "consolidated.01.pth").rename(meta / "consolidated.02.pth")
     elif setup == "no-tokenizer":
         (meta.parent / "tokenizer.model").unlink()
+    elif setup == "params-bytes":
+        (meta / "params.json").write_bytes(b'{"dim": 64, "n_layers": 2, "n_heads": 4, "x": "\xff\xfe"}')
+    elif setup == "params-list":
+        (meta / "params.json").write_text("[1, 2]")
+    elif setup == "params-dim-string":
+        (meta / "params.json").write_text(json.dumps({**LLAMA1, "dim": "64"}))
+    elif setup == "params-eps-nan":
+        (meta / "params.json").write_text(json.dumps({**LLAMA1, "norm_eps": float("nan")}))
     elif setup == "out-exists":
         out.mkdir()
         (out / "x").write_text("x")

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llamajobs import events, render
+from llamajobs import catalog, events, render
 from llamajobs.catalog import SIZES, TINY_VOCAB
 from llamajobs.data.sampler import IGNORE_INDEX
 from llamajobs.data.tokenizer import load_tokenizer
@@ -58,7 +58,7 @@ from llamajobs.spec import JobSpec
 from llamajobs.worker import checkpoint, parallel
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.parallel import Dist
-from llamajobs.worker.train import check_supported, parse_run_dir
+from llamajobs.worker.train import build_strategy, check_node, check_supported, parse_run_dir
 from tests.conftest import REPO, assert_exit_0, assert_same_tensors, metrics_rows, torchrun
 
 TORCHRUN_TIMEOUT_S = 600  # (a first offload launch compiles CPU Adam)
@@ -121,10 +121,19 @@ def test_render_writes_ds_config_only_for_deepspeed_strategies(tmp_path: Path) -
 # --- refusals, the launcher's argument, the layer split ---
 
 
-def test_every_strategy_and_mode_is_accepted() -> None:
-    for strategy in parallel.SUPPORTED_STRATEGIES:
-        for mode in model_lib.SUPPORTED_MODES:
-            check_supported(JobSpec(strategy=strategy, mode=mode))
+def test_every_strategy_and_mode_starts_on_a_cpu_node() -> None:
+    """Each strategy x mode pair the spec accepts on the local cluster passes the worker's start-up
+    checks in the environment the launch would give it; and on a CPU node the spec accepts them all."""
+    started = set()
+    for strategy in catalog.STRATEGIES:
+        for mode in catalog.MODES:
+            spec = JobSpec(strategy=strategy, mode=mode)
+            check_supported(spec)
+            env = Dist(rank=0, local_rank=0, world_size=spec.world_size, local_world_size=spec.planned_procs_per_node,
+                       device=torch.device("cpu"))
+            check_node(spec, env, devices_per_process=1)
+            started.add((strategy, mode))
+    assert started == {(s, m) for s in catalog.STRATEGIES for m in catalog.MODES}
 
 
 @pytest.mark.parametrize("args, named", [
@@ -501,7 +510,7 @@ def zero_gradient_check(strategy_name: str, mode: str) -> dict:
 
     grads = {}
     for name in (strategy_name, "fsdp"):
-        strategy = parallel.for_spec(dataclasses.replace(spec, strategy=name), env)
+        strategy = build_strategy(dataclasses.replace(spec, strategy=name), env)
         model = strategy.build_model(config, load_weights=True)
         if mode == "lora":  # lora_B starts at 0, which would leave lora_A's gradient 0: make it checkable
             _fill_lora_b(model, zero3=name == "ds-zero3")

@@ -10,10 +10,18 @@ from pathlib import Path
 import pytest
 
 from llamajobs import estimate as est
-from llamajobs.catalog import GPUS, SIZES, STRATEGIES
+from llamajobs import metrics
+from llamajobs.catalog import GPUS, SIZES, STRATEGIES, STRATEGY, Shape
+from llamajobs.metrics import MetricsRow
+from llamajobs.spec import JobSpec
 
 A100_80, A100_40, H200 = GPUS["a100-80g"], GPUS["a100-40g"], GPUS["h200"]
 README = Path(__file__).resolve().parent.parent / "README.md"
+BASE = est.Plan.from_spec(JobSpec(cluster="slurm"))  # the JobSpec's defaults, on a cluster's GPUs
+
+
+def make_plan(**changes) -> est.Plan:
+    return dataclasses.replace(BASE, **changes)
 
 
 # --- cases worked by hand ---
@@ -25,6 +33,18 @@ def test_llama_7b_parameters_by_hand():
     assert SIZES["7b"].layer_params == layer == 202_383_360
     # 32 layers, embedding and head 2·32000·4096, final norm 4096: LLaMA-7B's "6.7B"
     assert SIZES["7b"].params == 32 * layer + 2 * 32000 * 4096 + 4096 == 6_738_415_616
+
+
+def test_the_plan_takes_every_value_from_a_jobspec():
+    """Defaults live only in the JobSpec: a Plan has none of its own, and from_spec copies the spec's."""
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               for f in dataclasses.fields(est.Plan))
+    spec = JobSpec(size="7b", mode="lora", cluster="slurm", seq_len=1024, global_batch=64, micro_batch=2,
+                   lora_r=16, activation_checkpointing=True, cpus_per_node=12)
+    plan = est.Plan.from_spec(spec)
+    assert (plan.shape, plan.mode, plan.seq_len, plan.global_batch, plan.micro_batch, plan.lora_r, plan.recompute,
+            plan.cpu_cores) == (SIZES["7b"], "lora", 1024, 64, 2, 16, True, 12)
+    assert BASE.procs == 8 and est.Plan.from_spec(JobSpec(strategy="pp")).procs == 1
 
 
 def test_flops_per_token_by_hand():
@@ -39,7 +59,7 @@ def test_flops_per_token_by_hand():
 
 
 def test_zero3_bytes_per_gpu_on_8_gpus_by_hand():
-    plan = est.Plan(shape=SIZES["7b"], strategy="ds-zero3", gpus_per_node=8, global_batch=32, micro_batch=4)
+    plan = make_plan(shape=SIZES["7b"], strategy="ds-zero3", gpus_per_node=8, global_batch=32, micro_batch=4)
     largest = 32000 * 4096  # the embedding (and the head): DeepSpeed's "largest layer"
     deepspeed_part = 4 * largest + 18 * 6_738_415_616 / 8
     assert deepspeed_part == 15_685_723_136  # 14.6 GiB
@@ -55,7 +75,7 @@ def test_deepspeed_estimators_agree():
     n, largest = shape.params, est.largest_module_params(shape)
     gathered = est.gathered_bytes(shape)
     for nodes in (1, 2):
-        plan = est.Plan(shape=shape, nodes=nodes, gpus_per_node=8, global_batch=64 * nodes, micro_batch=8)
+        plan = make_plan(shape=shape, nodes=nodes, gpus_per_node=8, global_batch=64 * nodes, micro_batch=8)
         z3 = est.model_state_bytes(dataclasses.replace(plan, strategy="ds-zero3"))
         _, gpu, _ = stage3.estimate_zero3_model_states_mem_needs(n, largest, 8, nodes, cpu_offload=False,
                                                                  cpu_offload_params=False, zero_init=True)
@@ -79,27 +99,27 @@ def test_fsdp_accumulation_holds_an_unsharded_fp32_gradient():
     """The worker skips the reduce-scatter on all micro-batches but the last: 4 bytes per trained
     parameter on every GPU while accumulating, none without accumulation."""
     shape = SIZES["7b"]
-    accumulating = est.Plan(shape=shape, global_batch=64, micro_batch=4)  # 2 micro-batches per rank
-    single = est.Plan(shape=shape, global_batch=32, micro_batch=4)
+    accumulating = make_plan(shape=shape, global_batch=64, micro_batch=4)  # 2 micro-batches per rank
+    single = make_plan(shape=shape, global_batch=32, micro_batch=4)
     assert accumulating.accum == 2 and single.accum == 1
     assert est.model_state_bytes(accumulating)["accumulated_grads"] == 4 * shape.params
     assert est.model_state_bytes(single)["accumulated_grads"] == 0
     lora = dataclasses.replace(accumulating, mode="lora")
-    assert est.model_state_bytes(lora)["accumulated_grads"] == 4 * est.trainable_params(shape, "lora")
+    assert est.model_state_bytes(lora)["accumulated_grads"] == 4 * lora.trainable_params
     assert est.model_state_bytes(dataclasses.replace(accumulating, strategy="ds-zero3"))["accumulated_grads"] == 0
 
 
 def test_lora_trains_a_few_million_parameters():
     # q_proj and v_proj, r 8: 32 layers x 2 x 8 x (4096 + 4096)
-    assert est.trainable_params(SIZES["7b"], "lora") == 32 * 2 * 8 * 8192 == 4_194_304
-    plan = est.Plan(shape=SIZES["7b"], mode="lora", global_batch=32)
+    assert make_plan(shape=SIZES["7b"], mode="lora").trainable_params == 32 * 2 * 8 * 8192 == 4_194_304
+    plan = make_plan(shape=SIZES["7b"], mode="lora", global_batch=32)
     state = est.model_state_bytes(plan)["state_gpu"]
     assert state == 2 * SIZES["7b"].params / 8 + est.gathered_bytes(SIZES["7b"]) + 16 * 4_194_304
 
 
 def test_logits_and_loading_by_hand():
     assert est.logits_bytes(SIZES["7b"], 4, 512) == 4 * 512 * 32000 * 14
-    plan = est.Plan(shape=SIZES["7b"])
+    plan = make_plan(shape=SIZES["7b"])
     assert est.loading_bytes(plan) == 4 * SIZES["7b"].params  # fp32 random init, once per job
     assert est.loading_bytes(dataclasses.replace(plan, weights_from_disk=True)) == 2 * SIZES["7b"].params
 
@@ -147,11 +167,11 @@ def test_activation_bytes_match_what_autograd_saves():
             model(input_ids=torch.zeros(2, 128, dtype=torch.long))
         return sum(seen.values())
 
-    shape = est.Shape(name="probe", dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=688, vocab_size=512,
+    shape = Shape(name="probe", dim=256, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=688, vocab_size=512,
                       max_seq_len=128)
     per_layer = (saved(shape, 4) - saved(shape, 2)) / 2
-    assert per_layer == pytest.approx(est.activation_bytes(dataclasses.replace(shape, n_layers=1), 2, 128, False),
-                                      rel=0.02)
+    one_layer = make_plan(shape=dataclasses.replace(shape, n_layers=1), micro_batch=2, seq_len=128)
+    assert per_layer == pytest.approx(est.activation_bytes(one_layer), rel=0.02)
 
 
 # --- what a planner relies on ---
@@ -163,7 +183,7 @@ def _plans():
     for size in SHAPES:
         for mode in ("full", "lora"):
             for recompute in (False, True):
-                yield est.Plan(shape=SIZES[size], mode=mode, recompute=recompute, global_batch=512, micro_batch=4)
+                yield make_plan(shape=SIZES[size], mode=mode, recompute=recompute, global_batch=512, micro_batch=4)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -180,9 +200,9 @@ def test_more_gpus_never_raise_memory_per_gpu(strategy):
             previous = {**mem, "per_node": per_node}
 
 
-@pytest.mark.parametrize("offload", sorted(est.OFFLOAD_STRATEGIES))
+@pytest.mark.parametrize("offload", sorted(s.name for s in STRATEGY.values() if s.offload))
 def test_offload_never_raises_gpu_memory_and_never_predicts_faster(offload):
-    plain = est.WITHOUT_OFFLOAD[offload]
+    plain = STRATEGY[offload].without_offload
     for plan in _plans():
         for nodes in (1, 2, 8):
             for gpu in GPUS.values():
@@ -193,7 +213,7 @@ def test_offload_never_raises_gpu_memory_and_never_predicts_faster(offload):
 
 
 def test_more_nodes_never_shorten_the_epoch_below_linear_and_mfu_is_model_flops():
-    plan = est.Plan(shape=SIZES["7b"], global_batch=512, micro_batch=4, tokens_per_epoch=10**9)
+    plan = make_plan(shape=SIZES["7b"], global_batch=512, micro_batch=4, tokens_per_epoch=10**9)
     one = est.hours(plan, A100_80)
     two = est.hours(dataclasses.replace(plan, nodes=2), A100_80)
     assert two["hours_per_epoch"] >= one["hours_per_epoch"] / 2  # the network is slower than NVLink
@@ -201,30 +221,32 @@ def test_more_nodes_never_shorten_the_epoch_below_linear_and_mfu_is_model_flops(
     assert recompute["hours_per_epoch"] > one["hours_per_epoch"]
     # MFU counts model FLOPs only: recompute spends more and reports less
     assert recompute["mfu"] < one["mfu"]
-    assert one["mfu"] == pytest.approx(est.flops_per_token(SIZES["7b"], 512) * one["tokens_per_s_per_gpu"] / 312e12)
+    assert one["mfu"] == pytest.approx(est.flops_per_token(SIZES["7b"], 512, "full") * one["tokens_per_s_per_gpu"] / 312e12)
 
 
 def test_the_13b_verdicts_name_a_strategy_that_fits():
-    plan = est.Plan(shape=SIZES["13b"], global_batch=384, micro_batch=4)
+    plan = make_plan(shape=SIZES["13b"], global_batch=384, micro_batch=4)
     on_40 = est.memory_table(plan, A100_40)
     assert {r["strategy"]: r["verdict"] for r in on_40["strategies"]}["fsdp"] == "does not fit"
     assert on_40["recommended"] == "ds-zero3-offload"
     on_80 = est.memory_table(plan, A100_80)
-    assert on_80["recommended"] is not None
+    fitting = {r["strategy"]: r["tokens_per_s"] for r in on_80["strategies"] if r["verdict"] == "fits"}
+    # 80 GB holds ZeRO-2's replicated 16-bit weights: the fastest strategy that fits, and it is recommended
+    assert on_80["recommended"] == max(fitting, key=fitting.get) == "ds-zero2"
     message = est.fit_check(plan, A100_40)
     assert "--strategy ds-zero3-offload would fit" in message and "accumulates over 12 micro-batches" in message
     assert est.fit_check(dataclasses.replace(plan, strategy="ds-zero3-offload"), A100_40) is None
 
 
 def test_largest_fitting_micro_batch():
-    plan = est.Plan(shape=SIZES["7b"], strategy="ds-zero3-offload", global_batch=384, micro_batch=4)
+    plan = make_plan(shape=SIZES["7b"], strategy="ds-zero3-offload", global_batch=384, micro_batch=4)
     m = est.largest_fitting_micro_batch(plan, A100_80)
     assert m and 48 % m == 0
     assert est.memory(dataclasses.replace(plan, micro_batch=m), A100_80)["verdict"] == "fits"
 
 
 def test_assumptions_can_be_overridden():
-    plan = est.Plan(shape=SIZES["7b"], nodes=2, global_batch=512)
+    plan = make_plan(shape=SIZES["7b"], nodes=2, global_batch=512)
     slow = est.hours(plan, A100_80, 10**9)["hours_per_epoch"]
     fast = est.hours(plan, A100_80, 10**9, est.with_overrides({"network_gbps": "200"}))["hours_per_epoch"]
     assert fast < slow
@@ -277,10 +299,11 @@ def _rows(step_times, tokens_per_step=1000, start=0, elapsed=0.0):
     rows = []
     for i, step_time in enumerate(step_times, start=start + 1):
         elapsed += step_time
-        rows.append({"step": i, "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
-                     "tokens_per_s_per_gpu": tokens_per_step / step_time / 8, "tokens": i * tokens_per_step,
-                     "epoch": i / 100, "total_steps": 100, "mfu": 0.4 * step_time ** -1 / 2, "peak": "a100-80g",
-                     "elapsed_s": elapsed, "mem_gib": 30.0})
+        rows.append(MetricsRow(step=i, step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
+                               tokens_per_s_per_gpu=tokens_per_step / step_time / 8, tokens=i * tokens_per_step,
+                               epoch=i / 100, total_steps=100, mfu=0.4 * step_time ** -1 / 2, peak="a100-80g",
+                               elapsed_s=elapsed, mem_gib=30.0, loss=2.0, lr=1e-5, grad_norm=1.0,
+                               peak_flops=312e12, time=1e9 + elapsed))
     return rows
 
 
@@ -294,6 +317,14 @@ def test_measured_hours_leave_out_warmup_and_checkpoints():
     assert result["remaining_s"] == pytest.approx(80 * 2.0 * (1 + 30 / (sum(steps) - 30)), rel=1e-6)
     assert result["mfu"] == pytest.approx(0.1)  # measured MFU scaled to the steady throughput
     assert result["source"] == "measured"
+
+
+def test_measured_hours_read_the_rows_the_worker_writes(tmp_path):
+    rows = _rows([9.0, 5.0, 3.0, 2.0, 2.0] + [2.0] * 10)
+    (tmp_path / metrics.METRICS_FILE).write_text("".join(row.to_json() + "\n" for row in rows) + '{"step": 1')
+    read = metrics.read(tmp_path, tail_bytes=None)
+    assert read.rows == rows and read.bad_lines == 1  # (a torn last line is no row)
+    assert est.hours_from_metrics(read.rows) == est.hours_from_metrics(rows)
 
 
 def test_measured_hours_restart_warmup_after_a_resume():

@@ -1,8 +1,9 @@
+import dataclasses
 import json
 
 import pytest
 
-from llamajobs import spec
+from llamajobs import catalog, spec
 from llamajobs.errors import SpecError
 from llamajobs.spec import JobSpec
 
@@ -80,3 +81,131 @@ def test_world_size_follows_the_cluster():
     assert spec.build({"cluster": "slurm", "nodes": 2}).world_size == 16
     assert spec.build({"cluster": "local"}).world_size == 2
     assert spec.build({"cluster": "slurm", "procs_per_node": 4, "global_batch": 64}).world_size == 4
+
+
+# --- what a spec.json needs from the model is stored in it ---
+
+
+def tiny_model_dir(folder):
+    """A saved HF LLaMA directory (config.json is all the spec reads; the worker reads the rest)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 172, "vocab_size": 600, "max_position_embeddings": 1024}))
+    return folder
+
+
+def test_a_moved_model_dir_does_not_break_reading_the_spec(tmp_path):
+    model = tiny_model_dir(tmp_path / "models" / "llama-mini")
+    built = spec.build({"model_path": str(model), "mode": "lora", "seq_len": 768, "global_batch": 8, "micro_batch": 1})
+    assert (built.shape.n_layers, built.shape.n_kv_heads, built.shape.vocab_size) == (3, 2, 600)
+    (tmp_path / "spec.json").write_text(built.to_json())
+    model.rename(tmp_path / "models" / "moved")
+    loaded = JobSpec.load(tmp_path / "spec.json")
+    assert loaded == built and loaded.shape == built.shape and loaded.model_shape.name == "llama-mini"
+
+
+def test_a_spec_json_of_the_previous_version_loads_without_reading_the_model(tmp_path):
+    """No model_shape stored (written before it existed): the named size, and the model dir is not read."""
+    old = json.loads(JobSpec(size="tiny").to_json())
+    del old["model_shape"]
+    old["model_path"] = str(tmp_path / "gone")  # no such directory any more
+    loaded = spec.from_mapping(old)
+    assert loaded.model_shape is None and loaded.shape == catalog.SIZES["tiny"]
+
+
+def test_the_shape_is_read_not_given():
+    with pytest.raises(SpecError, match="model_shape is not a setting"):
+        spec.build({}, config={"model_shape": dataclasses.asdict(catalog.SIZES["7b"])})
+
+
+def test_a_stored_shape_is_checked_like_any_field():
+    stored = json.loads(JobSpec().to_json())
+    stored["model_shape"] = {**dataclasses.asdict(catalog.SIZES["tiny"]), "dim": "64"}
+    with pytest.raises(SpecError, match="model_shape.dim '64' is not a valid int"):
+        spec.from_mapping(stored)
+    stored["model_shape"] = {**dataclasses.asdict(catalog.SIZES["tiny"]), "n_heads": 3}
+    with pytest.raises(SpecError, match="do not divide"):
+        spec.from_mapping(stored)
+
+
+# --- every rule the worker enforces ---
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"mode": "lora", "merge": True, "strategy": "ds-zero3", "compile": True}, "--compile is implemented for fsdp"),
+    ({"mode": "prompt", "merge": True}, "--merge folds LoRA adapters into the base; --mode prompt has none"),
+    ({"strategy": "pp", "procs_per_node": 2}, "--strategy pp runs one process per node"),
+])
+def test_the_workers_rules_are_the_specs(values, message):
+    with pytest.raises(SpecError, match=message):
+        spec.build(values)
+
+
+# --- hostile values ---
+
+
+FLOAT_FIELDS = [name for name, field in spec.FIELDS.items() if str(field.type).startswith("float")]
+
+
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", float("nan"), float("inf")])
+def test_nan_and_infinity_are_refused_for_every_float(name, value):
+    mode = {"mode": "lora"} if name in spec.LORA_FIELDS else {}
+    with pytest.raises(SpecError, match=f"--{name.replace('_', '-')} .* is not a finite number") as e:
+        spec.build({name: value, **mode})
+    assert "\n" not in str(e.value)
+
+
+def test_spec_json_never_holds_nan(tmp_path):
+    text = JobSpec().to_json().replace('"lr": 2e-05', '"lr": NaN')
+    with pytest.raises(SpecError, match="--lr nan is not a finite number"):
+        JobSpec.from_json(text)
+    with pytest.raises(SpecError, match="not valid JSON"):
+        JobSpec.from_json("{garbage")
+    (tmp_path / "spec.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(SpecError, match="not UTF-8"):
+        JobSpec.load(tmp_path / "spec.json")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"partition": ["a", "b"]}, r"--partition \['a', 'b'\] is not a valid str"),
+    ({"nodes": [1]}, r"--nodes \[1\] is not a valid int"),
+    ({"nodes": True}, "--nodes True is not a valid int"),
+    ({"nodes": 1e400}, "--nodes inf is not a valid int"),
+    ({"lr": {"a": 1}}, "--lr {'a': 1} is not a valid float"),
+    ({"exclusive": [True]}, r"--exclusive \[True\] is not a valid bool"),
+    ({"lora_targets": [{"q": 1}]}, "--lora-targets .* is not a valid list of names"),
+    ({"account": b"acct"}, "--account b'acct' is not a valid str"),
+    ({"account": "a\tb"}, "--account 'a\\\\tb' contains a control character"),
+    ({"constraint": "x\x1b[2J"}, "--constraint .* contains a control character"),
+    ({"after": ["1\n2"]}, "--after '1\\\\n2' contains a control character"),
+])
+def test_wrong_types_and_control_characters_are_one_line(values, message):
+    with pytest.raises(SpecError, match=message) as e:
+        spec.build(values)
+    assert "\n" not in str(e.value)
+
+
+def test_eval_spec_values_are_checked_too():
+    with pytest.raises(SpecError, match="--model .* contains a control character"):
+        spec.build({"evaluation": {"model": "/m\n", "task": "medqa", "data": "/d"}})
+    with pytest.raises(SpecError, match="--data \\['a'\\] is not a valid str"):
+        spec.build({"evaluation": {"model": "/m", "task": "medqa", "data": ["a"]}})
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe{}", "config.json is not UTF-8 text"),
+    (b"[1, 2]", "config.json holds a list, not an object"),
+    (b'{"model_type": "llama", "num_attention_heads": 4, "hidden_size": "64"}',
+     "config.json's 'hidden_size' is '64'; expected a positive int"),
+    (b'{"model_type": "llama", "num_attention_heads": 4, "hidden_size": 64}', "config.json has no 'num_hidden_layers'"),
+    (b'{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, '
+     b'"intermediate_size": 172, "vocab_size": 512, "rms_norm_eps": NaN}', "'rms_norm_eps' is nan"),
+    (b'{"model_type": ["llama"]}', "model_type is \\['llama'\\]; expected 'llama'"),
+])
+def test_a_damaged_config_json_is_one_line(tmp_path, content, message):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(SpecError, match=message) as e:
+        spec.build({"model_path": str(tmp_path)})
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"--model-path {tmp_path}")

@@ -28,6 +28,7 @@ from llamajobs.catalog import SIZES, TINY_VOCAB
 from llamajobs.data import read_texts
 from llamajobs.data.sampler import IGNORE_INDEX, WindowSampler, steps_per_epoch, total_steps
 from llamajobs.data.tokenizer import train_tokenizer
+from llamajobs.errors import SpecError
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
 from llamajobs.worker import parallel
@@ -168,11 +169,12 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth() -> None:
 
 @pytest.mark.parametrize("changes, named", [
     ({"mode": "prefix", "merge": True}, "--merge folds LoRA adapters into the base; --mode prefix has none"),
-    ({"strategy": "pp", "compile": True}, "--compile is not implemented for --strategy pp"),
+    ({"strategy": "pp", "compile": True}, "--compile is implemented for fsdp and fsdp-offload; leave it out with "
+                                          "--strategy pp"),
 ])
-def test_unsupported_settings_are_refused_by_name(changes: dict, named: str) -> None:
-    with pytest.raises(NotImplementedError, match=named):
-        check_supported(JobSpec(**changes))
+def test_unsupported_settings_are_refused_by_the_spec_the_worker_reads(changes: dict, named: str) -> None:
+    with pytest.raises(SpecError, match=named):
+        JobSpec(**changes)
 
 
 def test_a_missing_token_store_is_refused_before_training() -> None:

@@ -49,7 +49,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.optim.lr_scheduler import LRScheduler
 
 from llamajobs import events
-from llamajobs.catalog import DEEPSPEED_STRATEGIES
 from llamajobs.control import STOP_REQUEST
 from llamajobs.data.sampler import WindowSampler
 from llamajobs.spec import JobSpec
@@ -453,7 +452,7 @@ class Checkpointer:
 
     @property
     def engine_checkpoints(self) -> bool:
-        return self.spec.strategy in DEEPSPEED_STRATEGIES
+        return self.spec.strategy_info.deepspeed
 
     def _save_model_and_optimizer(self, tmp: Path) -> None:
         """Collective: every rank writes its shards (or ZeRO partitions) into tmp."""
@@ -461,7 +460,7 @@ class Checkpointer:
             # Into tmp/engine, with no `latest` of DeepSpeed's own: ours, written after meta.json, is the
             # only one. A frozen base is rebuilt at start-up, as under DCP.
             self.state.model.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False,
-                                             exclude_frozen_parameters=self.spec.mode != "full")
+                                             exclude_frozen_parameters=self.spec.mode_info.frozen_base)
             # DeepSpeed does not sync what it wrote (DCP does): on disk before meta.json vouches for it.
             # Every rank syncs every file: each flushes whatever of them it wrote.
             for path in (tmp / ENGINE_TAG).iterdir():
@@ -474,7 +473,7 @@ class Checkpointer:
     def _load_model_and_optimizer(self, folder: Path) -> None:
         if self.engine_checkpoints:
             path, _ = self.state.model.load_checkpoint(
-                str(folder), tag=ENGINE_TAG, load_module_strict=self.spec.mode == "full",
+                str(folder), tag=ENGINE_TAG, load_module_strict=not self.spec.mode_info.frozen_base,
                 load_optimizer_states=True, load_lr_scheduler_states=False)  # (the schedule is in train_state.json)
             if path is None:
                 raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / ENGINE_TAG}")
@@ -491,7 +490,7 @@ class Checkpointer:
         frozen input embedding (word_embeddings), which would put the base's largest matrix in every
         checkpoint."""
         model_state, optimizer_state = get_state_dict(self.state.model, self.state.optimizer, options=STATE_OPTIONS)
-        if self.spec.mode != "full":
+        if self.spec.mode_info.frozen_base:
             trainable = {name for name, p in self.state.model.named_parameters() if p.requires_grad}
             model_state = {name: value for name, value in model_state.items() if name in trainable}
         return model_state, optimizer_state

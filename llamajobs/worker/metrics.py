@@ -17,11 +17,12 @@ import json
 import resource
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from llamajobs.catalog import CPU_PEAK_FLOPS_PER_CORE, Accelerator, gpu_from_device_name
+from llamajobs.metrics import METRICS_FILE, MetricsRow
 from llamajobs.worker.checkpoint import write_atomically
 from llamajobs.worker.sinks import Sink
 
@@ -59,7 +60,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, steps_per_epoch: int,
                  tokens_per_step: int, flops_per_token: float, world_size: int, device: torch.device,
                  sinks: Sequence[Sink] = ()) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         self.sinks = list(sinks)
         self.enabled = enabled
         self.total_steps = total_steps
@@ -93,7 +94,7 @@ class MetricsLogger:
         self.last_checkpoint_total = 0.0
 
     def log(self, step: int, loss: float, lr: float, grad_norm: float, *, data_wait_s: float = 0.0,
-            checkpoint_total_s: float = 0.0) -> dict[str, Any]:
+            checkpoint_total_s: float = 0.0) -> MetricsRow:
         """One row for the steps since the last one. data_wait_s: the host seconds spent waiting for
         batches over those steps; checkpoint_total_s: the seconds spent saving checkpoints in this
         attempt so far (the row gets the part since the previous row)."""
@@ -105,37 +106,24 @@ class MetricsLogger:
         mfu = self.flops_per_token * per_gpu / self.peak_flops if self.peak_flops else None
         checkpoint_s = checkpoint_total_s - self.last_checkpoint_total
         self.last_time, self.last_step, self.last_checkpoint_total = now, step, checkpoint_total_s
-        row = {
-            "step": step,
-            "total_steps": self.total_steps,
-            "epoch": step / self.steps_per_epoch,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": step * self.tokens_per_step,
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_gpu": per_gpu,
-            "mfu": mfu,
-            "peak": self.peak_name,
-            "peak_flops": self.peak_flops,
-            "step_time_s": step_time,
-            "elapsed_s": now - self.start_time,
-            "time": time.time(),
-            "mem_gib": peak_memory_gib(self.device),
-            "data_wait_s": data_wait_s / steps,
-            "data_wait_frac": data_wait_s / steps / step_time,
-            "checkpoint_s": checkpoint_s,
-        }
+        row = MetricsRow(
+            step=step, total_steps=self.total_steps, epoch=step / self.steps_per_epoch, loss=loss, lr=lr,
+            grad_norm=grad_norm, tokens=step * self.tokens_per_step, tokens_per_s=tokens_per_s,
+            tokens_per_s_per_gpu=per_gpu, mfu=mfu, peak=self.peak_name, peak_flops=self.peak_flops,
+            step_time_s=step_time, elapsed_s=now - self.start_time, time=time.time(),
+            mem_gib=peak_memory_gib(self.device), data_wait_s=data_wait_s / steps,
+            data_wait_frac=data_wait_s / steps / step_time, checkpoint_s=checkpoint_s,
+        )
         if self.enabled:
             with open(self.path, "a") as f:  # one open per log: a crash leaves only whole lines
-                f.write(json.dumps(row) + "\n")
+                f.write(row.to_json() + "\n")
                 f.flush()
             for sink in self.sinks:
                 sink.write(row)
             mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
             print(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s "
-                  f"| {step_time:.3f} s/step | data {row['data_wait_s']:.3f} s/step ({row['data_wait_frac']:.0%}) "
-                  f"| mfu {mfu_text} ({self.peak_name}) | {row['mem_gib']:.2f} GiB", flush=True)
+                  f"| {step_time:.3f} s/step | data {row.data_wait_s:.3f} s/step ({row.data_wait_frac:.0%}) "
+                  f"| mfu {mfu_text} ({self.peak_name}) | {row.mem_gib:.2f} GiB", flush=True)
         return row
 
     def close(self) -> None:

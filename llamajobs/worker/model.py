@@ -25,20 +25,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from llamajobs.spec import PROMPT_MODES, JobSpec
+from llamajobs.spec import JobSpec
 
-SUPPORTED_MODES = ("full", "lora", *PROMPT_MODES)  # (prompt modes: peft's virtual tokens before a frozen model)
 # In final/: what the export was trained from, so that --init-from can check it continues on the same base.
 PROVENANCE = "llamajobs.json"
-
-
-def check_mode(spec: JobSpec) -> None:
-    if spec.mode not in SUPPORTED_MODES:
-        raise NotImplementedError(
-            f"--mode {spec.mode} is not implemented yet in the worker; use one of {', '.join(SUPPORTED_MODES)}")
-    if spec.merge and spec.mode != "lora":
-        raise NotImplementedError(f"--merge folds LoRA adapters into the base; --mode {spec.mode} has none to fold: "
-                                  f"leave --merge out")
 
 
 # --- where the starting weights come from ---
@@ -79,7 +69,7 @@ def check_init_from(spec: JobSpec) -> None:
         # A prompt-learning adapter holds the virtual tokens' embeddings, not the encoder that made them.
         raise ValueError(f"--init-from {path} holds a {adapter['peft_type']} adapter, which training cannot continue; "
                          f"start from its base (--model-path) instead")
-    if spec.mode != "lora":
+    if not spec.mode_info.adapters:
         raise ValueError(f"--init-from {path} holds a LoRA adapter: continue it with --mode lora, or start "
                          f"--mode {spec.mode} from its merged model (--init-from {path / 'merged'}, written by "
                          f"--merge)")
@@ -108,7 +98,7 @@ CAUSAL_SDPA = "llamajobs_causal_sdpa"
 
 
 def attention_for(spec: JobSpec) -> str:
-    if spec.mode == "prefix":
+    if spec.mode_info.layer_prefix:
         return "sdpa"
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -132,7 +122,7 @@ def model_config(spec: JobSpec) -> LlamaConfig:
 def weights_dtype(spec: JobSpec, device: torch.device) -> torch.dtype:
     """fp32 master weights for whatever is trained; a frozen base (LoRA, prompt learning) on GPU is
     bf16 (never updated, half the memory). The adapters themselves stay fp32 (peft upcasts them)."""
-    return torch.bfloat16 if spec.mode != "full" and device.type == "cuda" else torch.float32
+    return torch.bfloat16 if spec.mode_info.frozen_base and device.type == "cuda" else torch.float32
 
 
 def peft_config(spec: JobSpec):
@@ -140,11 +130,11 @@ def peft_config(spec: JobSpec):
     # Imported here: peft takes over a second to import, and full fine-tunes never need it.
     import peft
 
-    if spec.mode == "lora":
+    if spec.mode_info.adapters:
         return peft.LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
                                target_modules=list(spec.lora_targets), task_type="CAUSAL_LM")
     tokens = {"task_type": "CAUSAL_LM", "num_virtual_tokens": spec.num_virtual_tokens}
-    if spec.mode == "prefix":  # trained keys and values in front of every layer's attention
+    if spec.mode_info.layer_prefix:  # trained keys and values in front of every layer's attention
         return peft.PrefixTuningConfig(**tokens)
     if spec.mode == "ptuning":  # virtual token embeddings produced by a small trained MLP
         return peft.PromptEncoderConfig(**tokens)
@@ -174,7 +164,7 @@ def build_structure(spec: JobSpec, config: LlamaConfig, dtype: torch.dtype) -> n
             enable({"use_reentrant": False})
         else:  # transformers releases before the rename
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if spec.mode != "full":
+    if spec.mode_info.frozen_base:
         model = _apply_peft(model, spec)
     return model
 
@@ -244,10 +234,10 @@ def _full_state_dict_rank0(spec: JobSpec, config: LlamaConfig) -> dict[str, torc
         else:
             torch.manual_seed(spec.seed)
             model = LlamaForCausalLM(config)
-        if spec.mode != "full":
+        if spec.mode_info.frozen_base:
             torch.manual_seed(spec.seed)
             model = _apply_peft(model, spec)  # the adapters' initial values come from rank 0 too
-            if spec.init_from and spec.mode == "lora":  # (check_init_from: an adapter for this base)
+            if spec.init_from and spec.mode_info.adapters:  # (check_init_from: an adapter for this base)
                 _load_adapter(model, spec.init_from)
     return _without_aliases(model)
 
@@ -264,7 +254,7 @@ def load_weights(model: nn.Module, spec: JobSpec, config: LlamaConfig, rank: int
     state = _full_state_dict_rank0(spec, config) if rank == 0 else {}
     # Not strict under prompt learning: the model's state dict also names the embedding by its alias
     # (see _without_aliases), which the weights fill through its first name.
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=spec.mode not in PROMPT_MODES)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not spec.mode_info.virtual_tokens)
     set_model_state_dict(model, state, options=options)
 
 
@@ -291,15 +281,15 @@ def export_final(model: nn.Module, spec: JobSpec, config: LlamaConfig, tokenizer
     strategy's way to collect its full tensors on rank 0 (Strategy.gather)."""
     final, tmp = run_dir / "final", run_dir / "final.tmp"
     adapter = None
-    if spec.mode != "full":
+    if spec.mode_info.frozen_base:
         # Only the adapters: gathering the frozen base would move the whole model to rank 0 for nothing...
         adapter = gather(trainable_only=True)
-    if spec.mode == "full" or spec.merge:  # ...unless the merged model needs it
+    if not spec.mode_info.frozen_base or spec.merge:  # ...unless the merged model needs it
         state = gather(trainable_only=False)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        if spec.mode in PROMPT_MODES:
+        if spec.mode_info.virtual_tokens:
             _prompt_adapter_model(adapter, spec, config).save_pretrained(tmp, state_dict=adapter)
         elif adapter is not None:
             model.save_pretrained(tmp, state_dict=adapter)  # PeftModel: adapter_config.json + adapter_model.safetensors

@@ -7,7 +7,9 @@
     pp                      LayerSplit: one process per node, the decoder layers split contiguously
                             over the node's devices; slow, for debugging
 
-train.py calls only the hooks of Strategy; everything a strategy does differently lives behind them.
+train.py calls only the hooks of Strategy (train.build_strategy picks one from the catalog's facts);
+everything a strategy does differently lives behind them. Which strategy and mode combinations run is
+JobSpec validation's to say; only what the node alone can tell is checked here.
 """
 
 from __future__ import annotations
@@ -34,13 +36,10 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from llamajobs.catalog import DEEPSPEED_STRATEGIES
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.faults import lose_a_rank
 
-FSDP_STRATEGIES = ("fsdp", "fsdp-offload")
-SUPPORTED_STRATEGIES = (*FSDP_STRATEGIES, *sorted(DEEPSPEED_STRATEGIES), "pp")
 # The start-up preflight gives every rank this long to join (or the collective timeout, if shorter).
 PREFLIGHT_TIMEOUT = timedelta(minutes=5)
 PREFLIGHT_KEYS = "llamajobs/preflight"  # its keys in the rendezvous store (+ torchrun's restart count)
@@ -56,16 +55,6 @@ class Dist:
     local_world_size: int
     device: torch.device
     hosts: tuple[str, ...] = ()  # every rank's host, by rank (gathered once, by the start-up preflight)
-
-
-def check_strategy(spec: JobSpec) -> None:
-    if spec.strategy not in SUPPORTED_STRATEGIES:
-        raise NotImplementedError(
-            f"--strategy {spec.strategy} is not implemented yet in the worker; use one of "
-            f"{', '.join(SUPPORTED_STRATEGIES)}")
-    if spec.compile and spec.strategy not in FSDP_STRATEGIES:
-        raise NotImplementedError(f"--compile is not implemented for --strategy {spec.strategy} (it compiles the "
-                                  f"decoder layers under FSDP); leave --compile out")
 
 
 def init_distributed(spec: JobSpec) -> Dist:
@@ -84,7 +73,7 @@ def init_distributed(spec: JobSpec) -> Dist:
         # checkpoint decision (a CPU tensor, so the host never waits for the GPU to learn it), and
         # under CPU offload the loading and clipping of the parameters that live on the CPU. pp's one
         # process drives all the node's GPUs: NCCL is not bound to one of them.
-        bound = None if spec.strategy == "pp" else device
+        bound = None if spec.strategy_info.one_process_per_node else device
         backend, options = "cuda:nccl,cpu:gloo", {"device_id": bound}
     else:
         device = torch.device("cpu")
@@ -187,18 +176,6 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def for_spec(spec: JobSpec, env: Dist | None) -> Strategy:
-    """The strategy object of spec.strategy (DeepSpeed imported only when one is asked for)."""
-    check_strategy(spec)
-    if spec.strategy in DEEPSPEED_STRATEGIES:
-        from llamajobs.worker.zero import Zero
-
-        return Zero(spec, env)
-    if spec.strategy == "pp":
-        return LayerSplit(spec, env)
-    return Fsdp(spec, env)
-
-
 class Strategy(ABC):
     """What differs between strategies, as hooks. The model passed to the hooks is what build_model
     and wrap returned (for DeepSpeed: the engine); unwrap gives the Hugging Face (or peft) module."""
@@ -270,7 +247,7 @@ class Fsdp(Strategy):
         # A single process has nobody to shard with: FSDP would only copy every layer's weights into
         # and out of its all-gather buffers, forward and backward, every step. It runs the plain model
         # (bf16 autocast on GPU, the same mixed precision) unless offload needs FSDP's CPU placement.
-        self.sharded = env is None or env.world_size > 1 or spec.strategy == "fsdp-offload"
+        self.sharded = env is None or env.world_size > 1 or spec.strategy_info.offload
 
     def build_model(self, config: LlamaConfig, *, load_weights: bool) -> nn.Module:
         """Structure on the meta device, sharded, only the shards allocated, weights read once (rank 0)
@@ -312,7 +289,7 @@ class Fsdp(Strategy):
 def parallelize(model: nn.Module, spec: JobSpec, device: torch.device) -> nn.Module:
     """FSDP2: shard each decoder layer (its own all-gather/reduce-scatter unit), then the root
     (embeddings, final norm, head, a prompt encoder). In place; returns the model for readability."""
-    if spec.strategy not in FSDP_STRATEGIES:
+    if not spec.strategy_info.fsdp:
         raise ValueError(f"parallelize shards with FSDP; --strategy {spec.strategy} is not an FSDP strategy")
     if device.type == "cuda":
         # bf16 compute and all-gathers; fp32 gradient reduction and fp32 master weights (the sharded
@@ -320,8 +297,7 @@ def parallelize(model: nn.Module, spec: JobSpec, device: torch.device) -> nn.Mod
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp_policy = MixedPrecisionPolicy()  # plain fp32: CPUs gain little from bf16
-    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if spec.strategy == "fsdp-offload" \
-        else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if spec.strategy_info.offload else OffloadPolicy()
     layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again right away by the backward: keep them.
@@ -349,7 +325,7 @@ def bf16_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 def init_device(spec: JobSpec, device: torch.device) -> torch.device:
     """Where the sharded parameters live: the CPU under offload, else the compute device."""
-    return torch.device("cpu") if spec.strategy == "fsdp-offload" else device
+    return torch.device("cpu") if spec.strategy_info.offload else device
 
 
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -395,13 +371,7 @@ class LayerSplit(Strategy):
 
     def build_model(self, config: LlamaConfig, *, load_weights: bool) -> nn.Module:
         """Every process (one per node) reads or initialises the weights itself: once per node."""
-        spec, devices = self.spec, self.devices
-        if self.env.local_world_size > 1:
-            raise ValueError(f"--strategy pp runs one process per node (it drives all the node's GPUs), not "
-                             f"{self.env.local_world_size}; leave --procs-per-node out")
-        if spec.mode == "prefix" and len(devices) > 1:
-            raise NotImplementedError("--mode prefix with --strategy pp on several GPUs: the prefix's keys and values "
-                                      "would have to follow each layer to its GPU; use --strategy fsdp (or one GPU)")
+        spec, devices = self.spec, self.devices  # (train.check_node checked the processes and devices)
         model = model_lib.build_meta_model(spec, config, model_lib.weights_dtype(spec, devices[0]))
         placement = dict(split_layers(model, devices))
         model_lib.materialize(model, devices[0], devices[0], placement)  # each part allocated on its device

@@ -18,8 +18,9 @@ import dataclasses
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from llamajobs.metrics import MetricsRow
 from llamajobs.spec import JobSpec
 
 # Row fields that are bookkeeping, not curves: the step is the x axis; the others never change or
@@ -29,14 +30,15 @@ WANDB_RUN_ID = "llamajobs-run-id"  # in RUN_DIR/wandb: a requeued attempt contin
 
 
 class Sink(Protocol):
-    def write(self, row: dict[str, Any]) -> None: ...
+    def write(self, row: MetricsRow) -> None: ...
 
     def close(self) -> None: ...
 
 
-def scalars(row: dict[str, Any]) -> dict[str, float]:
+def scalars(row: MetricsRow) -> dict[str, float]:
     """The numbers of a metrics row worth plotting against its step (the same names as metrics.jsonl)."""
-    return {key: value for key, value in row.items()
+    values = ((field.name, getattr(row, field.name)) for field in dataclasses.fields(row))
+    return {key: value for key, value in values
             if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
@@ -47,9 +49,9 @@ class TensorBoardSink:
         # purge_step: TensorBoard drops an earlier attempt's events from this step on (they are redone).
         self.writer = SummaryWriter(str(folder), purge_step=purge_step, flush_secs=30)
 
-    def write(self, row: dict[str, Any]) -> None:
+    def write(self, row: MetricsRow) -> None:
         for key, value in scalars(row).items():
-            self.writer.add_scalar(key, value, global_step=row["step"], walltime=row["time"])
+            self.writer.add_scalar(key, value, global_step=row.step, walltime=row.time)
 
     def close(self) -> None:
         self.writer.close()
@@ -70,8 +72,8 @@ class WandbSink:
         # checkpoint, which wandb's own monotonic step counter would drop.
         self.run.define_metric("*", step_metric="step")  # (offline, wandb prints the `wandb sync` to run)
 
-    def write(self, row: dict[str, Any]) -> None:
-        self.run.log({**scalars(row), "step": row["step"]})
+    def write(self, row: MetricsRow) -> None:
+        self.run.log({**scalars(row), "step": row.step})
 
     def close(self) -> None:
         self.run.finish()

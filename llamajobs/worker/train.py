@@ -71,9 +71,10 @@ def train(run_dir: Path, spec: JobSpec, env: Dist) -> None:
     config = model_lib.model_config(spec)
     model_lib.check_vocab(config, tokenizer)
     resume_step = find_resume_step(run_dir, spec, env)  # None: this attempt starts at step 0
-    strategy = parallel.for_spec(spec, env)
+    strategy = build_strategy(spec, env)
+    check_node(spec, env, strategy.devices_per_process)
     # A full fine-tune's checkpoint holds every weight: resuming one needs no base weights read.
-    model = strategy.build_model(config, load_weights=resume_step is None or spec.mode != "full")
+    model = strategy.build_model(config, load_weights=resume_step is None or spec.mode_info.frozen_base)
     optimizer, scheduler = build_optimizer(model, spec, env.device, total)
     model, optimizer = strategy.wrap(model, optimizer)  # DeepSpeed: its engine and ZeRO optimizer
     announce(spec, run_dir, env, model, strategy, steps_in_epoch=steps_in_epoch, total=total)
@@ -96,9 +97,8 @@ def parse_run_dir(args: list[str]) -> Path:
 
 
 def check_supported(spec: JobSpec) -> None:
-    """Refuse, with the setting to change, what this worker cannot do yet (before any rank loads anything)."""
-    model_lib.check_mode(spec)
-    parallel.check_strategy(spec)
+    """Refuse, with the setting to change, the files this run cannot start from (before any rank loads
+    anything). Every rule on the spec's values is JobSpec validation's: spec.json passed it when read."""
     if spec.data:
         TokenStore(spec.data)  # reads meta.json only: a path that is not a complete store fails here
     model_lib.check_init_from(spec)
@@ -144,6 +144,31 @@ def build_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, env: Dist) -> 
         return packed, instruct.steps_per_epoch(packed, spec.tokens_per_epoch)
     sampler = WindowSampler(docs, **shared)
     return sampler, steps_per_epoch(len(docs), spec.global_batch, spec.seq_len, spec.tokens_per_epoch)
+
+
+def check_node(spec: JobSpec, env: Dist, devices_per_process: int) -> None:
+    """What only the node can tell, refused with the setting to change: the processes the launch
+    started and the devices each drives (validation planned them from the login node)."""
+    if spec.strategy_info.one_process_per_node:
+        if env.local_world_size > 1:
+            raise ValueError(f"--strategy {spec.strategy} runs one process per node (it drives all the node's "
+                             f"GPUs), not {env.local_world_size}; leave --procs-per-node out")
+        if spec.mode_info.layer_prefix and devices_per_process > 1:
+            raise NotImplementedError(f"--mode {spec.mode} with --strategy {spec.strategy} on {devices_per_process} "
+                                      "GPUs: the prefix's keys and values would have to follow each layer to its "
+                                      "GPU; use --strategy fsdp (or one GPU)")
+    grad_accum_steps(spec, env.world_size)
+
+
+def build_strategy(spec: JobSpec, env: Dist | None) -> Strategy:
+    """The strategy object of spec.strategy, by the catalog's engine (DeepSpeed imported only when
+    one is asked for: zero.py imports it lazily)."""
+    engine = spec.strategy_info.engine
+    if engine == "deepspeed":
+        return zero.Zero(spec, env)
+    if engine == "pp":
+        return parallel.LayerSplit(spec, env)
+    return parallel.Fsdp(spec, env)
 
 
 def grad_accum_steps(spec: JobSpec, world_size: int) -> int:
@@ -298,7 +323,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: La
                total: int, strategy: Strategy | None = None) -> tuple[int, bool]:
     """Optimizer steps start+1..total, one global batch each, a checkpoint whenever due; returns the
     last step and whether a stop request ended the loop there (its checkpoint saved)."""
-    strategy = strategy or parallel.for_spec(spec, env)
+    strategy = strategy or build_strategy(spec, env)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = spec.grad_clip if spec.grad_clip > 0 else math.inf
     crash_step, oom_step = injected_fault("crash"), injected_fault("oom")

@@ -38,7 +38,8 @@ from llamajobs.worker.parallel import Dist, Strategy
 
 
 def offloads_optimizer(spec: JobSpec) -> bool:
-    return spec.strategy in ("ds-zero2-offload", "ds-zero3-offload")
+    """DeepSpeed's offload runs its own CPU Adam (FSDP2's offload keeps torch's)."""
+    return spec.strategy_info.deepspeed and spec.strategy_info.offload_optimizer
 
 
 def cpu_adam(groups: list[dict], lr: float) -> torch.optim.Optimizer:
@@ -55,8 +56,8 @@ class Zero(Strategy):
 
     def __init__(self, spec: JobSpec, env: Dist | None) -> None:
         super().__init__(spec, env)
-        self.stage = 3 if spec.strategy.startswith("ds-zero3") else 2
-        self.offload_param = spec.strategy == "ds-zero3-offload"
+        self.stage = spec.strategy_info.zero_stage
+        self.offload_param = spec.strategy_info.offload_params
 
     @property
     def cuda(self) -> bool:

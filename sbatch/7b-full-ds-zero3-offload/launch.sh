@@ -43,7 +43,7 @@ CPUS=$(nproc)
 # torchrun sets OMP_NUM_THREADS=1; CPU Adam and the CPU workers want their share of the cores.
 export OMP_NUM_THREADS=$(( CPUS / PROCS > 0 ? CPUS / PROCS : 1 ))
 # Compiled extensions and Triton kernels on node-local disk: a shared home chokes on their locks.
-NODE_CACHE=${TMPDIR:-/tmp}/llamajobs-$(id -un)
+NODE_CACHE="${TMPDIR:-/tmp}/llamajobs-$UID"
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$NODE_CACHE/torch_extensions}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$NODE_CACHE/triton}
 

@@ -1,0 +1,130 @@
+"""The run being estimated, and its FLOPs: a `Plan` is what the estimate needs to know of a JobSpec."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from llamajobs import catalog
+from llamajobs.catalog import Shape
+from llamajobs.spec import CPUS_PER_WORKER, JobSpec
+
+
+def flops_per_token(shape: Shape, seq_len: int, mode: str) -> float:
+    """Model FLOPs to train on one token: 6N + 12·L·d·s (N without embeddings; PaLM appendix B).
+
+    A frozen base (LoRA and the prompt methods) skips the weight gradients: about 4N. The output
+    head's matmul (2·d·V forward, twice that backward) is counted with N's rule; the input embedding
+    (a lookup) is not. The worker's MFU uses this count (it reproduces DESIGN.md's 49.5% anchor).
+    """
+    weight_flops_per_param = 4 if catalog.MODE[mode].frozen_base else 6
+    n = shape.non_embedding_params + shape.dim * shape.vocab_size  # the head multiplies every token
+    attention = 12 * shape.n_layers * shape.dim * seq_len
+    return weight_flops_per_param * n + attention
+
+
+def recompute_flops_per_token(shape: Shape, seq_len: int) -> float:
+    """What activation recompute adds (spent, never counted in MFU): one more forward of the decoder
+    layers, 2N for the weights and 4·L·d·s for attention (the head is not recomputed)."""
+    return 2 * shape.non_embedding_params + 4 * shape.n_layers * shape.dim * seq_len
+
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    """What the estimate needs to know about a run, every field given: `Plan.from_spec` takes them from
+    a JobSpec (the only place defaults live). The published anchors start from a spec and replace what
+    a JobSpec would refuse (shapes, batches)."""
+
+    shape: Shape
+    strategy: str
+    mode: str
+    nodes: int
+    gpus_per_node: int
+    procs_per_node: int | None  # None: one per GPU (the strategy's one per node for pp)
+    seq_len: int
+    global_batch: int
+    micro_batch: int
+    recompute: bool
+    compile: bool
+    lora_r: int
+    lora_targets: tuple[str, ...]
+    num_virtual_tokens: int
+    cpus_per_node: int | None  # cores CPU Adam gets; None: CPUS_PER_WORKER per worker process (JobSpec's)
+    weights_from_disk: bool  # --model-path: a 16-bit checkpoint is read, else fp32 random init
+    tokens_per_epoch: int | None
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, **changes: Any) -> Plan:
+        """The plan of a JobSpec as it would run on a cluster's GPUs (one process per GPU), with `changes`."""
+        plan = cls(shape=spec.shape, strategy=spec.strategy, mode=spec.mode, nodes=spec.nodes,
+                   gpus_per_node=spec.gpus_per_node, procs_per_node=spec.procs_per_node, seq_len=spec.seq_len,
+                   global_batch=spec.global_batch, micro_batch=spec.micro_batch,
+                   recompute=spec.activation_checkpointing, compile=spec.compile, lora_r=spec.lora_r,
+                   lora_targets=tuple(spec.lora_targets), num_virtual_tokens=spec.num_virtual_tokens,
+                   cpus_per_node=spec.cpus_per_node, weights_from_disk=bool(spec.model_path),
+                   tokens_per_epoch=spec.tokens_per_epoch)
+        return dataclasses.replace(plan, **changes)
+
+    @property
+    def strategy_info(self) -> catalog.StrategyInfo:
+        return catalog.STRATEGY[self.strategy]
+
+    @property
+    def mode_info(self) -> catalog.ModeInfo:
+        return catalog.MODE[self.mode]
+
+    @property
+    def procs(self) -> int:
+        return self.procs_per_node or (1 if self.strategy_info.one_process_per_node else self.gpus_per_node)
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def data_parallel(self) -> int:
+        """Ranks that each take a share of the batch (pp: one process per node)."""
+        return self.nodes * self.procs
+
+    @property
+    def accum(self) -> int:
+        """Micro-batches per rank per optimizer step."""
+        return max(1, math.ceil(self.global_batch / (self.micro_batch * self.data_parallel)))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    @property
+    def cpu_cores(self) -> int:
+        return self.cpus_per_node or CPUS_PER_WORKER * self.procs
+
+    @property
+    def trainable_params(self) -> int:
+        """Parameters that get a gradient: all of them, the LoRA adapters, or the virtual tokens."""
+        shape, mode = self.shape, self.mode_info
+        if not mode.frozen_base:
+            return shape.params
+        if mode.adapters:
+            kv = shape.n_kv_heads * shape.head_dim
+            dims = {"q_proj": (shape.dim, shape.dim), "k_proj": (shape.dim, kv), "v_proj": (shape.dim, kv),
+                    "o_proj": (shape.dim, shape.dim), "gate_proj": (shape.dim, shape.ffn_dim),
+                    "up_proj": (shape.dim, shape.ffn_dim), "down_proj": (shape.ffn_dim, shape.dim)}
+            per_layer = sum(self.lora_r * sum(dims[t]) for t in self.lora_targets if t in dims)
+            return shape.n_layers * per_layer
+        # prefix tuning trains key/value prefixes in every layer; prompt/p-tuning only input embeddings
+        per_token = 2 * shape.n_layers * shape.dim if mode.layer_prefix else shape.dim
+        return self.num_virtual_tokens * per_token
+
+
+def as_plan(run: Plan | JobSpec) -> Plan:
+    return run if isinstance(run, Plan) else Plan.from_spec(run)
+
+
+def plan_for_strategy(plan: Plan, strategy: str) -> Plan:
+    """The same run under another strategy (pp runs one process per node)."""
+    one_per_node = catalog.STRATEGY[strategy].one_process_per_node or plan.strategy_info.one_process_per_node
+    return dataclasses.replace(plan, strategy=strategy, procs_per_node=None if one_per_node else plan.procs_per_node)

@@ -1,0 +1,72 @@
+"""What the CLI plans with: every strategy's memory side by side, a grid cell, submit's fit check and
+its predicted hours."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llamajobs.catalog import GPUS, STRATEGIES, Accelerator
+from llamajobs.estimate.assumptions import DEFAULT, Assumptions
+from llamajobs.estimate.memory import memory
+from llamajobs.estimate.plan import Plan, as_plan, plan_for_strategy
+from llamajobs.estimate.timing import hours, throughput
+from llamajobs.spec import JobSpec
+
+DEFAULT_GPU = "a100-80g"
+
+
+def memory_table(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,
+                 node_ram_gib: float | None = None) -> dict[str, Any]:
+    """Every strategy's memory and verdict, and the fastest strategy that fits (None if none does)."""
+    plan = as_plan(run)
+    rows = []
+    for strategy in STRATEGIES:
+        variant = plan_for_strategy(plan, strategy)
+        row = memory(variant, gpu, a=a, node_ram_gib=node_ram_gib)
+        row["tokens_per_s"] = throughput(variant, gpu, a)["tokens_per_s"]
+        rows.append(row)
+    fitting = [r for r in rows if r["verdict"] == "fits"]
+    best = max(fitting, key=lambda r: r["tokens_per_s"], default=None)
+    return {"strategies": rows, "recommended": best["strategy"] if best else None}
+
+
+
+def grid_row(run: Plan | JobSpec, gpu: Accelerator, size: str, tokens: int | None = None, a: Assumptions = DEFAULT,
+             node_ram_gib: float | None = None) -> dict[str, Any]:
+    """One cell of the planning grid (sizes x strategies)."""
+    plan = as_plan(run)
+    h = hours(plan, gpu, tokens, a, node_ram_gib)
+    return {"size": size, "strategy": plan.strategy, "mode": plan.mode, "hours_per_epoch": h["hours_per_epoch"],
+            "mfu": h["mfu"], "tokens_per_s": h["tokens_per_s"], "gpu_mem_gib": h["gpu_mem_gib"],
+            "cpu_mem_gib": h["cpu_mem_gib"], "verdict": h["verdict"]}
+
+
+def fit_check(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,
+              node_ram_gib: float | None = None) -> str | None:
+    """None when the run fits GPU and CPU memory (or is tight); else one line saying why and naming
+    the fastest strategy that fits, for submit's refusal."""
+    plan = as_plan(run)
+    mem = memory(plan, gpu, a=a, node_ram_gib=node_ram_gib)
+    if mem["verdict"] != "does not fit":
+        return None
+    where = []
+    if mem["gpu_verdict"] == "does not fit":
+        accumulated = mem["gpu_parts_gib"]["accumulated_grads"]
+        why = (f" ({accumulated:.1f} of them the unsharded fp32 gradient FSDP2 accumulates over {plan.accum} "
+               f"micro-batches)") if accumulated else ""
+        where.append(f"{mem['gpu_mem_gib']:.1f} GiB per GPU of {gpu.name}'s {gpu.memory_gib:g}{why}")
+    if mem["cpu_verdict"] == "does not fit":
+        where.append(f"{mem['cpu_mem_gib']:.0f} GiB of host RAM per node of {mem['node_ram_gib']:g}")
+    table = memory_table(plan, gpu, a, node_ram_gib)
+    fix = f"--strategy {table['recommended']} would fit" if table["recommended"] else \
+        "no strategy fits; add --nodes, use --mode lora or --activation-checkpointing"
+    return f"--strategy {plan.strategy}: {plan.shape.name} {plan.mode} needs {' and '.join(where)}; {fix}"
+
+
+
+def hours_for_spec(spec: JobSpec, gpu: Accelerator | None = None, a: Assumptions = DEFAULT) -> float | None:
+    """Predicted hours per epoch of a SLURM spec that says how many tokens an epoch has."""
+    if spec.tokens_per_epoch is None or spec.cluster != "slurm":
+        return None
+    return hours(spec, gpu or GPUS[DEFAULT_GPU], a=a)["hours_per_epoch"]
+
