@@ -24,7 +24,8 @@ from llamajobs.catalog import TINY_VOCAB
 from llamajobs.data import SAMPLE_CORPUS, read_texts
 from llamajobs.data import formats as fmts
 from llamajobs.data import store as st
-from llamajobs.data.prepare import PrepareConfig, describe, held_out, prepare
+from llamajobs.data.inspect import describe
+from llamajobs.data.prepare import PrepareConfig, held_out, prepare
 from llamajobs.errors import SpecError
 
 
