@@ -395,7 +395,7 @@ def load_shots(task: str, shots: int, shots_file: str | Path | None, notes: list
     return labelled[:shots]
 
 
-def generate(model_dir: str | Path, prompt: str, *, adapter: str | Path | None = None, max_new_tokens: int = 128,
+def continue_prompt(model_dir: str | Path, prompt: str, *, adapter: str | Path | None = None, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, device: str = "auto") -> str:
     """The model's continuation of the prompt, as given (nothing appended); greedy unless temperature > 0."""
     import torch

@@ -33,6 +33,9 @@ from llamajobs.errors import SpecError
 CHUNK_BYTES = 1 << 20
 CHUNK_RECORDS = 4096  # parsed records (JSON lists, documents) have no byte size; cap them by count
 BAD_LINE_EXAMPLES = 10  # how many skipped lines meta.json quotes
+# Tokenizing is CPU-bound: more processes than a few per CPU only add memory and start-up time, and
+# a typo (--workers 10000) would start a process storm.
+MAX_WORKERS = 4 * (os.cpu_count() or 1)
 
 
 # --- configuration ---
@@ -59,12 +62,13 @@ class PrepareConfig:
             if Path(path).is_dir() and not _files_under(Path(path)):
                 raise SpecError(f"INPUT {path}: a directory without files")
         fmts.get_format(self.format)  # an unknown --format is refused here, before any work
-        if self.workers < 1:
-            raise SpecError(f"--workers {self.workers}: must be at least 1")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise SpecError(f"--workers {self.workers}: must be 1 to {MAX_WORKERS} (4 per CPU of this machine)")
         if not 0 <= self.eval_fraction < 1:
             raise SpecError(f"--eval-fraction {self.eval_fraction}: must be at least 0 and below 1")
         if Path(self.out).exists() and not self.force:
             raise SpecError(f"--out {self.out} already exists; choose another directory or pass --force to replace it")
+        st.check_replaceable(Path(self.out), (*self.inputs, self.tokenizer))
 
 
 def resolve_inputs(inputs: Sequence[str | Path]) -> tuple[Path, ...]:

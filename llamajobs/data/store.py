@@ -151,14 +151,41 @@ def staging_dir(out: Path) -> Path:
     return tmp
 
 
+def is_store(path: Path) -> bool:
+    """Whether llamajobs wrote this directory as a token store: its meta.json says so."""
+    try:
+        return json.loads((path / META).read_text(encoding="utf-8")).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_replaceable(out: Path, inputs: Sequence[Path] = ()) -> None:
+    """--force replaces only what llamajobs wrote: a token store, or an empty directory; never a
+    directory that holds one of the inputs (nor the inputs themselves)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    resolved = out.resolve()
+    for given in inputs:
+        path = Path(given).resolve()
+        if path == resolved or resolved in path.parents:
+            raise SpecError(f"--out {out} holds the input {given}; --force never replaces it: choose another --out")
+    if out.is_symlink() or not out.is_dir():
+        raise SpecError(f"--out {out} is not a directory llamajobs wrote; --force replaces only a token store")
+    if not is_store(out) and any(out.iterdir()):
+        raise SpecError(f"--out {out} is not a token store (no llamajobs meta.json); --force replaces only a "
+                        f"token store: choose another --out")
+
+
 def commit(tmp: Path, out: Path, *, replace: bool = False) -> None:
-    """Rename the finished store into place. An existing DIR is replaced only with `replace`, and
-    only now that the new store is complete (the old one is moved aside, then deleted)."""
+    """Rename the finished store into place. An existing DIR is replaced only with `replace`, only
+    when it is a token store (or empty), and only now that the new store is complete (the old one is
+    moved aside, then deleted)."""
     if not out.exists():
         os.replace(tmp, out)
         return
     if not replace:
         raise SpecError(f"--out {out} already exists; choose another directory or pass --force to replace it")
+    check_replaceable(out)
     old = out.with_name(f"{out.name}.old-{os.getpid()}")
     os.replace(out, old)
     os.replace(tmp, out)
