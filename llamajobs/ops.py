@@ -31,18 +31,17 @@ MAX_JOB_ID = 10**12
 # --- the runs directory and its jobs ---
 
 
-def runs_dir(flag: str | None = None) -> Path:
+def runs_dir(flag: str | None = None, writable: bool = False) -> Path:
     """--runs-dir, $LLAMAJOBS_RUNS, the site profile's, or $LLAMAJOBS_HOME/runs; refused when it is
-    not a directory we can write to (a file, or read-only), before anything reads or writes it."""
+    a file, or (writable: a submit makes run dirs there) when it cannot be written. Reading another
+    user's runs needs no write access: the index lives in our own cache."""
     site, _ = site_mod.load()
     path = site_mod.runs_dir(site, flag)
-    for parent in (path, *path.parents):
-        if parent.exists():
-            break
-    if parent.exists() and not parent.is_dir():
-        raise SpecError(f"--runs-dir {path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SpecError(f"--runs-dir {path}: {parent} is not writable")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise SpecError(f"--runs-dir {path}: {existing} is a file, not a directory")
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(f"--runs-dir {path}: {existing} is not writable")
     return path
 
 
@@ -532,14 +531,3 @@ def check_work_dir(work: Path, inputs: tuple[Path, ...], plan: str, before_plan:
         if work.resolve() in (Path(given).resolve(), *Path(given).resolve().parents):
             raise SpecError(f"INPUT {given} is inside {work}, which a sharded preparation may discard; move it")
 
-
-def train_tokenizer(texts: tuple[str, ...], vocab_size: int, out_dir: Path) -> Path:
-    from llamajobs.data import read_text_files
-    from llamajobs.data.tokenizer import train_tokenizer as train
-
-    try:
-        return train(read_text_files(texts), vocab_size, out_dir)
-    except ValueError as e:  # a JSONL line without "text"
-        raise SpecError(str(e)) from None
-    except RuntimeError as e:  # sentencepiece refuses the vocabulary size, in its own words
-        raise SpecError(f"--vocab-size {vocab_size}: {str(e).split('] ')[-1]}") from None

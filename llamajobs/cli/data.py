@@ -90,4 +90,7 @@ def tokenizer() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 def tokenizer_train(texts: tuple[str, ...], vocab_size: int, out_dir: str) -> None:
     """Train a LLaMA-style sentencepiece BPE model on text files (plain text or JSONL with "text")."""
-    views.wrote(ops.train_tokenizer(texts, vocab_size, Path(out_dir)), "tokenizer written to")
+    from llamajobs.data import read_text_files
+    from llamajobs.data.tokenizer import train_tokenizer
+
+    views.wrote(train_tokenizer(read_text_files(texts), vocab_size, Path(out_dir)), "tokenizer written to")

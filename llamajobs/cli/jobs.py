@@ -25,7 +25,7 @@ from llamajobs.cli.options import (JOB_OPTIONS, TRAINING_OPTIONS, job_argument, 
 def submit(runs_dir: str | None, force: bool, gpu: str | None, dry_run: bool, wait: bool, as_json: bool,
            config_file: str | None, **values: Any) -> None:
     """Render a run and submit it (SLURM, or the local cluster)."""
-    runs = ops.runs_dir(runs_dir)
+    runs = ops.runs_dir(runs_dir, writable=not dry_run)
     flags = typed(values)
     cluster = None if "cluster" in flags else ops.detect_cluster()
     spec, site = ops.build_spec(flags, config_file, cluster_default=cluster)

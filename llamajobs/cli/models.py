@@ -92,7 +92,7 @@ def evaluate(model_dir: str, adapter: str | None, task: str, data: str, shots: i
         return
     if predictions:
         raise SpecError(f"--predictions {predictions}: an eval job writes RUN_DIR/predictions.jsonl; leave it out")
-    result = ops.submit_eval(settings, typed(values), ops.runs_dir(runs_dir))
+    result = ops.submit_eval(settings, typed(values), ops.runs_dir(runs_dir, writable=True))
     if not wait:
         views.print_json(result.to_json()) if as_json else views.submitted(result, kind="eval job")
         return

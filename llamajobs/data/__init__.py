@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from llamajobs.errors import SpecError
+
 SAMPLE_CORPUS = Path(__file__).parent / "sample" / "pmc_sample.jsonl"
 
 
@@ -21,7 +23,7 @@ def read_texts(path: str | Path = SAMPLE_CORPUS) -> Iterator[str]:
             try:
                 yield json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{number}: expected a JSON object with a \"text\" field") from None
+                raise SpecError(f"{path}:{number}: expected a JSON object with a \"text\" field") from None
 
 
 def read_text_files(paths: Iterable[str | Path]) -> Iterator[str]:
