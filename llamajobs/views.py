@@ -15,6 +15,8 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
+from llamajobs.evaluate import eval_mode
+
 # Paths must stay whole for copy and paste; piped output gets room for the status table.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
@@ -174,7 +176,7 @@ def _eval_progress(d) -> None:
     """An eval job has no steps: what it scores, then its result once eval.json is there."""
     evaluation, result, run_dir = d.spec.evaluation, d.eval_result, d.job.run_dir
     adapter = f" + adapter {evaluation.adapter}" if evaluation.adapter else ""
-    mode = "generate" if evaluation.generate else f"loglik-{evaluation.score}"
+    mode = eval_mode(evaluation.generate, evaluation.score)
     out.print(f"eval      {evaluation.task} {evaluation.data} ({evaluation.shots}-shot, {mode}), "
               f"model {evaluation.model}{adapter}", markup=False)
     if result is None:

@@ -267,3 +267,30 @@ def test_user_mistakes_are_one_line(cli, runs, tmp_path, args, code, says):
     got, stdout, stderr = cli(*args)
     assert (got, len(stderr.strip().splitlines())) == (code, 1), stderr
     assert says in stderr and "Traceback" not in stderr
+
+
+def test_a_damaged_run_shows_its_problem_in_the_table_the_detail_and_json(cli, runs, monkeypatch):
+    """monitor names what is wrong with a damaged run dir (Row.problem); every view shows it."""
+    make_run(runs, 1)
+    real_rows = monitor.rows
+
+    def damaged(jobs, now=None, finished=None):
+        return [monitor.Row(**{**r.to_dict(), "state": "COMPLETED", "problem": "spec.json is not JSON"})
+                for r in real_rows(jobs, now, {})]
+
+    monkeypatch.setattr(monitor, "rows", damaged)
+    code, stdout, _ = cli("status")
+    assert code == 0 and "COMPLETED: spec.json is not JSON" in stdout
+    code, stdout, _ = cli("status", "--json")
+    assert json.loads(stdout)["jobs"][0]["problem"] == "spec.json is not JSON"
+    code, stdout, _ = cli("status", "1")
+    assert code == 0 and "problem   spec.json is not JSON" in stdout
+    assert registry.Registry(runs).finished_rows() == {}, "a damaged row is not cached as the job's last word"
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "llamajobs", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "submit" in result.stdout
