@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from llamajobs import catalog, estimate, events, metrics, monitor, registry, site as site_mod, spec as spec_mod
+import llamajobs.spec
+from llamajobs import catalog, estimate, events, metrics, monitor, registry, site
 from llamajobs.errors import Failure, SpecError
 from llamajobs.registry import Job
 from llamajobs.site import Site
@@ -35,8 +36,8 @@ def runs_dir(flag: str | None = None, writable: bool = False) -> Path:
     """--runs-dir, $LLAMAJOBS_RUNS, the site profile's, or $LLAMAJOBS_HOME/runs; refused when it is
     a file, or (writable: a submit makes run dirs there) when it cannot be written. Reading another
     user's runs needs no write access: the index lives in our own cache."""
-    site, _ = site_mod.load()
-    path = site_mod.runs_dir(site, flag)
+    profile, _ = site.load()
+    path = site.runs_dir(profile, flag)
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise SpecError(f"--runs-dir {path}: {existing} is a file, not a directory")
@@ -84,12 +85,12 @@ def build_spec(flags: dict[str, Any], config_file: str | None = None, cluster_de
                fixed: dict[str, Any] | None = None) -> tuple[JobSpec, Site]:
     """The JobSpec of the typed flags over the run YAML and the site profile; `fixed` holds fields the
     command sets itself (an eval job's `evaluation`)."""
-    site, site_defaults = site_mod.load()
-    config = site_mod.read_yaml(Path(config_file), "--config") if config_file else {}
+    profile, site_defaults = site.load()
+    config = site.read_yaml(Path(config_file), "--config") if config_file else {}
     flags = {**flags, **(fixed or {})}
     if cluster_default and "cluster" not in flags and "cluster" not in config and "cluster" not in site_defaults:
         flags["cluster"] = cluster_default
-    return spec_mod.build(flags, config, site_defaults), site
+    return llamajobs.spec.build(flags, config, site_defaults), profile
 
 
 def detect_cluster() -> str:
@@ -181,10 +182,10 @@ class DryRun:
     verdict: str | None  # `sbatch --test-only`'s, on SLURM
 
 
-def dry_run(spec: JobSpec, site: Site) -> DryRun:
+def dry_run(spec: JobSpec, profile: Site) -> DryRun:
     from llamajobs import submit
 
-    folder, verdict = submit.dry_run(spec, site)
+    folder, verdict = submit.dry_run(spec, profile)
     return DryRun(folder, (folder / "job.sbatch").read_text(), verdict)
 
 
@@ -198,11 +199,11 @@ class Submitted:
                 "predicted_hours_per_epoch": self.predicted_hours_per_epoch}
 
 
-def submit_job(spec: JobSpec, site: Site, runs: Path, fit: FitCheck | None = None) -> Submitted:
+def submit_job(spec: JobSpec, profile: Site, runs: Path, fit: FitCheck | None = None) -> Submitted:
     from llamajobs import submit
 
     predicted = estimate.hours_for_spec(spec, fit.accelerator) if fit and fit.accelerator else None
-    return Submitted(submit.submit(spec, site, runs).job, predicted)
+    return Submitted(submit.submit(spec, profile, runs).job, predicted)
 
 
 def wait(job: Job, on_step: Callable[[monitor.Row], None] = lambda row: None, poll_s: float = 1.0) -> str:
@@ -482,11 +483,11 @@ def submit_eval(options: EvalSpec, flags: dict[str, Any], runs: Path) -> Submitt
 
     options = dataclasses.replace(options, model=absolute(options.model), data=absolute(options.data),
                                   adapter=absolute(options.adapter), shots_file=absolute(options.shots_file))
-    spec, site = build_spec(flags, fixed={"evaluation": options})
+    spec, profile = build_spec(flags, fixed={"evaluation": options})
     evaluate.read_inputs(options)  # a bad data or shots file fails before anything is queued
     if not spec.after:  # a model that a job it waits for will write need not exist yet
         evaluate.resolve_model(options.model, options.adapter)
-    return Submitted(submit.submit(spec, site, runs).job)
+    return Submitted(submit.submit(spec, profile, runs).job)
 
 
 def eval_result(job: Job, state: str) -> dict[str, Any] | None:

@@ -28,19 +28,19 @@ def submit(runs_dir: str | None, force: bool, gpu: str | None, dry_run: bool, wa
     runs = ops.runs_dir(runs_dir, writable=not dry_run)
     flags = typed(values)
     cluster = None if "cluster" in flags else ops.detect_cluster()
-    spec, site = ops.build_spec(flags, config_file, cluster_default=cluster)
+    spec, profile = ops.build_spec(flags, config_file, cluster_default=cluster)
     spec = ops.checked_spec(spec, runs)
     fit = ops.fit_check(spec, gpu, force, dry_run)
     if fit.warning:
         views.err.print(f"warning: {fit.warning}", markup=False)
     if dry_run:
-        done = ops.dry_run(spec, site)
+        done = ops.dry_run(spec, profile)
         click.echo(done.script)
         views.err.print(f"rendered into {done.folder}; nothing queued, nothing registered", markup=False)
         if done.verdict is not None:
             views.err.print(f"sbatch --test-only: {done.verdict}", markup=False)
         return
-    result = ops.submit_job(spec, site, runs, fit)
+    result = ops.submit_job(spec, profile, runs, fit)
     if not wait:
         views.print_json(result.to_json()) if as_json else views.submitted(result, fit.note)
         return
@@ -59,8 +59,8 @@ def render(out_dir: str, config_file: str | None, **values: Any) -> None:
     """Write spec.json, launch.sh and job.sbatch without a cluster."""
     import llamajobs.render
 
-    spec, site = ops.build_spec(typed(values), config_file, cluster_default="slurm")
-    for path in llamajobs.render.render(spec, site, out_dir):
+    spec, profile = ops.build_spec(typed(values), config_file, cluster_default="slurm")
+    for path in llamajobs.render.render(spec, profile, out_dir):
         views.out.print(str(path), markup=False, highlight=False)
 
 
