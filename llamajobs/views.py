@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llamajobs.evaluate import eval_mode
@@ -62,7 +63,8 @@ def percent(fraction: float | None, digits: int = 1) -> str:
 
 def submitted(result, gpu_note: str = "", kind: str = "job") -> None:
     job = result.job
-    out.print(f"{kind} [bold]{job.id}[/] ({job.cluster} job {job.cluster_job_id}) submitted; run dir {job.run_dir}")
+    out.print(f"{kind} [bold]{job.id}[/] ({job.cluster} job {job.cluster_job_id}) submitted; run dir "
+              f"{escape(str(job.run_dir))}")
     if result.predicted_hours_per_epoch is not None:
         out.print(f"predicted hours per epoch: {result.predicted_hours_per_epoch:.3g}{gpu_note}")
 
@@ -100,7 +102,7 @@ def status_table(rows: list) -> Table:
     for r in rows:
         accuracy = f" acc {r.accuracy:.1%}" if r.accuracy is not None else ""
         table.add_row(
-            str(r.id), r.name, f"{r.cluster}:{r.cluster_job_id}", state(r),
+            str(r.id), escape(r.name), f"{r.cluster}:{r.cluster_job_id}", escape(state(r)),
             f"{r.nodes}×{r.gpus_per_node}" if r.cluster == "slurm" else f"{r.nodes}×{r.procs_per_node} cpu",
             f"{r.size}/{r.mode}/{r.strategy}{accuracy}", f"{fmt(r.step)}/{fmt(r.total_steps)}", epoch(r.epoch),
             fmt(r.loss, ".4f"), fmt(r.tokens_per_s, ",.0f"), fmt(r.tokens_per_s_per_gpu, ",.0f"), percent(r.mfu),
@@ -124,11 +126,11 @@ def sparkline(values: list[float], width: int = 60) -> str:
 def detail(d) -> None:
     """`status JOB`: the spec, progress, events, logs and the first error."""
     job, row, spec = d.job, d.row, d.spec
-    out.print(f"[bold]job {job.id}[/] {job.name}  {state(row)}  ({job.cluster} job {job.cluster_job_id})",
-              highlight=False)
+    out.print(f"[bold]job {job.id}[/] {escape(job.name)}  {escape(state(row))}  ({job.cluster} job "
+              f"{job.cluster_job_id})", highlight=False)
     out.print(f"run dir   {job.run_dir}", markup=False)
     if row.problem:
-        out.print(f"[red]problem   {row.problem}[/]")
+        out.print(f"problem   {row.problem}", style="red", markup=False)
     if spec is not None and spec.evaluation is not None:
         _eval_progress(d)
     elif spec is not None:
