@@ -5,6 +5,7 @@ end-to-end runs through a real local cluster are in test_local_cluster.py."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -148,6 +149,14 @@ def test_a_runs_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "runs").write_text("not a directory")
     with pytest.raises(SpecError, match="is a file, not a directory"):
         ops.runs_dir(str(tmp_path / "runs" / "deeper"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere: no read-only directory to test with")
+def test_a_read_only_runs_dir_is_refused_for_submit_but_not_for_status(tmp_path):
+    (tmp_path / "runs").mkdir(mode=0o555)
+    assert ops.runs_dir(str(tmp_path / "runs")) == tmp_path / "runs"
+    with pytest.raises(SpecError, match="is not writable"):
+        ops.runs_dir(str(tmp_path / "runs"), writable=True)
 
 
 # --- cancel, requeue, logs ---
