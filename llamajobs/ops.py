@@ -275,8 +275,8 @@ def detail(runs: Path, job_id: int) -> Detail:
     except (OSError, ValueError):
         spec = None
     try:
-        losses = [r.loss for r in metrics.read(job.run_dir, tail_bytes=None).rows]
-    except OSError:
+        losses = [r.loss for r in job_metrics(job)]
+    except Failure:  # the row names the problem; the rest of the detail still shows
         losses = []
     failed = row.state in ("FAILED", "OUT_OF_MEMORY")
     return Detail(job=job, row=row, spec=spec, events=events.read(job.run_dir), logs=monitor.log_files(job),
@@ -346,15 +346,19 @@ def read_log(path: Path, follow: bool = False, poll_s: float = 0.5) -> Iterator[
                 time.sleep(poll_s)
 
 
+def job_metrics(job: Job) -> list[metrics.MetricsRow]:
+    """Every metrics row of the job (lines that are not rows left out: monitor's row counts them)."""
+    try:
+        return metrics.read(job.run_dir, tail_bytes=None).rows
+    except OSError as e:
+        raise Failure(f"job {job.id}: {job.run_dir / metrics.METRICS_FILE} cannot be read ({e.strerror})") from None
+
+
 def plot_job(runs: Path, job_id: int, output: Path) -> Path:
     from llamajobs.plot import plot_metrics
 
     job, _ = training_job(runs, job_id)
-    try:
-        rows = metrics.read(job.run_dir, tail_bytes=None).rows
-    except OSError as e:
-        raise Failure(f"job {job_id}: {job.run_dir / metrics.METRICS_FILE} cannot be read ({e.strerror})") from None
-    return plot_metrics(rows, f"job {job.id} {job.name}", output)
+    return plot_metrics(job_metrics(job), f"job {job.id} {job.name}", output)
 
 
 # --- estimate ---
@@ -420,10 +424,7 @@ def memory_table(spec: JobSpec, accel: catalog.Accelerator, a: estimate.Assumpti
 def measured_hours(runs: Path, job_id: int, tokens: int | None, a: estimate.Assumptions) -> dict[str, Any]:
     """Hours per epoch from the job's steady measured throughput, and the model's prediction beside it."""
     job, spec = training_job(runs, job_id)
-    try:
-        rows = metrics.read(job.run_dir, tail_bytes=None).rows
-    except OSError as e:
-        raise Failure(f"job {job_id}: {job.run_dir / metrics.METRICS_FILE} cannot be read ({e.strerror})") from None
+    rows = job_metrics(job)  # TODO(merge): hours_from_metrics takes typed rows (the estimate branch)
     result = estimate.hours_from_metrics(rows, events.read(job.run_dir), tokens, spec.tokens_per_epoch, a)
     if result is None:
         raise Failure(f"job {job_id} has no measured throughput yet; try again after its first logged steps")
