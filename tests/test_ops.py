@@ -303,3 +303,19 @@ def test_python_dash_m_runs_the_cli():
 
     result = subprocess.run([sys.executable, "-m", "llamajobs", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "submit" in result.stdout
+
+
+def test_eval_prints_its_scores_then_one_line_when_predictions_fail(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: {"task": "medqa", "accuracy": 0.5, "predictions": []})
+
+    def read_only_filesystem(path, rows):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(evaluate, "write_predictions", read_only_filesystem)
+    code, stdout, stderr = cli("eval", "--model", str(tmp_path), "--task", "medqa", "--data", str(tmp_path / "q.jsonl"),
+                               "--predictions", str(tmp_path / "p.jsonl"), "--json")
+    assert code == 1 and json.loads(stdout) == {"task": "medqa", "accuracy": 0.5}
+    assert stderr.count("\n") == 1 and "Read-only file system" in stderr and "Traceback" not in stderr
+    code, stdout, stderr = cli("eval", "--model", str(tmp_path), "--task", "medqa", "--data", str(tmp_path / "q.jsonl"),
+                               "--predictions", str(tmp_path / "missing" / "p.jsonl"))
+    assert (code, stdout) == (2, "") and "cannot be written" in stderr
