@@ -75,10 +75,10 @@ def evaluate(model_dir: str, adapter: str | None, task: str, data: str, shots: i
     Runs here, or with --cluster as a job (the questions split over its worker processes; `status`,
     `logs` and `cancel` as for training; RUN_DIR/eval.json holds what --json prints).
     """
-    settings = {"model": model_dir, "adapter": adapter, "task": task, "data": data, "shots": shots,
-                "shots_file": shots_file, "generate": use_generate, "score": score, "batch_size": batch_size,
-                "limit": limit, "max_new_tokens": max_new_tokens}
-    settings = EvalSpec(**{k: v for k, v in settings.items() if v is not None})
+    given = {"model": model_dir, "adapter": adapter, "task": task, "data": data, "shots": shots,
+             "shots_file": shots_file, "generate": use_generate, "score": score, "batch_size": batch_size,
+             "limit": limit, "max_new_tokens": max_new_tokens}
+    settings = EvalSpec(**{k: v for k, v in given.items() if v is not None})
     if values["cluster"] is None:
         job_flags = [k for k, v in values.items() if v is not None and k != "device"] + (["wait"] if wait else [])
         if job_flags:
