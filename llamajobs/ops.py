@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import llamajobs.spec
 from llamajobs import catalog, estimate, events, metrics, monitor, registry, site
+from llamajobs.data.prepare import PrepareConfig, Progress, prepare
 from llamajobs.errors import Failure, SpecError
 from llamajobs.registry import Job
 from llamajobs.site import Site
@@ -499,13 +500,11 @@ def eval_result(job: Job, state: str) -> dict[str, Any] | None:
 # --- data ---
 
 
-def prepare_data(config, shards: int | None, sharding: dict[str, Any], wait: bool = True,
-                 progress: Callable | None = None, on_submit: Callable[[str], None] = lambda line: None
-                 ) -> dict[str, Any]:
+def prepare_data(config: PrepareConfig, shards: int | None, sharding: dict[str, Any], wait: bool = True,
+                 progress: Callable[[Progress], None] | None = None,
+                 on_submit: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """`data prepare`: in this process, or (shards) as array tasks merged into one store. The store's
     meta.json, or a sharded preparation's state while it is unfinished ("unfinished" is true)."""
-    from llamajobs.data.prepare import prepare
-
     if shards is None:
         given = [f"--{k.replace('_', '-')}" for k, v in sharding.items() if v is not None] + ([] if wait else
                                                                                               ["--no-wait"])

@@ -16,7 +16,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from llamajobs.catalog import Accelerator
+from llamajobs.data.prepare import Progress
 from llamajobs.evaluate import eval_mode
+from llamajobs.monitor import Row
+from llamajobs.ops import Detail, Submitted
+from llamajobs.spec import JobSpec
 
 # Paths must stay whole for copy and paste; piped output gets room for the status table.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -61,7 +66,7 @@ def percent(fraction: float | None, digits: int = 1) -> str:
 # --- submit and wait ---
 
 
-def submitted(result, gpu_note: str = "", kind: str = "job") -> None:
+def submitted(result: Submitted, gpu_note: str = "", kind: str = "job") -> None:
     job = result.job
     out.print(f"{kind} [bold]{job.id}[/] ({job.cluster} job {job.cluster_job_id}) submitted; run dir "
               f"{escape(str(job.run_dir))}")
@@ -69,7 +74,7 @@ def submitted(result, gpu_note: str = "", kind: str = "job") -> None:
         out.print(f"predicted hours per epoch: {result.predicted_hours_per_epoch:.3g}{gpu_note}")
 
 
-def step_line(row) -> None:
+def step_line(row: Row) -> None:
     """--wait's progress, on stderr (stdout stays for --json)."""
     err.print(f"job {row.id} {row.state} step {row.step}/{row.total_steps} loss {fmt(row.loss, '.4f')} "
               f"tok/s {fmt(row.tokens_per_s, ',.0f')} MFU {percent(row.mfu)} ({row.peak})")
@@ -78,7 +83,7 @@ def step_line(row) -> None:
 # --- status ---
 
 
-def state(row) -> str:
+def state(row: Row) -> str:
     """The state; a damaged run dir says what is wrong, a STALLED job how old its last metric is."""
     if row.problem:
         return f"{row.state}: {row.problem}"
@@ -94,7 +99,7 @@ def epoch(epochs: float | None) -> str:
     return f"{epochs * 100:.1f}%" if epochs <= 1 else f"{epochs:.2f} ep"
 
 
-def status_table(rows: list) -> Table:
+def status_table(rows: list[Row]) -> Table:
     table = Table(box=None, header_style="bold")
     for col in ("id", "name", "job", "state", "nodes×gpus", "size/mode/strategy", "step", "epoch",
                 "loss", "tok/s", "tok/s/gpu", "MFU", "ETA", "elapsed"):
@@ -123,7 +128,7 @@ def sparkline(values: list[float], width: int = 60) -> str:
     return "".join(SPARK[int((v - lo) / (hi - lo + 1e-12) * (len(SPARK) - 1))] for v in values)
 
 
-def detail(d) -> None:
+def detail(d: Detail) -> None:
     """`status JOB`: the spec, progress, events, logs and the first error."""
     job, row, spec = d.job, d.row, d.spec
     out.print(f"[bold]job {job.id}[/] {escape(job.name)}  {escape(state(row))}  ({job.cluster} job "
@@ -156,7 +161,7 @@ def detail(d) -> None:
                   markup=False)
 
 
-def _training_progress(d) -> None:
+def _training_progress(d: Detail) -> None:
     spec, row = d.spec, d.row
     out.print(f"model     {spec.size} {spec.mode} {spec.strategy}, {spec.nodes} node(s) "
               f"seq {spec.seq_len} global batch {spec.global_batch} micro {spec.micro_batch} lr {spec.lr}")
@@ -174,7 +179,7 @@ def _training_progress(d) -> None:
         out.print(f"loss      {sparkline(d.losses)}  {d.losses[0]:.3f} → {d.losses[-1]:.3f}")
 
 
-def _eval_progress(d) -> None:
+def _eval_progress(d: Detail) -> None:
     """An eval job has no steps: what it scores, then its result once eval.json is there."""
     evaluation, result, run_dir = d.spec.evaluation, d.eval_result, d.job.run_dir
     adapter = f" + adapter {evaluation.adapter}" if evaluation.adapter else ""
@@ -194,7 +199,7 @@ def _eval_progress(d) -> None:
 # --- estimate ---
 
 
-def grid(result: dict[str, Any], gpu) -> None:
+def grid(result: dict[str, Any], gpu: Accelerator) -> None:
     table = Table(box=None, header_style="bold")
     for col in ("size", "strategy", "mode", "hours/epoch", "MFU", "GPU GiB", "CPU GiB/node", "verdict"):
         table.add_column(col)
@@ -238,7 +243,7 @@ def hours_table(r: dict[str, Any]) -> None:
     out.print(table)
 
 
-def memory_table(result: dict[str, Any], spec, accel) -> None:
+def memory_table(result: dict[str, Any], spec: JobSpec, accel: Accelerator) -> None:
     table = Table(box=None, header_style="bold")
     for col in ("strategy", "GPU GiB", "CPU GiB/node", "verdict", "tokens/s"):
         table.add_column(col)
@@ -308,7 +313,7 @@ class PrepareProgress:
             self.bar.live.transient = exc_type is not None  # an error is then the only thing on stderr
             self.bar.stop()
 
-    def __call__(self, p) -> None:
+    def __call__(self, p: Progress) -> None:
         rate = 1 / max(p.elapsed_s, 1e-9)
         fields = {"label": p.label, "mb_s": p.bytes_read / 1e6 * rate, "docs": p.documents,
                   "docs_s": p.documents * rate, "tokens": p.tokens, "tokens_s": p.tokens * rate}
@@ -394,7 +399,7 @@ def wrote(path: Path | str, what: str = "wrote") -> None:
     out.print(f"{what} {path}", markup=False, highlight=False)
 
 
-def watch(rows: Callable[[], list], every_s: float = 2.0) -> None:
+def watch(rows: Callable[[], list[Row]], every_s: float = 2.0) -> None:
     """`status --watch`: the table refreshed in place until Ctrl-C."""
     from rich.live import Live
 
