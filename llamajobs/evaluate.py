@@ -416,3 +416,18 @@ def write_predictions(path: str | Path, predictions: Iterable[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for i, p in enumerate(predictions):
             f.write(json.dumps({"index": i, **p}) + "\n")
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse a file we could not write, before the work whose result goes there: tried, not
+    guessed from the permission bits (root passes those, a read-only filesystem does not)."""
+    existed = path.exists()
+    if path.is_dir():
+        raise SpecError(f"{flag} {path}: a directory; give a file name")
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise SpecError(f"{flag} {path}: cannot be written ({e.strerror})") from None
+    if not existed:
+        path.unlink()

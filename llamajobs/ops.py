@@ -438,21 +438,6 @@ def measured_hours(runs: Path, job_id: int, tokens: int | None, a: estimate.Assu
 # --- eval ---
 
 
-def check_writable(path: Path, flag: str) -> None:
-    """Refuse a file we could not write, before the work whose result goes there: tried, not
-    guessed from the permission bits (root passes those, a read-only filesystem does not)."""
-    existed = path.exists()
-    if path.is_dir():
-        raise SpecError(f"{flag} {path}: a directory; give a file name")
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as e:
-        raise SpecError(f"{flag} {path}: cannot be written ({e.strerror})") from None
-    if not existed:
-        path.unlink()
-
-
 @dataclass(frozen=True, slots=True)
 class EvalRun:
     result: dict[str, Any]  # what `eval --json` prints (predictions aside)
@@ -464,7 +449,7 @@ def evaluate_here(options: EvalSpec, device: str, predictions: Path | None = Non
     from llamajobs import evaluate
 
     if predictions is not None:
-        check_writable(predictions, "--predictions")
+        evaluate.check_writable(predictions, "--predictions")
     result = evaluate.evaluate(options, device=device)
     details = result.pop("predictions")
     if predictions is None:
@@ -511,24 +496,9 @@ def prepare_data(config: PrepareConfig, shards: int | None, sharding: dict[str, 
         if given:
             raise SpecError(f"{', '.join(given)}: only with --shards N (sharded preparation)")
         return prepare(config, progress)
-    from llamajobs.data import shards as sh
+    from llamajobs.data import shards as sh, store as st
 
     # What open_work makes before it writes the plan: a start interrupted there left only these.
-    check_work_dir(sh.work_dir(config.out), config.inputs, sh.PLAN, {sh.SHARDS_DIR, sh.WORK_DIR})
+    st.check_work_dir(sh.work_dir(config.out), config.inputs, sh.PLAN, {sh.SHARDS_DIR, sh.WORK_DIR})
     cluster_config = sh.cluster_config(shards, wait=wait, **sharding)
     return sh.prepare_sharded(config, cluster_config, progress, on_submit=on_submit)
-
-
-def check_work_dir(work: Path, inputs: tuple[Path, ...], plan: str, before_plan: set[str]) -> None:
-    """A sharded preparation's DIR.parts may be discarded (--force, or a start that never wrote its
-    plan): it must be one llamajobs made (its plan is there, or only what comes before the plan),
-    and hold none of the inputs."""
-    if not work.exists():
-        return
-    if not work.is_dir() or not ((work / plan).is_file() or {p.name for p in work.iterdir()} <= before_plan):
-        raise SpecError(f"{work}: not a sharded preparation of llamajobs (it holds other files); move it away or "
-                        f"choose another --out")
-    for given in inputs:
-        if work.resolve() in (Path(given).resolve(), *Path(given).resolve().parents):
-            raise SpecError(f"INPUT {given} is inside {work}, which a sharded preparation may discard; move it")
-
