@@ -319,3 +319,14 @@ def test_eval_prints_its_scores_then_one_line_when_predictions_fail(cli, tmp_pat
     code, stdout, stderr = cli("eval", "--model", str(tmp_path), "--task", "medqa", "--data", str(tmp_path / "q.jsonl"),
                                "--predictions", str(tmp_path / "missing" / "p.jsonl"))
     assert (code, stdout) == (2, "") and "cannot be written" in stderr
+
+
+def test_a_filesystem_refusal_is_one_line_naming_the_path(cli, runs, running, monkeypatch):
+    make_run(runs, 1, finished=False)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(runs / "1-run1" / "events"))
+
+    monkeypatch.setattr(events, "record", refused)
+    code, _, stderr = cli("cancel", "1")
+    assert code == 1 and stderr == f"Error: {runs / '1-run1' / 'events'}: Permission denied\n"

@@ -57,8 +57,7 @@ def main() -> None:
     except UnicodeDecodeError as e:  # a file of ours (or the user's) that is not UTF-8 text
         fail(f"a file is not UTF-8 text ({e.reason} at byte {e.start}); is it the file you meant?", 2)
     except OSError as e:  # the filesystem refused: permissions, a full disk, a path that is a file
-        where = f" {e.filename}" if e.filename else ""
-        fail(f"{e.strerror or e}:{where}", 1)
+        fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e), 1)
     except sqlite3.DatabaseError as e:  # the registry's index is damaged; it is rebuilt from the runs
         fail(f"the job index is damaged ({e}); delete it under $XDG_CACHE_HOME/llamajobs to rebuild it", 1)
     except Exception as e:  # a bug: one line, and the traceback when asked for
