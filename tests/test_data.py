@@ -576,3 +576,13 @@ def test_packed_instruction_rows(tmp_path, real_tok, sp):
     resumed.load_state_dict(sampler.state_dict())
     for (xa, ya), (xb, yb) in zip(next(sampler), next(resumed)):
         assert xa.equal(xb) and ya.equal(yb)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b'{"model": 3}', b"[1, 2"])
+def test_a_damaged_tokenizer_json_is_one_line(cli, tmp_path, content):
+    f = write_jsonl(tmp_path / "in.jsonl", corpus(2))
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_bytes(content)
+    code, _, stderr = cli("data", "prepare", str(f), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "s"))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert "its tokenizer cannot be loaded" in stderr

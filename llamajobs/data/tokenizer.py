@@ -100,4 +100,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model; expected an HF LLaMA directory")
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers and tokenizers raise many kinds for a damaged file, even a bare Exception
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpecError(f"{path}: its tokenizer cannot be loaded ({first}); is tokenizer.json or "
+                        f"tokenizer_config.json damaged?") from None
