@@ -73,7 +73,10 @@ def read_records(path: str | Path, flag: str = "--data") -> list[tuple[str, dict
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{flag} {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start}); expected JSON lines") from None
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:

@@ -586,3 +586,15 @@ def test_a_damaged_tokenizer_json_is_one_line(cli, tmp_path, content):
     code, _, stderr = cli("data", "prepare", str(f), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "s"))
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     assert "its tokenizer cannot be loaded" in stderr
+
+
+def test_wrong_bytes_are_one_line_naming_the_file(cli, tmp_path):
+    (tmp_path / "st").mkdir()
+    for meta in (b"\xff\xfe", b"[1]"):
+        (tmp_path / "st" / "meta.json").write_bytes(meta)
+        code, _, stderr = cli("data", "inspect", str(tmp_path / "st"))
+        assert code == 2 and f"{tmp_path / 'st' / 'meta.json'} is not a llamajobs token store" in stderr
+    (tmp_path / "t.txt").write_bytes(b"fine\nx\xffy\n")
+    code, _, stderr = cli("tokenizer", "train", str(tmp_path / "t.txt"), "--vocab-size", "300", "--out",
+                          str(tmp_path / "tk"))
+    assert code == 2 and f"{tmp_path / 't.txt'}: not UTF-8 text" in stderr and len(stderr.splitlines()) == 1

@@ -464,3 +464,10 @@ def test_parse_choice_letters(text, expected):
 ])
 def test_parse_choice_pubmedqa(text, expected):
     assert ev.parse_choice(text, mcq.PUBMEDQA_OPTIONS) == expected
+
+
+def test_a_data_file_of_wrong_bytes_is_refused_by_name(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(b"\xff\xfe not text")
+    with pytest.raises(SpecError, match=f"--data {path}: not UTF-8 text"):
+        mcq.read_questions("medqa", path)

@@ -29,8 +29,11 @@ def read_texts(path: str | Path = SAMPLE_CORPUS) -> Iterator[str]:
 def read_text_files(paths: Iterable[str | Path]) -> Iterator[str]:
     """Texts for tokenizer training: JSONL files give their "text" fields, other files their lines."""
     for path in map(Path, paths):
-        if path.suffix == ".jsonl":
-            yield from read_texts(path)
-        else:
-            with open(path, encoding="utf-8") as f:
-                yield from (line.rstrip("\n") for line in f if line.strip())
+        try:
+            if path.suffix == ".jsonl":
+                yield from read_texts(path)
+            else:
+                with open(path, encoding="utf-8") as f:
+                    yield from (line.rstrip("\n") for line in f if line.strip())
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None

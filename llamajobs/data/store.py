@@ -237,8 +237,11 @@ class TokenStore(Sequence[np.ndarray]):
                          f"{self.path}` shows its shards; rerun the same `data prepare` command to finish it)")
             raise SpecError(f"{self.path} is not a token store: no {META}{hint}; "
                             f"write one with `llamajobs data prepare`")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("kind") != KIND:
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError as e:  # not UTF-8, or not JSON: a damaged file, not ours
+            raise SpecError(f"{meta_path} is not a llamajobs token store's meta.json ({e})") from None
+        if not isinstance(self.meta, dict) or self.meta.get("kind") != KIND:
             raise SpecError(f"{meta_path} is not a llamajobs token store's meta.json")
         if self.meta.get("format_version", 0) > FORMAT_VERSION:
             raise SpecError(f"{self.path} was written by a newer llamajobs (store format "
