@@ -107,6 +107,23 @@ def _field(record: dict, where: str, task: str, *names: str, required: bool = Tr
     return None
 
 
+def _text(value: Any, where: str, name: str) -> str:
+    """A text field: a string (a number is read as its digits); a list, an object or null is refused."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise SpecError(f"{where}: {name} is {'null' if value is None else type(value).__name__}, expected text")
+    return str(value)
+
+
+def _integer(value: Any, where: str, name: str, expected: str) -> int:
+    """A whole number (or its digits as a string): 1.5, true or "x" are refused, never rounded."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise SpecError(f"{where}: {name} {value!r} is not {expected}")
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise SpecError(f"{where}: {name} {value!r} is not {expected}") from None
+
+
 def _medqa(record: dict, where: str) -> Question:
     if "sent1" in record or "ending0" in record:
         question = _field(record, where, "medqa", "sent1")
@@ -125,20 +142,20 @@ def _medqa(record: dict, where: str) -> Question:
         keys = sorted(opts)
         options = [opts[k] for k in keys]
         idx = record.get("answer_idx")
-        answer = keys.index(idx) if idx in keys else None
+        if idx is not None and idx not in keys:
+            raise SpecError(f"{where}: answer_idx {idx!r} is not one of the options {', '.join(map(str, keys))}")
+        answer = None if idx is None else keys.index(idx)
     if len(options) < 2:
         raise SpecError(f"{where}: fewer than two options; --task medqa expects {FORMATS['medqa']}")
-    return Question(question=str(question), options=tuple(map(str, options)), answer=answer)
+    return Question(question=_text(question, where, "the question"),
+                    options=tuple(_text(o, where, f"option {i}") for i, o in enumerate(options)), answer=answer)
 
 
 def _index(value: Any, n: int, where: str, name: str, base: int) -> int:
     """An option index from a number (counted from base) or a letter."""
     if isinstance(value, str) and value.strip().upper() in LETTERS[:n] and len(value.strip()) == 1:
         return LETTERS.index(value.strip().upper())
-    try:
-        index = int(value) - base
-    except (TypeError, ValueError):
-        raise SpecError(f"{where}: {name} {value!r} is not an option number or letter") from None
+    index = _integer(value, where, name, "an option number or letter") - base
     if not 0 <= index < n:
         raise SpecError(f"{where}: {name} {value!r} is out of range ({base} to {n - 1 + base})")
     return index
@@ -148,10 +165,8 @@ def _medmcqa(records: list[tuple[str, dict]], notes: list[str]) -> list[Question
     cops = []
     for where, r in records:
         cop = _field(r, where, "medmcqa", "cop", required=False)
-        try:
-            cops.append(None if cop is None or int(cop) < 0 else int(cop))
-        except (TypeError, ValueError):
-            raise SpecError(f"{where}: cop {cop!r} is not an option number (0-3 or 1-4)") from None
+        cop = None if cop is None else _integer(cop, where, "cop", "an option number (0-3 or 1-4)")
+        cops.append(None if cop is None or cop < 0 else cop)
     seen = {c for c in cops if c is not None}
     if 0 in seen and 4 in seen:
         raise SpecError(f"{records[0][0].rsplit(':', 1)[0]}: cop takes both 0 and 4; expected 0-3 (Hugging Face) "
@@ -161,9 +176,9 @@ def _medmcqa(records: list[tuple[str, dict]], notes: list[str]) -> list[Question
         notes.append("medmcqa: cop only took values 1-3; read as 0-3 (Hugging Face numbering), as data prepare does")
     questions = []
     for (where, r), cop in zip(records, cops):
-        options = tuple(str(_field(r, where, "medmcqa", key)) for key in ("opa", "opb", "opc", "opd"))
+        options = tuple(_text(_field(r, where, "medmcqa", key), where, key) for key in ("opa", "opb", "opc", "opd"))
         answer = None if cop is None else _index(cop, 4, where, "cop", base)
-        question = str(_field(r, where, "medmcqa", "question"))
+        question = _text(_field(r, where, "medmcqa", "question"), where, "question")
         questions.append(Question(question=question, options=options, answer=answer))
     return questions
 
@@ -182,7 +197,7 @@ def _pubmedqa(record: dict, where: str) -> Question:
         if decision not in PUBMEDQA_OPTIONS:
             raise SpecError(f"{where}: final_decision {decision!r}; expected yes, no or maybe")
         answer = PUBMEDQA_OPTIONS.index(decision)
-    return Question(question=str(question), options=PUBMEDQA_OPTIONS, answer=answer,
+    return Question(question=_text(question, where, "question"), options=PUBMEDQA_OPTIONS, answer=answer,
                     context=str(context) if context else None)
 
 

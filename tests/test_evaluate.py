@@ -471,3 +471,19 @@ def test_a_data_file_of_wrong_bytes_is_refused_by_name(tmp_path):
     path.write_bytes(b"\xff\xfe not text")
     with pytest.raises(SpecError, match=f"--data {path}: not UTF-8 text"):
         mcq.read_questions("medqa", path)
+
+
+@pytest.mark.parametrize("task, record, says", [
+    ("medmcqa", {"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 1.5}, "cop 1.5 is not"),
+    ("medmcqa", {"question": "q", "opa": ["a"], "opb": "b", "opc": "c", "opd": "d", "cop": 1}, "opa is list"),
+    ("medmcqa", {"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": True}, "cop True is not"),
+    ("medqa", {"question": "q", "options": {"A": "x", "B": "y"}, "answer_idx": "G"}, "answer_idx 'G' is not one"),
+    ("medqa", {"sent1": {"q": 1}, "ending0": "a", "ending1": "b", "label": 0}, "the question is dict"),
+    ("medqa", {"sent1": "q", "ending0": "a", "ending1": "b", "label": float("nan")}, "label nan is not"),
+    ("pubmedqa", {"question": None, "context": "c", "final_decision": "yes"}, "question is null"),
+])
+def test_wrong_types_in_a_record_are_refused_not_coerced(tmp_path, task, record, says):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(SpecError, match=f"{path}:1: {says}"):
+        mcq.read_questions(task, path)
