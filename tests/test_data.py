@@ -10,6 +10,7 @@ import gzip
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from llamajobs.catalog import TINY_VOCAB
 from llamajobs.data import SAMPLE_CORPUS, read_texts
 from llamajobs.data import formats as fmts
 from llamajobs.data import store as st
-from llamajobs.data.prepare import PrepareConfig, describe, held_out, prepare
+from llamajobs.data.inspect import describe
+from llamajobs.data.prepare import PrepareConfig, held_out, prepare
 from llamajobs.errors import SpecError
 
 
@@ -348,7 +350,8 @@ def test_skip_bad_lines_counts_and_reports(cli, tmp_path, real_tok):
 
 @pytest.mark.parametrize("args, message", [
     (["--format", "csv"], "--format 'csv' is not known; choose one of text, s2orc"),
-    (["--workers", "0"], "--workers 0: must be at least 1"),
+    (["--workers", "0"], "--workers 0: must be 1 to"),
+    (["--workers", "100000"], "--workers 100000: must be 1 to"),
     (["--eval-fraction", "1.5"], "--eval-fraction 1.5"),
     (["--cluster", "local", "--no-wait"], "--cluster, --no-wait: only with --shards N"),
     (["--shards", "0", "--cluster", "local"], "--shards 0: must be at least 1"),
@@ -367,6 +370,47 @@ def test_no_tokenizer_and_not_a_store_exit_2(cli, tmp_path):
     assert code == 2 and "expected a model directory with tokenizer.model" in stderr
     code, _, stderr = cli("data", "inspect", str(tmp_path))
     assert code == 2 and "is not a token store: no meta.json" in stderr
+
+
+# --- --force replaces only what llamajobs wrote ---
+
+
+def test_force_replaces_a_store_and_refuses_anything_else(tmp_path, real_tok):
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    f = write_jsonl(corpus_dir / "in.jsonl", corpus(5))
+    for out in (corpus_dir, tmp_path):  # the directory holding the corpus, or one above it
+        with pytest.raises(SpecError, match=f"--out {out} holds the input"):
+            run(f, real_tok, out, force=True)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("years of work")
+    with pytest.raises(SpecError, match=f"--out {notes} is not a token store"):
+        run(f, real_tok, notes, force=True)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SpecError, match="is not a directory llamajobs wrote"):
+        run(f, real_tok, tmp_path / "a-file", force=True)
+    (tmp_path / "tok").mkdir()
+    tok = Path(shutil.copy(real_tok, tmp_path / "tok" / "tokenizer.model"))
+    with pytest.raises(SpecError, match="holds the input"):  # the tokenizer is an input too
+        run(f, tok, tmp_path / "tok", force=True)
+    assert (notes / "thesis.tex").read_text() == "years of work" and f.exists()
+    store = tmp_path / "store"
+    run(f, real_tok, store)
+    run(f, real_tok, store, force=True)
+    (tmp_path / "empty").mkdir()
+    run(f, real_tok, tmp_path / "empty", force=True)  # an empty directory holds nothing to lose
+    assert st.is_store(store) and st.is_store(tmp_path / "empty")
+
+
+def test_force_refuses_a_work_dir_that_is_not_a_sharded_preparation(cli, tmp_path, real_tok):
+    f = write_jsonl(tmp_path / "in.jsonl", corpus(5))
+    (tmp_path / "s.parts").mkdir()
+    (tmp_path / "s.parts" / "mine.txt").write_text("not llamajobs'")
+    code, _, stderr = cli("data", "prepare", str(f), "--tokenizer", str(real_tok), "--out", str(tmp_path / "s"),
+                          "--shards", "2", "--cluster", "local", "--force")
+    assert code == 2 and "s.parts: not a sharded preparation of llamajobs" in stderr
+    assert (tmp_path / "s.parts" / "mine.txt").exists()
 
 
 # --- atomic writing ---
@@ -532,3 +576,25 @@ def test_packed_instruction_rows(tmp_path, real_tok, sp):
     resumed.load_state_dict(sampler.state_dict())
     for (xa, ya), (xb, yb) in zip(next(sampler), next(resumed)):
         assert xa.equal(xb) and ya.equal(yb)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b'{"model": 3}', b"[1, 2"])
+def test_a_damaged_tokenizer_json_is_one_line(cli, tmp_path, content):
+    f = write_jsonl(tmp_path / "in.jsonl", corpus(2))
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_bytes(content)
+    code, _, stderr = cli("data", "prepare", str(f), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "s"))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert "its tokenizer cannot be loaded" in stderr
+
+
+def test_wrong_bytes_are_one_line_naming_the_file(cli, tmp_path):
+    (tmp_path / "st").mkdir()
+    for meta in (b"\xff\xfe", b"[1]"):
+        (tmp_path / "st" / "meta.json").write_bytes(meta)
+        code, _, stderr = cli("data", "inspect", str(tmp_path / "st"))
+        assert code == 2 and f"{tmp_path / 'st' / 'meta.json'} is not a llamajobs token store" in stderr
+    (tmp_path / "t.txt").write_bytes(b"fine\nx\xffy\n")
+    code, _, stderr = cli("tokenizer", "train", str(tmp_path / "t.txt"), "--vocab-size", "300", "--out",
+                          str(tmp_path / "tk"))
+    assert code == 2 and f"{tmp_path / 't.txt'}: not UTF-8 text" in stderr and len(stderr.splitlines()) == 1

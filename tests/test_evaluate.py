@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamajobs import evaluate as ev
+from llamajobs import evaluate as ev, questions as mcq
 from llamajobs.data import formats
 from llamajobs.errors import SpecError
 from llamajobs.spec import EvalSpec
@@ -70,7 +70,7 @@ def fine_tune(model, tokenizer, questions: list[ev.Question], steps: int = 130, 
     and encoding that evaluate.py exports for training)."""
     examples = []
     for q in questions:
-        prompt, answer = ev.encode(tokenizer, ev.mcq_prompt(q), ev.mcq_answer(q))
+        prompt, answer = ev.encode(tokenizer, mcq.mcq_prompt(q), ev.mcq_answer(q))
         examples.append((prompt, answer + [tokenizer.eos_id]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     rng = random.Random(0)
@@ -108,7 +108,7 @@ def tuned_model(workdir, base_model, toy):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small trains faster on one thread, much faster on a busy box
     try:
-        model, losses = fine_tune(model, tokenizer, ev.read_questions("medqa", toy["train"]))
+        model, losses = fine_tune(model, tokenizer, mcq.read_questions("medqa", toy["train"]))
     finally:
         torch.set_num_threads(threads)
     assert losses[-1] < losses[0] / 5, losses
@@ -197,7 +197,7 @@ def test_lora_adapter_and_merged_model_agree(cli, workdir, tuned_model, toy):
 
 def test_generate_continues_the_prompt_as_given(cli, tuned_model):
     q = toy_questions(4, seed=5)[2]
-    code, stdout, stderr = cli("generate", "--model", str(tuned_model), "--prompt", ev.mcq_prompt(q),
+    code, stdout, stderr = cli("generate", "--model", str(tuned_model), "--prompt", mcq.mcq_prompt(q),
                                "--max-new-tokens", "3")
     assert code == 0, stderr
     assert stdout.strip() == "ABCD"[q.answer]
@@ -298,7 +298,7 @@ def test_batched_scores_equal_one_at_a_time(base_model):
     model, tokenizer = ev.load_model(base_model, device="cpu")
     qs = toy_questions(6, seed=3) + [ev.Question(question="A much longer question " * 5, options=("a", "b", "c"),
                                                  answer=0, context="Some context. " * 4)]
-    prompts = [ev.mcq_prompt(q) for q in qs]
+    prompts = [mcq.mcq_prompt(q) for q in qs]
     for conts in ([[ev.mcq_answer(q, i) for i in range(len(q.options))] for q in qs],
                   [list(q.options) for q in qs]):  # letters (one forward) and texts (rows)
         batched, _ = ev.option_scores(model, tokenizer, prompts, conts, batch_size=7)
@@ -318,7 +318,7 @@ def test_batched_scores_equal_one_at_a_time(base_model):
 def test_long_prompts_are_truncated_from_the_left(base_model):
     model, tokenizer = ev.load_model(base_model, device="cpu")
     q = ev.Question(question="why?", options=("yes", "no"), answer=0, context="word " * 2000)
-    scores, truncated = ev.option_scores(model, tokenizer, [ev.mcq_prompt(q)], [["A", "B"]])
+    scores, truncated = ev.option_scores(model, tokenizer, [mcq.mcq_prompt(q)], [["A", "B"]])
     assert truncated == 1 and len(scores[0]) == 2
 
 
@@ -336,9 +336,9 @@ def test_medqa_formats(tmp_path):
         {"question": "Which vitamin?", "options": {"A": "A", "B": "B12", "C": "C", "D": "D"}, "answer_idx": "B",
          "answer": "B12"},
     ])
-    qs = ev.read_questions("medqa", path)
+    qs = mcq.read_questions("medqa", path)
     assert [q.answer for q in qs] == [2, 1] and qs[0].options[3] == "Costochondritis"
-    prompt = ev.mcq_prompt(qs[0])
+    prompt = mcq.mcq_prompt(qs[0])
     assert prompt == formats.mcq_prompt("A 45-year-old man has chest pain.", ["MI", "GERD", "PE", "Costochondritis"])
     assert "\nA. MI\nB. GERD\nC. PE\nD. Costochondritis\n" in prompt and prompt.endswith("Answer:\n")
     assert ev.mcq_answer(qs[0]) == "C"
@@ -350,13 +350,13 @@ def test_medmcqa_cop_numbering_is_detected(tmp_path):
     zero_based = write(tmp_path / "hf.jsonl", [{**base, "cop": 0}, {**base, "cop": 3}, {**base, "cop": -1}])
     ambiguous = write(tmp_path / "amb.jsonl", [{**base, "cop": 2}])
     both = write(tmp_path / "both.jsonl", [{**base, "cop": 0}, {**base, "cop": 4}])
-    assert [q.answer for q in ev.read_questions("medmcqa", one_based)] == [3, 0]
-    assert [q.answer for q in ev.read_questions("medmcqa", zero_based)] == [0, 3, None]
+    assert [q.answer for q in mcq.read_questions("medmcqa", one_based)] == [3, 0]
+    assert [q.answer for q in mcq.read_questions("medmcqa", zero_based)] == [0, 3, None]
     notes: list[str] = []
-    assert [q.answer for q in ev.read_questions("medmcqa", ambiguous, notes)] == [2]  # as data prepare reads it
+    assert [q.answer for q in mcq.read_questions("medmcqa", ambiguous, notes)] == [2]  # as data prepare reads it
     assert "read as 0-3" in notes[0]
     with pytest.raises(SpecError, match="cop takes both 0 and 4"):
-        ev.read_questions("medmcqa", both)
+        mcq.read_questions("medmcqa", both)
 
 
 def test_pubmedqa_formats(tmp_path):
@@ -369,11 +369,11 @@ def test_pubmedqa_formats(tmp_path):
     original = tmp_path / "ori_pqal.json"
     original.write_text(json.dumps({"21645374": {"QUESTION": "Do mitochondria matter?", "CONTEXTS": ["Ctx."],
                                                  "final_decision": "no", "LONG_ANSWER": "..."}}))
-    qs = ev.read_questions("pubmedqa", jsonl)
+    qs = mcq.read_questions("pubmedqa", jsonl)
     assert [q.answer for q in qs] == [0, 2, 1]
     assert qs[0].context == "First.\nSecond." and qs[2].context == "Plain string."
-    assert ev.mcq_prompt(qs[1]) == formats.mcq_prompt("Is Y safe?", ["yes", "no", "maybe"], "Only one.")
-    (q,) = ev.read_questions("pubmedqa", original)
+    assert mcq.mcq_prompt(qs[1]) == formats.mcq_prompt("Is Y safe?", ["yes", "no", "maybe"], "Only one.")
+    (q,) = mcq.read_questions("pubmedqa", original)
     assert (q.question, q.context, q.answer) == ("Do mitochondria matter?", "Ctx.", 1)
 
 
@@ -399,11 +399,11 @@ def test_each_format_evaluates_through_the_cli(cli, base_model, tmp_path):
 
 
 def test_few_shot_prompt_and_shots_file(cli, tuned_model, toy):
-    shots = ev.read_questions("medqa", toy["train"])[:2]
+    shots = mcq.read_questions("medqa", toy["train"])[:2]
     q = toy_questions(1, seed=9)[0]
     prompt = ev.few_shot_prompt(q, shots)
-    assert prompt.startswith(ev.mcq_prompt(shots[0]) + ev.mcq_answer(shots[0]) + "\n\n")
-    assert prompt.endswith(ev.mcq_prompt(q)) and prompt.count("Answer:") == 3
+    assert prompt.startswith(mcq.mcq_prompt(shots[0]) + ev.mcq_answer(shots[0]) + "\n\n")
+    assert prompt.endswith(mcq.mcq_prompt(q)) and prompt.count("Answer:") == 3
     code, stdout, stderr = cli("eval", "--model", str(tuned_model), "--task", "medqa", "--data", str(toy["test"]),
                                "--shots", "2", "--shots-file", str(toy["train"]), "--limit", "8", "--json")
     assert code == 0, stderr
@@ -463,4 +463,27 @@ def test_parse_choice_letters(text, expected):
     ("not known", None), ("The answer is C", 2),
 ])
 def test_parse_choice_pubmedqa(text, expected):
-    assert ev.parse_choice(text, ev.PUBMEDQA_OPTIONS) == expected
+    assert ev.parse_choice(text, mcq.PUBMEDQA_OPTIONS) == expected
+
+
+def test_a_data_file_of_wrong_bytes_is_refused_by_name(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(b"\xff\xfe not text")
+    with pytest.raises(SpecError, match=f"--data {path}: not UTF-8 text"):
+        mcq.read_questions("medqa", path)
+
+
+@pytest.mark.parametrize("task, record, says", [
+    ("medmcqa", {"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 1.5}, "cop 1.5 is not"),
+    ("medmcqa", {"question": "q", "opa": ["a"], "opb": "b", "opc": "c", "opd": "d", "cop": 1}, "opa is list"),
+    ("medmcqa", {"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": True}, "cop True is not"),
+    ("medqa", {"question": "q", "options": {"A": "x", "B": "y"}, "answer_idx": "G"}, "answer_idx 'G' is not one"),
+    ("medqa", {"sent1": {"q": 1}, "ending0": "a", "ending1": "b", "label": 0}, "the question is dict"),
+    ("medqa", {"sent1": "q", "ending0": "a", "ending1": "b", "label": float("nan")}, "label nan is not"),
+    ("pubmedqa", {"question": None, "context": "c", "final_decision": "yes"}, "question is null"),
+])
+def test_wrong_types_in_a_record_are_refused_not_coerced(tmp_path, task, record, says):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(SpecError, match=f"{path}:1: {says}"):
+        mcq.read_questions(task, path)

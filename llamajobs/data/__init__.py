@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from llamajobs.errors import SpecError
+
 SAMPLE_CORPUS = Path(__file__).parent / "sample" / "pmc_sample.jsonl"
 
 
@@ -21,14 +23,17 @@ def read_texts(path: str | Path = SAMPLE_CORPUS) -> Iterator[str]:
             try:
                 yield json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{number}: expected a JSON object with a \"text\" field") from None
+                raise SpecError(f"{path}:{number}: expected a JSON object with a \"text\" field") from None
 
 
 def read_text_files(paths: Iterable[str | Path]) -> Iterator[str]:
     """Texts for tokenizer training: JSONL files give their "text" fields, other files their lines."""
     for path in map(Path, paths):
-        if path.suffix == ".jsonl":
-            yield from read_texts(path)
-        else:
-            with open(path, encoding="utf-8") as f:
-                yield from (line.rstrip("\n") for line in f if line.strip())
+        try:
+            if path.suffix == ".jsonl":
+                yield from read_texts(path)
+            else:
+                with open(path, encoding="utf-8") as f:
+                    yield from (line.rstrip("\n") for line in f if line.strip())
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None

@@ -1,4 +1,4 @@
-"""`data prepare`: input files -> records -> Examples -> tokens -> a token store; and `data inspect`.
+"""`data prepare`: input files -> records -> Examples -> tokens -> a token store.
 
 The pipeline streams: the main process reads the files in chunks of about a megabyte (JSON lines
 stay raw bytes), worker processes parse, template and tokenise each chunk, and the main process
@@ -27,80 +27,15 @@ import numpy as np
 
 from llamajobs.data import formats as fmts
 from llamajobs.data import store as st
+from llamajobs.data.encoder import Encoder
 from llamajobs.errors import SpecError
 
 CHUNK_BYTES = 1 << 20
 CHUNK_RECORDS = 4096  # parsed records (JSON lists, documents) have no byte size; cap them by count
 BAD_LINE_EXAMPLES = 10  # how many skipped lines meta.json quotes
-
-
-# --- the tokenizer, as prepare uses it ---
-
-
-class Encoder:
-    """A tokenizer directory (or a tokenizer.model file) for batch encoding.
-
-    With a tokenizer.model, sentencepiece itself encodes (one thread per process, no torch or
-    transformers import): a LLaMA-1/2 HF directory's tokenizer.json gives the same ids (the
-    fingerprint checks the vocabulary). Without one (LLaMA-3's tiktoken-style vocabulary), the
-    transformers tokenizer encodes, with special-token strings in the text kept as text.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        path = Path(path)
-        model = path if path.is_file() else path / "tokenizer.model"
-        self.path = path.resolve()
-        self.sp = self.hf = None
-        if model.is_file():
-            import sentencepiece as spm
-
-            try:
-                self.sp = spm.SentencePieceProcessor(model_file=str(model))
-            except (OSError, RuntimeError) as e:
-                raise SpecError(f"--tokenizer {path}: {model.name} is not a sentencepiece model ({e})") from None
-            self.vocab_size = self.sp.get_piece_size()
-            self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-            self.fingerprint = st.fingerprint_of(self.sp)
-        elif path.is_dir() and (path / "tokenizer.json").is_file():
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
-            from llamajobs.data.tokenizer import load_tokenizer
-
-            self.hf = load_tokenizer(path)
-            self.vocab_size = len(self.hf)  # added tokens included: they are ids the store may hold
-            self.bos_id, self.eos_id = self.hf.bos_token_id, self.hf.eos_token_id
-            self.fingerprint = st.fingerprint_of(self.hf)
-        else:
-            raise SpecError(f"--tokenizer {path}: expected a model directory with tokenizer.model or tokenizer.json, "
-                            f"or a tokenizer.model file")
-        if self.bos_id is None or self.bos_id < 0 or self.eos_id is None or self.eos_id < 0:
-            raise SpecError(f"--tokenizer {path} has no BOS or EOS token; a LLaMA tokenizer has both")
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        try:
-            return self._encode(texts)
-        except (TypeError, UnicodeEncodeError):  # a lone surrogate ("\\ud800" in the JSON) is no UTF-8
-            return self._encode([_valid_unicode(t) for t in texts])
-
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        if self.sp is not None:
-            return self.sp.encode(texts, num_threads=1)
-        return self.hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-    def decode(self, ids: list[int]) -> str:
-        if self.sp is not None:
-            return self.sp.decode(ids)
-        return self.hf.decode(ids)
-
-    def describe(self) -> dict[str, Any]:
-        return {"path": str(self.path), "fingerprint": self.fingerprint, "vocab_size": self.vocab_size,
-                "bos_id": self.bos_id, "eos_id": self.eos_id}
-
-
-def _valid_unicode(text: str) -> str:
-    """The text with lone surrogates replaced by U+FFFD (pairs written as two escapes are joined)."""
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+# Tokenizing is CPU-bound: more processes than a few per CPU only add memory and start-up time, and
+# a typo (--workers 10000) would start a process storm.
+MAX_WORKERS = 4 * (os.cpu_count() or 1)
 
 
 # --- configuration ---
@@ -127,12 +62,13 @@ class PrepareConfig:
             if Path(path).is_dir() and not _files_under(Path(path)):
                 raise SpecError(f"INPUT {path}: a directory without files")
         fmts.get_format(self.format)  # an unknown --format is refused here, before any work
-        if self.workers < 1:
-            raise SpecError(f"--workers {self.workers}: must be at least 1")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise SpecError(f"--workers {self.workers}: must be 1 to {MAX_WORKERS} (4 per CPU of this machine)")
         if not 0 <= self.eval_fraction < 1:
             raise SpecError(f"--eval-fraction {self.eval_fraction}: must be at least 0 and below 1")
         if Path(self.out).exists() and not self.force:
             raise SpecError(f"--out {self.out} already exists; choose another directory or pass --force to replace it")
+        st.check_replaceable(Path(self.out), (*self.inputs, self.tokenizer))
 
 
 def resolve_inputs(inputs: Sequence[str | Path]) -> tuple[Path, ...]:
@@ -484,95 +420,3 @@ def store_meta(parts: list[dict[str, Any]], common: dict[str, Any], counts: Coun
             "max_token_id": max((p["max_token_id"] for p in parts), default=-1),
             "skipped_empty": counts.empty, "skipped_bad_lines": counts.bad, "bad_line_examples": counts.bad_examples,
             "parts": parts}
-
-
-# --- the progress bar ---
-
-
-class RichProgress:
-    """A rich progress bar (on the given console, stderr for the CLI): input bytes read, documents
-    and tokens with their rates. Use as a context manager; call it with each Progress."""
-
-    def __init__(self, console: Any) -> None:
-        from rich.progress import (BarColumn, Progress as Bar, TaskProgressColumn, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        self.bar = Bar(TextColumn("{task.fields[label]}"), BarColumn(), TaskProgressColumn(),
-                       TextColumn("{task.fields[mb_s]:.1f} MB/s"),
-                       TextColumn("{task.fields[docs]:,} docs ({task.fields[docs_s]:,.0f}/s)"),
-                       TextColumn("{task.fields[tokens]:,} tokens ({task.fields[tokens_s]:,.0f}/s)"),
-                       TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
-        self.task = None
-
-    def __enter__(self) -> RichProgress:
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if self.task is not None:
-            self.bar.live.transient = exc_type is not None  # an error is then the only thing on stderr
-            self.bar.stop()
-
-    def __call__(self, p: Progress) -> None:
-        rate = 1 / max(p.elapsed_s, 1e-9)
-        fields = {"label": p.label, "mb_s": p.bytes_read / 1e6 * rate, "docs": p.documents,
-                  "docs_s": p.documents * rate, "tokens": p.tokens, "tokens_s": p.tokens * rate}
-        if self.task is None:
-            self.bar.start()
-            self.task = self.bar.add_task("prepare", total=p.total_bytes or None, **fields)
-        self.bar.update(self.task, completed=p.bytes_read, **fields)
-
-
-# --- inspect ---
-
-
-def describe(path: str | Path, *, tokenizer: str | Path | None = None, document: int = 0,
-             max_tokens: int = 200) -> dict[str, Any]:
-    """What `data inspect` shows: the counts, dtype, fingerprint, bytes on disk, and one document
-    decoded (with the tokenizer the store was made with, or the one given). For a sharded
-    preparation that is not finished (DIR.parts, or DIR given while only DIR.parts exists), its
-    shards' states instead (shards.describe_work; "unfinished" is true)."""
-    if not (Path(path) / st.META).is_file():
-        from llamajobs.data import shards
-
-        work = Path(path) if (Path(path) / shards.PLAN).is_file() else shards.work_dir(path)
-        if (work / shards.PLAN).is_file():
-            return shards.describe_work(work)
-    store = st.TokenStore(path)
-    meta = store.meta
-    lengths = store.lengths()
-    size = sum(f.stat().st_size for f in store.path.rglob("*")
-               if f.is_file() and st.EVAL not in f.relative_to(store.path).parts)
-    info: dict[str, Any] = {
-        "path": str(store.path), "format": meta["format"], "documents": len(store), "tokens": store.num_tokens,
-        "dtype": meta["dtype"], "loss_mask": meta.get("loss_mask"), "vocab_size": store.vocab_size,
-        "fingerprint": store.fingerprint, "tokenizer": meta["tokenizer"].get("path"),
-        "skipped_empty": meta["skipped_empty"], "skipped_bad_lines": meta["skipped_bad_lines"],
-        "mean_document_tokens": float(lengths.mean()) if len(lengths) else 0.0,
-        "max_document_tokens": int(lengths.max()) if len(lengths) else 0,
-        "bytes_on_disk": size, "parts": len(meta["parts"]), "eval": meta.get("eval"),
-    }
-    if len(store) == 0:
-        info["sample"] = None
-        return info
-    if not -len(store) <= document < len(store):
-        raise SpecError(f"--document {document}: the store has documents 0 to {len(store) - 1}")
-    tokens = store[document]
-    mask = store.loss_mask(document)
-    sample: dict[str, Any] = {"document": document, "tokens": len(tokens), "first_ids": tokens[:16].tolist()}
-    try:
-        encoder = Encoder(tokenizer or meta["tokenizer"]["path"])
-    except SpecError as e:
-        sample["text"] = None
-        sample["note"] = f"not decoded: {e}; pass --tokenizer"
-    else:
-        if encoder.fingerprint != store.fingerprint:
-            sample["note"] = "decoded with a tokenizer whose fingerprint differs from the store's"
-        ids = tokens.tolist()
-        if store.has_loss_mask:
-            prompt_end = int(np.argmax(mask)) if mask.any() else len(ids)
-            sample["prompt"] = encoder.decode(ids[:prompt_end][:max_tokens])
-            sample["response"] = encoder.decode(ids[prompt_end:][:max_tokens])
-        sample["text"] = encoder.decode(ids[:max_tokens])
-        sample["truncated"] = len(ids) > max_tokens
-    info["sample"] = sample
-    return info

@@ -151,14 +151,55 @@ def staging_dir(out: Path) -> Path:
     return tmp
 
 
+def is_store(path: Path) -> bool:
+    """Whether llamajobs wrote this directory as a token store: its meta.json says so."""
+    try:
+        return json.loads((path / META).read_text(encoding="utf-8")).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_replaceable(out: Path, inputs: Sequence[Path] = ()) -> None:
+    """--force replaces only what llamajobs wrote: a token store, or an empty directory; never a
+    directory that holds one of the inputs (nor the inputs themselves)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    resolved = out.resolve()
+    for given in inputs:
+        path = Path(given).resolve()
+        if path == resolved or resolved in path.parents:
+            raise SpecError(f"--out {out} holds the input {given}; --force never replaces it: choose another --out")
+    if out.is_symlink() or not out.is_dir():
+        raise SpecError(f"--out {out} is not a directory llamajobs wrote; --force replaces only a token store")
+    if not is_store(out) and any(out.iterdir()):
+        raise SpecError(f"--out {out} is not a token store (no llamajobs meta.json); --force replaces only a "
+                        f"token store: choose another --out")
+
+
+def check_work_dir(work: Path, inputs: tuple[Path, ...], plan: str, before_plan: set[str]) -> None:
+    """A sharded preparation's DIR.parts may be discarded (--force, or a start that never wrote its
+    plan): it must be one llamajobs made (its plan is there, or only what comes before the plan),
+    and hold none of the inputs."""
+    if not work.exists():
+        return
+    if not work.is_dir() or not ((work / plan).is_file() or {p.name for p in work.iterdir()} <= before_plan):
+        raise SpecError(f"{work}: not a sharded preparation of llamajobs (it holds other files); move it away or "
+                        f"choose another --out")
+    for given in inputs:
+        if work.resolve() in (Path(given).resolve(), *Path(given).resolve().parents):
+            raise SpecError(f"INPUT {given} is inside {work}, which a sharded preparation may discard; move it")
+
+
 def commit(tmp: Path, out: Path, *, replace: bool = False) -> None:
-    """Rename the finished store into place. An existing DIR is replaced only with `replace`, and
-    only now that the new store is complete (the old one is moved aside, then deleted)."""
+    """Rename the finished store into place. An existing DIR is replaced only with `replace`, only
+    when it is a token store (or empty), and only now that the new store is complete (the old one is
+    moved aside, then deleted)."""
     if not out.exists():
         os.replace(tmp, out)
         return
     if not replace:
         raise SpecError(f"--out {out} already exists; choose another directory or pass --force to replace it")
+    check_replaceable(out)
     old = out.with_name(f"{out.name}.old-{os.getpid()}")
     os.replace(out, old)
     os.replace(tmp, out)
@@ -196,8 +237,11 @@ class TokenStore(Sequence[np.ndarray]):
                          f"{self.path}` shows its shards; rerun the same `data prepare` command to finish it)")
             raise SpecError(f"{self.path} is not a token store: no {META}{hint}; "
                             f"write one with `llamajobs data prepare`")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("kind") != KIND:
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError as e:  # not UTF-8, or not JSON: a damaged file, not ours
+            raise SpecError(f"{meta_path} is not a llamajobs token store's meta.json ({e})") from None
+        if not isinstance(self.meta, dict) or self.meta.get("kind") != KIND:
             raise SpecError(f"{meta_path} is not a llamajobs token store's meta.json")
         if self.meta.get("format_version", 0) > FORMAT_VERSION:
             raise SpecError(f"{self.path} was written by a newer llamajobs (store format "

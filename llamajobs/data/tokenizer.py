@@ -10,6 +10,8 @@ from typing import Iterable, Iterator
 
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
+from llamajobs.errors import SpecError
+
 # sentencepiece silently drops training sentences longer than this (in bytes); papers are much
 # longer, so documents are fed line by line and long lines in pieces of at most this size.
 MAX_SENTENCE_BYTES = 4192
@@ -39,32 +41,35 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / "tokenizer"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_sentences(texts),
-        model_prefix=str(prefix),
-        vocab_size=vocab_size,
-        # LLaMA's trainer options (its tokenizer.model's trainer_spec).
-        model_type="bpe",
-        byte_fallback=True,  # no <unk> for unseen characters: they become <0xNN> byte pieces
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        add_dummy_prefix=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        # 256 byte pieces already take half of a tiny vocabulary: cover fewer rare characters
-        # than LLaMA's 0.99995, or a small vocabulary cannot hold the required characters.
-        character_coverage=0.9995 if vocab_size < 4096 else 0.99995,
-        max_sentence_length=MAX_SENTENCE_BYTES,
-        # Determinism: one thread, every sentence, no sampling or shuffling of the input.
-        num_threads=1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_sentences(texts),
+            model_prefix=str(prefix),
+            vocab_size=vocab_size,
+            # LLaMA's trainer options (its tokenizer.model's trainer_spec).
+            model_type="bpe",
+            byte_fallback=True,  # no <unk> for unseen characters: they become <0xNN> byte pieces
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False,
+            normalization_rule_name="identity",
+            add_dummy_prefix=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            # 256 byte pieces already take half of a tiny vocabulary: cover fewer rare characters
+            # than LLaMA's 0.99995, or a small vocabulary cannot hold the required characters.
+            character_coverage=0.9995 if vocab_size < 4096 else 0.99995,
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            # Determinism: one thread, every sentence, no sampling or shuffling of the input.
+            num_threads=1,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # sentencepiece refuses the vocabulary size, in its own words
+        raise SpecError(f"--vocab-size {vocab_size}: {str(e).split('] ')[-1]}") from None
     prefix.with_suffix(".vocab").unlink(missing_ok=True)  # a by-product nothing reads
     # A bare tokenizer.model loads without a BOS post-processor; saving the loaded tokenizer writes
     # tokenizer.json and tokenizer_config.json, so the directory loads like a LLaMA checkpoint's.
@@ -95,4 +100,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     path = Path(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model; expected an HF LLaMA directory")
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers and tokenizers raise many kinds for a damaged file, even a bare Exception
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpecError(f"{path}: its tokenizer cannot be loaded ({first}); is tokenizer.json or "
+                        f"tokenizer_config.json damaged?") from None

@@ -1,0 +1,98 @@
+"""Options shared by several commands, defined once (pip-tools' scripts/options.py). Every default of
+a JobSpec field lives in the JobSpec, so none is given here: an option left out is None, and only
+the flags the user typed reach the spec (over the run YAML and the site profile)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+from click.core import ParameterSource
+
+from llamajobs import catalog, ops
+
+
+def _opt(*names: str, **kw: Any) -> Callable:
+    return click.option(*names, default=None, **kw)
+
+
+# Where a job runs and how it is queued: submit's, and `eval --cluster`'s.
+PLACEMENT_OPTIONS = [
+    _opt("--nodes", type=int), _opt("--gpus-per-node", type=int),
+    _opt("--procs-per-node", type=int, help="Worker processes per node (default: one per GPU, 2 without GPUs)."),
+    _opt("--cpus-per-node", type=int, help="CPUs of each node's task (default: 4 per worker process)."),
+    _opt("--mem-per-node", help="SLURM --mem of each node (default 0: all of it)."),
+]
+QUEUE_OPTIONS = [
+    _opt("--device", help="auto, cuda or cpu; decided on the compute node."),
+    _opt("--partition"), _opt("--account"), _opt("--qos"),
+    _opt("--time", help="SLURM time limit, HH:MM:SS or D-HH:MM:SS."),
+    _opt("--constraint"), _opt("--exclusive/--no-exclusive"), _opt("--exclude"),
+    _opt("--mail-user"), _opt("--mail-type"),
+    _opt("--after", help="Start only after these jobs completed (comma list)."),
+]
+TRAINING_OPTIONS = [
+    _opt("--size", help=f"Model size: {', '.join(catalog.SIZES)}. Ignored with --model-path."),
+    _opt("--strategy", help=f"One of {', '.join(catalog.STRATEGIES)}."),
+    _opt("--mode", help=f"One of {', '.join(catalog.MODES)}."),
+    _opt("--lora-r", type=int), _opt("--lora-alpha", type=int), _opt("--lora-dropout", type=float),
+    _opt("--lora-targets", help="Comma list of module names, e.g. q_proj,v_proj."),
+    _opt("--num-virtual-tokens", type=int, help="Virtual tokens trained by --mode prefix, ptuning or prompt."),
+    _opt("--model-path", help="HF-format LLaMA weights; the shape is read from its config.json."),
+    _opt("--init-from", help="Start from another run's final/ (JOB id or DIR)."),
+    _opt("--data", help="A token store from `llamajobs data prepare`; default: the bundled sample corpus."),
+    _opt("--epochs", type=float), _opt("--max-steps", type=int),
+    _opt("--tokens-per-epoch", help="Tokens in one epoch, e.g. 2.5B."),
+    _opt("--seq-len", type=int), _opt("--global-batch", type=int), _opt("--micro-batch", type=int),
+    _opt("--lr", type=float), _opt("--warmup-ratio", type=float), _opt("--weight-decay", type=float),
+    _opt("--activation-checkpointing/--no-activation-checkpointing"),
+    _opt("--compile/--no-compile"), _opt("--seed", type=int),
+    *PLACEMENT_OPTIONS,
+]
+JOB_OPTIONS = [
+    _opt("--checkpoint-every-steps", type=int), _opt("--checkpoint-every-minutes", type=float),
+    _opt("--resume/--no-resume", help="Resume from the run's latest checkpoint (default: yes)."),
+    _opt("--merge/--no-merge", help="LoRA: also write a merged full model into final/merged."),
+    _opt("--log-every-steps", type=int),
+    _opt("--keep-checkpoints", type=int), _opt("--max-requeues", type=int),
+    _opt("--collective-timeout-minutes", type=float,
+         help="How long the ranks wait for one that went silent before the job fails (default 30)."),
+    _opt("--cluster", help="slurm, local or debug (default: slurm when `scontrol ping` answers)."),
+    *QUEUE_OPTIONS,
+    _opt("--launcher", help="torchrun or deepspeed."), _opt("--name"),
+    _opt("--wandb", help="Also log to this Weights & Biases [ENTITY/]PROJECT. Offline (RUN_DIR/wandb, upload with "
+                         "`wandb sync`) unless WANDB_API_KEY or WANDB_MODE is set where the job runs."),
+    _opt("--hold/--no-hold"),
+    _opt("--config", "config_file", type=click.Path(dir_okay=False), help="A run YAML with the same keys as the flags."),
+]
+
+
+def options(opts: list[Callable]) -> Callable:
+    def decorate(f: Callable) -> Callable:
+        for option in reversed(opts):
+            f = option(f)
+        return f
+    return decorate
+
+
+def typed(values: dict[str, Any]) -> dict[str, Any]:
+    """Only the flags the user typed: click defaults must not shadow the profile or the run YAML."""
+    ctx = click.get_current_context()
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {k: v for k, v in values.items() if v is not None and ctx.get_parameter_source(k) in given}
+
+
+def runs_dir_option(f: Callable) -> Callable:
+    return click.option("--runs-dir", envvar="LLAMAJOBS_RUNS", default=None,
+                        help="Run directories (default $LLAMAJOBS_HOME/runs); on a cluster they must be "
+                             "on the shared filesystem.")(f)
+
+
+def json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")(f)
+
+
+# A job id is a small integer; click's int would take any length (and SQLite overflows on it).
+JOB_ID = click.IntRange(min=1, max=ops.MAX_JOB_ID - 1)
+job_argument = click.argument("job_id", type=JOB_ID, metavar="JOB")
+optional_job_argument = click.argument("job_id", type=JOB_ID, required=False, metavar="[JOB]")

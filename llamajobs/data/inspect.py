@@ -1,0 +1,63 @@
+"""`data inspect`: what a token store holds, one document decoded; or an unfinished sharded
+preparation's shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llamajobs.data import shards, store as st
+from llamajobs.data.encoder import Encoder
+from llamajobs.errors import SpecError
+
+def describe(path: str | Path, *, tokenizer: str | Path | None = None, document: int = 0,
+             max_tokens: int = 200) -> dict[str, Any]:
+    """What `data inspect` shows: the counts, dtype, fingerprint, bytes on disk, and one document
+    decoded (with the tokenizer the store was made with, or the one given). For a sharded
+    preparation that is not finished (DIR.parts, or DIR given while only DIR.parts exists), its
+    shards' states instead (shards.describe_work; "unfinished" is true)."""
+    if not (Path(path) / st.META).is_file():
+        work = Path(path) if (Path(path) / shards.PLAN).is_file() else shards.work_dir(path)
+        if (work / shards.PLAN).is_file():
+            return shards.describe_work(work)
+    store = st.TokenStore(path)
+    meta = store.meta
+    lengths = store.lengths()
+    size = sum(f.stat().st_size for f in store.path.rglob("*")
+               if f.is_file() and st.EVAL not in f.relative_to(store.path).parts)
+    info: dict[str, Any] = {
+        "path": str(store.path), "format": meta["format"], "documents": len(store), "tokens": store.num_tokens,
+        "dtype": meta["dtype"], "loss_mask": meta.get("loss_mask"), "vocab_size": store.vocab_size,
+        "fingerprint": store.fingerprint, "tokenizer": meta["tokenizer"].get("path"),
+        "skipped_empty": meta["skipped_empty"], "skipped_bad_lines": meta["skipped_bad_lines"],
+        "mean_document_tokens": float(lengths.mean()) if len(lengths) else 0.0,
+        "max_document_tokens": int(lengths.max()) if len(lengths) else 0,
+        "bytes_on_disk": size, "parts": len(meta["parts"]), "eval": meta.get("eval"),
+    }
+    if len(store) == 0:
+        info["sample"] = None
+        return info
+    if not -len(store) <= document < len(store):
+        raise SpecError(f"--document {document}: the store has documents 0 to {len(store) - 1}")
+    tokens = store[document]
+    mask = store.loss_mask(document)
+    sample: dict[str, Any] = {"document": document, "tokens": len(tokens), "first_ids": tokens[:16].tolist()}
+    try:
+        encoder = Encoder(tokenizer or meta["tokenizer"]["path"])
+    except SpecError as e:
+        sample["text"] = None
+        sample["note"] = f"not decoded: {e}; pass --tokenizer"
+    else:
+        if encoder.fingerprint != store.fingerprint:
+            sample["note"] = "decoded with a tokenizer whose fingerprint differs from the store's"
+        ids = tokens.tolist()
+        if store.has_loss_mask:
+            prompt_end = int(np.argmax(mask)) if mask.any() else len(ids)
+            sample["prompt"] = encoder.decode(ids[:prompt_end][:max_tokens])
+            sample["response"] = encoder.decode(ids[prompt_end:][:max_tokens])
+        sample["text"] = encoder.decode(ids[:max_tokens])
+        sample["truncated"] = len(ids) > max_tokens
+    info["sample"] = sample
+    return info

@@ -1,0 +1,504 @@
+"""The operations behind the `llamajobs` commands: each command of llamajobs/cli/ parses its flags,
+calls one of these and prints what it returns with llamajobs/views.py. No click and no rich here, so
+tests call them directly and another front end could too.
+
+Results are frozen dataclasses (or the typed rows of monitor and the estimator). Bad input raises
+SpecError (the CLI exits 2), a failed operation Failure (exit 1).
+
+submitit, torch and transformers are imported only by the operations that need them, so `status`,
+`render` and `estimate` start fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import llamajobs.spec
+from llamajobs import catalog, estimate, events, metrics, monitor, registry, site
+from llamajobs.data.prepare import PrepareConfig, Progress, prepare
+from llamajobs.errors import Failure, SpecError
+from llamajobs.registry import Job
+from llamajobs.site import Site
+from llamajobs.spec import EvalSpec, JobSpec
+
+# Job ids are small integers; anything longer than this is a typo, not a job (and would overflow SQLite).
+MAX_JOB_ID = 10**12
+
+
+# --- the runs directory and its jobs ---
+
+
+def runs_dir(flag: str | None = None, writable: bool = False) -> Path:
+    """--runs-dir, $LLAMAJOBS_RUNS, the site profile's, or $LLAMAJOBS_HOME/runs; refused when it is
+    a file, or (writable: a submit makes run dirs there) when it cannot be written. Reading another
+    user's runs needs no write access: the index lives in our own cache."""
+    profile, _ = site.load()
+    path = site.runs_dir(profile, flag)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise SpecError(f"--runs-dir {path}: {existing} is a file, not a directory")
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(f"--runs-dir {path}: {existing} is not writable")
+    return path
+
+
+def find_job(runs: Path, job_id: int) -> Job:
+    if not 0 < job_id < MAX_JOB_ID:
+        raise SpecError(f"JOB {job_id} is not a job id; ids are the small numbers `llamajobs status` lists")
+    reg = registry.Registry(runs)
+    try:
+        job = reg.get(job_id)
+        if job is None:
+            known = ", ".join(str(j.id) for j in reg.jobs()) or "none"
+            raise SpecError(f"JOB {job_id} is not known in {runs}; known: {known}")
+        return job
+    finally:
+        reg.close()
+
+
+def load_spec(job: Job) -> JobSpec:
+    """The job's spec.json; Failure naming the file when it is missing or damaged."""
+    try:
+        return JobSpec.load(job.run_dir / "spec.json")
+    except (OSError, ValueError) as e:  # SpecError is a ValueError
+        raise Failure(f"job {job.id}: {job.run_dir / 'spec.json'} cannot be read: {e}") from None
+
+
+def training_job(runs: Path, job_id: int) -> tuple[Job, JobSpec]:
+    """The job and its spec, refused by name when it is an eval job (it logs no training metrics)."""
+    job = find_job(runs, job_id)
+    spec = load_spec(job)
+    if spec.evaluation is not None:
+        raise Failure(f"job {job_id} is an eval job ({spec.evaluation.task}): it logs no training metrics; "
+                      f"`llamajobs status {job_id}` shows its accuracy")
+    return job, spec
+
+
+# --- building a spec (submit, render, estimate, eval --cluster) ---
+
+
+def build_spec(flags: dict[str, Any], config_file: str | None = None, cluster_default: str | None = None,
+               fixed: dict[str, Any] | None = None) -> tuple[JobSpec, Site]:
+    """The JobSpec of the typed flags over the run YAML and the site profile; `fixed` holds fields the
+    command sets itself (an eval job's `evaluation`)."""
+    profile, site_defaults = site.load()
+    config = site.read_yaml(Path(config_file), "--config") if config_file else {}
+    flags = {**flags, **(fixed or {})}
+    if cluster_default and "cluster" not in flags and "cluster" not in config and "cluster" not in site_defaults:
+        flags["cluster"] = cluster_default
+    return llamajobs.spec.build(flags, config, site_defaults), profile
+
+
+def detect_cluster() -> str:
+    from llamajobs import submit  # TODO(merge): cluster.detect()
+
+    return submit.detect_cluster()
+
+
+def resolve_init_from(value: str, runs: Path, after: tuple[str, ...] = ()) -> str:
+    """--init-from JOB|DIR -> the directory: a job's final/, or a directory holding a model or an
+    adapter. A job this one waits for (--after) need not have finished yet."""
+    path = Path(value)
+    if value.isdigit() and not path.exists():
+        path = find_job(runs, int(value)).run_dir / "final"
+        if value in after:
+            return str(path.absolute())
+    if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
+        raise SpecError(f"--init-from {value}: {path} holds neither a model (config.json) nor an adapter "
+                        f"(adapter_config.json); give a finished job id or a final/ directory")
+    return str(path.absolute())
+
+
+def accelerator(gpu: str | None, peak_tflops: float | None = None, gpu_mem_gib: float | None = None
+                ) -> catalog.Accelerator:
+    """--gpu from the catalog (its numbers overridable), or a card it lacks given both numbers."""
+    name = gpu or estimate.DEFAULT_GPU
+    if name in catalog.GPUS:
+        base = catalog.GPUS[name]
+    elif peak_tflops and gpu_mem_gib:
+        return catalog.Accelerator(name=name, peak_bf16_flops=peak_tflops * 1e12, memory_gib=gpu_mem_gib)
+    else:
+        raise SpecError(f"--gpu {name!r} is not known; choose one of {', '.join(catalog.GPUS)}, "
+                        f"or give --peak-tflops and --gpu-mem-gib for it")
+    return dataclasses.replace(base, peak_bf16_flops=peak_tflops * 1e12 if peak_tflops else base.peak_bf16_flops,
+                               memory_gib=gpu_mem_gib or base.memory_gib)
+
+
+def node_ram_gib(spec: JobSpec, cpu_mem_gib: float | None = None) -> float | None:
+    """--cpu-mem-gib, else the spec's --mem-per-node (SLURM syntax, megabytes without a suffix)."""
+    if cpu_mem_gib:
+        return cpu_mem_gib
+    value = spec.mem_per_node.upper()
+    if value in ("0", ""):
+        return None
+    scale = {"K": 1 / 2**20, "M": 1 / 1024, "G": 1.0, "T": 1024.0}
+    unit = value[-1] if value[-1] in scale else "M"
+    return float(value.rstrip("KMGT")) * scale[unit]
+
+
+# --- submit ---
+
+
+@dataclass(frozen=True, slots=True)
+class FitCheck:
+    accelerator: catalog.Accelerator | None  # the GPU the estimate assumed; None off SLURM
+    note: str  # " (a100-80g assumed; pass --gpu)" when --gpu was not given
+    warning: str | None = None  # a dry run's "does not fit", which a real submit refuses
+
+
+def fit_check(spec: JobSpec, gpu: str | None, force: bool = False, dry_run: bool = False) -> FitCheck:
+    """Refuse (SpecError) a SLURM run the estimate says will not fit GPU or host memory, unless
+    --force; a dry run only warns. Local and debug runs (CPU, tiny models) are never refused."""
+    if spec.cluster != "slurm" or spec.device == "cpu":
+        return FitCheck(None, "")
+    accel = accelerator(gpu)
+    note = "" if gpu else f" ({accel.name} assumed; pass --gpu)"
+    problem = estimate.fit_check(spec, accel, node_ram_gib=node_ram_gib(spec))
+    if problem and not force and not dry_run:
+        raise SpecError(f"{problem}; --force submits anyway{note}")
+    return FitCheck(accel, note, f"{problem}{note}" if problem and not force else None)
+
+
+def checked_spec(spec: JobSpec, runs: Path) -> JobSpec:
+    """What submit checks on the submitting host before anything is queued: --init-from resolved to
+    a directory, --data a complete token store."""
+    if spec.init_from is not None:
+        spec = dataclasses.replace(spec, init_from=resolve_init_from(spec.init_from, runs, spec.after))
+    if spec.data is not None:
+        from llamajobs.data.store import TokenStore
+
+        TokenStore(spec.data)
+    return spec
+
+
+@dataclass(frozen=True, slots=True)
+class DryRun:
+    folder: Path
+    script: str  # the batch script, job.sbatch
+    verdict: str | None  # `sbatch --test-only`'s, on SLURM
+
+
+def dry_run(spec: JobSpec, profile: Site) -> DryRun:
+    from llamajobs import submit
+
+    folder, verdict = submit.dry_run(spec, profile)
+    return DryRun(folder, (folder / "job.sbatch").read_text(), verdict)
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    job: Job
+    predicted_hours_per_epoch: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.job.id, "cluster_job_id": self.job.cluster_job_id, "run_dir": str(self.job.run_dir),
+                "predicted_hours_per_epoch": self.predicted_hours_per_epoch}
+
+
+def submit_job(spec: JobSpec, profile: Site, runs: Path, fit: FitCheck | None = None) -> Submitted:
+    from llamajobs import submit
+
+    predicted = estimate.hours_for_spec(spec, fit.accelerator) if fit and fit.accelerator else None
+    return Submitted(submit.submit(spec, profile, runs).job, predicted)
+
+
+def wait(job: Job, on_step: Callable[[monitor.Row], None] = lambda row: None, poll_s: float = 1.0) -> str:
+    """Poll until the job ends, calling on_step with each row that logged a new step; its end state."""
+    shown = None
+    while True:
+        row = monitor.row(job)
+        if row.step is not None and row.step != shown:
+            shown = row.step
+            on_step(row)
+        if row.state in monitor.TERMINAL:
+            return row.state
+        time.sleep(poll_s if job.cluster != "slurm" else max(poll_s, 2.0))
+
+
+def fail_unless_completed(job: Job, state: str) -> None:
+    """--wait's end: Failure naming the first error's log, unless the job completed."""
+    if state != "COMPLETED":
+        log = monitor.traceback_log(job)
+        raise Failure(f"job {job.id} ended {state}" + (f"; its first error's log: {log}" if log else ""))
+
+
+# --- status ---
+
+FINISHED_HIDDEN_AFTER_S = 7 * 86400  # `status` without --all leaves out jobs that ended a week ago
+
+
+def status_rows(runs: Path, job_id: int | None = None, show_all: bool = False, now: float | None = None
+                ) -> list[monitor.Row]:
+    """One row per job, or JOB's. A finished job's row is cached in the registry when first seen
+    finished, so later tables read none of its files and ask no cluster about it."""
+    jobs = [find_job(runs, job_id)] if job_id is not None else None
+    reg = registry.Registry(runs)
+    try:
+        jobs = jobs or reg.jobs()
+        now = now or time.time()
+        cached = reg.finished_rows()
+        found = monitor.rows(jobs, now, cached)
+        reg.set_finished([r.to_dict() for r in found if r.state in monitor.TERMINAL and r.problem is None
+                          and r.id not in cached])
+    finally:
+        reg.close()
+    if show_all or job_id is not None:
+        return found
+    return [r for r, j in zip(found, jobs)
+            if r.state not in monitor.TERMINAL or now - j.submitted_at < FINISHED_HIDDEN_AFTER_S]
+
+
+@dataclass(frozen=True, slots=True)
+class Detail:
+    """`status JOB`: the row, and what the detail view shows beside it."""
+    job: Job
+    row: monitor.Row
+    spec: JobSpec | None  # None when spec.json is damaged (row.problem says so)
+    events: list[dict[str, Any]]
+    logs: list[Path]
+    losses: list[float]  # every logged step's, for the sparkline
+    slow_input: bool  # waiting for batches takes a noticeable share of the step
+    eval_result: dict[str, Any] | None  # an eval job's eval.json, once written
+    error_hint: str | None  # what the first error means (a collective timeout)
+    error_log: Path | None  # the first error's log, for a failed job
+
+
+def detail(runs: Path, job_id: int) -> Detail:
+    job = find_job(runs, job_id)
+    row = status_rows(runs, job_id)[0]
+    try:
+        spec = JobSpec.load(job.run_dir / "spec.json")
+    except (OSError, ValueError):
+        spec = None
+    try:
+        losses = [r.loss for r in job_metrics(job)]
+    except Failure:  # the row names the problem; the rest of the detail still shows
+        losses = []
+    failed = row.state in ("FAILED", "OUT_OF_MEMORY")
+    return Detail(job=job, row=row, spec=spec, events=events.read(job.run_dir), logs=monitor.log_files(job),
+                  losses=losses,
+                  slow_input=row.data_wait_frac is not None and row.data_wait_frac > monitor.SLOW_INPUT_FRAC,
+                  eval_result=monitor.eval_result(job.run_dir) if spec and spec.evaluation else None,
+                  error_hint=monitor.collective_timeout_hint(row.error),
+                  error_log=monitor.traceback_log(job) if failed else None)
+
+
+# --- cancel, requeue, logs ---
+
+
+def cancel(runs: Path, job_id: int) -> Job:
+    from llamajobs import cluster
+
+    job = find_job(runs, job_id)
+    state = monitor.row(job).state
+    if state in cluster.TERMINAL:
+        raise Failure(f"job {job_id} already ended {state}")
+    events.record(job.run_dir, "cancelled")  # tells a cancel from a preemption on the local cluster
+    cluster.backend(job.cluster).cancel(job)
+    return job
+
+
+def requeue(runs: Path, job_id: int, timeout_s: float = 900, poll_s: float = 0.5) -> str | None:
+    """Checkpoint now and requeue (what preemption does): the `latest` checkpoint it resumes from."""
+    from llamajobs import cluster
+
+    job = find_job(runs, job_id)
+    state = monitor.row(job).state
+    if state not in ("RUNNING", "STALLED"):
+        raise Failure(f"job {job_id} is {state}; only a running job can be requeued")
+    asked = time.time()
+    cluster.backend(job.cluster).signal_stop(job)
+    while True:
+        done = [e for e in events.read(job.run_dir) if e.get("event") == "requeued" and e.get("time", 0) >= asked]
+        if done:
+            return done[-1].get("latest")
+        if time.time() - asked > timeout_s:
+            raise Failure(f"job {job_id} did not checkpoint within {timeout_s:.0f} s; see `llamajobs logs {job_id}`")
+        time.sleep(poll_s)
+
+
+def log_file(runs: Path, job_id: int, rank: int | None = None, stderr: bool = False) -> Path:
+    """The node launcher's log (submitit's, node 0), or one worker rank's newest."""
+    job = find_job(runs, job_id)
+    stream = "err" if stderr else "out"
+    if rank is None:
+        candidates = sorted((job.run_dir / "submitit").glob(f"*_0_log.{stream}"))
+    else:
+        candidates = [p for p in monitor.rank_logs(job).get(rank, []) if p.name == f"std{stream}.log"]
+    if not candidates:
+        raise Failure(f"no log yet for job {job_id}" + (f" rank {rank}" if rank is not None else ""))
+    return candidates[-1]
+
+
+def read_log(path: Path, follow: bool = False, poll_s: float = 0.5) -> Iterator[str]:
+    """The log's text, then (follow) each line as it is written, until interrupted."""
+    with open(path, errors="replace") as f:
+        yield f.read()
+        while follow:
+            line = f.readline()
+            if line:
+                yield line
+            else:
+                time.sleep(poll_s)
+
+
+def job_metrics(job: Job) -> list[metrics.MetricsRow]:
+    """Every metrics row of the job (lines that are not rows left out: monitor's row counts them)."""
+    try:
+        return metrics.read(job.run_dir, tail_bytes=None).rows
+    except OSError as e:
+        raise Failure(f"job {job.id}: {job.run_dir / metrics.METRICS_FILE} cannot be read ({e.strerror})") from None
+
+
+def plot_job(runs: Path, job_id: int, output: Path) -> Path:
+    from llamajobs.plot import plot_metrics
+
+    job, _ = training_job(runs, job_id)
+    return plot_metrics(job_metrics(job), f"job {job.id} {job.name}", output)
+
+
+# --- estimate ---
+
+
+def assumptions(assume: tuple[str, ...]) -> estimate.Assumptions:
+    """--assume NAME=VALUE overrides of the estimator's constants."""
+    pairs = {}
+    for item in assume:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SpecError(f"--assume {item!r} is malformed; use NAME=VALUE, e.g. network_gbps=100")
+        pairs[name.strip()] = value.strip()
+    try:
+        return estimate.with_overrides(pairs)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+
+
+def grid_axes(flags: dict[str, Any]) -> tuple[list[str] | None, list[str] | None]:
+    """The sizes and strategies of a planning grid: each None when its flag names one value."""
+    return (_grid_axis(flags, "size", [s for s in catalog.SIZES if s != "tiny"]),
+            _grid_axis(flags, "strategy", list(catalog.STRATEGIES)))
+
+
+def _grid_axis(flags: dict[str, Any], name: str, known: list[str]) -> list[str] | None:
+    raw = flags.get(name)
+    if raw is None or ("," not in raw and raw != "all"):
+        return None
+    items = known if raw == "all" else [v.strip() for v in raw.split(",") if v.strip()]
+    for item in items:
+        if item not in known:
+            raise SpecError(f"--{name} {item!r} is not allowed; choose from {', '.join(known)}, a comma list, or all")
+    return items
+
+
+def grid(flags: dict[str, Any], accel: catalog.Accelerator, tokens: int | None, a: estimate.Assumptions,
+         cpu_mem_gib: float | None, sizes: list[str] | None, strategies: list[str] | None) -> dict[str, Any]:
+    """One row per size × strategy: hours per epoch, MFU, memory, verdict."""
+    rows = []
+    for size in sizes or [flags.get("size")]:
+        for strategy in strategies or [flags.get("strategy")]:
+            cell = {**flags, **({"size": size} if size else {}), **({"strategy": strategy} if strategy else {})}
+            spec, _ = build_spec({k: v for k, v in cell.items() if v is not None}, cluster_default="slurm")
+            rows.append(estimate.grid_row(spec, accel, spec.size, tokens, a, node_ram_gib(spec, cpu_mem_gib)))
+    return {"rows": rows}
+
+
+def predicted_hours(spec: JobSpec, accel: catalog.Accelerator, tokens: int | None, a: estimate.Assumptions,
+                    cpu_mem_gib: float | None) -> dict[str, Any]:
+    result = estimate.hours(spec, accel, tokens, a, node_ram_gib(spec, cpu_mem_gib))
+    result["spec"] = {"size": spec.size, "mode": spec.mode, "strategy": spec.strategy, "nodes": spec.nodes,
+                      "gpus_per_node": spec.gpus_per_node, "seq_len": spec.seq_len,
+                      "global_batch": spec.global_batch, "micro_batch": spec.micro_batch}
+    return result
+
+
+def memory_table(spec: JobSpec, accel: catalog.Accelerator, a: estimate.Assumptions, cpu_mem_gib: float | None
+                 ) -> dict[str, Any]:
+    return estimate.memory_table(spec, accel, a, node_ram_gib(spec, cpu_mem_gib))
+
+
+def measured_hours(runs: Path, job_id: int, tokens: int | None, a: estimate.Assumptions) -> dict[str, Any]:
+    """Hours per epoch from the job's steady measured throughput, and the model's prediction beside it."""
+    job, spec = training_job(runs, job_id)
+    rows = job_metrics(job)  # TODO(merge): hours_from_metrics takes typed rows (the estimate branch)
+    result = estimate.hours_from_metrics(rows, events.read(job.run_dir), tokens, spec.tokens_per_epoch, a)
+    if result is None:
+        raise Failure(f"job {job_id} has no measured throughput yet; try again after its first logged steps")
+    gpu = catalog.GPUS.get(result.get("peak") or "")
+    if gpu is not None and spec.cluster == "slurm":
+        result["predicted_tokens_per_s"] = estimate.throughput(spec, gpu, a)["tokens_per_s"]
+    return result
+
+
+# --- eval ---
+
+
+@dataclass(frozen=True, slots=True)
+class EvalRun:
+    result: dict[str, Any]  # what `eval --json` prints (predictions aside)
+    predictions_error: str | None = None  # the scoring stands even when its predictions file could not be written
+
+
+def evaluate_here(options: EvalSpec, device: str, predictions: Path | None = None) -> EvalRun:
+    """In-process `eval`: score, then write the per-question predictions (if asked)."""
+    from llamajobs import evaluate
+
+    if predictions is not None:
+        evaluate.check_writable(predictions, "--predictions")
+    result = evaluate.evaluate(options, device=device)
+    details = result.pop("predictions")
+    if predictions is None:
+        return EvalRun(result)
+    try:
+        evaluate.write_predictions(predictions, details)
+    except OSError as e:
+        return EvalRun(result, f"--predictions {predictions}: not written ({e.strerror}); the scores above stand")
+    return EvalRun(result)
+
+
+def submit_eval(options: EvalSpec, flags: dict[str, Any], runs: Path) -> Submitted:
+    """`eval --cluster`: the files checked here, then a job like training's (run dir, registry)."""
+    from llamajobs import evaluate, submit
+
+    def absolute(path: str | None) -> str | None:  # the job runs elsewhere: no relative paths
+        return None if path is None else str(Path(path).absolute())
+
+    options = dataclasses.replace(options, model=absolute(options.model), data=absolute(options.data),
+                                  adapter=absolute(options.adapter), shots_file=absolute(options.shots_file))
+    spec, profile = build_spec(flags, fixed={"evaluation": options})
+    evaluate.read_inputs(options)  # a bad data or shots file fails before anything is queued
+    if not spec.after:  # a model that a job it waits for will write need not exist yet
+        evaluate.resolve_model(options.model, options.adapter)
+    return Submitted(submit.submit(spec, profile, runs).job)
+
+
+def eval_result(job: Job, state: str) -> dict[str, Any] | None:
+    """An eval job's eval.json, once it completed."""
+    return monitor.eval_result(job.run_dir) if state == "COMPLETED" else None
+
+
+# --- data ---
+
+
+def prepare_data(config: PrepareConfig, shards: int | None, sharding: dict[str, Any], wait: bool = True,
+                 progress: Callable[[Progress], None] | None = None,
+                 on_submit: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """`data prepare`: in this process, or (shards) as array tasks merged into one store. The store's
+    meta.json, or a sharded preparation's state while it is unfinished ("unfinished" is true)."""
+    if shards is None:
+        given = [f"--{k.replace('_', '-')}" for k, v in sharding.items() if v is not None] + ([] if wait else
+                                                                                              ["--no-wait"])
+        if given:
+            raise SpecError(f"{', '.join(given)}: only with --shards N (sharded preparation)")
+        return prepare(config, progress)
+    from llamajobs.data import shards as sh, store as st
+
+    # What open_work makes before it writes the plan: a start interrupted there left only these.
+    st.check_work_dir(sh.work_dir(config.out), config.inputs, sh.PLAN, {sh.SHARDS_DIR, sh.WORK_DIR})
+    cluster_config = sh.cluster_config(shards, wait=wait, **sharding)
+    return sh.prepare_sharded(config, cluster_config, progress, on_submit=on_submit)

@@ -1,0 +1,417 @@
+"""How the CLI shows what the operations (llamajobs/ops.py) return: rich tables and detail views on
+stdout, progress and notes on stderr, or one JSON document.
+
+Views only format: every number and decision comes in with the result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from llamajobs.catalog import Accelerator
+from llamajobs.data.prepare import Progress
+from llamajobs.evaluate import eval_mode
+from llamajobs.monitor import Row
+from llamajobs.ops import Detail, Submitted
+from llamajobs.spec import JobSpec
+
+# Paths must stay whole for copy and paste; piped output gets room for the status table.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    """One JSON document on stdout, nothing else (scripts parse it)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    h, rem = divmod(int(seconds), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def eta(seconds: float | None) -> str:
+    """The time left and the time of day it ends: '5:12:00 (Tue 14:05)'."""
+    if seconds is None:
+        return "-"
+    return f"{duration(seconds)} ({time.strftime('%a %H:%M', time.localtime(time.time() + seconds))})"
+
+
+def hours(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def percent(fraction: float | None, digits: int = 1) -> str:
+    return "-" if fraction is None else f"{fraction * 100:.{digits}f}%"
+
+
+# --- submit and wait ---
+
+
+def submitted(result: Submitted, gpu_note: str = "", kind: str = "job") -> None:
+    job = result.job
+    out.print(f"{kind} [bold]{job.id}[/] ({job.cluster} job {job.cluster_job_id}) submitted; run dir "
+              f"{escape(str(job.run_dir))}")
+    if result.predicted_hours_per_epoch is not None:
+        out.print(f"predicted hours per epoch: {result.predicted_hours_per_epoch:.3g}{gpu_note}")
+
+
+def step_line(row: Row) -> None:
+    """--wait's progress, on stderr (stdout stays for --json)."""
+    err.print(f"job {row.id} {row.state} step {row.step}/{row.total_steps} loss {fmt(row.loss, '.4f')} "
+              f"tok/s {fmt(row.tokens_per_s, ',.0f')} MFU {percent(row.mfu)} ({row.peak})")
+
+
+# --- status ---
+
+
+def state(row: Row) -> str:
+    """The state; a damaged run dir says what is wrong, a STALLED job how old its last metric is."""
+    if row.problem:
+        return f"{row.state}: {row.problem}"
+    if row.state == "STALLED" and row.last_metric_age_s is not None:
+        return f"STALLED, no metric for {duration(row.last_metric_age_s)}"
+    return row.state
+
+
+def epoch(epochs: float | None) -> str:
+    """Within the first epoch its percentage; later, epochs done."""
+    if epochs is None:
+        return "-"
+    return f"{epochs * 100:.1f}%" if epochs <= 1 else f"{epochs:.2f} ep"
+
+
+def status_table(rows: list[Row]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for col in ("id", "name", "job", "state", "nodes×gpus", "size/mode/strategy", "step", "epoch",
+                "loss", "tok/s", "tok/s/gpu", "MFU", "ETA", "elapsed"):
+        table.add_column(col)
+    for r in rows:
+        accuracy = f" acc {r.accuracy:.1%}" if r.accuracy is not None else ""
+        table.add_row(
+            str(r.id), escape(r.name), f"{r.cluster}:{r.cluster_job_id}", escape(state(r)),
+            f"{r.nodes}×{r.gpus_per_node}" if r.cluster == "slurm" else f"{r.nodes}×{r.procs_per_node} cpu",
+            f"{r.size}/{r.mode}/{r.strategy}{accuracy}", f"{fmt(r.step)}/{fmt(r.total_steps)}", epoch(r.epoch),
+            fmt(r.loss, ".4f"), fmt(r.tokens_per_s, ",.0f"), fmt(r.tokens_per_s_per_gpu, ",.0f"), percent(r.mfu),
+            eta(r.eta_s), duration(r.elapsed_s),
+        )
+    return table
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    values = [v for v in values if v == v and abs(v) != float("inf")]  # a diverged step's NaN has no height
+    if not values:
+        return ""
+    values = values[::max(1, len(values) // width)]
+    lo, hi = min(values), max(values)
+    return "".join(SPARK[int((v - lo) / (hi - lo + 1e-12) * (len(SPARK) - 1))] for v in values)
+
+
+def detail(d: Detail) -> None:
+    """`status JOB`: the spec, progress, events, logs and the first error."""
+    job, row, spec = d.job, d.row, d.spec
+    out.print(f"[bold]job {job.id}[/] {escape(job.name)}  {escape(state(row))}  ({job.cluster} job "
+              f"{job.cluster_job_id})", highlight=False)
+    out.print(f"run dir   {job.run_dir}", markup=False)
+    if row.problem:
+        out.print(f"problem   {row.problem}", style="red", markup=False)
+    if spec is not None and spec.evaluation is not None:
+        _eval_progress(d)
+    elif spec is not None:
+        _training_progress(d)
+    out.print("events")
+    for e in d.events:
+        extra = {k: v for k, v in e.items() if k not in ("time", "event")}
+        when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e["time"])) if isinstance(
+            e.get("time"), (int, float)) else "?"
+        out.print(f"  {when}  {e.get('event')}  {extra}", markup=False)
+    out.print("logs")
+    for path in d.logs:
+        out.print(f"  {path}", markup=False)
+    if row.error:
+        out.print(f"first error: {row.error}", style="red", markup=False)
+        if d.error_hint:
+            out.print(d.error_hint)
+    if row.state == "OUT_OF_MEMORY" and spec is not None:
+        out.print("out of memory: lower --micro-batch, add --activation-checkpointing, or see "
+                  f"`llamajobs estimate memory --size {spec.size} --mode {spec.mode}` for the strategy that fits")
+    if row.state in ("FAILED", "OUT_OF_MEMORY"):
+        out.print(f"first error's log: {d.error_log}" if d.error_log else "no log holds an error", style="red",
+                  markup=False)
+
+
+def _training_progress(d: Detail) -> None:
+    spec, row = d.spec, d.row
+    out.print(f"model     {spec.size} {spec.mode} {spec.strategy}, {spec.nodes} node(s) "
+              f"seq {spec.seq_len} global batch {spec.global_batch} micro {spec.micro_batch} lr {spec.lr}")
+    out.print(f"progress  step {fmt(row.step)}/{fmt(row.total_steps)}  loss {fmt(row.loss, '.4f')}  "
+              f"tok/s {fmt(row.tokens_per_s, ',.0f')}  MFU {percent(row.mfu, 2)} "
+              f"(peak {row.peak or '-'})  ETA {eta(row.eta_s)}  elapsed {duration(row.elapsed_s)}")
+    share = f" ({row.data_wait_frac:.1%} of the step)" if row.data_wait_frac is not None else ""
+    last_save = f", the last in {row.checkpoint_s:.1f} s" if row.checkpoint_s is not None else ""
+    out.print(f"time      data wait {fmt(row.data_wait_s, '.4f')} s/step{share}  checkpoints {row.checkpoints}"
+              f"{last_save}  peak memory {fmt(row.mem_gib, '.2f')} GiB per process")
+    if d.slow_input:
+        out.print(f"[yellow]slow input: each step waits {row.data_wait_frac:.0%} of its time for the next batch; "
+                  "is the token store (--data) on a slow filesystem? copy it to node-local disk or a faster one[/]")
+    if d.losses:
+        out.print(f"loss      {sparkline(d.losses)}  {d.losses[0]:.3f} → {d.losses[-1]:.3f}")
+
+
+def _eval_progress(d: Detail) -> None:
+    """An eval job has no steps: what it scores, then its result once eval.json is there."""
+    evaluation, result, run_dir = d.spec.evaluation, d.eval_result, d.job.run_dir
+    adapter = f" + adapter {evaluation.adapter}" if evaluation.adapter else ""
+    mode = eval_mode(evaluation.generate, evaluation.score)
+    out.print(f"eval      {evaluation.task} {evaluation.data} ({evaluation.shots}-shot, {mode}), "
+              f"model {evaluation.model}{adapter}", markup=False)
+    if result is None:
+        out.print(f"result    none yet  elapsed {duration(d.row.elapsed_s)}")
+        return
+    choices = " ".join(f"{k} {v}" for k, v in result["choices"].items())
+    out.print(f"result    accuracy {percent(result['accuracy'])} ({result['correct']}/{result['n_labelled']}), "
+              f"n {result['n']}, {result['questions_per_s']} questions/s over {result.get('world_size', '-')} "
+              f"processes  chosen {choices}  elapsed {duration(d.row.elapsed_s)}")
+    out.print(f"          {run_dir / 'eval.json'}, {run_dir / 'predictions.jsonl'}", markup=False)
+
+
+# --- estimate ---
+
+
+def grid(result: dict[str, Any], gpu: Accelerator) -> None:
+    table = Table(box=None, header_style="bold")
+    for col in ("size", "strategy", "mode", "hours/epoch", "MFU", "GPU GiB", "CPU GiB/node", "verdict"):
+        table.add_column(col)
+    for r in result["rows"]:
+        table.add_row(r["size"], r["strategy"], r["mode"], hours(r["hours_per_epoch"]), f"{r['mfu']:.1%}",
+                      f"{r['gpu_mem_gib']:.1f}", f"{r['cpu_mem_gib']:.0f}", r["verdict"])
+    out.print(table)
+    out.print(f"GPU: {gpu.name} ({gpu.peak_bf16_flops / 1e12:g} TFLOP/s bf16, {gpu.memory_gib:g} GiB); "
+              f"MFU is model FLOPs over that peak")
+
+
+def hours_table(r: dict[str, Any]) -> None:
+    table = Table(box=None, show_header=False)
+    measured = r["source"] == "measured"
+    if "spec" in r:
+        s = r["spec"]
+        table.add_row("run", f"{s['size']} {s['mode']}, {s['strategy']}, {s['nodes']}x{s['gpus_per_node']} "
+                             f"{r['peak']}, seq {s['seq_len']}, global batch {s['global_batch']}, "
+                             f"micro {s['micro_batch']}")
+    table.add_row("hours per epoch", hours(r["hours_per_epoch"]) + (
+        f" ({r['tokens_per_epoch']:,} tokens)" if r.get("tokens_per_epoch") else "  (pass --tokens 2.5B)"))
+    table.add_row("tokens/s", f"{r['tokens_per_s']:,.0f} total, {fmt(r['tokens_per_s_per_gpu'], ',.0f')} per GPU")
+    mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+    table.add_row(f"MFU ({'measured' if measured else 'assumed'})", f"{mfu} of {r.get('peak') or '?'}'s peak")
+    parts = "" if measured else f" ({r['accumulation']} micro-batches: " + ", ".join(
+        f"{k[:-2]} {v:.2f}" for k, v in r["time_parts_s"].items() if v) + ")"
+    table.add_row("step", f"{r['step_s']:.3g} s{parts}")
+    if measured:
+        table.add_row("steps", f"{r['step']}/{fmt(r['total_steps'])} ({r['steady_steps']} steady steps timed, "
+                               f"{r['checkpoint_s']:.0f} s of checkpoints left out)")
+        table.add_row("remaining", duration(r["remaining_s"]))
+        if r.get("predicted_tokens_per_s"):
+            table.add_row("predicted", f"{r['predicted_tokens_per_s']:,.0f} tokens/s on this card")
+        table.add_row("peak memory per process", fmt(r["gpu_mem_gib"], ".1f") + " GiB")
+    else:
+        table.add_row("memory per GPU", f"{r['gpu_mem_gib']:.1f} GiB")
+        table.add_row("memory per node (CPU)", f"{r['cpu_mem_gib']:.0f} GiB")
+        table.add_row("verdict", r["verdict"])
+        table.add_row("largest micro-batch that fits", fmt(r["largest_fitting_micro_batch"]))
+        table.add_row("expected error", r["expected_error"])
+    out.print(table)
+
+
+def memory_table(result: dict[str, Any], spec: JobSpec, accel: Accelerator) -> None:
+    table = Table(box=None, header_style="bold")
+    for col in ("strategy", "GPU GiB", "CPU GiB/node", "verdict", "tokens/s"):
+        table.add_column(col)
+    for r in result["strategies"]:
+        table.add_row(r["strategy"], f"{r['gpu_mem_gib']:.1f}", f"{r['cpu_mem_gib']:.0f}", r["verdict"],
+                      f"{r['tokens_per_s']:,.0f}")
+    out.print(table)
+    first = result["strategies"][0]
+    out.print(f"{spec.size} {spec.mode} on {spec.nodes}x{spec.gpus_per_node} {accel.name} "
+              f"({first['gpu_capacity_gib']:g} GiB per GPU, {first['node_ram_gib']:g} GiB host RAM per node); "
+              f"micro-batch {spec.micro_batch}")
+    none = "none fits; add nodes, use --mode lora or --activation-checkpointing"
+    out.print(f"recommended: {result['recommended'] or none}")
+
+
+# --- eval, generate, convert ---
+
+
+def eval_result(result: dict[str, Any]) -> None:
+    """Accuracy, n, throughput and the choice counts; notes on stderr."""
+    ranks = f" over {result['world_size']} processes" if result.get("world_size") else ""
+    out.print(f"{result['task']} ({result['mode']}, {result['shots']}-shot): accuracy "
+              f"[bold]{percent(result['accuracy'])}[/] ({result['correct']}/{result['n_labelled']}), "
+              f"n {result['n']}, {result['questions_per_s']} questions/s{ranks}")
+    table = Table(box=None, header_style="bold")
+    table.add_column("")
+    for key in result["choices"]:
+        table.add_column(key)
+    table.add_row("chosen", *(str(v) for v in result["choices"].values()))
+    table.add_row("gold", *(str(result["gold"].get(k, "-")) for k in result["choices"]))
+    out.print(table)
+    for note in result["notes"] + ([f"{result['truncated']} prompt(s) truncated to fit the model"]
+                                   if result["truncated"] else []):
+        err.print(f"note: {note}", markup=False)
+
+
+def converted(result: dict[str, Any]) -> None:
+    out.print(f"converted {result['shards_in']} shard(s) into {result['out']}: {result['params'] / 1e9:.2f}B "
+              f"parameters, {result['dtype']}, {result['files_out']} safetensors file(s)", markup=False)
+    out.print(f"dim {result['dim']}, {result['n_layers']} layers, {result['n_heads']} heads "
+              f"({result['n_kv_heads']} kv), ffn {result['ffn_dim']}, vocab {result['vocab_size']}")
+
+
+# --- data ---
+
+
+class PrepareProgress:
+    """`data prepare`'s progress bar on stderr: input bytes read, documents and tokens with their
+    rates. Use as a context manager; call it with each data.prepare.Progress."""
+
+    def __init__(self, console: Console = err) -> None:
+        from rich.progress import (BarColumn, Progress as Bar, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.bar = Bar(TextColumn("{task.fields[label]}"), BarColumn(), TaskProgressColumn(),
+                       TextColumn("{task.fields[mb_s]:.1f} MB/s"),
+                       TextColumn("{task.fields[docs]:,} docs ({task.fields[docs_s]:,.0f}/s)"),
+                       TextColumn("{task.fields[tokens]:,} tokens ({task.fields[tokens_s]:,.0f}/s)"),
+                       TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+        self.task = None
+
+    def __enter__(self) -> PrepareProgress:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if self.task is not None:
+            self.bar.live.transient = exc_type is not None  # an error is then the only thing on stderr
+            self.bar.stop()
+
+    def __call__(self, p: Progress) -> None:
+        rate = 1 / max(p.elapsed_s, 1e-9)
+        fields = {"label": p.label, "mb_s": p.bytes_read / 1e6 * rate, "docs": p.documents,
+                  "docs_s": p.documents * rate, "tokens": p.tokens, "tokens_s": p.tokens * rate}
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("prepare", total=p.total_bytes or None, **fields)
+        self.bar.update(self.task, completed=p.bytes_read, **fields)
+
+
+def prepared(out_dir: str, meta: dict[str, Any]) -> None:
+    if meta.get("unfinished"):
+        out.print(f"{meta['workdir']}: {meta['counts']}; `llamajobs data inspect {out_dir}` shows the shards; "
+                  f"rerun the same command to wait for them and merge", markup=False)
+        return
+    held = meta.get("eval")
+    out.print(f"{out_dir}: {meta['documents']:,} documents, {meta['tokens']:,} tokens ({meta['dtype']})"
+              + (f"; eval split: {held['documents']:,} documents, {held['tokens']:,} tokens" if held else ""),
+              markup=False)
+    done = meta.get("preparation")
+    if done:
+        out.print(f"{done['shards']} shard(s) on the {done['cluster']} cluster"
+                  + (f" ({done['shards_requested']} requested: whole files are not split)"
+                     if done["shards"] < done["shards_requested"] else "")
+                  + f", {done['seconds']:.1f} s; merge {done['merge_seconds']:.2f} s")
+    if meta["skipped_empty"] or meta["skipped_bad_lines"]:
+        err.print(f"skipped {meta['skipped_empty']:,} empty documents and {meta['skipped_bad_lines']:,} bad lines"
+                  + "".join(f"\n  {line}" for line in meta["bad_line_examples"]), markup=False)
+
+
+STORE_KEYS = ("path", "format", "documents", "tokens", "dtype", "loss_mask", "vocab_size", "fingerprint",
+              "tokenizer", "mean_document_tokens", "max_document_tokens", "bytes_on_disk", "skipped_empty",
+              "skipped_bad_lines", "eval")
+
+
+def store(info: dict[str, Any]) -> None:
+    """`data inspect`: the store's numbers and one decoded document; or an unfinished preparation's shards."""
+    if info.get("unfinished"):
+        _unfinished(info)
+        return
+    table = Table(box=None, show_header=False)
+    for key in STORE_KEYS:
+        value = info[key]
+        table.add_row(key, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int)
+                      else str(value))
+    out.print(table)
+    sample = info["sample"]
+    if not sample:
+        return
+    out.print(f"\ndocument {sample['document']} ({sample['tokens']:,} tokens)"
+              + (", first tokens shown" if sample.get("truncated") else "") + ":", style="bold")
+    if sample.get("note"):
+        out.print(sample["note"], style="yellow", markup=False)
+    if "prompt" in sample:
+        out.print("[prompt, masked out of the loss]", style="dim", markup=False)
+        out.print(sample["prompt"], markup=False, highlight=False)
+        out.print("[response, trained on]", style="dim", markup=False)
+        out.print(sample["response"], markup=False, highlight=False)
+    elif sample.get("text") is not None:
+        out.print(sample["text"], markup=False, highlight=False)
+    else:
+        out.print(f"ids: {sample['first_ids']} ...")
+
+
+def _unfinished(info: dict[str, Any]) -> None:
+    """`data inspect` of a sharded preparation that is not finished: one row per shard."""
+    counts = ", ".join(f"{n} {state}" for state, n in info["counts"].items())
+    out.print(f"{info['path']}: unfinished sharded preparation in {info['workdir']} ({counts}); "
+              f"rerun the same `data prepare` command to finish it", markup=False)
+    table = Table(box=None, header_style="bold")
+    for column in ("shard", "state", "MB", "documents", "tokens", "host", "job", "note"):
+        table.add_column(column)
+    for row in info["shards"]:
+        note = row.get("error") or (f"{row['done_fraction']:.0%}, updated {row['updated_s_ago']:.0f} s ago"
+                                    if "done_fraction" in row else f"{row['seconds']} s" if "seconds" in row else "")
+        table.add_row(str(row["index"]), row["state"], f"{row['bytes'] / 1e6:,.1f}",
+                      f"{row['documents']:,}" if "documents" in row else "",
+                      f"{row['tokens']:,}" if "tokens" in row else "", row.get("host") or "", row.get("job") or "",
+                      note)
+    out.print(table)
+
+
+def wrote(path: Path | str, what: str = "wrote") -> None:
+    out.print(f"{what} {path}", markup=False, highlight=False)
+
+
+def watch(rows: Callable[[], list[Row]], every_s: float = 2.0) -> None:
+    """`status --watch`: the table refreshed in place until Ctrl-C."""
+    from rich.live import Live
+
+    with Live(status_table(rows()), console=out, refresh_per_second=1) as live:
+        try:
+            while True:
+                time.sleep(every_s)
+                live.update(status_table(rows()))
+        except KeyboardInterrupt:
+            pass
+
+
+def note(line: str) -> None:
+    """A line for the user on stderr (what was submitted, what was decided)."""
+    err.print(line, markup=False, highlight=False)
