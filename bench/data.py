@@ -125,7 +125,7 @@ def run_prepare(corpus: Path, model: Path, out: Path, workers: int) -> dict:
 
 
 def run_sharded(corpus: Path, model: Path, out: Path, shards: int, cluster: str) -> dict:
-    from llamajobs.data.shards import ClusterConfig, prepare_sharded
+    from llamajobs.data.sharded_prepare import ClusterConfig, prepare_sharded
 
     start = time.perf_counter()
     meta = prepare_sharded(PrepareConfig(inputs=(corpus,), tokenizer=model, out=out),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import llamajobs.spec
-from llamajobs import catalog, estimate, events, metrics, monitor, registry, site
+from llamajobs import catalog, cluster, estimate, events, forensics, metrics, monitor, registry, site
 from llamajobs.data.prepare import PrepareConfig, Progress, prepare
 from llamajobs.errors import Failure, SpecError
 from llamajobs.registry import Job
@@ -94,12 +94,6 @@ def build_spec(flags: dict[str, Any], config_file: str | None = None, cluster_de
     return llamajobs.spec.build(flags, config, site_defaults), profile
 
 
-def detect_cluster() -> str:
-    from llamajobs import submit  # TODO(merge): cluster.detect()
-
-    return submit.detect_cluster()
-
-
 def resolve_init_from(value: str, runs: Path, after: tuple[str, ...] = ()) -> str:
     """--init-from JOB|DIR -> the directory: a job's final/, or a directory holding a model or an
     adapter. A job this one waits for (--after) need not have finished yet."""
@@ -168,7 +162,8 @@ def checked_spec(spec: JobSpec, runs: Path) -> JobSpec:
     """What submit checks on the submitting host before anything is queued: --init-from resolved to
     a directory, --data a complete token store."""
     if spec.init_from is not None:
-        spec = dataclasses.replace(spec, init_from=resolve_init_from(spec.init_from, runs, spec.after))
+        resolved = dataclasses.replace(spec, init_from=resolve_init_from(spec.init_from, runs, spec.after))
+        spec = llamajobs.spec.with_model_shape(resolved)  # a full model there is what trains
     if spec.data is not None:
         from llamajobs.data.store import TokenStore
 
@@ -215,7 +210,7 @@ def wait(job: Job, on_step: Callable[[monitor.Row], None] = lambda row: None, po
         if row.step is not None and row.step != shown:
             shown = row.step
             on_step(row)
-        if row.state in monitor.TERMINAL:
+        if row.state in cluster.TERMINAL:
             return row.state
         time.sleep(poll_s if job.cluster != "slurm" else max(poll_s, 2.0))
 
@@ -223,7 +218,7 @@ def wait(job: Job, on_step: Callable[[monitor.Row], None] = lambda row: None, po
 def fail_unless_completed(job: Job, state: str) -> None:
     """--wait's end: Failure naming the first error's log, unless the job completed."""
     if state != "COMPLETED":
-        log = monitor.traceback_log(job)
+        log = forensics.traceback_log(job)
         raise Failure(f"job {job.id} ended {state}" + (f"; its first error's log: {log}" if log else ""))
 
 
@@ -243,14 +238,14 @@ def status_rows(runs: Path, job_id: int | None = None, show_all: bool = False, n
         now = now or time.time()
         cached = reg.finished_rows()
         found = monitor.rows(jobs, now, cached)
-        reg.set_finished([r.to_dict() for r in found if r.state in monitor.TERMINAL and r.problem is None
+        reg.set_finished([r.to_dict() for r in found if r.state in cluster.TERMINAL and r.problem is None
                           and r.id not in cached])
     finally:
         reg.close()
     if show_all or job_id is not None:
         return found
     return [r for r, j in zip(found, jobs)
-            if r.state not in monitor.TERMINAL or now - j.submitted_at < FINISHED_HIDDEN_AFTER_S]
+            if r.state not in cluster.TERMINAL or now - j.submitted_at < FINISHED_HIDDEN_AFTER_S]
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,39 +275,35 @@ def detail(runs: Path, job_id: int) -> Detail:
     except Failure:  # the row names the problem; the rest of the detail still shows
         losses = []
     failed = row.state in ("FAILED", "OUT_OF_MEMORY")
-    return Detail(job=job, row=row, spec=spec, events=events.read(job.run_dir), logs=monitor.log_files(job),
+    return Detail(job=job, row=row, spec=spec, events=events.read(job.run_dir), logs=forensics.log_files(job),
                   losses=losses,
                   slow_input=row.data_wait_frac is not None and row.data_wait_frac > monitor.SLOW_INPUT_FRAC,
                   eval_result=monitor.eval_result(job.run_dir) if spec and spec.evaluation else None,
-                  error_hint=monitor.collective_timeout_hint(row.error),
-                  error_log=monitor.traceback_log(job) if failed else None)
+                  error_hint=forensics.collective_timeout_hint(row.error),
+                  error_log=forensics.traceback_log(job) if failed else None)
 
 
 # --- cancel, requeue, logs ---
 
 
 def cancel(runs: Path, job_id: int) -> Job:
-    from llamajobs import cluster
-
     job = find_job(runs, job_id)
     state = monitor.row(job).state
     if state in cluster.TERMINAL:
         raise Failure(f"job {job_id} already ended {state}")
     events.record(job.run_dir, "cancelled")  # tells a cancel from a preemption on the local cluster
-    cluster.backend(job.cluster).cancel(job)
+    cluster.of(job).cancel(job)
     return job
 
 
 def requeue(runs: Path, job_id: int, timeout_s: float = 900, poll_s: float = 0.5) -> str | None:
     """Checkpoint now and requeue (what preemption does): the `latest` checkpoint it resumes from."""
-    from llamajobs import cluster
-
     job = find_job(runs, job_id)
     state = monitor.row(job).state
     if state not in ("RUNNING", "STALLED"):
         raise Failure(f"job {job_id} is {state}; only a running job can be requeued")
     asked = time.time()
-    cluster.backend(job.cluster).signal_stop(job)
+    cluster.of(job).signal_stop(job)
     while True:
         done = [e for e in events.read(job.run_dir) if e.get("event") == "requeued" and e.get("time", 0) >= asked]
         if done:
@@ -329,7 +320,7 @@ def log_file(runs: Path, job_id: int, rank: int | None = None, stderr: bool = Fa
     if rank is None:
         candidates = sorted((job.run_dir / "submitit").glob(f"*_0_log.{stream}"))
     else:
-        candidates = [p for p in monitor.rank_logs(job).get(rank, []) if p.name == f"std{stream}.log"]
+        candidates = [p for p in forensics.rank_logs(job).get(rank, []) if p.name == f"std{stream}.log"]
     if not candidates:
         raise Failure(f"no log yet for job {job_id}" + (f" rank {rank}" if rank is not None else ""))
     return candidates[-1]
@@ -425,8 +416,7 @@ def memory_table(spec: JobSpec, accel: catalog.Accelerator, a: estimate.Assumpti
 def measured_hours(runs: Path, job_id: int, tokens: int | None, a: estimate.Assumptions) -> dict[str, Any]:
     """Hours per epoch from the job's steady measured throughput, and the model's prediction beside it."""
     job, spec = training_job(runs, job_id)
-    rows = job_metrics(job)  # TODO(merge): hours_from_metrics takes typed rows (the estimate branch)
-    result = estimate.hours_from_metrics(rows, events.read(job.run_dir), tokens, spec.tokens_per_epoch, a)
+    result = estimate.hours_from_metrics(job_metrics(job), events.read(job.run_dir), tokens, spec.tokens_per_epoch, a)
     if result is None:
         raise Failure(f"job {job_id} has no measured throughput yet; try again after its first logged steps")
     gpu = catalog.GPUS.get(result.get("peak") or "")
@@ -496,9 +486,7 @@ def prepare_data(config: PrepareConfig, shards: int | None, sharding: dict[str, 
         if given:
             raise SpecError(f"{', '.join(given)}: only with --shards N (sharded preparation)")
         return prepare(config, progress)
-    from llamajobs.data import shards as sh, store as st
+    from llamajobs.data import sharded_prepare
 
-    # What open_work makes before it writes the plan: a start interrupted there left only these.
-    st.check_work_dir(sh.work_dir(config.out), config.inputs, sh.PLAN, {sh.SHARDS_DIR, sh.WORK_DIR})
-    cluster_config = sh.cluster_config(shards, wait=wait, **sharding)
-    return sh.prepare_sharded(config, cluster_config, progress, on_submit=on_submit)
+    cluster_config = sharded_prepare.cluster_config(shards, wait=wait, **sharding)
+    return sharded_prepare.prepare_sharded(config, cluster_config, progress, on_submit=on_submit)

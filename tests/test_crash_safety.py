@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llamajobs.monitor import descendants, exited
+from llamajobs.cluster.local import descendants, exited
 from llamajobs.spec import JobSpec
 from llamajobs.worker.checkpoint import (complete_steps, describe_write_failure, mount_point, newest_complete_step,
                                          write_failure, write_synced)

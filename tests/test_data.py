@@ -409,7 +409,7 @@ def test_force_refuses_a_work_dir_that_is_not_a_sharded_preparation(cli, tmp_pat
     (tmp_path / "s.parts" / "mine.txt").write_text("not llamajobs'")
     code, _, stderr = cli("data", "prepare", str(f), "--tokenizer", str(real_tok), "--out", str(tmp_path / "s"),
                           "--shards", "2", "--cluster", "local", "--force")
-    assert code == 2 and "s.parts: not a sharded preparation of llamajobs" in stderr
+    assert code == 2 and "s.parts exists and holds no preparation of llamajobs" in stderr
     assert (tmp_path / "s.parts" / "mine.txt").exists()
 
 

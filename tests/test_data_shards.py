@@ -24,6 +24,7 @@ from llamajobs.data import shard_plan as sp
 from llamajobs.data import sharded_prepare as sharded
 from llamajobs.data import shards as sh
 from llamajobs.data import store as st
+from llamajobs.data.inspect import describe
 from llamajobs.errors import Failure, SpecError
 from tests.test_data import corpus, real_tok, write_jsonl  # noqa: F401 (real_tok: a fixture)
 
@@ -210,7 +211,7 @@ def test_killed_shard_is_redone_alone(inputs, real_tok, reference, tmp_path, mon
     monkeypatch.delenv(sp.FAULT_ENV)
     with pytest.raises(SpecError, match=r"a sharded prepare is unfinished in store.parts: `llamajobs data inspect"):
         st.TokenStore(out)
-    info = prep.describe(out)
+    info = describe(out)
     assert info["unfinished"] and [r["state"] for r in info["shards"]] == ["done", "done", "killed", "done"]
     work = sh.work_dir(out)
     (partial,) = (work / sh.WORK_DIR).glob("shard-00002.*")

@@ -420,11 +420,11 @@ def test_submit_refuses_what_does_not_fit(cli):
 
 
 def test_submit_never_refuses_local_runs():
-    from llamajobs.cli import _submit_fit_check
+    from llamajobs.ops import FitCheck, fit_check
     from llamajobs.spec import JobSpec
 
     local = JobSpec(size="65b", cluster="local", global_batch=8, micro_batch=4)
-    assert _submit_fit_check(local, None, False, False) == (None, "")
+    assert fit_check(local, None) == FitCheck(None, "")
     on_slurm = JobSpec(size="tiny", cluster="slurm", global_batch=32)
-    accel, note = _submit_fit_check(on_slurm, None, False, False)
-    assert accel.name == "a100-80g" and "assumed" in note
+    fit = fit_check(on_slurm, None)
+    assert fit.accelerator.name == "a100-80g" and "assumed" in fit.note

@@ -54,11 +54,14 @@ class FakeBackend(cluster.Backend):
         self.calls: list[tuple[str, int]] = []
         self.checkpoints = checkpoints
 
-    def executor(self, spec, site, folder, dependency=None):
+    def executor(self, allocation, folder):
         raise AssertionError("not used")
 
-    def states(self, jobs):
+    def _states(self, jobs):
         return {j.id: "RUNNING" for j in jobs}
+
+    def reattach(self, job_ids, folder):
+        raise AssertionError("not used")
 
     def cancel(self, job):
         self.calls.append(("cancel", job.id))
@@ -170,10 +173,11 @@ def test_cancel_records_it_and_asks_the_backend(runs, running):
 
 
 def test_cancel_of_a_finished_job_fails(runs, monkeypatch):
-    make_run(runs, 1)
-    monkeypatch.setattr(cluster, "backend", lambda name: pytest.fail("a finished job needs no cluster"))
+    job = make_run(runs, 1)
+    monkeypatch.setattr(cluster.LocalBackend, "cancel", lambda self, job: pytest.fail("a finished job is not cancelled"))
     with pytest.raises(Failure, match="already ended COMPLETED"):
         ops.cancel(runs, 1)
+    assert not any(e["event"] == "cancelled" for e in events.read(job.run_dir))
 
 
 def test_requeue_waits_for_the_checkpoint(runs, running):

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from llamajobs import catalog, ops, views
+from llamajobs import catalog, cluster, ops, views
 from llamajobs.cli.options import (JOB_OPTIONS, TRAINING_OPTIONS, job_argument, json_option, options,
                                    runs_dir_option, typed)
 
@@ -27,8 +27,8 @@ def submit(runs_dir: str | None, force: bool, gpu: str | None, dry_run: bool, wa
     """Render a run and submit it (SLURM, or the local cluster)."""
     runs = ops.runs_dir(runs_dir, writable=not dry_run)
     flags = typed(values)
-    cluster = None if "cluster" in flags else ops.detect_cluster()
-    spec, profile = ops.build_spec(flags, config_file, cluster_default=cluster)
+    detected = None if "cluster" in flags else cluster.detect()
+    spec, profile = ops.build_spec(flags, config_file, cluster_default=detected)
     spec = ops.checked_spec(spec, runs)
     fit = ops.fit_check(spec, gpu, force, dry_run)
     if fit.warning:

@@ -21,7 +21,7 @@ from llamajobs.spec import EVAL_FIELDS, EvalSpec, default
 @click.option("--size", default=None, help=f"Cross-check the shape against the catalog: {', '.join(catalog.SIZES)}.")
 @click.option("--tokenizer", "tokenizer_file", default=None, type=click.Path(dir_okay=False),
               help="Meta's tokenizer.model (default: in --input-dir or its parent).")
-@click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
+@click.option("--max-seq-len", type=int, default=None,
               help="max_position_embeddings (default: params.json's, else 2048 for LLaMA-1, 4096 for LLaMA-2).")
 @json_option
 def convert(input_dir: str, out_dir: str, size: str | None, tokenizer_file: str | None, max_seq_len: int | None,

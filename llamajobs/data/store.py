@@ -176,20 +176,6 @@ def check_replaceable(out: Path, inputs: Sequence[Path] = ()) -> None:
                         f"token store: choose another --out")
 
 
-def check_work_dir(work: Path, inputs: tuple[Path, ...], plan: str, before_plan: set[str]) -> None:
-    """A sharded preparation's DIR.parts may be discarded (--force, or a start that never wrote its
-    plan): it must be one llamajobs made (its plan is there, or only what comes before the plan),
-    and hold none of the inputs."""
-    if not work.exists():
-        return
-    if not work.is_dir() or not ((work / plan).is_file() or {p.name for p in work.iterdir()} <= before_plan):
-        raise SpecError(f"{work}: not a sharded preparation of llamajobs (it holds other files); move it away or "
-                        f"choose another --out")
-    for given in inputs:
-        if work.resolve() in (Path(given).resolve(), *Path(given).resolve().parents):
-            raise SpecError(f"INPUT {given} is inside {work}, which a sharded preparation may discard; move it")
-
-
 def commit(tmp: Path, out: Path, *, replace: bool = False) -> None:
     """Rename the finished store into place. An existing DIR is replaced only with `replace`, only
     when it is a token store (or empty), and only now that the new store is complete (the old one is
