@@ -158,6 +158,19 @@ def fit_check(spec: JobSpec, gpu: str | None, force: bool = False, dry_run: bool
     return FitCheck(accel, note, f"{problem}{note}" if problem and not force else None)
 
 
+def preemption_warning(spec: JobSpec) -> str | None:
+    """On SLURM: a warning when the partition preempts with a GraceTime too short for this job's save."""
+    if spec.cluster != "slurm":
+        return None
+    from llamajobs import submit
+    from llamajobs.cluster.slurm import SlurmBackend
+
+    try:
+        return submit.grace_warning(spec, SlurmBackend().partition(spec.partition))
+    except cluster.SubmitError:  # scontrol cannot tell; the submit itself will say more
+        return None
+
+
 def checked_spec(spec: JobSpec, runs: Path) -> JobSpec:
     """What submit checks on the submitting host before anything is queued: --init-from resolved to
     a directory, --data a complete token store."""

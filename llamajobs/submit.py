@@ -94,7 +94,7 @@ class NodeLauncher(submitit.helpers.Checkpointable):
 def save_seconds(spec: JobSpec, write_bytes_per_s: float = 1e9) -> float:
     """A checkpoint's predicted save time: weights and Adam in fp32, ~16 bytes per trained parameter
     (a 7B full checkpoint is ~108 GB: minutes, not seconds)."""
-    trained = spec.shape.params if spec.mode == "full" else 0.02 * spec.shape.params
+    trained = 0.02 * spec.shape.params if spec.mode_info.frozen_base else spec.shape.params
     return 16 * trained / write_bytes_per_s
 
 

@@ -334,3 +334,13 @@ def test_a_filesystem_refusal_is_one_line_naming_the_path(cli, runs, running, mo
     monkeypatch.setattr(events, "record", refused)
     code, _, stderr = cli("cancel", "1")
     assert code == 1 and stderr == f"Error: {runs / '1-run1' / 'events'}: Permission denied\n"
+
+
+def test_submit_warns_when_the_partition_preempts_faster_than_the_job_saves(monkeypatch):
+    from llamajobs.cluster.slurm import Partition, SlurmBackend
+
+    low = Partition(name="low", max_minutes=0, grace_s=40, preempt_mode="REQUEUE")
+    monkeypatch.setattr(SlurmBackend, "partition", lambda self, name: low)
+    big = spec.build({"size": "7b", "cluster": "slurm", "partition": "low", "procs_per_node": 8, "global_batch": 128})
+    assert "partition low preempts with GraceTime 40 s" in ops.preemption_warning(big)
+    assert ops.preemption_warning(spec.build({"size": "tiny", "cluster": "local"})) is None

@@ -31,8 +31,9 @@ def submit(runs_dir: str | None, force: bool, gpu: str | None, dry_run: bool, wa
     spec, profile = ops.build_spec(flags, config_file, cluster_default=detected)
     spec = ops.checked_spec(spec, runs)
     fit = ops.fit_check(spec, gpu, force, dry_run)
-    if fit.warning:
-        views.err.print(f"warning: {fit.warning}", markup=False)
+    for warning in (fit.warning, ops.preemption_warning(spec)):
+        if warning:
+            views.err.print(f"warning: {warning}", markup=False)
     if dry_run:
         done = ops.dry_run(spec, profile)
         click.echo(done.script)
