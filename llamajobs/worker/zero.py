@@ -87,10 +87,12 @@ class Zero(Strategy):
         if self.stage == 3:
             # Each rank's layers are initialised for real (and overwritten by rank 0's weights): under a
             # forked generator, so that the ranks' random streams (dropout) are those of the other
-            # strategies, which build on the meta device and draw nothing.
+            # strategies, which build on the meta device and draw nothing. The dtype comes from the
+            # config (bf16 on GPU, fp32 on the CPU): DeepSpeed 0.19 ignores an explicit fp32 on an
+            # accelerator without fp16 (its CPU one) and builds bf16 parameters.
             devices = [self.env.device] if self.cuda else []
             with torch.random.fork_rng(devices=devices), \
-                    deepspeed.zero.Init(config_dict_or_path=self.config, dtype=self.dtype,
+                    deepspeed.zero.Init(config_dict_or_path=self.config, dtype=None,
                                         remote_device="cpu" if self.offload_param else None,
                                         pin_memory=self.cuda and self.offload_param):
                 model = model_lib.build_structure(self.spec, config, self.dtype)
