@@ -177,6 +177,11 @@ def checked_spec(spec: JobSpec, runs: Path) -> JobSpec:
     if spec.init_from is not None:
         resolved = dataclasses.replace(spec, init_from=resolve_init_from(spec.init_from, runs, spec.after))
         spec = llamajobs.spec.with_model_shape(resolved)  # a full model there is what trains
+    own_tokenizer = spec.init_from and (Path(spec.init_from) / "tokenizer_config.json").is_file()
+    if spec.model_path and not own_tokenizer and not any(
+            (Path(spec.model_path) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise SpecError(f"--model-path {spec.model_path}: no tokenizer.json or tokenizer.model there; the worker "
+                        f"tokenizes with the model's own tokenizer: copy it beside the weights")
     if spec.data is not None:
         from llamajobs.data.store import TokenStore
 

@@ -344,3 +344,17 @@ def test_submit_warns_when_the_partition_preempts_faster_than_the_job_saves(monk
     big = spec.build({"size": "7b", "cluster": "slurm", "partition": "low", "procs_per_node": 8, "global_batch": 128})
     assert "partition low preempts with GraceTime 40 s" in ops.preemption_warning(big)
     assert ops.preemption_warning(spec.build({"size": "tiny", "cluster": "local"})) is None
+
+
+def test_a_model_without_its_tokenizer_is_refused_before_anything_is_queued(runs, tmp_path):
+    from transformers import LlamaConfig
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                   intermediate_size=172, vocab_size=512).to_json_string())
+    s = spec.build({"cluster": "local", "model_path": str(model), "mode": "lora"})
+    with pytest.raises(SpecError, match="no tokenizer.json or tokenizer.model there"):
+        ops.checked_spec(s, runs)
+    (model / "tokenizer.json").write_text("{}")
+    assert ops.checked_spec(s, runs) == s
