@@ -388,10 +388,6 @@ def assumptions(assume: tuple[str, ...]) -> estimate.Assumptions:
         raise SpecError(str(e)) from None
 
 
-def grid_axes(flags: dict[str, Any]) -> tuple[list[str] | None, list[str] | None]:
-    """The sizes and strategies of a planning grid: each None when its flag names one value."""
-    return (_grid_axis(flags, "size", [s for s in catalog.SIZES if s != "tiny"]),
-            _grid_axis(flags, "strategy", list(catalog.STRATEGIES)))
 
 
 def _grid_axis(flags: dict[str, Any], name: str, known: list[str]) -> list[str] | None:
@@ -406,8 +402,13 @@ def _grid_axis(flags: dict[str, Any], name: str, known: list[str]) -> list[str] 
 
 
 def grid(flags: dict[str, Any], accel: catalog.Accelerator, tokens: int | None, a: estimate.Assumptions,
-         cpu_mem_gib: float | None, sizes: list[str] | None, strategies: list[str] | None) -> dict[str, Any]:
-    """One row per size × strategy: hours per epoch, MFU, memory, verdict."""
+         cpu_mem_gib: float | None) -> dict[str, Any] | None:
+    """A planning grid when --size or --strategy names a comma list or `all`: one row per size ×
+    strategy (hours per epoch, MFU, memory, verdict); None when each names one value."""
+    sizes = _grid_axis(flags, "size", [s for s in catalog.SIZES if s != "tiny"])
+    strategies = _grid_axis(flags, "strategy", list(catalog.STRATEGIES))
+    if not (sizes or strategies):
+        return None
     rows = []
     for size in sizes or [flags.get("size")]:
         for strategy in strategies or [flags.get("strategy")]:

@@ -67,9 +67,7 @@ def hours(job_id: int | None, gpu: str | None, peak_tflops: float | None, gpu_me
         result = ops.measured_hours(ops.runs_dir(runs_dir), job_id, count, a)
     else:
         accel = ops.accelerator(gpu, peak_tflops, gpu_mem_gib)
-        sizes, strategies = ops.grid_axes(flags)
-        if sizes or strategies:
-            result = ops.grid(flags, accel, count, a, cpu_mem_gib, sizes, strategies)
+        if (result := ops.grid(flags, accel, count, a, cpu_mem_gib)) is not None:
             views.print_json(result) if as_json else views.grid(result, accel)
             return
         spec, _ = ops.build_spec(flags, cluster_default="slurm")
@@ -93,9 +91,7 @@ def memory(gpu: str | None, peak_tflops: float | None, gpu_mem_gib: float | None
     a = ops.assumptions(assume)
     accel = ops.accelerator(gpu, peak_tflops, gpu_mem_gib)
     flags = typed(values)
-    sizes, strategies = ops.grid_axes(flags)
-    if sizes or strategies:
-        result = ops.grid(flags, accel, None, a, cpu_mem_gib, sizes, strategies)
+    if (result := ops.grid(flags, accel, None, a, cpu_mem_gib)) is not None:
         views.print_json(result) if as_json else views.grid(result, accel)
         return
     spec, _ = ops.build_spec(flags, cluster_default="slurm")
