@@ -12,7 +12,6 @@ submitit, torch and transformers are imported only by the operations that need t
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +38,7 @@ def runs_dir(flag: str | None = None, writable: bool = False) -> Path:
     user's runs needs no write access: the index lives in our own cache."""
     profile, _ = site.load()
     path = site.runs_dir(profile, flag)
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise SpecError(f"--runs-dir {path}: {existing} is a file, not a directory")
-    if writable and not os.access(existing, os.W_OK | os.X_OK):
-        raise SpecError(f"--runs-dir {path}: {existing} is not writable")
+    registry.check_runs_dir(path, write=writable)
     return path
 
 

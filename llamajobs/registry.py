@@ -128,13 +128,21 @@ def write_job_file(job: Job) -> None:
 
 
 def check_runs_dir(runs_dir: Path, write: bool) -> None:
-    """SpecError naming the runs directory when it cannot serve: a file, or not readable (or, to
-    submit, not writable). A missing one is fine: the first submit creates it."""
-    if runs_dir.exists() and not runs_dir.is_dir():
-        raise SpecError(f"runs directory {runs_dir} is a file, not a directory; move it away or point "
+    """SpecError naming the runs directory when it cannot serve: it (or, while it does not exist yet,
+    the nearest folder above it) is a file, or not readable (or, to submit, not writable). A missing
+    one is fine: the first submit creates it."""
+    existing = next(p for p in (runs_dir, *runs_dir.parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == runs_dir else f" ({existing} is a file)"
+        raise SpecError(f"runs directory {runs_dir} is a file, not a directory{where}; move it away or point "
                         f"--runs-dir (or LLAMAJOBS_RUNS) at a directory")
+    if existing != runs_dir:  # the first submit creates it there
+        if write and not os.access(existing, os.W_OK | os.X_OK):
+            raise SpecError(f"runs directory {runs_dir} is not writable by this user ({existing} is not); "
+                            f"fix its permissions or point --runs-dir (or LLAMAJOBS_RUNS) elsewhere")
+        return
     mode = os.R_OK | os.X_OK | (os.W_OK if write else 0)
-    if runs_dir.is_dir() and not os.access(runs_dir, mode):
+    if not os.access(runs_dir, mode):
         raise SpecError(f"runs directory {runs_dir} is not {'writable' if write else 'readable'} by this user; "
                         f"fix its permissions or point --runs-dir (or LLAMAJOBS_RUNS) elsewhere")
 
