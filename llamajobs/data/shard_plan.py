@@ -145,9 +145,8 @@ def open_work(config: prep.PrepareConfig, shards: int, encoder: prep.Encoder) ->
     elif not _only_a_start(work):
         raise SpecError(f"{work} exists and holds no preparation of llamajobs (no plan.json of its own); it is left "
                         f"as it is: move it away or choose another --out")
-    for given in config.inputs:
-        if work.resolve() in (Path(given).resolve(), *Path(given).resolve().parents):
-            raise SpecError(f"INPUT {given} is inside {work}, which a sharded preparation discards; move it")
+    if work.exists() and (given := st.held_input(work, config.inputs)) is not None:
+        raise SpecError(f"INPUT {given} is inside {work}, which a sharded preparation discards; move it")
     shutil.rmtree(work, ignore_errors=True)  # ours: discarded with --force, or a start stopped before its plan
     plan = make_plan(config, shards, encoder)
     for d in (work / SHARDS_DIR, work / WORK_DIR):

@@ -159,16 +159,20 @@ def is_store(path: Path) -> bool:
         return False
 
 
+def held_input(folder: Path, inputs: Sequence[Path]) -> Path | None:
+    """The first of the inputs that is the folder or lies inside it (which replacing it would delete)."""
+    resolved = folder.resolve()
+    return next((given for given in inputs
+                 if resolved == Path(given).resolve() or resolved in Path(given).resolve().parents), None)
+
+
 def check_replaceable(out: Path, inputs: Sequence[Path] = ()) -> None:
     """--force replaces only what llamajobs wrote: a token store, or an empty directory; never a
     directory that holds one of the inputs (nor the inputs themselves)."""
     if not out.exists() and not out.is_symlink():
         return
-    resolved = out.resolve()
-    for given in inputs:
-        path = Path(given).resolve()
-        if path == resolved or resolved in path.parents:
-            raise SpecError(f"--out {out} holds the input {given}; --force never replaces it: choose another --out")
+    if (given := held_input(out, inputs)) is not None:
+        raise SpecError(f"--out {out} holds the input {given}; --force never replaces it: choose another --out")
     if out.is_symlink() or not out.is_dir():
         raise SpecError(f"--out {out} is not a directory llamajobs wrote; --force replaces only a token store")
     if not is_store(out) and any(out.iterdir()):
