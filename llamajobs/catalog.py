@@ -210,6 +210,7 @@ class StrategyInfo:
     offload_params: bool = False  # the parameters live on the CPU between uses
     compiles: bool = False  # --compile is implemented
     without_offload: str | None = None  # the same strategy with nothing offloaded
+    fp8: bool = False  # --fp8 is implemented (torchao's float8 linears under FSDP2, as torchtitan runs them)
 
     @property
     def deepspeed(self) -> bool:
@@ -229,7 +230,7 @@ class StrategyInfo:
 
 
 STRATEGY: dict[str, StrategyInfo] = {s.name: s for s in (
-    StrategyInfo(name="fsdp", engine="fsdp", compiles=True),
+    StrategyInfo(name="fsdp", engine="fsdp", compiles=True, fp8=True),
     StrategyInfo(name="fsdp-offload", engine="fsdp", offload_optimizer=True, offload_params=True, compiles=True,
                  without_offload="fsdp"),
     StrategyInfo(name="ds-zero2", engine="deepspeed", zero_stage=2),
@@ -268,4 +269,7 @@ PROMPT_MODES: tuple[str, ...] = tuple(m.name for m in MODE.values() if m.virtual
 CLUSTERS: tuple[str, ...] = ("slurm", "local", "debug")
 LAUNCHERS: tuple[str, ...] = ("torchrun", "deepspeed")
 TASKS: tuple[str, ...] = ("medqa", "medmcqa", "pubmedqa")  # eval's multiple-choice sets
+KERNELS: tuple[str, ...] = ("liger", "none")  # --kernels: Liger's fused kernels on CUDA, or the plain modules
+# The model_types liger-kernel patches (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy).
+LIGER_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 SCORES: tuple[str, ...] = ("letter", "text")  # eval's log-likelihood of an option's letter, or of its text

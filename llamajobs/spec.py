@@ -77,6 +77,8 @@ class JobSpec:
     grad_clip: float = 1.0
     activation_checkpointing: bool = False
     compile: bool = False
+    kernels: str = "liger"  # Liger's fused kernels where they run (CUDA, a family it covers); else the plain path
+    fp8: bool = False  # torchao's float8 linears (full fine-tunes, fsdp, compiled, H100-class GPUs)
     seed: int = 0
     # checkpoints and requeue
     checkpoint_every_steps: int | None = None
@@ -425,6 +427,7 @@ def validate(spec: JobSpec) -> None:
     _choice(spec, "cluster", catalog.CLUSTERS)
     _choice(spec, "launcher", catalog.LAUNCHERS)
     _choice(spec, "device", ("auto", "cuda", "cpu"))
+    _choice(spec, "kernels", catalog.KERNELS)
     if spec.model_shape is not None:
         validate_shape(spec.model_shape)
     elif spec.size not in catalog.SIZES:
@@ -462,6 +465,20 @@ def validate(spec: JobSpec) -> None:
             f"world size {spec.world_size} = {per_step}; use a multiple of {per_step}")
 
 
+def _validate_fp8(spec: JobSpec) -> None:
+    """--fp8's rules; the node refuses a card without float8 matmuls (only it knows the card)."""
+    if spec.mode_info.frozen_base:
+        raise SpecError(f"--fp8 trains a full fine-tune's linears in float8; --mode {spec.mode} keeps the base "
+                        "frozen in bf16: leave --fp8 out or use --mode full")
+    if not spec.strategy_info.fp8:
+        names = ", ".join(s.name for s in catalog.STRATEGY.values() if s.fp8)
+        raise SpecError(f"--fp8 is implemented for {names}; leave it out with --strategy {spec.strategy}")
+    if not spec.compile:
+        raise SpecError("--fp8 needs --compile (torchao's float8 casts are fast only when compiled)")
+    if spec.device == "cpu":
+        raise SpecError("--fp8 needs an H100-class GPU (float8 matmuls); --device cpu has none: leave --fp8 out")
+
+
 def _validate_combinations(spec: JobSpec) -> None:
     """The rules between flags (strategy x mode x where it runs), from the catalog's facts."""
     strategy, mode = spec.strategy_info, spec.mode_info
@@ -480,6 +497,8 @@ def _validate_combinations(spec: JobSpec) -> None:
         raise SpecError(f"--mode {spec.mode} with --strategy {spec.strategy} on {spec.gpus_per_node} GPUs: the "
                         "prefix's keys and values would have to follow each layer to its GPU; use --strategy fsdp, "
                         "--gpus-per-node 1 or --device cpu")
+    if spec.fp8:
+        _validate_fp8(spec)
     if spec.cluster != "slurm" and spec.nodes > 1:
         raise SpecError(f"--nodes {spec.nodes}: the {spec.cluster} cluster has one node; use --cluster slurm")
     if spec.hold and spec.cluster != "slurm":

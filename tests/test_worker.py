@@ -32,7 +32,8 @@ from llamajobs.errors import SpecError
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
 from llamajobs.worker import parallel
-from llamajobs.worker.train import (build_optimizer, check_supported, forward_backward, token_loss_sum, train_loop,
+from llamajobs.worker.kernels import token_loss_sum
+from llamajobs.worker.train import (build_optimizer, check_supported, forward_backward, train_loop,
                                     train_step)
 from tests.conftest import assert_exit_0, metrics_rows, torchrun
 

@@ -47,6 +47,10 @@ TRAINING_OPTIONS = [
     _opt("--lr", type=float), _opt("--warmup-ratio", type=float), _opt("--weight-decay", type=float),
     _opt("--activation-checkpointing/--no-activation-checkpointing"),
     _opt("--compile/--no-compile"), _opt("--seed", type=int),
+    _opt("--kernels", help="liger (default: Liger's fused kernels on CUDA, for the families it covers; the plain "
+                           "modules elsewhere) or none."),
+    _opt("--fp8/--no-fp8", help="Float8 linears (torchao) for full fine-tunes under fsdp with --compile, on "
+                                "H100-class GPUs."),
     *PLACEMENT_OPTIONS,
 ]
 JOB_OPTIONS = [

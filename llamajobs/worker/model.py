@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from llamajobs.spec import JobSpec
+from llamajobs.worker import kernels
 
 # In final/: what the export was trained from, so that --init-from can check it continues on the same base.
 PROVENANCE = "llamajobs.json"
@@ -156,6 +157,8 @@ def build_structure(spec: JobSpec, config: LlamaConfig, dtype: torch.dtype) -> n
     model = LlamaForCausalLM(config)
     if next(model.parameters()).dtype != dtype:  # (zero.Init builds in its own dtype already)
         model = model.to(dtype)
+    # The loss forward, and Liger's kernels or FP8's linears where chosen: before peft wraps the model.
+    kernels.apply(model, kernels.choose(spec, kernels.device_type(spec)))
     if spec.activation_checkpointing:
         # HF's per-decoder-layer checkpointing (non-reentrant) keeps parameter names unchanged,
         # unlike torch's checkpoint_wrapper, so state dicts stay in HF format.

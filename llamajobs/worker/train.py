@@ -18,11 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from llamajobs import events
@@ -36,7 +34,7 @@ from llamajobs.data.tokenizer import ensure_tokenizer, load_tokenizer
 from llamajobs.estimate import flops_per_token
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
-from llamajobs.worker import parallel, rng, sinks, zero
+from llamajobs.worker import kernels, parallel, rng, sinks, zero
 from llamajobs.worker.checkpoint import Checkpointer, CheckpointWriteError, TrainState, find_resume_step
 from llamajobs.worker.faults import injected_fault
 from llamajobs.worker.metrics import MetricsLogger, device_description
@@ -158,6 +156,8 @@ def check_node(spec: JobSpec, env: Dist, devices_per_process: int) -> None:
                                       "GPUs: the prefix's keys and values would have to follow each layer to its "
                                       "GPU; use --strategy fsdp (or one GPU)")
     grad_accum_steps(spec, env.world_size)
+    if spec.fp8:
+        kernels.check_fp8_device(env.device)
 
 
 def build_strategy(spec: JobSpec, env: Dist | None) -> Strategy:
@@ -239,6 +239,7 @@ def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, strategy
           f"{spec.strategy} over {env.world_size} processes on {device_description(env.device)}", flush=True)
     if details := strategy.describe(run_dir):
         print(details, flush=True)
+    print(kernels.choose(spec, env.device.type).describe(), flush=True)
     print(f"tokens per step: {tokens_per_step:,} = global batch {spec.global_batch} x seq len {spec.seq_len} "
           f"({accum} micro-batches of {spec.micro_batch} on each of {env.world_size} ranks)", flush=True)
     print(f"steps: {total:,} = {total / steps_in_epoch:.2f} epochs of {steps_in_epoch:,} steps "
@@ -277,34 +278,11 @@ def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_si
     for i, (inputs, labels) in enumerate(micro_batches):
         strategy.set_gradient_sync(model, i == len(micro_batches) - 1)
         with strategy.autocast():
-            # Prompt tuning and p-tuning prepend their virtual tokens' logits: only the last
-            # seq_len positions are the inputs'. (pp: the logits are on the node's last GPU.)
-            logits = model(input_ids=inputs).logits[:, -labels.shape[1]:]
-        loss_sum = token_loss_sum(logits, labels.to(logits.device))
+            # The summed token loss, from the model's loss forward (worker/kernels.py).
+            loss_sum = model(input_ids=inputs, labels=labels).loss
         strategy.backward(model, loss_sum * scale.to(loss_sum.device))
         share += loss_sum.detach().to(share.device) * (scale / world_size)
     return share
-
-
-# Rows of logits upcast to fp32 at a time by token_loss_sum: 2,048 x 32k vocabulary = 256 MiB per chunk.
-LOSS_CHUNK_TOKENS = 2048
-
-
-def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, chunk: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
-    """Summed token cross-entropy in fp32, over chunks of rows, each recomputed in the backward.
-
-    Why chunks: the fp32 copy of bf16 logits and its softmax gradient would each be a whole
-    micro-batch x seq x vocabulary (micro-batch 8, seq 512, 32k: 0.5 GiB apiece, 1 GiB at peak);
-    chunked and checkpointed, only one chunk's exist at a time. split's backward is one cat."""
-    logits, labels = logits.flatten(0, 1), labels.flatten()
-    if logits.shape[0] <= chunk:
-        return _cross_entropy_sum(logits, labels)
-    return sum(checkpoint(_cross_entropy_sum, part, target, use_reentrant=False)
-               for part, target in zip(logits.split(chunk), labels.split(chunk)))
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
