@@ -116,13 +116,14 @@ def loss_forward(self, input_ids=None, labels=None, inputs_embeds=None, **kwargs
     if labels is None:
         return type(self).forward(self, input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _OUTPUT_SWITCHES}
-    hidden = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs).last_hidden_state
+    decoder, head = getattr(self, self.base_model_prefix), self.get_output_embeddings()  # (every family's)
+    hidden = decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs).last_hidden_state
     hidden = hidden[:, -labels.shape[1]:]
     labels = labels.to(hidden.device)
     if self.linear_ce_sum is not None:
-        loss = self.linear_ce_sum(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten())
+        loss = self.linear_ce_sum(hidden.flatten(0, 1), head.weight, labels.flatten())
     else:
-        loss = token_loss_sum(self.lm_head(hidden), labels)
+        loss = token_loss_sum(head(hidden), labels)
     return CausalLMOutputWithPast(loss=loss)
 
 
