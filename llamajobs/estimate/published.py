@@ -121,7 +121,7 @@ PUBLISHED: tuple[Published, ...] = (
     # --- HF stack + DeepSpeed: ZeRO-3 over 4 GPUs; ZeRO-2 over two nodes ---
     _qwen("qwen-72b", 2048, 45.7, 228.8, strategy="ds-zero3", gpus=4, label="ds-zero3, 4 GPUs"),
     _qwen("qwen-7b", 2048, 9.25, 95.1, strategy="ds-zero2", gpus=2, nodes=2, label="ds-zero2, 2 nodes x 2 GPUs",
-          note="two servers of two A100s; their network is not published (one 100 Gb/s NIC assumed)"),
+          note="two servers of two A100s; their network is not published (one 200 Gb/s NIC, the default, assumed)"),
     Published(name="Qwen-72B LoRA r64 all linear without ZeRO-3, 4 GPUs", source=QWEN_URL, stack=QWEN_STACK,
               plan=_p(QWEN["qwen-72b"], strategy="ds-zero2", mode="lora", gpus=4, seq=256, micro=1, accum=8,
                       recompute=True, targets=ALL_LINEAR, lora_r=64),
