@@ -66,6 +66,10 @@ class Assumptions:
     host_us_per_op: float = 7.9
     # Compiled layers launch fused kernels: about a tenth of the operators (an assumption).
     compile_op_share: float = 0.1
+    # ...and save fewer intermediates for the backward: our worker's compiled peaks on the H200
+    # (bench/results/h200-2026-11-28.txt) put the activations at 0.70-0.76 of the eager ones for 7B
+    # LoRA (micro-batch 8 and 32) and 0.69 for the 1.1B full fine-tune at micro-batch 64.
+    compile_activation_share: float = 0.72
     # Share of the datasheet HBM bandwidth that copies and elementwise kernels reach (a memory copy
     # measures 90% of datasheet on recent cards; 85% leaves room for launch gaps).
     hbm_fraction: float = 0.85

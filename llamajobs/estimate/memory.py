@@ -80,16 +80,16 @@ def model_state_bytes(plan: Plan, a: Assumptions = DEFAULT) -> dict[str, float]:
     return {"state_gpu": gpu, "accumulated_grads": accumulated, "state_cpu": cpu}
 
 
-def activation_bytes(plan: Plan) -> float:
+def activation_bytes(plan: Plan, a: Assumptions = DEFAULT) -> float:
     """Tensors saved for the backward, per GPU, by transformers' LlamaForCausalLM in bf16 with SDPA
     attention (no s² term), per layer and token. Training every weight: 24·d + 8·f bytes, measured here
     with saved-tensor hooks. A frozen base saves no input of a frozen linear, but LoRA's dropout output
     and mask: (16 + 4 per target)·d + 5·f, set by our worker's peak on one H200 (bench/results/
     h200-2026-11-28.txt, 7B LoRA q/v micro-batch 8: 32.8 GiB allocated; the hooks' 32·d + 6·f counted
     storage that two ops save twice). Recompute keeps each layer's input (2·d) and rebuilds one layer's
-    set at a time during the backward."""
+    set at a time during the backward. `--compile` saves fewer (`compile_activation_share`)."""
     shape, mode = plan.shape, plan.mode_info
-    tokens = plan.micro_batch * plan.seq_len
+    tokens = plan.micro_batch * plan.seq_len * (a.compile_activation_share if plan.compile else 1.0)
     if mode.frozen_base:
         per_layer = (16 + 4 * len(plan.lora_targets if mode.adapters else ())) * shape.dim + 5 * shape.ffn_dim
     else:
@@ -154,7 +154,7 @@ def memory(run: Plan | JobSpec, gpu: Accelerator, strategy: str | None = None, a
         plan = plan_for_strategy(plan, strategy)
     s = plan.shape
     states = model_state_bytes(plan, a)
-    acts = activation_bytes(plan)
+    acts = activation_bytes(plan, a)
     if plan.strategy_info.one_process_per_node:  # layers (and their activations) spread over the node's GPUs
         acts /= plan.gpus_per_node
     # Two peaks: the start of the backward (activations and the loss, not yet the gradients the
