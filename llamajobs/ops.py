@@ -151,7 +151,7 @@ class FitCheck:
     accelerator: catalog.Accelerator | None  # the GPU the estimate assumed; None off SLURM
     note: str  # " (a100-80g assumed; pass --gpu)" when --gpu was not given
     warning: str | None = None  # a dry run's "does not fit", which a real submit refuses
-    spec: JobSpec | None = None  # the spec as it will run there (--micro-batch auto resolved)
+    spec: JobSpec | None = dataclasses.field(default=None, compare=False)  # as it will run there (auto resolved)
 
 
 def fit_check(spec: JobSpec, gpu: str | None, force: bool = False, dry_run: bool = False) -> FitCheck:

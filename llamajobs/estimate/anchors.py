@@ -10,7 +10,7 @@ from typing import Any, Iterable
 from llamajobs.catalog import GPUS, SIZES, Accelerator, Shape
 from llamajobs.estimate.assumptions import DEFAULT, Assumptions
 from llamajobs.estimate.memory import memory
-from llamajobs.estimate.plan import Plan, flops_per_token
+from llamajobs.estimate.plan import Plan
 from llamajobs.estimate.timing import compute_efficiency, hours, spent_flops_per_token, step_time, throughput
 from llamajobs.spec import JobSpec
 
