@@ -69,6 +69,7 @@ class Published:
     measured: float | None = None
     measured_mem_gib: float | None = None  # peak per GPU, where published
     verdict: str | None = None  # "fits" or "does not fit", where published
+    verdict_of: str = "verdict"  # what the source tells: "verdict" (GPU and host) or "gpu_verdict" only
     nics_per_node: int | None = None  # where the source says (llm-foundry: 1600 Gbps = 8 x 200)
     role: str = "check"  # "check" | "tuned stack" | "fit" (sets a constant; named in assumptions.py)
     note: str = ""
@@ -93,6 +94,8 @@ QWEN_URL = "https://github.com/QwenLM/Qwen/blob/main/README.md#profiling-of-memo
 QWEN_STACK = "HF Trainer + peft, flash-attn 2, gradient checkpointing, A100-SXM4-80G"
 TITAN_URL = "https://github.com/pytorch/torchtitan/blob/main/docs/performance.md"
 FOUNDRY_URL = "https://github.com/mosaicml/llm-foundry/blob/main/scripts/train/benchmarking/README.md"
+COOKBOOK_URL = "https://github.com/meta-llama/llama-cookbook/pull/122"
+TORCHTUNE_URL = "https://github.com/meta-pytorch/torchtune/issues/863"
 _A100_80, _A100_40, _H100 = GPUS["a100-80g"], GPUS["a100-40g"], GPUS["h100"]
 
 
@@ -168,6 +171,21 @@ PUBLISHED: tuple[Published, ...] = (
     Published(name="MPT-13B full, 64 H100, seq 2048, micro-batch 2, no recompute", source=FOUNDRY_URL,
               stack="llm-foundry FSDP, flash attention", plan=_p(MPT["mpt-13b"], nodes=8, seq=2048, micro=2),
               gpu=_H100, unit="tokens/s/GPU", measured=4800, verdict="fits", nics_per_node=8, role="tuned stack"),
+    # --- FSDP with and without CPU offload, 70B on one node: the GPU side (host RAM not published) ---
+    Published(name="Llama-2 70B full, FSDP, 7 A100-80GB, no offload", source=COOKBOOK_URL,
+              stack="llama-recipes FSDP, recompute", plan=dataclasses.replace(
+                  _p(LLAMA2_70B, gpus=7, seq=4096, micro=4, recompute=True)), gpu=_A100_80,
+              verdict="does not fit", verdict_of="gpu_verdict",
+              note="\"it runs OOM on 7x A100 GPUs\"; batch 4 and seq 4096 (llama-recipes defaults) assumed"),
+    Published(name="Llama-2 70B full, FSDP CPU offload, 7 A100-80GB", source=COOKBOOK_URL,
+              stack="llama-recipes FSDP, recompute", plan=_p(LLAMA2_70B, strategy="fsdp-offload", gpus=7, seq=4096,
+                                                             micro=4, recompute=True),
+              gpu=_A100_80, verdict="fits", verdict_of="gpu_verdict",
+              note="\"With --fsdp_cpu_offload ... the training job can run fine\"; GPU side only"),
+    Published(name="Llama-2 70B full, FSDP CPU offload, 8 A100-40GB", source=TORCHTUNE_URL,
+              stack="FSDP, recompute", plan=_p(LLAMA2_70B, strategy="fsdp-offload", seq=4096, micro=1, recompute=True),
+              gpu=_A100_40, verdict="fits", verdict_of="gpu_verdict",
+              note="\"fit full finetunes of 70B ... even 8x 40G A100s with CPU offloading\"; micro-batch 1 assumed"),
     # --- DeepSpeed ZeRO-3, HF LLaMA, seq 512 (ColossalAI issue 4311's baseline) ---
     Published(name="LLaMA-7B full, ds-zero3, 8 A800-80GB, seq 512, micro-batch 8", 
               source="https://github.com/hpcaitech/ColossalAI/issues/4311",
@@ -196,7 +214,7 @@ def predict_published(p: Published, a: Assumptions = DEFAULT) -> dict[str, Any]:
         time = speed["step_s"]
     elif p.unit == "tokens/s/GPU":
         time = speed["tokens_per_s_per_gpu"]
-    return {"time": time, "gpu_mem_gib": mem["gpu_mem_gib"], "verdict": mem["verdict"]}
+    return {"time": time, "gpu_mem_gib": mem["gpu_mem_gib"], "verdict": mem[p.verdict_of]}
 
 
 def compare_published(a: Assumptions = DEFAULT) -> list[dict[str, Any]]:
