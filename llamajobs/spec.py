@@ -511,6 +511,9 @@ def _validate_combinations(spec: JobSpec) -> None:
         raise SpecError(f"--nodes {spec.nodes}: the {spec.cluster} cluster has one node; use --cluster slurm")
     if spec.hold and spec.cluster != "slurm":
         raise SpecError(f"--hold needs --cluster slurm (cluster is {spec.cluster!r})")
+    if spec.sharded_accumulation and not strategy.fsdp:
+        raise SpecError(f"sharded_accumulation is FSDP's (DeepSpeed partitions gradients itself); leave it out "
+                        f"with --strategy {spec.strategy}")
     if spec.launcher == "deepspeed" and not strategy.deepspeed:
         raise SpecError(f"--launcher deepspeed needs a ds-* strategy (strategy is {spec.strategy!r})")
     if spec.procs_per_node and spec.cluster == "slurm" and spec.device != "cpu" \

@@ -127,3 +127,11 @@ def test_memory_of_our_worker_on_the_h200_bench():
         plan = dataclasses.replace(est.BENCH_CASES[case], micro_batch=micro, global_batch=micro, compile=compiled)
         predicted = est.memory(plan, H200)["gpu_mem_gib"] - est.DEFAULT.framework_overhead_gib
         assert predicted == pytest.approx(gib, rel=0.10), (case, micro, compiled, predicted)
+
+
+def test_sharded_accumulation_is_an_fsdp_setting():
+    from llamajobs.errors import SpecError
+
+    with pytest.raises(SpecError, match="sharded_accumulation is FSDP's"):
+        JobSpec(strategy="ds-zero3", sharded_accumulation=True)
+    assert JobSpec(strategy="fsdp-offload", sharded_accumulation=True).sharded_accumulation
