@@ -209,11 +209,11 @@ def _eval_progress(d: Detail) -> None:
 
 def grid(result: dict[str, Any], gpu: Accelerator) -> None:
     table = Table(box=None, header_style="bold")
-    for col in ("size", "strategy", "mode", "hours/epoch", "MFU", "GPU GiB", "CPU GiB/node", "verdict"):
+    for col in ("size", "strategy", "mode", "hours/epoch", "MFU", "GPU GiB", "CPU GiB/node", "verdict", "micro-batch"):
         table.add_column(col)
     for r in result["rows"]:
         table.add_row(r["size"], r["strategy"], r["mode"], hours(r["hours_per_epoch"]), f"{r['mfu']:.1%}",
-                      f"{r['gpu_mem_gib']:.1f}", f"{r['cpu_mem_gib']:.0f}", r["verdict"])
+                      f"{r['gpu_mem_gib']:.1f}", f"{r['cpu_mem_gib']:.0f}", r["verdict"], str(r.get("micro_batch", "")))
     out.print(table)
     out.print(f"GPU: {gpu.name} ({gpu.peak_bf16_flops / 1e12:g} TFLOP/s bf16, {gpu.memory_gib:g} GiB); "
               f"MFU is model FLOPs over that peak")
