@@ -121,7 +121,9 @@ def step_time(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT) -
         local = t / g  # trained parameters this rank updates
         if info.fsdp and info.offload:
             base_bytes = 4 if full else 2  # the worker keeps fp32 master shards (a LoRA base in bf16)
-            pcie = (m * 2 * base_bytes * n / g + 4 * local + 4 * local) / (a.pcie_gbps * 1e9)
+            # gradients down (every micro-batch under sharded accumulation) and the updated shard back up
+            grad_copies = m if plan.sharded_accumulation else 1
+            pcie = (m * 2 * base_bytes * n / g + grad_copies * 4 * local + 4 * local) / (a.pcie_gbps * 1e9)
         elif info.deepspeed and info.offload_optimizer and not info.offload_params:
             offload = (m * 4 * local + 2 * local) / (a.ds_offload_gbps * 1e9)
         elif info.deepspeed and info.offload_params:
