@@ -29,13 +29,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(spec: JobSpec, env: Dist, fused: bool) -> list[float]:
+def _model(spec: JobSpec, env: Dist) -> tuple[torch.nn.Module, parallel.Fsdp]:
     torch.manual_seed(0)  # the same weights on both ranks and both ways
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=64, max_position_embeddings=SEQ)
     model = LlamaForCausalLM(config)
-    strategy = parallel.Fsdp(spec, env)
     parallel.parallelize(model, spec, env.device)
+    return model, parallel.Fsdp(spec, env)
+
+
+def _sharded_gradient_after_a_first_micro_batch(spec: JobSpec, env: Dist) -> bool:
+    """Whether the first micro-batch (not the last: no sync asked) already reduce-scattered into the
+    sharded gradients: what tells the two ways apart."""
+    model, strategy = _model(spec, env)
+    strategy.set_gradient_sync(model, False)
+    x = torch.randint(0, 64, (2, SEQ))
+    model(input_ids=x).logits.sum().backward()
+    return all(p.grad is not None for p in model.parameters())
+
+
+def _train(spec: JobSpec, env: Dist, fused: bool) -> list[float]:
+    model, strategy = _model(spec, env)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused or None)
     params = [p for p in model.parameters() if p.requires_grad]
     losses = []
@@ -58,7 +72,10 @@ def _rank(rank: int, world_size: int, port: int, out: dict) -> None:
         env = Dist(rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size,
                    device=torch.device("cpu"))
         spec = JobSpec(cluster="local", device="cpu", global_batch=2 * MICRO_BATCHES * world_size, micro_batch=2)
+        sharded = dataclasses.replace(spec, sharded_accumulation=True)
         result = {
+            "reduced early": (_sharded_gradient_after_a_first_micro_batch(spec, env),
+                              _sharded_gradient_after_a_first_micro_batch(sharded, env)),
             "unsharded": _train(spec, env, fused=False),
             "sharded": _train(dataclasses.replace(spec, sharded_accumulation=True), env, fused=False),
             "sharded, fused AdamW": _train(dataclasses.replace(spec, sharded_accumulation=True), env, fused=True),
@@ -75,6 +92,10 @@ def losses() -> dict:
         out = manager.dict()
         mp.spawn(_rank, args=(2, _free_port(), out), nprocs=2, join=True)
         return dict(out)
+
+
+def test_sharded_accumulation_reduce_scatters_every_micro_batch(losses):
+    assert losses["reduced early"] == (False, True)
 
 
 def test_sharded_accumulation_trains_like_the_unsharded_accumulator(losses):
