@@ -175,6 +175,9 @@ class Accelerator:
     memory_gib: float
     # What torch.cuda.get_device_name() contains for this card (plus memory for the A100 pair).
     match: str = ""
+    # How the node's GPUs talk to each other: "nvlink" (NVLink/NVSwitch, the SXM boards) or "pcie"
+    # (PCIe cards: every collective inside the node crosses PCIe switches and the CPU's root ports).
+    interconnect: str = "nvlink"
 
 
 GPUS: dict[str, Accelerator] = {
@@ -182,6 +185,12 @@ GPUS: dict[str, Accelerator] = {
     "a100-80g": Accelerator(name="a100-80g", peak_bf16_flops=312e12, memory_gib=80, match="A100"),
     "h100": Accelerator(name="h100", peak_bf16_flops=989e12, memory_gib=80, match="H100"),
     "h200": Accelerator(name="h200", peak_bf16_flops=989e12, memory_gib=141, match="H200"),
+    # Node variants (`--gpu`): the same chips on PCIe boards, and the A800 (an A100 whose NVLink
+    # carries 400 GB/s, not 600). Datasheet peaks: A100 PCIe as SXM; H100 PCIe 756 TFLOP/s dense bf16.
+    "a100-80g-pcie": Accelerator(name="a100-80g-pcie", peak_bf16_flops=312e12, memory_gib=80, interconnect="pcie"),
+    "a100-40g-pcie": Accelerator(name="a100-40g-pcie", peak_bf16_flops=312e12, memory_gib=40, interconnect="pcie"),
+    "h100-pcie": Accelerator(name="h100-pcie", peak_bf16_flops=756e12, memory_gib=80, interconnect="pcie"),
+    "a800-80g": Accelerator(name="a800-80g", peak_bf16_flops=312e12, memory_gib=80),
 }
 
 # A CPU has no datasheet bf16 peak that means anything for MFU; this nominal figure (one AVX2 FMA
@@ -191,11 +200,12 @@ CPU_PEAK_FLOPS_PER_CORE = 2 * 8 * 2 * 2.5e9
 
 def gpu_from_device_name(device_name: str, memory_gib: float) -> Accelerator | None:
     """The catalog entry for a CUDA device, or None when the card is not in the catalog."""
+    pcie = "-pcie" if "PCIE" in device_name.upper() else ""  # "NVIDIA A100-PCIE-40GB", "NVIDIA H100 PCIe"
     for gpu in GPUS.values():
         if gpu.match and gpu.match in device_name:
             if gpu.match == "A100":
-                return GPUS["a100-80g"] if memory_gib > 45 else GPUS["a100-40g"]
-            return gpu
+                gpu = GPUS["a100-80g"] if memory_gib > 45 else GPUS["a100-40g"]
+            return GPUS.get(gpu.name + pcie, gpu)
     return None
 
 

@@ -118,6 +118,19 @@ def accelerator(gpu: str | None, peak_tflops: float | None = None, gpu_mem_gib: 
                                memory_gib=gpu_mem_gib or base.memory_gib)
 
 
+def plan_for_gpu(spec: JobSpec, accel: catalog.Accelerator | None, a: estimate.Assumptions = estimate.DEFAULT,
+                 cpu_mem_gib: float | None = None) -> JobSpec:
+    """The spec as it will run on `accel`: --micro-batch auto resolved to the fastest micro-batch that
+    fits, and FSDP's accumulation (sharded when the unsharded fp32 gradient does not fit). A run not
+    planned on GPUs (local, --device cpu) or an eval job is returned as it is."""
+    if accel is None or spec.evaluation is not None or not spec.plans_gpus:
+        return spec
+    plan = estimate.resolve(spec, accel, a, node_ram_gib(spec, cpu_mem_gib))
+    if spec.micro_batch_auto:
+        spec = llamajobs.spec.with_auto_micro_batch(spec, plan.micro_batch)
+    return dataclasses.replace(spec, sharded_accumulation=plan.sharded_accumulation)
+
+
 def node_ram_gib(spec: JobSpec, cpu_mem_gib: float | None = None) -> float | None:
     """--cpu-mem-gib, else the spec's --mem-per-node (SLURM syntax, megabytes without a suffix)."""
     if cpu_mem_gib:
@@ -138,19 +151,21 @@ class FitCheck:
     accelerator: catalog.Accelerator | None  # the GPU the estimate assumed; None off SLURM
     note: str  # " (a100-80g assumed; pass --gpu)" when --gpu was not given
     warning: str | None = None  # a dry run's "does not fit", which a real submit refuses
+    spec: JobSpec | None = dataclasses.field(default=None, compare=False)  # as it will run there (auto resolved)
 
 
 def fit_check(spec: JobSpec, gpu: str | None, force: bool = False, dry_run: bool = False) -> FitCheck:
     """Refuse (SpecError) a SLURM run the estimate says will not fit GPU or host memory, unless
     --force; a dry run only warns. Local and debug runs (CPU, tiny models) are never refused."""
     if spec.cluster != "slurm" or spec.device == "cpu":
-        return FitCheck(None, "")
+        return FitCheck(None, "", spec=spec)
     accel = accelerator(gpu)
     note = "" if gpu else f" ({accel.name} assumed; pass --gpu)"
+    spec = plan_for_gpu(spec, accel)
     problem = estimate.fit_check(spec, accel, node_ram_gib=node_ram_gib(spec))
     if problem and not force and not dry_run:
         raise SpecError(f"{problem}; --force submits anyway{note}")
-    return FitCheck(accel, note, f"{problem}{note}" if problem and not force else None)
+    return FitCheck(accel, note, f"{problem}{note}" if problem and not force else None, spec=spec)
 
 
 def preemption_warning(spec: JobSpec) -> str | None:
@@ -409,16 +424,18 @@ def grid(flags: dict[str, Any], accel: catalog.Accelerator, tokens: int | None, 
         for strategy in strategies or [flags.get("strategy")]:
             cell = {**flags, **({"size": size} if size else {}), **({"strategy": strategy} if strategy else {})}
             spec, _ = build_spec({k: v for k, v in cell.items() if v is not None}, cluster_default="slurm")
-            rows.append(estimate.grid_row(spec, accel, spec.size, tokens, a, node_ram_gib(spec, cpu_mem_gib)))
+            rows.append(estimate.grid_row(spec, accel, spec.size, tokens, a, node_ram_gib(spec, cpu_mem_gib)))  # resolves
     return {"rows": rows}
 
 
 def predicted_hours(spec: JobSpec, accel: catalog.Accelerator, tokens: int | None, a: estimate.Assumptions,
                     cpu_mem_gib: float | None) -> dict[str, Any]:
+    spec = plan_for_gpu(spec, accel, a, cpu_mem_gib)
     result = estimate.hours(spec, accel, tokens, a, node_ram_gib(spec, cpu_mem_gib))
     result["spec"] = {"size": spec.size, "mode": spec.mode, "strategy": spec.strategy, "nodes": spec.nodes,
                       "gpus_per_node": spec.gpus_per_node, "seq_len": spec.seq_len,
-                      "global_batch": spec.global_batch, "micro_batch": spec.micro_batch}
+                      "global_batch": spec.global_batch, "micro_batch": spec.micro_batch,
+                      "micro_batch_auto": spec.micro_batch_auto, "sharded_accumulation": spec.sharded_accumulation}
     return result
 
 

@@ -71,6 +71,15 @@ class JobSpec:
     seq_len: int = 512
     global_batch: int = 128
     micro_batch: int = 4
+    # --micro-batch auto (the default of `build`, i.e. of every command): the estimator picks the
+    # fastest micro-batch that fits for the GPU planned (llamajobs.ops.plan_for_gpu) and records it
+    # in micro_batch; this says it was picked. Without a GPU to plan for, the largest of 4, 2, 1 that
+    # divides a rank's share of the global batch.
+    micro_batch_auto: bool = False
+    # FSDP with accumulation: reduce-scatter every micro-batch into the sharded gradient instead of
+    # accumulating an unsharded fp32 gradient (4 bytes x every parameter per GPU); the estimator picks
+    # it when the unsharded one does not fit.
+    sharded_accumulation: bool = False
     lr: float = 2e-5
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -357,7 +366,15 @@ def build(flags: Mapping[str, Any], config: Mapping[str, Any] | None = None,
     `flags` holds only what the user typed: click's defaults must not shadow the lower sources.
     """
     merged: dict[str, Any] = {}
+    auto = True  # --micro-batch auto unless a source names a number
     for source, values in (("site profile", site or {}), ("--config", config or {}), ("flags", flags)):
+        values = dict(values)
+        for key in ("micro_batch", "micro-batch"):
+            if key in values:
+                auto = str(values[key]).strip().lower() == "auto"
+                if auto:
+                    del values[key]
+                    merged.pop("micro_batch", None)
         merged.update(normalise_keys(values, source))
     mode = merged.get("mode", default("mode"))
     info = catalog.MODE.get(mode)
@@ -376,7 +393,17 @@ def build(flags: Mapping[str, Any], config: Mapping[str, Any] | None = None,
     if "model_shape" in merged:
         raise SpecError("model_shape is not a setting: it is read from the config.json of --model-path or --init-from")
     merged["model_shape"] = read_model_shape(merged.get("model_path"), merged.get("init_from"))
-    return JobSpec(**merged)
+    if not auto or merged.get("evaluation") is not None:
+        return JobSpec(**merged)
+    return with_auto_micro_batch(JobSpec(**{**merged, "micro_batch": 1}))
+
+
+def with_auto_micro_batch(spec: JobSpec, micro_batch: int | None = None) -> JobSpec:
+    """--micro-batch auto: `micro_batch` as picked (the estimator's, for a GPU), else the largest of 4,
+    2 and 1 that divides a rank's share of the global batch (a run without a GPU to plan for)."""
+    per_rank = spec.global_batch // spec.world_size
+    chosen = micro_batch or next(m for m in (4, 2, 1) if per_rank % m == 0)
+    return dataclasses.replace(spec, micro_batch=chosen, micro_batch_auto=True)
 
 
 def _choice(spec: JobSpec, name: str, allowed: tuple[str, ...] | list[str]) -> None:
@@ -503,6 +530,9 @@ def _validate_combinations(spec: JobSpec) -> None:
         raise SpecError(f"--nodes {spec.nodes}: the {spec.cluster} cluster has one node; use --cluster slurm")
     if spec.hold and spec.cluster != "slurm":
         raise SpecError(f"--hold needs --cluster slurm (cluster is {spec.cluster!r})")
+    if spec.sharded_accumulation and not strategy.fsdp:
+        raise SpecError(f"sharded_accumulation is FSDP's (DeepSpeed partitions gradients itself); leave it out "
+                        f"with --strategy {spec.strategy}")
     if spec.launcher == "deepspeed" and not strategy.deepspeed:
         raise SpecError(f"--launcher deepspeed needs a ds-* strategy (strategy is {spec.strategy!r})")
     if spec.procs_per_node and spec.cluster == "slurm" and spec.device != "cpu" \

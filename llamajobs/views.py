@@ -74,6 +74,14 @@ def submitted(result: Submitted, gpu_note: str = "", kind: str = "job") -> None:
         out.print(f"predicted hours per epoch: {result.predicted_hours_per_epoch:.3g}{gpu_note}")
 
 
+def chosen_plan(spec: JobSpec) -> None:
+    """submit's note of the micro-batch it runs (on stderr: stdout stays for --json)."""
+    if spec.micro_batch_auto or spec.sharded_accumulation:
+        picked = " (auto: the fastest that fits)" if spec.micro_batch_auto else ""
+        how = ", sharded accumulation" if spec.sharded_accumulation else ""
+        err.print(f"micro-batch {spec.micro_batch}{picked}{how}; recorded in spec.json", markup=False)
+
+
 def step_line(row: Row) -> None:
     """--wait's progress, on stderr (stdout stays for --json)."""
     err.print(f"job {row.id} {row.state} step {row.step}/{row.total_steps} loss {fmt(row.loss, '.4f')} "
@@ -201,11 +209,11 @@ def _eval_progress(d: Detail) -> None:
 
 def grid(result: dict[str, Any], gpu: Accelerator) -> None:
     table = Table(box=None, header_style="bold")
-    for col in ("size", "strategy", "mode", "hours/epoch", "MFU", "GPU GiB", "CPU GiB/node", "verdict"):
+    for col in ("size", "strategy", "mode", "hours/epoch", "MFU", "GPU GiB", "CPU GiB/node", "verdict", "micro-batch"):
         table.add_column(col)
     for r in result["rows"]:
         table.add_row(r["size"], r["strategy"], r["mode"], hours(r["hours_per_epoch"]), f"{r['mfu']:.1%}",
-                      f"{r['gpu_mem_gib']:.1f}", f"{r['cpu_mem_gib']:.0f}", r["verdict"])
+                      f"{r['gpu_mem_gib']:.1f}", f"{r['cpu_mem_gib']:.0f}", r["verdict"], str(r.get("micro_batch", "")))
     out.print(table)
     out.print(f"GPU: {gpu.name} ({gpu.peak_bf16_flops / 1e12:g} TFLOP/s bf16, {gpu.memory_gib:g} GiB); "
               f"MFU is model FLOPs over that peak")
@@ -214,6 +222,8 @@ def grid(result: dict[str, Any], gpu: Accelerator) -> None:
 def hours_table(r: dict[str, Any]) -> None:
     table = Table(box=None, show_header=False)
     measured = r["source"] == "measured"
+    if "plan" in r:
+        table.add_row("plan", plan_line(r["plan"]))
     if "spec" in r:
         s = r["spec"]
         table.add_row("run", f"{s['size']} {s['mode']}, {s['strategy']}, {s['nodes']}x{s['gpus_per_node']} "
@@ -243,18 +253,28 @@ def hours_table(r: dict[str, Any]) -> None:
     out.print(table)
 
 
+def plan_line(plan: dict[str, Any]) -> str:
+    """The plan a run would run: its micro-batch (and whether auto picked it) and how gradients accumulate."""
+    how = {"sharded": ", reduce-scattered into the shard every micro-batch",
+           "unsharded": ", an unsharded fp32 gradient accumulated until the last"}.get(plan["gradient_accumulation"], "")
+    picked = " (auto: the fastest that fits)" if plan["micro_batch_auto"] else ""
+    return f"micro-batch {plan['micro_batch']}{picked}, {plan['micro_batches_per_step']} per step{how}"
+
+
 def memory_table(result: dict[str, Any], spec: JobSpec, accel: Accelerator) -> None:
     table = Table(box=None, header_style="bold")
-    for col in ("strategy", "GPU GiB", "CPU GiB/node", "verdict", "tokens/s"):
+    for col in ("strategy", "GPU GiB", "CPU GiB/node", "verdict", "tokens/s", "micro-batch"):
         table.add_column(col)
     for r in result["strategies"]:
         table.add_row(r["strategy"], f"{r['gpu_mem_gib']:.1f}", f"{r['cpu_mem_gib']:.0f}", r["verdict"],
-                      f"{r['tokens_per_s']:,.0f}")
+                      f"{r['tokens_per_s']:,.0f}", f"{r['micro_batch']}" + (
+                          " sharded" if r.get("accumulation") == "sharded" else ""))
     out.print(table)
     first = result["strategies"][0]
     out.print(f"{spec.size} {spec.mode} on {spec.nodes}x{spec.gpus_per_node} {accel.name} "
               f"({first['gpu_capacity_gib']:g} GiB per GPU, {first['node_ram_gib']:g} GiB host RAM per node); "
-              f"micro-batch {spec.micro_batch}")
+              + ("micro-batch: auto, each strategy's fastest that fits" if spec.micro_batch_auto
+                 else f"micro-batch {spec.micro_batch}"))
     none = "none fits; add nodes, use --mode lora or --activation-checkpointing"
     out.print(f"recommended: {result['recommended'] or none}")
 

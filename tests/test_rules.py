@@ -98,7 +98,7 @@ def test_validation_and_the_worker_agree_on_every_combination(axes):
     ({"mode": "lora", "lora_targets": ()}, "--lora-targets is empty"),
     ({"strategy": "pp", "procs_per_node": 2}, "--strategy pp runs one process per node"),
     ({"strategy": "pp", "mode": "prefix", "cluster": "slurm"}, "--mode prefix with --strategy pp on 8 GPUs"),
-    ({"global_batch": 6}, "--global-batch 6 is not divisible"),
+    ({"global_batch": 6, "micro_batch": 4}, "--global-batch 6 is not divisible"),  # (auto would pick 1)
 ])
 def test_what_the_worker_refuses_render_refuses_first(values, flag, tmp_path):
     """The worker reads spec.json through validation, then checks its node: each such spec is refused

@@ -16,9 +16,11 @@ from llamajobs.spec import parse_count
 _ERRORS = "; ".join(f"{s} {expected_error_text(s)}" for s in catalog.STRATEGIES)
 HOURS_HELP = f"""Hours per epoch: predicted from the model, or measured from JOB's throughput.
 
-Predicted: FLOPs per token (6N + 12·L·d·s; 4N with a frozen base) at our worker's measured
-compute efficiency, plus FSDP's memory copies, all-gathers and reduce-scatters over NVLink or the
-network, offload's PCIe traffic and CPU Adam (README "How estimates are made"). MFU is model FLOPs
+Predicted, leading with the plan it would run (--micro-batch auto: the fastest that fits): FLOPs
+per token (6N + 12·L·d·s; 4N with a frozen base) at our worker's measured compute efficiency, no
+faster than the host issues each micro-batch, plus FSDP's memory copies, all-gathers and
+reduce-scatters over NVLink, PCIe (--gpu ...-pcie) or the nodes' NICs, offload's PCIe traffic and
+CPU Adam (README "How estimates are made"). MFU is model FLOPs
 over the catalog's datasheet peak. --size and --strategy take a comma list or `all` (every size but
 tiny; every strategy) for a planning grid. Expected error, checked against published runs: {_ERRORS}.
 
@@ -84,8 +86,9 @@ def memory(gpu: str | None, peak_tflops: float | None, gpu_mem_gib: float | None
     """Every strategy's GPU and CPU memory, a verdict, and the fastest strategy that fits.
 
     Per GPU: model states (by strategy, as DeepSpeed's own estimators count them), the unsharded fp32
-    gradient our FSDP2 worker accumulates over micro-batches, activations (measured per layer), the
-    logits and the framework. Per node's CPU: offloaded states, loading the weights once, the worker
+    gradient FSDP2 accumulates over micro-batches (unless sharded accumulation is picked), activations
+    (measured per layer), the loss and the framework. Each strategy at its own micro-batch under
+    --micro-batch auto (the default). Per node's CPU: offloaded states, loading the weights once, the worker
     processes. fits: below 90% of the memory; tight: up to 100%. --size takes a comma list or `all`.
     """
     a = ops.assumptions(assume)

@@ -31,6 +31,9 @@ def submit(runs_dir: str | None, force: bool, gpu: str | None, dry_run: bool, wa
     spec, profile = ops.build_spec(flags, config_file, cluster_default=detected)
     spec = ops.checked_spec(spec, runs)
     fit = ops.fit_check(spec, gpu, force, dry_run)
+    spec = fit.spec or spec  # as it will run on that GPU: --micro-batch auto resolved
+    if fit.accelerator is not None:
+        views.chosen_plan(spec)
     for warning in (fit.warning, ops.preemption_warning(spec)):
         if warning:
             views.err.print(f"warning: {warning}", markup=False)

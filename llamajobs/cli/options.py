@@ -43,7 +43,7 @@ TRAINING_OPTIONS = [
     _opt("--data", help="A token store from `llamajobs data prepare`; default: the bundled sample corpus."),
     _opt("--epochs", type=float), _opt("--max-steps", type=int),
     _opt("--tokens-per-epoch", help="Tokens in one epoch, e.g. 2.5B."),
-    _opt("--seq-len", type=int), _opt("--global-batch", type=int), _opt("--micro-batch", type=int),
+    _opt("--seq-len", type=int), _opt("--global-batch", type=int), _opt("--micro-batch", help="auto (default: the fastest that fits the GPU planned) or a number."),
     _opt("--lr", type=float), _opt("--warmup-ratio", type=float), _opt("--weight-decay", type=float),
     _opt("--activation-checkpointing/--no-activation-checkpointing"),
     _opt("--compile/--no-compile"), _opt("--seed", type=int),

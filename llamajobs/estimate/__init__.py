@@ -17,13 +17,16 @@ from llamajobs.estimate.anchors import (ANCHORS, BENCH_CASES, FALCON_7B, TINYLLA
 from llamajobs.estimate.assumptions import (DEFAULT, GPU_FACTS, OTHER_GPU, Assumptions, GpuFacts, gpu_facts,
                                             with_overrides)
 from llamajobs.estimate.measured import hours_from_metrics
-from llamajobs.estimate.memory import (GIB, activation_bytes, gathered_bytes, largest_module_params, loading_bytes,
-                                       logits_bytes, memory, model_state_bytes, verdict)
+from llamajobs.estimate.memory import (GIB, LOSS_CHUNK_TOKENS, activation_bytes, autocast_weight_bytes, gathered_bytes,
+                                       gradient_bytes, largest_module_params, loading_bytes, logits_bytes, memory,
+                                       model_state_bytes, verdict)
 from llamajobs.estimate.plan import Plan, as_plan, flops_per_token, plan_for_strategy, recompute_flops_per_token
-from llamajobs.estimate.planning import DEFAULT_GPU, fit_check, grid_row, hours_for_spec, memory_table
+from llamajobs.estimate.planning import (DEFAULT_GPU, fit_check, grid_row, hours_for_spec, memory_table,
+                                         micro_batch_choices, resolve)
+from llamajobs.estimate.published import PUBLISHED, Published, compare_published, predict_published, published_markdown
 from llamajobs.estimate.timing import (EXPECTED_ERROR, UNCHECKED, compute_efficiency, cpu_adam_params_per_s,
-                                       expected_error_text, hours, largest_fitting_micro_batch, step_time,
-                                       throughput)
+                                       expected_error_text, host_floor_s, hours, interconnect_gbps,
+                                       largest_fitting_micro_batch, ops_per_layer, step_time, throughput)
 
 __all__ = [
     "ANCHORS", "BENCH_CASES", "DEFAULT", "DEFAULT_GPU", "EXPECTED_ERROR", "FALCON_7B", "GIB", "GPU_FACTS", "OTHER_GPU",
@@ -34,4 +37,7 @@ __all__ = [
     "largest_module_params", "loading_bytes", "logits_bytes", "memory", "memory_table", "model_state_bytes",
     "plain_loop_tokens_per_s", "plan_for_strategy", "predict_anchor", "recompute_flops_per_token", "step_time",
     "throughput", "verdict", "with_overrides",
+    "LOSS_CHUNK_TOKENS", "PUBLISHED", "Published", "autocast_weight_bytes", "compare_published", "gradient_bytes",
+    "host_floor_s", "interconnect_gbps", "micro_batch_choices", "ops_per_layer", "predict_published",
+    "published_markdown", "resolve",
 ]

@@ -10,8 +10,8 @@ from typing import Any, Iterable
 from llamajobs.catalog import GPUS, SIZES, Accelerator, Shape
 from llamajobs.estimate.assumptions import DEFAULT, Assumptions
 from llamajobs.estimate.memory import memory
-from llamajobs.estimate.plan import Plan, flops_per_token
-from llamajobs.estimate.timing import compute_efficiency, hours, step_time, throughput
+from llamajobs.estimate.plan import Plan
+from llamajobs.estimate.timing import compute_efficiency, hours, spent_flops_per_token, step_time, throughput
 from llamajobs.spec import JobSpec
 
 # Every anchor starts from the JobSpec's defaults on a SLURM cluster's GPUs and replaces what it
@@ -144,13 +144,13 @@ ANCHORS: tuple[Anchor, ...] = (
 
 def plain_loop_tokens_per_s(plan: Plan, gpu: Accelerator, a: Assumptions = DEFAULT) -> float:
     """A plain transformers loop on one GPU: compute only (no FSDP copies, no optimizer)."""
-    return gpu.peak_bf16_flops * compute_efficiency(plan, gpu, a) / flops_per_token(plan.shape, plan.seq_len, plan.mode)
+    return gpu.peak_bf16_flops * compute_efficiency(plan, gpu, a) / spent_flops_per_token(plan)
 
 
 def fit_loop_efficiency(anchors: Iterable[Anchor] = ANCHORS, matmul_peak: float = 790e12) -> tuple[float, float]:
     """(loop_efficiency_max, loop_efficiency_width) that reproduce the two uncompiled plain-loop anchors."""
     (d1, e1), (d2, e2) = sorted(
-        (x.plan.shape.dim, x.measured * flops_per_token(x.plan.shape, x.plan.seq_len, x.plan.mode) / matmul_peak)
+        (x.plan.shape.dim, x.measured * spent_flops_per_token(x.plan) / matmul_peak)
         for x in anchors if x.kind == "plain loop" and not x.plan.compile)
     width = (e2 - e1) / (e1 / d1 - e2 / d2)
     return e2 * (d2 + width) / d2, width

@@ -19,12 +19,20 @@ class GpuFacts:
 # Matmul fraction: stas00/ml-engineering, "Maximum Achievable Matmul FLOPS comparison table": A100 SXM
 # 267.9 of 312 (85.9%), H100 SXM 792.1 of 989 (80.1%); H200: 790 of 989 measured on one H200 here
 # (DESIGN.md). HBM: NVIDIA datasheets. NVLink: nccl-tests issues #149 and #178 measure a busbw of
-# 200-208 GB/s on 8xA100 SXM (NVLink3, 300 GB/s per direction: 67%); the same 67% of NVLink4's 450.
+# 200-208 GB/s on 8xA100 SXM (NVLink3, 300 GB/s per direction: 67%); the same 67% of NVLink4's 450,
+# and of the A800's 200 GB/s per direction (133). PCIe boards (`--gpu ...-pcie`): every GPU moves its
+# collective traffic over one PCIe x16 link (4.0: 25 GB/s per direction, 5.0: 50) and an 8-GPU ring
+# crosses the CPU sockets' root ports; half the link is an assumption (no measurement found here):
+# 12 GB/s for PCIe 4.0, 24 for 5.0. One fast ring inside the node is worth 10-20x PCIe.
 GPU_FACTS: dict[str, GpuFacts] = {
     "a100-40g": GpuFacts(matmul_fraction=0.859, hbm_gbps=1555, nvlink_gbps=200),
     "a100-80g": GpuFacts(matmul_fraction=0.859, hbm_gbps=2039, nvlink_gbps=200),
     "h100": GpuFacts(matmul_fraction=0.801, hbm_gbps=3350, nvlink_gbps=300),
     "h200": GpuFacts(matmul_fraction=0.799, hbm_gbps=4800, nvlink_gbps=300),
+    "a100-80g-pcie": GpuFacts(matmul_fraction=0.859, hbm_gbps=1935, nvlink_gbps=12),
+    "a100-40g-pcie": GpuFacts(matmul_fraction=0.859, hbm_gbps=1555, nvlink_gbps=12),
+    "h100-pcie": GpuFacts(matmul_fraction=0.801, hbm_gbps=2000, nvlink_gbps=24),
+    "a800-80g": GpuFacts(matmul_fraction=0.859, hbm_gbps=2039, nvlink_gbps=133),
 }
 OTHER_GPU = GpuFacts(matmul_fraction=0.80, hbm_gbps=2000, nvlink_gbps=200)  # --peak-tflops cards: guesses
 
@@ -42,18 +50,36 @@ class Assumptions:
     # Fitted exactly (`fit_loop_efficiency`) to DESIGN.md's two H200 plain-loop anchors as shares of
     # the 790 TFLOP/s measured there: LLaMA-7B LoRA seq 512, 14,351 tokens/s = 49.5% (d 4096), and
     # the TinyLlama 1.1B shape full, 40,265 tokens/s = 33.0% (d 2048; DESIGN.md's 38.0% counts 32
-    # kv heads, TinyLlama has 4).
-    loop_efficiency_max: float = 0.983
-    loop_efficiency_width: float = 4048.0
+    # kv heads, TinyLlama has 4). Fitted in executed FLOPs (`timing.spent_flops_per_token`: causal
+    # attention skips half its scores), which the time model divides by.
+    loop_efficiency_max: float = 0.989
+    loop_efficiency_width: float = 4214.0
     # torch.compile of each decoder layer: 19,167 / 14,351 tokens/s (DESIGN.md, H200, 7B LoRA).
     compile_speedup: float = 19167 / 14351
+    # The per-micro-batch floor: the host dispatches every operator of the forward, the backward and
+    # a recompute one by one (eager PyTorch), and the GPU cannot finish a micro-batch before the host
+    # has issued it. Operators per decoder layer are counted on transformers' LlamaForCausalLM + peft
+    # (TorchDispatchMode, forward + backward): 220 training every weight, 180 + 34 per LoRA target with
+    # a frozen base, x1.55 with recompute (op_counts below). Seconds per operator: fitted on Qwen-1.8B
+    # LoRA, seq 256, micro-batch 1 on one A100 (Qwen README: 1.0 s per 8 micro-batches = 125 ms for
+    # 24 layers x 656 operators: 7.9 us); its 7B and 14B rows (150 and 200 ms per micro-batch) check it.
+    host_us_per_op: float = 7.9
+    # Compiled layers launch fused kernels: about a tenth of the operators (an assumption).
+    compile_op_share: float = 0.1
+    # ...and save fewer intermediates for the backward: our worker's compiled peaks on the H200
+    # (bench/results/h200-2026-11-28.txt) put the activations at 0.70-0.76 of the eager ones for 7B
+    # LoRA (micro-batch 8 and 32) and 0.69 for the 1.1B full fine-tune at micro-batch 64.
+    compile_activation_share: float = 0.72
     # Share of the datasheet HBM bandwidth that copies and elementwise kernels reach (a memory copy
     # measures 90% of datasheet on recent cards; 85% leaves room for launch gaps).
     hbm_fraction: float = 0.85
     # --- communication ---
-    # Network bandwidth per node between nodes, GB/s: one 200 Gb/s HDR InfiniBand NIC at the 85% that
-    # nccl-tests issue #119 measured across nodes (84.8 of 100 GB/s with 4 HDR NICs per node).
+    # Network bandwidth between nodes, GB/s per NIC: a 200 Gb/s HDR InfiniBand (or RoCE) NIC at the 85%
+    # that nccl-tests issue #119 measured across nodes (84.8 of 100 GB/s with 4 HDR NICs per node).
     network_gbps: float = 21.0
+    # NICs per node that carry NCCL's rings (one ring per NIC): a DGX A100/H100 has 8 (`--assume
+    # nics_per_node=8`), many clusters 1-4. The node's share is network_gbps x nics_per_node.
+    nics_per_node: int = 1
     # Share of communication never hidden behind compute (the first all-gather of a step, the last
     # reduce-scatter, the prefetch that waits): an assumption, not a measurement.
     comm_exposed: float = 0.10
@@ -66,17 +92,16 @@ class Assumptions:
     # seq 4096): ZeRO-3 2.86 s/step -> with parameter offload 6.05 s, i.e. 3.19 s for two fetches of a
     # 2-byte parameter partition (2 x 2 x 6.92e9/8 = 3.46 GB): 1.08 GB/s, not overlapped.
     ds_offload_gbps: float = 1.08
-    # CPU Adam, parameters per second per core (measured here, Xeon Sapphire Rapids, 50M fp32 params):
-    # torch.optim.AdamW's default CPU path (the worker's under fsdp-offload) 104 M/s; DeepSpeedCPUAdam
-    # (OMP_NUM_THREADS=1) 226 M/s, two threads 532-805 M/s: 250 M/s per core.
-    cpu_adam_torch_per_core: float = 100e6
-    cpu_adam_ds_per_core: float = 250e6
+    # CPU Adam, parameters per second per core, measured here (bench/cpu_adam.py, 20M fp32 parameters,
+    # one thread, torch 2.13, DeepSpeed 0.19): torch.optim.AdamW for-loop 104 M/s, foreach 142 M/s,
+    # fused=True 692 M/s (what the worker's fsdp-offload runs), DeepSpeedCPUAdam 978 M/s (ds-*-offload).
+    cpu_adam_torch_per_core: float = 690e6
+    cpu_adam_ds_per_core: float = 980e6
     # ...capped by the node's memory bandwidth (GB/s; a two-socket node's STREAM is 250-400 GB/s, shared
-    # with the data loaders and the copies) over the bytes each implementation moves per parameter:
-    # torch's per-op passes read and write ~80 B (weight decay, lerp, mul+addcmul, sqrt, div, add,
-    # addcdiv over fp32), DeepSpeed's fused kernel ~30 B (read p, g, m, v; write p, m, v, 16-bit p).
+    # with the data loaders and the copies) over the bytes each fused kernel moves per parameter (read
+    # p, g, m, v; write p, m, v: 28 B fp32; DeepSpeed also writes the 16-bit copy: 30 B).
     node_mem_gbps: float = 150.0
-    cpu_adam_torch_bytes: float = 80.0
+    cpu_adam_torch_bytes: float = 28.0
     cpu_adam_ds_bytes: float = 30.0
     # --- memory ---
     # Host allocations of offloaded state get DeepSpeed's estimators' additional_buffer_factor (the
@@ -111,7 +136,7 @@ def gpu_facts(gpu: Accelerator, a: Assumptions = DEFAULT) -> GpuFacts:
 # The assumptions that mean something at 0 (no warm-up left out, all communication hidden, no overhead);
 # every other one is a rate or a share that would divide by zero.
 ZERO_ALLOWED = frozenset({"warmup_steps", "comm_exposed", "framework_overhead_gib", "host_process_gib",
-                          "loop_efficiency_width"})
+                          "loop_efficiency_width", "host_us_per_op", "compile_op_share"})
 
 
 def with_overrides(values: Mapping[str, str], a: Assumptions = DEFAULT) -> Assumptions:

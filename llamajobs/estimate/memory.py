@@ -40,9 +40,11 @@ def model_state_bytes(plan: Plan, a: Assumptions = DEFAULT) -> dict[str, float]:
     loads once; see `loading_bytes`). FSDP2 full shard is ZeRO-3's layout: 16 bytes per parameter
     sharded, a layer gathered at a time.
 
-    One fact of our worker: with gradient accumulation, FSDP2 skips the reduce-scatter on every
-    micro-batch but the last, so each GPU accumulates an unsharded fp32 gradient of everything it
-    trains (4 bytes per trained parameter) until the step.
+    One fact of our worker: with gradient accumulation and unsharded accumulation (the JobSpec's
+    choice), FSDP2 skips the reduce-scatter on every micro-batch but the last, so each GPU
+    accumulates an unsharded fp32 gradient of everything it trains (4 bytes per trained parameter)
+    until the step; sharded accumulation reduce-scatters every micro-batch into the sharded gradient
+    that the 16 bytes already count.
     """
     s, n, g, gpn = plan.shape, plan.shape.params, plan.gpus, plan.gpus_per_node
     layer, largest = s.layer_params, largest_module_params(s)
@@ -50,7 +52,7 @@ def model_state_bytes(plan: Plan, a: Assumptions = DEFAULT) -> dict[str, float]:
     grad_working = 6 * layer  # one layer's bf16 gradient and its fp32 copy for the reduce-scatter
     full = not plan.mode_info.frozen_base
     t = plan.trainable_params
-    accumulated = 4 * t if plan.accum > 1 and plan.strategy_info.fsdp else 0.0
+    accumulated = 4 * t if plan.unsharded_accumulation else 0.0
     buf = a.host_buffer_factor
     if full:
         gpu, cpu = {
@@ -78,16 +80,18 @@ def model_state_bytes(plan: Plan, a: Assumptions = DEFAULT) -> dict[str, float]:
     return {"state_gpu": gpu, "accumulated_grads": accumulated, "state_cpu": cpu}
 
 
-def activation_bytes(plan: Plan) -> float:
-    """Tensors saved for the backward, per GPU. Measured here with saved-tensor hooks on transformers'
-    LlamaForCausalLM in bf16 with SDPA attention (no s² term): per layer and token 24·d + 8·f bytes
-    when the weights train; with a frozen base the inputs of frozen linears are not saved but LoRA's
-    dropout and its mask are: 32·d + 6·f with q/v adapters (+4·d per further target). Recompute keeps
-    each layer's input (2·d) and rebuilds one layer's set at a time during the backward."""
+def activation_bytes(plan: Plan, a: Assumptions = DEFAULT) -> float:
+    """Tensors saved for the backward, per GPU, by transformers' LlamaForCausalLM in bf16 with SDPA
+    attention (no s² term), per layer and token. Training every weight: 24·d + 8·f bytes, measured here
+    with saved-tensor hooks. A frozen base saves no input of a frozen linear, but LoRA's dropout output
+    and mask: (16 + 4 per target)·d + 5·f, set by our worker's peak on one H200 (bench/results/
+    h200-2026-11-28.txt, 7B LoRA q/v micro-batch 8: 32.8 GiB allocated; the hooks' 32·d + 6·f counted
+    storage that two ops save twice). Recompute keeps each layer's input (2·d) and rebuilds one layer's
+    set at a time during the backward. `--compile` saves fewer (`compile_activation_share`)."""
     shape, mode = plan.shape, plan.mode_info
-    tokens = plan.micro_batch * plan.seq_len
+    tokens = plan.micro_batch * plan.seq_len * (a.compile_activation_share if plan.compile else 1.0)
     if mode.frozen_base:
-        per_layer = (24 + 4 * len(plan.lora_targets if mode.adapters else ())) * shape.dim + 6 * shape.ffn_dim
+        per_layer = (16 + 4 * len(plan.lora_targets if mode.adapters else ())) * shape.dim + 5 * shape.ffn_dim
     else:
         per_layer = 24 * shape.dim + 8 * shape.ffn_dim
     if plan.recompute:
@@ -95,11 +99,37 @@ def activation_bytes(plan: Plan) -> float:
     return tokens * shape.n_layers * per_layer
 
 
+# Rows of logits the worker's loss upcasts at a time (llamajobs/worker/train.py LOSS_CHUNK_TOKENS; a
+# test keeps the two equal: the estimator never imports torch).
+LOSS_CHUNK_TOKENS = 2048
+
+
 def logits_bytes(shape: Shape, micro_batch: int, seq_len: int) -> float:
-    """The loss's tensors at their peak (the start of the backward): bf16 logits, the fp32 log-softmax
-    the worker's cross-entropy saves, and the two fp32 gradients the backward then makes; often the
-    largest single tensors at seq 512."""
-    return micro_batch * seq_len * shape.vocab_size * (2 + 4 + 4 + 4)
+    """The loss's tensors at their peak, as our worker computes it (train.token_loss_sum): the bf16
+    logits and, in the backward, their bf16 gradient (4 bytes a logit), plus one chunk of rows at a
+    time in fp32: its upcast, the log-softmax it saves and its gradient (12 bytes a logit)."""
+    tokens = micro_batch * seq_len
+    return tokens * shape.vocab_size * 4 + min(tokens, LOSS_CHUNK_TOKENS) * shape.vocab_size * 12
+
+
+def gradient_bytes(plan: Plan) -> float:
+    """The fp32 gradients that the backward allocates as it goes (absent at its start, where the
+    activations peak): a full fine-tune's, where they live on the GPU; DeepSpeed keeps its gradient
+    partitions allocated, and LoRA's are small."""
+    info = plan.strategy_info
+    if plan.mode_info.frozen_base or info.deepspeed or info.offload:
+        return 0.0
+    if plan.accum > 1 and (plan.sharded_accumulation or plan.runs_unsharded):
+        return 0.0  # the earlier micro-batches' gradients are there already
+    shards = plan.gpus_per_node if info.one_process_per_node else plan.gpus
+    return 4 * plan.shape.params / shards
+
+
+def autocast_weight_bytes(plan: Plan) -> float:
+    """fsdp in one process runs the fp32 model under bf16 autocast, which keeps a bf16 copy of every
+    weight that the forward used until the backward uses it (without recompute); sharded FSDP
+    all-gathers bf16 layers instead (`gathered_bytes`)."""
+    return 2.0 * plan.shape.params if plan.runs_unsharded and not plan.mode_info.frozen_base and not plan.recompute else 0.0
 
 
 def loading_bytes(plan: Plan) -> float:
@@ -124,14 +154,20 @@ def memory(run: Plan | JobSpec, gpu: Accelerator, strategy: str | None = None, a
         plan = plan_for_strategy(plan, strategy)
     s = plan.shape
     states = model_state_bytes(plan, a)
-    acts = activation_bytes(plan)
+    acts = activation_bytes(plan, a)
     if plan.strategy_info.one_process_per_node:  # layers (and their activations) spread over the node's GPUs
         acts /= plan.gpus_per_node
+    # Two peaks: the start of the backward (activations and the loss, not yet the gradients the
+    # backward allocates) and its end (every gradient, the activations gone); the larger one counts.
+    grads = gradient_bytes(plan)
+    loss = logits_bytes(s, plan.micro_batch, plan.seq_len)
+    at_start = acts + loss + autocast_weight_bytes(plan) - grads
     parts = {
-        "model_states": states["state_gpu"],
+        "model_states": states["state_gpu"] - grads + (grads if at_start < 0 else 0.0),
         "accumulated_grads": states["accumulated_grads"],
-        "activations": acts,
-        "logits": logits_bytes(s, plan.micro_batch, plan.seq_len),
+        "activations": acts if at_start >= 0 else 0.0,
+        "logits": loss if at_start >= 0 else 0.0,
+        "autocast_weights": autocast_weight_bytes(plan) if at_start >= 0 else 0.0,
         "framework": a.framework_overhead_gib * GIB,
     }
     cpu_parts = {

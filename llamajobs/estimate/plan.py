@@ -55,6 +55,10 @@ class Plan:
     cpus_per_node: int | None  # cores CPU Adam gets; None: CPUS_PER_WORKER per worker process (JobSpec's)
     weights_from_disk: bool  # --model-path: a 16-bit checkpoint is read, else fp32 random init
     tokens_per_epoch: int | None
+    # FSDP with accumulation: reduce-scatter every micro-batch into the sharded gradient, instead of
+    # keeping an unsharded fp32 one until the last (the JobSpec's choice; `planning.resolve` makes it).
+    sharded_accumulation: bool
+    micro_batch_auto: bool  # --micro-batch auto: `planning.resolve` picks the fastest that fits
 
     @classmethod
     def from_spec(cls, spec: JobSpec, **changes: Any) -> Plan:
@@ -65,7 +69,9 @@ class Plan:
                    recompute=spec.activation_checkpointing, compile=spec.compile, lora_r=spec.lora_r,
                    lora_targets=tuple(spec.lora_targets), num_virtual_tokens=spec.num_virtual_tokens,
                    cpus_per_node=spec.cpus_per_node, weights_from_disk=bool(spec.model_path),
-                   tokens_per_epoch=spec.tokens_per_epoch)
+                   tokens_per_epoch=spec.tokens_per_epoch,
+                   sharded_accumulation=spec.sharded_accumulation,
+                   micro_batch_auto=spec.micro_batch_auto)
         return dataclasses.replace(plan, **changes)
 
     @property
@@ -97,6 +103,28 @@ class Plan:
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch * self.seq_len
+
+    @property
+    def runs_unsharded(self) -> bool:
+        """fsdp in one process without offload: the worker runs the plain model (nobody to shard with)."""
+        info = self.strategy_info
+        return info.fsdp and not info.offload and self.data_parallel == 1
+
+    @property
+    def unsharded_accumulation(self) -> bool:
+        """Whether each GPU holds an unsharded fp32 gradient besides its shard between micro-batches."""
+        return (self.strategy_info.fsdp and self.accum > 1 and not self.sharded_accumulation
+                and not self.runs_unsharded)
+
+    @property
+    def accumulation(self) -> str:
+        """How gradients add up over micro-batches: "none" (one per step), "sharded" or "unsharded"
+        (FSDP, the JobSpec's choice), "deepspeed" (its own buffers), "local" (one unsharded model)."""
+        if self.accum == 1:
+            return "none"
+        if self.strategy_info.fsdp and not self.runs_unsharded:
+            return "sharded" if self.sharded_accumulation else "unsharded"
+        return "deepspeed" if self.strategy_info.deepspeed else "local"
 
     @property
     def cpu_cores(self) -> int:

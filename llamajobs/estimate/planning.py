@@ -3,6 +3,7 @@ its predicted hours."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from llamajobs.catalog import GPUS, STRATEGIES, Accelerator
@@ -15,15 +16,49 @@ from llamajobs.spec import JobSpec
 DEFAULT_GPU = "a100-80g"
 
 
+_PREFERENCE = {"fits": 0, "tight": 1, "does not fit": 2}
+
+
+def micro_batch_choices(plan: Plan) -> list[int]:
+    """What --micro-batch auto chooses from: every divisor of a rank's share of the global batch."""
+    per_rank = max(1, plan.global_batch // plan.data_parallel)
+    return [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+
+
+def resolve(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,
+            node_ram_gib: float | None = None) -> Plan:
+    """The plan that would run: with --micro-batch auto the fastest micro-batch that fits with
+    headroom (verdict "fits"), and for FSDP with accumulation the unsharded fp32 accumulator when it
+    fits, else (or when faster) reduce-scatter every micro-batch into the sharded gradient. Nothing
+    fits: the choice that needs the least memory, so that the fit check says by how much."""
+    plan = as_plan(run)
+    sizes = micro_batch_choices(plan) if plan.micro_batch_auto else [plan.micro_batch]
+    options = []
+    for m in sizes:
+        variant = dataclasses.replace(plan, micro_batch=m, sharded_accumulation=False)
+        ways = [variant]
+        if variant.strategy_info.fsdp and variant.accum > 1 and not variant.runs_unsharded:
+            ways.append(dataclasses.replace(variant, sharded_accumulation=True))
+        for option in ways:
+            mem = memory(option, gpu, a=a, node_ram_gib=node_ram_gib)
+            speed = throughput(option, gpu, a)["tokens_per_s"]
+            options.append((_PREFERENCE[mem["verdict"]], -speed if mem["verdict"] != "does not fit" else mem["gpu_mem_gib"],
+                            option))
+    return min(options, key=lambda o: (o[0], o[1]))[2]
+
+
 def memory_table(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,
                  node_ram_gib: float | None = None) -> dict[str, Any]:
-    """Every strategy's memory and verdict, and the fastest strategy that fits (None if none does)."""
+    """Every strategy's memory and verdict (each at the plan it would run: its own micro-batch under
+    --micro-batch auto), and the fastest strategy that fits (None if none does)."""
     plan = as_plan(run)
     rows = []
     for strategy in STRATEGIES:
-        variant = plan_for_strategy(plan, strategy)
+        variant = resolve(plan_for_strategy(plan, strategy), gpu, a, node_ram_gib)
         row = memory(variant, gpu, a=a, node_ram_gib=node_ram_gib)
         row["tokens_per_s"] = throughput(variant, gpu, a)["tokens_per_s"]
+        row["micro_batch"] = variant.micro_batch
+        row["accumulation"] = variant.accumulation
         rows.append(row)
     fitting = [r for r in rows if r["verdict"] == "fits"]
     best = max(fitting, key=lambda r: r["tokens_per_s"], default=None)
@@ -33,12 +68,12 @@ def memory_table(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT
 
 def grid_row(run: Plan | JobSpec, gpu: Accelerator, size: str, tokens: int | None = None, a: Assumptions = DEFAULT,
              node_ram_gib: float | None = None) -> dict[str, Any]:
-    """One cell of the planning grid (sizes x strategies)."""
-    plan = as_plan(run)
+    """One cell of the planning grid (sizes x strategies), at the plan it would run."""
+    plan = resolve(run, gpu, a, node_ram_gib)
     h = hours(plan, gpu, tokens, a, node_ram_gib)
     return {"size": size, "strategy": plan.strategy, "mode": plan.mode, "hours_per_epoch": h["hours_per_epoch"],
             "mfu": h["mfu"], "tokens_per_s": h["tokens_per_s"], "gpu_mem_gib": h["gpu_mem_gib"],
-            "cpu_mem_gib": h["cpu_mem_gib"], "verdict": h["verdict"]}
+            "cpu_mem_gib": h["cpu_mem_gib"], "verdict": h["verdict"], "micro_batch": plan.micro_batch}
 
 
 def fit_check(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,

@@ -274,10 +274,12 @@ class Fsdp(Strategy):
         return contextlib.nullcontext() if self.sharded else bf16_autocast(self.env.device)
 
     def set_gradient_sync(self, model: nn.Module, sync: bool) -> None:
-        # Reduce-scatter only after the last micro-batch; the others accumulate locally, in unsharded
-        # fp32 gradients (for a full fine-tune, a whole model's worth per GPU while accumulating).
+        # Unsharded accumulation: reduce-scatter only after the last micro-batch; the others
+        # accumulate locally, in unsharded fp32 gradients (for a full fine-tune, a whole model's worth
+        # per GPU). Sharded accumulation (the spec's choice when that does not fit): reduce-scatter
+        # every micro-batch, FSDP2 adding each result into the sharded gradient.
         if isinstance(model, FSDPModule):
-            model.set_requires_gradient_sync(sync)
+            model.set_requires_gradient_sync(sync or self.spec.sharded_accumulation)
 
     def gather(self, model: nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
         if trainable_only:  # small: every rank gathers them (full_tensor is a collective)
