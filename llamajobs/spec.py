@@ -142,6 +142,18 @@ class JobSpec:
         return catalog.MODE[self.mode]
 
     @property
+    def liger(self) -> bool:
+        """Liger's kernels asked for and covering the model's family (they run only on CUDA, where the
+        package is installed: the node decides, worker/kernels.py)."""
+        return self.kernels == "liger" and self.shape.family in catalog.LIGER_FAMILIES
+
+    @property
+    def fused_loss(self) -> bool:
+        """Liger's fused linear cross-entropy (the logits never exist): not under ZeRO-3, whose head
+        weight is a partition outside the head's own forward."""
+        return self.liger and self.strategy_info.zero_stage != 3
+
+    @property
     def plans_gpus(self) -> bool:
         """Whether the run is planned on GPUs: --device cuda, or auto on SLURM (the node decides auto)."""
         return self.device == "cuda" or (self.device == "auto" and self.cluster == "slurm")

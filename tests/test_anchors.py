@@ -32,7 +32,8 @@ def _cli_args(p: Published, model_dir: Path) -> list[str]:
     args = ["--model-path", str(model_dir), "--strategy", plan.strategy, "--mode", plan.mode,
             "--nodes", str(plan.nodes), "--gpus-per-node", str(plan.gpus_per_node), "--seq-len", str(plan.seq_len),
             "--global-batch", str(plan.global_batch), "--micro-batch", str(plan.micro_batch), "--gpu", p.gpu.name,
-            "--activation-checkpointing" if plan.recompute else "--no-activation-checkpointing"]
+            "--activation-checkpointing" if plan.recompute else "--no-activation-checkpointing",
+            "--kernels", "liger" if plan.fused_loss else "none"]
     if p.gpu_mem_gib:
         args += ["--gpu-mem-gib", str(p.gpu_mem_gib)]
     if plan.mode == "lora":

@@ -113,7 +113,7 @@ def test_the_host_floor_dominates_small_micro_batches():
 
 
 def test_the_loss_chunk_is_the_workers():
-    from llamajobs.worker.train import LOSS_CHUNK_TOKENS
+    from llamajobs.worker.kernels import LOSS_CHUNK_TOKENS
 
     assert est.LOSS_CHUNK_TOKENS == LOSS_CHUNK_TOKENS
 

@@ -16,7 +16,8 @@ from llamajobs.spec import JobSpec
 
 # Every anchor starts from the JobSpec's defaults on a SLURM cluster's GPUs and replaces what it
 # measured (shapes and batches a JobSpec might refuse are fine in a Plan).
-BASE = Plan.from_spec(JobSpec(cluster="slurm"))
+# (kernels none: none of them ran Liger.)
+BASE = Plan.from_spec(JobSpec(cluster="slurm", kernels="none"))
 
 
 def _plan(**changes: Any) -> Plan:

@@ -99,7 +99,7 @@ def activation_bytes(plan: Plan, a: Assumptions = DEFAULT) -> float:
     return tokens * shape.n_layers * per_layer
 
 
-# Rows of logits the worker's loss upcasts at a time (llamajobs/worker/train.py LOSS_CHUNK_TOKENS; a
+# Rows of logits the worker's loss upcasts at a time (llamajobs/worker/kernels.py LOSS_CHUNK_TOKENS; a
 # test keeps the two equal: the estimator never imports torch).
 LOSS_CHUNK_TOKENS = 2048
 
@@ -110,6 +110,15 @@ def logits_bytes(shape: Shape, micro_batch: int, seq_len: int) -> float:
     time in fp32: its upcast, the log-softmax it saves and its gradient (12 bytes a logit)."""
     tokens = micro_batch * seq_len
     return tokens * shape.vocab_size * 4 + min(tokens, LOSS_CHUNK_TOKENS) * shape.vocab_size * 12
+
+
+def fused_loss_bytes(shape: Shape, micro_batch: int, seq_len: int) -> float:
+    """Liger's fused linear cross-entropy at its peak (liger_kernel/ops/fused_linear_cross_entropy.py):
+    no logits tensor; from the forward it keeps the gradient of the hidden states (bf16, tokens x dim)
+    and of the head (fp32, vocab x dim), and computes the logits in chunks of about tokens x dim /
+    vocab rows (fp32 logits and their gradient: 8 bytes a logit, so ~8 bytes per token and dim)."""
+    tokens = micro_batch * seq_len
+    return tokens * shape.dim * (2 + 8) + shape.vocab_size * shape.dim * 4
 
 
 def gradient_bytes(plan: Plan) -> float:
@@ -160,7 +169,7 @@ def memory(run: Plan | JobSpec, gpu: Accelerator, strategy: str | None = None, a
     # Two peaks: the start of the backward (activations and the loss, not yet the gradients the
     # backward allocates) and its end (every gradient, the activations gone); the larger one counts.
     grads = gradient_bytes(plan)
-    loss = logits_bytes(s, plan.micro_batch, plan.seq_len)
+    loss = (fused_loss_bytes if plan.fused_loss else logits_bytes)(s, plan.micro_batch, plan.seq_len)
     at_start = acts + loss + autocast_weight_bytes(plan) - grads
     parts = {
         "model_states": states["state_gpu"] - grads + (grads if at_start < 0 else 0.0),

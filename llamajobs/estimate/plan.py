@@ -59,6 +59,7 @@ class Plan:
     # keeping an unsharded fp32 one until the last (the JobSpec's choice; `planning.resolve` makes it).
     sharded_accumulation: bool
     micro_batch_auto: bool  # --micro-batch auto: `planning.resolve` picks the fastest that fits
+    fused_loss: bool  # Liger's fused linear cross-entropy on the GPUs (--kernels liger): no logits tensor
 
     @classmethod
     def from_spec(cls, spec: JobSpec, **changes: Any) -> Plan:
@@ -71,7 +72,7 @@ class Plan:
                    cpus_per_node=spec.cpus_per_node, weights_from_disk=bool(spec.model_path),
                    tokens_per_epoch=spec.tokens_per_epoch,
                    sharded_accumulation=spec.sharded_accumulation,
-                   micro_batch_auto=spec.micro_batch_auto)
+                   micro_batch_auto=spec.micro_batch_auto, fused_loss=spec.fused_loss)
         return dataclasses.replace(plan, **changes)
 
     @property

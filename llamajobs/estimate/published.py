@@ -26,7 +26,7 @@ from llamajobs.estimate.planning import resolve
 from llamajobs.estimate.timing import throughput
 from llamajobs.spec import JobSpec
 
-_BASE = Plan.from_spec(JobSpec(cluster="slurm"))
+_BASE = Plan.from_spec(JobSpec(cluster="slurm", kernels="none"))  # (none of them ran Liger)
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -29,7 +29,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from llamajobs import catalog
 from llamajobs.data.sampler import IGNORE_INDEX
 from llamajobs.spec import JobSpec
 
@@ -58,9 +57,8 @@ class Kernels:
 def choose(spec: JobSpec, device_type: str) -> Kernels:
     """Liger where it can run (CUDA, a family it covers, the package present); FP8 as asked (the
     spec's rules admitted it; check_fp8_device refuses a card without float8 matmuls)."""
-    liger = (spec.kernels == "liger" and device_type == "cuda" and spec.shape.family in catalog.LIGER_FAMILIES
-             and _liger_installed())
-    return Kernels(liger=liger, fused_loss=liger and spec.strategy_info.zero_stage != 3, fp8=spec.fp8)
+    liger = spec.liger and device_type == "cuda" and _liger_installed()
+    return Kernels(liger=liger, fused_loss=liger and spec.fused_loss, fp8=spec.fp8)
 
 
 def device_type(spec: JobSpec) -> str:
