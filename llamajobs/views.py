@@ -366,7 +366,13 @@ def store(info: dict[str, Any]) -> None:
               + (", first tokens shown" if sample.get("truncated") else "") + ":", style="bold")
     if sample.get("note"):
         out.print(sample["note"], style="yellow", markup=False)
-    if "prompt" in sample:
+    if "segments" in sample and "prompt" not in sample:  # chat: turns in and out of the loss
+        out.print("[trained on: green; masked out of the loss: dim]", style="dim", markup=False)
+        for segment in sample["segments"]:
+            out.print(segment["text"], style="green" if segment["target"] else "dim", markup=False, highlight=False,
+                      end="")
+        out.print()
+    elif "prompt" in sample:
         out.print("[prompt, masked out of the loss]", style="dim", markup=False)
         out.print(sample["prompt"], markup=False, highlight=False)
         out.print("[response, trained on]", style="dim", markup=False)

@@ -36,7 +36,7 @@ from llamajobs.data.tokenizer import ensure_tokenizer, load_tokenizer
 from llamajobs.estimate import flops_per_token
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
-from llamajobs.worker import parallel, rng, sinks, zero
+from llamajobs.worker import packing, parallel, rng, sinks, zero
 from llamajobs.worker.checkpoint import Checkpointer, CheckpointWriteError, TrainState, find_resume_step
 from llamajobs.worker.faults import injected_fault
 from llamajobs.worker.metrics import MetricsLogger, device_description
@@ -140,7 +140,7 @@ def build_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, env: Dist) -> 
     shared = dict(seq_len=spec.seq_len, global_batch=spec.global_batch, micro_batch=spec.micro_batch,
                   rank=env.rank, world_size=env.world_size, seed=spec.seed, pad_id=tokenizer.eos_token_id)
     if getattr(docs, "has_loss_mask", False):
-        packed = instruct.PackedSampler(docs, **shared)
+        packed = instruct.PackedSampler(docs, isolate=not spec.mode_info.virtual_tokens, **shared)
         return packed, instruct.steps_per_epoch(packed, spec.tokens_per_epoch)
     sampler = WindowSampler(docs, **shared)
     return sampler, steps_per_epoch(len(docs), spec.global_batch, spec.seq_len, spec.tokens_per_epoch)
@@ -254,8 +254,7 @@ def to_device(micro_batches: list[MicroBatch], device: torch.device) -> list[Mic
     if device.type != "cuda":
         return micro_batches
     # Pinned memory makes the copies asynchronous: no host sync inside the step.
-    return [(x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True))
-            for x, y in micro_batches]
+    return [tuple(t.pin_memory().to(device, non_blocking=True) for t in batch) for batch in micro_batches]
 
 
 def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_size: int,
@@ -270,16 +269,16 @@ def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_si
     into a sum. (The strategy's backward is the engine's under DeepSpeed, told not to divide again.)
     """
     strategy = strategy or parallel.Fsdp(JobSpec(), None)
-    n_tokens = torch.stack([(labels != IGNORE_INDEX).sum() for _, labels in micro_batches]).sum()
+    n_tokens = torch.stack([(labels != IGNORE_INDEX).sum() for _, labels, *_ in micro_batches]).sum()
     dist.all_reduce(n_tokens)
     scale = world_size / n_tokens.clamp(min=1)
     share = torch.zeros((), device=n_tokens.device)
-    for i, (inputs, labels) in enumerate(micro_batches):
+    for i, (inputs, labels, *positions) in enumerate(micro_batches):
         strategy.set_gradient_sync(model, i == len(micro_batches) - 1)
         with strategy.autocast():
             # Prompt tuning and p-tuning prepend their virtual tokens' logits: only the last
             # seq_len positions are the inputs'. (pp: the logits are on the node's last GPU.)
-            logits = model(input_ids=inputs).logits[:, -labels.shape[1]:]
+            logits = model(**packing.model_inputs(inputs, *positions)).logits[:, -labels.shape[1]:]
         loss_sum = token_loss_sum(logits, labels.to(logits.device))
         strategy.backward(model, loss_sum * scale.to(loss_sum.device))
         share += loss_sum.detach().to(share.device) * (scale / world_size)
