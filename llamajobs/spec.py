@@ -113,6 +113,7 @@ class JobSpec:
     name: str | None = None
     wandb: str | None = None
     log_every_steps: int = 1
+    eval_every_steps: int | None = None  # validation loss on the store's eval split every N steps (and at the end)
     # what runs: training (None), or an eval of a model (`llamajobs eval --cluster ...`)
     evaluation: EvalSpec | None = None
 
@@ -435,6 +436,7 @@ def validate(spec: JobSpec) -> None:
               "lr", "epochs", "max_steps", "tokens_per_epoch", "checkpoint_every_steps",
               "checkpoint_every_minutes", "keep_checkpoints", "lora_r", "lora_alpha", "num_virtual_tokens",
               "log_every_steps", "collective_timeout_minutes")
+    _positive(spec, "eval_every_steps")
     if spec.name is not None and not _NAME.match(spec.name):
         raise SpecError(f"--name {spec.name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-'")
     if spec.wandb is not None and not _WANDB.match(spec.wandb):

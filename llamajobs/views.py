@@ -102,7 +102,7 @@ def epoch(epochs: float | None) -> str:
 def status_table(rows: list[Row]) -> Table:
     table = Table(box=None, header_style="bold")
     for col in ("id", "name", "job", "state", "nodes×gpus", "size/mode/strategy", "step", "epoch",
-                "loss", "tok/s", "tok/s/gpu", "MFU", "ETA", "elapsed"):
+                "loss", "val loss", "tok/s", "tok/s/gpu", "MFU", "ETA", "elapsed"):
         table.add_column(col)
     for r in rows:
         accuracy = f" acc {r.accuracy:.1%}" if r.accuracy is not None else ""
@@ -110,7 +110,8 @@ def status_table(rows: list[Row]) -> Table:
             str(r.id), escape(r.name), f"{r.cluster}:{r.cluster_job_id}", escape(state(r)),
             f"{r.nodes}×{r.gpus_per_node}" if r.cluster == "slurm" else f"{r.nodes}×{r.procs_per_node} cpu",
             f"{r.size}/{r.mode}/{r.strategy}{accuracy}", f"{fmt(r.step)}/{fmt(r.total_steps)}", epoch(r.epoch),
-            fmt(r.loss, ".4f"), fmt(r.tokens_per_s, ",.0f"), fmt(r.tokens_per_s_per_gpu, ",.0f"), percent(r.mfu),
+            fmt(r.loss, ".4f"), fmt(r.val_loss, ".4f"),
+            fmt(r.tokens_per_s, ",.0f"), fmt(r.tokens_per_s_per_gpu, ",.0f"), percent(r.mfu),
             eta(r.eta_s), duration(r.elapsed_s),
         )
     return table
@@ -177,6 +178,10 @@ def _training_progress(d: Detail) -> None:
                   "is the token store (--data) on a slow filesystem? copy it to node-local disk or a faster one[/]")
     if d.losses:
         out.print(f"loss      {sparkline(d.losses)}  {d.losses[0]:.3f} → {d.losses[-1]:.3f}")
+    if d.val_losses:
+        values = [v for _, v in d.val_losses]
+        out.print(f"val loss  {sparkline(values)}  {values[0]:.3f} → {values[-1]:.3f} "
+                  f"(eval split, {len(values)} runs, the last at step {d.val_losses[-1][0]})")
 
 
 def _eval_progress(d: Detail) -> None:

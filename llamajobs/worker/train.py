@@ -36,7 +36,7 @@ from llamajobs.data.tokenizer import ensure_tokenizer, load_tokenizer
 from llamajobs.estimate import flops_per_token
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
-from llamajobs.worker import packing, parallel, rng, sinks, zero
+from llamajobs.worker import packing, parallel, rng, sinks, validate, zero
 from llamajobs.worker.checkpoint import Checkpointer, CheckpointWriteError, TrainState, find_resume_step
 from llamajobs.worker.faults import injected_fault
 from llamajobs.worker.metrics import MetricsLogger, device_description
@@ -81,8 +81,9 @@ def train(run_dir: Path, spec: JobSpec, env: Dist) -> None:
     checkpointer = Checkpointer(run_dir, spec, env, TrainState(model, optimizer, scheduler, sampler))
     start = checkpointer.resume(resume_step)  # 0 without a checkpoint
     metrics = build_metrics(run_dir, spec, env, strategy, total=total, steps_in_epoch=steps_in_epoch, start=start)
+    validator = validate.build_validator(spec, env, strategy, total=total, pad_id=tokenizer.eos_token_id)
     step, stopped = train_loop(model, optimizer, scheduler, sampler, metrics, checkpointer,
-                               spec=spec, env=env, start=start, total=total, strategy=strategy)
+                               spec=spec, env=env, start=start, total=total, strategy=strategy, validator=validator)
     metrics.close()  # the TensorBoard and wandb files are complete before the export (or the requeue)
     if not stopped:  # (stopped: the checkpoint of `step` is complete; the launcher requeues the job)
         finish(model, strategy, spec, config, tokenizer, run_dir, env, step)
@@ -319,7 +320,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: La
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, sampler: WindowSampler,
                metrics: MetricsLogger, checkpointer: Checkpointer, *, spec: JobSpec, env: Dist, start: int,
-               total: int, strategy: Strategy | None = None) -> tuple[int, bool]:
+               total: int, strategy: Strategy | None = None,
+               validator: validate.Validator | None = None) -> tuple[int, bool]:
     """Optimizer steps start+1..total, one global batch each, a checkpoint whenever due; returns the
     last step and whether a stop request ended the loop there (its checkpoint saved)."""
     strategy = strategy or build_strategy(spec, env)
@@ -342,10 +344,11 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: La
         data_wait += time.perf_counter() - fetching
         loss, grad_norm = train_step(model, optimizer, scheduler, micro_batches,
                                      strategy=strategy, params=params, max_norm=max_norm, world_size=env.world_size)
-        if step % spec.log_every_steps == 0 or step == total:
+        validation = validator.after_step(model, step) if validator else None  # every N steps and the last
+        if step % spec.log_every_steps == 0 or step == total or validation:
             dist.all_reduce(loss)  # the shares -> the global batch's mean token loss
             metrics.log(step, loss.item(), lr, grad_norm.item(), data_wait_s=data_wait,
-                        checkpoint_total_s=checkpointer.seconds_saving)
+                        checkpoint_total_s=checkpointer.seconds_saving, validation=validation)
             data_wait = 0.0
         if checkpointer.after_step(step):  # at the optimizer-step boundary: a saved checkpoint, if due
             return step, True
