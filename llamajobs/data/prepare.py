@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from llamajobs.data import formats as fmts
+from llamajobs.data import hf_datasets as hf
 from llamajobs.data import store as st
 from llamajobs.data.chat import ChatEncoder, ChatOptions, RenderError
 from llamajobs.data.encoder import Encoder
@@ -88,7 +89,7 @@ def resolve_inputs(inputs: Sequence[str | Path]) -> tuple[Path, ...]:
     path inside it, names starting with a dot left out)."""
     files: list[Path] = []
     for path in map(Path, inputs):
-        files.extend(_files_under(path) if path.is_dir() else [path])
+        files.extend(_files_under(path) if path.is_dir() and not hf.is_saved_dataset(path) else [path])
     return tuple(files)
 
 
@@ -136,7 +137,7 @@ class Encoded:
 
 
 def whole_files(inputs: Sequence[Path]) -> list[Piece]:
-    return [Piece(i, 0, Path(p).stat().st_size, True) for i, p in enumerate(inputs)]
+    return [Piece(i, 0, hf.input_bytes(p), True) for i, p in enumerate(inputs)]
 
 
 def read_chunks(inputs: Sequence[Path], fmt: fmts.Format, chunk_bytes: int = CHUNK_BYTES,
@@ -146,7 +147,10 @@ def read_chunks(inputs: Sequence[Path], fmt: fmts.Format, chunk_bytes: int = CHU
     done = 0
     for number, piece in enumerate(whole_files(inputs) if pieces is None else pieces):
         path = Path(inputs[piece.source])
-        if piece.whole:
+        if piece.whole and hf.is_dataset_input(path):  # parquet, arrow, csv, save_to_disk: via `datasets`
+            f = raw = hf.DatasetReader(path)
+            lines = iter(raw)
+        elif piece.whole:
             f, raw = fmts.open_binary(path)
             lines = fmts.records(path, f, fmt)
         else:
@@ -369,7 +373,7 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     inputs = resolve_inputs(config.inputs)
     options = [scan_options(fmt, path) for path in inputs]
     dtype = st.token_dtype(encoder.vocab_size)
-    total_bytes = sum(p.stat().st_size for p in inputs)
+    total_bytes = sum(hf.input_bytes(p) for p in inputs)
     out = Path(config.out)
     tmp = st.staging_dir(out)
     try:
@@ -411,7 +415,7 @@ def scan_options(fmt: fmts.Format, path: Path) -> Any:
     if not fmt.needs_scan:
         return None
     try:
-        return fmt.scan(fmts.iter_records(path, fmt))
+        return fmt.scan(iter(hf.DatasetReader(path)) if hf.is_dataset_input(path) else fmts.iter_records(path, fmt))
     except fmts.FileError as e:
         raise SpecError(f"{e.path}:{e.line}: {e.reason}") from None
 
@@ -443,7 +447,7 @@ def common_meta(fmt: fmts.Format, dtype: str, tokenizer: dict[str, Any], inputs:
                 per_source: list[int], eval_fraction: float) -> dict[str, Any]:
     return {"format": fmt.name, "dtype": dtype, "loss_mask": "uint8" if fmt.instruct else None,
             "tokenizer": tokenizer, "vocab_size": tokenizer["vocab_size"],
-            "sources": [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size, "documents": n}
+            "sources": [{"path": str(Path(p).resolve()), "bytes": hf.input_bytes(p), "documents": n}
                         for p, n in zip(inputs, per_source)],
             "eval_fraction": eval_fraction}
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from llamajobs.data import formats as fmts
+from llamajobs.data import hf_datasets
 from llamajobs.data.chat import ChatOptions
 from llamajobs.data import prepare as prep
 from llamajobs.data import store as st
@@ -40,7 +41,7 @@ FAULT_ENV = "LLAMAJOBS_DATA_FAULT"
 def splittable(path: Path, fmt: fmts.Format, limit: int = 1 << 24) -> bool:
     """Whether a file is JSON lines that can be cut at any line start (as formats.records reads it):
     not gzip, not a JSON list, not a whole-file document of a format that has them."""
-    if path.suffix == ".gz" or not path.is_file():
+    if path.suffix == ".gz" or not path.is_file() or hf_datasets.is_dataset_input(path):
         return False
     with open(path, "rb") as f:
         first = b""
@@ -112,7 +113,7 @@ def settings_of(config: prep.PrepareConfig, shards: int, inputs: Sequence[Path],
 def make_plan(config: prep.PrepareConfig, shards: int, encoder: prep.Encoder) -> dict[str, Any]:
     fmt = fmts.get_format(config.format)
     inputs = prep.resolve_inputs(config.inputs)
-    sizes = [p.stat().st_size for p in inputs]
+    sizes = [hf_datasets.input_bytes(p) for p in inputs]
     runs = split(sizes, [splittable(p, fmt) for p in inputs], shards, lambda i, offset: line_start(inputs[i], offset))
     if not runs:
         raise SpecError(f"INPUT {', '.join(map(str, config.inputs))}: empty; nothing to prepare")
