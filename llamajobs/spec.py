@@ -39,6 +39,8 @@ class EvalSpec:
     batch_size: int = 8
     limit: int | None = None
     max_new_tokens: int = 16
+    # lm-evaluation-harness tasks (`eval --harness`): then task is "harness" and data the --tasks-dir ("": none)
+    harness: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_types(self, EVAL_FIELDS)
@@ -323,7 +325,7 @@ def eval_from_mapping(values: Any) -> EvalSpec:
         name = str(key).replace("-", "_")
         if name not in EVAL_FIELDS:
             raise SpecError(f"evaluation: unknown key {str(key)!r}; allowed: {', '.join(EVAL_FIELDS)}")
-        fields[name] = value
+        fields[name] = tuple(value) if name == "harness" and isinstance(value, list) else value
     missing = [name for name in ("model", "task", "data") if fields.get(name) is None]
     if missing:
         raise SpecError(f"evaluation: no {missing[0]!r}; an eval job needs model, task and data")
@@ -392,6 +394,12 @@ def _positive(spec: JobSpec, *names: str) -> None:
 
 
 def validate_eval(options: EvalSpec) -> None:
+    if options.harness or options.task == "harness":  # lm-eval's tasks: harness.check_tasks knows them
+        if options.task != "harness" or not options.harness or options.generate or options.score != "letter":
+            raise SpecError("--harness TASK[,TASK] replaces --task, --data, --generate and --score; leave those out")
+        if options.batch_size < 1 or (options.limit is not None and options.limit < 1) or options.shots < 0:
+            raise SpecError("--batch-size and --limit must be at least 1, --shots 0 or more")
+        return
     if options.task not in catalog.TASKS:
         raise SpecError(f"--task {options.task!r} is not known; choose one of {', '.join(catalog.TASKS)}")
     if options.score not in catalog.SCORES:

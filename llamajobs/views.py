@@ -188,6 +188,15 @@ def _eval_progress(d: Detail) -> None:
     """An eval job has no steps: what it scores, then its result once eval.json is there."""
     evaluation, result, run_dir = d.spec.evaluation, d.eval_result, d.job.run_dir
     adapter = f" + adapter {evaluation.adapter}" if evaluation.adapter else ""
+    if evaluation.harness:  # lm-evaluation-harness
+        out.print(f"eval      lm-eval {','.join(evaluation.harness)} (tasks {evaluation.data or 'lm-eval registry'}, "
+                  f"{evaluation.shots}-shot), model {evaluation.model}{adapter}", markup=False)
+        if result is None:
+            out.print(f"result    none yet  elapsed {duration(d.row.elapsed_s)}")
+        else:
+            harness_result(result)
+            out.print(f"          {run_dir / 'eval.json'}, {run_dir / 'harness.json'}", markup=False)
+        return
     mode = eval_mode(evaluation.generate, evaluation.score)
     out.print(f"eval      {evaluation.task} {evaluation.data} ({evaluation.shots}-shot, {mode}), "
               f"model {evaluation.model}{adapter}", markup=False)
@@ -283,6 +292,19 @@ def eval_result(result: dict[str, Any]) -> None:
     for note in result["notes"] + ([f"{result['truncated']} prompt(s) truncated to fit the model"]
                                    if result["truncated"] else []):
         err.print(f"note: {note}", markup=False)
+
+
+def harness_result(summary: dict[str, Any]) -> None:
+    """lm-eval's metrics per task (stderr left out; harness.json has it)."""
+    table = Table(box=None, header_style="bold")
+    metrics = sorted({k for m in summary["tasks"].values() for k in m if k != "n"})
+    for col in ("task", *metrics, "n"):
+        table.add_column(col)
+    for task, m in summary["tasks"].items():
+        table.add_row(escape(task), *(fmt(m.get(k), ".4f") if isinstance(m.get(k), float) else fmt(m.get(k))
+                                      for k in metrics), fmt(m.get("n")))
+    out.print(table)
+    out.print(f"lm-eval {summary.get('lm_eval_version')}, {summary['seconds']} s", style="dim", markup=False)
 
 
 def converted(result: dict[str, Any]) -> None:
