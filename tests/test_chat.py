@@ -169,3 +169,16 @@ def test_chat_flags_need_a_chat_format(tmp_path, tokenizer_dir):
     with pytest.raises(SpecError, match="--chat-template and --train-on are for --format messages or sharegpt"):
         PrepareConfig(inputs=(write(tmp_path / "t.jsonl", [{"text": "x"}]),), tokenizer=tokenizer_dir,
                       out=tmp_path / "s", chat_template="chatml")
+
+
+@pytest.mark.slow  # two local shard jobs
+def test_sharded_chat_prepare_gives_the_one_process_store(cli, tmp_path, tokenizer_dir):
+    data = write(tmp_path / "chat.jsonl", [dict(c, id=f"{c['id']}-{i}") for i in range(40) for c in CONVERSATIONS])
+    args = ("data", "prepare", str(data), "--tokenizer", str(tokenizer_dir), "--format", "messages",
+            "--chat-template", "llama3", "--eval-fraction", "0.2", "--json")
+    code, out, err = cli(*args, "--out", str(tmp_path / "one"))
+    assert code == 0, err
+    code, out, err = cli(*args, "--out", str(tmp_path / "sharded"), "--shards", "2", "--cluster", "local")
+    assert code == 0, err
+    assert json.loads(out)["chat"] == {"template": "llama3", "train_on": "assistant"}
+    assert st.content_digest(tmp_path / "sharded") == st.content_digest(tmp_path / "one")
