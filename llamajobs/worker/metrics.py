@@ -17,7 +17,7 @@ import json
 import resource
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -25,7 +25,9 @@ from llamajobs.catalog import CPU_PEAK_FLOPS_PER_CORE, Accelerator, gpu_from_dev
 from llamajobs.metrics import METRICS_FILE, MetricsRow
 from llamajobs.worker.checkpoint import write_atomically
 from llamajobs.worker.sinks import Sink
-from llamajobs.worker.validate import Validation
+
+if TYPE_CHECKING:
+    from llamajobs.worker.validate import Validation
 
 
 def catalog_gpu(device: torch.device) -> Accelerator | None:
