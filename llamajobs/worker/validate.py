@@ -29,6 +29,8 @@ from llamajobs.spec import JobSpec
 from llamajobs.worker import packing
 from llamajobs.worker.parallel import Dist, Strategy
 
+LOSS_CHUNK_TOKENS = 2048  # rows of logits upcast to fp32 at a time (as the training loss does)
+
 
 @dataclass(frozen=True, slots=True)
 class Validation:
@@ -111,8 +113,10 @@ class Validator:
                 with self.strategy.autocast():
                     logits = model(**packing.model_inputs(inputs, *positions)).logits[:, -labels.shape[1]:]
                 labels = labels.to(logits.device)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                       reduction="sum")
+                # fp32 a chunk of rows at a time: no second whole-batch copy of the logits
+                loss = sum(F.cross_entropy(part.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+                           for part, target in zip(logits.flatten(0, 1).split(LOSS_CHUNK_TOKENS),
+                                                   labels.flatten().split(LOSS_CHUNK_TOKENS)))
                 totals += torch.stack([loss.double().to(device), (labels != IGNORE_INDEX).sum().double().to(device)])
         finally:
             model.train(was_training)
