@@ -88,3 +88,23 @@ def test_a_saved_dataset_dict_and_a_damaged_file_are_one_line(cli, tmp_path, tok
     code, _, err = cli("data", "prepare", str(tmp_path / "x.parquet"), "--tokenizer", str(tokenizer_dir), "--out",
                        str(tmp_path / "s"), "--format", "alpaca")
     assert code == 2 and "x.parquet" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_parquet_file_is_read_a_row_group_at_a_time(tmp_path):
+    """Arrow memory while reading stays near one batch, not the file (20 MB here)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llamajobs.data.hf_datasets import DatasetReader
+
+    path = tmp_path / "big.parquet"
+    with pq.ParquetWriter(path, pa.schema([("text", pa.string())]), compression="none") as writer:
+        for k in range(20):
+            writer.write_table(pa.table({"text": ["x" * 2000 + str(k * 500 + i) for i in range(500)]}))
+    assert path.stat().st_size > 19e6
+    base, peak, rows = pa.total_allocated_bytes(), 0, 0
+    for rows, record in DatasetReader(path):
+        if rows % 250 == 0:
+            peak = max(peak, pa.total_allocated_bytes() - base)
+    assert rows == 10_000 and record["text"].endswith("9999")
+    assert peak < 8e6, f"{peak / 1e6:.1f} MB of Arrow memory at once"
