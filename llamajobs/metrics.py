@@ -34,6 +34,8 @@ class MetricsRow:
     data_wait_s: float = 0.0  # host seconds per step waiting for the next batch
     data_wait_frac: float = 0.0  # the same as a share of the step time
     checkpoint_s: float = 0.0  # seconds spent saving checkpoints since the previous row
+    val_loss: float | None = None  # validation loss on the eval split, on the rows of the steps it ran
+    val_s: float = 0.0  # seconds that validation took (left out of step_time_s)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

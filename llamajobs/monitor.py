@@ -65,6 +65,7 @@ class Row:
     kind: str = "train"  # or "eval" (`llamajobs eval --cluster`): then mode is "eval" and strategy the task
     accuracy: float | None = None  # an eval job's, once it finished
     problem: str | None = None  # what is wrong with a damaged run dir (unreadable, bad spec, damaged metrics)
+    val_loss: float | None = None  # the latest validation loss (None: no eval split, or none run yet)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,7 +197,13 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         kind="train" if evaluation is None else "eval",
         accuracy=None if evaluation is None else _number((eval_result(job.run_dir) or {}).get("accuracy")),
         problem="; ".join(files.problems) or None,
+        val_loss=latest_val_loss(measured),
     )
+
+
+def latest_val_loss(rows: Sequence[MetricsRow]) -> float | None:
+    """The validation loss of the last row that has one (in the tail of metrics.jsonl read)."""
+    return next((r.val_loss for r in reversed(rows) if r.val_loss is not None), None)
 
 
 def _lines(n: int) -> str:

@@ -289,6 +289,7 @@ class Detail:
     eval_result: dict[str, Any] | None  # an eval job's eval.json, once written
     error_hint: str | None  # what the first error means (a collective timeout)
     error_log: Path | None  # the first error's log, for a failed job
+    val_losses: tuple[tuple[int, float], ...] = ()  # (step, validation loss) of every validation run
 
 
 def detail(runs: Path, job_id: int) -> Detail:
@@ -299,16 +300,18 @@ def detail(runs: Path, job_id: int) -> Detail:
     except (OSError, ValueError):
         spec = None
     try:
-        losses = [r.loss for r in job_metrics(job)]
+        measured = job_metrics(job)
     except Failure:  # the row names the problem; the rest of the detail still shows
-        losses = []
+        measured = []
+    losses = [r.loss for r in measured]
     failed = row.state in ("FAILED", "OUT_OF_MEMORY")
     return Detail(job=job, row=row, spec=spec, events=events.read(job.run_dir), logs=forensics.log_files(job),
                   losses=losses,
                   slow_input=row.data_wait_frac is not None and row.data_wait_frac > monitor.SLOW_INPUT_FRAC,
                   eval_result=monitor.eval_result(job.run_dir) if spec and spec.evaluation else None,
                   error_hint=forensics.collective_timeout_hint(row.error),
-                  error_log=forensics.traceback_log(job) if failed else None)
+                  error_log=forensics.traceback_log(job) if failed else None,
+                  val_losses=tuple((r.step, r.val_loss) for r in measured if r.val_loss is not None))
 
 
 # --- cancel, requeue, logs ---

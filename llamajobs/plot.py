@@ -20,8 +20,14 @@ def plot_metrics(rows: list[MetricsRow], title: str, out: Path) -> Path:
     steps = [r.step for r in rows]
     fig, (ax_loss, ax_tps, ax_mfu) = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
     ax_loss.plot(steps, [r.loss if math.isfinite(r.loss) else math.nan for r in rows], color="tab:blue")
+    validated = [r for r in rows if r.val_loss is not None]
+    if validated:
+        ax_loss.plot([r.step for r in validated], [r.val_loss for r in validated], color="tab:orange", marker="o",
+                     label="validation (eval split)")
+        ax_loss.plot([], [], color="tab:blue", label="training")
+        ax_loss.legend()
     ax_loss.set_ylabel("loss (nats/token)")
-    ax_loss.set_title("training loss")
+    ax_loss.set_title("training and validation loss" if validated else "training loss")
     ax_tps.plot(steps, [r.tokens_per_s for r in rows], color="tab:green", label="total")
     ax_tps.plot(steps, [r.tokens_per_s_per_gpu for r in rows], color="tab:olive", label="per worker (GPU)")
     ax_tps.set_ylabel("tokens/s")

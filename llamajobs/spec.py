@@ -39,6 +39,8 @@ class EvalSpec:
     batch_size: int = 8
     limit: int | None = None
     max_new_tokens: int = 16
+    # lm-evaluation-harness tasks (`eval --harness`): then task is "harness" and data the --tasks-dir ("": none)
+    harness: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_types(self, EVAL_FIELDS)
@@ -124,6 +126,7 @@ class JobSpec:
     name: str | None = None
     wandb: str | None = None
     log_every_steps: int = 1
+    eval_every_steps: int | None = None  # validation loss on the store's eval split every N steps (and at the end)
     # what runs: training (None), or an eval of a model (`llamajobs eval --cluster ...`)
     evaluation: EvalSpec | None = None
 
@@ -345,7 +348,7 @@ def eval_from_mapping(values: Any) -> EvalSpec:
         name = str(key).replace("-", "_")
         if name not in EVAL_FIELDS:
             raise SpecError(f"evaluation: unknown key {str(key)!r}; allowed: {', '.join(EVAL_FIELDS)}")
-        fields[name] = value
+        fields[name] = tuple(value) if name == "harness" and isinstance(value, list) else value
     missing = [name for name in ("model", "task", "data") if fields.get(name) is None]
     if missing:
         raise SpecError(f"evaluation: no {missing[0]!r}; an eval job needs model, task and data")
@@ -432,6 +435,12 @@ def _positive(spec: JobSpec, *names: str) -> None:
 
 
 def validate_eval(options: EvalSpec) -> None:
+    if options.harness or options.task == "harness":  # lm-eval's tasks: harness.check_tasks knows them
+        if options.task != "harness" or not options.harness or options.generate or options.score != "letter":
+            raise SpecError("--harness TASK[,TASK] replaces --task, --data, --generate and --score; leave those out")
+        if options.batch_size < 1 or (options.limit is not None and options.limit < 1) or options.shots < 0:
+            raise SpecError("--batch-size and --limit must be at least 1, --shots 0 or more")
+        return
     if options.task not in catalog.TASKS:
         raise SpecError(f"--task {options.task!r} is not known; choose one of {', '.join(catalog.TASKS)}")
     if options.score not in catalog.SCORES:
@@ -477,6 +486,7 @@ def validate(spec: JobSpec) -> None:
               "lr", "epochs", "max_steps", "tokens_per_epoch", "checkpoint_every_steps",
               "checkpoint_every_minutes", "keep_checkpoints", "lora_r", "lora_alpha", "num_virtual_tokens",
               "log_every_steps", "collective_timeout_minutes")
+    _positive(spec, "eval_every_steps")
     if spec.name is not None and not _NAME.match(spec.name):
         raise SpecError(f"--name {spec.name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-'")
     if spec.wandb is not None and not _WANDB.match(spec.wandb):

@@ -110,7 +110,7 @@ def epoch(epochs: float | None) -> str:
 def status_table(rows: list[Row]) -> Table:
     table = Table(box=None, header_style="bold")
     for col in ("id", "name", "job", "state", "nodes×gpus", "size/mode/strategy", "step", "epoch",
-                "loss", "tok/s", "tok/s/gpu", "MFU", "ETA", "elapsed"):
+                "loss", "val loss", "tok/s", "tok/s/gpu", "MFU", "ETA", "elapsed"):
         table.add_column(col)
     for r in rows:
         accuracy = f" acc {r.accuracy:.1%}" if r.accuracy is not None else ""
@@ -118,7 +118,8 @@ def status_table(rows: list[Row]) -> Table:
             str(r.id), escape(r.name), f"{r.cluster}:{r.cluster_job_id}", escape(state(r)),
             f"{r.nodes}×{r.gpus_per_node}" if r.cluster == "slurm" else f"{r.nodes}×{r.procs_per_node} cpu",
             f"{r.size}/{r.mode}/{r.strategy}{accuracy}", f"{fmt(r.step)}/{fmt(r.total_steps)}", epoch(r.epoch),
-            fmt(r.loss, ".4f"), fmt(r.tokens_per_s, ",.0f"), fmt(r.tokens_per_s_per_gpu, ",.0f"), percent(r.mfu),
+            fmt(r.loss, ".4f"), fmt(r.val_loss, ".4f"),
+            fmt(r.tokens_per_s, ",.0f"), fmt(r.tokens_per_s_per_gpu, ",.0f"), percent(r.mfu),
             eta(r.eta_s), duration(r.elapsed_s),
         )
     return table
@@ -185,12 +186,25 @@ def _training_progress(d: Detail) -> None:
                   "is the token store (--data) on a slow filesystem? copy it to node-local disk or a faster one[/]")
     if d.losses:
         out.print(f"loss      {sparkline(d.losses)}  {d.losses[0]:.3f} → {d.losses[-1]:.3f}")
+    if d.val_losses:
+        values = [v for _, v in d.val_losses]
+        out.print(f"val loss  {sparkline(values)}  {values[0]:.3f} → {values[-1]:.3f} "
+                  f"(eval split, {len(values)} runs, the last at step {d.val_losses[-1][0]})")
 
 
 def _eval_progress(d: Detail) -> None:
     """An eval job has no steps: what it scores, then its result once eval.json is there."""
     evaluation, result, run_dir = d.spec.evaluation, d.eval_result, d.job.run_dir
     adapter = f" + adapter {evaluation.adapter}" if evaluation.adapter else ""
+    if evaluation.harness:  # lm-evaluation-harness
+        out.print(f"eval      lm-eval {','.join(evaluation.harness)} (tasks {evaluation.data or 'lm-eval registry'}, "
+                  f"{evaluation.shots}-shot), model {evaluation.model}{adapter}", markup=False)
+        if result is None:
+            out.print(f"result    none yet  elapsed {duration(d.row.elapsed_s)}")
+        else:
+            harness_result(result)
+            out.print(f"          {run_dir / 'eval.json'}, {run_dir / 'harness.json'}", markup=False)
+        return
     mode = eval_mode(evaluation.generate, evaluation.score)
     out.print(f"eval      {evaluation.task} {evaluation.data} ({evaluation.shots}-shot, {mode}), "
               f"model {evaluation.model}{adapter}", markup=False)
@@ -300,6 +314,19 @@ def eval_result(result: dict[str, Any]) -> None:
         err.print(f"note: {note}", markup=False)
 
 
+def harness_result(summary: dict[str, Any]) -> None:
+    """lm-eval's metrics per task (stderr left out; harness.json has it)."""
+    table = Table(box=None, header_style="bold")
+    metrics = sorted({k for m in summary["tasks"].values() for k in m if k != "n"})
+    for col in ("task", *metrics, "n"):
+        table.add_column(col)
+    for task, m in summary["tasks"].items():
+        table.add_row(escape(task), *(fmt(m.get(k), ".4f") if isinstance(m.get(k), float) else fmt(m.get(k))
+                                      for k in metrics), fmt(m.get("n")))
+    out.print(table)
+    out.print(f"lm-eval {summary.get('lm_eval_version')}, {summary['seconds']} s", style="dim", markup=False)
+
+
 def converted(result: dict[str, Any]) -> None:
     out.print(f"converted {result['shards_in']} shard(s) into {result['out']}: {result['params'] / 1e9:.2f}B "
               f"parameters, {result['dtype']}, {result['files_out']} safetensors file(s)", markup=False)
@@ -386,7 +413,13 @@ def store(info: dict[str, Any]) -> None:
               + (", first tokens shown" if sample.get("truncated") else "") + ":", style="bold")
     if sample.get("note"):
         out.print(sample["note"], style="yellow", markup=False)
-    if "prompt" in sample:
+    if "segments" in sample and "prompt" not in sample:  # chat: turns in and out of the loss
+        out.print("[trained on: green; masked out of the loss: dim]", style="dim", markup=False)
+        for segment in sample["segments"]:
+            out.print(segment["text"], style="green" if segment["target"] else "dim", markup=False, highlight=False,
+                      end="")
+        out.print()
+    elif "prompt" in sample:
         out.print("[prompt, masked out of the loss]", style="dim", markup=False)
         out.print(sample["prompt"], markup=False, highlight=False)
         out.print("[response, trained on]", style="dim", markup=False)

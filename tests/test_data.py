@@ -560,7 +560,11 @@ def test_packed_instruction_rows(tmp_path, real_tok, sp):
     assert rows < len(store) and steps_per_epoch(sampler) == rows // 4
     seen = []
     for row in range(rows):
-        inputs, labels = sampler.example(row)
+        inputs, labels, positions = sampler.example(row)
+        # Each document's positions restart at 0 at its BOS (the padding after the last one's too).
+        assert (positions[inputs == sp.bos_id()] == 0).all() and positions[0] == 0
+        assert ((np.diff(positions) == 1) | (positions[1:] == 0)).all()
+        assert (positions == 0).sum() - (inputs == sp.bos_id()).sum() in (0, 1)
         assert (inputs == sp.bos_id()).sum() == len(sampler.packing(0)[0][sampler.packing(0)[1][row]:
                                                                           sampler.packing(0)[1][row + 1]])
         targets = labels[labels != IGNORE_INDEX]
@@ -574,8 +578,8 @@ def test_packed_instruction_rows(tmp_path, real_tok, sp):
         next(sampler)
     resumed = PackedSampler(store, rank=0, **kw)
     resumed.load_state_dict(sampler.state_dict())
-    for (xa, ya), (xb, yb) in zip(next(sampler), next(resumed)):
-        assert xa.equal(xb) and ya.equal(yb)
+    for (xa, ya, pa), (xb, yb, pb) in zip(next(sampler), next(resumed)):
+        assert xa.equal(xb) and ya.equal(yb) and pa.equal(pb)
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b'{"model": 3}', b"[1, 2"])

@@ -23,7 +23,13 @@ def data() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="The store directory to write (written aside, renamed when complete).")
 @click.option("--format", "fmt", default="text", show_default=True,
-              help="text|s2orc|alpaca|medqa|medmcqa|pubmedqa|lmflow (JSON lines, a JSON list, or .gz of either).")
+              help="text|s2orc|alpaca|messages|sharegpt|medqa|medmcqa|pubmedqa|lmflow (JSON lines, a JSON list, or "
+                   ".gz of either).")
+@click.option("--chat-template", default=None,
+              help="messages/sharegpt: render with llama3|chatml|mistral|alpaca instead of the tokenizer's own "
+                   "chat template (needed when its tokenizer_config.json has none).")
+@click.option("--train-on", default="assistant", show_default=True,
+              help="messages/sharegpt: the loss covers assistant turns, or all turns.")
 @click.option("--workers", type=int, default=1, show_default=True,
               help=f"Tokenizing processes (per shard); at most {MAX_WORKERS} here (4 per CPU).")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed lines instead of stopping at the first.")
@@ -46,7 +52,8 @@ def data() -> None:
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait for the shards and merge them; --no-wait submits and returns (rerun to wait and merge).")
 @json_option
-def data_prepare(inputs: tuple[str, ...], tokenizer_path: str, out_dir: str, fmt: str, workers: int,
+def data_prepare(inputs: tuple[str, ...], tokenizer_path: str, out_dir: str, fmt: str, chat_template: str | None,
+                 train_on: str, workers: int,
                  skip_bad_lines: bool, eval_fraction: float, force: bool, shards: int | None, cluster: str | None,
                  partition: str | None, account: str | None, time_limit: str | None, cpus_per_task: int | None,
                  mem: str | None, wait: bool, as_json: bool) -> None:
@@ -57,7 +64,7 @@ def data_prepare(inputs: tuple[str, ...], tokenizer_path: str, out_dir: str, fmt
 
     config = PrepareConfig(inputs=tuple(Path(p) for p in inputs), tokenizer=Path(tokenizer_path), out=Path(out_dir),
                            format=fmt, workers=workers, skip_bad_lines=skip_bad_lines, eval_fraction=eval_fraction,
-                           force=force)
+                           force=force, chat_template=chat_template, train_on=train_on)
     sharding = {"cluster": cluster, "partition": partition, "account": account, "time": time_limit,
                 "cpus_per_task": cpus_per_task, "mem": mem}
     with views.PrepareProgress() as progress:

@@ -46,8 +46,13 @@ def _default(name: str) -> str:
 @click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
               help="HF LLaMA directory (convert's output, a run's final/ or final/merged).")
 @click.option("--adapter", default=None, type=click.Path(file_okay=False), help="A LoRA adapter (a LoRA run's final/).")
-@click.option("--task", required=True, help="medqa, medmcqa or pubmedqa.")
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="The questions (JSONL; JSON list or dict).")
+@click.option("--task", default=None, help="medqa, medmcqa or pubmedqa.")
+@click.option("--data", default=None, type=click.Path(dir_okay=False), help="The questions (JSONL; JSON list or dict).")
+@click.option("--harness", default=None, help="Run lm-evaluation-harness tasks instead (TASK[,TASK]; needs the "
+              "`harness` extra); --model may then be a job id (its final/).")
+@click.option("--tasks-dir", default=None, type=click.Path(file_okay=False),
+              help="With --harness: a folder of lm-eval task YAMLs over local data files (default: lm-eval's own "
+                   "registry, datasets from the local cache only).")
 @click.option("--shots", type=int, default=None, help="Solved examples before each question" + _default("shots") + ".")
 @click.option("--shots-file", default=None, type=click.Path(dir_okay=False), help="Where the shots come from (first K).")
 @click.option("--generate", "use_generate", is_flag=True, help="Greedy-generate and parse the letter instead of scoring.")
@@ -66,7 +71,8 @@ def _default(name: str) -> str:
 @click.option("--wait", is_flag=True, help="With --cluster: block until the job ends, then print its accuracy.")
 @runs_dir_option
 @json_option
-def evaluate(model_dir: str, adapter: str | None, task: str, data: str, shots: int | None, shots_file: str | None,
+def evaluate(model_dir: str, adapter: str | None, task: str | None, data: str | None, harness: str | None,
+             tasks_dir: str | None, shots: int | None, shots_file: str | None,
              use_generate: bool, score: str | None, batch_size: int | None, limit: int | None,
              max_new_tokens: int | None, predictions: str | None, wait: bool, runs_dir: str | None, as_json: bool,
              **values: Any) -> None:
@@ -74,7 +80,15 @@ def evaluate(model_dir: str, adapter: str | None, task: str, data: str, shots: i
 
     Runs here, or with --cluster as a job (the questions split over its worker processes; `status`,
     `logs` and `cancel` as for training; RUN_DIR/eval.json holds what --json prints).
+    With --harness, lm-evaluation-harness tasks on the model, here or as a job the same way.
     """
+    if harness is not None or tasks_dir is not None:
+        extra = {"task": task, "data": data, "shots_file": shots_file, "generate": use_generate or None, "score": score,
+                 "max_new_tokens": max_new_tokens, "predictions": predictions}
+        return _harness(model_dir, adapter, harness, tasks_dir, shots, batch_size, limit, wait, runs_dir, as_json,
+                        extra, values)
+    if task is None or data is None:
+        raise SpecError(f"--{'task' if task is None else 'data'} is needed (or --harness TASK[,TASK] for lm-eval)")
     given = {"model": model_dir, "adapter": adapter, "task": task, "data": data, "shots": shots,
              "shots_file": shots_file, "generate": use_generate, "score": score, "batch_size": batch_size,
              "limit": limit, "max_new_tokens": max_new_tokens}
@@ -108,6 +122,41 @@ def evaluate(model_dir: str, adapter: str | None, task: str, data: str, shots: i
             views.eval_result(scored)
     ops.fail_unless_completed(result.job, state)
     if scored is None:
+        raise Failure(f"job {result.job.id} completed without writing {result.job.run_dir / 'eval.json'}")
+
+
+def _harness(model_dir: str, adapter: str | None, tasks: str | None, tasks_dir: str | None, shots: int | None,
+             batch_size: int | None, limit: int | None, wait: bool, runs_dir: str | None, as_json: bool,
+             extra: dict[str, Any], values: dict[str, Any]) -> None:
+    """`eval --harness`: lm-evaluation-harness here, or as a job."""
+    from llamajobs import harness
+
+    if not tasks or not [t for t in tasks.split(",") if t.strip()]:
+        raise SpecError("--tasks-dir is for --harness TASK[,TASK]: name the tasks to run")
+    if given := [k for k, v in extra.items() if v is not None]:
+        raise SpecError(f"--{given[0].replace('_', '-')} is for the built-in eval; --harness runs lm-eval's tasks")
+    settings = EvalSpec(model=model_dir, adapter=adapter, task=harness.HARNESS_TASK, data=tasks_dir or "",
+                        harness=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+                        **{k: v for k, v in {"shots": shots, "batch_size": batch_size, "limit": limit}.items()
+                           if v is not None})
+    if values["cluster"] is None:
+        summary = harness.harness_here(settings, values["device"] or default("device"), ops.runs_dir(runs_dir))
+        views.print_json(summary) if as_json else views.harness_result(summary)
+        return
+    result = harness.submit_harness(settings, typed(values), ops.runs_dir(runs_dir, writable=True))
+    if not wait:
+        views.print_json(result.to_json()) if as_json else views.submitted(result, kind="lm-eval job")
+        return
+    if not as_json:
+        views.submitted(result, kind="lm-eval job")
+    state = ops.wait(result.job)
+    summary = ops.eval_result(result.job, state)
+    if as_json:
+        views.print_json({**result.to_json(), "state": state, **(summary or {})})
+    elif summary:
+        views.harness_result(summary)
+    ops.fail_unless_completed(result.job, state)
+    if summary is None:
         raise Failure(f"job {result.job.id} completed without writing {result.job.run_dir / 'eval.json'}")
 
 

@@ -58,6 +58,8 @@ JOB_OPTIONS = [
     _opt("--resume/--no-resume", help="Resume from the run's latest checkpoint (default: yes)."),
     _opt("--merge/--no-merge", help="LoRA: also write a merged full model into final/merged."),
     _opt("--log-every-steps", type=int),
+    _opt("--eval-every-steps", type=int, help="Validation loss on the --data store's eval split every N steps "
+                                              "(always after the last step when the store has one)."),
     _opt("--keep-checkpoints", type=int), _opt("--max-requeues", type=int),
     _opt("--collective-timeout-minutes", type=float,
          help="How long the ranks wait for one that went silent before the job fails (default 30)."),

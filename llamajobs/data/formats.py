@@ -71,6 +71,7 @@ class Example:
     prompt: str        # masked out of the loss; "" for a plain document
     response: str      # trained on (an EOS follows it in the store)
     id: str | None = None  # the record's own id, when it has one (the eval split hashes it)
+    turns: tuple[tuple[str, str], ...] = ()  # chat formats: (role, content), rendered by data/chat.py
 
     def split_key(self) -> str:
         """What decides train/eval: the id, or the content when there is none (so a duplicate
@@ -122,6 +123,7 @@ class Format:
     instruct: ClassVar[bool] = False  # examples have prompts: the store keeps a loss mask
     expects: ClassVar[str]            # one record, shown when a record does not fit
     needs_scan: ClassVar[bool] = False
+    chat: ClassVar[bool] = False      # examples are conversations (turns), rendered with a chat template
 
     def examples(self, record: Any, options: Any = None) -> list[Example]:
         raise NotImplementedError
@@ -286,7 +288,57 @@ class LMFlow(Format):
         raise BadRecord(f'field "type" is {kind!r}, expected text_only or text2text')
 
 
-FORMATS: dict[str, type[Format]] = {f.name: f for f in (Text, S2orc, Alpaca, MedQA, MedMCQA, PubMedQA, LMFlow)}
+def _conversation(turns: list[tuple[str, str]], doc_id: str | None) -> Example:
+    # The response stands for the whole conversation: what an empty check and the eval split's hash see.
+    return Example("", "\n".join(content for _, content in turns), doc_id, tuple(turns))
+
+
+def _turns(record: Any, name: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[tuple[str, str]]:
+    turns = []
+    given = field(record, name, list)
+    if not given:
+        raise BadRecord(f'field "{name}" is an empty list')
+    for i, turn in enumerate(given):
+        where = f"{name}[{i}]"
+        if not isinstance(turn, dict):
+            raise BadRecord(f'field "{where}" is {_json_type(turn)}, expected an object')
+        role, content = turn.get(role_key), turn.get(content_key)
+        if not isinstance(role, str) or role not in roles:
+            raise BadRecord(f'field "{where}.{role_key}" is {role!r}, expected one of {", ".join(roles)}')
+        if not isinstance(content, str):
+            raise BadRecord(f'field "{where}.{content_key}" is {_json_type(content)}, expected a string')
+        turns.append((roles[role], content))
+    if "assistant" not in (role for role, _ in turns):
+        raise BadRecord(f'field "{name}" has no {"assistant" if role_key == "role" else "gpt"} turn')
+    return turns
+
+
+class Messages(Format):
+    name = "messages"
+    instruct = True
+    chat = True
+    expects = ('{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]} per line '
+               '(the OpenAI / Hugging Face chat layout)')
+
+    def examples(self, record, options=None):
+        roles = {r: r for r in ("system", "user", "assistant")}
+        return [_conversation(_turns(record, "messages", "role", "content", roles), _id(record, "id"))]
+
+
+class ShareGPT(Format):
+    name = "sharegpt"
+    instruct = True
+    chat = True
+    expects = '{"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]} per line'
+    roles = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+    def examples(self, record, options=None):
+        turns = _turns(record, "conversations", "from", "value", self.roles)
+        return [_conversation(turns, _id(record, "id"))]
+
+
+FORMATS: dict[str, type[Format]] = {f.name: f for f in (Text, S2orc, Alpaca, Messages, ShareGPT, MedQA, MedMCQA,
+                                                        PubMedQA, LMFlow)}
 
 
 def get_format(name: str) -> Format:

@@ -54,6 +54,10 @@ def describe(path: str | Path, *, tokenizer: str | Path | None = None, document:
             sample["note"] = "decoded with a tokenizer whose fingerprint differs from the store's"
         ids = tokens.tolist()
         if store.has_loss_mask:
+            shown, marks = ids[:max_tokens], mask[:max_tokens].tolist()
+            sample["token_mask"] = [[t, encoder.decode([t]), m] for t, m in zip(shown, marks)]
+            sample["segments"] = loss_segments(encoder, shown, marks)
+        if store.has_loss_mask and not meta.get("chat"):  # one prompt, one response
             prompt_end = int(np.argmax(mask)) if mask.any() else len(ids)
             sample["prompt"] = encoder.decode(ids[:prompt_end][:max_tokens])
             sample["response"] = encoder.decode(ids[prompt_end:][:max_tokens])
@@ -61,3 +65,14 @@ def describe(path: str | Path, *, tokenizer: str | Path | None = None, document:
         sample["truncated"] = len(ids) > max_tokens
     info["sample"] = sample
     return info
+
+
+def loss_segments(encoder: Encoder, ids: list[int], mask: list[int]) -> list[dict[str, Any]]:
+    """The tokens in runs of equal loss mask, each run decoded: what is trained on, what is not."""
+    segments: list[dict[str, Any]] = []
+    start = 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or mask[end] != mask[start]:
+            segments.append({"target": bool(mask[start]), "tokens": end - start, "text": encoder.decode(ids[start:end])})
+            start = end
+    return segments

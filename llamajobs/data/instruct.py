@@ -4,8 +4,11 @@ Each epoch visits every document once in a seeded order and packs them greedily,
 into rows of seq_len tokens (a document that does not fit starts the next row; one longer than
 seq_len is cut to seq_len). Labels are the next token where the store's loss mask marks it a
 target (the response and its EOS), and -100 everywhere else: the prompt, the padding, and the last
-position of every document, so no document is trained to predict its neighbour. Attention is not
-separated between the documents of a row (labels are); each keeps its own single BOS.
+position of every document, so no document is trained to predict its neighbour. Each document keeps
+its own single BOS, and (with `isolate`, the default) its own positions, restarting at 0, which the
+worker turns into a block-diagonal causal mask (llamajobs/worker/packing.py): a document attends
+only to itself, and its logits are those it has alone. Without `isolate` (the prompt-learning
+modes, whose virtual tokens come before the whole row) the documents of a row attend to each other.
 
 The stream of rows is epoch 0's rows, then epoch 1's; global batch b is rows [b * G, (b + 1) * G)
 and rank r takes the r-th contiguous 1/world_size of it, as WindowSampler does, so the position
@@ -24,9 +27,10 @@ from llamajobs.data.store import TokenStore
 class PackedSampler(BatchStream):
     """Global batches of packed rows, this data-parallel rank's slice as micro-batches."""
 
-    def __init__(self, store: TokenStore, **batching: int) -> None:
+    def __init__(self, store: TokenStore, isolate: bool = True, **batching: int) -> None:
         super().__init__(len(store), **batching)
         self.store = store
+        self.isolate = isolate
         self.lengths = np.minimum(store.lengths(), self.seq_len)
         self._rows_per_epoch: list[int] = []
         self._packing: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, order, row starts)
@@ -65,12 +69,14 @@ class PackedSampler(BatchStream):
             epoch += 1
         return epoch, row
 
-    def example(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """The row's (input_ids, labels), seq_len each, int64."""
+    def example(self, row: int) -> tuple[np.ndarray, ...]:
+        """The row's (input_ids, labels[, position_ids]), seq_len each, int64. The padding after the
+        last document counts as one more document (its own positions from 0)."""
         epoch, k = self.row_at(row)
         order, starts = self.packing(epoch)
         inputs = np.full(self.seq_len, self.pad_id, np.int64)
         labels = np.full(self.seq_len, IGNORE_INDEX, np.int64)
+        positions = np.zeros(self.seq_len, np.int64)
         at = 0
         for doc in order[starts[k]:starts[k + 1]]:
             tokens = self.store[doc][:self.seq_len].astype(np.int64)
@@ -78,8 +84,10 @@ class PackedSampler(BatchStream):
             n = len(tokens)
             inputs[at:at + n] = tokens
             labels[at:at + n - 1] = np.where(mask[1:] != 0, tokens[1:], IGNORE_INDEX)
+            positions[at:at + n] = np.arange(n)
             at += n
-        return inputs, labels
+        positions[at:] = np.arange(self.seq_len - at)
+        return (inputs, labels, positions) if self.isolate else (inputs, labels)
 
     # --- resume ---
 

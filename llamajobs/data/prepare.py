@@ -26,7 +26,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from llamajobs.data import formats as fmts
+from llamajobs.data import hf_datasets as hf
 from llamajobs.data import store as st
+from llamajobs.data.chat import ChatEncoder, ChatOptions, RenderError
 from llamajobs.data.encoder import Encoder
 from llamajobs.errors import SpecError
 
@@ -52,6 +54,8 @@ class PrepareConfig:
     eval_fraction: float = 0.0
     force: bool = False  # replace an existing --out (once the new store is complete)
     chunk_bytes: int = CHUNK_BYTES
+    chat_template: str | None = None  # chat formats: a named template instead of the tokenizer's own
+    train_on: str = "assistant"       # chat formats: the loss covers assistant turns, or all of them
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -62,6 +66,10 @@ class PrepareConfig:
             if Path(path).is_dir() and not _files_under(Path(path)):
                 raise SpecError(f"INPUT {path}: a directory without files")
         fmts.get_format(self.format)  # an unknown --format is refused here, before any work
+        if not fmts.get_format(self.format).chat and (self.chat_template or self.train_on != "assistant"):
+            raise SpecError(f"--chat-template and --train-on are for --format messages or sharegpt, "
+                            f"not --format {self.format}")
+        self.chat_options()  # an unknown --chat-template or --train-on is refused here too
         if not 1 <= self.workers <= MAX_WORKERS:
             raise SpecError(f"--workers {self.workers}: must be 1 to {MAX_WORKERS} (4 per CPU of this machine)")
         if not 0 <= self.eval_fraction < 1:
@@ -70,13 +78,18 @@ class PrepareConfig:
             raise SpecError(f"--out {self.out} already exists; choose another directory or pass --force to replace it")
         st.check_replaceable(Path(self.out), (*self.inputs, self.tokenizer))
 
+    def chat_options(self) -> ChatOptions | None:
+        if not fmts.get_format(self.format).chat:
+            return None
+        return ChatOptions(self.chat_template, self.train_on)
+
 
 def resolve_inputs(inputs: Sequence[str | Path]) -> tuple[Path, ...]:
     """The input files: a file as given, a directory as its files (recursively, sorted by their
     path inside it, names starting with a dot left out)."""
     files: list[Path] = []
     for path in map(Path, inputs):
-        files.extend(_files_under(path) if path.is_dir() else [path])
+        files.extend(_files_under(path) if path.is_dir() and not hf.is_saved_dataset(path) else [path])
     return tuple(files)
 
 
@@ -124,7 +137,7 @@ class Encoded:
 
 
 def whole_files(inputs: Sequence[Path]) -> list[Piece]:
-    return [Piece(i, 0, Path(p).stat().st_size, True) for i, p in enumerate(inputs)]
+    return [Piece(i, 0, hf.input_bytes(p), True) for i, p in enumerate(inputs)]
 
 
 def read_chunks(inputs: Sequence[Path], fmt: fmts.Format, chunk_bytes: int = CHUNK_BYTES,
@@ -134,7 +147,10 @@ def read_chunks(inputs: Sequence[Path], fmt: fmts.Format, chunk_bytes: int = CHU
     done = 0
     for number, piece in enumerate(whole_files(inputs) if pieces is None else pieces):
         path = Path(inputs[piece.source])
-        if piece.whole:
+        if piece.whole and hf.is_dataset_input(path):  # parquet, arrow, csv, save_to_disk: via `datasets`
+            f = raw = hf.DatasetReader(path)
+            lines = iter(raw)
+        elif piece.whole:
             f, raw = fmts.open_binary(path)
             lines = fmts.records(path, f, fmt)
         else:
@@ -210,27 +226,34 @@ def held_out(key: str, fraction: float) -> bool:
 class ChunkEncoder:
     """Parse, template and tokenise chunks (in a worker process, or in the main one with --workers 1)."""
 
-    def __init__(self, tokenizer: Path | Encoder, format: str, options: list[Any], eval_fraction: float) -> None:
+    def __init__(self, tokenizer: Path | Encoder, format: str, options: list[Any], eval_fraction: float,
+                 chat: ChatOptions | None = None) -> None:
         self.encoder = tokenizer if isinstance(tokenizer, Encoder) else Encoder(tokenizer)
         self.fmt = fmts.get_format(format)
         self.options = options
         self.eval_fraction = eval_fraction
+        self.chat = ChatEncoder(self.encoder.path, chat or ChatOptions()) if self.fmt.chat else None
 
     def __call__(self, chunk: Chunk) -> Encoded:
         examples: list[fmts.Example] = []
+        chats: list[tuple[list[int], list[int]]] = []  # chat formats: each example's (ids, mask)
         bad: list[tuple[int, str]] = []
         empty = 0
         for line, payload in chunk.records:
             try:
                 found = self.fmt.examples(fmts.parse_record(payload), self.options[chunk.source])
-            except fmts.BadRecord as e:
+                rendered = [self.chat.encode(e.turns) for e in found if e.response.strip()] if self.chat else []
+            except (fmts.BadRecord, RenderError) as e:
                 bad.append((line, str(e)))
                 continue
+            chats.extend(rendered)
             for example in found:
                 if example.response.strip():
                     examples.append(example)
                 else:
                     empty += 1
+        if self.chat is not None:
+            return self._encoded_chats(examples, chats, bad, empty)
         ids = self.encoder.encode([e.prompt + e.response for e in examples])
         lengths = np.fromiter((len(doc) + 2 for doc in ids), np.int64, len(ids))
         tokens = np.fromiter(chain.from_iterable(_framed(ids, self.encoder.bos_id, self.encoder.eos_id)), np.uint32,
@@ -243,6 +266,17 @@ class ChunkEncoder:
             for doc, prompt, length in zip(ids, prompts, lengths):
                 mask[start:start + 1 + _common_prefix(doc, prompt)] = 0  # BOS and the prompt
                 start += int(length)
+        held = None
+        if self.eval_fraction > 0:
+            held = np.fromiter((held_out(e.split_key(), self.eval_fraction) for e in examples), bool, len(examples))
+        return Encoded(tokens, lengths, mask, held, bad, empty)
+
+    def _encoded_chats(self, examples: list[fmts.Example], chats: list[tuple[list[int], list[int]]],
+                       bad: list[tuple[int, str]], empty: int) -> Encoded:
+        """Rendered conversations come framed already (BOS first, EOS last) with their own masks."""
+        lengths = np.fromiter((len(ids) for ids, _ in chats), np.int64, len(chats))
+        tokens = np.fromiter(chain.from_iterable(ids for ids, _ in chats), np.uint32, int(lengths.sum()))
+        mask = np.fromiter(chain.from_iterable(m for _, m in chats), np.uint8, int(lengths.sum()))
         held = None
         if self.eval_fraction > 0:
             held = np.fromiter((held_out(e.split_key(), self.eval_fraction) for e in examples), bool, len(examples))
@@ -339,14 +373,16 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     inputs = resolve_inputs(config.inputs)
     options = [scan_options(fmt, path) for path in inputs]
     dtype = st.token_dtype(encoder.vocab_size)
-    total_bytes = sum(p.stat().st_size for p in inputs)
+    total_bytes = sum(hf.input_bytes(p) for p in inputs)
     out = Path(config.out)
     tmp = st.staging_dir(out)
     try:
         train = st.PartWriter(tmp / st.part_name(0), dtype, fmt.instruct)
         held = st.PartWriter(tmp / st.EVAL / st.part_name(0), dtype, fmt.instruct) if config.eval_fraction else None
         counts = Counts(per_source=[0] * len(inputs))
-        args = (encoder.path, config.format, options, config.eval_fraction)
+        args = (encoder.path, config.format, options, config.eval_fraction, config.chat_options())
+        if config.chat_options() is not None:  # no chat template: refused here, not in each worker
+            ChatEncoder(encoder.path, config.chat_options())
         for chunk, enc in encode_chunks(read_chunks(inputs, fmt, config.chunk_bytes), args, config.workers, encoder):
             check_bad_lines(enc.bad, inputs[chunk.source], fmt, config.skip_bad_lines, counts)
             counts.empty += enc.empty
@@ -359,6 +395,8 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
             raise SpecError(f"INPUT {', '.join(map(str, inputs))}: no documents ({counts.empty} empty, "
                             f"{counts.bad} bad lines skipped); is --format {fmt.name} right?")
         common = common_meta(fmt, dtype, encoder.describe(), inputs, counts.per_source, config.eval_fraction)
+        if config.chat_options() is not None:
+            common["chat"] = {"template": config.chat_template or "tokenizer", "train_on": config.train_on}
         meta = store_meta([train.close()], common, counts)
         if held is not None:
             eval_meta = store_meta([held.close()], {**common, "split": "eval"}, Counts())
@@ -377,7 +415,7 @@ def scan_options(fmt: fmts.Format, path: Path) -> Any:
     if not fmt.needs_scan:
         return None
     try:
-        return fmt.scan(fmts.iter_records(path, fmt))
+        return fmt.scan(iter(hf.DatasetReader(path)) if hf.is_dataset_input(path) else fmts.iter_records(path, fmt))
     except fmts.FileError as e:
         raise SpecError(f"{e.path}:{e.line}: {e.reason}") from None
 
@@ -409,7 +447,7 @@ def common_meta(fmt: fmts.Format, dtype: str, tokenizer: dict[str, Any], inputs:
                 per_source: list[int], eval_fraction: float) -> dict[str, Any]:
     return {"format": fmt.name, "dtype": dtype, "loss_mask": "uint8" if fmt.instruct else None,
             "tokenizer": tokenizer, "vocab_size": tokenizer["vocab_size"],
-            "sources": [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size, "documents": n}
+            "sources": [{"path": str(Path(p).resolve()), "bytes": hf.input_bytes(p), "documents": n}
                         for p, n in zip(inputs, per_source)],
             "eval_fraction": eval_fraction}
 

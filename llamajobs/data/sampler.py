@@ -17,7 +17,9 @@ from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # labels with this value do not count in the loss (torch's cross_entropy default)
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), both [micro_batch, seq_len] int64
+# (input_ids, labels) or, for packed rows whose documents are kept apart, (input_ids, labels, position_ids);
+# each [micro_batch, seq_len] int64 (llamajobs/worker/packing.py turns positions into the attention mask).
+MicroBatch = tuple[torch.Tensor, ...]
 
 
 def tokenize_documents(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> list[np.ndarray]:
@@ -66,8 +68,8 @@ class BatchStream:
         self.pad_id = pad_id
         self.position = 0
 
-    def example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Example `index` of the stream as (input_ids, labels), seq_len each."""
+    def example(self, index: int) -> tuple[np.ndarray, ...]:
+        """Example `index` of the stream as (input_ids, labels[, position_ids]), seq_len each."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[list[MicroBatch]]:
@@ -77,10 +79,9 @@ class BatchStream:
         """This rank's micro-batches of the next global batch."""
         first = self.position + self.rank * self.per_rank
         rows = [self.example(first + i) for i in range(self.per_rank)]
-        inputs = torch.from_numpy(np.stack([r[0] for r in rows]))
-        labels = torch.from_numpy(np.stack([r[1] for r in rows]))
+        columns = [torch.from_numpy(np.stack(column)) for column in zip(*rows)]
         self.position += self.global_batch
-        return list(zip(inputs.split(self.micro_batch), labels.split(self.micro_batch)))
+        return list(zip(*(column.split(self.micro_batch) for column in columns)))
 
     def check_state(self, state: dict[str, int]) -> None:
         if state["n_docs"] != self.n_docs or state["seed"] != self.seed:

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from llamajobs.data import formats as fmts
+from llamajobs.data import hf_datasets
+from llamajobs.data.chat import ChatOptions
 from llamajobs.data import prepare as prep
 from llamajobs.data import store as st
 from llamajobs.data.shards import (PLAN, PLAN_KIND, PROGRESS, SHARDS_DIR, SLOTS_DIR, WORK_DIR, HEARTBEAT_S,
@@ -39,7 +41,7 @@ FAULT_ENV = "LLAMAJOBS_DATA_FAULT"
 def splittable(path: Path, fmt: fmts.Format, limit: int = 1 << 24) -> bool:
     """Whether a file is JSON lines that can be cut at any line start (as formats.records reads it):
     not gzip, not a JSON list, not a whole-file document of a format that has them."""
-    if path.suffix == ".gz" or not path.is_file():
+    if path.suffix == ".gz" or not path.is_file() or hf_datasets.is_dataset_input(path):
         return False
     with open(path, "rb") as f:
         first = b""
@@ -104,13 +106,14 @@ def settings_of(config: prep.PrepareConfig, shards: int, inputs: Sequence[Path],
     return {"inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
                        for p in inputs],
             "tokenizer_fingerprint": fingerprint, "format": config.format, "eval_fraction": config.eval_fraction,
-            "skip_bad_lines": config.skip_bad_lines, "shards": shards}
+            "skip_bad_lines": config.skip_bad_lines, "shards": shards,
+            **({"chat_template": config.chat_template, "train_on": config.train_on} if config.chat_options() else {})}
 
 
 def make_plan(config: prep.PrepareConfig, shards: int, encoder: prep.Encoder) -> dict[str, Any]:
     fmt = fmts.get_format(config.format)
     inputs = prep.resolve_inputs(config.inputs)
-    sizes = [p.stat().st_size for p in inputs]
+    sizes = [hf_datasets.input_bytes(p) for p in inputs]
     runs = split(sizes, [splittable(p, fmt) for p in inputs], shards, lambda i, offset: line_start(inputs[i], offset))
     if not runs:
         raise SpecError(f"INPUT {', '.join(map(str, config.inputs))}: empty; nothing to prepare")
@@ -173,7 +176,7 @@ def _only_a_start(work: Path) -> bool:
 def _differences(keys: list[str]) -> str:
     names = {"inputs": "inputs (files, sizes or modification times)", "tokenizer_fingerprint": "--tokenizer",
              "format": "--format", "eval_fraction": "--eval-fraction", "skip_bad_lines": "--skip-bad-lines",
-             "shards": "--shards"}
+             "shards": "--shards", "chat_template": "--chat-template", "train_on": "--train-on"}
     return ", ".join(names[k] for k in keys)
 
 
@@ -248,7 +251,8 @@ def prepare_shard(work: Path, plan: dict[str, Any], index: int, scratch: Path, w
     bases: dict[int, int] = {}
     beat = _Heartbeat(scratch / PROGRESS, plan["id"], index, plan["shards"][index]["bytes"])
     fault = _fault(index)
-    args = (encoder.path, fmt.name, plan["options"], eval_fraction)
+    chat = ChatOptions(settings.get("chat_template"), settings.get("train_on", "assistant")) if fmt.chat else None
+    args = (encoder.path, fmt.name, plan["options"], eval_fraction, chat)
     chunks = prep.read_chunks(inputs, fmt, chunk_bytes, pieces)
     for chunk, enc in prep.encode_chunks(chunks, args, workers, encoder):
         base = 0

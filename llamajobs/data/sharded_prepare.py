@@ -314,6 +314,9 @@ def merge(work: Path, plan: dict[str, Any], cluster: str = "", seconds: float = 
                         f"lines skipped); is --format {fmt.name} right?")
     eval_fraction = plan["settings"]["eval_fraction"]
     common = prep.common_meta(fmt, plan["dtype"], plan["tokenizer"], inputs, counts.per_source, eval_fraction)
+    if fmt.chat:
+        common["chat"] = {"template": plan["settings"].get("chat_template") or "tokenizer",
+                          "train_on": plan["settings"].get("train_on", "assistant")}
     meta = prep.store_meta(parts, common, counts)
     if eval_fraction:
         eval_meta = prep.store_meta(held_parts, {**common, "split": "eval"}, prep.Counts())

@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{run_dir} holds a training run; its worker is `python -m llamajobs.worker`")
     env = parallel.init_distributed(spec)
     try:
-        evaluate(run_dir, spec.evaluation, env)
+        if spec.evaluation.harness:
+            run_harness(run_dir, spec.evaluation, env)
+        else:
+            evaluate(run_dir, spec.evaluation, env)
     finally:
         parallel.teardown()
     return 0
@@ -77,6 +80,21 @@ def evaluate(run_dir: Path, options: EvalSpec, env: Dist) -> None:
     print(f"{options.task}: accuracy {report['accuracy']} ({report['correct']}/{report['n_labelled']}), n {n}, "
           f"{report['questions_per_s']} questions/s over {env.world_size} ranks", flush=True)
     events.record(run_dir, "finished", accuracy=report["accuracy"], n=n, questions_per_s=report["questions_per_s"])
+
+
+def run_harness(run_dir: Path, options: EvalSpec, env: Dist) -> None:
+    """lm-evaluation-harness in this one process (a harness job has one per node, one node):
+    RUN_DIR/harness.json holds lm-eval's results, eval.json the summary `status` reads."""
+    from llamajobs import harness
+
+    harness.offline(run_dir / "harness" / "datasets-cache")
+    events.record(run_dir, "started", world_size=env.world_size, hosts=sorted(set(env.hosts)),
+                  device=device_description(env.device), harness=list(options.harness))
+    summary, results = harness.run(options, str(env.device))
+    write_atomically(run_dir / harness.RESULT, json.dumps(results, indent=2, default=str) + "\n")
+    write_atomically(run_dir / RESULT, json.dumps(summary, indent=2) + "\n")
+    print(harness.describe(summary), flush=True)
+    events.record(run_dir, "finished", accuracy=summary["accuracy"], harness=list(options.harness))
 
 
 def announce(run_dir: Path, env: Dist, n: int) -> None:

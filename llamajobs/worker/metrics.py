@@ -17,7 +17,7 @@ import json
 import resource
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -25,6 +25,9 @@ from llamajobs.catalog import CPU_PEAK_FLOPS_PER_CORE, Accelerator, gpu_from_dev
 from llamajobs.metrics import METRICS_FILE, MetricsRow
 from llamajobs.worker.checkpoint import write_atomically
 from llamajobs.worker.sinks import Sink
+
+if TYPE_CHECKING:
+    from llamajobs.worker.validate import Validation
 
 
 def catalog_gpu(device: torch.device) -> Accelerator | None:
@@ -94,13 +97,15 @@ class MetricsLogger:
         self.last_checkpoint_total = 0.0
 
     def log(self, step: int, loss: float, lr: float, grad_norm: float, *, data_wait_s: float = 0.0,
-            checkpoint_total_s: float = 0.0) -> MetricsRow:
+            checkpoint_total_s: float = 0.0, validation: Validation | None = None) -> MetricsRow:
         """One row for the steps since the last one. data_wait_s: the host seconds spent waiting for
         batches over those steps; checkpoint_total_s: the seconds spent saving checkpoints in this
-        attempt so far (the row gets the part since the previous row)."""
+        attempt so far (the row gets the part since the previous row); validation: the validation
+        run after this step, if one did (its time is not step time)."""
         now = time.perf_counter()
         steps = step - self.last_step
-        step_time = (now - self.last_time) / steps
+        val_s = validation.seconds if validation else 0.0
+        step_time = (now - self.last_time - val_s) / steps
         tokens_per_s = self.tokens_per_step / step_time
         per_gpu = tokens_per_s / self.world_size  # per worker process: one per GPU
         mfu = self.flops_per_token * per_gpu / self.peak_flops if self.peak_flops else None
@@ -113,6 +118,7 @@ class MetricsLogger:
             step_time_s=step_time, elapsed_s=now - self.start_time, time=time.time(),
             mem_gib=peak_memory_gib(self.device), data_wait_s=data_wait_s / steps,
             data_wait_frac=data_wait_s / steps / step_time, checkpoint_s=checkpoint_s,
+            val_loss=validation.loss if validation else None, val_s=val_s,
         )
         if self.enabled:
             with open(self.path, "a") as f:  # one open per log: a crash leaves only whole lines
@@ -123,7 +129,9 @@ class MetricsLogger:
             mfu_text = f"{mfu:.1%}" if mfu is not None else "n/a"
             print(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s "
                   f"| {step_time:.3f} s/step | data {row.data_wait_s:.3f} s/step ({row.data_wait_frac:.0%}) "
-                  f"| mfu {mfu_text} ({self.peak_name}) | {row.mem_gib:.2f} GiB", flush=True)
+                  f"| mfu {mfu_text} ({self.peak_name}) | {row.mem_gib:.2f} GiB"
+                  + (f" | val loss {validation.loss:.4f} ({validation.tokens:,} tokens, {val_s:.1f} s)"
+                     if validation else ""), flush=True)
         return row
 
     def close(self) -> None:

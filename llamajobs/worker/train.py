@@ -34,7 +34,7 @@ from llamajobs.data.tokenizer import ensure_tokenizer, load_tokenizer
 from llamajobs.estimate import flops_per_token
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
-from llamajobs.worker import kernels, parallel, rng, sinks, zero
+from llamajobs.worker import kernels, packing, parallel, rng, sinks, validate, zero
 from llamajobs.worker.checkpoint import Checkpointer, CheckpointWriteError, TrainState, find_resume_step
 from llamajobs.worker.faults import injected_fault
 from llamajobs.worker.metrics import MetricsLogger, device_description
@@ -79,8 +79,9 @@ def train(run_dir: Path, spec: JobSpec, env: Dist) -> None:
     checkpointer = Checkpointer(run_dir, spec, env, TrainState(model, optimizer, scheduler, sampler))
     start = checkpointer.resume(resume_step)  # 0 without a checkpoint
     metrics = build_metrics(run_dir, spec, env, strategy, total=total, steps_in_epoch=steps_in_epoch, start=start)
+    validator = validate.build_validator(spec, env, strategy, total=total, pad_id=tokenizer.eos_token_id)
     step, stopped = train_loop(model, optimizer, scheduler, sampler, metrics, checkpointer,
-                               spec=spec, env=env, start=start, total=total, strategy=strategy)
+                               spec=spec, env=env, start=start, total=total, strategy=strategy, validator=validator)
     metrics.close()  # the TensorBoard and wandb files are complete before the export (or the requeue)
     if not stopped:  # (stopped: the checkpoint of `step` is complete; the launcher requeues the job)
         finish(model, strategy, spec, config, tokenizer, run_dir, env, step)
@@ -138,7 +139,7 @@ def build_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, env: Dist) -> 
     shared = dict(seq_len=spec.seq_len, global_batch=spec.global_batch, micro_batch=spec.micro_batch,
                   rank=env.rank, world_size=env.world_size, seed=spec.seed, pad_id=tokenizer.eos_token_id)
     if getattr(docs, "has_loss_mask", False):
-        packed = instruct.PackedSampler(docs, **shared)
+        packed = instruct.PackedSampler(docs, isolate=not spec.mode_info.virtual_tokens, **shared)
         return packed, instruct.steps_per_epoch(packed, spec.tokens_per_epoch)
     sampler = WindowSampler(docs, **shared)
     return sampler, steps_per_epoch(len(docs), spec.global_batch, spec.seq_len, spec.tokens_per_epoch)
@@ -256,8 +257,7 @@ def to_device(micro_batches: list[MicroBatch], device: torch.device) -> list[Mic
     if device.type != "cuda":
         return micro_batches
     # Pinned memory makes the copies asynchronous: no host sync inside the step.
-    return [(x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True))
-            for x, y in micro_batches]
+    return [tuple(t.pin_memory().to(device, non_blocking=True) for t in batch) for batch in micro_batches]
 
 
 def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_size: int,
@@ -272,15 +272,16 @@ def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_si
     into a sum. (The strategy's backward is the engine's under DeepSpeed, told not to divide again.)
     """
     strategy = strategy or parallel.Fsdp(JobSpec(), None)
-    n_tokens = torch.stack([(labels != IGNORE_INDEX).sum() for _, labels in micro_batches]).sum()
+    n_tokens = torch.stack([(labels != IGNORE_INDEX).sum() for _, labels, *_ in micro_batches]).sum()
     dist.all_reduce(n_tokens)
     scale = world_size / n_tokens.clamp(min=1)
     share = torch.zeros((), device=n_tokens.device)
-    for i, (inputs, labels) in enumerate(micro_batches):
+    for i, (inputs, labels, *positions) in enumerate(micro_batches):
         strategy.set_gradient_sync(model, i == len(micro_batches) - 1)
         with strategy.autocast():
-            # The summed token loss, from the model's loss forward (worker/kernels.py).
-            loss_sum = model(input_ids=inputs, labels=labels).loss
+            # The summed token loss, from the model's loss forward (worker/kernels.py); packed rows
+            # carry each document's positions, and a mask that keeps documents apart (packing.py).
+            loss_sum = model(**packing.model_inputs(inputs, *positions), labels=labels).loss
         strategy.backward(model, loss_sum * scale.to(loss_sum.device))
         share += loss_sum.detach().to(share.device) * (scale / world_size)
     return share
@@ -299,7 +300,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: La
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, sampler: WindowSampler,
                metrics: MetricsLogger, checkpointer: Checkpointer, *, spec: JobSpec, env: Dist, start: int,
-               total: int, strategy: Strategy | None = None) -> tuple[int, bool]:
+               total: int, strategy: Strategy | None = None,
+               validator: validate.Validator | None = None) -> tuple[int, bool]:
     """Optimizer steps start+1..total, one global batch each, a checkpoint whenever due; returns the
     last step and whether a stop request ended the loop there (its checkpoint saved)."""
     strategy = strategy or build_strategy(spec, env)
@@ -322,10 +324,11 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: La
         data_wait += time.perf_counter() - fetching
         loss, grad_norm = train_step(model, optimizer, scheduler, micro_batches,
                                      strategy=strategy, params=params, max_norm=max_norm, world_size=env.world_size)
-        if step % spec.log_every_steps == 0 or step == total:
+        validation = validator.after_step(model, step) if validator else None  # every N steps and the last
+        if step % spec.log_every_steps == 0 or step == total or validation:
             dist.all_reduce(loss)  # the shares -> the global batch's mean token loss
             metrics.log(step, loss.item(), lr, grad_norm.item(), data_wait_s=data_wait,
-                        checkpoint_total_s=checkpointer.seconds_saving)
+                        checkpoint_total_s=checkpointer.seconds_saving, validation=validation)
             data_wait = 0.0
         if checkpointer.after_step(step):  # at the optimizer-step boundary: a saved checkpoint, if due
             return step, True

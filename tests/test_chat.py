@@ -1,0 +1,184 @@
+"""Chat data: `--format messages|sharegpt`, chat templates (the tokenizer's own and the named ones),
+the loss mask of the turns, `data inspect`, and file:line errors.
+
+Two real tokenizers: a byte-level BPE fast tokenizer trained here with the `tokenizers` library,
+whose tokenizer_config.json carries a ChatML chat template, and the bundled LLaMA-style
+sentencepiece one (no chat template: the named templates render for it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llamajobs.data import store as st
+from llamajobs.data.chat import TEMPLATES, ChatEncoder, ChatOptions
+from llamajobs.data.inspect import describe
+from llamajobs.data.prepare import PrepareConfig, prepare
+from llamajobs.errors import SpecError
+
+# ChatML with a BOS first: the template of the tokenizer trained below.
+OWN_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+CONVERSATIONS = [
+    {"id": "c1", "messages": [
+        {"role": "system", "content": "You are a terse clinician."},
+        {"role": "user", "content": "What lowers blood pressure?"},
+        {"role": "assistant", "content": "Less salt, more exercise."},
+        {"role": "user", "content": "And a drug?"},
+        {"role": "assistant", "content": "An ACE inhibitor such as lisinopril."}]},
+    {"id": "c2", "messages": [
+        {"role": "user", "content": "Name a bone of the arm."},
+        {"role": "assistant", "content": "The humerus."}]},
+]
+ASSISTANT = ["Less salt, more exercise.", "An ACE inhibitor such as lisinopril.", "The humerus."]
+USER = ["What lowers blood pressure?", "And a drug?", "Name a bone of the arm.", "You are a terse clinician."]
+
+
+def sharegpt(record: dict) -> dict:
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    return {"id": record["id"], "conversations": [{"from": names[m["role"]], "value": m["content"]}
+                                                  for m in record["messages"]]}
+
+
+@pytest.fixture(scope="module")
+def bpe_tok(tmp_path_factory) -> Path:
+    """A byte-level BPE fast tokenizer (tokenizers library) with ChatML special tokens and its own template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llamajobs.data import SAMPLE_CORPUS, read_texts
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    texts = list(read_texts(SAMPLE_CORPUS)) + [m["content"] for c in CONVERSATIONS for m in c["messages"]]
+    tok.train_from_iterator(texts, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                 additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    hf.chat_template = OWN_TEMPLATE
+    out = tmp_path_factory.mktemp("bpe")
+    hf.save_pretrained(out)
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text()) or (
+        out / "chat_template.jinja").is_file()
+    return out
+
+
+def write(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def trained_and_masked(store: st.TokenStore, i: int, decode) -> tuple[str, str]:
+    tokens, mask = store[i].tolist(), store.loss_mask(i).tolist()
+    return (decode([t for t, m in zip(tokens, mask) if m]), decode([t for t, m in zip(tokens, mask) if not m]))
+
+
+def test_messages_with_the_tokenizers_own_template(tmp_path, bpe_tok):
+    meta = prepare(PrepareConfig(inputs=(write(tmp_path / "chat.jsonl", CONVERSATIONS),), tokenizer=bpe_tok,
+                                 out=tmp_path / "store", format="messages"))
+    assert meta["chat"] == {"template": "tokenizer", "train_on": "assistant"} and meta["loss_mask"] == "uint8"
+    store = st.TokenStore(tmp_path / "store")
+    enc = ChatEncoder(bpe_tok, ChatOptions())
+    decode = enc.tokenizer.decode
+    assert len(store) == 2
+    tokens = store[0].tolist()
+    assert tokens[0] == enc.bos_id and tokens[-1] == enc.eos_id  # one BOS, one EOS per document
+    assert decode(tokens) == enc.render(tuple((m["role"], m["content"]) for m in CONVERSATIONS[0]["messages"])) \
+        + "</s>"
+    trained, masked = trained_and_masked(store, 0, decode)
+    # Each assistant turn with its end-of-turn token; the header before it and every other turn masked.
+    assert trained == "Less salt, more exercise.<|im_end|>\nAn ACE inhibitor such as lisinopril.<|im_end|>\n</s>"
+    assert "<|im_start|>assistant\n" in masked and all(u in masked for u in USER[:2] + USER[3:])
+    assert not any(a in masked for a in ASSISTANT)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_sharegpt_with_each_named_template_on_sentencepiece(tmp_path, tokenizer_dir, name):
+    """The bundled sentencepiece tokenizer has no chat template: each named one renders for it."""
+    meta = prepare(PrepareConfig(inputs=(write(tmp_path / "chat.jsonl", [sharegpt(c) for c in CONVERSATIONS]),),
+                                 tokenizer=tokenizer_dir, out=tmp_path / "store", format="sharegpt",
+                                 chat_template=name))
+    assert meta["chat"]["template"] == name
+    store = st.TokenStore(tmp_path / "store")
+    decode = ChatEncoder(tokenizer_dir, ChatOptions(name)).tokenizer.decode
+    for i, answers, questions in ((0, ASSISTANT[:2], USER[:2]), (1, ASSISTANT[2:], USER[2:3])):
+        trained, masked = trained_and_masked(store, i, decode)
+        assert all(a in trained for a in answers), (name, trained)
+        assert not any(q in trained for q in questions), (name, trained)
+        assert all(q in masked for q in questions), (name, masked)
+    assert "terse clinician" in decode(store[0].tolist())  # the system prompt is rendered (and masked)
+    assert "terse clinician" not in trained_and_masked(store, 0, decode)[0]
+
+
+def test_train_on_all_and_inspect_shows_the_mask(cli, tmp_path, tokenizer_dir):
+    data = write(tmp_path / "chat.jsonl", CONVERSATIONS)
+    code, out, err = cli("data", "prepare", str(data), "--tokenizer", str(tokenizer_dir), "--out",
+                         str(tmp_path / "all"), "--format", "messages", "--chat-template", "chatml", "--train-on", "all")
+    assert code == 0, err
+    store = st.TokenStore(tmp_path / "all")
+    assert store.loss_mask(0).tolist() == [0] + [1] * (len(store[0]) - 1)
+    prepare(PrepareConfig(inputs=(data,), tokenizer=tokenizer_dir, out=tmp_path / "assistant", format="messages",
+                          chat_template="chatml"))
+    sample = describe(tmp_path / "assistant", document=1)["sample"]
+    assert [s["target"] for s in sample["segments"]] == [False, True]  # user turn masked, then the answer
+    assert "The humerus." in sample["segments"][1]["text"] and "Name a bone" in sample["segments"][0]["text"]
+    assert [m for _, _, m in sample["token_mask"]] == st.TokenStore(tmp_path / "assistant").loss_mask(1).tolist()
+    code, out, err = cli("data", "inspect", str(tmp_path / "assistant"), "--document", "1")
+    assert code == 0 and "trained on" in out and "The humerus." in out
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, 'field "messages" has no assistant turn'),
+    ({"messages": [{"role": "doctor", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+     'field "messages[0].role" is \'doctor\''),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
+     'field "messages[0].content" is a number'),
+    ({"messages": []}, 'field "messages" is an empty list'),
+    ({"text": "x"}, 'missing field "messages"'),
+    # the template's own refusal (Mistral's roles must alternate)
+    ({"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "hi"}]}, "refuses it"),
+])
+def test_bad_records_are_file_line_and_exit_2(cli, tmp_path, tokenizer_dir, record, reason):
+    data = write(tmp_path / "chat.jsonl", [CONVERSATIONS[1], record])
+    code, out, err = cli("data", "prepare", str(data), "--tokenizer", str(tokenizer_dir), "--out",
+                         str(tmp_path / "s"), "--format", "messages", "--chat-template", "mistral")
+    assert code == 2 and f"{data}:2: " in err and reason in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "has no chat template"),
+    (["--chat-template", "vicuna"], "--chat-template 'vicuna' is not known"),
+    (["--chat-template", "chatml", "--train-on", "users"], "--train-on 'users'"),
+])
+def test_bad_chat_flags_exit_2(cli, tmp_path, tokenizer_dir, args, message):
+    data = write(tmp_path / "chat.jsonl", CONVERSATIONS)
+    code, _, err = cli("data", "prepare", str(data), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "s"),
+                       "--format", "messages", *args)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_chat_flags_need_a_chat_format(tmp_path, tokenizer_dir):
+    with pytest.raises(SpecError, match="--chat-template and --train-on are for --format messages or sharegpt"):
+        PrepareConfig(inputs=(write(tmp_path / "t.jsonl", [{"text": "x"}]),), tokenizer=tokenizer_dir,
+                      out=tmp_path / "s", chat_template="chatml")
+
+
+@pytest.mark.slow  # two local shard jobs
+def test_sharded_chat_prepare_gives_the_one_process_store(cli, tmp_path, tokenizer_dir):
+    data = write(tmp_path / "chat.jsonl", [dict(c, id=f"{c['id']}-{i}") for i in range(40) for c in CONVERSATIONS])
+    args = ("data", "prepare", str(data), "--tokenizer", str(tokenizer_dir), "--format", "messages",
+            "--chat-template", "llama3", "--eval-fraction", "0.2", "--json")
+    code, out, err = cli(*args, "--out", str(tmp_path / "one"))
+    assert code == 0, err
+    code, out, err = cli(*args, "--out", str(tmp_path / "sharded"), "--shards", "2", "--cluster", "local")
+    assert code == 0, err
+    assert json.loads(out)["chat"] == {"template": "llama3", "train_on": "assistant"}
+    assert st.content_digest(tmp_path / "sharded") == st.content_digest(tmp_path / "one")
