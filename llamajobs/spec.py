@@ -412,9 +412,11 @@ def validate_shape(shape: catalog.Shape) -> None:
                  "rope_theta"):
         if getattr(shape, name) <= 0:
             raise SpecError(f"model_shape.{name} {getattr(shape, name)} must be positive")
-    if shape.dim % shape.n_heads or shape.n_heads % shape.n_kv_heads:
+    if (shape.explicit_head_dim is None and shape.dim % shape.n_heads) or shape.n_heads % shape.n_kv_heads:
         raise SpecError(f"model_shape: hidden size {shape.dim}, {shape.n_heads} heads and {shape.n_kv_heads} kv "
                         "heads do not divide; not a LLaMA shape")
+    if shape.family not in catalog.FAMILIES:
+        raise SpecError(f"model_shape.family {shape.family!r}; supported: {', '.join(catalog.FAMILIES)}")
 
 
 def validate(spec: JobSpec) -> None:
