@@ -52,12 +52,14 @@ class TextEncoder:
         elif (path / "tokenizer.json").is_file():
             from llamajobs.data.tokenizer import load_tokenizer
 
+            from llamajobs.data.encoder import document_start
+
             self.hf = load_tokenizer(path)
-            self.bos_id, self.eos_id = self.hf.bos_token_id, self.hf.eos_token_id
+            self.bos_id, self.eos_id = document_start(self.hf), self.hf.eos_token_id
         else:
             raise SpecError(f"{path}: no tokenizer.model or tokenizer.json; expected an HF LLaMA directory")
         if self.bos_id is None or self.bos_id < 0 or self.eos_id is None or self.eos_id < 0:
-            raise SpecError(f"{path}: the tokenizer has no BOS or EOS token; a LLaMA tokenizer has both")
+            raise SpecError(f"{path}: the tokenizer has no EOS token; a causal LM's tokenizer has one")
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if self.sp is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from llamajobs import catalog
+from llamajobs import catalog, hub
 from llamajobs.errors import SpecError
 from llamajobs.values import check_text, flag as _flag, parse_count, parse_slurm_time
 
@@ -57,6 +57,13 @@ class JobSpec:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     num_virtual_tokens: int = 32
     model_path: str | None = None
+    # --model-path given as a Hub id (org/name[@revision]): resolved by `build` on the submitting host
+    # (llamajobs/hub.py) and recorded; model_path is then the snapshot of hub_commit in the cache under
+    # hf_home, and the job runs offline (HF_HUB_OFFLINE=1, HF_HOME=hf_home).
+    hub_id: str | None = None
+    hub_revision: str | None = None
+    hub_commit: str | None = None
+    hf_home: str | None = None  # site.yaml's hf_home (the cache shared with the nodes); default $HF_HOME
     init_from: str | None = None  # a run's final/ (the CLI resolves a JOB id to its directory)
     # The shape of --init-from's full model, else of --model-path's, read from its config.json when the
     # spec is built (`build`, `with_model_shape`) and stored here, so that reading spec.json later
@@ -200,6 +207,7 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Jo
 EVAL_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(EvalSpec)}
 SHAPE_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(catalog.Shape)}
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+HUB_RECORD = ("hub_id", "hub_revision", "hub_commit")  # what `build` records of a Hub id, never set
 
 
 def default(name: str) -> Any:
@@ -371,9 +379,20 @@ def build(flags: Mapping[str, Any], config: Mapping[str, Any] | None = None,
     for name in ("model_path", "init_from"):  # refused here, before a file is read
         if isinstance(merged.get(name), str):
             check_text(_flag(name), merged[name])
+    for name in HUB_RECORD:
+        if name in merged:
+            raise SpecError(f"{name} is not a setting: it is recorded when --model-path names a Hub id")
+    if isinstance(merged.get("hf_home"), str):
+        check_text("hf_home", merged["hf_home"])
+    if isinstance(merged.get("model_path"), str) and hub.is_hub_id(merged["model_path"]):
+        resolved = hub.resolve(merged["model_path"], merged.get("hf_home"))
+        merged.update(model_path=str(resolved.path), hub_id=resolved.repo_id, hub_revision=resolved.revision,
+                      hub_commit=resolved.commit, hf_home=str(resolved.hf_home))
     if "model_shape" in merged:
         raise SpecError("model_shape is not a setting: it is read from the config.json of --model-path or --init-from")
     merged["model_shape"] = read_model_shape(merged.get("model_path"), merged.get("init_from"))
+    if merged["model_shape"] is not None and "lora_targets" not in merged:  # LoRA's targets: the family's default
+        merged["lora_targets"] = catalog.FAMILIES[merged["model_shape"].family].lora_targets
     return JobSpec(**merged)
 
 
