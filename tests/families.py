@@ -70,7 +70,7 @@ def make_model_dir(family: str, out_dir: Path, seed: int = 0) -> Path:
     tokenizer = train_fast_tokenizer(family, out_dir)
     config = AutoConfig.for_model(
         family, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=256, rms_norm_eps=1e-6,
+        intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=1024, rms_norm_eps=1e-6,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **CONFIGS[family])
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

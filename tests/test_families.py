@@ -103,6 +103,31 @@ def test_an_unsupported_model_type_is_refused_at_submit_naming_the_supported_one
         JobSpec.from_json(json.dumps({"model_shape": dataclasses.asdict(catalog.SIZES["tiny"]) | {"family": "gemma2"}}))
 
 
+def test_data_prepare_tokenizes_with_each_family_s_fast_tokenizer_and_the_store_check_tells_them_apart(
+        model_dirs, tmp_path) -> None:
+    from llamajobs.data.prepare import PrepareConfig, prepare
+    from llamajobs.data.store import TokenStore, check_store
+    from llamajobs.data.tokenizer import load_tokenizer
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("Atrial fibrillation.", "<|im_start|>x")))
+    stores = {}
+    for family in ("llama", "qwen3"):
+        out = tmp_path / family
+        prepare(PrepareConfig(inputs=(corpus,), tokenizer=model_dirs[family], out=out))
+        store, tokenizer = TokenStore(out), load_tokenizer(model_dirs[family])
+        first = [int(i) for i in store[0]]
+        # Documents framed as the worker frames them: BOS (Qwen: its EOS, having no BOS), the text, EOS.
+        start = tokenizer.bos_token_id if family == "llama" else tokenizer.eos_token_id
+        assert first == [start, *tokenizer("Atrial fibrillation.", add_special_tokens=False)["input_ids"],
+                         tokenizer.eos_token_id]
+        assert tokenizer.convert_tokens_to_ids("<|im_start|>") not in [int(i) for i in store[1]]  # text stays text
+        check_store(store, tokenizer)
+        stores[family] = store
+    with pytest.raises(SpecError, match="was tokenized with tokenizer"):
+        check_store(stores["llama"], load_tokenizer(model_dirs["qwen3"]))
+
+
 # --- training every family, full and LoRA, under every strategy ---
 
 
@@ -156,7 +181,9 @@ def test_each_family_trains_exports_and_reloads_with_the_worker_s_logits(trained
     worker_logits = torch.load(run_dir / PROBE)
     with torch.no_grad():
         logits = model(input_ids=probe_ids(model.config.vocab_size)).logits
-    torch.testing.assert_close(logits, worker_logits, rtol=1e-4, atol=1e-4)
+    # (peft's prompt tuning and p-tuning may return logits for the virtual tokens too: the text's are the last.)
+    n = probe_ids(model.config.vocab_size).shape[1]
+    torch.testing.assert_close(logits[:, -n:], worker_logits[:, -n:], rtol=1e-4, atol=1e-4)
     if mode != "full":  # trained away from the base: the adapter changes the logits
         from transformers import AutoModelForCausalLM
 
@@ -166,6 +193,44 @@ def test_each_family_trains_exports_and_reloads_with_the_worker_s_logits(trained
         assert not torch.allclose(base, logits, atol=1e-5)
     chat = (run_dir / "final" / "chat_template.jinja")
     assert chat.is_file(), "the family's chat template travels with the export"
+
+
+def _write_medqa(path: Path, n: int) -> Path:
+    cues = ["north", "south", "east", "west"]
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"sent1": f"Which option points {cues[i % 4]}?", "sent2": "",
+                                **{f"ending{k}": f"the {cues[k]} road" for k in range(4)}, "label": i % 4}) + "\n")
+    return path
+
+
+EXPORTS = [key for key in RUNS if key[1] in ("full", "lora")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", EXPORTS, ids=lambda k: "-".join(k))
+def test_eval_and_generate_take_each_family_s_export(cli, trained, model_dirs, key, tmp_path) -> None:
+    from llamajobs import evaluate as ev
+
+    family, mode, _ = key
+    final = trained[key] / "final"
+    where = ["--model", str(model_dirs[family]), "--adapter", str(final)] if mode == "lora" else ["--model", str(final)]
+    code, stdout, stderr = cli("eval", *where, "--task", "medqa", "--data", str(_write_medqa(tmp_path / "q.jsonl", 8)),
+                               "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["n"] == 8 and sum(result["choices"].values()) == 8
+    prompt = "Background: the patient"
+    code, stdout, stderr = cli("generate", *where, "--prompt", prompt, "--max-new-tokens", "6", "--device", "cpu")
+    assert code == 0, stderr
+    # The same greedy continuation as transformers (and peft) give on the reloaded export.
+    model, tokenizer = _reload(trained[key], model_dirs[family]), ev.TextEncoder(final)
+    ids = torch.tensor([ev.encode(tokenizer, prompt)[0]])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_id)
+    new = out[0, ids.shape[1]:].tolist()
+    expected = tokenizer.decode(new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new)
+    assert stdout.rstrip("\n") == expected
 
 
 if __name__ == "__main__":

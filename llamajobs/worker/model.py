@@ -257,9 +257,13 @@ def _full_state_dict_rank0(spec: JobSpec, config: PretrainedConfig) -> dict[str,
 
 
 def _without_aliases(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each tensor once. peft's prompt learning registers the input embedding a
-    second time (as word_embeddings): that name is dropped, the base model's own is kept."""
-    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    """The state dict without peft's alias: prompt learning registers the input embedding a second time
+    (as word_embeddings), which is dropped; the base model's own names are kept, a tied output head's
+    (Qwen2.5's small models, Llama 3.2) included, as the sharded model's state dict names it."""
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)} | {
+        name for name, _ in model.named_buffers()}
+    if hasattr(model, "prompt_encoder"):
+        names = {name for name in names if not name.startswith("word_embeddings.")}
     return {name: tensor for name, tensor in model.state_dict().items() if name in names}
 
 
