@@ -41,7 +41,10 @@ class TextEncoder:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         self.sp = self.hf = None
-        if (path / "tokenizer.model").is_file():
+        from llamajobs.data.encoder import is_sentencepiece
+
+        spm_model = path / "tokenizer.model"
+        if spm_model.is_file() and (is_sentencepiece(spm_model) or not (path / "tokenizer.json").is_file()):
             import sentencepiece as spm
 
             try:

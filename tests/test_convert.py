@@ -360,6 +360,13 @@ def test_llama3_converted_logits_and_tokenizer_match_meta(cli, tmp_path, params)
     ref = meta_forward_llama3(sd, params, tokens)
     assert torch.allclose(hf, ref, atol=ATOL, rtol=0), (hf - ref).abs().max().item()
     assert ref.std() > 0.1
+    # An HF Llama 3 directory that also holds Meta's tiktoken tokenizer.model: tokenizer.json is used.
+    beside = tmp_path / "with-tiktoken"
+    shutil.copytree(out, beside)
+    shutil.copyfile(meta / "tokenizer.model", beside / "tokenizer.model")
+    from llamajobs.evaluate import TextEncoder
+
+    assert Encoder(beside).encode([text]) == TextEncoder(beside).encode([text]) == [reference.encode(text)]
     if params.get("use_scaled_rope"):  # the scaling shows at these positions: the check can tell it is there
         unscaled = meta_forward_llama3(sd, {**params, "use_scaled_rope": False}, tokens)
         assert (unscaled - ref).abs().max() > 10 * ATOL

@@ -108,9 +108,9 @@ def test_the_job_runs_offline_from_the_cache_and_writes_no_token(offline, cache,
     assert stored["hub_id"] == REPO_ID and stored["hub_commit"] == cache[1]
 
 
-@pytest.mark.slow
-def test_a_hub_id_trains_on_the_local_cluster_offline(cache, tmp_path) -> None:
+def _train_from_the_hub(cache, tmp_path: Path, *placement: str) -> None:
     """The CLI as a user runs it, HF_HUB_OFFLINE=1 in its environment: submit --wait, status, the export."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     home, commit = cache
@@ -118,22 +118,31 @@ def test_a_hub_id_trains_on_the_local_cluster_offline(cache, tmp_path) -> None:
            "HF_HUB_OFFLINE": "1", "HF_TOKEN": SECRET}
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "site.yaml").write_text("env: [HF_TOKEN]\n")
-    submitted = json.loads(run_cli("submit", "--cluster", "local", "--model-path", REPO_ID, "--mode", "lora",
-                                   "--procs-per-node", "2", "--device", "cpu", "--seq-len", "32", "--global-batch", "4",
-                                   "--micro-batch", "2", "--max-steps", "3", "--wait", "--json", env=env,
-                                   check=True).stdout)
+    submitted = json.loads(run_cli("submit", *placement, "--model-path", REPO_ID, "--mode", "lora", "--device", "cpu",
+                                   "--seq-len", "32", "--global-batch", "4", "--micro-batch", "2", "--max-steps", "3",
+                                   "--wait", "--json", env=env, check=True).stdout)
     row = status(env, submitted["id"])
     assert row["state"] == "COMPLETED", row
     detail = run_cli("status", str(submitted["id"]), env=env, check=True).stdout
     assert f"{REPO_ID}@main, commit {commit}" in detail
     run_dir = Path(submitted["run_dir"])
-    launch = (run_dir / "launch.sh").read_text()
-    assert "HF_HUB_OFFLINE=1" in launch
+    assert "HF_HUB_OFFLINE=1" in (run_dir / "launch.sh").read_text()
     assert not any(SECRET in p.read_text(errors="replace") for p in run_dir.rglob("*") if p.is_file()
                    and p.stat().st_size < 1_000_000)
-    from peft import PeftModel
-
     snapshot = home / "hub" / "models--tiny-org--tiny-qwen2" / "snapshots" / commit
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(snapshot), run_dir / "final")
     assert model.config.model_type == "qwen2"
     assert json.loads((run_dir / "final" / "llamajobs.json").read_text())["base_weights"] == str(snapshot)
+
+
+@pytest.mark.slow
+def test_a_hub_id_trains_on_the_local_cluster_offline(cache, tmp_path) -> None:
+    _train_from_the_hub(cache, tmp_path, "--cluster", "local", "--procs-per-node", "2")
+
+
+@pytest.mark.slurm
+def test_a_hub_id_trains_on_two_slurm_nodes_offline(slurm, cache, tmp_path) -> None:
+    """The same on the real SLURM cluster, one worker on each of two nodes (written, not run by its author:
+    the cluster was another session's that day)."""
+    _train_from_the_hub(cache, tmp_path, "--cluster", "slurm", "--nodes", "2", "--procs-per-node", "1",
+                        "--time", "00:10:00")

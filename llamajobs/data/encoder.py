@@ -24,7 +24,8 @@ class Encoder:
         model = path if path.is_file() else path / "tokenizer.model"
         self.path = path.resolve()
         self.sp = self.hf = None
-        if model.is_file():
+        # A tokenizer.json beside a tokenizer.model that is not sentencepiece's (Llama 3's tiktoken file) wins.
+        if model.is_file() and not (path.is_dir() and (path / "tokenizer.json").is_file() and not is_sentencepiece(model)):
             import sentencepiece as spm
 
             try:
@@ -69,6 +70,14 @@ class Encoder:
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path), "fingerprint": self.fingerprint, "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+def is_sentencepiece(model: Path) -> bool:
+    """Whether a tokenizer.model is a sentencepiece model (a serialized protobuf), not a tiktoken BPE
+    file (base64 tokens and ranks, one per line: text)."""
+    with open(model, "rb") as f:
+        head = f.read(64)
+    return not all(32 <= b < 127 or b in b"\r\n" for b in head)
 
 
 def document_start(tokenizer: Any) -> int | None:
