@@ -190,7 +190,7 @@ def test_each_family_trains_exports_and_reloads_with_the_worker_s_logits(trained
         with torch.no_grad():
             base = AutoModelForCausalLM.from_pretrained(model_dirs[family]).eval()(
                 input_ids=probe_ids(model.config.vocab_size)).logits
-        assert not torch.allclose(base, logits, atol=1e-5)
+        assert not torch.allclose(base, logits[:, -n:], atol=1e-5)
     chat = (run_dir / "final" / "chat_template.jinja")
     assert chat.is_file(), "the family's chat template travels with the export"
 
