@@ -5,7 +5,10 @@ family full and with LoRA (and the prompt modes on two of them) under fsdp, fsdp
 ds-zero3 and pp, each run's final/ reloaded by transformers (and peft) with the logits the worker's
 own model gave at the end; then eval and generate on each family's exports through the CLI.
 
-Wall time on 2 cores: the models 10 s, the launches about 2 minutes (DeepSpeed's ops cached).
+Wall time on 2 busy cores (shared with other work): the four models 6-14 s, the two launches 95-130 s
+(DeepSpeed's ops cached), the assertions a few seconds: about 3 minutes for the module. These runs go
+through the worker's train() under torchrun, as `python -m llamajobs.worker` does on a node; the
+local cluster's submit path (submitit, launch.sh) is exercised by tests/test_hub.py's run.
 """
 
 from __future__ import annotations
