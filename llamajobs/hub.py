@@ -13,14 +13,17 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 from llamajobs.errors import SpecError
+from llamajobs.values import check_text
 
 # org/name as the Hub spells them (letters, digits, '-', '_', '.'), then an optional @branch, tag or commit.
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95})"
                     r"(?:@(?P<revision>[A-Za-z0-9][A-Za-z0-9._/-]{0,127}))?$")
 # What a job needs from a model repository: weights, config, tokenizer. Not Meta's original/ copy of
 # the weights (Llama 3.x repositories hold the model twice) nor other frameworks' formats.
+RECORDED = ("hub_id", "hub_revision", "hub_commit")  # JobSpec fields: recorded by `recorded`, never set
 IGNORE = ["original/*", "*.pth", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "*.onnx_data", "*.ot", "*.tflite"]
 
 
@@ -68,3 +71,19 @@ def resolve(model: str, configured_home: str | None = None) -> HubModel:
     if path.parent.name != "snapshots":
         raise SpecError(f"--model-path {model}: resolved to {path}, not a snapshot of the cache under {home}")
     return HubModel(repo_id=repo_id, revision=revision, commit=path.name, path=path, hf_home=home)
+
+
+def recorded(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """What spec.build records when the settings' model_path is a Hub id: the snapshot as model_path, the
+    id, revision, commit and cache; {} for a directory. SpecError for a recorded field given as a setting."""
+    for name in RECORDED:
+        if name in settings:
+            raise SpecError(f"{name} is not a setting: it is recorded when --model-path names a Hub id")
+    model, home = settings.get("model_path"), settings.get("hf_home")
+    if isinstance(home, str):
+        check_text("hf_home", home)
+    if not (isinstance(model, str) and is_hub_id(model)):
+        return {}
+    found = resolve(model, home if isinstance(home, str) else None)
+    return {"model_path": str(found.path), "hub_id": found.repo_id, "hub_revision": found.revision,
+            "hub_commit": found.commit, "hf_home": str(found.hf_home)}

@@ -57,9 +57,7 @@ class JobSpec:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     num_virtual_tokens: int = 32
     model_path: str | None = None
-    # --model-path given as a Hub id (org/name[@revision]): resolved by `build` on the submitting host
-    # (llamajobs/hub.py) and recorded; model_path is then the snapshot of hub_commit in the cache under
-    # hf_home, and the job runs offline (HF_HUB_OFFLINE=1, HF_HOME=hf_home).
+    # A Hub id as --model-path: resolved and pinned by `build` (hub.py); model_path is then its snapshot.
     hub_id: str | None = None
     hub_revision: str | None = None
     hub_commit: str | None = None
@@ -207,7 +205,6 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Jo
 EVAL_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(EvalSpec)}
 SHAPE_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(catalog.Shape)}
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
-HUB_RECORD = ("hub_id", "hub_revision", "hub_commit")  # what `build` records of a Hub id, never set
 
 
 def default(name: str) -> Any:
@@ -379,15 +376,7 @@ def build(flags: Mapping[str, Any], config: Mapping[str, Any] | None = None,
     for name in ("model_path", "init_from"):  # refused here, before a file is read
         if isinstance(merged.get(name), str):
             check_text(_flag(name), merged[name])
-    for name in HUB_RECORD:
-        if name in merged:
-            raise SpecError(f"{name} is not a setting: it is recorded when --model-path names a Hub id")
-    if isinstance(merged.get("hf_home"), str):
-        check_text("hf_home", merged["hf_home"])
-    if isinstance(merged.get("model_path"), str) and hub.is_hub_id(merged["model_path"]):
-        resolved = hub.resolve(merged["model_path"], merged.get("hf_home"))
-        merged.update(model_path=str(resolved.path), hub_id=resolved.repo_id, hub_revision=resolved.revision,
-                      hub_commit=resolved.commit, hf_home=str(resolved.hf_home))
+    merged.update(hub.recorded(merged))  # a Hub id as --model-path: resolved, pinned, recorded
     if "model_shape" in merged:
         raise SpecError("model_shape is not a setting: it is read from the config.json of --model-path or --init-from")
     merged["model_shape"] = read_model_shape(merged.get("model_path"), merged.get("init_from"))
