@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# The real LLaMA-style 32k tokenizer.model.v1 for tests; its dependencies would downgrade numpy.
 	$(PY) -m pip install -q --no-deps mistral-common
+	# transformers loads a mistral model_type's tokenizer through mistral-common when it is installed:
+	# its other requirements, which leave numpy alone.
+	$(PY) -m pip install -q jsonschema pydantic-extra-types pycountry pillow requests
 	touch $@
 
 demo: $(STAMP)

@@ -1,5 +1,7 @@
-"""Data pipeline throughput: `data prepare` against a plain sentencepiece loop, and random document
-access from a token store against what one GPU consumes.
+"""Data pipeline throughput: `data prepare` against a plain sentencepiece loop, the same vocabulary as a
+Hugging Face fast tokenizer (tokenizer.json: a plain loop, batched encoding in the Rust library's
+threads, and `data prepare` with it), and random document access from a token store against what one
+GPU consumes.
 
 The corpus is generated: sentences of the bundled PMC sample, shuffled with a fixed seed into
 paper-length documents (lognormal, median about 20 kB of text, like full PMC articles), about
@@ -83,6 +85,47 @@ def plain_loop(corpus: Path, model: Path) -> dict:
     size = corpus.stat().st_size
     return {"seconds": seconds, "mb_per_s": size / 1e6 / seconds, "tokens_per_s": tokens / seconds, "tokens": tokens,
             "cpu_s": cpu, "tokens_per_cpu_s": tokens / cpu}
+
+
+def fast_tokenizer_dir(model: Path, root: Path) -> Path:
+    """The same 32k vocabulary as a Hugging Face fast tokenizer: tokenizer.json (+ its config) only, so
+    that `data prepare` encodes with it, not with sentencepiece."""
+    from transformers import LlamaTokenizer
+
+    source, out = root / "spm", root / "fast"
+    source.mkdir()
+    shutil.copyfile(model, source / "tokenizer.model")
+    LlamaTokenizer.from_pretrained(source, add_bos_token=True).save_pretrained(out)
+    (out / "tokenizer.model").unlink(missing_ok=True)
+    return out
+
+
+def fast_rates(corpus: Path, tokenizer_dir: Path, batch: int = 256) -> dict:
+    """tokenizers' Tokenizer on the corpus: one encode per document, then encode_batch of `batch`
+    documents (multi-threaded in Rust: TOKENIZERS_PARALLELISM on for this row only)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    size, result = corpus.stat().st_size, {}
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    for name, batched in (("loop", False), ("batched", True)):
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if batched else "false"
+        start, cpu, tokens = time.perf_counter(), cpu_seconds(), 0
+        with open(corpus, "rb") as f:
+            texts = [json.loads(line)["text"] for line in f]
+        if batched:
+            for i in range(0, len(texts), batch):
+                tokens += sum(len(e.ids) + 2 for e in tokenizer.encode_batch(texts[i:i + batch], add_special_tokens=False))
+        else:
+            tokens = sum(len(tokenizer.encode(t, add_special_tokens=False).ids) + 2 for t in texts)
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        result[name] = {"seconds": seconds, "mb_per_s": size / 1e6 / seconds, "tokens_per_s": tokens / seconds,
+                        "tokens": tokens, "cpu_s": cpu, "tokens_per_cpu_s": tokens / cpu}
+    if before is None:
+        os.environ.pop("TOKENIZERS_PARALLELISM")
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = before
+    return result
 
 
 def cpu_seconds() -> float:
@@ -224,6 +267,17 @@ def main() -> None:
             # robust to other work on the machine: tokens per CPU-second of all our processes
             r["vs_plain_loop_per_cpu_s"] = r["tokens_per_cpu_s"] / result["plain_loop"]["tokens_per_cpu_s"]
             result["prepare"].append(r)
+        fast_dir = fast_tokenizer_dir(model, root)
+        result["fast"] = min((fast_rates(corpus, fast_dir) for _ in range(args.repeat)),
+                             key=lambda r: r["batched"]["seconds"])
+        result["fast"]["prepare"] = []
+        for workers in map(int, args.workers.split(",")):
+            out = root / f"fast-store-{workers}"
+            runs = []
+            for attempt in range(args.repeat):
+                shutil.rmtree(out, ignore_errors=True)
+                runs.append(run_prepare(corpus, fast_dir, out, workers))
+            result["fast"]["prepare"].append(min(runs, key=lambda r: r["seconds"]))
         store_dir = root / f"store-{result['prepare'][0]['workers']}"
         store_bytes = sum(f.stat().st_size for f in store_dir.rglob("*") if f.is_file())
         tokens = result["prepare"][0]["tokens"]
@@ -249,6 +303,15 @@ def main() -> None:
               f"{r['tokens_per_cpu_s']:,.0f} tokens per CPU-second, "
               f"x{r['vs_plain_loop_per_cpu_s']:.2f} the plain loop's "
               f"{p['tokens_per_cpu_s']:,.0f}")
+    f = result["fast"]
+    for name, label in (("loop", "plain loop (1 process)"), ("batched", "encode_batch (Rust threads)")):
+        r = f[name]
+        print(f"fast tokenizer.json, {label}: {r['mb_per_s']:.2f} MB/s, {r['tokens_per_s']:,.0f} tokens/s, "
+              f"{r['tokens_per_cpu_s']:,.0f} tokens per CPU-second (x{r['tokens_per_s'] / p['tokens_per_s']:.2f} "
+              f"the sentencepiece loop)")
+    for r in f["prepare"]:
+        print(f"data prepare --workers {r['workers']} with tokenizer.json: {r['mb_per_s']:.2f} MB/s, "
+              f"{r['tokens_per_s']:,.0f} tokens/s in {r['seconds']:.1f} s")
     s = result["store"]
     print(f"store: {s['bytes_per_billion_tokens'] / 1e9:.3f} GB per billion tokens; "
           f"{s['tokens_per_jsonl_byte']:.3f} tokens per JSONL byte")

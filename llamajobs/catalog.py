@@ -24,17 +24,24 @@ class Shape:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     family: str = "llama"  # config.json's model_type
+    # Set when config.json names a head size that is not dim // n_heads (Qwen3: 1024 wide, 16 heads of 128).
+    explicit_head_dim: int | None = None
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2; LLaMA's attention_bias also on o)
+    o_bias: bool = False
+    qk_norm: bool = False  # an RMSNorm over each head's queries and keys (Qwen3)
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.explicit_head_dim or self.dim // self.n_heads
 
     @property
     def layer_params(self) -> int:
-        kv = self.n_kv_heads * self.head_dim
-        attention = self.dim * self.dim * 2 + self.dim * kv * 2
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attention = self.dim * q * 2 + self.dim * kv * 2
+        biases = (q + 2 * kv if self.qkv_bias else 0) + (self.dim if self.o_bias else 0)
+        norms = 2 * self.head_dim if self.qk_norm else 0
         mlp = 3 * self.dim * self.ffn_dim
-        return attention + mlp + 2 * self.dim
+        return attention + biases + norms + mlp + 2 * self.dim
 
     @property
     def embedding_params(self) -> int:
@@ -51,10 +58,13 @@ class Shape:
         return self.n_layers * self.layer_params
 
     def hf_config(self) -> dict:
-        """The keys of a transformers LlamaConfig for this shape."""
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        """The keys of a transformers config (the family's) for this shape."""
+        extra = {"head_dim": self.explicit_head_dim} if self.explicit_head_dim else {}
+        if self.family == "llama" and (self.qkv_bias or self.o_bias):
+            extra["attention_bias"] = True
+        return extra | {
+            "architectures": [FAMILIES[self.family].architecture],
+            "model_type": self.family,
             "hidden_size": self.dim,
             "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads,
@@ -101,11 +111,46 @@ SIZES: dict[str, Shape] = {
 }
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Family:
+    """A LLaMA-architecture family as transformers names it (config.json's model_type): what the worker
+    and the estimator need to know about it, as data."""
+
+    model_type: str
+    architecture: str  # the CausalLM class (AutoModelForCausalLM builds it from model_type)
+    decoder_layer: str  # the block class: FSDP's unit of sharding, pp's unit of placement, what compiles
+    models: str  # what it covers, for messages
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # LoRA's modules when --lora-targets is not given
+    qkv_bias: bool = False  # always biases on q, k and v (whatever config.json says)
+    qk_norm: bool = False  # per-head RMSNorm on queries and keys
+    attention_bias_key: bool = True  # config.json's attention_bias adds biases to q, k, v and o
+    liger: bool = True  # liger-kernel patches it (RMSNorm, SwiGLU, RoPE; --kernels liger)
+
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family(model_type="llama", architecture="LlamaForCausalLM", decoder_layer="LlamaDecoderLayer",
+           models="LLaMA 1 and 2, Llama 3, 3.1, 3.2 and 3.3, TinyLlama"),
+    Family(model_type="mistral", architecture="MistralForCausalLM", decoder_layer="MistralDecoderLayer",
+           models="Mistral 7B", attention_bias_key=False),
+    Family(model_type="qwen2", architecture="Qwen2ForCausalLM", decoder_layer="Qwen2DecoderLayer",
+           models="Qwen2, Qwen2.5", qkv_bias=True, attention_bias_key=False),
+    Family(model_type="qwen3", architecture="Qwen3ForCausalLM", decoder_layer="Qwen3DecoderLayer",
+           models="Qwen3 (dense)", qk_norm=True),
+)}
+
+
+def family_of(model_type: object) -> Family:
+    """The family of a config.json's model_type; ValueError naming the supported ones."""
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        raise ValueError(f"model_type is {model_type!r}; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
 def shape_from_hf_config(config: dict, name: str) -> Shape:
-    """The shape of an HF LLaMA checkpoint, read from its config.json keys; ValueError naming a key that
-    is missing or of the wrong type."""
-    def number(key: str, default: float | None = None, kind: type = int) -> float:
-        value = config.get(key, default)
+    """The shape of an HF checkpoint of a supported family, read from its config.json keys; ValueError
+    naming a key that is missing or of the wrong type."""
+    def number(key: str, default: float | None = None, kind: type = int, source: dict = config) -> float:
+        value = source.get(key, default)
         if value is None and default is None:
             raise ValueError(f"config.json has no {key!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
@@ -113,10 +158,15 @@ def shape_from_hf_config(config: dict, name: str) -> Shape:
             raise ValueError(f"config.json's {key!r} is {value!r}; expected a positive {kind.__name__}")
         return kind(value)
 
-    n_heads = number("num_attention_heads")
+    family = family_of(config.get("model_type", "llama"))
+    n_heads, dim = number("num_attention_heads"), number("hidden_size")
+    # transformers 5 writes rope_theta inside rope_parameters; the Hub's configs keep it at the top.
+    rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+    head_dim = number("head_dim") if config.get("head_dim") is not None else None
+    attention_bias = family.attention_bias_key and config.get("attention_bias") is True
     return Shape(
         name=name,
-        dim=number("hidden_size"),
+        dim=dim,
         n_layers=number("num_hidden_layers"),
         n_heads=n_heads,
         n_kv_heads=number("num_key_value_heads") if config.get("num_key_value_heads") else n_heads,
@@ -124,18 +174,24 @@ def shape_from_hf_config(config: dict, name: str) -> Shape:
         vocab_size=number("vocab_size"),
         max_seq_len=number("max_position_embeddings", 2048),
         norm_eps=number("rms_norm_eps", 1e-6, float),
-        rope_theta=number("rope_theta", 10000.0, float),
+        rope_theta=number("rope_theta", 10000.0, float, rope) if "rope_theta" in rope
+        else number("rope_theta", 10000.0, float),
         tie_embeddings=config.get("tie_word_embeddings") is True,
-        family=str(config.get("model_type") or "llama"),
+        family=family.model_type,
+        explicit_head_dim=head_dim if head_dim and head_dim * n_heads != dim else None,
+        qkv_bias=family.qkv_bias or attention_bias,
+        o_bias=attention_bias,
+        qk_norm=family.qk_norm,
     )
 
 
 def read_hf_config(model_path: str | Path) -> dict:
-    """config.json of an HF LLaMA directory; ValueError naming the path when it is not one."""
+    """config.json of an HF model directory of a supported family; ValueError naming the path when it is not one."""
     path = Path(model_path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"--model-path {path}: no config.json there; expected a Hugging Face LLaMA directory")
+        raise ValueError(f"--model-path {path}: no config.json there; expected a Hugging Face model directory "
+                         f"or a Hub id (org/name[@revision])")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except OSError as e:
@@ -146,8 +202,10 @@ def read_hf_config(model_path: str | Path) -> dict:
         raise ValueError(f"--model-path {path}: config.json is not valid JSON ({e.msg})") from None
     if not isinstance(config, dict):
         raise ValueError(f"--model-path {path}: config.json holds a {type(config).__name__}, not an object")
-    if config.get("model_type") != "llama":
-        raise ValueError(f"--model-path {path}: model_type is {config.get('model_type')!r}; expected 'llama'")
+    try:
+        family_of(config.get("model_type"))
+    except ValueError as e:
+        raise ValueError(f"--model-path {path}: {e}") from None
     return config
 
 
@@ -280,6 +338,4 @@ CLUSTERS: tuple[str, ...] = ("slurm", "local", "debug")
 LAUNCHERS: tuple[str, ...] = ("torchrun", "deepspeed")
 TASKS: tuple[str, ...] = ("medqa", "medmcqa", "pubmedqa")  # eval's multiple-choice sets
 KERNELS: tuple[str, ...] = ("liger", "none")  # --kernels: Liger's fused kernels on CUDA, or the plain modules
-# The model_types liger-kernel patches (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy).
-LIGER_FAMILIES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 SCORES: tuple[str, ...] = ("letter", "text")  # eval's log-likelihood of an option's letter, or of its text

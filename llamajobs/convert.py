@@ -1,5 +1,7 @@
 """Meta's original LLaMA checkpoints (consolidated.*.pth + params.json + tokenizer.model) -> a Hugging
 Face LLaMA directory (sharded safetensors + index, config.json, generation_config.json, tokenizer).
+LLaMA-1 and 2 (a sentencepiece tokenizer.model) and Llama 3, 3.1, 3.2 (a tiktoken-format
+tokenizer.model, converted to a fast tokenizer.json; use_scaled_rope becomes rope type llama3).
 
 What differs between the two formats:
 
@@ -64,6 +66,13 @@ class MetaCheckpoint:
     shards: tuple[Path, ...]
     tokenizer: Path
     params: dict
+    llama3: bool = False  # a tiktoken tokenizer.model (Llama 3.x)
+
+    @property
+    def rope_scaling(self) -> dict | None:
+        if not self.params.get("use_scaled_rope"):
+            return None
+        return {**LLAMA3_ROPE, "factor": float(self.params.get("rope_scaling_factor", LLAMA3_ROPE["factor"]))}
 
 
 # --- reading params.json and finding the files ---
@@ -112,6 +121,7 @@ def find_tokenizer(input_dir: Path, tokenizer: str | Path | None) -> Path:
 PARAM_TYPES: dict[str, type | tuple[type, ...]] = {
     "dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int, "multiple_of": int, "vocab_size": int,
     "max_seq_len": int, "ffn_dim_multiplier": (int, float), "norm_eps": (int, float), "rope_theta": (int, float),
+    "rope_scaling_factor": (int, float),
 }
 
 
@@ -141,19 +151,61 @@ def read_params(input_dir: Path) -> dict:
                 or (value <= 0 and key != "vocab_size"):
             what = "a positive whole number" if kind is int else "a positive number"
             raise SpecError(f"{path}: {key} is {value!r}; expected {what}")
-    if params.get("use_scaled_rope"):
-        raise SpecError(f"{path}: use_scaled_rope (LLaMA-3.1 rope scaling) is not supported by this converter")
+    if not isinstance(params.get("use_scaled_rope", False), bool):
+        raise SpecError(f"{path}: use_scaled_rope is {params['use_scaled_rope']!r}; expected true or false")
     return params
+
+
+# Llama 3's tiktoken tokenizer: its pre-tokenizer pattern and the 256 special tokens after the BPE ranks
+# (Llama 3.1's names; Llama 3's differ only among the reserved ones, at the same ids).
+TIKTOKEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                    r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+                  *(f"<|reserved_special_token_{2 + i}|>" for i in range(256 - 11))]
+# Llama 3.1's rope scaling (llama-models' apply_scaling); Llama 3.2's 1B and 3B use factor 32.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+def tiktoken_ranks(path: Path) -> dict[bytes, int] | None:
+    """A tiktoken-format file's BPE ranks (lines of base64 token and rank), or None when it is not one."""
+    import base64
+    import binascii
+
+    ranks = {}
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except (ValueError, binascii.Error):
+        return None
+    return ranks or None
+
+
+def tokenizer_kind(path: Path) -> str:
+    """"sentencepiece" (LLaMA-1/2) or "tiktoken" (Llama 3); SpecError when it is neither."""
+    import sentencepiece as spm
+
+    try:
+        spm.SentencePieceProcessor(model_file=str(path))
+        return "sentencepiece"
+    except (RuntimeError, OSError) as e:
+        if tiktoken_ranks(path) is not None:
+            return "tiktoken"
+        raise SpecError(f"{path}: neither a sentencepiece model ({str(e).splitlines()[0][:120]}) nor a "
+                        f"tiktoken BPE file (Llama 3's)") from None
 
 
 def tokenizer_vocab(path: Path) -> int:
     import sentencepiece as spm
 
-    try:
-        return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
-    except (RuntimeError, OSError) as e:
-        raise SpecError(f"{path}: not a sentencepiece model ({str(e).splitlines()[0][:120]}); LLaMA-3's "
-                        f"tiktoken tokenizer is not supported") from None
+    if tokenizer_kind(path) == "tiktoken":
+        return len(tiktoken_ranks(path)) + len(LLAMA3_SPECIAL)
+    return spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
 
 
 def inspect(input_dir: str | Path, tokenizer: str | Path | None = None, max_seq_len: int | None = None
@@ -207,12 +259,16 @@ def inspect(input_dir: str | Path, tokenizer: str | Path | None = None, max_seq_
         raise SpecError(f"{tokenizer_path}: {spm_vocab} tokens, more than the embedding's {vocab} rows; "
                         f"pass the tokenizer.model that belongs to this checkpoint (--tokenizer)")
     norm_eps = params.get("norm_eps", 1e-6)
-    # Not in params.json: LLaMA-1 trained on 2048 tokens, LLaMA-2 (norm_eps 1e-5) on 4096.
-    seq = max_seq_len or params.get("max_seq_len") or (2048 if norm_eps == 1e-6 else 4096)
+    llama3 = tokenizer_kind(tokenizer_path) == "tiktoken"
+    # Not in params.json: LLaMA-1 trained on 2048 tokens, LLaMA-2 (norm_eps 1e-5) on 4096, Llama 3 on
+    # 8192, and Llama 3.1 and later (scaled rope) reach 131072.
+    default_seq = 131072 if params.get("use_scaled_rope") else 8192 if llama3 else 2048 if norm_eps == 1e-6 else 4096
+    seq = max_seq_len or params.get("max_seq_len") or default_seq
     shape = catalog.Shape(name=input_dir.name, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                           ffn_dim=ffn_rows, vocab_size=vocab, max_seq_len=seq, norm_eps=norm_eps,
                           rope_theta=float(params.get("rope_theta", 10000.0)))
-    return MetaCheckpoint(shape=shape, shards=shard_paths, tokenizer=tokenizer_path, params=params), shards
+    return MetaCheckpoint(shape=shape, shards=shard_paths, tokenizer=tokenizer_path, params=params,
+                          llama3=llama3), shards
 
 
 def check_size(shape: catalog.Shape, size: str) -> None:
@@ -357,8 +413,12 @@ def convert(input_dir: str | Path, out_dir: str | Path, *, size: str | None = No
             del tensors  # this group's RAM goes before the next group is merged
         index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        write_config(tmp, shape, dtype)
-        write_tokenizer(tmp, checkpoint.tokenizer, shape.max_seq_len)
+        if checkpoint.llama3:
+            bos, eos = write_tiktoken_tokenizer(tmp, checkpoint.tokenizer, shape.max_seq_len)
+        else:
+            bos, eos = 1, 2
+            write_tokenizer(tmp, checkpoint.tokenizer, shape.max_seq_len)
+        write_config(tmp, shape, dtype, rope_scaling=checkpoint.rope_scaling, bos=bos, eos=eos)
         if out_dir.exists():
             out_dir.rmdir()  # an empty directory (checked above): os.replace cannot replace a directory
         os.replace(tmp, out_dir)
@@ -372,10 +432,12 @@ def convert(input_dir: str | Path, out_dir: str | Path, *, size: str | None = No
             "max_seq_len": shape.max_seq_len}
 
 
-def write_config(folder: Path, shape: catalog.Shape, dtype: torch.dtype) -> None:
+def write_config(folder: Path, shape: catalog.Shape, dtype: torch.dtype, *, rope_scaling: dict | None = None,
+                 bos: int = 1, eos: int = 2) -> None:
     from transformers import GenerationConfig, LlamaConfig
 
-    config = LlamaConfig(**shape.hf_config(), bos_token_id=1, eos_token_id=2, dtype=dtype, use_cache=True)
+    rope = {"rope_scaling": {**rope_scaling, "rope_theta": shape.rope_theta}} if rope_scaling else {}
+    config = LlamaConfig(**shape.hf_config() | rope, bos_token_id=bos, eos_token_id=eos, dtype=dtype, use_cache=True)
     config.save_pretrained(folder)
     GenerationConfig.from_model_config(config).save_pretrained(folder)
 
@@ -389,3 +451,29 @@ def write_tokenizer(folder: Path, spm_model: Path, max_seq_len: int) -> None:
     tokenizer = LlamaTokenizer.from_pretrained(folder, add_bos_token=True, add_eos_token=False,
                                                model_max_length=max_seq_len)
     tokenizer.save_pretrained(folder)
+
+
+def write_tiktoken_tokenizer(folder: Path, tiktoken_model: Path, max_seq_len: int) -> tuple[int, int]:
+    """Llama 3's tiktoken BPE as a fast tokenizer.json (transformers' TikTokenConverter, which needs the
+    tiktoken package), its 256 special tokens after the ranks, one BOS added to every encoding.
+    Returns (bos, eos). The tiktoken file itself is not copied: a tokenizer.model beside the weights
+    is read as sentencepiece's everywhere else."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    n_ranks = len(tiktoken_ranks(tiktoken_model))
+    tokenizer = TikTokenConverter(vocab_file=str(tiktoken_model), pattern=TIKTOKEN_PATTERN,
+                                  extra_special_tokens=LLAMA3_SPECIAL).converted()
+    bos, eos = LLAMA3_SPECIAL[0], LLAMA3_SPECIAL[1]
+    if tokenizer.token_to_id(bos) != n_ranks:
+        raise SpecError(f"{tiktoken_model}: its {n_ranks} ranks are not numbered 0 to {n_ranks - 1}; expected "
+                        f"Llama 3's tokenizer.model")
+    tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                      special_tokens=[(bos, n_ranks)])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos,
+                                   model_max_length=max_seq_len, clean_up_tokenization_spaces=True)
+    fast.save_pretrained(folder)
+    return n_ranks, n_ranks + 1

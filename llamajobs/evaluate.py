@@ -41,7 +41,10 @@ class TextEncoder:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         self.sp = self.hf = None
-        if (path / "tokenizer.model").is_file():
+        from llamajobs.data.encoder import is_sentencepiece
+
+        spm_model = path / "tokenizer.model"
+        if spm_model.is_file() and (is_sentencepiece(spm_model) or not (path / "tokenizer.json").is_file()):
             import sentencepiece as spm
 
             try:
@@ -52,12 +55,14 @@ class TextEncoder:
         elif (path / "tokenizer.json").is_file():
             from llamajobs.data.tokenizer import load_tokenizer
 
+            from llamajobs.data.encoder import document_start
+
             self.hf = load_tokenizer(path)
-            self.bos_id, self.eos_id = self.hf.bos_token_id, self.hf.eos_token_id
+            self.bos_id, self.eos_id = document_start(self.hf), self.hf.eos_token_id
         else:
             raise SpecError(f"{path}: no tokenizer.model or tokenizer.json; expected an HF LLaMA directory")
         if self.bos_id is None or self.bos_id < 0 or self.eos_id is None or self.eos_id < 0:
-            raise SpecError(f"{path}: the tokenizer has no BOS or EOS token; a LLaMA tokenizer has both")
+            raise SpecError(f"{path}: the tokenizer has no EOS token; a causal LM's tokenizer has one")
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if self.sp is not None:
@@ -286,7 +291,7 @@ def run_eval(model: Any, tokenizer: TextEncoder, questions: list[Question], *, s
              generate: bool = False, score: str = "letter", batch_size: int = 8,
              max_new_tokens: int = 16) -> dict:
     """Accuracy, n and the per-option choice counts (plus per-question details under "predictions").
-    The options are an EvalSpec's, validated where it was made (spec.validate_eval)."""
+    The options are an EvalSpec's, validated where it was made (rules.validate_eval)."""
     started = time.perf_counter()
     choices, details, truncated = score_questions(model, tokenizer, questions, shots=shots, generate=generate,
                                                   score=score, batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -385,7 +390,7 @@ def report(options: EvalSpec, inputs: Inputs, result: dict) -> dict:
 
 
 def load_shots(task: str, shots: int, shots_file: str | Path | None, notes: list[str] | None = None) -> list[Question]:
-    """The first K labelled questions of --shots-file (in the task's format; spec.validate_eval has
+    """The first K labelled questions of --shots-file (in the task's format; rules.validate_eval has
     checked that K >= 0 and that a file is given when K > 0)."""
     if shots == 0:
         return []

@@ -9,12 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from llamajobs import catalog
+from llamajobs import catalog, hub, rules
 from llamajobs.errors import SpecError
 from llamajobs.values import check_text, flag as _flag, parse_count, parse_slurm_time
 
@@ -44,7 +43,7 @@ class EvalSpec:
 
     def __post_init__(self) -> None:
         _check_types(self, EVAL_FIELDS)
-        validate_eval(self)
+        rules.validate_eval(self)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -59,6 +58,11 @@ class JobSpec:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     num_virtual_tokens: int = 32
     model_path: str | None = None
+    # A Hub id as --model-path: resolved and pinned by `build` (hub.py); model_path is then its snapshot.
+    hub_id: str | None = None
+    hub_revision: str | None = None
+    hub_commit: str | None = None
+    hf_home: str | None = None  # site.yaml's hf_home (the cache shared with the nodes); default $HF_HOME
     init_from: str | None = None  # a run's final/ (the CLI resolves a JOB id to its directory)
     # The shape of --init-from's full model, else of --model-path's, read from its config.json when the
     # spec is built (`build`, `with_model_shape`) and stored here, so that reading spec.json later
@@ -132,7 +136,9 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         _check_types(self, FIELDS)
-        validate(self)
+        if self.model_shape is not None:
+            _check_types(self.model_shape, SHAPE_FIELDS, prefix="model_shape.")
+        rules.validate(self)
 
     # --- derived values (never stored twice) ---
 
@@ -148,7 +154,7 @@ class JobSpec:
     def liger(self) -> bool:
         """Liger's kernels asked for and covering the model's family (they run only on CUDA, where the
         package is installed: the node decides, worker/kernels.py)."""
-        return self.kernels == "liger" and self.shape.family in catalog.LIGER_FAMILIES
+        return self.kernels == "liger" and catalog.FAMILIES[self.shape.family].liger
 
     @property
     def fused_loss(self) -> bool:
@@ -232,8 +238,7 @@ def default(name: str) -> Any:
     return FIELDS[name].default
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_WANDB = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # [ENTITY/]PROJECT
+
 def _kind(field: dataclasses.Field) -> str:
     return str(field.type).split(" |")[0]
 
@@ -405,9 +410,12 @@ def build(flags: Mapping[str, Any], config: Mapping[str, Any] | None = None,
     for name in ("model_path", "init_from"):  # refused here, before a file is read
         if isinstance(merged.get(name), str):
             check_text(_flag(name), merged[name])
+    merged.update(hub.recorded(merged))  # a Hub id as --model-path: resolved, pinned, recorded
     if "model_shape" in merged:
         raise SpecError("model_shape is not a setting: it is read from the config.json of --model-path or --init-from")
     merged["model_shape"] = read_model_shape(merged.get("model_path"), merged.get("init_from"))
+    if merged["model_shape"] is not None and "lora_targets" not in merged:  # LoRA's targets: the family's default
+        merged["lora_targets"] = catalog.FAMILIES[merged["model_shape"].family].lora_targets
     if not auto or merged.get("evaluation") is not None:
         return JobSpec(**merged)
     return with_auto_micro_batch(JobSpec(**{**merged, "micro_batch": 1}))
@@ -419,144 +427,3 @@ def with_auto_micro_batch(spec: JobSpec, micro_batch: int | None = None) -> JobS
     per_rank = spec.global_batch // spec.world_size
     chosen = micro_batch or next(m for m in (4, 2, 1) if per_rank % m == 0)
     return dataclasses.replace(spec, micro_batch=chosen, micro_batch_auto=True)
-
-
-def _choice(spec: JobSpec, name: str, allowed: tuple[str, ...] | list[str]) -> None:
-    value = getattr(spec, name)
-    if value not in allowed:
-        raise SpecError(f"{_flag(name)} {value!r} is not allowed; choose one of {', '.join(allowed)}")
-
-
-def _positive(spec: JobSpec, *names: str) -> None:
-    for name in names:
-        value = getattr(spec, name)
-        if value is not None and value <= 0:
-            raise SpecError(f"{_flag(name)} {value} must be positive")
-
-
-def validate_eval(options: EvalSpec) -> None:
-    if options.harness or options.task == "harness":  # lm-eval's tasks: harness.check_tasks knows them
-        if options.task != "harness" or not options.harness or options.generate or options.score != "letter":
-            raise SpecError("--harness TASK[,TASK] replaces --task, --data, --generate and --score; leave those out")
-        if options.batch_size < 1 or (options.limit is not None and options.limit < 1) or options.shots < 0:
-            raise SpecError("--batch-size and --limit must be at least 1, --shots 0 or more")
-        return
-    if options.task not in catalog.TASKS:
-        raise SpecError(f"--task {options.task!r} is not known; choose one of {', '.join(catalog.TASKS)}")
-    if options.score not in catalog.SCORES:
-        raise SpecError(f"--score {options.score!r}; choose one of {', '.join(catalog.SCORES)}")
-    if options.shots < 0:
-        raise SpecError(f"--shots {options.shots}: must be 0 or more")
-    if options.shots and options.shots_file is None:
-        raise SpecError(f"--shots {options.shots}: needs --shots-file, a file of solved examples in the "
-                        f"--task {options.task} format")
-    for name in ("batch_size", "max_new_tokens", "limit"):
-        value = getattr(options, name)
-        if value is not None and value < 1:
-            raise SpecError(f"{_flag(name)} {value}: must be at least 1")
-
-
-def validate_shape(shape: catalog.Shape) -> None:
-    _check_types(shape, SHAPE_FIELDS, prefix="model_shape.")
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len", "norm_eps",
-                 "rope_theta"):
-        if getattr(shape, name) <= 0:
-            raise SpecError(f"model_shape.{name} {getattr(shape, name)} must be positive")
-    if shape.dim % shape.n_heads or shape.n_heads % shape.n_kv_heads:
-        raise SpecError(f"model_shape: hidden size {shape.dim}, {shape.n_heads} heads and {shape.n_kv_heads} kv "
-                        "heads do not divide; not a LLaMA shape")
-
-
-def validate(spec: JobSpec) -> None:
-    """Every rule on the spec's values, the worker's included: what passes here the worker runs (it
-    checks only what the node alone can tell: the GPUs and processes it finds, the files it reads)."""
-    _choice(spec, "strategy", catalog.STRATEGIES)
-    _choice(spec, "mode", catalog.MODES)
-    _choice(spec, "cluster", catalog.CLUSTERS)
-    _choice(spec, "launcher", catalog.LAUNCHERS)
-    _choice(spec, "device", ("auto", "cuda", "cpu"))
-    _choice(spec, "kernels", catalog.KERNELS)
-    if spec.model_shape is not None:
-        validate_shape(spec.model_shape)
-    elif spec.size not in catalog.SIZES:
-        raise SpecError(f"--size {spec.size!r} is not known; choose one of {', '.join(catalog.SIZES)}")
-    if not re.match(r"^\d+[KMGT]?$", spec.mem_per_node):
-        raise SpecError(f"--mem-per-node {spec.mem_per_node!r} is malformed; use SLURM's syntax: 0 (all), 500G, 64000")
-    _positive(spec, "nodes", "gpus_per_node", "cpus_per_node", "procs_per_node", "seq_len", "global_batch", "micro_batch",
-              "lr", "epochs", "max_steps", "tokens_per_epoch", "checkpoint_every_steps",
-              "checkpoint_every_minutes", "keep_checkpoints", "lora_r", "lora_alpha", "num_virtual_tokens",
-              "log_every_steps", "collective_timeout_minutes")
-    _positive(spec, "eval_every_steps")
-    if spec.name is not None and not _NAME.match(spec.name):
-        raise SpecError(f"--name {spec.name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-'")
-    if spec.wandb is not None and not _WANDB.match(spec.wandb):
-        raise SpecError(f"--wandb {spec.wandb!r} is not allowed; give PROJECT or ENTITY/PROJECT in letters, "
-                        "digits, '.', '_' or '-'")
-    if spec.max_requeues < 0:
-        raise SpecError(f"--max-requeues {spec.max_requeues} must be 0 or more")
-    if not 0 <= spec.lora_dropout < 1:
-        raise SpecError(f"--lora-dropout {spec.lora_dropout} must be in [0, 1)")
-    if not 0 <= spec.warmup_ratio < 1:
-        raise SpecError(f"--warmup-ratio {spec.warmup_ratio} must be in [0, 1)")
-    if spec.weight_decay < 0:
-        raise SpecError(f"--weight-decay {spec.weight_decay} must be 0 or more")
-    if spec.grad_clip < 0:
-        raise SpecError(f"--grad-clip {spec.grad_clip} must be 0 (no clipping) or more")
-    _validate_combinations(spec)
-    if spec.time is not None:
-        parse_slurm_time(spec.time)
-    if spec.seq_len > spec.shape.max_seq_len:
-        raise SpecError(f"--seq-len {spec.seq_len} exceeds the model's maximum {spec.shape.max_seq_len}")
-    per_step = spec.micro_batch * spec.world_size
-    if spec.evaluation is None and spec.global_batch % per_step:  # an eval job has no batch schedule
-        raise SpecError(
-            f"--global-batch {spec.global_batch} is not divisible by micro-batch {spec.micro_batch} x "
-            f"world size {spec.world_size} = {per_step}; use a multiple of {per_step}")
-
-
-def _validate_fp8(spec: JobSpec) -> None:
-    """--fp8's rules; the node refuses a card without float8 matmuls (only it knows the card)."""
-    if spec.mode_info.frozen_base:
-        raise SpecError(f"--fp8 trains a full fine-tune's linears in float8; --mode {spec.mode} keeps the base "
-                        "frozen in bf16: leave --fp8 out or use --mode full")
-    if not spec.strategy_info.fp8:
-        names = ", ".join(s.name for s in catalog.STRATEGY.values() if s.fp8)
-        raise SpecError(f"--fp8 is implemented for {names}; leave it out with --strategy {spec.strategy}")
-    if not spec.compile:
-        raise SpecError("--fp8 needs --compile (torchao's float8 casts are fast only when compiled)")
-    if spec.device == "cpu":
-        raise SpecError("--fp8 needs an H100-class GPU (float8 matmuls); --device cpu has none: leave --fp8 out")
-
-
-def _validate_combinations(spec: JobSpec) -> None:
-    """The rules between flags (strategy x mode x where it runs), from the catalog's facts."""
-    strategy, mode = spec.strategy_info, spec.mode_info
-    if mode.adapters and not spec.lora_targets:
-        raise SpecError("--lora-targets is empty; name modules such as q_proj,v_proj")
-    if spec.merge and not mode.adapters:
-        raise SpecError(f"--merge folds LoRA adapters into the base; --mode {spec.mode} has none: leave --merge out")
-    if spec.compile and not strategy.compiles:
-        names = [s.name for s in catalog.STRATEGY.values() if s.compiles]
-        compiling = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
-        raise SpecError(f"--compile is implemented for {compiling}; leave it out with --strategy {spec.strategy}")
-    if strategy.one_process_per_node and spec.procs_per_node not in (None, 1):
-        raise SpecError(f"--strategy {spec.strategy} runs one process per node (it drives all the node's GPUs); "
-                        f"leave --procs-per-node out")
-    if strategy.one_process_per_node and mode.layer_prefix and spec.plans_gpus and spec.gpus_per_node > 1:
-        raise SpecError(f"--mode {spec.mode} with --strategy {spec.strategy} on {spec.gpus_per_node} GPUs: the "
-                        "prefix's keys and values would have to follow each layer to its GPU; use --strategy fsdp, "
-                        "--gpus-per-node 1 or --device cpu")
-    if spec.fp8:
-        _validate_fp8(spec)
-    if spec.cluster != "slurm" and spec.nodes > 1:
-        raise SpecError(f"--nodes {spec.nodes}: the {spec.cluster} cluster has one node; use --cluster slurm")
-    if spec.hold and spec.cluster != "slurm":
-        raise SpecError(f"--hold needs --cluster slurm (cluster is {spec.cluster!r})")
-    if spec.sharded_accumulation and not strategy.fsdp:
-        raise SpecError(f"sharded_accumulation is FSDP's (DeepSpeed partitions gradients itself); leave it out "
-                        f"with --strategy {spec.strategy}")
-    if spec.launcher == "deepspeed" and not strategy.deepspeed:
-        raise SpecError(f"--launcher deepspeed needs a ds-* strategy (strategy is {spec.strategy!r})")
-    if spec.procs_per_node and spec.cluster == "slurm" and spec.device != "cpu" \
-            and spec.procs_per_node > spec.gpus_per_node:
-        raise SpecError(f"--procs-per-node {spec.procs_per_node} exceeds --gpus-per-node {spec.gpus_per_node}")

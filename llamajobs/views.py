@@ -143,6 +143,9 @@ def detail(d: Detail) -> None:
     out.print(f"[bold]job {job.id}[/] {escape(job.name)}  {escape(state(row))}  ({job.cluster} job "
               f"{job.cluster_job_id})", highlight=False)
     out.print(f"run dir   {job.run_dir}", markup=False)
+    if spec is not None and spec.hub_id:
+        out.print(f"model     {spec.hub_id}@{spec.hub_revision}, commit {spec.hub_commit} (in {spec.hf_home})",
+                  markup=False)
     if row.problem:
         out.print(f"problem   {row.problem}", style="red", markup=False)
     if spec is not None and spec.evaluation is not None:

@@ -230,3 +230,143 @@ def test_bad_input_dirs(cli, tmp_path, setup, args, message):
     assert message in stderr and len(stderr.strip().splitlines()) == 1
     if setup != "out-exists":
         assert not out.exists()
+
+
+# --- Llama 3 / 3.1: GQA, rope_theta 500000, use_scaled_rope, the tiktoken tokenizer.model ---
+
+
+def apply_scaling(freqs: torch.Tensor, scale_factor: float = 8, low_freq_factor: float = 1,
+                  high_freq_factor: float = 4, old_context_len: int = 8192) -> torch.Tensor:
+    """llama-models' apply_scaling (Llama 3.1's rope), as Meta wrote it."""
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low_freq_factor, old_context_len / high_freq_factor
+    new_freqs = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            new_freqs.append(freq)
+        elif wavelen > low_freq_wavelen:
+            new_freqs.append(freq / scale_factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            new_freqs.append((1 - smooth) * freq / scale_factor + smooth * freq)
+    return torch.tensor(new_freqs, dtype=freqs.dtype)
+
+
+def scaled_freqs_cis(dim: int, end: int, theta: float, scaled: bool) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+    if scaled:
+        freqs = apply_scaling(freqs)
+    freqs = torch.outer(torch.arange(end, dtype=torch.float32), freqs)
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def tiny_tiktoken(path: Path, merges: int = 64) -> dict[bytes, int]:
+    """A tiktoken-format BPE file (base64 token, rank per line) learned here from the sample corpus:
+    the 256 bytes, then `merges` merges of the most frequent adjacent pair, as tiktoken's ranks are."""
+    import base64
+    import re
+    from collections import Counter
+
+    from llamajobs.data import read_texts
+
+    words = Counter(w.encode() for text in read_texts() for w in re.findall(r" ?\w+| ?[^\w\s]+|\s+", text))
+    pieces = {w: [bytes([b]) for b in w] for w in words}
+    ranks = {bytes([b]): b for b in range(256)}
+    for _ in range(merges):
+        pairs: Counter = Counter()
+        for word, count in words.items():
+            for a, b in zip(pieces[word], pieces[word][1:]):
+                pairs[a, b] += count
+        (a, b), _ = pairs.most_common(1)[0]
+        ranks[a + b] = len(ranks)
+        for word, seq in pieces.items():
+            merged, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == (a, b):
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(seq[i])
+                    i += 1
+            pieces[word] = merged
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    return ranks
+
+
+def meta_forward_llama3(sd: dict[str, torch.Tensor], params: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """meta_forward with Llama 3's rope (theta, and with use_scaled_rope apply_scaling)."""
+    import unittest.mock
+
+    head_dim = params["dim"] // params["n_heads"]
+    freqs = scaled_freqs_cis(head_dim, tokens.shape[1], params["rope_theta"], params.get("use_scaled_rope", False))
+    with unittest.mock.patch(f"{__name__}.precompute_freqs_cis", lambda *args, **kwargs: freqs):
+        return meta_forward(sd, params, tokens)
+
+
+LLAMA3 = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "ffn_dim_multiplier": 1.3,
+          "norm_eps": 1e-5, "rope_theta": 500000.0}
+LLAMA31 = {**LLAMA3, "use_scaled_rope": True}
+
+
+@pytest.mark.parametrize("params", [LLAMA3, LLAMA31], ids=["llama3", "llama3.1-scaled-rope"])
+def test_llama3_converted_logits_and_tokenizer_match_meta(cli, tmp_path, params):
+    import tiktoken
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llamajobs.convert import LLAMA3_SPECIAL, TIKTOKEN_PATTERN
+    from llamajobs.data.encoder import Encoder
+
+    meta = tmp_path / "meta" / "8B"
+    meta.mkdir(parents=True)
+    ranks = tiny_tiktoken(meta / "tokenizer.model")
+    vocab = len(ranks) + len(LLAMA3_SPECIAL)
+    sd = random_consolidated(params, vocab, torch.bfloat16)
+    # Llama 3's VocabParallelEmbedding splits the embedding by rows, not columns.
+    shards = split_like_meta(sd, 2, params["dim"] // params["n_heads"])
+    for shard, rows in zip(shards, sd["tok_embeddings.weight"].chunk(2, dim=0)):
+        shard["tok_embeddings.weight"] = rows.clone()
+        del shard["rope.freqs"]
+    for rank, shard in enumerate(shards):
+        torch.save(shard, meta / f"consolidated.{rank:02d}.pth")
+    (meta / "params.json").write_text(json.dumps({**params, "vocab_size": vocab}))
+    out = tmp_path / "hf"
+    code, stdout, stderr = cli("convert", "--input-dir", str(meta), "--out", str(out), "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["vocab_size"] == vocab
+    config = json.loads((out / "config.json").read_text())
+    rope = config.get("rope_parameters") or {}
+    assert rope.get("rope_theta") == 500000.0 and (config["bos_token_id"], config["eos_token_id"]) == (
+        len(ranks), len(ranks) + 1)
+    if params.get("use_scaled_rope"):
+        assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0 and config["max_position_embeddings"] == 131072
+    else:
+        assert rope.get("rope_type", "default") == "default" and config["max_position_embeddings"] == 8192
+    assert not (out / "tokenizer.model").exists()  # a tiktoken file there would be read as sentencepiece's
+
+    # The tokenizer: the same ids as tiktoken itself with the same ranks and pattern, BOS in front.
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    reference = tiktoken.Encoding("tiny", pat_str=TIKTOKEN_PATTERN, mergeable_ranks=ranks,
+                                  special_tokens={t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL)})
+    text = "The patient presented with fever, a cough and 1234 mg/dL glucose.\n\nAnswer: C"
+    assert tokenizer(text)["input_ids"] == [len(ranks), *reference.encode(text)]
+    assert Encoder(out).encode([text]) == [reference.encode(text)]  # data prepare's ids
+    assert tokenizer.convert_tokens_to_ids("<|eot_id|>") == len(ranks) + 9
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    random_ids = torch.randint(0, vocab, (128,), generator=torch.Generator().manual_seed(1))
+    tokens = torch.stack([torch.tensor((tokenizer(text)["input_ids"] * 8)[:128]), random_ids])
+    with torch.no_grad():
+        hf = model(tokens).logits
+    ref = meta_forward_llama3(sd, params, tokens)
+    assert torch.allclose(hf, ref, atol=ATOL, rtol=0), (hf - ref).abs().max().item()
+    assert ref.std() > 0.1
+    # An HF Llama 3 directory that also holds Meta's tiktoken tokenizer.model: tokenizer.json is used.
+    beside = tmp_path / "with-tiktoken"
+    shutil.copytree(out, beside)
+    shutil.copyfile(meta / "tokenizer.model", beside / "tokenizer.model")
+    from llamajobs.evaluate import TextEncoder
+
+    assert Encoder(beside).encode([text]) == TextEncoder(beside).encode([text]) == [reference.encode(text)]
+    if params.get("use_scaled_rope"):  # the scaling shows at these positions: the check can tell it is there
+        unscaled = meta_forward_llama3(sd, {**params, "use_scaled_rope": False}, tokens)
+        assert (unscaled - ref).abs().max() > 10 * ATOL

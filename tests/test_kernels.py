@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llamajobs.catalog import SIZES
+from llamajobs.catalog import FAMILIES, SIZES
 from llamajobs.errors import SpecError
 from llamajobs.spec import JobSpec
 from llamajobs.worker import kernels
@@ -44,7 +44,9 @@ def test_what_the_node_chooses(monkeypatch):
     # ZeRO-3's head weight is a partition outside its own forward: the plain loss there.
     assert kernels.choose(JobSpec(strategy="ds-zero3"), "cuda") == kernels.Kernels(liger=True, fused_loss=False,
                                                                                     fp8=False)
-    assert not kernels.choose(JobSpec(model_shape=dataclasses.replace(SIZES["tiny"], family="gemma")), "cuda").liger
+    with monkeypatch.context() as m:  # (every supported family is Liger's today)
+        m.setitem(FAMILIES, "llama", dataclasses.replace(FAMILIES["llama"], liger=False))
+        assert not kernels.choose(JobSpec(), "cuda").liger
     monkeypatch.setattr(kernels, "_liger_installed", lambda: False)
     assert kernels.choose(JobSpec(), "cuda") == PLAIN  # the package is an extra: without it, the plain path
     assert kernels.choose(JobSpec(fp8=True, compile=True), "cuda").fp8

@@ -55,7 +55,7 @@ def test_model_path_must_be_an_hf_llama_directory(tmp_path):
     with pytest.raises(SpecError, match="no config.json there"):
         spec.build({"model_path": str(tmp_path)})
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(SpecError, match="model_type is 'gpt2'; expected 'llama'"):
+    with pytest.raises(SpecError, match="model_type is 'gpt2'; supported: llama, mistral, qwen2, qwen3"):
         spec.build({"model_path": str(tmp_path)})
     (tmp_path / "config.json").write_text(json.dumps({
         "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -202,7 +202,7 @@ def test_eval_spec_values_are_checked_too():
     (b'{"model_type": "llama", "num_attention_heads": 4, "hidden_size": 64}', "config.json has no 'num_hidden_layers'"),
     (b'{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, '
      b'"intermediate_size": 172, "vocab_size": 512, "rms_norm_eps": NaN}', "'rms_norm_eps' is nan"),
-    (b'{"model_type": ["llama"]}', "model_type is \\['llama'\\]; expected 'llama'"),
+    (b'{"model_type": ["llama"]}', "model_type is \\['llama'\\]; supported: llama, "),
 ])
 def test_a_damaged_config_json_is_one_line(tmp_path, content, message):
     (tmp_path / "config.json").write_bytes(content)

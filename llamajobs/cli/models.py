@@ -20,13 +20,15 @@ from llamajobs.spec import EVAL_FIELDS, EvalSpec, default
               help="The Hugging Face directory to write (new or empty).")
 @click.option("--size", default=None, help=f"Cross-check the shape against the catalog: {', '.join(catalog.SIZES)}.")
 @click.option("--tokenizer", "tokenizer_file", default=None, type=click.Path(dir_okay=False),
-              help="Meta's tokenizer.model (default: in --input-dir or its parent).")
+              help="Meta's tokenizer.model, sentencepiece (LLaMA-1/2) or tiktoken (Llama 3) (default: in "
+                   "--input-dir or its parent).")
 @click.option("--max-seq-len", type=int, default=None,
-              help="max_position_embeddings (default: params.json's, else 2048 for LLaMA-1, 4096 for LLaMA-2).")
+              help="max_position_embeddings (default: params.json's, else 2048 for LLaMA-1, 4096 for LLaMA-2, "
+                   "8192 for Llama 3, 131072 with use_scaled_rope).")
 @json_option
 def convert(input_dir: str, out_dir: str, size: str | None, tokenizer_file: str | None, max_seq_len: int | None,
             as_json: bool) -> None:
-    """Meta's consolidated.*.pth + params.json + tokenizer.model -> an HF LLaMA directory.
+    """Meta's consolidated.*.pth + params.json + tokenizer.model -> an HF LLaMA directory (LLaMA-1, 2, 3, 3.1).
 
     The shape comes from params.json and the shards from the files (merged, streamed layer group by
     layer group); --size only cross-checks.

@@ -38,7 +38,8 @@ TRAINING_OPTIONS = [
     _opt("--lora-r", type=int), _opt("--lora-alpha", type=int), _opt("--lora-dropout", type=float),
     _opt("--lora-targets", help="Comma list of module names, e.g. q_proj,v_proj."),
     _opt("--num-virtual-tokens", type=int, help="Virtual tokens trained by --mode prefix, ptuning or prompt."),
-    _opt("--model-path", help="HF-format LLaMA weights; the shape is read from its config.json."),
+    _opt("--model-path", help="HF model directory or Hub id org/name[@revision] (llama, mistral, qwen2, qwen3); "
+                              "the shape is read from its config.json."),
     _opt("--init-from", help="Start from another run's final/ (JOB id or DIR)."),
     _opt("--data", help="A token store from `llamajobs data prepare`; default: the bundled sample corpus."),
     _opt("--epochs", type=float), _opt("--max-steps", type=int),

@@ -24,7 +24,8 @@ class Encoder:
         model = path if path.is_file() else path / "tokenizer.model"
         self.path = path.resolve()
         self.sp = self.hf = None
-        if model.is_file():
+        # A tokenizer.json beside a tokenizer.model that is not sentencepiece's (Llama 3's tiktoken file) wins.
+        if model.is_file() and not (path.is_dir() and (path / "tokenizer.json").is_file() and not is_sentencepiece(model)):
             import sentencepiece as spm
 
             try:
@@ -40,13 +41,13 @@ class Encoder:
 
             self.hf = load_tokenizer(path)
             self.vocab_size = len(self.hf)  # added tokens included: they are ids the store may hold
-            self.bos_id, self.eos_id = self.hf.bos_token_id, self.hf.eos_token_id
+            self.bos_id, self.eos_id = document_start(self.hf), self.hf.eos_token_id
             self.fingerprint = st.fingerprint_of(self.hf)
         else:
             raise SpecError(f"--tokenizer {path}: expected a model directory with tokenizer.model or tokenizer.json, "
                             f"or a tokenizer.model file")
         if self.bos_id is None or self.bos_id < 0 or self.eos_id is None or self.eos_id < 0:
-            raise SpecError(f"--tokenizer {path} has no BOS or EOS token; a LLaMA tokenizer has both")
+            raise SpecError(f"--tokenizer {path} has no EOS token; a causal LM's tokenizer has one")
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if not texts:
@@ -69,6 +70,20 @@ class Encoder:
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path), "fingerprint": self.fingerprint, "vocab_size": self.vocab_size,
                 "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+def is_sentencepiece(model: Path) -> bool:
+    """Whether a tokenizer.model is a sentencepiece model (a serialized protobuf), not a tiktoken BPE
+    file (base64 tokens and ranks, one per line: text)."""
+    with open(model, "rb") as f:
+        head = f.read(64)
+    return not all(32 <= b < 127 or b in b"\r\n" for b in head)
+
+
+def document_start(tokenizer: Any) -> int | None:
+    """The id every document starts with: the BOS, or for a tokenizer without one (Qwen's) its EOS,
+    the separator such models saw between documents in pre-training."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
 def _valid_unicode(text: str) -> str:

@@ -25,9 +25,11 @@ MicroBatch = tuple[torch.Tensor, ...]
 def tokenize_documents(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> list[np.ndarray]:
     """Each document as bos + tokens + eos (int32: a LLaMA vocabulary fits)."""
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None or eos is None:
-        raise ValueError("the tokenizer has no bos or eos token; a LLaMA tokenizer has both")
+    from llamajobs.data.encoder import document_start
+
+    bos, eos = document_start(tokenizer), tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token; a causal LM's tokenizer has one")
     return [np.array([bos, *doc, eos], dtype=np.int32) for doc in ids]
 
 

@@ -1,4 +1,4 @@
-"""The model: a LLaMA decoder (transformers) built on the meta device, LoRA and the prompt-learning
+"""The model: a LLaMA-architecture decoder of any family in catalog.FAMILIES (transformers) built on the meta device, LoRA and the prompt-learning
 modes (prefix, p-tuning, prompt tuning) via peft, weights read once per job on rank 0 and broadcast
 into every rank's shards; where the starting weights come from (--model-path, --init-from, or a
 seeded random init); and the HF-format export of final/.
@@ -23,7 +23,10 @@ import torch.distributed as dist
 from huggingface_hub import save_torch_state_dict
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from llamajobs import catalog
 
 from llamajobs.spec import JobSpec
 from llamajobs.worker import kernels
@@ -108,14 +111,15 @@ def attention_for(spec: JobSpec) -> str:
     return CAUSAL_SDPA
 
 
-def model_config(spec: JobSpec) -> LlamaConfig:
+def model_config(spec: JobSpec) -> PretrainedConfig:
     """The checkpoint's own config (rope scaling and all), or the catalog shape for a random init,
     with the fused SDPA attention kernels (flash / memory-efficient) named, not left to a default."""
     path = weights_path(spec)
     if path:
-        config = LlamaConfig.from_pretrained(path, attn_implementation=attention_for(spec))
+        config = AutoConfig.from_pretrained(path, attn_implementation=attention_for(spec))
     else:
-        config = LlamaConfig(**spec.shape.hf_config(), attn_implementation=attention_for(spec))
+        values = spec.shape.hf_config()
+        config = AutoConfig.for_model(values.pop("model_type"), **values, attn_implementation=attention_for(spec))
     config.use_cache = False  # training needs no KV cache (and activation checkpointing refuses one)
     return config
 
@@ -142,7 +146,17 @@ def peft_config(spec: JobSpec):
     return peft.PromptTuningConfig(**tokens, prompt_tuning_init=peft.PromptTuningInit.RANDOM)  # trained embeddings
 
 
-def _apply_peft(model: LlamaForCausalLM, spec: JobSpec) -> nn.Module:
+def family(config: PretrainedConfig) -> catalog.Family:
+    return catalog.family_of(config.model_type)
+
+
+def causal_lm(config: PretrainedConfig) -> nn.Module:
+    """The family's CausalLM built from a config, randomly initialised (or weightless, on the meta device):
+    the class itself, not AutoModelForCausalLM.from_config, which brings in its own DeepSpeed init."""
+    return getattr(transformers, family(config).architecture)(config)
+
+
+def _apply_peft(model: nn.Module, spec: JobSpec) -> nn.Module:
     from peft import get_peft_model
 
     with warnings.catch_warnings():
@@ -151,10 +165,10 @@ def _apply_peft(model: LlamaForCausalLM, spec: JobSpec) -> nn.Module:
         return get_peft_model(model, peft_config(spec))  # freezes the base: only the adapter requires grad
 
 
-def build_structure(spec: JobSpec, config: LlamaConfig, dtype: torch.dtype) -> nn.Module:
+def build_structure(spec: JobSpec, config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
     """The model (peft-wrapped unless --mode full) wherever the caller's context builds it: on the
     meta device (build_meta_model) or inside DeepSpeed's zero.Init."""
-    model = LlamaForCausalLM(config)
+    model = causal_lm(config)
     if next(model.parameters()).dtype != dtype:  # (zero.Init builds in its own dtype already)
         model = model.to(dtype)
     # The loss forward, and Liger's kernels or FP8's linears where chosen: before peft wraps the model.
@@ -172,7 +186,7 @@ def build_structure(spec: JobSpec, config: LlamaConfig, dtype: torch.dtype) -> n
     return model
 
 
-def build_meta_model(spec: JobSpec, config: LlamaConfig, dtype: torch.dtype) -> nn.Module:
+def build_meta_model(spec: JobSpec, config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
     """The model's structure on the meta device (no memory); same on every rank."""
     with torch.device("meta"):
         return build_structure(spec, config, dtype)
@@ -222,7 +236,7 @@ def _load_adapter(model: nn.Module, path: str) -> None:
                          f"or --size as the run that trained it")
 
 
-def _full_state_dict_rank0(spec: JobSpec, config: LlamaConfig) -> dict[str, torch.Tensor]:
+def _full_state_dict_rank0(spec: JobSpec, config: PretrainedConfig) -> dict[str, torch.Tensor]:
     """The full weights in host RAM, read or initialised once per job (rank 0 only).
 
     A random init is seeded with --seed (the same weights whatever the world size, and the same base
@@ -233,10 +247,10 @@ def _full_state_dict_rank0(spec: JobSpec, config: LlamaConfig) -> dict[str, torc
     with torch.random.fork_rng(devices=[]):
         path = weights_path(spec)
         if path:
-            model = LlamaForCausalLM.from_pretrained(path, config=config, dtype="auto")
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype="auto")
         else:
             torch.manual_seed(spec.seed)
-            model = LlamaForCausalLM(config)
+            model = causal_lm(config)
         if spec.mode_info.frozen_base:
             torch.manual_seed(spec.seed)
             model = _apply_peft(model, spec)  # the adapters' initial values come from rank 0 too
@@ -246,13 +260,17 @@ def _full_state_dict_rank0(spec: JobSpec, config: LlamaConfig) -> dict[str, torc
 
 
 def _without_aliases(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each tensor once. peft's prompt learning registers the input embedding a
-    second time (as word_embeddings): that name is dropped, the base model's own is kept."""
-    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    """The state dict without peft's alias: prompt learning registers the input embedding a second time
+    (as word_embeddings), which is dropped; the base model's own names are kept, a tied output head's
+    (Qwen2.5's small models, Llama 3.2) included, as the sharded model's state dict names it."""
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)} | {
+        name for name, _ in model.named_buffers()}
+    if hasattr(model, "prompt_encoder"):
+        names = {name for name in names if not name.startswith("word_embeddings.")}
     return {name: tensor for name, tensor in model.state_dict().items() if name in names}
 
 
-def load_weights(model: nn.Module, spec: JobSpec, config: LlamaConfig, rank: int) -> None:
+def load_weights(model: nn.Module, spec: JobSpec, config: PretrainedConfig, rank: int) -> None:
     """Fill every rank's shards with the same weights: rank 0's, broadcast (others pass {})."""
     state = _full_state_dict_rank0(spec, config) if rank == 0 else {}
     # Not strict under prompt learning: the model's state dict also names the embedding by its alias
@@ -261,7 +279,7 @@ def load_weights(model: nn.Module, spec: JobSpec, config: LlamaConfig, rank: int
     set_model_state_dict(model, state, options=options)
 
 
-def check_vocab(config: LlamaConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+def check_vocab(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
     if config.vocab_size < len(tokenizer):
         raise ValueError(
             f"the model's vocabulary ({config.vocab_size} tokens) is smaller than the tokenizer's "
@@ -275,7 +293,7 @@ def check_vocab(config: LlamaConfig, tokenizer: PreTrainedTokenizerBase) -> None
 Gather = Callable[..., dict[str, torch.Tensor]]  # gather(trainable_only=...): rank 0's full CPU tensors
 
 
-def export_final(model: nn.Module, spec: JobSpec, config: LlamaConfig, tokenizer: PreTrainedTokenizerBase,
+def export_final(model: nn.Module, spec: JobSpec, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase,
                  run_dir: Path, rank: int, dtype: torch.dtype, step: int, *, gather: Gather) -> Path:
     """Write run_dir/final in HF format (full: safetensors + config; LoRA and prompt learning: the
     peft adapter, and with --merge the merged full model in final/merged), plus the tokenizer and
@@ -311,22 +329,22 @@ def export_final(model: nn.Module, spec: JobSpec, config: LlamaConfig, tokenizer
     return final
 
 
-def _merged_state_dict(state: dict[str, torch.Tensor], spec: JobSpec, config: LlamaConfig) -> dict[str, torch.Tensor]:
+def _merged_state_dict(state: dict[str, torch.Tensor], spec: JobSpec, config: PretrainedConfig) -> dict[str, torch.Tensor]:
     """The LoRA model's full gathered weights with the adapters folded into the base (peft's
-    merge_and_unload), as a plain LlamaForCausalLM state dict. Built on the meta device and filled
+    merge_and_unload), as a plain CausalLM state dict. Built on the meta device and filled
     by assignment: no second copy, no random init of a model that is overwritten anyway."""
     with torch.device("meta"):
-        peft_model = _apply_peft(LlamaForCausalLM(copy.deepcopy(config)), spec)
+        peft_model = _apply_peft(causal_lm(copy.deepcopy(config)), spec)
     peft_model.load_state_dict(state, assign=True, strict=True)
     return peft_model.merge_and_unload().state_dict()
 
 
-def _prompt_adapter_model(adapter: dict[str, torch.Tensor], spec: JobSpec, config: LlamaConfig) -> nn.Module:
+def _prompt_adapter_model(adapter: dict[str, torch.Tensor], spec: JobSpec, config: PretrainedConfig) -> nn.Module:
     """A prompt-learning model whose base stays on the meta device and whose prompt encoder holds the
     gathered trained weights, on the CPU: what peft's save_pretrained needs, since it saves the
     encoder's output (the virtual tokens' embeddings; for p-tuning, its MLP applied), not its weights."""
     with torch.device("meta"):
-        peft_model = _apply_peft(LlamaForCausalLM(copy.deepcopy(config)), spec)
+        peft_model = _apply_peft(causal_lm(copy.deepcopy(config)), spec)
     result = peft_model.load_state_dict(adapter, assign=True, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"the trained prompt encoder does not fit peft's: {result.unexpected_keys[:3]}")
@@ -334,8 +352,8 @@ def _prompt_adapter_model(adapter: dict[str, torch.Tensor], spec: JobSpec, confi
     return peft_model
 
 
-def _write_hf_model(folder: Path, state: dict[str, torch.Tensor], config: LlamaConfig, dtype: torch.dtype) -> None:
-    """What LlamaForCausalLM.from_pretrained loads: sharded safetensors (+ index), config, generation config."""
+def _write_hf_model(folder: Path, state: dict[str, torch.Tensor], config: PretrainedConfig, dtype: torch.dtype) -> None:
+    """What AutoModelForCausalLM.from_pretrained loads: sharded safetensors (+ index), config, generation config."""
     folder.mkdir(exist_ok=True)
     save_torch_state_dict({k: v.to(dtype) for k, v in state.items()}, folder)
     config = copy.deepcopy(config)

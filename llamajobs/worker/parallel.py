@@ -34,8 +34,8 @@ from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from llamajobs import catalog
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.faults import lose_a_rank
@@ -300,7 +300,7 @@ def parallelize(model: nn.Module, spec: JobSpec, device: torch.device) -> nn.Mod
     else:
         mp_policy = MixedPrecisionPolicy()  # plain fp32: CPUs gain little from bf16
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if spec.strategy_info.offload else OffloadPolicy()
-    layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
+    layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again right away by the backward: keep them.
         fully_shard(layer, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=i < len(layers) - 1)
@@ -308,13 +308,22 @@ def parallelize(model: nn.Module, spec: JobSpec, device: torch.device) -> nn.Mod
     return model
 
 
+def _family(model: nn.Module) -> catalog.Family:
+    return catalog.family_of(model.config.model_type)  # (a peft model passes config through)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The family's decoder blocks, found by the class name the catalog gives (FSDP's wrapping unit)."""
+    name = _family(model).decoder_layer
+    return [m for m in model.modules() if type(m).__name__ == name]
+
+
 def compile_layers(model: nn.Module) -> None:
     """torch.compile each decoder layer's forward, not the module: FSDP's hooks stay outside the
     graph and parameter names stay unchanged (no _orig_mod prefix in checkpoints). The layers share
     one code object, so one graph serves them all (parameters are graph inputs, not constants)."""
-    for layer in model.modules():
-        if isinstance(layer, LlamaDecoderLayer):
-            layer.forward = torch.compile(layer.forward)
+    for layer in decoder_layers(model):
+        layer.forward = torch.compile(layer.forward)
 
 
 def bf16_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -380,7 +389,8 @@ class LayerSplit(Strategy):
         for module, device in placement.items():
             module.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
         if load_weights:
-            model.load_state_dict(model_lib._full_state_dict_rank0(spec, config), strict=True)
+            # Not strict under prompt learning: peft's alias of the embedding is filled through its first name.
+            model.load_state_dict(model_lib._full_state_dict_rank0(spec, config), strict=not spec.mode_info.virtual_tokens)
         return model
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
@@ -403,9 +413,9 @@ def split_layers(model: nn.Module, devices: list[torch.device]) -> list[tuple[nn
     """Contiguous placement: decoder layer i of L on devices[i * len(devices) // L]; the final norm
     and the head on the last device. What is not listed (embeddings, rotary, a prompt encoder) stays
     on the first."""
-    layers = [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]
-    decoder = next(m for m in model.modules() if type(m).__name__ == "LlamaModel")
-    head = next(m for m in model.modules() if type(m).__name__ == "LlamaForCausalLM").lm_head
+    layers = decoder_layers(model)
+    causal_lm = next(m for m in model.modules() if type(m).__name__ == _family(model).architecture)
+    decoder, head = causal_lm.model, causal_lm.lm_head
     placement = [(layer, devices[i * len(devices) // len(layers)]) for i, layer in enumerate(layers)]
     return placement + [(decoder.norm, devices[-1]), (head, devices[-1])]
 

@@ -111,7 +111,7 @@ class Zero(Strategy):
 
         rank = self.env.rank
         state = model_lib._full_state_dict_rank0(self.spec, config) if rank == 0 else {}
-        names = [name for name, _ in model.named_parameters()]
+        names = [name for name, _ in model.named_parameters(remove_duplicate=False)]  # a tied head named too
         if rank == 0 and set(names) != set(state):
             missing, unexpected = sorted(set(names) - set(state))[:3], sorted(set(state) - set(names))[:3]
             raise RuntimeError(f"the starting weights do not fit the model: missing {missing}, unexpected {unexpected}")
