@@ -4,6 +4,7 @@ interrupted (CPU: bitwise losses and weights). Real submitit, real torchrun, rea
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import time
 from pathlib import Path
@@ -42,12 +43,17 @@ def wait(env, job_id: int, until, timeout: float = 300) -> dict:
     return row
 
 
-def interrupted_twice(env, cluster_args: list[str], second_interrupt) -> tuple[dict, dict]:
-    """Submit, interrupt with `llamajobs requeue`, then with `second_interrupt`, let it finish;
-    also run the same spec uninterrupted. Returns both final rows."""
+def straight_run(env, cluster_args: list[str]) -> dict:
+    """The spec run uninterrupted: its final row."""
     reference = json.loads(run_cli("submit", *cluster_args, *TINY, "--name", "straight", "--json", env=env,
                                    check=True).stdout)
-    wait(env, reference["id"], lambda r: r["state"] not in ("PENDING", "RUNNING"))
+    return wait(env, reference["id"], lambda r: r["state"] not in ("PENDING", "RUNNING"))
+
+
+def interrupted_twice(env, cluster_args: list[str], second_interrupt, reference: dict | None = None) -> tuple[dict, dict]:
+    """Submit, interrupt with `llamajobs requeue`, then with `second_interrupt`, let it finish;
+    also run the same spec uninterrupted (unless a reference run is given). Returns both final rows."""
+    reference = reference or straight_run(env, cluster_args)
     job = json.loads(run_cli("submit", *cluster_args, *TINY, "--name", "twice", "--json", env=env, check=True).stdout)
     wait(env, job["id"], lambda r: (r["step"] or 0) >= 10)
     run_cli("requeue", str(job["id"]), env=env, check=True)
@@ -93,16 +99,167 @@ def test_local_run_interrupted_twice_ends_as_if_never_interrupted(local_env):
     check_identical(reference, row)
 
 
-@pytest.mark.slurm
-def test_slurm_run_interrupted_twice_ends_as_if_never_interrupted(slurm, tmp_path):
-    env = {"LLAMAJOBS_HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
 
+# --- the real SLURM cluster: partitions low (preempted, GraceTime) and high (preempts low) ---
+
+SLURM = ["--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--time", "00:20:00"]
+LIVE = ("PENDING", "RUNNING", "REQUEUED", "UNKNOWN")
+
+
+@pytest.fixture(scope="module")
+def slurm_env(slurm, tmp_path_factory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("slurm-preemption")
+    return {"LLAMAJOBS_HOME": str(home / "home"), "XDG_CACHE_HOME": str(home / "cache")}
+
+
+@pytest.fixture(scope="module")
+def slurm_reference(slurm_env) -> dict:
+    """One uninterrupted run on SLURM that every interrupted run of this module is compared with."""
+    row = straight_run(slurm_env, SLURM)
+    assert row["state"] == "COMPLETED", row
+    return row
+
+
+def preempt(node: str = "n1") -> None:
+    """A job on partition high that needs all of `node`: the job on low there is preempted."""
+    subprocess.run(["sbatch", "-p", "high", "--exclusive", "-N1", "-w", node, "-o", "/dev/null", "--wrap", "sleep 2"],
+                   check=True, capture_output=True)
+
+
+def all_losses(run_dir: Path) -> dict[int, list[float]]:
+    """Every logged loss of each step, in order: a step redone after a node failure shows twice."""
+    found: dict[int, list[float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        found.setdefault(m["step"], []).append(m["loss"])
+    return found
+
+
+def seconds_to_save(history: list[dict], stop: int) -> float:
+    """From the launcher's `signalled` to the stop step's committed checkpoint."""
+    signalled = next(e["time"] for e in history if e["event"] == "signalled")
+    saved = next(e["time"] for e in history if e["event"] == "checkpointed" and e["step"] == stop)
+    return saved - signalled
+
+
+def same_as_reference(reference: dict, run_dir: Path) -> None:
+    straight = losses(Path(reference["run_dir"]))
+    logged = all_losses(run_dir)
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    assert all(values == [straight[step]] * len(values) for step, values in logged.items())  # bitwise
+    a, b = weights(Path(reference["run_dir"])), weights(run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slurm
+def test_slurm_run_interrupted_twice_ends_as_if_never_interrupted(slurm_env, slurm_reference):
     def time_limit(job: dict) -> None:
         # The signal SLURM sends ahead of the time limit, without waiting for one.
         subprocess.run(["scancel", "--signal=USR2", job["cluster_job_id"]], check=True)
 
-    reference, row = interrupted_twice(env, ["--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "8",
-                                             "--time", "00:20:00"], time_limit)
+    reference, row = interrupted_twice(slurm_env, SLURM, time_limit, slurm_reference)
     check_identical(reference, row)
     starts = [e for e in events.read(Path(row["run_dir"])) if e["event"] == "started"]
     assert len(starts) == 3 and all(e["world_size"] == 4 for e in starts)
+
+
+@pytest.mark.slurm
+def test_slurm_preemption_and_a_node_failure_are_pauses(slurm, slurm_env, slurm_reference):
+    """Preempted once at a random step (SIGTERM, GraceTime): saved at the next step boundary, requeued,
+    resumed there, no step trained twice. Then node n2 goes down: the job is requeued by SLURM and
+    resumes from its last periodic checkpoint. It ends COMPLETED with the uninterrupted run's losses
+    and weights, and `status` tells the three attempts apart."""
+    every = 20
+    args = [*SLURM, "--partition", "low", *TINY[:-1], str(every), "--name", "paused"]
+    job = json.loads(run_cli("submit", *args, "--json", env=slurm_env, check=True).stdout)
+    run_dir = Path(job["run_dir"])
+    at = random.Random().randint(3, every)
+    print(f"preempting at step >= {at}")
+    wait(slurm_env, job["id"], lambda r: (r["step"] or 0) >= at)
+    preempt()
+    wait(slurm_env, job["id"], lambda r: any(e["event"] == "resumed" for e in events.read(run_dir)))
+    stop = next(e["step"] for e in events.read(run_dir) if e["event"] == "stopped")
+    # past the next periodic checkpoint, so the node failure has one to resume from
+    periodic = (stop // every + 1) * every
+    wait(slurm_env, job["id"], lambda r: (r["step"] or 0) >= periodic + 3)
+    subprocess.run(["scontrol", "update", "nodename=n2", "state=down", "reason=llamajobs-test"], check=True)
+    row = wait(slurm_env, job["id"], lambda r: r["state"] not in LIVE, timeout=400)
+    assert row["state"] == "COMPLETED", row
+
+    history = events.read(run_dir)
+    signalled = [e for e in history if e["event"] == "signalled" and e["verdict"] == "preempted"]
+    assert len(signalled) == 1 and signalled[0]["signal"] == "SIGTERM" and signalled[0]["node"] == 0
+    assert seconds_to_save(history, stop) < slurm.grace_s
+    resumed = [e["step"] for e in history if e["event"] == "resumed"]
+    assert resumed[0] == stop and resumed[1] >= periodic and resumed[1] % every == 0
+    logged = all_losses(run_dir)
+    assert all(len(logged[s]) == 1 for s in range(1, resumed[1] + 1))  # nothing redone up to the preemption
+    redone = [s for s, values in logged.items() if len(values) > 1]
+    print(f"preempted: SIGTERM, saved step {stop} {seconds_to_save(history, stop):.2f} s after the signal; "
+          f"node failure: resumed at {resumed[1]}, steps redone {redone}")
+    same_as_reference(slurm_reference, run_dir)
+
+    runs = events.attempts(history)
+    assert [a.resumed_step for a in runs] == [None, stop, resumed[1]]
+    assert runs[0].end == f"stopped at step {stop} (preempted)"
+    assert runs[1].end.startswith("node failure (n2")
+    assert runs[2].end == f"finished at step {STEPS}"
+    shown = run_cli("status", str(job["id"]), env=slurm_env, check=True).stdout
+    assert "node failure (n2)" in shown and f"resumed at step {resumed[1]}" in shown
+
+
+@pytest.mark.slurm
+def test_slurm_scancel_cancels_without_a_save_or_requeue(slurm_env):
+    job = json.loads(run_cli("submit", *SLURM, "--partition", "low", *TINY, "--name", "cancelled", "--json",
+                             env=slurm_env, check=True).stdout)
+    run_dir = Path(job["run_dir"])
+    wait(slurm_env, job["id"], lambda r: (r["step"] or 0) >= 3)
+    subprocess.run(["scancel", job["cluster_job_id"]], check=True)
+    row = wait(slurm_env, job["id"], lambda r: r["state"] not in LIVE, timeout=60)
+    assert row["state"] == "CANCELLED", row
+    time.sleep(15)  # longer than a requeued job waits to start again (cred_expire 10 s + scheduling)
+    assert status(slurm_env, job["id"])["state"] == "CANCELLED"
+    queued = subprocess.run(["squeue", "-h", "-j", job["cluster_job_id"]], capture_output=True, text=True).stdout
+    assert queued.strip() == ""
+    history = events.read(run_dir)
+    assert {e["verdict"] for e in history if e["event"] == "signalled"} == {"cancelled"}
+    assert not [e for e in history if e["event"] in ("stopped", "requeued", "resumed", "finished")]
+
+
+@pytest.mark.slurm
+def test_hand_submitted_job_sbatch_is_preempted_and_resumes(slurm, slurm_env, slurm_reference, tmp_path):
+    """`llamajobs render` then `sbatch job.sbatch`, as a user who submits by hand: preempted, it saves,
+    requeues itself and ends COMPLETED like the uninterrupted run."""
+    run_dir = tmp_path / "by-hand"
+    run_cli("render", *SLURM, "--partition", "low", *TINY, "--name", "by-hand", "--out", str(run_dir),
+            env=slurm_env, check=True)
+    script = (run_dir / "job.sbatch").read_text()
+    assert "#SBATCH --requeue" in script and "#SBATCH --signal=USR2@" in script
+    job_id = subprocess.run(["sbatch", "--parsable", str(run_dir / "job.sbatch")], check=True, capture_output=True,
+                            text=True).stdout.strip()
+
+    def sacct_state() -> str:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                             text=True).stdout.split()
+        return out[-1] if out else "PENDING"
+
+    def until(predicate, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while not predicate():
+            assert time.time() < deadline, (sacct_state(), events.read(run_dir))
+            time.sleep(0.5)
+
+    at = random.Random().randint(3, 40)
+    until(lambda: (run_dir / "metrics.jsonl").exists() and len(all_losses(run_dir)) >= at)
+    preempt()
+    until(lambda: sacct_state() not in ("PENDING", "RUNNING", "REQUEUED") and
+          any(e["event"] == "finished" for e in events.read(run_dir)), timeout=400)
+    until(lambda: sacct_state() == "COMPLETED", timeout=30)
+    history = events.read(run_dir)
+    stop = next(e["step"] for e in history if e["event"] == "stopped")
+    assert [e["step"] for e in history if e["event"] == "resumed"] == [stop]
+    assert [e["verdict"] for e in history if e["event"] == "signalled"] == ["preempted"]
+    print(f"job.sbatch preempted: saved step {stop} {seconds_to_save(history, stop):.2f} s after SIGTERM")
+    assert seconds_to_save(history, stop) < slurm.grace_s
+    same_as_reference(slurm_reference, run_dir)
+    assert all(len(v) == 1 for v in all_losses(run_dir).values())  # nothing trained twice
