@@ -93,9 +93,11 @@ def attempts(events: list[dict[str, Any]]) -> list[Attempt]:
         elif kind == "resumed":
             found[-1]["resumed_step"] = e.get("step")
         elif kind == "signalled":
-            found[-1]["signal"] = e.get("verdict")
-            if e.get("verdict") in ("cancelled", "requeued"):
+            # (after a stop, the requeue's own SIGTERM reaches the other nodes' launchers: not an end)
+            if e.get("verdict") in ("cancelled", "requeued") and found[-1]["end"] == "running":
                 found[-1]["end"] = e["verdict"] if e["verdict"] == "cancelled" else "requeued by the cluster"
+            elif found[-1]["signal"] is None:
+                found[-1]["signal"] = e.get("verdict")
         elif kind == "stopped":
             found[-1]["end"] = f"stopped at step {e.get('step')}" + (f" ({found[-1]['signal']})" if found[-1]["signal"] else "")
         elif kind == "finished":

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from llamajobs import events
 from llamajobs.cluster import slurm
-from llamajobs.cluster.local import exited
+from llamajobs.cluster.local import descendants, exited, send
 from llamajobs.control import STOP_REQUEST, request_stop
 
 # torchrun's elastic agent turns these into a SignalException and kills its workers: everything it
@@ -81,9 +81,7 @@ class NodeRun:
 
     def start(self, env: dict[str, str]) -> None:
         env = {**env, "PET_SIGNALS_TO_HANDLE": TORCHRUN_SIGNALS}  # torchrun --signals-to-handle
-        # Its own process group, so that a cancel kills torchrun and every worker under it at once.
-        self.process = subprocess.Popen(["bash", str(self.run_dir / "launch.sh")], env=env, preexec_fn=_shield,
-                                         process_group=0)
+        self.process = subprocess.Popen(["bash", str(self.run_dir / "launch.sh")], env=env, preexec_fn=_shield)
         if node_rank() == 0 and os.environ.get("SLURM_JOB_ID"):
             record_attempt(self.run_dir, os.environ["SLURM_JOB_ID"])
 
@@ -108,11 +106,13 @@ class NodeRun:
         return None
 
     def kill(self) -> None:
-        if self.process is not None and not exited(self.process.pid):
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGKILL to launch.sh's whole tree, listed before any of it dies: torchrun starts each worker
+        in a session of its own, so neither its process group nor its death would take them along
+        (orphaned, they would train on, out of SLURM's sight under proctrack/linuxproc)."""
+        if self.process is None or exited(self.process.pid):
+            return
+        for pid in [self.process.pid, *descendants(self.process.pid)]:
+            send(pid, signal.SIGKILL)
 
     def saved(self) -> bool:
         """Whether the workers consumed this stop request: rank 0 does so once the step's checkpoint

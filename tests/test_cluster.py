@@ -81,6 +81,15 @@ def test_one_sacct_call_then_squeue_for_what_accounting_has_not_seen(fake):
     assert squeue[squeue.index("-j") + 1] == "105,106"
 
 
+def test_a_job_requeued_after_a_node_failure_is_whatever_the_queue_says(fake):
+    # Until the requeued attempt starts, accounting shows the last attempt's end.
+    faked = fake(sacct="4|NODE_FAIL\n5|PREEMPTED\n6|NODE_FAIL\n7|COMPLETED\n", squeue="4 PENDING\n5 RUNNING\n")
+    states = cluster.backend("slurm").states([job(1, "4"), job(2, "5"), job(3, "6"), job(4, "7")])
+    assert states == {1: "PENDING", 2: "RUNNING", 3: "NODE_FAIL", 4: "COMPLETED"}
+    (squeue,) = faked.called("squeue")
+    assert squeue[squeue.index("-j") + 1] == "4,5,6"
+
+
 def test_sacct_failing_or_missing_falls_back_to_squeue(fake):
     faked = fake(sacct=(1, "", "sacct: error: Problem talking to the database"), squeue="7 RUNNING\n")
     assert cluster.backend("slurm").states([job(1, "7"), job(2, "8")]) == {1: "RUNNING", 2: "UNKNOWN"}
@@ -413,6 +422,7 @@ def test_attempts_from_the_events():
         {"event": "started", "hosts": ["vm"]},
         {"event": "signalled", "verdict": "preempted", "signal": "SIGTERM"},
         {"event": "stopped", "step": 23},
+        {"event": "signalled", "verdict": "requeued", "signal": "SIGTERM", "node": 1},  # the requeue's own kill
         {"event": "attempt", "hosts": "n[1-2]", "previous_state": "REQUEUED", "failed_nodes": []},
         {"event": "started", "hosts": ["vm"]},
         {"event": "resumed", "step": 23},

@@ -24,6 +24,9 @@ STATES = frozenset({"PENDING", "RUNNING", "COMPLETING", "COMPLETED", "FAILED", "
 LIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                   "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"})
 TIMEOUT_S = 60
+# Ends after which SLURM may put the job back in the queue (--requeue): squeue, not accounting, says
+# whether it did.
+REQUEUEABLE = frozenset({"NODE_FAIL", "PREEMPTED", "REQUEUED"})
 
 
 def _run(command: list[str], timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -208,13 +211,15 @@ class SlurmBackend(Backend):
 
     def _states(self, jobs: Sequence[Job]) -> dict[int, str]:
         """One sacct call for all of them, then squeue for those accounting has not seen yet (it
-        learns of a new job only after a while)."""
+        learns of a new job only after a while) and for those it says ended in a way SLURM requeues
+        (a node failure, a preemption): until the requeued attempt starts, accounting still shows the
+        last one's end while the job waits in the queue."""
         ids = list(dict.fromkeys(j.cluster_job_id for j in jobs))
         sacct = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobIDRaw,State"])
         found = parse_states(sacct.stdout if sacct.returncode == 0 else "")
-        missing = [i for i in ids if i not in found]
-        if missing:
-            squeue = _run(["squeue", "-h", "-j", ",".join(missing), "-o", "%i %T"])
+        ask = [i for i in ids if found.get(i, "REQUEUED") in REQUEUEABLE]
+        if ask:
+            squeue = _run(["squeue", "-h", "-j", ",".join(ask), "-o", "%i %T"])
             found.update(parse_states("", squeue.stdout if squeue.returncode == 0 else ""))
         return {j.id: found[j.cluster_job_id] for j in jobs if j.cluster_job_id in found}
 

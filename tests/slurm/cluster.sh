@@ -27,7 +27,6 @@
 # Env: LLAMAJOBS_SLURM_NODES=2 LLAMAJOBS_SLURM_GPUS_PER_NODE=8 LLAMAJOBS_SLURM_CPUS_PER_NODE=8
 #      LLAMAJOBS_SLURM_MEM_PER_NODE=8000 (MB) LLAMAJOBS_SLURM_BASE=/tmp/llamajobs-slurm
 #      LLAMAJOBS_SLURM_GRACE=30 (s) LLAMAJOBS_SLURM_PORT0=16800 (ports PORT0+17, +19, +1306, +201..)
-#      LLAMAJOBS_SLURM_PREEMPT_PARAMETERS= (e.g. send_user_signal)
 set -euo pipefail
 
 BASE=${LLAMAJOBS_SLURM_BASE:-/tmp/llamajobs-slurm}
@@ -36,7 +35,6 @@ GPUS=${LLAMAJOBS_SLURM_GPUS_PER_NODE:-8}
 CPUS=${LLAMAJOBS_SLURM_CPUS_PER_NODE:-8}
 MEM=${LLAMAJOBS_SLURM_MEM_PER_NODE:-8000}
 GRACE=${LLAMAJOBS_SLURM_GRACE:-30}
-PREEMPT_PARAMETERS=${LLAMAJOBS_SLURM_PREEMPT_PARAMETERS:-}
 ST=$BASE/state LOG=$BASE/log ETC=$BASE/etc MUNGE=$BASE/munge
 PORT0=${LLAMAJOBS_SLURM_PORT0:-16800}
 DB_PORT=$((PORT0 + 1306)) CTLD_PORT=$((PORT0 + 17)) DBD_PORT=$((PORT0 + 19)) SLURMD_PORT0=$((PORT0 + 201))
@@ -319,7 +317,6 @@ NodeName=n[1-$NODES] NodeHostname=localhost NodeAddr=127.0.0.1 Port=$SLURMD_PORT
 # SIGTERM (or its --signal with send_user_signal), SIGKILL after GraceTime, and is requeued.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-${PREEMPT_PARAMETERS:+PreemptParameters=$PREEMPT_PARAMETERS}
 JobRequeue=1
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO PreemptMode=OFF
 PartitionName=low Nodes=ALL MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE
