@@ -56,9 +56,9 @@ def node_rank() -> int:
 
 def verdict(signum: int) -> str:
     """What a signal means for this job: "time limit" (USR2), "preempted" (SIGTERM, or USR2 under
-    send_user_signal), "requeued" (by the
-    controller: a node failed), "cancelled", or "unknown" when the controller cannot say (then it is
-    taken as a pause: a save costs nothing, and a cancelled job cannot be requeued)."""
+    send_user_signal), "requeued" (by the controller: a node failed), "cancelled", or "unknown" when
+    the controller cannot say (then it is taken as a pause: a save costs nothing, and a cancelled job
+    cannot be requeued)."""
     job_id = os.environ.get("SLURM_JOB_ID")
     if signum == signal.SIGUSR2:  # ahead of the time limit, or a preemption under send_user_signal
         record = slurm.job_record(job_id) if job_id else None

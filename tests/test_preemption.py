@@ -236,12 +236,12 @@ def test_slurm_scancel_cancels_without_a_save_or_requeue(slurm_env):
 
 @pytest.fixture
 def send_user_signal(slurm):
-    """The cluster as a site with send_user_signal configures it (PreemptParameters=send_user_signal
-    from SLURM 23.02, SchedulerParameters=preempt_send_user_signal in 22.05): a preempted job gets its
-    --signal (USR2) instead of SIGTERM. Restored afterwards."""
+    """The cluster as a site with send_user_signal configures it (SlurmctldParameters=preempt_send_user_signal
+    in SLURM 22.05, PreemptParameters=send_user_signal in later ones): a preempted job gets its --signal
+    (USR2) instead of SIGTERM. Restored afterwards."""
     original = slurm.conf.read_text()
-    assert "\nSchedulerParameters=" in original
-    slurm.conf.write_text(original.replace("\nSchedulerParameters=", "\nSchedulerParameters=preempt_send_user_signal,"))
+    assert "SlurmctldParameters" not in original
+    slurm.conf.write_text(original + "SlurmctldParameters=preempt_send_user_signal\n")
     subprocess.run(["scontrol", "reconfigure"], check=True)
     yield
     slurm.conf.write_text(original)
