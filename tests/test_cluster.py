@@ -460,3 +460,25 @@ def test_keep_out_in_site_yaml(tmp_path):
     (tmp_path / "site.yaml").write_text("keep_out: [n3]\npartition: low\n")
     loaded, defaults = site_lib.load(tmp_path / "site.yaml")
     assert loaded.keep_out == ("n3",) and defaults == {"partition": "low"}
+
+
+def test_the_launcher_shields_launch_sh_from_sigterm_and_a_cancel_kills_its_whole_tree(tmp_path, monkeypatch):
+    """SIGTERM ignored down the tree (a preemption must not kill the workers), and a cancel kills
+    every process under launch.sh, a worker in a session of its own (as torchrun starts them) too."""
+    import signal
+
+    from llamajobs.launcher import NodeRun
+
+    for name in ("SLURM_JOB_ID", "SLURM_NODEID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "launch.sh").write_text('setsid sleep 300 &\necho $! > "$(dirname "$0")/worker"\nwait\n')
+    run = NodeRun(str(tmp_path), stop_wait_s=5)
+    run.start(dict(os.environ))
+    worker = int(wait_for(lambda: (tmp_path / "worker").exists() and (tmp_path / "worker").read_text().strip()))
+    os.kill(worker, signal.SIGTERM)
+    time.sleep(0.5)
+    assert not local.exited(worker)  # ignored
+    assert run.on_signal(signal.SIGTERM) is None and run.stopping == "cancelled"  # (no SLURM: `llamajobs cancel`)
+    assert run.process.wait(timeout=10) == -signal.SIGKILL
+    wait_for(lambda: local.exited(worker))
+    assert [e["verdict"] for e in events.read(tmp_path) if e["event"] == "signalled"] == ["cancelled"]

@@ -213,9 +213,11 @@ def test_slurm_scancel_cancels_without_a_save_or_requeue(slurm_env):
                              env=slurm_env, check=True).stdout)
     run_dir = Path(job["run_dir"])
     wait(slurm_env, job["id"], lambda r: (r["step"] or 0) >= 3)
+    asked = time.time()
     subprocess.run(["scancel", job["cluster_job_id"]], check=True)
     row = wait(slurm_env, job["id"], lambda r: r["state"] not in LIVE, timeout=60)
     assert row["state"] == "CANCELLED", row
+    print(f"scancel: CANCELLED {time.time() - asked:.1f} s after scancel")
     time.sleep(12)  # longer than a requeued job waits to start again (cred_expire 10 s + scheduling)
     assert status(slurm_env, job["id"])["state"] == "CANCELLED"
     queued = subprocess.run(["squeue", "-h", "-j", job["cluster_job_id"]], capture_output=True, text=True).stdout
