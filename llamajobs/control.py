@@ -1,4 +1,5 @@
-"""Files in a run dir that steer the running workers (written by launchers and the CLI, read by rank 0)."""
+"""The stop protocol's shared parts: the file in a run dir that steers the running workers (written by
+launchers and the CLI, read by rank 0), and how much time a stop needs (the signal delay, the save)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llamajobs.spec import JobSpec
 
 # Rank 0 checks for it at every optimizer-step boundary; all ranks then checkpoint that step and exit.
 STOP_REQUEST = "stop-request"
@@ -15,3 +20,26 @@ def request_stop(run_dir: Path, reason: str) -> None:
     tmp = run_dir / f".{STOP_REQUEST}.tmp"
     tmp.write_text(json.dumps({"reason": reason, "time": time.time()}) + "\n")
     os.replace(tmp, run_dir / STOP_REQUEST)
+
+
+# Seconds the node launcher waits for the workers to save and exit once it asked them to stop; the
+# signal delay (signal_delay_s) leaves this much room before the time limit.
+STOP_MARGIN_S = 30
+
+
+def save_seconds(spec: JobSpec, write_bytes_per_s: float = 1e9) -> float:
+    """A checkpoint's predicted save time: weights and Adam in fp32, ~16 bytes per trained parameter
+    (a 7B full checkpoint is ~108 GB: minutes, not seconds)."""
+    trained = 0.02 * spec.shape.params if spec.mode_info.frozen_base else spec.shape.params
+    return 16 * trained / write_bytes_per_s
+
+
+def signal_delay_s(spec: JobSpec) -> int:
+    """How long before the time limit SLURM signals: time to save a checkpoint, doubled, plus the
+    margin for the workers to reach a step boundary; never below submitit's default 90 s."""
+    return int(max(120, 2 * save_seconds(spec) + 2 * STOP_MARGIN_S))
+
+
+def stop_wait_s(spec: JobSpec) -> int:
+    """How long node 0's launcher waits for the save once it asked the workers to stop."""
+    return max(60, signal_delay_s(spec) - STOP_MARGIN_S)

@@ -58,3 +58,48 @@ def _is_event(value: Any) -> bool:
         return False
     when = value.get("time")
     return isinstance(when, (int, float)) and not isinstance(when, bool) and math.isfinite(when)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One run of the job between two requeues, as `status JOB` shows it."""
+
+    number: int
+    nodes: str | None  # SLURM's node list (n[1-2]), else the hosts the workers reported
+    resumed_step: int | None  # the checkpoint it resumed from; None: from the start
+    end: str  # how it ended: "stopped at step 23 (preempted)", "node failure (n2)", "finished at step 120", ...
+
+
+def attempts(events: list[dict[str, Any]]) -> list[Attempt]:
+    """The job's attempts from its events: each worker start opens one; the launcher's `attempt` event
+    (SLURM) names the nodes and says how the attempt before it ended in the cluster's words."""
+    found: list[dict[str, Any]] = []
+    nodes = None
+    for e in events:
+        kind = e["event"]
+        if kind == "attempt":
+            nodes = e.get("hosts")
+            if found and e.get("previous_state") and not found[-1]["end"].startswith(("stopped", "finished")):
+                failed = ", ".join(e.get("failed_nodes") or [])
+                state = e["previous_state"]
+                found[-1]["end"] = ("node failure" if state == "NODE_FAIL" else state.lower()) + (f" ({failed})" if failed else "")
+        elif kind == "started":
+            hosts = e.get("hosts")
+            found.append({"number": len(found), "nodes": nodes or (" ".join(hosts) if isinstance(hosts, list) else None),
+                          "resumed_step": None, "end": "running", "signal": None})
+            nodes = None
+        elif not found:
+            continue
+        elif kind == "resumed":
+            found[-1]["resumed_step"] = e.get("step")
+        elif kind == "signalled":
+            # (after a stop, the requeue's own SIGTERM reaches the other nodes' launchers: not an end)
+            if e.get("verdict") in ("cancelled", "requeued") and found[-1]["end"] == "running":
+                found[-1]["end"] = e["verdict"] if e["verdict"] == "cancelled" else "requeued by the cluster"
+            elif found[-1]["signal"] is None:
+                found[-1]["signal"] = e.get("verdict")
+        elif kind == "stopped":
+            found[-1]["end"] = f"stopped at step {e.get('step')}" + (f" ({found[-1]['signal']})" if found[-1]["signal"] else "")
+        elif kind == "finished":
+            found[-1]["end"] = f"finished at step {e.get('step')}" if e.get("step") is not None else "finished"
+    return [Attempt(number=a["number"], nodes=a["nodes"], resumed_step=a["resumed_step"], end=a["end"]) for a in found]

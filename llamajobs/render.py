@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jinja2
 
-from llamajobs import __version__, catalog
+from llamajobs import __version__, catalog, control
 from llamajobs.site import Site
 from llamajobs.spec import JobSpec
 from llamajobs.values import check_text
@@ -96,6 +96,9 @@ def render(spec: JobSpec, site: Site, out_dir: str | Path, run_dir: str | None =
         "container": "".join(shlex.quote(word) + " " for word in shlex.split(site.container or "")),
         "version": __version__,
         "sbatch_options": sbatch_options(spec),
+        "exclude": site.excluded(spec.exclude),  # --exclude and the site's keep_out nodes
+        "signal_delay_s": control.signal_delay_s(spec),
+        "stop_wait_s": control.stop_wait_s(spec),
         # What the job runs is the spec's to say: training, or an eval (`llamajobs eval --cluster`).
         "worker_module": "llamajobs.worker" if spec.evaluation is None else "llamajobs.worker.evaluate",
     }

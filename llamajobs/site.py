@@ -45,9 +45,16 @@ class Site:
     # quotes: $VARIABLES and ${VAR:-default} work; command substitution belongs in `setup`.
     cache_dir: str = "${TMPDIR:-/tmp}/llamajobs-$UID"
     runs_dir: str | None = None
+    # Nodes every job keeps out of (a node that keeps failing), added to a job's --exclude.
+    keep_out: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         validate(self)
+
+    def excluded(self, exclude: str | None) -> str | None:
+        """SLURM's --exclude: the job's, then the site's keep_out nodes."""
+        nodes = [n for n in (exclude or "").split(",") if n]
+        return ",".join(nodes + [n for n in self.keep_out if n not in nodes]) or None
 
 
 SITE_KEYS = {f.name: f for f in fields(Site)}
@@ -130,7 +137,7 @@ def from_mapping(data: dict[str, Any], where: str = "site profile") -> tuple[Sit
     """The profile's site settings and its JobSpec defaults (validated later, with the other sources)."""
     site_values = {k.replace("-", "_"): v for k, v in data.items() if k.replace("-", "_") in SITE_KEYS}
     spec_defaults = {k: v for k, v in data.items() if k.replace("-", "_") not in SITE_KEYS}
-    for key in ("setup", "env", "srun_args"):
+    for key in ("setup", "env", "srun_args", "keep_out"):
         value = site_values.get(key) or ()
         site_values[key] = tuple(value) if isinstance(value, list) else (value,) if isinstance(value, str) else value
     try:

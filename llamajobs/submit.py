@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,10 +20,10 @@ import submitit
 
 from llamajobs import cluster, events, registry, render
 from llamajobs.cluster import Allocation, SubmitError
-from llamajobs.cluster.local import exited
 from llamajobs.cluster.slurm import Partition, SlurmBackend
-from llamajobs.control import request_stop
+from llamajobs.control import STOP_MARGIN_S, save_seconds, signal_delay_s, stop_wait_s
 from llamajobs.errors import SpecError
+from llamajobs.launcher import NodeRun
 from llamajobs.registry import Job
 from llamajobs.site import Site
 from llamajobs.spec import JobSpec
@@ -36,24 +35,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Seconds the node launcher waits for the workers to save and exit once it asked them to stop; the
-# signal delay (signal_delay_s) leaves this much room before the time limit.
-STOP_MARGIN_S = 30
-
-
 class NodeLauncher(submitit.helpers.Checkpointable):
-    """What submitit runs on each node: launch.sh under torchrun, USR2 kept away from torchrun.
+    """What submitit runs on each node: launch.sh, shielded from the stop signals (llamajobs.launcher).
 
-    torchrun does not handle USR2 (it would die on submitit's timeout signal); an ignored
-    disposition survives exec, so torchrun and its workers never see it. On node 0, submitit calls
-    checkpoint() on that signal: it asks the workers to stop at a step boundary, waits until they
-    saved, and returns itself for the requeue; the requeued job resumes from `latest`.
+    submitit calls checkpoint() on node 0 when its timeout signal (USR2) comes, then requeues the job
+    with `scontrol requeue`; SIGTERM it only logs. Here a SIGTERM of a preemption takes that same path
+    (submitit's own USR2 handler is called); a SIGTERM of a cancel kills the workers. checkpoint() asks
+    the workers to stop at a step boundary, waits until they saved, and returns the launcher for the
+    requeue; the requeued job resumes from `latest`.
     """
 
     def __init__(self, run_dir: str, stop_wait_s: float = 600.0) -> None:
         self.run_dir = run_dir
         self.stop_wait_s = stop_wait_s
-        self._process: subprocess.Popen | None = None
+        self._run: NodeRun | None = None
+        self._on_timeout_signal = None  # submitit's USR2 handler: checkpoint(), then the requeue
 
     def __call__(self) -> str:
         env = dict(os.environ)
@@ -62,46 +58,30 @@ class NodeLauncher(submitit.helpers.Checkpointable):
             env["LLAMAJOBS_HOSTS"] = " ".join(submitit.JobEnvironment().hostnames)
         else:
             env["LLAMAJOBS_PORT"] = str(free_port())
-        launch = Path(self.run_dir) / "launch.sh"
-        self._process = subprocess.Popen(
-            ["bash", str(launch)], env=env,
-            preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN),
-        )
-        code = self._process.wait()
+        self._run = NodeRun(self.run_dir, self.stop_wait_s)
+        self._on_timeout_signal = signal.getsignal(signal.SIGUSR2)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._run.start(env)
+        code = self._run.process.wait()
         if code != 0:
+            launch = Path(self.run_dir) / "launch.sh"
             raise RuntimeError(f"{launch} exited with code {code}; worker logs under {Path(self.run_dir) / 'logs'}")
         return "finished"
 
+    def _on_sigterm(self, signum: int, frame) -> None:
+        if self._run.on_signal(signum) is not None and callable(self._on_timeout_signal):
+            self._on_timeout_signal(signal.SIGUSR2, frame)  # a pause: as on the timeout signal
+
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
-        run_dir = Path(self.run_dir)
-        request_stop(run_dir, "signal")
-        deadline = time.time() + self.stop_wait_s
-        # Not Popen.wait(): this runs in a signal handler that interrupted __call__'s wait(), which
-        # holds the Popen's wait lock, so a nested wait() would only time out. The exited launch
-        # shows as a zombie until __call__ reaps it. Past the deadline the requeue goes on anyway:
-        # the last periodic checkpoint holds.
-        while self._process is not None and time.time() < deadline and not exited(self._process.pid):
-            time.sleep(0.2)
-        latest = (run_dir / "checkpoints" / "latest")
-        events.record(run_dir, "requeued", latest=latest.read_text().strip() if latest.exists() else None,
-                      hosts=os.environ.get("SLURM_JOB_NODELIST", "localhost"))
+        run = self._run or NodeRun(self.run_dir, self.stop_wait_s)
+        if run.stopping is None:  # submitit's timeout signal itself (USR2), not a SIGTERM we passed on
+            run.on_signal(signal.SIGUSR2)
+        latest = run.wait_stopped()
+        events.record(self.run_dir, "requeued", latest=latest, hosts=os.environ.get("SLURM_JOB_NODELIST", "localhost"))
         return submitit.helpers.DelayedSubmission(NodeLauncher(self.run_dir, self.stop_wait_s))
 
     def __getstate__(self) -> dict:
-        return {"run_dir": self.run_dir, "stop_wait_s": self.stop_wait_s, "_process": None}
-
-
-def save_seconds(spec: JobSpec, write_bytes_per_s: float = 1e9) -> float:
-    """A checkpoint's predicted save time: weights and Adam in fp32, ~16 bytes per trained parameter
-    (a 7B full checkpoint is ~108 GB: minutes, not seconds)."""
-    trained = 0.02 * spec.shape.params if spec.mode_info.frozen_base else spec.shape.params
-    return 16 * trained / write_bytes_per_s
-
-
-def signal_delay_s(spec: JobSpec) -> int:
-    """How long before the time limit SLURM signals: time to save a checkpoint, doubled, plus the
-    margin for the workers to reach a step boundary; never below submitit's default 90 s."""
-    return int(max(120, 2 * save_seconds(spec) + 2 * STOP_MARGIN_S))
+        return {"run_dir": self.run_dir, "stop_wait_s": self.stop_wait_s, "_run": None, "_on_timeout_signal": None}
 
 
 def grace_warning(spec: JobSpec, partition: Partition) -> str | None:
@@ -111,8 +91,9 @@ def grace_warning(spec: JobSpec, partition: Partition) -> str | None:
     if partition.preempt_mode.upper().startswith("OFF") or partition.grace_s >= needed:
         return None
     return (f"partition {partition.name} preempts with GraceTime {partition.grace_s} s, less than the ~{needed:.0f} s "
-            f"this job needs to save a checkpoint; a preempted run resumes from its last periodic checkpoint "
-            f"(--checkpoint-every-minutes sets how old that may be)")
+            f"this job needs to save a checkpoint, so a preempted run resumes from its last periodic checkpoint: "
+            f"give --checkpoint-every-minutes to bound what it loses, save less (--mode lora checkpoints the "
+            f"adapter only), or submit to a partition that is not preempted")
 
 
 # When one node's launcher fails, srun ends the others' at once: a rank hung outside any collective
@@ -126,7 +107,7 @@ def allocation(spec: JobSpec, site: Site, dependency: str | None = None) -> Allo
         name=spec.run_name, nodes=spec.nodes, minutes=spec.time_minutes, cpus_per_task=spec.cpus_per_task,
         gres=site.gres.format(gpus=spec.gpus_per_node) if site.gres and spec.device != "cpu" else None,
         mem=spec.mem_per_node, partition=spec.partition, account=spec.account, qos=spec.qos,
-        constraint=spec.constraint, exclude=spec.exclude, exclusive=spec.exclusive, mail_user=spec.mail_user,
+        constraint=spec.constraint, exclude=site.excluded(spec.exclude), exclusive=spec.exclusive, mail_user=spec.mail_user,
         mail_type=spec.mail_type, dependency=dependency, hold=spec.hold, signal_delay_s=signal_delay_s(spec),
         max_requeues=spec.max_requeues, setup=site.setup, srun_args=(*KILL_ON_BAD_EXIT, *site.srun_args),
         python=site.python)
@@ -180,7 +161,7 @@ def submit(spec: JobSpec, site: Site, runs_dir: Path) -> Submission:
         os.rename(staging, run_dir)
         made[-1] = run_dir
         executor = backend.executor(allocation(spec, site, dependency), run_dir / "submitit")
-        launcher = NodeLauncher(str(run_dir), stop_wait_s=max(60, signal_delay_s(spec) - STOP_MARGIN_S))
+        launcher = NodeLauncher(str(run_dir), stop_wait_s=stop_wait_s(spec))
         with cluster.detached_stdio():
             cluster_job = executor.submit(launcher)
         job = Job(id=job_id, name=spec.run_name, run_dir=run_dir, cluster=spec.cluster,

@@ -19,6 +19,7 @@ from rich.table import Table
 from llamajobs.catalog import Accelerator
 from llamajobs.data.prepare import Progress
 from llamajobs.evaluate import eval_mode
+from llamajobs.events import attempts
 from llamajobs.monitor import Row
 from llamajobs.ops import Detail, Submitted
 from llamajobs.spec import JobSpec
@@ -152,6 +153,12 @@ def detail(d: Detail) -> None:
         _eval_progress(d)
     elif spec is not None:
         _training_progress(d)
+    runs = attempts(d.events)
+    if len(runs) > 1 or any(a.end != "running" and not a.end.startswith("finished") for a in runs):
+        out.print("attempts")
+        for a in runs:
+            start = f"resumed at step {a.resumed_step}" if a.resumed_step is not None else "from the start"
+            out.print(f"  {a.number}  {a.nodes or '-'}  {start}  -> {a.end}", markup=False)
     out.print("events")
     for e in d.events:
         extra = {k: v for k, v in e.items() if k not in ("time", "event")}

@@ -81,6 +81,15 @@ def test_one_sacct_call_then_squeue_for_what_accounting_has_not_seen(fake):
     assert squeue[squeue.index("-j") + 1] == "105,106"
 
 
+def test_a_job_requeued_after_a_node_failure_is_whatever_the_queue_says(fake):
+    # Until the requeued attempt starts, accounting shows the last attempt's end.
+    faked = fake(sacct="4|NODE_FAIL\n5|PREEMPTED\n6|NODE_FAIL\n7|COMPLETED\n", squeue="4 PENDING\n5 RUNNING\n")
+    states = cluster.backend("slurm").states([job(1, "4"), job(2, "5"), job(3, "6"), job(4, "7")])
+    assert states == {1: "PENDING", 2: "RUNNING", 3: "NODE_FAIL", 4: "COMPLETED"}
+    (squeue,) = faked.called("squeue")
+    assert squeue[squeue.index("-j") + 1] == "4,5,6"
+
+
 def test_sacct_failing_or_missing_falls_back_to_squeue(fake):
     faked = fake(sacct=(1, "", "sacct: error: Problem talking to the database"), squeue="7 RUNNING\n")
     assert cluster.backend("slurm").states([job(1, "7"), job(2, "8")]) == {1: "RUNNING", 2: "UNKNOWN"}
@@ -230,7 +239,7 @@ def test_slurm_executor_options_from_the_allocation(fake, tmp_path, monkeypatch)
     assert faked.calls == [["scontrol", "show", "partition", "gpu"]]
     assert p["gres"] == "gpu:8" and p["dependency"] == "afterok:5" and p["setup"] == ["module load cuda"]
     assert p["srun_args"] == ["--kill-on-bad-exit=1", "--mpi=none"]
-    assert p["additional_parameters"] == {"hold": True} and p["signal_delay_s"] >= 120
+    assert p["additional_parameters"] == {"requeue": True, "hold": True} and p["signal_delay_s"] >= 120
     timed = spec.build({"size": "tiny", "cluster": "slurm", "time": "01:30:00"})
     executor = cluster.backend("slurm").executor(submit.allocation(timed, Site()), tmp_path / "s2")
     assert executor.parameters["time"] == 90 and len(faked.calls) == 1  # --time given: no scontrol
@@ -354,3 +363,122 @@ def test_detached_stdio_gives_back_our_streams(capfd):
 def test_states_of_jobs_whose_run_dir_is_gone_are_unknown_or_what_the_cluster_says(tmp_path):
     gone = job(1, "999999999", tmp_path / "vanished", name="local")
     assert cluster.states([gone]) == {1: "FAILED"}  # no controller, nothing left: what `status` said before
+
+
+# --- SLURM: what a signal means (preemption, cancel, the controller's requeue) ---
+
+# `scontrol show job -o ID` at the SIGTERM of each, as SLURM 22.05 answered (trimmed).
+PREEMPTED = "JobId=7 JobName=x JobState=SIGNALING Reason=None Requeue=1 Restarts=0 PreemptTime=2026-12-03T08:40:24"
+CANCELLED = "JobId=3 JobName=x JobState=COMPLETING Reason=None Requeue=1 Restarts=0 PreemptTime=None"
+NODE_FAILED = "JobId=4 JobName=x JobState=COMPLETING Reason=None Requeue=1 Restarts=1 PreemptTime=None"
+SECOND_ATTEMPT_CANCELLED = "JobId=7 JobState=CANCELLED Restarts=1 PreemptTime=2026-12-03T08:40:24"
+
+
+@pytest.mark.parametrize("text, attempt, verdict", [
+    (PREEMPTED, 0, "preempted"), (CANCELLED, 0, "cancelled"), (NODE_FAILED, 0, "requeued"),
+    (SECOND_ATTEMPT_CANCELLED, 1, "cancelled"),  # an earlier preemption does not make a cancel a pause
+])
+def test_the_controllers_record_tells_a_preemption_from_a_cancel(text, attempt, verdict):
+    assert slurm.parse_job_record(text).verdict(attempt) == verdict
+
+
+def test_job_record_when_scontrol_cannot_say(fake):
+    fake(scontrol=(1, "", "slurm_load_jobs error: Invalid job id specified"))
+    assert slurm.job_record("99") is None
+    fake(scontrol="nothing like a job")
+    assert slurm.job_record("99") is None
+
+
+def test_an_unreadable_record_is_a_pause_and_the_local_cluster_sigterm_a_cancel(fake, monkeypatch):
+    import signal
+
+    from llamajobs import launcher
+
+    fake(scontrol=(1, "", "no controller"))
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    assert launcher.verdict(signal.SIGTERM) == "unknown" and "unknown" in launcher.PAUSE
+    assert launcher.verdict(signal.SIGUSR2) == "time limit"
+    fake(scontrol=PREEMPTED)
+    assert launcher.verdict(signal.SIGUSR2) == "preempted"  # send_user_signal: USR2 at preemption
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert launcher.verdict(signal.SIGTERM) == "cancelled"
+
+
+def test_past_attempts_name_the_node_that_failed(fake):
+    faked = fake(sacct="NODE_FAIL|n[1-2]|2026-12-03T08:42:16|2026-12-03T08:42:20\n"
+                       "RUNNING|n[1-2]|2026-12-03T08:42:37|Unknown\n",
+                 scontrol="n1\nn2\n",
+                 sacctmgr="|2026-12-03T08:40:14|Cluster Registered TRES\nn2|2026-12-03T08:42:20|llamajobs-test\n"
+                          "n1|2026-12-03T09:00:00|later\n")
+    past = slurm.past_attempts("4")
+    assert [(a.state, a.nodes, a.failed_nodes) for a in past] == [("NODE_FAIL", ("n1", "n2"), ("n2",)),
+                                                                 ("RUNNING", ("n1", "n2"), ())]
+    assert faked.called("sacctmgr")[0][:4] == ["sacctmgr", "-n", "-P", "show"]
+
+
+def test_attempts_from_the_events():
+    history = [
+        {"event": "attempt", "hosts": "n[1-2]", "previous_state": None, "failed_nodes": []},
+        {"event": "started", "hosts": ["vm"]},
+        {"event": "signalled", "verdict": "preempted", "signal": "SIGTERM"},
+        {"event": "stopped", "step": 23},
+        {"event": "signalled", "verdict": "requeued", "signal": "SIGTERM", "node": 1},  # the requeue's own kill
+        {"event": "attempt", "hosts": "n[1-2]", "previous_state": "REQUEUED", "failed_nodes": []},
+        {"event": "started", "hosts": ["vm"]},
+        {"event": "resumed", "step": 23},
+        {"event": "signalled", "verdict": "requeued", "signal": "SIGTERM"},
+        {"event": "attempt", "hosts": "n[1,3]", "previous_state": "NODE_FAIL", "failed_nodes": ["n2"]},
+        {"event": "started", "hosts": ["vm"]},
+        {"event": "resumed", "step": 40},
+        {"event": "finished", "step": 120},
+    ]
+    runs = events.attempts([{"time": float(i), **e} for i, e in enumerate(history)])
+    assert [(a.number, a.nodes, a.resumed_step, a.end) for a in runs] == [
+        (0, "n[1-2]", None, "stopped at step 23 (preempted)"),
+        (1, "n[1-2]", 23, "node failure (n2)"),
+        (2, "n[1,3]", 40, "finished at step 120")]
+    local = events.attempts([{"time": 0.0, "event": "started", "hosts": ["box"]}])
+    assert [(a.nodes, a.end) for a in local] == [("box", "running")]
+
+
+def test_the_sites_keep_out_nodes_join_the_jobs_exclude(tmp_path):
+    site = Site(keep_out=("n7", "n9"))
+    assert site.excluded(None) == "n7,n9" and site.excluded("n1,n7") == "n1,n7,n9" and Site().excluded(None) is None
+    s = spec.build({"cluster": "slurm", "procs_per_node": 1, "global_batch": 4, "exclude": "n1"})
+    assert submit.allocation(s, site).exclude == "n1,n7,n9"
+    from llamajobs import render
+    render.render(s, site, tmp_path)
+    script = (tmp_path / "job.sbatch").read_text()
+    assert script.count("--exclude") == 1 and "#SBATCH --exclude=n1,n7,n9\n" in script
+    assert "#SBATCH --requeue\n" in script and "#SBATCH --signal=USR2@" in script
+    assert f"-m llamajobs.launcher {tmp_path}" in script
+
+
+def test_keep_out_in_site_yaml(tmp_path):
+    from llamajobs import site as site_lib
+
+    (tmp_path / "site.yaml").write_text("keep_out: [n3]\npartition: low\n")
+    loaded, defaults = site_lib.load(tmp_path / "site.yaml")
+    assert loaded.keep_out == ("n3",) and defaults == {"partition": "low"}
+
+
+def test_the_launcher_shields_launch_sh_from_sigterm_and_a_cancel_kills_its_whole_tree(tmp_path, monkeypatch):
+    """SIGTERM ignored down the tree (a preemption must not kill the workers), and a cancel kills
+    every process under launch.sh, a worker in a session of its own (as torchrun starts them) too."""
+    import signal
+
+    from llamajobs.launcher import NodeRun
+
+    for name in ("SLURM_JOB_ID", "SLURM_NODEID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "launch.sh").write_text('setsid sleep 300 &\necho $! > "$(dirname "$0")/worker"\nwait\n')
+    run = NodeRun(str(tmp_path), stop_wait_s=5)
+    run.start(dict(os.environ))
+    worker = int(wait_for(lambda: (tmp_path / "worker").exists() and (tmp_path / "worker").read_text().strip()))
+    os.kill(worker, signal.SIGTERM)
+    time.sleep(0.5)
+    assert not local.exited(worker)  # ignored
+    assert run.on_signal(signal.SIGTERM) is None and run.stopping == "cancelled"  # (no SLURM: `llamajobs cancel`)
+    assert run.process.wait(timeout=10) == -signal.SIGKILL
+    wait_for(lambda: local.exited(worker))
+    assert [e["verdict"] for e in events.read(tmp_path) if e["event"] == "signalled"] == ["cancelled"]

@@ -205,9 +205,10 @@ def _torchrun(*args: str, nproc: int = 2, env: dict[str, str] | None = None) -> 
     return torchrun(*args, nproc=nproc, env={**extensions_env(), **(env or {})}, timeout=TORCHRUN_TIMEOUT_S)
 
 
-def _train(*runs: tuple[Path, str | None], nproc: int = 2) -> subprocess.CompletedProcess:
+def _train(*runs: tuple[Path, str | None], nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """One launch training each (run dir, fault) in turn: this file's `train` mode (see the bottom)."""
-    result = _torchrun(str(Path(__file__)), "train", *(f"{d}@{fault or ''}" for d, fault in runs), nproc=nproc)
+    result = _torchrun(str(Path(__file__)), "train", *(f"{d}@{fault or ''}" for d, fault in runs), nproc=nproc,
+                       env=env)
     assert_exit_0(result)
     return result
 
@@ -317,6 +318,34 @@ def test_zero_resumes_bitwise_under_full_and_lora(zero_runs, strategy: str) -> N
         _assert_resumed_exactly(runs[mode], mode)
     losses = _losses(runs["full"].ref)
     assert losses[-1] < losses[0] - 0.2 and losses[0] == pytest.approx(math.log(TINY_VOCAB), abs=0.2)
+
+
+@pytest.mark.slow
+def test_zero3_on_a_cpu_with_16bit_instructions_stays_fp32_and_resumes_bitwise(new_run, zero_runs) -> None:
+    """On a CPU whose DeepSpeed accelerator reports bf16 and fp16 support (AMD EPYC with avx512_bf16,
+    Xeons with AMX; simulated here by LLAMAJOBS_SIMULATE_CPU), ZeRO-3 keeps every weight fp32: the run
+    is this CPU's bitwise, and a resumed run the uninterrupted one."""
+    pair = _pairs(new_run, "zero3-16bit-cpu", ["full"], strategy="ds-zero3")["full"]
+    simulated = {"LLAMAJOBS_SIMULATE_CPU": "16bit"}
+    first = _train((pair.ref, None), (pair.int, STOP), env=simulated)
+    _train((pair.int, None), env=simulated)
+    assert "simulated CPU: DeepSpeed's CPU accelerator reports bf16 and fp16 support" in first.stdout
+    _assert_resumed_exactly(pair, "full")
+    final = _final(pair.int, "full")
+    assert {t.dtype for t in final.values()} == {torch.float32}
+    here = zero_runs("ds-zero3")["full"].ref
+    assert _losses(pair.ref) == _losses(here)
+    assert_same_tensors(final, _final(here, "full"))
+
+
+def test_a_16bit_parameter_in_a_cpu_run_fails_loudly() -> None:
+    from llamajobs.worker.zero import check_fp32
+
+    model = torch.nn.Linear(2, 2)
+    check_fp32(model, "built")
+    model.bias.data = model.bias.data.bfloat16()
+    with pytest.raises(RuntimeError, match=r"bias is torch.bfloat16 after the model was built; a CPU run must be float32"):
+        check_fp32(model, "built")
 
 
 @pytest.mark.slow

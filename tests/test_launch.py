@@ -21,10 +21,13 @@ HOSTS = ["gpu003", "gpu004", "gpu010"]
 
 
 def fake_bin(tmp_path: Path) -> Path:
-    """scontrol that expands NODELIST, and a python that records its arguments instead of training."""
+    """scontrol that expands NODELIST and knows each node's address (addr-of-NAME), and a python
+    that records its arguments instead of training."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(parents=True)
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\n[ \"$3\" = '{NODELIST}' ] && printf '%s\\n' {' '.join(HOSTS)}\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\n[ \"$3\" = '{NODELIST}' ] && printf '%s\\n' {' '.join(HOSTS)}\n"
+                                      '[ "$2" = node ] && echo "NodeName=$3 Arch=x86_64 NodeAddr=addr-of-$3 State=IDLE"\n'
+                                      "exit 0\n")
     (bin_dir / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 1\n")  # a CPU-only node
     for f in bin_dir.iterdir():
@@ -54,7 +57,8 @@ THREE_NODES = {"cluster": "slurm", "nodes": 3, "procs_per_node": 2, "global_batc
 def test_torchrun_rendezvous_is_resolved_on_the_node(tmp_path, node_id):
     args = run_launch(tmp_path, spec.build(THREE_NODES), node_id)
     assert args[:2] == ["-m", "torch.distributed.run"]
-    assert arg(args, "--master-addr") == "gpu003"
+    # gpu003 does not resolve on this host: its address comes from the controller
+    assert arg(args, "--master-addr") == "addr-of-gpu003"
     assert arg(args, "--node-rank") == str(node_id)
     assert arg(args, "--nnodes") == "3" and arg(args, "--nproc-per-node") == "2"
     assert arg(args, "--master-port") == str(20000 + 12345 % 20000)
@@ -70,7 +74,10 @@ def test_the_node_launcher_passes_the_hosts_submitit_parsed(tmp_path, monkeypatc
     assert hosts == HOSTS
     # Given the hosts, the script needs no scontrol: a first host other than scontrol's wins.
     args = run_launch(tmp_path, spec.build(THREE_NODES), 1, {"LLAMAJOBS_HOSTS": "gpu010 gpu003 gpu004"})
-    assert arg(args, "--master-addr") == "gpu010"
+    assert arg(args, "--master-addr") == "addr-of-gpu010"
+    # A head whose name resolves is used as named.
+    args = run_launch(tmp_path / "b", spec.build(THREE_NODES), 1, {"LLAMAJOBS_HOSTS": "localhost gpu003 gpu004"})
+    assert arg(args, "--master-addr") == "localhost"
 
 
 def test_processes_follow_the_gpus_of_the_node(tmp_path):
@@ -87,7 +94,7 @@ def test_deepspeed_launcher_runs_inside_the_step_without_ssh(tmp_path):
     s = spec.build({**THREE_NODES, "strategy": "ds-zero3", "launcher": "deepspeed"})
     args = run_launch(tmp_path, s, 2)
     assert args[:3] == ["-u", "-m", "deepspeed.launcher.runner"]
-    assert "--no_ssh" in args and arg(args, "--node_rank") == "2" and arg(args, "--master_addr") == "gpu003"
+    assert "--no_ssh" in args and arg(args, "--node_rank") == "2" and arg(args, "--master_addr") == "addr-of-gpu003"
     hostfile = Path(arg(args, "--hostfile")).read_text().splitlines()
     assert hostfile == [f"{h} slots=2" for h in HOSTS]
 

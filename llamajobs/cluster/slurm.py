@@ -24,6 +24,9 @@ STATES = frozenset({"PENDING", "RUNNING", "COMPLETING", "COMPLETED", "FAILED", "
 LIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                   "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT"})
 TIMEOUT_S = 60
+# Ends after which SLURM may put the job back in the queue (--requeue): squeue, not accounting, says
+# whether it did.
+REQUEUEABLE = frozenset({"NODE_FAIL", "PREEMPTED", "REQUEUED"})
 
 
 def _run(command: list[str], timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
@@ -86,6 +89,95 @@ def parse_partition(text: str, partition: str | None) -> Partition:
                      max_minutes=0 if limit in ("UNLIMITED", "INFINITE") else parse_slurm_time(limit))
 
 
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """What the controller holds of a running job when one of its processes is signalled: whether
+    the signal is a preemption (a pause), the cluster's own requeue (a node failed), or a cancel."""
+
+    state: str  # JobState: RUNNING, SIGNALING (preemption's grace), COMPLETING (cancelled, requeued), ...
+    preempt_time: str | None  # PreemptTime: set once the job was chosen for preemption
+    restarts: int  # Restarts: how often the job was requeued, this requeue counted as soon as it is decided
+
+    def verdict(self, attempt: int) -> str:
+        """"preempted" (save and requeue), "requeued" (the controller requeued it already: a node
+        failed, or an admin's `scontrol requeue`) or "cancelled" (scancel, the time limit)."""
+        if self.preempt_time is not None and self.state in ("RUNNING", "SIGNALING"):
+            return "preempted"
+        return "requeued" if self.restarts > attempt else "cancelled"
+
+
+def parse_job_record(text: str) -> JobRecord:
+    """`scontrol show job -o ID`'s line; ValueError when it holds no JobState."""
+    fields = dict(w.split("=", 1) for w in text.split() if "=" in w)
+    if "JobState" not in fields:
+        raise ValueError("no JobState in scontrol's answer")
+    preempt = fields.get("PreemptTime", "None")
+    restarts = fields.get("Restarts", "0")
+    return JobRecord(state=fields["JobState"], preempt_time=None if preempt in ("None", "Unknown", "") else preempt,
+                     restarts=int(restarts) if restarts.isdigit() else 0)
+
+
+def job_record(job_id: str) -> JobRecord | None:
+    """The controller's record of a job now (None when scontrol cannot say)."""
+    result = _run(["scontrol", "show", "job", "-o", job_id], timeout=20)
+    try:
+        return parse_job_record(result.stdout) if result.returncode == 0 else None
+    except ValueError:
+        return None
+
+
+def requeue(job_id: str) -> None:
+    """Back to the queue under the same id (it runs again with SLURM_RESTART_COUNT one higher)."""
+    _check(_run(["scontrol", "requeue", job_id]))
+
+
+@dataclass(frozen=True, slots=True)
+class PastAttempt:
+    """One earlier run of a requeued job, from accounting (`sacct -D`)."""
+
+    state: str
+    nodes: tuple[str, ...]
+    start: str
+    end: str
+    failed_nodes: tuple[str, ...] = ()  # the nodes that went down while it ran (NODE_FAIL)
+
+
+def parse_attempts(sacct: str) -> list[tuple[str, str, str, str]]:
+    """(state, node list, start, end) of every run of the job, oldest first, from
+    `sacct -D -X -n -P -o State,NodeList,Start,End`."""
+    rows = [line.split("|") for line in sacct.splitlines() if line.count("|") == 3]
+    return [(state_word(state), nodes, start, end) for state, nodes, start, end in rows]
+
+
+def parse_node_events(text: str) -> list[tuple[str, str, str]]:
+    """(node, start, reason) of every node event from `sacctmgr -n -P show event ... format=NodeName,TimeStart,Reason`
+    (the cluster's own events, with no node name, are left out)."""
+    rows = [line.split("|", 2) for line in text.splitlines() if line.count("|") >= 2]
+    return [(node, start, reason) for node, start, reason in rows if node]
+
+
+def hostnames(nodelist: str) -> tuple[str, ...]:
+    """n[1-2] -> (n1, n2), by `scontrol show hostnames`."""
+    result = _run(["scontrol", "show", "hostnames", nodelist], timeout=20)
+    return tuple(result.stdout.split()) if result.returncode == 0 else (nodelist,)
+
+
+def past_attempts(job_id: str) -> list[PastAttempt]:
+    """The earlier runs of a requeued job, each with the nodes that went down during it (from the
+    accounting's node events: a node that failed and returned at once is still named)."""
+    sacct = _run(["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", "State,NodeList,Start,End"])
+    found = []
+    for state, nodelist, start, end in parse_attempts(sacct.stdout if sacct.returncode == 0 else ""):
+        nodes, failed = hostnames(nodelist), ()
+        if state == "NODE_FAIL" and start != "Unknown":
+            events = _run(["sacctmgr", "-n", "-P", "show", "event", f"nodes={','.join(nodes)}", f"start={start}",
+                           "format=NodeName,TimeStart,Reason"])
+            failed = tuple(dict.fromkeys(node for node, when, _ in parse_node_events(events.stdout)
+                                         if end == "Unknown" or when <= end))
+        found.append(PastAttempt(state=state, nodes=nodes, start=start, end=end, failed_nodes=failed))
+    return found
+
+
 def available() -> bool:
     """Whether a SLURM controller answers `scontrol ping` from here."""
     result = _run(["scontrol", "ping"], timeout=10)
@@ -108,7 +200,9 @@ class SlurmBackend(Backend):
             "exclusive": a.exclusive or None, "dependency": a.dependency, "cpus_per_task": a.cpus_per_task,
             "mem": a.mem, "gres": a.gres, "setup": list(a.setup) or None, "srun_args": list(a.srun_args) or None,
             "stderr_to_stdout": False, "signal_delay_s": a.signal_delay_s,
-            "additional_parameters": {"hold": True} if a.hold else None,
+            # --requeue: preemption (PreemptMode=REQUEUE), a node failure and the stop protocol's
+            # `scontrol requeue` put the job back in the queue even where JobRequeue=0 is the default.
+            "additional_parameters": {"requeue": True, **({"hold": True} if a.hold else {})},
         }
         executor.update_parameters(**{k: v for k, v in options.items() if v is not None})
         if a.python:
@@ -117,13 +211,15 @@ class SlurmBackend(Backend):
 
     def _states(self, jobs: Sequence[Job]) -> dict[int, str]:
         """One sacct call for all of them, then squeue for those accounting has not seen yet (it
-        learns of a new job only after a while)."""
+        learns of a new job only after a while) and for those it says ended in a way SLURM requeues
+        (a node failure, a preemption): until the requeued attempt starts, accounting still shows the
+        last one's end while the job waits in the queue."""
         ids = list(dict.fromkeys(j.cluster_job_id for j in jobs))
         sacct = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobIDRaw,State"])
         found = parse_states(sacct.stdout if sacct.returncode == 0 else "")
-        missing = [i for i in ids if i not in found]
-        if missing:
-            squeue = _run(["squeue", "-h", "-j", ",".join(missing), "-o", "%i %T"])
+        ask = [i for i in ids if found.get(i, "REQUEUED") in REQUEUEABLE]
+        if ask:
+            squeue = _run(["squeue", "-h", "-j", ",".join(ask), "-o", "%i %T"])
             found.update(parse_states("", squeue.stdout if squeue.returncode == 0 else ""))
         return {j.id: found[j.cluster_job_id] for j in jobs if j.cluster_job_id in found}
 

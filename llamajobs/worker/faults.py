@@ -16,6 +16,10 @@ fsize:N  every rank lowers its file-size limit (RLIMIT_FSIZE, `ulimit -f`) to FS
          after step N, before that step's checkpoint, so the kernel fails the save's writes with EFBIG:
          a real write error, as a full filesystem's ENOSPC would be (SIGXFSZ ignored: the write fails
          instead of killing the process).
+
+And LLAMAJOBS_SIMULATE_CPU=16bit, a CPU this one is not: DeepSpeed's CPU accelerator answers as on a
+CPU with bf16 and fp16 instructions (AMD EPYC with avx512_bf16, Xeons with AMX), where its dtype
+decisions differ from those on a CPU without them.
 """
 
 from __future__ import annotations
@@ -40,6 +44,25 @@ def injected_fault(kind: str) -> int | None:
     if name not in KINDS or not step.isdigit():
         raise ValueError(f"LLAMAJOBS_INJECT_FAULT={value!r}: expected one of {', '.join(k + ':N' for k in KINDS)}")
     return int(step) if name == kind else None
+
+
+def simulate_cpu() -> None:
+    """LLAMAJOBS_SIMULATE_CPU=16bit: DeepSpeed's CPU accelerator reports bf16 and fp16 support and
+    both among its dtypes. DeepSpeed 0.19 asks it in zero.Init (_set_dtype: fp16 where supported,
+    else bf16), in the ZeRO-3 conversion of parameters built outside zero.Init (the same), in the
+    engine's gradient buckets (supported_dtypes) and its dtype checks. A no-op without the variable."""
+    value = os.environ.get("LLAMAJOBS_SIMULATE_CPU", "")
+    if not value:
+        return
+    if value != "16bit":
+        raise ValueError(f"LLAMAJOBS_SIMULATE_CPU={value!r}: expected 16bit")
+    import torch
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    CPU_Accelerator.is_bf16_supported = lambda self: True
+    CPU_Accelerator.is_fp16_supported = lambda self: True
+    CPU_Accelerator.supported_dtypes = lambda self: [torch.float32, torch.bfloat16, torch.float16]
+    print("simulated CPU: DeepSpeed's CPU accelerator reports bf16 and fp16 support", flush=True)
 
 
 def lose_a_rank(step: int, rank: int, world_size: int) -> None:

@@ -34,7 +34,29 @@ from transformers import LlamaConfig
 from llamajobs import render
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
+from llamajobs.worker.faults import simulate_cpu
 from llamajobs.worker.parallel import Dist, Strategy
+
+
+def fp32_only(accelerator) -> None:
+    """On the CPU our runs are fp32, whatever the CPU offers. DeepSpeed 0.19 takes dtypes from its
+    accelerator's answers: the CPU one says bf16 always and fp16 where oneDNN has it (AMX, avx512_fp16),
+    and zero.Init given a dtype, or no config, picks fp16 where supported, else bf16 (it tests
+    `is_bf16_supported` without calling it: always true). So this accelerator answers fp32 only,
+    zero.Init always gets our config and no dtype, and check_fp32 fails loudly if any parameter is
+    16-bit anyway: a 16-bit copy would make resume inexact (fp32 masters against rounded weights)."""
+    accelerator.is_bf16_supported = lambda: False
+    accelerator.is_fp16_supported = lambda: False
+    accelerator.supported_dtypes = lambda: [torch.float32]
+
+
+def check_fp32(model: nn.Module, when: str) -> None:
+    """Every parameter of a CPU run fp32, ZeRO-3's partitions (ds_tensor) included."""
+    for name, param in model.named_parameters():
+        for tensor in (param, getattr(param, "ds_tensor", None)):
+            if tensor is not None and tensor.dtype != torch.float32:
+                raise RuntimeError(f"{name} is {tensor.dtype} after the model was {when}; a CPU run must be float32 "
+                                   f"(DeepSpeed chose a 16-bit dtype on this CPU)")
 
 
 def offloads_optimizer(spec: JobSpec) -> bool:
@@ -83,6 +105,9 @@ class Zero(Strategy):
         # DeepSpeed 0.19 still calls these torch.distributed names: one warning per call, every step.
         warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\."
                                 r"(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+        simulate_cpu()  # tests: DeepSpeed's answers on a CPU with bf16/fp16 instructions
+        if not self.cuda:
+            fp32_only(deepspeed.get_accelerator())
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")  # adopts the existing group
         if self.stage == 3:
             # Each rank's layers are initialised for real (and overwritten by rank 0's weights): under a
@@ -101,6 +126,8 @@ class Zero(Strategy):
             model_lib.materialize(model, self.env.device, self.env.device)
         if load_weights:
             self._load_rank0(model, config)
+        if not self.cuda:
+            check_fp32(model, "built")
         return model
 
     def _load_rank0(self, model: nn.Module, config: LlamaConfig) -> None:
@@ -128,6 +155,8 @@ class Zero(Strategy):
 
         engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
                                                             dist_init_required=False)
+        if not self.cuda:
+            check_fp32(engine.module, "wrapped by deepspeed.initialize")
         return engine, zero_optimizer
 
     def unwrap(self, model: nn.Module) -> nn.Module:

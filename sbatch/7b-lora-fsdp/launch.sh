@@ -16,6 +16,12 @@ if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
     # The node launcher passes the allocation's hosts; by hand (job.sbatch) scontrol expands them.
     HOSTS=${LLAMAJOBS_HOSTS:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | tr '\n' ' ')}
     HEAD=${HOSTS%% *}
+    # A node name that does not resolve here (a test cluster's n1, a site without DNS for node names):
+    # the controller knows its address.
+    if ! getent hosts "$HEAD" >/dev/null 2>&1; then
+        ADDR=$(scontrol show node "$HEAD" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2 || true)
+        HEAD=${ADDR:-$HEAD}
+    fi
     NNODES=$SLURM_NNODES
     NODE_RANK=$SLURM_NODEID
     # Derived from the job id, so jobs sharing a node never collide.

@@ -13,9 +13,14 @@ that does not start is an error, not a skip: CI must fail rather than silently t
 Each start is fresh, so job ids restart at 1: give submitit a new folder per cluster start
 (pytest's ``tmp_path``), or result pickles of an earlier run answer for new jobs.
 
-There is one cluster per host (fixed ports, /etc/slurm), and ``cluster.sh start`` stops a
-running one first. So two test sessions on one host would pull the cluster from under each
-other: a lock file held for the whole session makes a second session wait for the first.
+The cluster's whole configuration lives under its base directory (no /etc, its own munged), so it
+runs beside any other SLURM on the host; every SLURM command must then be given its SLURM_CONF. The
+fixture sets SLURM_CONF in this process's environment for the session (the CLI subprocesses, sbatch,
+scontrol and the jobs inherit it) and restores it afterwards.
+
+There is one cluster per base directory (fixed ports), and ``cluster.sh start`` stops a running one
+first. So two test sessions on one host would pull the cluster from under each other: a lock file
+held for the whole session makes a second session wait for the first.
 """
 
 from __future__ import annotations
@@ -43,9 +48,11 @@ _active = False  # a slurm_cluster() generator is between start and stop in this
 
 @dataclass(frozen=True)
 class SlurmCluster:
-    nodes: list[str]    # node names, e.g. ["n1", "n2"]; they resolve to 127.0.0.1 via /etc/hosts
+    nodes: list[str]    # node names, e.g. ["n1", "n2"] (they need not resolve: NodeAddr is 127.0.0.1)
     gpus_per_node: int  # fake GPUs advertised per node as gres gpu
-    base: Path          # state, logs and database of the cluster (LLAMAJOBS_SLURM_BASE)
+    base: Path          # state, logs, database and configuration of the cluster (LLAMAJOBS_SLURM_BASE)
+    conf: Path          # its slurm.conf: SLURM_CONF for every SLURM command
+    grace_s: int        # GraceTime of partition "low", which a job on partition "high" preempts
 
 
 def _run_script(action: str, timeout: float) -> tuple[int, str]:
@@ -139,6 +146,19 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
 
 
 def _started(base: Path) -> Iterator[SlurmCluster]:
+    conf = base / "etc" / "slurm.conf"
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)
+    try:
+        yield from _started_with_conf(base, conf)
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+
+
+def _started_with_conf(base: Path, conf: Path) -> Iterator[SlurmCluster]:
     t0 = time.monotonic()
     code, out = _run_script("start", START_TIMEOUT_S)
     if code != 0:
@@ -162,7 +182,8 @@ def _started(base: Path) -> Iterator[SlurmCluster]:
         gpus = {_gpus(gres) for _, gres in nodes.values()}
         print(f"\nlocal SLURM cluster up in {time.monotonic() - t0:.1f} s: nodes {names}, "
               f"gpus per node {sorted(gpus)}, base {base}")
-        cluster = SlurmCluster(nodes=names, gpus_per_node=min(gpus), base=base)
+        cluster = SlurmCluster(nodes=names, gpus_per_node=min(gpus), base=base, conf=conf,
+                               grace_s=int(os.environ.get("LLAMAJOBS_SLURM_GRACE", "30")))
     except BaseException:
         _run_script("stop", STOP_TIMEOUT_S)
         raise
