@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -109,11 +109,18 @@ def evaluate(model_dir: str, adapter: str | None, task: str | None, data: str | 
     if predictions:
         raise SpecError(f"--predictions {predictions}: an eval job writes RUN_DIR/predictions.jsonl; leave it out")
     result = ops.submit_eval(settings, typed(values), ops.runs_dir(runs_dir, writable=True))
+    if _follow(result, "eval job", wait, as_json, views.eval_result) is None and wait:
+        raise Failure(f"job {result.job.id} completed without writing {result.job.run_dir / 'eval.json'}")
+
+
+def _follow(result: ops.Submitted, kind: str, wait: bool, as_json: bool,
+            show: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
+    """An eval job as submitted; with --wait, its end and its results (failing unless it COMPLETED)."""
     if not wait:
-        views.print_json(result.to_json()) if as_json else views.submitted(result, kind="eval job")
-        return
+        views.print_json(result.to_json()) if as_json else views.submitted(result, kind=kind)
+        return None
     if not as_json:
-        views.submitted(result, kind="eval job")
+        views.submitted(result, kind=kind)
     state = ops.wait(result.job)
     scored = ops.eval_result(result.job, state)
     if as_json:
@@ -121,10 +128,9 @@ def evaluate(model_dir: str, adapter: str | None, task: str | None, data: str | 
     else:
         views.out.print(f"job {result.job.id} ended {state}")
         if scored:
-            views.eval_result(scored)
+            show(scored)
     ops.fail_unless_completed(result.job, state)
-    if scored is None:
-        raise Failure(f"job {result.job.id} completed without writing {result.job.run_dir / 'eval.json'}")
+    return scored
 
 
 def _harness(model_dir: str, adapter: str | None, tasks: str | None, tasks_dir: str | None, shots: int | None,
@@ -146,18 +152,7 @@ def _harness(model_dir: str, adapter: str | None, tasks: str | None, tasks_dir: 
         views.print_json(summary) if as_json else views.harness_result(summary)
         return
     result = harness.submit_harness(settings, typed(values), ops.runs_dir(runs_dir, writable=True))
-    if not wait:
-        views.print_json(result.to_json()) if as_json else views.submitted(result, kind="lm-eval job")
-        return
-    if not as_json:
-        views.submitted(result, kind="lm-eval job")
-    state = ops.wait(result.job)
-    summary = ops.eval_result(result.job, state)
-    if as_json:
-        views.print_json({**result.to_json(), "state": state, **(summary or {})})
-    elif summary:
-        views.harness_result(summary)
-    ops.fail_unless_completed(result.job, state)
+    _follow(result, "lm-eval job", wait, as_json, views.harness_result)
     if summary is None:
         raise Failure(f"job {result.job.id} completed without writing {result.job.run_dir / 'eval.json'}")
 
