@@ -19,10 +19,12 @@ part() {  # part SECONDS TITLE COMMAND...
 }
 { nvidia-smi -L; python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers',
   transformers.__version__, 'peft', peft.__version__)"; } 2>&1 | tee "$LOG"
-part 100 "GPU tests (Liger against the plain path; FP8's linears)" \
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py tests/test_bench.py -k "not every_case"
+part 100 "GPU tests (Liger against the plain path; FP8's linears; packing without a host sync)" \
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py tests/test_bench_packing.py
 part 270 "the worker against the plain loop, plain modules, Liger and FP8" \
     python3 bench/worker_step.py --fill --json "$OUT/loops.json"
+part 90 "packed documents kept apart, against unpacked and cross-attending packing" \
+    python3 bench/packing.py --only 1.1b --repeats 2
 part 100 "FP8 against bf16, 200 steps" python3 bench/worker_step.py --no-loops --only 1.1b --fp8-steps 200
 part 150 "every strategy on this GPU, 1.1b full" \
     python3 bench/worker_step.py --no-loops --only 1.1b --strategies --warmup 2 --steps 3 --repeats 1

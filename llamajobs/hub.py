@@ -50,26 +50,26 @@ def hf_home(configured: str | None = None) -> Path:
     return Path(os.environ.get("HF_HOME") or constants.HF_HOME).expanduser().absolute()
 
 
-def resolve(model: str, configured_home: str | None = None) -> HubModel:
-    """Download (or find, offline) the snapshot of a Hub id; SpecError, one line, when it cannot."""
+def resolve(model: str, configured_home: str | None = None, flag: str = "--model-path") -> HubModel:
+    """Download (or find, offline) the snapshot of a Hub id; SpecError, one line naming `flag`, when it cannot."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     match = HUB_ID.match(model)
     if match is None:
-        raise SpecError(f"--model-path {model!r} is neither a directory here nor a Hub id (org/name[@revision])")
+        raise SpecError(f"{flag} {model!r} is neither a directory here nor a Hub id (org/name[@revision])")
     repo_id, revision = match["repo"], match["revision"] or "main"
     home = hf_home(configured_home)
     try:
         path = Path(snapshot_download(repo_id, revision=revision, cache_dir=home / "hub", ignore_patterns=IGNORE))
     except LocalEntryNotFoundError:
-        raise SpecError(f"--model-path {model}: not in the Hugging Face cache {home / 'hub'} and the Hub cannot be "
+        raise SpecError(f"{flag} {model}: not in the Hugging Face cache {home / 'hub'} and the Hub cannot be "
                         f"reached (HF_HUB_OFFLINE or no network); download it there first, or pass a directory") from None
     except (HfHubHTTPError, OSError, ValueError) as e:  # no such repository or revision, gated, no access
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SpecError(f"--model-path {model}: the Hub refused it ({type(e).__name__}: {first})") from None
+        raise SpecError(f"{flag} {model}: the Hub refused it ({type(e).__name__}: {first})") from None
     if path.parent.name != "snapshots":
-        raise SpecError(f"--model-path {model}: resolved to {path}, not a snapshot of the cache under {home}")
+        raise SpecError(f"{flag} {model}: resolved to {path}, not a snapshot of the cache under {home}")
     return HubModel(repo_id=repo_id, revision=revision, commit=path.name, path=path, hf_home=home)
 
 

@@ -66,6 +66,8 @@ class Row:
     accuracy: float | None = None  # an eval job's, once it finished
     problem: str | None = None  # what is wrong with a damaged run dir (unreadable, bad spec, damaged metrics)
     val_loss: float | None = None  # the latest validation loss (None: no eval split, or none run yet)
+    hub_id: str | None = None  # --model-path as a Hub id: the repository, and the commit it was pinned to
+    hub_commit: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -198,6 +200,7 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         accuracy=None if evaluation is None else _number((eval_result(job.run_dir) or {}).get("accuracy")),
         problem="; ".join(files.problems) or None,
         val_loss=latest_val_loss(measured),
+        hub_id=spec.hub_id if spec else None, hub_commit=spec.hub_commit if spec else None,
     )
 
 

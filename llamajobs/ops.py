@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import llamajobs.spec
-from llamajobs import catalog, cluster, estimate, events, forensics, metrics, monitor, registry, site
+from llamajobs import catalog, cluster, estimate, events, forensics, hub, metrics, monitor, registry, site
 from llamajobs.data.prepare import PrepareConfig, Progress, prepare
 from llamajobs.errors import Failure, SpecError
 from llamajobs.registry import Job
@@ -54,6 +54,15 @@ def find_job(runs: Path, job_id: int) -> Job:
         return job
     finally:
         reg.close()
+
+
+def tokenizer_source(value: str) -> Path:
+    """data's --tokenizer: a directory or file here, or a Hub id (org/name[@revision]) resolved into the
+    Hugging Face cache (site.yaml's hf_home, else HF_HOME) as --model-path's is: its snapshot directory."""
+    if not hub.is_hub_id(value):
+        return Path(value)
+    home = site.load()[1].get("hf_home")
+    return hub.resolve(value, home if isinstance(home, str) else None, flag="--tokenizer").path
 
 
 def load_spec(job: Job) -> JobSpec:

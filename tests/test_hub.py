@@ -108,6 +108,25 @@ def test_the_job_runs_offline_from_the_cache_and_writes_no_token(offline, cache,
     assert stored["hub_id"] == REPO_ID and stored["hub_commit"] == cache[1]
 
 
+def test_data_prepare_takes_a_hub_id_for_its_tokenizer(cli, offline, cache, tmp_path) -> None:
+    """The same tokens as from the snapshot directory; a missing id is one line naming --tokenizer."""
+    home, commit = cache
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} about the heart and the lungs"}) + "\n"
+                              for i in range(20)))
+    snapshot = home / "hub" / "models--tiny-org--tiny-qwen2" / "snapshots" / commit
+    stores = {}
+    for name, tokenizer in (("hub", REPO_ID), ("dir", str(snapshot))):
+        code, out, err = cli("data", "prepare", str(corpus), "--tokenizer", tokenizer, "--out", str(tmp_path / name),
+                             "--json")
+        assert code == 0, err
+        stores[name] = json.loads(out)
+    assert stores["hub"]["tokens"] == stores["dir"]["tokens"] > 0
+    assert stores["hub"]["tokenizer"] == stores["dir"]["tokenizer"]
+    code, _, err = cli("data", "prepare", str(corpus), "--tokenizer", "tiny-org/absent", "--out", str(tmp_path / "x"))
+    assert code == 2 and err.strip().startswith("Error: --tokenizer tiny-org/absent: not in the Hugging Face cache")
+
+
 def _train_from_the_hub(cache, tmp_path: Path, *placement: str) -> None:
     """The CLI as a user runs it, HF_HUB_OFFLINE=1 in its environment: submit --wait, status, the export."""
     from peft import PeftModel
@@ -123,6 +142,7 @@ def _train_from_the_hub(cache, tmp_path: Path, *placement: str) -> None:
                                    "--wait", "--json", env=env, check=True).stdout)
     row = status(env, submitted["id"])
     assert row["state"] == "COMPLETED", row
+    assert (row["hub_id"], row["hub_commit"]) == (REPO_ID, commit)
     detail = run_cli("status", str(submitted["id"]), env=env, check=True).stdout
     assert f"{REPO_ID}@main, commit {commit}" in detail
     run_dir = Path(submitted["run_dir"])

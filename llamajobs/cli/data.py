@@ -19,7 +19,8 @@ def data() -> None:
 @data.command("prepare")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--tokenizer", "tokenizer_path", required=True, type=click.Path(),
-              help="The model's directory (tokenizer.model or tokenizer.json), or a tokenizer.model file.")
+              help="The model's directory (tokenizer.model or tokenizer.json), a tokenizer.model file, or a "
+                   "Hub id (org/name[@revision]) found in or downloaded into the Hugging Face cache.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="The store directory to write (written aside, renamed when complete).")
 @click.option("--format", "fmt", default="text", show_default=True,
@@ -62,7 +63,8 @@ def data_prepare(inputs: tuple[str, ...], tokenizer_path: str, out_dir: str, fmt
     INPUT is a file (JSON lines, a JSON list, or .gz of either) or a directory of them."""
     from llamajobs.data.prepare import PrepareConfig
 
-    config = PrepareConfig(inputs=tuple(Path(p) for p in inputs), tokenizer=Path(tokenizer_path), out=Path(out_dir),
+    config = PrepareConfig(inputs=tuple(Path(p) for p in inputs), tokenizer=ops.tokenizer_source(tokenizer_path),
+                           out=Path(out_dir),
                            format=fmt, workers=workers, skip_bad_lines=skip_bad_lines, eval_fraction=eval_fraction,
                            force=force, chat_template=chat_template, train_on=train_on)
     sharding = {"cluster": cluster, "partition": partition, "account": account, "time": time_limit,
@@ -82,7 +84,8 @@ def data_inspect(store_dir: str, document: int, tokenizer_path: str | None, as_j
     """Documents, tokens, dtype, tokenizer fingerprint and a decoded sample of a token store."""
     from llamajobs.data.inspect import describe
 
-    info = describe(store_dir, tokenizer=tokenizer_path, document=document)
+    info = describe(store_dir, tokenizer=str(ops.tokenizer_source(tokenizer_path)) if tokenizer_path else None,
+                    document=document)
     views.print_json(info) if as_json else views.store(info)
 
 
