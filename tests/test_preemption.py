@@ -35,6 +35,11 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted((run_dir / "final").glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+# What these jobs may end as. Not NODE_FAIL, PREEMPTED or COMPLETING: between such an end and the
+# requeued attempt (or while the steps complete) a job passes through states that are not its last.
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY")
+
+
 def wait(env, job_id: int, until, timeout: float = 300) -> dict:
     deadline = time.time() + timeout
     while not until(row := status(env, job_id)):
@@ -47,7 +52,7 @@ def straight_run(env, cluster_args: list[str]) -> dict:
     """The spec run uninterrupted: its final row."""
     reference = json.loads(run_cli("submit", *cluster_args, *TINY, "--name", "straight", "--json", env=env,
                                    check=True).stdout)
-    return wait(env, reference["id"], lambda r: r["state"] not in ("PENDING", "RUNNING"))
+    return wait(env, reference["id"], lambda r: r["state"] in FINAL)
 
 
 def interrupted_twice(env, cluster_args: list[str], second_interrupt, reference: dict | None = None) -> tuple[dict, dict]:
@@ -59,7 +64,7 @@ def interrupted_twice(env, cluster_args: list[str], second_interrupt, reference:
     run_cli("requeue", str(job["id"]), env=env, check=True)
     wait(env, job["id"], lambda r: r["state"] == "RUNNING" and (r["step"] or 0) > _stopped_at(job, 0) + 10)
     second_interrupt(job)
-    row = wait(env, job["id"], lambda r: r["state"] not in ("PENDING", "RUNNING", "REQUEUED"), timeout=400)
+    row = wait(env, job["id"], lambda r: r["state"] in FINAL, timeout=400)
     return status(env, reference["id"]), row
 
 
@@ -103,9 +108,6 @@ def test_local_run_interrupted_twice_ends_as_if_never_interrupted(local_env):
 # --- the real SLURM cluster: partitions low (preempted, GraceTime) and high (preempts low) ---
 
 SLURM = ["--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--time", "00:20:00"]
-# What these jobs may end as. Not NODE_FAIL or PREEMPTED: between such an end and the requeued attempt
-# (or while the steps complete) a job passes through states that are not its last.
-FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY")
 
 
 @pytest.fixture(scope="module")

@@ -152,8 +152,7 @@ def _harness(model_dir: str, adapter: str | None, tasks: str | None, tasks_dir: 
         views.print_json(summary) if as_json else views.harness_result(summary)
         return
     result = harness.submit_harness(settings, typed(values), ops.runs_dir(runs_dir, writable=True))
-    _follow(result, "lm-eval job", wait, as_json, views.harness_result)
-    if summary is None:
+    if _follow(result, "lm-eval job", wait, as_json, views.harness_result) is None and wait:
         raise Failure(f"job {result.job.id} completed without writing {result.job.run_dir / 'eval.json'}")
 
 
