@@ -14,7 +14,7 @@ SHELL := /bin/bash
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch (on this machine's disk); the package itself asks only torch>=2.4,
+	# The CPU build of torch (on this machine's disk); the package itself asks only torch>=2.9,
 	# which unpinned would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
