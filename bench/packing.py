@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from worker_step import first_host_sync, join_single_process_group, randomize, seconds_per_step  # noqa: E402
+from worker_step import Case, first_host_sync, join_single_process_group, randomize, seconds_per_step  # noqa: E402
 
 from llamajobs.data.instruct import PackedSampler  # noqa: E402
 from llamajobs.data.sampler import IGNORE_INDEX  # noqa: E402
@@ -42,15 +42,6 @@ from llamajobs.worker import model as model_lib  # noqa: E402
 from llamajobs.worker import train  # noqa: E402
 
 WAYS = ("unpacked", "packed", "isolated")
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    size: str
-    mode: str
-    seq_len: int
-    micro_batch: int
 
 
 GPU_CASES = (Case("1.1b full", "tinyllama-1.1b", "full", 2048, 4), Case("7b lora r8 q/v", "7b", "lora", 2048, 2))

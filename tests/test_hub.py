@@ -7,7 +7,6 @@ job trained from it end to end on the local cluster.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
