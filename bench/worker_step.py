@@ -31,6 +31,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -126,6 +127,9 @@ def worker_step(spec: JobSpec, env: parallel.Dist, batches: int = 1) -> Callable
 
 def plain_step(spec: JobSpec, device: torch.device) -> Callable[[], torch.Tensor]:
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    if kernels.liger_patched(LlamaForCausalLM):
+        raise RuntimeError("the plain loop after Liger patched transformers in this process: it would be Liger's")
 
     config = LlamaConfig(**spec.shape.hf_config(), attn_implementation="sdpa", use_cache=False)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -266,27 +270,27 @@ def worker_loops(case: Case, device: torch.device, compile: bool) -> list[tuple[
 
 
 def run(args: argparse.Namespace, env: parallel.Dist, cases: list[Case]) -> list[Row]:
-    device_name, device = env.device.type, env.device
+    """The plain loop and the worker's variants of each case, eager and compiled, in the table's order.
+    Liger patches transformers' modeling module for the whole process (kernels.apply), so every row
+    with transformers' own modules is measured before the first Liger row."""
+    device = env.device
     compiles = (False, True) if args.compile else (False,)
-    rows: list[Row] = []
+    jobs: list[tuple[Row, JobSpec, Callable[[], Callable[[], torch.Tensor]]]] = []
     for case in cases:
         for compile in compiles:
-            spec = case.spec(device_name, compile)
-            rows.append(measure(Row(case.name, "plain", compile, spec.micro_batch),
-                                lambda: plain_step(spec, device), spec, device, args))
-            print(format_row(rows[-1]), flush=True)
+            spec = case.spec(device.type, compile)
+            jobs.append((Row(case.name, "plain", compile, spec.micro_batch), spec, partial(plain_step, spec, device)))
             for loop, spec in worker_loops(case, device, compile):
-                rows.append(measure(Row(case.name, loop, compile, spec.micro_batch),
-                                    lambda: worker_step(spec, env), spec, device, args))
-                print(format_row(rows[-1]), flush=True)
+                jobs.append((Row(case.name, loop, compile, spec.micro_batch), spec, partial(worker_step, spec, env)))
         if args.fill and device.type == "cuda":
             micro = fill_micro_batch(case, device, compiles[-1])
             if micro and micro != case.micro_batch:
-                spec = case.spec(device_name, compiles[-1], micro, kernels="liger")
-                rows.append(measure(Row(case.name, "worker+liger", compiles[-1], micro),
-                                    lambda: worker_step(spec, env), spec, device, args))
-                print(format_row(rows[-1]), flush=True)
-    return with_ratios(rows)
+                spec = case.spec(device.type, compiles[-1], micro, kernels="liger")
+                jobs.append((Row(case.name, "worker+liger", compiles[-1], micro), spec,
+                             partial(worker_step, spec, env)))
+    for row, spec, build in sorted(jobs, key=lambda job: "liger" in job[0].loop):
+        print(format_row(measure(row, build, spec, device, args)), flush=True)
+    return with_ratios([row for row, _, _ in jobs])
 
 
 def run_strategies(args: argparse.Namespace, env: parallel.Dist, cases: list[Case]) -> list[Row]:
@@ -308,10 +312,11 @@ def run_strategies(args: argparse.Namespace, env: parallel.Dist, cases: list[Cas
 
 def largest_micro_batches(args: argparse.Namespace, env: parallel.Dist, cases: list[Case]) -> list[str]:
     """The largest power-of-two micro-batch that trains, with the plain modules and with Liger's fused
-    loss (the logits never exist), eager: what the fused loss buys in memory."""
+    loss (the logits never exist), eager: what the fused loss buys in memory. Plain first (Liger
+    patches the process)."""
     lines = []
-    for case in cases:
-        for loop, kernel in (("worker", "none"), ("worker+liger", "liger")):
+    for loop, kernel in (("worker", "none"), ("worker+liger", "liger")):
+        for case in cases:
             largest, micro = None, case.micro_batch
             while micro <= args.max_micro_batch:
                 spec = case.spec(env.device.type, False, micro, kernels=kernel)

@@ -110,6 +110,23 @@ def test_without_labels_the_model_is_its_own():
     assert model(input_ids=inputs).logits.shape == (1, 8, SIZES["tiny"].vocab_size)
 
 
+def test_a_plain_model_is_refused_once_liger_patched_the_process(monkeypatch):
+    """Liger's RoPE replaces the family module's apply_rotary_pos_emb (and its norm and MLP classes) for
+    the whole process: a plain model built after it would silently be Liger's (the GPU bench's plain
+    rows were). Here the module's function is swapped for one from a liger_kernel module, as Liger does."""
+    from transformers.models.llama import modeling_llama
+
+    def liger_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        return modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    liger_rotary_pos_emb.__module__ = "liger_kernel.transformers.rope"
+    model = LlamaForCausalLM(tiny_config())
+    assert not kernels.liger_patched(LlamaForCausalLM)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", liger_rotary_pos_emb)
+    assert kernels.liger_patched(LlamaForCausalLM)
+    with pytest.raises(RuntimeError, match="Liger's kernels already patched transformers.models.llama"):
+        kernels.apply(model, PLAIN)
+
+
 @pytest.mark.gpu
 def test_fp8_swaps_the_decoder_linears_and_keeps_hf_names():
     if not torch.cuda.is_available():

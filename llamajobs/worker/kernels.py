@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import MethodType
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,7 +90,15 @@ def check_fp8_device(device: torch.device) -> None:
 
 def apply(model: nn.Module, kernels: Kernels) -> None:
     """On the bare causal LM (before peft, compile and sharding): the loss forward always; Liger's
-    module kernels and FP8's linears when chosen."""
+    module kernels and FP8's linears when chosen.
+
+    Liger patches the family's transformers module for the whole process, not only this model (its
+    RoPE replaces the module's function, its norm and MLP the module's classes), so every model of
+    that family built afterwards in this process is Liger's too: a plain model asked for after that
+    is refused rather than silently measured or trained with Liger's kernels."""
+    if not kernels.liger and liger_patched(type(model)):
+        raise RuntimeError(f"{type(model).__name__}: Liger's kernels already patched {type(model).__module__} in "
+                           "this process; build plain models before the first Liger one, or in another process")
     if kernels.liger:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -100,6 +110,13 @@ def apply(model: nn.Module, kernels: Kernels) -> None:
         convert_to_float8_training(model, module_filter_fn=_fp8_filter)
     model.linear_ce_sum = liger_linear_ce_sum if kernels.fused_loss else None
     model.forward = MethodType(loss_forward, model)
+
+
+def liger_patched(model_class: type) -> bool:
+    """Whether Liger has patched the transformers module this class comes from (every family's
+    modeling module has an apply_rotary_pos_emb, which Liger's RoPE replaces)."""
+    rope = getattr(sys.modules[model_class.__module__], "apply_rotary_pos_emb", None)
+    return getattr(rope, "__module__", "").startswith("liger_kernel")
 
 
 def _fp8_filter(module: nn.Module, name: str) -> bool:
