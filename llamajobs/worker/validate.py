@@ -43,7 +43,7 @@ def eval_stream(spec: JobSpec, store: TokenStore | None, pad_id: int) -> BatchSt
     shared = dict(seq_len=spec.seq_len, global_batch=1, micro_batch=1, rank=0, world_size=1, seed=spec.seed,
                   pad_id=pad_id)
     if held.has_loss_mask:
-        return instruct.PackedSampler(held, isolate=not spec.mode_info.virtual_tokens, **shared)
+        return instruct.PackedSampler(held, **shared)  # documents isolated (rules.validate_packing)
     return WindowSampler(held, **shared)
 
 
