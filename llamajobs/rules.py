@@ -86,6 +86,7 @@ def validate(spec: JobSpec) -> None:
               "checkpoint_every_minutes", "keep_checkpoints", "lora_r", "lora_alpha", "num_virtual_tokens",
               "log_every_steps", "collective_timeout_minutes")
     _positive(spec, "eval_every_steps")
+    _positive(spec, "eval_batches")
     if spec.name is not None and not _NAME.match(spec.name):
         raise SpecError(f"--name {spec.name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-'")
     if spec.wandb is not None and not _WANDB.match(spec.wandb):
