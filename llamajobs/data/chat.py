@@ -9,9 +9,9 @@ could end the assistant's turn. So the messages are rendered with such strings h
 moved one for one into a private-use plane, so every offset holds), the special tokens left in the
 rendering are the template's, and the text between them is tokenised with special-token strings kept
 as text, each piece as the tokenizer tokenises the text between special tokens (so tokens merge exactly
-as at inference). Each token is trained on when its first character lies in a trained span: by default every assistant turn, from its first character to the end of its
-rendering (the turn's end-of-turn token included, the header before it not), or every turn with
-`--train-on all`.
+as at inference). Each token is trained on when its first character lies in a trained span: by
+default every assistant turn, from its first character to the end of its rendering (the turn's
+end-of-turn token included, the header before it not), or every turn with `--train-on all`.
 
 An assistant turn's span is found by rendering the conversation up to it with the generation prompt
 (the header an inference server would send) and up to and including it: the first must be a prefix
@@ -78,15 +78,14 @@ class ChatEncoder:
             raise SpecError(f"--tokenizer {tokenizer_path}: chat formats need a fast tokenizer (tokenizer.json) "
                             f"for the token offsets of the turns")
         self.bos_id, self.eos_id = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        special = {t.content: (i, t) for i, t in self.tokenizer.added_tokens_decoder.items()
+        special = {i: t for i, t in self.tokenizer.added_tokens_decoder.items()
                    if t.special and t.content and max(map(ord, t.content)) < 0x110000 - HIDDEN}
-        self.special_ids = {name: i for name, (i, _) in special.items()}
-        longest_first = sorted(special, key=len, reverse=True)
-        # An AddedToken with lstrip/rstrip takes the white space beside it, as the tokenizer does.
-        self._markup = _alternation(("\\s*" if t.lstrip else "") + re.escape(name) + ("\\s*" if t.rstrip else "")
-                                    for name, (_, t) in ((n, special[n]) for n in longest_first))
-        self._in_text = _alternation(map(re.escape, longest_first))
-        self._hidden = _alternation(re.escape(hide(name)) for name in longest_first)
+        self.special_ids = {t.content: i for i, t in special.items()}
+        longest_first = sorted(special.values(), key=lambda t: len(t.content), reverse=True)
+        names = [t.content for t in longest_first]
+        self._markup = _alternation(map(_markup_pattern, longest_first))
+        self._in_text = _alternation(map(re.escape, names))
+        self._hidden = _alternation(re.escape(hide(name)) for name in names)
         self._first_piece, self._later_piece = text_tokenizers(self.tokenizer.backend_tokenizer)
 
     def render(self, turns: tuple[Turn, ...], generation_prompt: bool = False) -> str:
@@ -172,6 +171,12 @@ def hide(text: str) -> str:
 
 def unhide(text: str) -> str:
     return "".join(chr(ord(c) - HIDDEN) for c in text)
+
+
+def _markup_pattern(token: Any) -> str:
+    """An AddedToken's match in a rendering: with lstrip/rstrip, the white space beside it too, as the
+    tokenizer takes it."""
+    return ("\\s*" if token.lstrip else "") + re.escape(token.content) + ("\\s*" if token.rstrip else "")
 
 
 def _alternation(patterns: Any) -> re.Pattern[str] | None:
