@@ -68,6 +68,7 @@ def tiny_model(vocab_size: int) -> torch.nn.Module:
 
 
 def _validate_on_rank(rank: int, data: str, out: str) -> None:
+    torch.set_num_threads(1)  # as a DataLoader's forked worker: no thread pool inherited from the parent
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=WORLD)
     try:
         env = Dist(rank=rank, local_rank=rank, world_size=WORLD, local_world_size=WORLD, device=torch.device("cpu"))
@@ -97,7 +98,8 @@ def eval_store(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 def test_eval_batches_caps_each_rank_and_the_loss_is_over_both_ranks(tmp_path, eval_store):
-    mp.spawn(_validate_on_rank, args=(str(eval_store), str(tmp_path)), nprocs=WORLD, join=True)
+    # Forked, not spawned: the ranks start with everything imported (an import costs seconds on 2 cores).
+    mp.start_processes(_validate_on_rank, args=(str(eval_store), str(tmp_path)), nprocs=WORLD, start_method="fork")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     stream = eval_stream(JobSpec(seq_len=SEQ_LEN), st.TokenStore(eval_store), pad_id=2)
     rows = stream.rows_in_epoch(0)
