@@ -171,7 +171,8 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         state = "STALLED"
     eta = None
     if state in ("RUNNING", "STALLED") and step_time and last:
-        eta = max(0.0, (last.total_steps - last.step) * step_time - (age or 0.0))
+        to_come = validation_time_to_come(measured, last.step, last.total_steps, spec.eval_every_steps if spec else None)
+        eta = max(0.0, (last.total_steps - last.step) * step_time + to_come - (age or 0.0))
     error = None
     if state in ("FAILED", "OUT_OF_MEMORY") and (first := forensics.first_error(job)) is not None:
         error = f"rank {first.rank} on {first.host}: {first.message} ({first.log})"
@@ -202,6 +203,22 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         val_loss=latest_val_loss(measured),
         hub_id=spec.hub_id if spec else None, hub_commit=spec.hub_commit if spec else None,
     )
+
+
+def validations_after(step: int, total: int, every: int | None) -> int:
+    """The validations still due after `step`: every `every` steps, and after the last one."""
+    if step >= total:
+        return 0
+    periodic = total // every - step // every if every else 0
+    return periodic + (0 if every and total % every == 0 else 1)
+
+
+def validation_time_to_come(rows: Sequence[MetricsRow], step: int, total: int, every: int | None,
+                            window: int = 5) -> float:
+    """Seconds the validations still due will take, each at the median wall time of the recent ones
+    (the rows that carry a val_loss). None measured yet (no eval split, or none run in the tail read): 0."""
+    measured = [r.val_s for r in rows if r.val_loss is not None][-window:]
+    return validations_after(step, total, every) * statistics.median(measured) if measured else 0.0
 
 
 def latest_val_loss(rows: Sequence[MetricsRow]) -> float | None:

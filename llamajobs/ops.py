@@ -203,8 +203,9 @@ def checked_spec(spec: JobSpec, runs: Path) -> JobSpec:
                         f"tokenizes with the model's own tokenizer: copy it beside the weights")
     if spec.data is not None:
         from llamajobs.data.store import TokenStore
+        from llamajobs.rules import validate_packing
 
-        TokenStore(spec.data)
+        validate_packing(spec, packed=TokenStore(spec.data).has_loss_mask)
     return spec
 
 

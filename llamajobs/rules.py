@@ -86,6 +86,7 @@ def validate(spec: JobSpec) -> None:
               "checkpoint_every_minutes", "keep_checkpoints", "lora_r", "lora_alpha", "num_virtual_tokens",
               "log_every_steps", "collective_timeout_minutes")
     _positive(spec, "eval_every_steps")
+    _positive(spec, "eval_batches")
     if spec.name is not None and not _NAME.match(spec.name):
         raise SpecError(f"--name {spec.name!r} is not allowed; use 1-64 letters, digits, '.', '_' or '-'")
     if spec.wandb is not None and not _WANDB.match(spec.wandb):
@@ -159,3 +160,16 @@ def _validate_combinations(spec: JobSpec) -> None:
     if spec.procs_per_node and spec.cluster == "slurm" and spec.device != "cpu" \
             and spec.procs_per_node > spec.gpus_per_node:
         raise SpecError(f"--procs-per-node {spec.procs_per_node} exceeds --gpus-per-node {spec.gpus_per_node}")
+
+
+def validate_packing(spec: JobSpec, packed: bool) -> None:
+    """A store with a loss mask (instruction and chat data) is packed into rows whose documents must not
+    see each other (worker/packing.py: a 4-D block-diagonal mask and positions restarting at 0). peft's
+    prompt-learning forward (0.21) cannot carry that: it concatenates a 2-D mask of ones for its virtual
+    tokens onto the attention mask (a 4-D one fails there) and drops the position ids (prompt, ptuning),
+    so the documents of a row would attend to each other. Refused, on the submitting host and in the worker."""
+    if packed and spec.mode_info.virtual_tokens:
+        allowed = [m for m, info in catalog.MODE.items() if not info.virtual_tokens]
+        raise SpecError(f"--mode {spec.mode} cannot train on --data {spec.data}: its instruction or chat documents are "
+                        f"packed into rows, and peft's virtual tokens cannot be kept apart per document; use --mode "
+                        f"{' or '.join(allowed)}, or --mode {spec.mode} with plain-text data")

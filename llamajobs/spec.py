@@ -131,6 +131,7 @@ class JobSpec:
     wandb: str | None = None
     log_every_steps: int = 1
     eval_every_steps: int | None = None  # validation loss on the store's eval split every N steps (and at the end)
+    eval_batches: int | None = None  # each validation over at most N micro-batches per rank (None: the whole split)
     # what runs: training (None), or an eval of a model (`llamajobs eval --cluster ...`)
     evaluation: EvalSpec | None = None
 

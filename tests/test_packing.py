@@ -3,6 +3,7 @@ equal its logits alone (CPU, fp32, the worker's own attention and a real store a
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -10,12 +11,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llamajobs.catalog import PROMPT_MODES
 from llamajobs.data import store as st
 from llamajobs.data.instruct import PackedSampler
 from llamajobs.data.prepare import PrepareConfig, prepare
+from llamajobs.errors import SpecError
+from llamajobs.rules import validate_packing
 from llamajobs.spec import JobSpec
 from llamajobs.worker import packing
-from llamajobs.worker.model import attention_for
+from llamajobs.worker.model import _apply_peft, attention_for
 
 TOLERANCE = 1e-5  # fp32 on the CPU: only the summation order of the masked kernel differs
 
@@ -81,3 +85,37 @@ def test_the_mask_is_built_without_a_host_sync():
         packing.document_mask(positions)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --- the prompt-learning modes and packed rows: refused ---
+
+@pytest.mark.parametrize("mode", PROMPT_MODES)
+def test_peft_prompt_learning_cannot_carry_the_document_mask(packed, mode):
+    """Why the prompt modes are refused on packed data: peft's prompt-learning forward concatenates a
+    2-D mask of ones for its virtual tokens onto the attention mask, so the 4-D document mask fails
+    there (and prompt/ptuning drop the position ids). If peft ever lets it through, this test says so."""
+    _, sampler, model = packed
+    (inputs, labels, positions), = next(iter(PackedSampler(sampler.store, seq_len=384, global_batch=2, micro_batch=2,
+                                                           rank=0, world_size=1, seed=0, pad_id=2)))
+    spec = JobSpec(mode=mode, num_virtual_tokens=4)
+    tuned = _apply_peft(copy.deepcopy(model), spec)
+    with pytest.raises(RuntimeError, match="same number of dimensions"):
+        tuned(**packing.model_inputs(inputs, positions), labels=labels)
+
+
+@pytest.mark.parametrize("mode", PROMPT_MODES)
+def test_the_prompt_modes_on_packed_data_are_refused_at_submit(cli, tmp_path, packed, mode):
+    store = packed[0]
+    code, out, err = cli("submit", "--cluster", "local", "--mode", mode, "--data", str(store.path), "--dry-run")
+    assert code == 2, err
+    assert err.strip() == f"Error: --mode {mode} cannot train on --data {store.path}: its instruction or chat documents " \
+        f"are packed into rows, and peft's virtual tokens cannot be kept apart per document; use --mode full or " \
+        f"lora, or --mode {mode} with plain-text data"
+    with pytest.raises(SpecError, match=f"--mode {mode} cannot train on --data"):
+        validate_packing(JobSpec(mode=mode, data=str(store.path)), packed=True)  # the worker's check (build_data)
+
+
+def test_plain_text_data_and_the_other_modes_pass(packed):
+    validate_packing(JobSpec(mode="prompt"), packed=False)  # plain-text data: one window per document, no packing
+    for mode in ("full", "lora"):
+        validate_packing(JobSpec(mode=mode, data=str(packed[0].path)), packed=True)

@@ -61,6 +61,8 @@ JOB_OPTIONS = [
     _opt("--log-every-steps", type=int),
     _opt("--eval-every-steps", type=int, help="Validation loss on the --data store's eval split every N steps "
                                               "(always after the last step when the store has one)."),
+    _opt("--eval-batches", type=int, help="Each validation over at most N micro-batches on each rank, the eval "
+                                          "split's first ones (default: all of it)."),
     _opt("--keep-checkpoints", type=int), _opt("--max-requeues", type=int),
     _opt("--collective-timeout-minutes", type=float,
          help="How long the ranks wait for one that went silent before the job fails (default 30)."),

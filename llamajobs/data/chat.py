@@ -3,11 +3,15 @@
 A conversation is a tuple of (role, content) turns, roles system, user and assistant. It is rendered
 with the tokenizer's own chat template (tokenizer_config.json's chat_template, or a chat_template.jinja
 beside it) through transformers' apply_chat_template, or with a named one (`--chat-template`:
-chat_templates/NAME.jinja, data like the tokenizer's). The rendered text is tokenised in one piece
-(so tokens merge exactly as at inference) and each token is trained on when its first character lies
-in a trained span: by default every assistant turn, from its first character to the end of its
-rendering (the turn's end-of-turn token included, the header before it not), or every turn with
-`--train-on all`.
+chat_templates/NAME.jinja, data like the tokenizer's). Only the markup the template emits may become
+special tokens: a special token's string inside a message ("<|im_end|>", "</s>") is text, or a user
+could end the assistant's turn. So the messages are rendered with such strings hidden (each character
+moved one for one into a private-use plane, so every offset holds), the special tokens left in the
+rendering are the template's, and the text between them is tokenised with special-token strings kept
+as text, each piece as the tokenizer tokenises the text between special tokens (so tokens merge exactly
+as at inference). Each token is trained on when its first character lies in a trained span: by
+default every assistant turn, from its first character to the end of its rendering (the turn's
+end-of-turn token included, the header before it not), or every turn with `--train-on all`.
 
 An assistant turn's span is found by rendering the conversation up to it with the generation prompt
 (the header an inference server would send) and up to and including it: the first must be a prefix
@@ -17,6 +21,8 @@ Qwen, ChatML and Alpaca. A template for which it does not hold is refused, recor
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ TRAIN_ON = ("assistant", "all")
 ROLES = ("system", "user", "assistant")
 
 Turn = tuple[str, str]  # (role, content)
+HIDDEN = 0xF0000  # a hidden character's code point is this plus its own (planes 15 and 16: private use)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +78,27 @@ class ChatEncoder:
             raise SpecError(f"--tokenizer {tokenizer_path}: chat formats need a fast tokenizer (tokenizer.json) "
                             f"for the token offsets of the turns")
         self.bos_id, self.eos_id = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        special = {i: t for i, t in self.tokenizer.added_tokens_decoder.items()
+                   if t.special and t.content and max(map(ord, t.content)) < 0x110000 - HIDDEN}
+        self.special_ids = {t.content: i for i, t in special.items()}
+        longest_first = sorted(special.values(), key=lambda t: len(t.content), reverse=True)
+        names = [t.content for t in longest_first]
+        self._markup = _alternation(map(_markup_pattern, longest_first))
+        self._in_text = _alternation(map(re.escape, names))
+        self._hidden = _alternation(re.escape(hide(name)) for name in names)
+        self._first_piece, self._later_piece = text_tokenizers(self.tokenizer.backend_tokenizer)
 
     def render(self, turns: tuple[Turn, ...], generation_prompt: bool = False) -> str:
+        """The conversation as the template renders it (the messages' text as given)."""
+        return self.restore(self.render_hidden(turns, generation_prompt))
+
+    def render_hidden(self, turns: tuple[Turn, ...], generation_prompt: bool = False) -> str:
+        """The rendering with the special-token strings of the messages hidden: every special-token
+        string left in it is the template's markup. As long as render()'s, character for character."""
         from jinja2 import TemplateError
 
+        if self._in_text is not None:
+            turns = tuple((role, self._in_text.sub(lambda m: hide(m.group()), content)) for role, content in turns)
         messages = [{"role": role, "content": content} for role, content in turns]
         try:
             return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
@@ -82,17 +106,21 @@ class ChatEncoder:
         except TemplateError as e:  # raise_exception in a template raises TemplateError too
             raise RenderError(f"the chat template ({self.template_name}) refuses it: {e}") from None
 
+    def restore(self, hidden: str) -> str:
+        return hidden if self._hidden is None else self._hidden.sub(lambda m: unhide(m.group()), hidden)
+
     def spans(self, turns: tuple[Turn, ...]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation and the character spans trained on."""
-        text = self.render(turns)
+        """The rendered conversation (special-token strings of the messages hidden) and the character
+        spans trained on."""
+        text = self.render_hidden(turns)
         if self.options.train_on == "all":
             return text, [(0, len(text))]
         spans = []
         for i, (role, _) in enumerate(turns):
             if role != "assistant":
                 continue
-            before = self.render(turns[:i], generation_prompt=True) if i else ""
-            through = self.render(turns[:i + 1])
+            before = self.render_hidden(turns[:i], generation_prompt=True) if i else ""
+            through = self.render_hidden(turns[:i + 1])
             if not through.startswith(before) or not text.startswith(through):
                 raise RenderError(f"the chat template ({self.template_name}) does not render turn {i + 1} as a "
                                   f"continuation of the turns before it, so its tokens cannot be told apart; "
@@ -103,16 +131,82 @@ class ChatEncoder:
     def encode(self, turns: tuple[Turn, ...]) -> tuple[list[int], list[int]]:
         """(ids, mask) of one conversation. BOS is added when the template did not put one first,
         EOS when it did not end with one (trained on when the last turn is)."""
-        text, spans = self.spans(turns)
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids: list[int] = list(encoded["input_ids"])
-        mask = [int(any(a <= start < b for a, b in spans)) for start, _ in encoded["offset_mapping"]]
+        hidden, spans = self.spans(turns)
+        ids, starts = self.tokenize(hidden)
+        mask = [int(any(a <= start < b for a, b in spans)) for start in starts]
         if not ids or ids[0] != self.bos_id:
             ids, mask = [self.bos_id, *ids], [0, *mask]
         mask[0] = 0  # the BOS is never a target (nothing precedes it)
         if ids[-1] != self.eos_id:
             ids, mask = [*ids, self.eos_id], [*mask, mask[-1]]
         return ids, mask
+
+    def tokenize(self, hidden: str) -> tuple[list[int], list[int]]:
+        """(ids, each token's first character) of a rendering from render_hidden: its special-token
+        strings become special tokens, the text between them is tokenised with none."""
+        text = self.restore(hidden)
+        ids: list[int] = []
+        starts: list[int] = []
+
+        def text_piece(a: int, b: int) -> None:
+            if a < b:  # the first piece is tokenised as the start of a text, the others as what follows a special token
+                encoded = (self._first_piece if a == 0 else self._later_piece).encode(text[a:b], add_special_tokens=False)
+                ids.extend(encoded.ids)
+                starts.extend(a + start for start, _ in encoded.offsets)
+
+        position = 0
+        for match in self._markup.finditer(hidden) if self._markup is not None else ():
+            text_piece(position, match.start())
+            name = match.group()
+            ids.append(self.special_ids[name if name in self.special_ids else name.strip()])
+            starts.append(match.start())
+            position = match.end()
+        text_piece(position, len(text))
+        return ids, starts
+
+
+def hide(text: str) -> str:
+    return "".join(chr(HIDDEN + ord(c)) for c in text)
+
+
+def unhide(text: str) -> str:
+    return "".join(chr(ord(c) - HIDDEN) for c in text)
+
+
+def _markup_pattern(token: Any) -> str:
+    """An AddedToken's match in a rendering: with lstrip/rstrip, the white space beside it too, as the
+    tokenizer takes it."""
+    return ("\\s*" if token.lstrip else "") + re.escape(token.content) + ("\\s*" if token.rstrip else "")
+
+
+def _alternation(patterns: Any) -> re.Pattern[str] | None:
+    patterns = list(patterns)
+    return re.compile("|".join(patterns)) if patterns else None
+
+
+def text_tokenizers(backend: Any) -> tuple[Any, Any]:
+    """Two copies of a `tokenizers` Tokenizer that keep special-token strings as text: one for a text's
+    first piece and one for a piece after a special token. They differ for a Metaspace pre-tokenizer
+    that prepends its "▁" only at the start of the text (prepend_scheme "first", LLaMA-2's and
+    Mistral's): in one whole text, the piece after "</s>" gets none, and a piece tokenised on its own
+    would."""
+    from tokenizers import Tokenizer
+
+    def never_first(node: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+                return {**node, "prepend_scheme": "never"}
+            return {k: never_first(v) for k, v in node.items()}
+        return [never_first(v) for v in node] if isinstance(node, list) else node
+
+    config = json.loads(backend.to_str())
+    first = Tokenizer.from_str(json.dumps(config))
+    later = Tokenizer.from_str(json.dumps({**config, "pre_tokenizer": never_first(config.get("pre_tokenizer"))}))
+    for tokenizer in (first, later):
+        tokenizer.encode_special_tokens = True
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+    return first, later
 
 
 def describe(options: ChatOptions, encoder: ChatEncoder) -> dict[str, Any]:

@@ -61,10 +61,17 @@ def token_dtype(vocab_size: int) -> str:
 # --- tokenizer fingerprint ---
 
 
+# How text becomes ids, beyond the vocabulary; part of the fingerprint, so a store (or a shard) made
+# under another rule is refused, not mixed. 2: a special token's string inside the data ("</s>",
+# "<|im_end|>" in a message) is text; only a chat template's markup is a special token.
+ENCODING = 2
+
+
 def fingerprint(pieces: Sequence[str], bos_id: int | None, eos_id: int | None, unk_id: int | None) -> str:
-    """sha256 of the vocabulary's pieces in id order and the special ids: equal for the same
+    """sha256 of the vocabulary's pieces in id order, the special ids and ENCODING: equal for the same
     tokenizer.model loaded by sentencepiece or by transformers, different for any other vocabulary."""
-    data = json.dumps({"pieces": list(pieces), "bos": bos_id, "eos": eos_id, "unk": unk_id},
+    data = json.dumps({"pieces": list(pieces), "bos": bos_id, "eos": eos_id, "unk": unk_id,
+                       "encoding": ENCODING},
                       ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(data.encode("utf-8")).hexdigest()
 

@@ -32,6 +32,7 @@ from llamajobs.data import instruct
 from llamajobs.data.store import TokenStore, open_documents
 from llamajobs.data.tokenizer import ensure_tokenizer, load_tokenizer
 from llamajobs.estimate import flops_per_token
+from llamajobs.rules import validate_packing
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
 from llamajobs.worker import kernels, packing, parallel, rng, sinks, validate, zero
@@ -139,6 +140,7 @@ def build_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, env: Dist) -> 
     shared = dict(seq_len=spec.seq_len, global_batch=spec.global_batch, micro_batch=spec.micro_batch,
                   rank=env.rank, world_size=env.world_size, seed=spec.seed, pad_id=tokenizer.eos_token_id)
     if getattr(docs, "has_loss_mask", False):
+        validate_packing(spec, packed=True)  # submit refused it already; a hand-edited spec.json too
         packed = instruct.PackedSampler(docs, isolate=not spec.mode_info.virtual_tokens, **shared)
         return packed, instruct.steps_per_epoch(packed, spec.tokens_per_epoch)
     sampler = WindowSampler(docs, **shared)

@@ -1,5 +1,6 @@
 """Validation loss while training: the mean token loss over the store's eval split (`data prepare
---eval-fraction`), every --eval-every-steps optimizer steps and after the last one.
+--eval-fraction`), or its first --eval-batches micro-batches on each rank, every --eval-every-steps
+optimizer steps and after the last one.
 
 The eval split is cut into the same examples as training (packed rows for instruction data,
 documents isolated; one window per document otherwise), in the store's own order, and dealt out
@@ -43,7 +44,7 @@ def eval_stream(spec: JobSpec, store: TokenStore | None, pad_id: int) -> BatchSt
     shared = dict(seq_len=spec.seq_len, global_batch=1, micro_batch=1, rank=0, world_size=1, seed=spec.seed,
                   pad_id=pad_id)
     if held.has_loss_mask:
-        return instruct.PackedSampler(held, isolate=not spec.mode_info.virtual_tokens, **shared)
+        return instruct.PackedSampler(held, **shared)  # documents isolated (rules.validate_packing)
     return WindowSampler(held, **shared)
 
 
@@ -59,16 +60,17 @@ def build_validator(spec: JobSpec, env: Dist, strategy: Strategy, *, total: int,
         print(f"note: --eval-every-steps {spec.eval_every_steps}: the data has no eval split (`data prepare "
               f"--eval-fraction`), so no validation loss", flush=True)
     return Validator(stream, every=spec.eval_every_steps, total=total, micro_batch=spec.micro_batch, env=env,
-                     strategy=strategy)
+                     strategy=strategy, max_batches=spec.eval_batches)
 
 
 class Validator:
     """Runs validation when due: `after_step(step)` returns a Validation, or None when not due."""
 
     def __init__(self, stream: BatchStream | None, *, every: int | None, total: int, micro_batch: int, env: Dist,
-                 strategy: Strategy) -> None:
+                 strategy: Strategy, max_batches: int | None = None) -> None:
         self.stream, self.every, self.total = stream, every, total
         self.micro_batch, self.env, self.strategy = micro_batch, env, strategy
+        self.max_batches = max_batches  # --eval-batches: the same first examples every time, so the curve compares
 
     def due(self, step: int) -> bool:
         return self.stream is not None and (step == self.total or bool(self.every) and step % self.every == 0)
@@ -81,8 +83,10 @@ class Validator:
         return Validation(loss_sum / max(tokens, 1), tokens, time.perf_counter() - started)
 
     def batches(self) -> int:
+        """Micro-batches each rank runs: the whole split's, or --eval-batches when fewer."""
         per_round = self.micro_batch * self.env.world_size
-        return math.ceil(examples_in(self.stream) / per_round)
+        whole = math.ceil(examples_in(self.stream) / per_round)
+        return whole if self.max_batches is None else min(whole, self.max_batches)
 
     def micro_batch_at(self, b: int) -> tuple[torch.Tensor, ...]:
         """This rank's b-th micro-batch: examples dealt out by rank, padding rows past the end."""
@@ -98,7 +102,7 @@ class Validator:
 
     @torch.no_grad()
     def run(self, model: nn.Module) -> tuple[float, int]:
-        """(summed token loss, target tokens) over the whole split, all ranks together."""
+        """(summed token loss, target tokens) over the split (or its first batches), all ranks together."""
         was_training = model.training
         model.eval()
         device = self.env.device
