@@ -5,10 +5,10 @@ into rows of seq_len tokens (a document that does not fit starts the next row; o
 seq_len is cut to seq_len). Labels are the next token where the store's loss mask marks it a
 target (the response and its EOS), and -100 everywhere else: the prompt, the padding, and the last
 position of every document, so no document is trained to predict its neighbour. Each document keeps
-its own single BOS, and (with `isolate`, the default) its own positions, restarting at 0, which the
-worker turns into a block-diagonal causal mask (llamajobs/worker/packing.py): a document attends
-only to itself, and its logits are those it has alone. Without `isolate` (the prompt-learning
-modes, whose virtual tokens come before the whole row) the documents of a row attend to each other.
+its own single BOS and its own positions, restarting at 0, which the worker turns into a
+block-diagonal causal mask (llamajobs/worker/packing.py): a document attends only to itself, and its
+logits are those it has alone. (The prompt-learning modes, whose virtual tokens come before the whole
+row, are refused on packed data: rules.validate_packing.)
 
 The stream of rows is epoch 0's rows, then epoch 1's; global batch b is rows [b * G, (b + 1) * G)
 and rank r takes the r-th contiguous 1/world_size of it, as WindowSampler does, so the position
@@ -27,10 +27,9 @@ from llamajobs.data.store import TokenStore
 class PackedSampler(BatchStream):
     """Global batches of packed rows, this data-parallel rank's slice as micro-batches."""
 
-    def __init__(self, store: TokenStore, isolate: bool = True, **batching: int) -> None:
+    def __init__(self, store: TokenStore, **batching: int) -> None:
         super().__init__(len(store), **batching)
         self.store = store
-        self.isolate = isolate
         self.lengths = np.minimum(store.lengths(), self.seq_len)
         self._rows_per_epoch: list[int] = []
         self._packing: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, order, row starts)
@@ -87,7 +86,7 @@ class PackedSampler(BatchStream):
             positions[at:at + n] = np.arange(n)
             at += n
         positions[at:] = np.arange(self.seq_len - at)
-        return (inputs, labels, positions) if self.isolate else (inputs, labels)
+        return inputs, labels, positions
 
     # --- resume ---
 

@@ -141,7 +141,7 @@ def build_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, env: Dist) -> 
                   rank=env.rank, world_size=env.world_size, seed=spec.seed, pad_id=tokenizer.eos_token_id)
     if getattr(docs, "has_loss_mask", False):
         validate_packing(spec, packed=True)  # submit refused it already; a hand-edited spec.json too
-        packed = instruct.PackedSampler(docs, isolate=not spec.mode_info.virtual_tokens, **shared)
+        packed = instruct.PackedSampler(docs, **shared)
         return packed, instruct.steps_per_epoch(packed, spec.tokens_per_epoch)
     sampler = WindowSampler(docs, **shared)
     return sampler, steps_per_epoch(len(docs), spec.global_batch, spec.seq_len, spec.tokens_per_epoch)
