@@ -40,9 +40,7 @@ from llamajobs.control import STOP_REQUEST, request_stop
 # handles by default (SIGTERM,SIGINT,SIGHUP,SIGQUIT) but SIGTERM, which must stay ignored.
 TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 PAUSE = ("preempted", "time limit", "unknown")  # verdicts that save and requeue
-
-
-STOP_SIGNALS = {signal.SIGUSR2, signal.SIGTERM}
+STOP_SIGNALS = {signal.SIGUSR2, signal.SIGTERM}  # what SLURM stops a job with; only this launcher takes them
 
 
 def _shield() -> None:
