@@ -290,9 +290,7 @@ def test_hand_submitted_job_sbatch_pauses_at_preemption_with_send_user_signal(sl
 # --- the same under DeepSpeed's own launcher (deepspeed.launcher.runner --no_ssh, then launch.py) ---
 
 DS_STEPS = 40
-# One worker per node (a launch.py on each of the 2 nodes still): starting DeepSpeed's runner, launch.py
-# and the workers, all importing torch and deepspeed, is most of what these runs cost on a CPU.
-DS = ["--size", "tiny", "--strategy", "ds-zero3", "--launcher", "deepspeed", "--procs-per-node", "1", "--seq-len", "64",
+DS = ["--size", "tiny", "--strategy", "ds-zero3", "--launcher", "deepspeed", "--procs-per-node", "2", "--seq-len", "64",
       "--global-batch", "8", "--micro-batch", "2", "--lr", "3e-3", "--warmup-ratio", "0.1", "--max-steps", str(DS_STEPS),
       "--checkpoint-every-steps", "1000"]
 
@@ -327,7 +325,7 @@ def test_slurm_deepspeed_launcher_preemption_is_a_pause_and_scancel_a_cancel(slu
     cancelled_dir = Path(cancelled["run_dir"])
     # as soon as launch.py has started every worker on both nodes (training or not, all must go)
     deadline = time.time() + 120
-    while len([c for c in processes_of(cancelled_dir) if "--local_rank=" in c]) < 2:
+    while len([c for c in processes_of(cancelled_dir) if "--local_rank=" in c]) < 4:
         assert time.time() < deadline, processes_of(cancelled_dir)
         time.sleep(0.2)
     asked = time.time()
