@@ -5,8 +5,11 @@ SLURM stops a job with signals to every process of its steps: USR2 (`--signal`) 
 limit and, at sites with PreemptParameters=send_user_signal, at preemption; SIGTERM at preemption
 (PreemptMode=REQUEUE: SIGKILL follows after the partition's GraceTime), at `scancel`, and when the
 controller requeued the job itself (a node failed). torchrun dies of USR2 and kills its workers on
-SIGTERM, so launch.sh runs with both ignored (an ignored disposition survives exec) and torchrun told to
-leave SIGTERM alone. The launcher decides:
+SIGTERM; DeepSpeed's per-node launch.py installs a SIGTERM handler of its own (whatever it inherits) that
+terminates its workers and SIGKILLs them 30 s later, however long their save takes. So launch.sh's
+whole tree runs with both signals blocked (and ignored): a blocked signal stays pending whichever handler
+a program installs, the mask survives fork and exec, and torchrun is also told to leave SIGTERM alone.
+Only this launcher, outside that tree, receives them. It decides:
 
 - a pause (USR2; SIGTERM of a preemption): node 0 writes the stop request, worker rank 0 stops every
   rank at the next optimizer-step boundary, they save that step, and the job goes back to the queue;
@@ -37,13 +40,17 @@ from llamajobs.control import STOP_REQUEST, request_stop
 # handles by default (SIGTERM,SIGINT,SIGHUP,SIGQUIT) but SIGTERM, which must stay ignored.
 TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 PAUSE = ("preempted", "time limit", "unknown")  # verdicts that save and requeue
+STOP_SIGNALS = {signal.SIGUSR2, signal.SIGTERM}  # what SLURM stops a job with; only this launcher takes them
 
 
 def _shield() -> None:
-    """In the child before exec: USR2 and SIGTERM ignored (this survives exec, and torchrun's
-    workers inherit it)."""
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """In the child before exec: USR2 and SIGTERM blocked and ignored, for launch.sh and everything it
+    starts (the mask and an ignored disposition survive exec and are inherited). Ignoring alone is not
+    enough: DeepSpeed's launch.py replaces it with its own SIGTERM handler, which never runs while the
+    signal is blocked."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def attempt() -> int:

@@ -144,11 +144,11 @@ def seconds_to_save(history: list[dict], stop: int) -> float:
     return saved - signalled
 
 
-def same_as_reference(reference: dict, run_dir: Path) -> None:
+def same_as_reference(reference: dict, run_dir: Path, steps: int = STEPS) -> None:
     """Every step logged once (a resume drops the metrics of the steps it redoes), each loss bitwise
     the uninterrupted run's, and the same final weights."""
     logged = losses(run_dir)
-    assert sorted(logged) == list(range(1, STEPS + 1))
+    assert sorted(logged) == list(range(1, steps + 1))
     assert logged == losses(Path(reference["run_dir"]))
     a, b = weights(Path(reference["run_dir"])), weights(run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -285,3 +285,91 @@ def test_hand_submitted_job_sbatch_pauses_at_preemption_with_send_user_signal(sl
     print(f"job.sbatch, send_user_signal: saved step {stop} {seconds_to_save(history, stop):.2f} s after USR2")
     assert seconds_to_save(history, stop) < slurm.grace_s
     same_as_reference(slurm_reference, run_dir)
+
+
+# --- the same under DeepSpeed's own launcher (deepspeed.launcher.runner --no_ssh, then launch.py) ---
+
+DS_STEPS = 40
+DS = ["--size", "tiny", "--strategy", "ds-zero3", "--launcher", "deepspeed", "--procs-per-node", "2", "--seq-len", "64",
+      "--global-batch", "8", "--micro-batch", "2", "--lr", "3e-3", "--warmup-ratio", "0.1", "--max-steps", str(DS_STEPS),
+      "--checkpoint-every-steps", "1000"]
+
+
+def processes_of(run_dir: Path) -> list[str]:
+    """The command lines of this host's processes that name the run dir (DeepSpeed's launch.py and the
+    workers: `-m llamajobs.worker RUN_DIR`)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(run_dir).encode() in argv:
+            found.append(b" ".join(argv).decode(errors="replace"))
+    return found
+
+
+def launcher_logs(run_dir: Path) -> str:
+    return "".join(f.read_text(errors="replace") for f in sorted((run_dir / "submitit").glob("*_log.*")))
+
+
+@pytest.mark.slurm
+def test_slurm_deepspeed_launcher_preemption_is_a_pause_and_scancel_a_cancel(slurm, slurm_env):
+    """--launcher deepspeed: DeepSpeed's launch.py installs its own SIGTERM handler, which kills the
+    workers. SLURM signals every process of the step, so at preemption it must never run: the workers
+    save the stop step on every rank, the job is requeued and ends with the losses and weights of an
+    uninterrupted DeepSpeed run. A scancel still ends every process of the job at once."""
+    submit = lambda *args: json.loads(run_cli("submit", *SLURM, *DS, *args, "--json", env=slurm_env,  # noqa: E731
+                                              check=True).stdout)
+    cancelled = submit("--partition", "low", "--name", "ds-cancelled")
+    cancelled_dir = Path(cancelled["run_dir"])
+    # as soon as launch.py has started every worker on both nodes (training or not, all must go)
+    deadline = time.time() + 120
+    while len([c for c in processes_of(cancelled_dir) if "--local_rank=" in c]) < 4:
+        assert time.time() < deadline, processes_of(cancelled_dir)
+        time.sleep(0.2)
+    asked = time.time()
+    subprocess.run(["scancel", cancelled["cluster_job_id"]], check=True)
+    assert wait(slurm_env, cancelled["id"], lambda r: r["state"] in FINAL, timeout=60)["state"] == "CANCELLED"
+    deadline = time.time() + 15
+    while (left := processes_of(cancelled_dir)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not left, left  # none orphaned: they would train on out of SLURM's sight
+    print(f"deepspeed, scancel: CANCELLED and every process gone {time.time() - asked:.1f} s after scancel")
+
+    reference = submit("--name", "ds-straight")
+    reference = wait(slurm_env, reference["id"], lambda r: r["state"] in FINAL)
+    assert reference["state"] == "COMPLETED", reference
+
+    job = submit("--partition", "low", "--name", "ds-paused")
+    run_dir = Path(job["run_dir"])
+    at = random.Random().randint(3, 15)
+    print(f"preempting at step >= {at}")
+    wait(slurm_env, job["id"], lambda r: (r["step"] or 0) >= at)
+    preempt()
+    row = wait(slurm_env, job["id"], lambda r: r["state"] in FINAL, timeout=400)
+    history = events.read(run_dir)
+    print(show(history))
+    assert row["state"] == "COMPLETED", (row, launcher_logs(run_dir)[-4000:])
+    signalled = [e for e in history if e["event"] == "signalled" and e["verdict"] == "preempted"]
+    assert len(signalled) == 1 and signalled[0]["signal"] == "SIGTERM" and signalled[0]["node"] == 0
+    stop = next(e["step"] for e in history if e["event"] == "stopped")
+    assert [e["step"] for e in history if e["event"] == "resumed"] == [stop]  # 0 steps redone
+    assert len([e for e in history if e["event"] == "requeued"]) == 1
+    saved_in = seconds_to_save(history, stop)
+    assert saved_in < slurm.grace_s
+    print(f"deepspeed, preempted: SIGTERM, saved step {stop} on every rank {saved_in:.2f} s after the signal, "
+          f"no step redone")
+    same_as_reference(reference, run_dir, DS_STEPS)
+    # DeepSpeed's launch.py ran (it logs each worker it spawns) and never took the SIGTERM (it would
+    # have logged killing its workers)
+    logs = launcher_logs(run_dir)
+    assert "spawned with command" in logs and "received SIGTERM" not in logs and "Killing subprocess" not in logs
+
+    # long after the cancel (a requeued job starts again within ~12 s): still cancelled, not queued
+    assert status(slurm_env, cancelled["id"])["state"] == "CANCELLED"
+    assert subprocess.run(["squeue", "-h", "-j", cancelled["cluster_job_id"]], capture_output=True,
+                          text=True).stdout.strip() == ""
+    history = events.read(cancelled_dir)
+    assert {e["verdict"] for e in history if e["event"] == "signalled"} == {"cancelled"}
+    assert not [e for e in history if e["event"] in ("stopped", "requeued", "resumed", "finished")]
