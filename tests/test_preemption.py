@@ -295,48 +295,20 @@ DS = ["--size", "tiny", "--strategy", "ds-zero3", "--launcher", "deepspeed", "--
       "--checkpoint-every-steps", "1000"]
 
 
-def processes_of(run_dir: Path) -> list[str]:
-    """The command lines of this host's processes that name the run dir (DeepSpeed's launch.py and the
-    workers: `-m llamajobs.worker RUN_DIR`)."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(run_dir).encode() in argv:
-            found.append(b" ".join(argv).decode(errors="replace"))
-    return found
-
-
 def launcher_logs(run_dir: Path) -> str:
     return "".join(f.read_text(errors="replace") for f in sorted((run_dir / "submitit").glob("*_log.*")))
 
 
 @pytest.mark.slurm
-def test_slurm_deepspeed_launcher_preemption_is_a_pause_and_scancel_a_cancel(slurm, slurm_env):
+def test_slurm_deepspeed_launcher_preemption_is_a_pause(slurm, slurm_env):
     """--launcher deepspeed: DeepSpeed's launch.py installs its own SIGTERM handler, which kills the
     workers. SLURM signals every process of the step, so at preemption it must never run: the workers
     save the stop step on every rank, the job is requeued and ends with the losses and weights of an
-    uninterrupted DeepSpeed run. A scancel still ends every process of the job at once."""
+    uninterrupted DeepSpeed run. (A scancel takes the launcher's one kill path, whatever it launched:
+    test_slurm_scancel_cancels_without_a_save_or_requeue; not repeated here, each DeepSpeed start
+    costs about a minute on 2 cores.)"""
     submit = lambda *args: json.loads(run_cli("submit", *SLURM, *DS, *args, "--json", env=slurm_env,  # noqa: E731
                                               check=True).stdout)
-    cancelled = submit("--partition", "low", "--name", "ds-cancelled")
-    cancelled_dir = Path(cancelled["run_dir"])
-    # as soon as launch.py has started every worker on both nodes (training or not, all must go)
-    deadline = time.time() + 120
-    while len([c for c in processes_of(cancelled_dir) if "--local_rank=" in c]) < 4:
-        assert time.time() < deadline, processes_of(cancelled_dir)
-        time.sleep(0.2)
-    asked = time.time()
-    subprocess.run(["scancel", cancelled["cluster_job_id"]], check=True)
-    assert wait(slurm_env, cancelled["id"], lambda r: r["state"] in FINAL, timeout=60)["state"] == "CANCELLED"
-    deadline = time.time() + 15
-    while (left := processes_of(cancelled_dir)) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not left, left  # none orphaned: they would train on out of SLURM's sight
-    print(f"deepspeed, scancel: CANCELLED and every process gone {time.time() - asked:.1f} s after scancel")
-
     reference = submit("--name", "ds-straight")
     reference = wait(slurm_env, reference["id"], lambda r: r["state"] in FINAL)
     assert reference["state"] == "COMPLETED", reference
@@ -366,10 +338,3 @@ def test_slurm_deepspeed_launcher_preemption_is_a_pause_and_scancel_a_cancel(slu
     logs = launcher_logs(run_dir)
     assert "spawned with command" in logs and "received SIGTERM" not in logs and "Killing subprocess" not in logs
 
-    # long after the cancel (a requeued job starts again within ~12 s): still cancelled, not queued
-    assert status(slurm_env, cancelled["id"])["state"] == "CANCELLED"
-    assert subprocess.run(["squeue", "-h", "-j", cancelled["cluster_job_id"]], capture_output=True,
-                          text=True).stdout.strip() == ""
-    history = events.read(cancelled_dir)
-    assert {e["verdict"] for e in history if e["event"] == "signalled"} == {"cancelled"}
-    assert not [e for e in history if e["event"] in ("stopped", "requeued", "resumed", "finished")]
