@@ -274,7 +274,7 @@ def run(args: argparse.Namespace, env: parallel.Dist, cases: list[Case]) -> list
     Liger patches transformers' modeling module for the whole process (kernels.apply), so every row
     with transformers' own modules is measured before the first Liger row."""
     device = env.device
-    compiles = (False, True) if args.compile else (False,)
+    compiles = (True,) if args.compiled_only else (False, True) if args.compile else (False,)
     jobs: list[tuple[Row, JobSpec, Callable[[], Callable[[], torch.Tensor]]]] = []
     for case in cases:
         for compile in compiles:
@@ -421,6 +421,8 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="The tiny shape on the CPU (the CI smoke).")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="Also the torch.compile rows (default: on GPU yes, on the CPU no).")
+    parser.add_argument("--compiled-only", action="store_true",
+                        help="Only the torch.compile rows (the targets are against the compiled plain loop).")
     parser.add_argument("--fill", action="store_true", help="Also the worker at the estimator's micro-batch.")
     parser.add_argument("--loops", action=argparse.BooleanOptionalAction, default=True,
                         help="The plain loop against the worker's variants (default: yes).")
