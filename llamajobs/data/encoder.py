@@ -27,26 +27,24 @@ class TextCodec:
             raise ValueError("a TextCodec encodes with a sentencepiece model file or a tokenizer JSON")
         self.path, self.bos_id, self.eos_id = path, bos_id, eos_id
         self.model_file, self.tokenizer_json = model_file, tokenizer_json
-        if model_file is not None:
+        self._backend: Any = None  # built at the first encode: the main process of a pool never encodes
+
+    def _build(self) -> Any:
+        if self.model_file is not None:
             import sentencepiece as spm
 
-            self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
-        else:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
-            from tokenizers import Tokenizer
+            return spm.SentencePieceProcessor(model_file=str(self.model_file))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
+        from tokenizers import Tokenizer
 
-            self._tk = Tokenizer.from_str(tokenizer_json)
-            self._tk.encode_special_tokens = True  # transformers' split_special_tokens=True
-            self._tk.no_truncation()  # as transformers' call without truncation= and padding=
-            self._tk.no_padding()
+        tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        tokenizer.encode_special_tokens = True  # transformers' split_special_tokens=True
+        tokenizer.no_truncation()  # as transformers' call without truncation= and padding=
+        tokenizer.no_padding()
+        return tokenizer
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "bos_id": self.bos_id, "eos_id": self.eos_id, "model_file": self.model_file,
-                "tokenizer_json": self.tokenizer_json}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        path, bos_id, eos_id = state.pop("path"), state.pop("bos_id"), state.pop("eos_id")
-        self.__init__(path, bos_id, eos_id, **state)  # type: ignore[misc]
+        return {**vars(self), "_backend": None}  # a worker builds its own
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if not texts:
@@ -57,10 +55,12 @@ class TextCodec:
             return self._encode([_valid_unicode(t) for t in texts])
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
+        if self._backend is None:
+            self._backend = self._build()
         if self.model_file is not None:
-            return self._sp.encode(texts, num_threads=1)
+            return self._backend.encode(texts, num_threads=1)
         # encode_batch_fast: no offsets to compute (tokenizers >= 0.21, which transformers 5 requires)
-        return [e.ids for e in self._tk.encode_batch_fast(texts, add_special_tokens=False)]
+        return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 class Encoder:
