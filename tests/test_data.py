@@ -500,6 +500,85 @@ def test_two_workers_give_a_byte_identical_store(tmp_path, real_tok):
         assert tree(tmp_path / f"{name}1") == tree(tmp_path / f"{name}2")
 
 
+# --- fast tokenizers (tokenizer.json) through the `tokenizers` library ---
+
+
+# Every family's special-token strings, and the other families', inside documents' text: all must stay text.
+SPECIAL_STRINGS = "a </s> b <s> c <|endoftext|> d <|im_start|>user e <|begin_of_text|> f <|eot_id|> [INST] g"
+
+
+@pytest.fixture(scope="module")
+def fast_toks(tmp_path_factory) -> dict[str, Path]:
+    """Real byte-level BPE tokenizer.json files trained here, with each family's special tokens: Mistral
+    (BOS <s>), Llama 3 (BOS <|begin_of_text|>) and Qwen 2 (no BOS: documents start with its EOS)."""
+    from tests.families import train_fast_tokenizer
+
+    root = tmp_path_factory.mktemp("fast")
+    return {f: (train_fast_tokenizer(f, root / f), root / f)[1] for f in ("mistral", "llama", "qwen2")}
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama", "qwen2"])
+def test_fast_tokenizer_ids_are_transformers_and_special_strings_stay_text(tmp_path, fast_toks, family):
+    """The store holds what transformers' tokenizer gives (split_special_tokens=True), framed by the one
+    BOS (Qwen: EOS) and EOS the prepare adds; a special token's string in a document or an instruction
+    record is text, in the plain text and the prompt/response alike, with --workers 1 and 2."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(fast_toks[family])
+    start, eos = hf.bos_token_id if hf.bos_token_id is not None else hf.eos_token_id, hf.eos_token_id
+    specials = set(hf.all_special_ids)
+    texts = [SPECIAL_STRINGS, *(t[:300] for t in list(read_texts(SAMPLE_CORPUS))[:5]), "x" + SPECIAL_STRINGS[::-1]]
+    assert specials & set(hf(SPECIAL_STRINGS, add_special_tokens=False)["input_ids"]), \
+        "without split_special_tokens the strings would be control tokens: the test would show nothing"
+    records = [{"instruction": f"Q{i}: {t[:40]} </s>", "input": "<|endoftext|>", "output": t[40:] or "A <s>"}
+               for i, t in enumerate(texts)]
+    docs, alpaca = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts]), write_jsonl(tmp_path / "a.jsonl", records)
+    for workers in (1, 2) if family == "qwen2" else (1,):
+        run(docs, fast_toks[family], tmp_path / f"t{workers}", workers=workers, chunk_bytes=256)
+        store = st.TokenStore(tmp_path / f"t{workers}")
+        for doc, text in zip(store, texts):
+            assert doc.tolist() == [start, *hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"], eos]
+            assert not specials & set(doc[1:-1].tolist()), "no control token inside a document"
+        run(alpaca, fast_toks[family], tmp_path / f"a{workers}", workers=workers, format="alpaca", chunk_bytes=256)
+        instruct = st.TokenStore(tmp_path / f"a{workers}")
+        for i, record in enumerate(records):
+            (example,) = fmts.get_format("alpaca").examples(record, None)
+            whole = hf(example.prompt + example.response, add_special_tokens=False, split_special_tokens=True)
+            prompt_ids, response_ids = split_by_mask(instruct, i)
+            assert prompt_ids + response_ids == [start, *whole["input_ids"], eos]
+            assert len(prompt_ids) > 1 and not specials & set((prompt_ids + response_ids)[1:-1])
+    assert store.fingerprint == st.fingerprint_of(hf) and store.meta["tokenizer"]["bos_id"] == start
+
+
+def test_a_worker_imports_neither_transformers_nor_torch(tmp_path, fast_toks):
+    """What a spawned worker runs (_init_worker, then _encode_in_worker), in a fresh interpreter."""
+    import pickle
+
+    from llamajobs.data.encoder import Encoder
+    from llamajobs.data.prepare import Chunk
+
+    encoder = Encoder(fast_toks["qwen2"])
+    args = (encoder.codec, "text", [None], 0.0, None)
+    chunk = Chunk(0, [(1, json.dumps({"text": SPECIAL_STRINGS}).encode())], 0)
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps((args, chunk)))
+    code = ("import pickle, sys; from llamajobs.data import prepare as p; "
+            f"args, chunk = pickle.loads(open({str(tmp_path / 'job.pkl')!r}, 'rb').read()); p._init_worker(*args); "
+            "enc = p._encode_in_worker(chunk); "
+            "print(enc.tokens.tolist(), sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'torch'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}).stdout
+    assert out.split("] ")[1].strip() == "[]", out
+    assert out.split("] ")[0] + "]" == str([encoder.bos_id, *encoder.encode([SPECIAL_STRINGS])[0], encoder.eos_id])
+
+
+def test_sentencepiece_keeps_special_strings_as_text(tmp_path, real_tok, sp):
+    """sentencepiece never matches its control pieces (<s>, </s>) in text: text and instruct formats."""
+    run(write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Say </s> <s>", "input": "", "output": "ok </s>"}]),
+        real_tok, tmp_path / "s", format="alpaca")
+    doc = st.TokenStore(tmp_path / "s")[0].tolist()
+    assert doc[0] == sp.bos_id() and doc[-1] == sp.eos_id() and doc.count(sp.eos_id()) == doc.count(sp.bos_id()) == 1
+
+
 # --- the CLI ---
 
 

@@ -1,5 +1,7 @@
-"""The tokenizer as `data prepare` uses it: batch encoding with sentencepiece itself (no torch or
-transformers import in the worker processes), or a Hugging Face tokenizer.json."""
+"""The tokenizer as `data prepare` uses it. The main process loads it whole (Encoder: sentencepiece, or
+transformers for a tokenizer.json, which gives the fingerprint and the BOS and EOS ids); the processes
+that tokenise get a TextCodec, which encodes with sentencepiece or the `tokenizers` library itself, so
+they import neither torch nor transformers and pay no Python per document beyond building its ids."""
 
 from __future__ import annotations
 
@@ -10,13 +12,64 @@ from typing import Any
 from llamajobs.data import store as st
 from llamajobs.errors import SpecError
 
-class Encoder:
-    """A tokenizer directory (or a tokenizer.model file) for batch encoding.
 
-    With a tokenizer.model, sentencepiece itself encodes (one thread per process, no torch or
-    transformers import): a LLaMA-1/2 HF directory's tokenizer.json gives the same ids (the
-    fingerprint checks the vocabulary). Without one (LLaMA-3's tiktoken-style vocabulary), the
-    transformers tokenizer encodes, with special-token strings in the text kept as text.
+class TextCodec:
+    """Documents' text -> ids, in batches, one thread, exactly as the loaded tokenizer would encode them
+    without special tokens: sentencepiece's encode, or transformers' fast tokenizer call with
+    add_special_tokens=False and split_special_tokens=True (its Rust tokenizer, serialized from the one
+    transformers loaded, so the ids are the same even where transformers adjusts a tokenizer.json).
+    A special token's string inside the text ("</s>", "<|endoftext|>") is text: only the BOS and EOS
+    the prepare adds around each document are control tokens. Picklable: a worker process rebuilds it."""
+
+    def __init__(self, path: Path, bos_id: int, eos_id: int, *, model_file: Path | None = None,
+                 tokenizer_json: str | None = None) -> None:
+        if (model_file is None) == (tokenizer_json is None):
+            raise ValueError("a TextCodec encodes with a sentencepiece model file or a tokenizer JSON")
+        self.path, self.bos_id, self.eos_id = path, bos_id, eos_id
+        self.model_file, self.tokenizer_json = model_file, tokenizer_json
+        self._backend: Any = None  # built at the first encode: the main process of a pool never encodes
+
+    def _build(self) -> Any:
+        if self.model_file is not None:
+            import sentencepiece as spm
+
+            return spm.SentencePieceProcessor(model_file=str(self.model_file))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        tokenizer.encode_special_tokens = True  # transformers' split_special_tokens=True
+        tokenizer.no_truncation()  # as transformers' call without truncation= and padding=
+        tokenizer.no_padding()
+        return tokenizer
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**vars(self), "_backend": None}  # a worker builds its own
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        try:
+            return self._encode(texts)
+        except (TypeError, UnicodeEncodeError):  # a lone surrogate ("\\ud800" in the JSON) is no UTF-8
+            return self._encode([_valid_unicode(t) for t in texts])
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        if self._backend is None:
+            self._backend = self._build()
+        if self.model_file is not None:
+            return self._backend.encode(texts, num_threads=1)
+        # encode_batch_fast: no offsets to compute (tokenizers >= 0.21, which transformers 5 requires)
+        return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+class Encoder:
+    """A tokenizer directory (or a tokenizer.model file): its fingerprint, ids and `codec` for encoding.
+
+    With a tokenizer.model, sentencepiece itself encodes: a LLaMA-1/2 HF directory's tokenizer.json
+    gives the same ids (the fingerprint checks the vocabulary). Without one (LLaMA-3's tiktoken-style
+    vocabulary, Mistral's and Qwen's tokenizer.json), transformers loads the tokenizer and its Rust
+    tokenizer encodes, through the `tokenizers` library.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -35,32 +88,28 @@ class Encoder:
             self.vocab_size = self.sp.get_piece_size()
             self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
             self.fingerprint = st.fingerprint_of(self.sp)
+            codec: dict[str, Any] = {"model_file": model.resolve()}
         elif path.is_dir() and (path / "tokenizer.json").is_file():
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per process
             from llamajobs.data.tokenizer import load_tokenizer
 
             self.hf = load_tokenizer(path)
+            if not self.hf.is_fast:
+                raise SpecError(f"--tokenizer {path}: transformers loads it as a {type(self.hf).__name__}, not "
+                                f"from its tokenizer.json; expected a fast tokenizer")
             self.vocab_size = len(self.hf)  # added tokens included: they are ids the store may hold
             self.bos_id, self.eos_id = document_start(self.hf), self.hf.eos_token_id
             self.fingerprint = st.fingerprint_of(self.hf)
+            codec = {"tokenizer_json": self.hf.backend_tokenizer.to_str()}
         else:
             raise SpecError(f"--tokenizer {path}: expected a model directory with tokenizer.model or tokenizer.json, "
                             f"or a tokenizer.model file")
         if self.bos_id is None or self.bos_id < 0 or self.eos_id is None or self.eos_id < 0:
             raise SpecError(f"--tokenizer {path} has no EOS token; a causal LM's tokenizer has one")
+        self.codec = TextCodec(self.path, self.bos_id, self.eos_id, **codec)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        try:
-            return self._encode(texts)
-        except (TypeError, UnicodeEncodeError):  # a lone surrogate ("\\ud800" in the JSON) is no UTF-8
-            return self._encode([_valid_unicode(t) for t in texts])
-
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        if self.sp is not None:
-            return self.sp.encode(texts, num_threads=1)
-        return self.hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return self.codec.encode(texts)
 
     def decode(self, ids: list[int]) -> str:
         if self.sp is not None:

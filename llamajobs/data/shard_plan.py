@@ -252,9 +252,9 @@ def prepare_shard(work: Path, plan: dict[str, Any], index: int, scratch: Path, w
     beat = _Heartbeat(scratch / PROGRESS, plan["id"], index, plan["shards"][index]["bytes"])
     fault = _fault(index)
     chat = ChatOptions(settings.get("chat_template"), settings.get("train_on", "assistant")) if fmt.chat else None
-    args = (encoder.path, fmt.name, plan["options"], eval_fraction, chat)
+    args = (encoder.codec, fmt.name, plan["options"], eval_fraction, chat)
     chunks = prep.read_chunks(inputs, fmt, chunk_bytes, pieces)
-    for chunk, enc in prep.encode_chunks(chunks, args, workers, encoder):
+    for chunk, enc in prep.encode_chunks(chunks, args, workers):
         base = 0
         if enc.bad and pieces[chunk.piece].start > 0:  # a piece's lines count from its start
             piece = pieces[chunk.piece]

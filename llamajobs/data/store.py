@@ -119,10 +119,10 @@ class PartWriter:
         if top > np.iinfo(self.dtype).max:
             raise ValueError(f"token id {top} does not fit in {self.dtype}")
         self.max_token_id = max(self.max_token_id, top)
-        self._tokens.write(tokens.astype(self.dtype, copy=False).tobytes())
-        self._offsets.write((self.tokens + np.cumsum(lengths, dtype=np.int64)).astype(OFFSET_DTYPE).tobytes())
+        self._tokens.write(_bytes(tokens, self.dtype))
+        self._offsets.write(_bytes(self.tokens + np.cumsum(lengths, dtype=np.int64), OFFSET_DTYPE))
         if self._mask is not None:
-            self._mask.write(mask.astype(MASK_DTYPE, copy=False).tobytes())
+            self._mask.write(_bytes(mask, MASK_DTYPE))
         self.documents += len(lengths)
         self.tokens += int(np.sum(lengths))
 
@@ -140,6 +140,11 @@ class PartWriter:
                 "max_token_id": self.max_token_id, **extra}
         write_json(self.directory / PART_META, info)
         return info
+
+
+def _bytes(array: np.ndarray, dtype: np.dtype) -> memoryview:
+    """The array in dtype as bytes for a file's write, without the copy tobytes() makes."""
+    return memoryview(np.ascontiguousarray(array, dtype)).cast("B")
 
 
 def write_json(path: Path, data: Any) -> None:
