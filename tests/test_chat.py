@@ -82,7 +82,7 @@ def trained_and_masked(store: st.TokenStore, i: int, decode) -> tuple[str, str]:
 def test_messages_with_the_tokenizers_own_template(tmp_path, bpe_tok):
     meta = prepare(PrepareConfig(inputs=(write(tmp_path / "chat.jsonl", CONVERSATIONS),), tokenizer=bpe_tok,
                                  out=tmp_path / "store", format="messages"))
-    assert meta["chat"] == {"template": "tokenizer", "train_on": "assistant"} and meta["loss_mask"] == "uint8"
+    assert meta["chat"] == {"template": "tokenizer", "train_on": "assistant", "encoding": st.CHAT_ENCODING} and meta["loss_mask"] == "uint8"
     store = st.TokenStore(tmp_path / "store")
     enc = ChatEncoder(bpe_tok, ChatOptions())
     decode = enc.tokenizer.decode
@@ -180,7 +180,7 @@ def test_sharded_chat_prepare_gives_the_one_process_store(cli, tmp_path, tokeniz
     assert code == 0, err
     code, out, err = cli(*args, "--out", str(tmp_path / "sharded"), "--shards", "2", "--cluster", "local")
     assert code == 0, err
-    assert json.loads(out)["chat"] == {"template": "llama3", "train_on": "assistant"}
+    assert json.loads(out)["chat"] == {"template": "llama3", "train_on": "assistant", "encoding": st.CHAT_ENCODING}
     assert st.content_digest(tmp_path / "sharded") == st.content_digest(tmp_path / "one")
 
 
@@ -273,9 +273,11 @@ def test_inspect_shows_special_strings_of_a_message_as_text(tmp_path, bpe_tok):
         st.TokenStore(tmp_path / "store")[0].tolist()
 
 
-def test_the_fingerprint_changed_with_the_encoding(tmp_path, tokenizer_dir):
-    """A store or shard tokenised when special-token strings in text became control tokens has the old
-    fingerprint: training refuses it, and a sharded preparation does not take its shards."""
+def test_a_chat_store_of_the_old_encoding_is_refused_and_other_stores_are_not(tmp_path, tokenizer_dir):
+    """Chat stores made when special-token strings in messages became control tokens (no encoding in
+    their meta.json's chat entry) are refused at training. The tokenizer's fingerprint is unchanged
+    (the old formula), so plain-text and instruct stores, whose ids never changed, are still taken:
+    nobody re-prepares a 100 GB corpus for a change that did not touch it."""
     import hashlib
 
     from llamajobs.data.tokenizer import load_tokenizer
@@ -285,12 +287,16 @@ def test_the_fingerprint_changed_with_the_encoding(tmp_path, tokenizer_dir):
     old = hashlib.sha256(json.dumps({"pieces": pieces, "bos": tok.bos_token_id, "eos": tok.eos_token_id,
                                      "unk": tok.unk_token_id}, ensure_ascii=False,
                                     separators=(",", ":")).encode()).hexdigest()
-    assert st.ENCODING == 2 and st.fingerprint_of(tok) != old
+    assert st.fingerprint_of(tok) == old
     prepare(PrepareConfig(inputs=(write(tmp_path / "chat.jsonl", CONVERSATIONS),), tokenizer=tokenizer_dir,
-                          out=tmp_path / "store", format="messages", chat_template="chatml"))
-    meta_path = tmp_path / "store" / st.META
+                          out=tmp_path / "chat", format="messages", chat_template="chatml"))
+    prepare(PrepareConfig(inputs=(write(tmp_path / "text.jsonl", [{"text": "plain </s> text"}] * 3),),
+                          tokenizer=tokenizer_dir, out=tmp_path / "text", format="text"))
+    st.check_store(tmp_path / "chat", tok)
+    st.check_store(tmp_path / "text", tok)
+    meta_path = tmp_path / "chat" / st.META
     meta = json.loads(meta_path.read_text())
-    meta["tokenizer"]["fingerprint"] = old
-    meta_path.write_text(json.dumps(meta))
-    with pytest.raises(SpecError, match="prepare the data again"):
-        st.check_store(tmp_path / "store", tok)
+    assert meta["chat"].pop("encoding") == st.CHAT_ENCODING
+    meta_path.write_text(json.dumps(meta))  # as the old llamajobs wrote it
+    with pytest.raises(SpecError, match="chat data prepared by an older llamajobs.*prepare the data again"):
+        st.check_store(tmp_path / "chat", tok)

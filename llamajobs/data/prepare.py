@@ -395,7 +395,8 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
                             f"{counts.bad} bad lines skipped); is --format {fmt.name} right?")
         common = common_meta(fmt, dtype, encoder.describe(), inputs, counts.per_source, config.eval_fraction)
         if config.chat_options() is not None:
-            common["chat"] = {"template": config.chat_template or "tokenizer", "train_on": config.train_on}
+            common["chat"] = {"template": config.chat_template or "tokenizer", "train_on": config.train_on,
+                              "encoding": st.CHAT_ENCODING}
         meta = store_meta([train.close()], common, counts)
         if held is not None:
             eval_meta = store_meta([held.close()], {**common, "split": "eval"}, Counts())

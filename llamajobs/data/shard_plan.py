@@ -107,7 +107,8 @@ def settings_of(config: prep.PrepareConfig, shards: int, inputs: Sequence[Path],
                        for p in inputs],
             "tokenizer_fingerprint": fingerprint, "format": config.format, "eval_fraction": config.eval_fraction,
             "skip_bad_lines": config.skip_bad_lines, "shards": shards,
-            **({"chat_template": config.chat_template, "train_on": config.train_on} if config.chat_options() else {})}
+            **({"chat_template": config.chat_template, "train_on": config.train_on,
+                "chat_encoding": st.CHAT_ENCODING} if config.chat_options() else {})}
 
 
 def make_plan(config: prep.PrepareConfig, shards: int, encoder: prep.Encoder) -> dict[str, Any]:
@@ -176,7 +177,8 @@ def _only_a_start(work: Path) -> bool:
 def _differences(keys: list[str]) -> str:
     names = {"inputs": "inputs (files, sizes or modification times)", "tokenizer_fingerprint": "--tokenizer",
              "format": "--format", "eval_fraction": "--eval-fraction", "skip_bad_lines": "--skip-bad-lines",
-             "shards": "--shards", "chat_template": "--chat-template", "train_on": "--train-on"}
+             "shards": "--shards", "chat_template": "--chat-template", "train_on": "--train-on",
+             "chat_encoding": "llamajobs version (how chat messages become ids)"}
     return ", ".join(names[k] for k in keys)
 
 

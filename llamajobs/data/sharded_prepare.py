@@ -316,7 +316,8 @@ def merge(work: Path, plan: dict[str, Any], cluster: str = "", seconds: float = 
     common = prep.common_meta(fmt, plan["dtype"], plan["tokenizer"], inputs, counts.per_source, eval_fraction)
     if fmt.chat:
         common["chat"] = {"template": plan["settings"].get("chat_template") or "tokenizer",
-                          "train_on": plan["settings"].get("train_on", "assistant")}
+                          "train_on": plan["settings"].get("train_on", "assistant"),
+                          "encoding": plan["settings"].get("chat_encoding", 1)}
     meta = prep.store_meta(parts, common, counts)
     if eval_fraction:
         eval_meta = prep.store_meta(held_parts, {**common, "split": "eval"}, prep.Counts())

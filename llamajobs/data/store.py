@@ -61,17 +61,18 @@ def token_dtype(vocab_size: int) -> str:
 # --- tokenizer fingerprint ---
 
 
-# How text becomes ids, beyond the vocabulary; part of the fingerprint, so a store (or a shard) made
-# under another rule is refused, not mixed. 2: a special token's string inside the data ("</s>",
-# "<|im_end|>" in a message) is text; only a chat template's markup is a special token.
-ENCODING = 2
+# How chat messages become ids, recorded in a chat store's meta.json and a sharded preparation's plan,
+# so a store (or a shard) made under another rule is refused, not mixed. 2: a special token's string
+# inside a message ("<|im_end|>") is text; only the chat template's markup is a special token (1 made
+# it a control token). Plain-text and instruct stores never changed (their special strings were
+# always text), so they carry no version and are never refused for it.
+CHAT_ENCODING = 2
 
 
 def fingerprint(pieces: Sequence[str], bos_id: int | None, eos_id: int | None, unk_id: int | None) -> str:
-    """sha256 of the vocabulary's pieces in id order, the special ids and ENCODING: equal for the same
+    """sha256 of the vocabulary's pieces in id order and the special ids: equal for the same
     tokenizer.model loaded by sentencepiece or by transformers, different for any other vocabulary."""
-    data = json.dumps({"pieces": list(pieces), "bos": bos_id, "eos": eos_id, "unk": unk_id,
-                       "encoding": ENCODING},
+    data = json.dumps({"pieces": list(pieces), "bos": bos_id, "eos": eos_id, "unk": unk_id},
                       ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(data.encode("utf-8")).hexdigest()
 
@@ -382,6 +383,9 @@ def check_store(store: TokenStore | str | Path, tokenizer: Any, *, model_vocab_s
             f"--data {store.path} was tokenized with tokenizer {store.fingerprint[:16]} "
             f"({store.meta['tokenizer'].get('path')}, vocabulary {store.vocab_size}), but the model's tokenizer is "
             f"{expected[:16]} (vocabulary {n}); prepare the data again with --tokenizer set to the model's directory")
+    if "chat" in store.meta and store.meta["chat"].get("encoding", 1) != CHAT_ENCODING:
+        raise SpecError(f"--data {store.path} holds chat data prepared by an older llamajobs, which made special-token "
+                        "strings inside messages (such as <|im_end|>) control tokens; prepare the data again")
     top = store.meta.get("max_token_id", store.vocab_size - 1)
     if model_vocab_size is not None and top >= model_vocab_size:
         raise SpecError(f"--data {store.path} holds token id {top}, but the model's vocabulary has {model_vocab_size} "
