@@ -103,9 +103,11 @@ def micro_batch(way: str, docs: Documents, case: Case) -> tuple[tuple[torch.Tens
             labels[:n - 1] = tokens[1:n]
             rows.append((inputs, labels))
         return tuple(torch.from_numpy(np.stack(c)) for c in zip(*rows)), case.micro_batch
-    sampler = PackedSampler(docs, isolate=way == "isolated", seq_len=case.seq_len, global_batch=case.micro_batch,
+    sampler = PackedSampler(docs, seq_len=case.seq_len, global_batch=case.micro_batch,
                             micro_batch=case.micro_batch, rank=0, world_size=1, seed=0, pad_id=2)
     batch = next(sampler)[0]
+    if way == "packed":  # without the positions the worker builds no document mask: rows cross-attend
+        batch = batch[:2]
     _, starts = sampler.packing(0)
     return batch, int(starts[case.micro_batch] - starts[0])
 
