@@ -48,24 +48,29 @@ def wait(env, job_id: int, until, timeout: float = 300) -> dict:
     return row
 
 
+def submit_straight(env, cluster_args: list[str]) -> dict:
+    """The spec run uninterrupted: submitted, not waited for."""
+    return json.loads(run_cli("submit", *cluster_args, *TINY, "--name", "straight", "--json", env=env,
+                              check=True).stdout)
+
+
 def straight_run(env, cluster_args: list[str]) -> dict:
     """The spec run uninterrupted: its final row."""
-    reference = json.loads(run_cli("submit", *cluster_args, *TINY, "--name", "straight", "--json", env=env,
-                                   check=True).stdout)
-    return wait(env, reference["id"], lambda r: r["state"] in FINAL)
+    return wait(env, submit_straight(env, cluster_args)["id"], lambda r: r["state"] in FINAL)
 
 
 def interrupted_twice(env, cluster_args: list[str], second_interrupt, reference: dict | None = None) -> tuple[dict, dict]:
     """Submit, interrupt with `llamajobs requeue`, then with `second_interrupt`, let it finish;
-    also run the same spec uninterrupted (unless a reference run is given). Returns both final rows."""
-    reference = reference or straight_run(env, cluster_args)
+    also run the same spec uninterrupted (unless a reference run is given), at the same time: its
+    floats do not depend on what else the cores run. Returns both final rows."""
+    reference = reference or submit_straight(env, cluster_args)
     job = json.loads(run_cli("submit", *cluster_args, *TINY, "--name", "twice", "--json", env=env, check=True).stdout)
     wait(env, job["id"], lambda r: (r["step"] or 0) >= 10)
     run_cli("requeue", str(job["id"]), env=env, check=True)
     wait(env, job["id"], lambda r: r["state"] == "RUNNING" and (r["step"] or 0) > _stopped_at(job, 0) + 10)
     second_interrupt(job)
     row = wait(env, job["id"], lambda r: r["state"] in FINAL, timeout=400)
-    return status(env, reference["id"]), row
+    return wait(env, reference["id"], lambda r: r["state"] in FINAL), row
 
 
 def _stopped_at(job: dict, index: int) -> int:
@@ -290,7 +295,10 @@ def test_hand_submitted_job_sbatch_pauses_at_preemption_with_send_user_signal(sl
 # --- the same under DeepSpeed's own launcher (deepspeed.launcher.runner --no_ssh, then launch.py) ---
 
 DS_STEPS = 40
-DS = ["--size", "tiny", "--strategy", "ds-zero3", "--launcher", "deepspeed", "--procs-per-node", "2", "--seq-len", "64",
+# One node (after SLURM's two): launch.py's handler is the same on every node, the coordinated save
+# across nodes is the torchrun tests', and each node's DeepSpeed start costs about a minute on 2 cores.
+DS = ["--nodes", "1", "--size", "tiny", "--strategy", "ds-zero3", "--launcher", "deepspeed", "--procs-per-node", "2",
+      "--seq-len", "64",
       "--global-batch", "8", "--micro-batch", "2", "--lr", "3e-3", "--warmup-ratio", "0.1", "--max-steps", str(DS_STEPS),
       "--checkpoint-every-steps", "1000"]
 
