@@ -190,7 +190,7 @@ def text_tokenizers(backend: Any) -> tuple[Any, Any]:
     that prepends its "▁" only at the start of the text (prepend_scheme "first", LLaMA-2's and
     Mistral's): in one whole text, the piece after "</s>" gets none, and a piece tokenised on its own
     would."""
-    from tokenizers import Tokenizer
+    from llamajobs.data.encoder import text_tokenizer
 
     def never_first(node: Any) -> Any:
         if isinstance(node, dict):
@@ -200,13 +200,8 @@ def text_tokenizers(backend: Any) -> tuple[Any, Any]:
         return [never_first(v) for v in node] if isinstance(node, list) else node
 
     config = json.loads(backend.to_str())
-    first = Tokenizer.from_str(json.dumps(config))
-    later = Tokenizer.from_str(json.dumps({**config, "pre_tokenizer": never_first(config.get("pre_tokenizer"))}))
-    for tokenizer in (first, later):
-        tokenizer.encode_special_tokens = True
-        tokenizer.no_truncation()
-        tokenizer.no_padding()
-    return first, later
+    later = {**config, "pre_tokenizer": never_first(config.get("pre_tokenizer"))}
+    return text_tokenizer(backend.to_str()), text_tokenizer(json.dumps(later))
 
 
 def describe(options: ChatOptions, encoder: ChatEncoder) -> dict[str, Any]:

@@ -35,13 +35,7 @@ class TextCodec:
 
             return spm.SentencePieceProcessor(model_file=str(self.model_file))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_str(self.tokenizer_json)
-        tokenizer.encode_special_tokens = True  # transformers' split_special_tokens=True
-        tokenizer.no_truncation()  # as transformers' call without truncation= and padding=
-        tokenizer.no_padding()
-        return tokenizer
+        return text_tokenizer(self.tokenizer_json)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**vars(self), "_backend": None}  # a worker builds its own
@@ -61,6 +55,18 @@ class TextCodec:
             return self._backend.encode(texts, num_threads=1)
         # encode_batch_fast: no offsets to compute (tokenizers >= 0.21, which transformers 5 requires)
         return [e.ids for e in self._backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def text_tokenizer(tokenizer_json: str) -> Any:
+    """A `tokenizers` Tokenizer from its JSON that encodes text as transformers' call with
+    split_special_tokens=True, no truncation and no padding: a special token's string is text."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.encode_special_tokens = True
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
 
 
 class Encoder:
