@@ -4,26 +4,32 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LJ := $(VENV)/bin/llamajobs
 STAMP := $(VENV)/.installed
+# Tests and the demo install exact versions (constraints.txt); `make constraints` refreshes them.
+PIP := $(PY) -m pip install -q -c constraints.txt
 # The demo keeps its runs and site profile inside the checkout.
 DEMO_ENV := LLAMAJOBS_HOME=$(CURDIR)/.demo XDG_CACHE_HOME=$(CURDIR)/.demo/cache
 
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
-.PHONY: demo test golden clean
+.PHONY: demo test golden clean constraints install
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
+	$(MAKE) --no-print-directory install VENV=$(VENV) PIP="$(PIP)"
+	touch $@
+
+# What a test environment needs, with PIP's constraints (none when `constraints` calls it).
+install:
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch (on this machine's disk); the package itself asks only torch>=2.9,
 	# which unpinned would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
 	# The real LLaMA-style 32k tokenizer.model.v1 for tests; its dependencies would downgrade numpy.
-	$(PY) -m pip install -q --no-deps mistral-common
+	$(PIP) --no-deps mistral-common
 	# transformers loads a mistral model_type's tokenizer through mistral-common when it is installed:
 	# its other requirements, which leave numpy alone.
-	$(PY) -m pip install -q jsonschema pydantic-extra-types pycountry pillow requests
-	touch $@
+	$(PIP) jsonschema pydantic-extra-types pycountry pillow requests
 
 demo: $(STAMP)
 	mkdir -p .demo
@@ -40,6 +46,16 @@ test: $(STAMP)
 # Re-render the committed golden scripts under sbatch/ after a deliberate template change.
 golden: $(STAMP)
 	$(PY) -m tests.golden
+
+# Refresh constraints.txt deliberately: a fresh venv takes what the registries serve today, unpinned.
+# Run `make test` on the result before committing it.
+constraints:
+	rm -rf .venv-pins
+	python3 -m venv .venv-pins
+	$(MAKE) --no-print-directory install VENV=.venv-pins PIP=".venv-pins/bin/python -m pip install -q"
+	{ sed -n '1,/^$$/p' constraints.txt | grep '^#'; .venv-pins/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-pins
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info

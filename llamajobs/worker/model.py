@@ -150,10 +150,15 @@ def family(config: PretrainedConfig) -> catalog.Family:
     return catalog.family_of(config.model_type)
 
 
+def causal_lm_class(config: PretrainedConfig) -> type[nn.Module]:
+    """The family's CausalLM class; the first call imports its modeling module."""
+    return getattr(transformers, family(config).architecture)
+
+
 def causal_lm(config: PretrainedConfig) -> nn.Module:
     """The family's CausalLM built from a config, randomly initialised (or weightless, on the meta device):
     the class itself, not AutoModelForCausalLM.from_config, which brings in its own DeepSpeed init."""
-    return getattr(transformers, family(config).architecture)(config)
+    return causal_lm_class(config)(config)
 
 
 def _apply_peft(model: nn.Module, spec: JobSpec) -> nn.Module:

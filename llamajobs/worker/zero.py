@@ -116,6 +116,13 @@ class Zero(Strategy):
             # config (bf16 on GPU, fp32 on the CPU): DeepSpeed 0.19 ignores an explicit fp32 on an
             # accelerator without fp16 (its CPU one) and builds bf16 parameters.
             devices = [self.env.device] if self.cuda else []
+            # The modeling module is imported before zero.Init, never inside it: zero.Init wraps every
+            # module class's __init__ and puts back, on exit, the one it found, so a class defined inside
+            # it loses what decorators set after its definition (transformers' use_kernelized_func: every
+            # later model of that class in the process fails with "no attribute '_kernel_funcs'").
+            model_lib.causal_lm_class(config)
+            if self.spec.mode_info.frozen_base:
+                import peft  # noqa: F401  (its layer classes, for the same reason)
             with torch.random.fork_rng(devices=devices), \
                     deepspeed.zero.Init(config_dict_or_path=self.config, dtype=None,
                                         remote_device="cpu" if self.offload_param else None,
