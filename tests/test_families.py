@@ -34,6 +34,8 @@ PROBE = "probe_logits.pt"  # the worker's own logits of probe_ids() at the end o
 SMALL = {"cluster": "local", "device": "cpu", "seq_len": 32, "global_batch": 4, "micro_batch": 2, "max_steps": 3,
          "lr": 1e-3, "warmup_ratio": 0.0}
 # (family, mode, strategy): every family full and LoRA, every strategy at least once, the prompt modes twice.
+# qwen2's first model in the launch is built inside DeepSpeed's zero.Init, and the next one outside it: with
+# transformers 5.25 that failed ("no attribute '_kernel_funcs'") until the worker imported the class first.
 RUNS = [
     ("llama", "full", "fsdp"), ("llama", "lora", "ds-zero3"), ("llama", "prefix", "fsdp"),
     ("mistral", "full", "ds-zero2"), ("mistral", "lora", "fsdp"),
