@@ -157,16 +157,21 @@ def node_ram_gib(spec: JobSpec, cpu_mem_gib: float | None = None) -> float | Non
 
 @dataclass(frozen=True, slots=True)
 class FitCheck:
-    accelerator: catalog.Accelerator | None  # the GPU the estimate assumed; None off SLURM
+    accelerator: catalog.Accelerator | None  # the GPU the estimate assumed; None for a run on this host
     note: str  # " (a100-80g assumed; pass --gpu)" when --gpu was not given
     warning: str | None = None  # a dry run's "does not fit", which a real submit refuses
     spec: JobSpec | None = dataclasses.field(default=None, compare=False)  # as it will run there (auto resolved)
 
 
-def fit_check(spec: JobSpec, gpu: str | None, force: bool = False, dry_run: bool = False) -> FitCheck:
-    """Refuse (SpecError) a SLURM run the estimate says will not fit GPU or host memory, unless
-    --force; a dry run only warns. Local and debug runs (CPU, tiny models) are never refused."""
-    if spec.cluster != "slurm" or spec.device == "cpu":
+def fit_check(spec: JobSpec, gpu: str | None, force: bool = False, dry_run: bool = False,
+              no_controller: bool = False) -> FitCheck:
+    """Refuse (SpecError) a run the estimate says will not fit, unless --force; a dry run only warns.
+    On a cluster whose node is this host (local) the host's own RAM and GPUs decide; elsewhere the
+    GPU type (--gpu) and the node's RAM. `no_controller`: the cluster was chosen because no SLURM
+    controller answered, which the refusal says."""
+    if spec.cluster_info.host_is_node:
+        return _host_fit(spec, force, dry_run, no_controller)
+    if spec.device == "cpu":
         return FitCheck(None, "", spec=spec)
     accel = accelerator(gpu)
     note = "" if gpu else f" ({accel.name} assumed; pass --gpu)"
@@ -177,15 +182,41 @@ def fit_check(spec: JobSpec, gpu: str | None, force: bool = False, dry_run: bool
     return FitCheck(accel, note, f"{problem}{note}" if problem and not force else None, spec=spec)
 
 
+def _host_fit(spec: JobSpec, force: bool, dry_run: bool, no_controller: bool) -> FitCheck:
+    """The local cluster's node is this host: what it lacks is known before anything starts."""
+    from llamajobs.cluster import local
+
+    elsewhere = " or ".join(c.name for c in catalog.CLUSTER.values() if not c.host_is_node)
+    if spec.fp8 and spec.device != "cpu" and local.host_gpus() == 0:  # a sure failure on the node: even with --force
+        raise SpecError(f"--fp8 needs an H100-class GPU (float8 matmuls); this host, the {spec.cluster} cluster's "
+                        f"node, has no GPU: leave --fp8 out, or submit to --cluster {elsewhere}")
+    ram = local.host_ram_gib()
+    if spec.plans_gpus or spec.evaluation is not None or ram is None:
+        return FitCheck(None, "", spec=spec)
+    needed = estimate.host_memory_gib(spec)
+    if needed <= ram:
+        return FitCheck(None, "", spec=spec)
+    ways = [w for w, applies in (("--size tiny", spec.size != "tiny" or spec.model_path),
+                                 ("--mode lora", not spec.mode_info.frozen_base)) if applies]
+    cluster_way = f"a GPU cluster (--cluster {elsewhere}" + ("; none answered `scontrol ping` here)" if no_controller
+                                                           else ")")
+    problem = (f"{spec.shape.name} {spec.mode} with --strategy {spec.strategy} on the {spec.cluster} cluster needs "
+               f"~{needed:.0f} GiB of RAM on this host (its node), which has {ram:.0f} GiB; use "
+               f"{', '.join(ways + [cluster_way])}, or --force to run anyway")
+    if not force and not dry_run:
+        raise SpecError(problem)
+    return FitCheck(None, "", problem if not force else None, spec=spec)
+
+
 def preemption_warning(spec: JobSpec) -> str | None:
-    """On SLURM: a warning when the partition preempts with a GraceTime too short for this job's save."""
-    if spec.cluster != "slurm":
+    """Where jobs are preempted: a warning when the partition's GraceTime is too short for this job's save."""
+    if not spec.cluster_info.preempts:
         return None
     from llamajobs import submit
-    from llamajobs.cluster.slurm import SlurmBackend
 
     try:
-        return submit.grace_warning(spec, SlurmBackend().partition(spec.partition))
+        partition = cluster.backend(spec.cluster).partition(spec.partition)
+        return submit.grace_warning(spec, partition) if partition is not None else None
     except cluster.SubmitError:  # scontrol cannot tell; the submit itself will say more
         return None
 
@@ -243,6 +274,8 @@ def submit_job(spec: JobSpec, profile: Site, runs: Path, fit: FitCheck | None = 
 def wait(job: Job, on_step: Callable[[monitor.Row], None] = lambda row: None, poll_s: float = 1.0) -> str:
     """Poll until the job ends, calling on_step with each row that logged a new step; its end state."""
     shown = None
+    info = catalog.CLUSTER.get(job.cluster)
+    poll_s = max(poll_s, info.poll_s if info else 0.0)  # a controller is not to be hammered
     while True:
         row = monitor.row(job)
         if row.step is not None and row.step != shown:
@@ -250,7 +283,7 @@ def wait(job: Job, on_step: Callable[[monitor.Row], None] = lambda row: None, po
             on_step(row)
         if row.state in cluster.TERMINAL:
             return row.state
-        time.sleep(poll_s if job.cluster != "slurm" else max(poll_s, 2.0))
+        time.sleep(poll_s)
 
 
 def fail_unless_completed(job: Job, state: str) -> None:
@@ -441,6 +474,33 @@ def grid(flags: dict[str, Any], accel: catalog.Accelerator, tokens: int | None, 
     return {"rows": rows}
 
 
+SEED_TOKENS = 2_500_000_000  # the seed's corpus: tokens per epoch of its table
+
+
+@dataclass(frozen=True, slots=True)
+class StartingGrid:
+    """`estimate hours` without flags: the seed's kind of table, 7B and 13B x every strategy."""
+    result: dict[str, Any]  # as `grid` returns it
+    accelerator: catalog.Accelerator
+    basis: str  # what the table assumes, in words
+
+
+def starting_grid(a: estimate.Assumptions) -> StartingGrid:
+    """On the seed's node (8 A100-80GB) at its 2.5B tokens per epoch; where the site profile names
+    its GPU, on that GPU with the profile's defaults (nodes, GPUs per node, ...)."""
+    profile, _ = site.load()
+    flags: dict[str, Any] = {"size": "7b,13b", "strategy": "all"}
+    if profile.gpu is None:
+        flags.update(nodes=1, gpus_per_node=8)
+    accel = accelerator(profile.gpu)
+    spec, _ = build_spec({**flags, "size": "7b", "strategy": "fsdp"}, cluster_default="slurm")
+    whose = "your site profile's defaults" if profile.gpu else "the seed's table"
+    basis = (f"7B and 13B x every strategy on {spec.nodes} node{'s' if spec.nodes > 1 else ''} x {spec.gpus_per_node} "
+             f"{accel.name} at {SEED_TOKENS / 1e9:g}B tokens per epoch ({whose}); give --size, --strategy, --gpu "
+             f"and --tokens for your own run")
+    return StartingGrid(grid(flags, accel, SEED_TOKENS, a, None), accel, basis)
+
+
 def predicted_hours(spec: JobSpec, accel: catalog.Accelerator, tokens: int | None, a: estimate.Assumptions,
                     cpu_mem_gib: float | None) -> dict[str, Any]:
     spec = plan_for_gpu(spec, accel, a, cpu_mem_gib)
@@ -464,7 +524,7 @@ def measured_hours(runs: Path, job_id: int, tokens: int | None, a: estimate.Assu
     if result is None:
         raise Failure(f"job {job_id} has no measured throughput yet; try again after its first logged steps")
     gpu = catalog.GPUS.get(result.get("peak") or "")
-    if gpu is not None and spec.cluster == "slurm":
+    if gpu is not None and spec.plans_gpus:
         result["predicted_tokens_per_s"] = estimate.throughput(spec, gpu, a)["tokens_per_s"]
     return result
 

@@ -67,6 +67,11 @@ def hours(job_id: int | None, gpu: str | None, peak_tflops: float | None, gpu_me
     flags = typed(values)
     if job_id is not None:
         result = ops.measured_hours(ops.runs_dir(runs_dir), job_id, count, a)
+    elif not (flags or gpu or peak_tflops or gpu_mem_gib or cpu_mem_gib or assume or tokens):
+        start = ops.starting_grid(a)  # a bare `estimate hours`: a table to start from
+        views.err.print(start.basis, markup=False)
+        views.print_json(start.result) if as_json else views.grid(start.result, start.accelerator)
+        return
     else:
         accel = ops.accelerator(gpu, peak_tflops, gpu_mem_gib)
         if (result := ops.grid(flags, accel, count, a, cpu_mem_gib)) is not None:
