@@ -136,6 +136,13 @@ def checked_spec(spec: JobSpec, runs: Path) -> JobSpec:
     return spec
 
 
+def check_partition(spec: JobSpec, profile: Site) -> None:
+    """What the cluster can tell before a submit (SLURM: its nodes' GPUs), refused naming the value."""
+    from llamajobs import submit
+
+    submit.check_node_gpus(spec, profile, cluster.backend(spec.cluster))
+
+
 @dataclass(frozen=True, slots=True)
 class DryRun:
     folder: Path
@@ -461,6 +468,7 @@ def submit_eval(options: EvalSpec, flags: dict[str, Any], runs: Path) -> Submitt
     options = dataclasses.replace(options, model=absolute(options.model), data=absolute(options.data),
                                   adapter=absolute(options.adapter), shots_file=absolute(options.shots_file))
     spec, profile = build_spec(flags, fixed={"evaluation": options})
+    check_partition(spec, profile)
     evaluate.read_inputs(options)  # a bad data or shots file fails before anything is queued
     if not spec.after:  # a model that a job it waits for will write need not exist yet
         evaluate.resolve_model(options.model, options.adapter)

@@ -151,11 +151,9 @@ def dependency_on(spec: JobSpec, reg: registry.Registry) -> str | None:
 def dry_run(spec: JobSpec, site: Site) -> tuple[Path, str | None]:
     """Render into a new temporary directory; where the cluster has one (SLURM: `sbatch --test-only`),
     also its verdict."""
-    backend = cluster.backend(spec.cluster)
-    check_node_gpus(spec, site, backend)
     folder = Path(tempfile.mkdtemp(prefix="llamajobs-dry-run-"))
     render.render(spec, site, folder)
-    return folder, backend.test_only(folder / "job.sbatch")
+    return folder, cluster.backend(spec.cluster).test_only(folder / "job.sbatch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +167,6 @@ def submit(spec: JobSpec, site: Site, runs_dir: Path) -> Submission:
     and nothing is removed that this call did not create."""
     backend = cluster.backend(spec.cluster)
     reg = registry.Registry(runs_dir)
-    check_node_gpus(spec, site, backend)
     dependency = dependency_on(spec, reg)
     os.umask(0o022)  # the run dir and what submitit writes into it are not world-writable
     job_id = registry.claim_id(runs_dir)

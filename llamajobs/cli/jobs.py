@@ -30,6 +30,7 @@ def submit(runs_dir: str | None, force: bool, gpu: str | None, dry_run: bool, wa
     detected = None if "cluster" in flags else cluster.detect()
     spec, profile = ops.build_spec(flags, config_file, cluster_default=detected)
     spec = ops.checked_spec(spec, runs)
+    ops.check_partition(spec, profile)
     # (detected and its node is this host: no SLURM controller answered)
     fit = ops.fit_check(spec, gpu, force, dry_run,
                         no_controller=detected is not None and catalog.CLUSTER[detected].host_is_node)
