@@ -71,7 +71,7 @@ def validate(spec: JobSpec) -> None:
     checks only what the node alone can tell: the GPUs and processes it finds, the files it reads)."""
     _choice(spec, "strategy", catalog.STRATEGIES)
     _choice(spec, "mode", catalog.MODES)
-    _choice(spec, "cluster", catalog.CLUSTERS)
+    _choice(spec, "cluster", list(catalog.CLUSTER))
     _choice(spec, "launcher", catalog.LAUNCHERS)
     _choice(spec, "device", ("auto", "cuda", "cpu"))
     _choice(spec, "kernels", catalog.KERNELS)
