@@ -53,9 +53,6 @@ def node_ram_gib(spec: JobSpec, cpu_mem_gib: float | None = None) -> float | Non
     return float(value.rstrip("KMGT")) * scale[unit]
 
 
-# --- submit ---
-
-
 @dataclass(frozen=True, slots=True)
 class FitCheck:
     accelerator: catalog.Accelerator | None  # the GPU the estimate assumed; None for a run on this host
@@ -97,7 +94,7 @@ def _host_fit(spec: JobSpec, force: bool, dry_run: bool, no_controller: bool) ->
     needed = estimate.host_memory_gib(spec)
     if needed <= ram:
         return FitCheck(None, "", spec=spec)
-    ways = [w for w, applies in (("--size tiny", spec.size != "tiny" or spec.model_path),
+    ways = [w for w, applies in (("--size tiny", spec.model_path is None and spec.size != "tiny"),
                                  ("--mode lora", not spec.mode_info.frozen_base)) if applies]
     cluster_way = f"a GPU cluster (--cluster {elsewhere}" + ("; none answered `scontrol ping` here)" if no_controller
                                                            else ")")

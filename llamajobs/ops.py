@@ -100,6 +100,11 @@ def build_spec(flags: dict[str, Any], config_file: str | None = None, cluster_de
     return llamajobs.spec.build(flags, config, site_defaults), profile
 
 
+def site_gpu() -> str | None:
+    """The site profile's GPU type: what estimates and the fit check assume when --gpu is not given."""
+    return site.load()[0].gpu
+
+
 def resolve_init_from(value: str, runs: Path, after: tuple[str, ...] = ()) -> str:
     """--init-from JOB|DIR -> the directory: a job's final/, or a directory holding a model or an
     adapter. A job this one waits for (--after) need not have finished yet."""

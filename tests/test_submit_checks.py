@@ -182,6 +182,8 @@ def test_bare_estimate_hours_uses_a_site_profile_that_names_its_gpu(cli, home):
     assert code == 0, stderr
     assert "on 2 nodes x 4 h100 at 2.5B tokens per epoch (your site profile's defaults)" in stderr
     assert "GPU: h100" in stdout and "13b" in stdout
+    code, stdout, stderr = cli("estimate", "hours", "--size", "7b", "--strategy", "fsdp", "--json")
+    assert code == 0 and json.loads(stdout)["peak"] == "h100"  # the site's GPU is --gpu's default
     (home / "site.yaml").write_text("gpu: v100\n")
     code, _, stderr = cli("estimate", "hours")
     assert code == 2 and "gpu 'v100' is not known; choose one of" in one_line(stderr)

@@ -21,8 +21,8 @@ from llamajobs.estimate.memory import (GIB, LOSS_CHUNK_TOKENS, activation_bytes,
                                        fused_loss_bytes, gradient_bytes, largest_module_params, loading_bytes, logits_bytes, memory,
                                        model_state_bytes, verdict)
 from llamajobs.estimate.plan import Plan, as_plan, flops_per_token, plan_for_strategy, recompute_flops_per_token
-from llamajobs.estimate.planning import (DEFAULT_GPU, fit_check, grid_row, host_memory_gib, hours_for_spec, memory_table,
-                                         micro_batch_choices, resolve)
+from llamajobs.estimate.planning import (DEFAULT_GPU, fit_check, grid_row, host_memory_gib, hours_for_spec,
+                                         memory_table, micro_batch_choices, resolve)
 from llamajobs.estimate.published import PUBLISHED, Published, compare_published, predict_published, published_markdown
 from llamajobs.estimate.timing import (EXPECTED_ERROR, UNCHECKED, compute_efficiency, cpu_adam_params_per_s,
                                        expected_error_text, host_floor_s, hours, interconnect_gbps,

@@ -138,7 +138,8 @@ def gpu_facts(gpu: Accelerator, a: Assumptions = DEFAULT) -> GpuFacts:
 
 # The assumptions that mean something at 0 (no warm-up left out, all communication hidden, no overhead);
 # every other one is a rate or a share that would divide by zero.
-ZERO_ALLOWED = frozenset({"warmup_steps", "comm_exposed", "framework_overhead_gib", "host_process_gib", "cpu_process_gib",
+ZERO_ALLOWED = frozenset({"warmup_steps", "comm_exposed", "framework_overhead_gib", "host_process_gib",
+                          "cpu_process_gib",
                           "loop_efficiency_width", "host_us_per_op", "compile_op_share"})
 
 
