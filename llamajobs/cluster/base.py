@@ -49,7 +49,7 @@ class Allocation:
     max_requeues: int = 0
     setup: tuple[str, ...] = ()  # shell lines run first (module loads, venv activation)
     srun_args: tuple[str, ...] = ()
-    python: str | None = None  # the interpreter on the nodes; None: this one
+    python: str | None = None  # the interpreter on the nodes, a path (the backend quotes it); None: this one
 
 
 @dataclass(frozen=True, slots=True)
