@@ -334,7 +334,56 @@ MODE: dict[str, ModeInfo] = {m.name: m for m in (
 )}
 MODES: tuple[str, ...] = tuple(MODE)
 PROMPT_MODES: tuple[str, ...] = tuple(m.name for m in MODE.values() if m.virtual_tokens)
-CLUSTERS: tuple[str, ...] = ("slurm", "local", "debug")
+
+
+def trained_params(shape: Shape, mode: ModeInfo, lora_r: int, lora_targets: tuple[str, ...],
+                   num_virtual_tokens: int) -> int:
+    """Parameters that get a gradient (and are checkpointed): all of them, the LoRA adapters, or the
+    virtual tokens."""
+    if not mode.frozen_base:
+        return shape.params
+    if mode.adapters:
+        kv = shape.n_kv_heads * shape.head_dim
+        dims = {"q_proj": (shape.dim, shape.dim), "k_proj": (shape.dim, kv), "v_proj": (shape.dim, kv),
+                "o_proj": (shape.dim, shape.dim), "gate_proj": (shape.dim, shape.ffn_dim),
+                "up_proj": (shape.dim, shape.ffn_dim), "down_proj": (shape.ffn_dim, shape.dim)}
+        per_layer = sum(lora_r * sum(dims[t]) for t in lora_targets if t in dims)
+        return shape.n_layers * per_layer
+    # prefix tuning trains key/value prefixes in every layer; prompt/p-tuning only input embeddings
+    per_token = 2 * shape.n_layers * shape.dim if mode.layer_prefix else shape.dim
+    return num_virtual_tokens * per_token
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClusterInfo:
+    """What a kind of cluster can do, as data: the spec, the rules and the CLI ask these fields (as
+    they ask StrategyInfo) and never compare a cluster's name. Each backend in llamajobs/cluster/ names
+    its ClusterInfo; the catalog holds them so that the spec reads them without the cluster layer."""
+
+    name: str
+    spans_nodes: bool  # a job may have --nodes > 1
+    can_hold: bool  # --hold: queued held until released
+    can_depend: bool  # --after: start once other jobs of this cluster completed
+    # --gpus-per-node GPUs are asked of the cluster for each node (a --gres line), so --device auto
+    # plans on GPUs there; without it the job runs on whatever the host has (the CPU, planned).
+    allocates_gpus: bool
+    preempts: bool  # a partition may preempt the job (GraceTime applies)
+    # The submitting host runs the job: its RAM and GPUs are the node's, readable at submit.
+    host_is_node: bool
+    poll_s: float  # the shortest interval between two state queries (a controller is not to be hammered)
+    runs_arrays: bool = True  # `data prepare --shards` can run its tasks here
+
+
+CLUSTER: dict[str, ClusterInfo] = {c.name: c for c in (
+    ClusterInfo(name="slurm", spans_nodes=True, can_hold=True, can_depend=True, allocates_gpus=True, preempts=True,
+                host_is_node=False, poll_s=2.0),
+    ClusterInfo(name="local", spans_nodes=False, can_hold=False, can_depend=False, allocates_gpus=False,
+                preempts=False, host_is_node=True, poll_s=0.0),
+    # The local cluster for quick debugging runs; no sharded preparation there.
+    ClusterInfo(name="debug", spans_nodes=False, can_hold=False, can_depend=False, allocates_gpus=False,
+                preempts=False, host_is_node=True, poll_s=0.0, runs_arrays=False),
+)}
+CLUSTERS: tuple[str, ...] = tuple(CLUSTER)
 LAUNCHERS: tuple[str, ...] = ("torchrun", "deepspeed")
 TASKS: tuple[str, ...] = ("medqa", "medmcqa", "pubmedqa")  # eval's multiple-choice sets
 KERNELS: tuple[str, ...] = ("liger", "none")  # --kernels: Liger's fused kernels on CUDA, or the plain modules

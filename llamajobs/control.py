@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llamajobs import catalog
+
 if TYPE_CHECKING:
     from llamajobs.spec import JobSpec
 
@@ -27,11 +29,17 @@ def request_stop(run_dir: Path, reason: str) -> None:
 STOP_MARGIN_S = 30
 
 
+def checkpoint_bytes(spec: JobSpec) -> float:
+    """What a checkpoint holds: the trained parameters with Adam's state, ~16 bytes each in fp32 (a 7B
+    full checkpoint is ~108 GB). A frozen base is not saved: a LoRA run's checkpoint is its adapter
+    and the adapter's optimizer state (kilobytes for the tiny model, ~100 MB for 7B r8 q/v)."""
+    return 16 * catalog.trained_params(spec.shape, spec.mode_info, spec.lora_r, spec.lora_targets,
+                                       spec.num_virtual_tokens)
+
+
 def save_seconds(spec: JobSpec, write_bytes_per_s: float = 1e9) -> float:
-    """A checkpoint's predicted save time: weights and Adam in fp32, ~16 bytes per trained parameter
-    (a 7B full checkpoint is ~108 GB: minutes, not seconds)."""
-    trained = 0.02 * spec.shape.params if spec.mode_info.frozen_base else spec.shape.params
-    return 16 * trained / write_bytes_per_s
+    """A checkpoint's predicted save time at the filesystem's speed: minutes for a 7B full one."""
+    return checkpoint_bytes(spec) / write_bytes_per_s
 
 
 def signal_delay_s(spec: JobSpec) -> int:

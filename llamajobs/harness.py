@@ -156,6 +156,7 @@ def submit_harness(options: EvalSpec, flags: dict[str, Any], runs: Path) -> ops.
             raise SpecError(f"--{name.replace('_', '-')} {flags[name]}: an lm-eval job runs one process on one node")
     options = harness_options(options, runs)
     spec, profile = ops.build_spec(flags, fixed={"evaluation": options, "nodes": 1, "procs_per_node": 1})
+    ops.check_partition(spec, profile)  # more GPUs than its nodes have: named before sbatch refuses it
     if not spec.after:  # a model that a job it waits for will write need not exist yet
         evaluate.resolve_model(options.model, options.adapter)
     return ops.Submitted(submit.submit(spec, profile, runs).job)

@@ -21,6 +21,8 @@ import llamajobs.spec
 from llamajobs import catalog, cluster, estimate, events, forensics, hub, metrics, monitor, registry, site
 from llamajobs.data.prepare import PrepareConfig, Progress, prepare
 from llamajobs.errors import Failure, SpecError
+# What submit checks against the hardware lives in fit.py; the CLI calls it through ops.
+from llamajobs.fit import FitCheck, accelerator, fit_check, node_ram_gib, plan_for_gpu, preemption_warning
 from llamajobs.registry import Job
 from llamajobs.site import Site
 from llamajobs.spec import EvalSpec, JobSpec
@@ -98,6 +100,11 @@ def build_spec(flags: dict[str, Any], config_file: str | None = None, cluster_de
     return llamajobs.spec.build(flags, config, site_defaults), profile
 
 
+def site_gpu() -> str | None:
+    """The site profile's GPU type: what estimates and the fit check assume when --gpu is not given."""
+    return site.load()[0].gpu
+
+
 def resolve_init_from(value: str, runs: Path, after: tuple[str, ...] = ()) -> str:
     """--init-from JOB|DIR -> the directory: a job's final/, or a directory holding a model or an
     adapter. A job this one waits for (--after) need not have finished yet."""
@@ -112,82 +119,7 @@ def resolve_init_from(value: str, runs: Path, after: tuple[str, ...] = ()) -> st
     return str(path.absolute())
 
 
-def accelerator(gpu: str | None, peak_tflops: float | None = None, gpu_mem_gib: float | None = None
-                ) -> catalog.Accelerator:
-    """--gpu from the catalog (its numbers overridable), or a card it lacks given both numbers."""
-    name = gpu or estimate.DEFAULT_GPU
-    if name in catalog.GPUS:
-        base = catalog.GPUS[name]
-    elif peak_tflops and gpu_mem_gib:
-        return catalog.Accelerator(name=name, peak_bf16_flops=peak_tflops * 1e12, memory_gib=gpu_mem_gib)
-    else:
-        raise SpecError(f"--gpu {name!r} is not known; choose one of {', '.join(catalog.GPUS)}, "
-                        f"or give --peak-tflops and --gpu-mem-gib for it")
-    return dataclasses.replace(base, peak_bf16_flops=peak_tflops * 1e12 if peak_tflops else base.peak_bf16_flops,
-                               memory_gib=gpu_mem_gib or base.memory_gib)
-
-
-def plan_for_gpu(spec: JobSpec, accel: catalog.Accelerator | None, a: estimate.Assumptions = estimate.DEFAULT,
-                 cpu_mem_gib: float | None = None) -> JobSpec:
-    """The spec as it will run on `accel`: --micro-batch auto resolved to the fastest micro-batch that
-    fits, and FSDP's accumulation (sharded when the unsharded fp32 gradient does not fit). A run not
-    planned on GPUs (local, --device cpu) or an eval job is returned as it is."""
-    if accel is None or spec.evaluation is not None or not spec.plans_gpus:
-        return spec
-    plan = estimate.resolve(spec, accel, a, node_ram_gib(spec, cpu_mem_gib))
-    if spec.micro_batch_auto:
-        spec = llamajobs.spec.with_auto_micro_batch(spec, plan.micro_batch)
-    return dataclasses.replace(spec, sharded_accumulation=plan.sharded_accumulation)
-
-
-def node_ram_gib(spec: JobSpec, cpu_mem_gib: float | None = None) -> float | None:
-    """--cpu-mem-gib, else the spec's --mem-per-node (SLURM syntax, megabytes without a suffix)."""
-    if cpu_mem_gib:
-        return cpu_mem_gib
-    value = spec.mem_per_node.upper()
-    if value in ("0", ""):
-        return None
-    scale = {"K": 1 / 2**20, "M": 1 / 1024, "G": 1.0, "T": 1024.0}
-    unit = value[-1] if value[-1] in scale else "M"
-    return float(value.rstrip("KMGT")) * scale[unit]
-
-
 # --- submit ---
-
-
-@dataclass(frozen=True, slots=True)
-class FitCheck:
-    accelerator: catalog.Accelerator | None  # the GPU the estimate assumed; None off SLURM
-    note: str  # " (a100-80g assumed; pass --gpu)" when --gpu was not given
-    warning: str | None = None  # a dry run's "does not fit", which a real submit refuses
-    spec: JobSpec | None = dataclasses.field(default=None, compare=False)  # as it will run there (auto resolved)
-
-
-def fit_check(spec: JobSpec, gpu: str | None, force: bool = False, dry_run: bool = False) -> FitCheck:
-    """Refuse (SpecError) a SLURM run the estimate says will not fit GPU or host memory, unless
-    --force; a dry run only warns. Local and debug runs (CPU, tiny models) are never refused."""
-    if spec.cluster != "slurm" or spec.device == "cpu":
-        return FitCheck(None, "", spec=spec)
-    accel = accelerator(gpu)
-    note = "" if gpu else f" ({accel.name} assumed; pass --gpu)"
-    spec = plan_for_gpu(spec, accel)
-    problem = estimate.fit_check(spec, accel, node_ram_gib=node_ram_gib(spec))
-    if problem and not force and not dry_run:
-        raise SpecError(f"{problem}; --force submits anyway{note}")
-    return FitCheck(accel, note, f"{problem}{note}" if problem and not force else None, spec=spec)
-
-
-def preemption_warning(spec: JobSpec) -> str | None:
-    """On SLURM: a warning when the partition preempts with a GraceTime too short for this job's save."""
-    if spec.cluster != "slurm":
-        return None
-    from llamajobs import submit
-    from llamajobs.cluster.slurm import SlurmBackend
-
-    try:
-        return submit.grace_warning(spec, SlurmBackend().partition(spec.partition))
-    except cluster.SubmitError:  # scontrol cannot tell; the submit itself will say more
-        return None
 
 
 def checked_spec(spec: JobSpec, runs: Path) -> JobSpec:
@@ -207,6 +139,13 @@ def checked_spec(spec: JobSpec, runs: Path) -> JobSpec:
 
         validate_packing(spec, packed=TokenStore(spec.data).has_loss_mask)
     return spec
+
+
+def check_partition(spec: JobSpec, profile: Site) -> None:
+    """What the cluster can tell before a submit (SLURM: its nodes' GPUs), refused naming the value."""
+    from llamajobs import submit
+
+    submit.check_node_gpus(spec, profile, cluster.backend(spec.cluster))
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +182,8 @@ def submit_job(spec: JobSpec, profile: Site, runs: Path, fit: FitCheck | None = 
 def wait(job: Job, on_step: Callable[[monitor.Row], None] = lambda row: None, poll_s: float = 1.0) -> str:
     """Poll until the job ends, calling on_step with each row that logged a new step; its end state."""
     shown = None
+    info = catalog.CLUSTER.get(job.cluster)
+    poll_s = max(poll_s, info.poll_s if info else 0.0)  # a controller is not to be hammered
     while True:
         row = monitor.row(job)
         if row.step is not None and row.step != shown:
@@ -250,7 +191,7 @@ def wait(job: Job, on_step: Callable[[monitor.Row], None] = lambda row: None, po
             on_step(row)
         if row.state in cluster.TERMINAL:
             return row.state
-        time.sleep(poll_s if job.cluster != "slurm" else max(poll_s, 2.0))
+        time.sleep(poll_s)
 
 
 def fail_unless_completed(job: Job, state: str) -> None:
@@ -441,6 +382,33 @@ def grid(flags: dict[str, Any], accel: catalog.Accelerator, tokens: int | None, 
     return {"rows": rows}
 
 
+SEED_TOKENS = 2_500_000_000  # the seed's corpus: tokens per epoch of its table
+
+
+@dataclass(frozen=True, slots=True)
+class StartingGrid:
+    """`estimate hours` without flags: the seed's kind of table, 7B and 13B x every strategy."""
+    result: dict[str, Any]  # as `grid` returns it
+    accelerator: catalog.Accelerator
+    basis: str  # what the table assumes, in words
+
+
+def starting_grid(a: estimate.Assumptions) -> StartingGrid:
+    """On the seed's node (8 A100-80GB) at its 2.5B tokens per epoch; where the site profile names
+    its GPU, on that GPU with the profile's defaults (nodes, GPUs per node, ...)."""
+    profile, _ = site.load()
+    flags: dict[str, Any] = {"size": "7b,13b", "strategy": "all"}
+    if profile.gpu is None:
+        flags.update(nodes=1, gpus_per_node=8)
+    accel = accelerator(profile.gpu)
+    spec, _ = build_spec({**flags, "size": "7b", "strategy": "fsdp"}, cluster_default="slurm")
+    whose = "your site profile's defaults" if profile.gpu else "the seed's table"
+    basis = (f"7B and 13B x every strategy on {spec.nodes} node{'s' if spec.nodes > 1 else ''} x {spec.gpus_per_node} "
+             f"{accel.name} at {SEED_TOKENS / 1e9:g}B tokens per epoch ({whose}); give --size, --strategy, --gpu "
+             f"and --tokens for your own run")
+    return StartingGrid(grid(flags, accel, SEED_TOKENS, a, None), accel, basis)
+
+
 def predicted_hours(spec: JobSpec, accel: catalog.Accelerator, tokens: int | None, a: estimate.Assumptions,
                     cpu_mem_gib: float | None) -> dict[str, Any]:
     spec = plan_for_gpu(spec, accel, a, cpu_mem_gib)
@@ -464,7 +432,7 @@ def measured_hours(runs: Path, job_id: int, tokens: int | None, a: estimate.Assu
     if result is None:
         raise Failure(f"job {job_id} has no measured throughput yet; try again after its first logged steps")
     gpu = catalog.GPUS.get(result.get("peak") or "")
-    if gpu is not None and spec.cluster == "slurm":
+    if gpu is not None and spec.plans_gpus:
         result["predicted_tokens_per_s"] = estimate.throughput(spec, gpu, a)["tokens_per_s"]
     return result
 
@@ -505,6 +473,7 @@ def submit_eval(options: EvalSpec, flags: dict[str, Any], runs: Path) -> Submitt
     options = dataclasses.replace(options, model=absolute(options.model), data=absolute(options.data),
                                   adapter=absolute(options.adapter), shots_file=absolute(options.shots_file))
     spec, profile = build_spec(flags, fixed={"evaluation": options})
+    check_partition(spec, profile)
     evaluate.read_inputs(options)  # a bad data or shots file fails before anything is queued
     if not spec.after:  # a model that a job it waits for will write need not exist yet
         evaluate.resolve_model(options.model, options.adapter)

@@ -54,6 +54,11 @@ def sbatch_options(spec: JobSpec) -> list[tuple[str, str]]:
     return [(k, v) for k, v in values.items() if v]
 
 
+def gres(spec: JobSpec, site: Site) -> str | None:
+    """The job's --gres: GPUs asked per node on a cluster that allocates them, unless --device cpu."""
+    return site.gres_for(spec.gpus_per_node) if spec.cluster_info.allocates_gpus and spec.device != "cpu" else None
+
+
 def ds_config(spec: JobSpec, *, world_size: int | None = None, cuda: bool | None = None) -> dict:
     """DeepSpeed's config for a ds-* spec, every value filled from the spec (none left "auto").
 
@@ -96,6 +101,7 @@ def render(spec: JobSpec, site: Site, out_dir: str | Path, run_dir: str | None =
         "container": "".join(shlex.quote(word) + " " for word in shlex.split(site.container or "")),
         "version": __version__,
         "sbatch_options": sbatch_options(spec),
+        "gres": gres(spec, site),
         "exclude": site.excluded(spec.exclude),  # --exclude and the site's keep_out nodes
         "signal_delay_s": control.signal_delay_s(spec),
         "stop_wait_s": control.stop_wait_s(spec),

@@ -71,7 +71,7 @@ def validate(spec: JobSpec) -> None:
     checks only what the node alone can tell: the GPUs and processes it finds, the files it reads)."""
     _choice(spec, "strategy", catalog.STRATEGIES)
     _choice(spec, "mode", catalog.MODES)
-    _choice(spec, "cluster", catalog.CLUSTERS)
+    _choice(spec, "cluster", list(catalog.CLUSTER))
     _choice(spec, "launcher", catalog.LAUNCHERS)
     _choice(spec, "device", ("auto", "cuda", "cpu"))
     _choice(spec, "kernels", catalog.KERNELS)
@@ -148,18 +148,25 @@ def _validate_combinations(spec: JobSpec) -> None:
                         "--gpus-per-node 1 or --device cpu")
     if spec.fp8:
         _validate_fp8(spec)
-    if spec.cluster != "slurm" and spec.nodes > 1:
-        raise SpecError(f"--nodes {spec.nodes}: the {spec.cluster} cluster has one node; use --cluster slurm")
-    if spec.hold and spec.cluster != "slurm":
-        raise SpecError(f"--hold needs --cluster slurm (cluster is {spec.cluster!r})")
+    where = spec.cluster_info
+    if not where.spans_nodes and spec.nodes > 1:
+        raise SpecError(f"--nodes {spec.nodes}: the {spec.cluster} cluster has one node; use --cluster "
+                        f"{_clusters_that('spans_nodes')}")
+    if spec.hold and not where.can_hold:
+        raise SpecError(f"--hold needs --cluster {_clusters_that('can_hold')} (cluster is {spec.cluster!r})")
     if spec.sharded_accumulation and not strategy.fsdp:
         raise SpecError(f"sharded_accumulation is FSDP's (DeepSpeed partitions gradients itself); leave it out "
                         f"with --strategy {spec.strategy}")
     if spec.launcher == "deepspeed" and not strategy.deepspeed:
         raise SpecError(f"--launcher deepspeed needs a ds-* strategy (strategy is {spec.strategy!r})")
-    if spec.procs_per_node and spec.cluster == "slurm" and spec.device != "cpu" \
+    if spec.procs_per_node and where.allocates_gpus and spec.device != "cpu" \
             and spec.procs_per_node > spec.gpus_per_node:
         raise SpecError(f"--procs-per-node {spec.procs_per_node} exceeds --gpus-per-node {spec.gpus_per_node}")
+
+
+def _clusters_that(capability: str) -> str:
+    """The clusters that have a capability, for a message: "slurm", "slurm or pbs"."""
+    return " or ".join(c.name for c in catalog.CLUSTER.values() if getattr(c, capability))
 
 
 def validate_packing(spec: JobSpec, packed: bool) -> None:

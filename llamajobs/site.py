@@ -3,9 +3,12 @@
 It holds site keys (setup lines, env, GPU request syntax, NCCL interface, interpreter) and, at the
 top level beside them, defaults for any JobSpec key (partition, account, time, ...).
 
-Every value here reaches a shell script. `setup` is the one key that is shell by design (its lines
-run as written, first, on every node); every other value passes `spec.check_text` (no control
-characters) and is quoted where it is rendered, so it stays data.
+Every value here reaches a shell script: our templates (launch.sh, job.sbatch) and submitit's batch
+script alike. The one rule: `setup` is the one key that is shell by design (its lines run as written,
+first, on every node); every other value passes `check_text` (no control characters), is refused at
+load when it cannot be data (a gres other than {gpus} substitution, an env entry that is no variable
+name, a cache_dir that runs a command), and is quoted wherever it is rendered, so it stays data.
+tests/test_site_shell.py walks every key into every rendered script.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from llamajobs import catalog
 from llamajobs.errors import SpecError
 from llamajobs.values import check_text
 
@@ -30,7 +34,8 @@ class Site:
     setup: tuple[str, ...] = ()
     # Environment variables passed through by name (WANDB_API_KEY, HF_TOKEN): values stay out of scripts.
     env: tuple[str, ...] = ()
-    # How GPUs are asked for: a --gres value with {gpus} (gpu:{gpus}, gpu:a100:{gpus}); "" asks for none.
+    # How GPUs are asked for: a --gres value where {gpus} (the only placeholder) becomes the count per
+    # node: gpu:{gpus}, gpu:a100:{gpus}; "" asks for none.
     gres: str = "gpu:{gpus}"
     # NCCL's and gloo's network interface (ib0, eth0); unset lets them choose.
     socket_ifname: str | None = None
@@ -45,11 +50,19 @@ class Site:
     # quotes: $VARIABLES and ${VAR:-default} work; command substitution belongs in `setup`.
     cache_dir: str = "${TMPDIR:-/tmp}/llamajobs-$UID"
     runs_dir: str | None = None
+    # The GPU type of the site's nodes (a catalog name: a100-80g, h100, ...): what `estimate` and submit's
+    # fit check assume when --gpu is not given.
+    gpu: str | None = None
     # Nodes every job keeps out of (a node that keeps failing), added to a job's --exclude.
     keep_out: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         validate(self)
+
+    def gres_for(self, gpus: int) -> str | None:
+        """The --gres value for `gpus` GPUs per node (None when the site asks for none). Plain text
+        substitution: gres is not a format string."""
+        return self.gres.replace(GPUS_PLACEHOLDER, str(gpus)) if self.gres else None
 
     def excluded(self, exclude: str | None) -> str | None:
         """SLURM's --exclude: the job's, then the site's keep_out nodes."""
@@ -59,6 +72,10 @@ class Site:
 
 SITE_KEYS = {f.name: f for f in fields(Site)}
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+GPUS_PLACEHOLDER = "{gpus}"
+# What a --gres value is made of (gpu:a100:8, gpu:2,shard:4, gpu:nvidia_h100_80gb_hbm3:8), once
+# {gpus} is taken out.
+_GRES = re.compile(r"^[A-Za-z0-9_.:,/-]{0,200}$")
 
 
 def validate(site: Site) -> None:
@@ -79,11 +96,12 @@ def validate(site: Site) -> None:
     bad = [v for v in site.env if not _ENV_NAME.match(v)]
     if bad:
         raise SpecError(f"site profile: env lists names of variables to pass through; {bad[0]!r} is not one")
-    try:
-        site.gres.format(gpus=1)
-    except (KeyError, IndexError, ValueError):
-        raise SpecError(f"site profile: gres {site.gres!r} is malformed; give e.g. gpu:{{gpus}} or gpu:a100:{{gpus}}, "
-                        "with {gpus} the only placeholder") from None
+    if not _GRES.match(site.gres.replace(GPUS_PLACEHOLDER, "")):
+        raise SpecError(f"site profile: gres {site.gres[:80]!r}{'...' if len(site.gres) > 80 else ''} is malformed; "
+                        f"give e.g. gpu:{{gpus}} or gpu:a100:{{gpus}}: up to 200 letters, digits and . _ : , / -, "
+                        f"with {{gpus}} the only placeholder")
+    if site.gpu is not None and site.gpu not in catalog.GPUS:
+        raise SpecError(f"site profile: gpu {site.gpu!r} is not known; choose one of {', '.join(catalog.GPUS)}")
     if site.container is not None:
         try:
             shlex.split(site.container)

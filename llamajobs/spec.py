@@ -152,6 +152,10 @@ class JobSpec:
         return catalog.MODE[self.mode]
 
     @property
+    def cluster_info(self) -> catalog.ClusterInfo:
+        return catalog.CLUSTER[self.cluster]
+
+    @property
     def liger(self) -> bool:
         """Liger's kernels asked for and covering the model's family (they run only on CUDA, where the
         package is installed: the node decides, worker/kernels.py)."""
@@ -165,8 +169,9 @@ class JobSpec:
 
     @property
     def plans_gpus(self) -> bool:
-        """Whether the run is planned on GPUs: --device cuda, or auto on SLURM (the node decides auto)."""
-        return self.device == "cuda" or (self.device == "auto" and self.cluster == "slurm")
+        """Whether the run is planned on GPUs: --device cuda, or auto on a cluster that allocates GPUs
+        (the node decides auto)."""
+        return self.device == "cuda" or (self.device == "auto" and self.cluster_info.allocates_gpus)
 
     @property
     def kind(self) -> str:
@@ -185,7 +190,7 @@ class JobSpec:
             return self.procs_per_node
         if self.strategy_info.one_process_per_node:
             return 1
-        return 2 if self.cluster != "slurm" or self.device == "cpu" else self.gpus_per_node
+        return self.gpus_per_node if self.cluster_info.allocates_gpus and self.device != "cpu" else 2
 
     @property
     def cpus_per_task(self) -> int:
@@ -326,14 +331,21 @@ def _check_types(obj: Any, fields: Mapping[str, dataclasses.Field], prefix: str 
                 check_text(label, item)
 
 
-def normalise_keys(values: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Keys as the flags spell them (global-batch) or as fields (global_batch); unknown keys refused."""
+# Fields that spec.json records but no source sets: the command sets `evaluation` (`llamajobs eval
+# --cluster`), the estimator `micro_batch_auto` (--micro-batch auto) and `sharded_accumulation`.
+RECORDED = frozenset({"evaluation", "micro_batch_auto", "sharded_accumulation"})
+
+
+def normalise_keys(values: Mapping[str, Any], source: str, settings: bool = False) -> dict[str, Any]:
+    """Keys as the flags spell them (global-batch) or as fields (global_batch); unknown keys refused,
+    and (settings: a site profile, a run YAML) the RECORDED ones too."""
     out = {}
+    known = [k for k in FIELDS if not (settings and k in RECORDED)]
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        if name not in FIELDS:
+        if name not in known:
             raise SpecError(f"{source}: unknown key {str(key)!r}; allowed: "
-                            f"{', '.join(k.replace('_', '-') for k in FIELDS)}")
+                            f"{', '.join(k.replace('_', '-') for k in known)}")
         out[name] = _coerce(name, value)
     return out
 
@@ -396,7 +408,7 @@ def build(flags: Mapping[str, Any], config: Mapping[str, Any] | None = None,
                 if auto:
                     del values[key]
                     merged.pop("micro_batch", None)
-        merged.update(normalise_keys(values, source))
+        merged.update(normalise_keys(values, source, settings=source != "flags"))
     mode = merged.get("mode", default("mode"))
     info = catalog.MODE.get(mode)
     # These two rules need to know what was given, which a JobSpec (holding defaults) cannot tell.

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import submitit
 
-from llamajobs import cluster, events, registry, render
-from llamajobs.cluster import Allocation, SubmitError
-from llamajobs.cluster.slurm import Partition, SlurmBackend
-from llamajobs.control import STOP_MARGIN_S, save_seconds, signal_delay_s, stop_wait_s
+from llamajobs import catalog, cluster, events, registry, render
+from llamajobs.cluster import Allocation, Backend, SubmitError
+from llamajobs.cluster.base import Partition
+from llamajobs.control import checkpoint_bytes, save_seconds, signal_delay_s, stop_wait_s
 from llamajobs.errors import SpecError
 from llamajobs.launcher import NodeRun
 from llamajobs.registry import Job
@@ -86,14 +86,33 @@ class NodeLauncher(submitit.helpers.Checkpointable):
 
 def grace_warning(spec: JobSpec, partition: Partition) -> str | None:
     """Preemption sends SIGTERM, then SIGKILL after the partition's GraceTime: a warning when the
-    predicted save does not fit in between (the job then resumes from its last periodic checkpoint)."""
-    needed = save_seconds(spec) + STOP_MARGIN_S
+    predicted save does not fit in between (the job then resumes from its last periodic checkpoint).
+    The save is sized from what the checkpoint holds (a LoRA run's: the adapter and its optimizer state)."""
+    needed = save_seconds(spec)
     if partition.preempt_mode.upper().startswith("OFF") or partition.grace_s >= needed:
         return None
     return (f"partition {partition.name} preempts with GraceTime {partition.grace_s} s, less than the ~{needed:.0f} s "
-            f"this job needs to save a checkpoint, so a preempted run resumes from its last periodic checkpoint: "
+            f"this job needs to save a checkpoint ({_gigabytes(checkpoint_bytes(spec))}), so a preempted run resumes "
+            f"from its last periodic checkpoint: "
             f"give --checkpoint-every-minutes to bound what it loses, save less (--mode lora checkpoints the "
             f"adapter only), or submit to a partition that is not preempted")
+
+
+def _gigabytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_node_gpus(spec: JobSpec, site: Site, backend: Backend) -> None:
+    """Refuse (naming the value to change) a job asking more GPUs per node than the partition's
+    nodes have: sbatch would only say "Requested node configuration is not available"."""
+    if render.gres(spec, site) is None:
+        return
+    most = backend.node_gpus(spec.partition)
+    if most is not None and spec.gpus_per_node > most:
+        where = f"partition {spec.partition}" if spec.partition else "the default partition"
+        raise SpecError(f"--gpus-per-node {spec.gpus_per_node}: the nodes of {where} have at most {most} GPUs "
+                        f"each; give --gpus-per-node {most} or fewer (more --nodes for more GPUs), or another "
+                        f"--partition")
 
 
 # When one node's launcher fails, srun ends the others' at once: a rank hung outside any collective
@@ -105,7 +124,7 @@ def allocation(spec: JobSpec, site: Site, dependency: str | None = None) -> Allo
     """What the job asks of its cluster: its nodes, time, resources and the site's setup lines."""
     return Allocation(
         name=spec.run_name, nodes=spec.nodes, minutes=spec.time_minutes, cpus_per_task=spec.cpus_per_task,
-        gres=site.gres.format(gpus=spec.gpus_per_node) if site.gres and spec.device != "cpu" else None,
+        gres=render.gres(spec, site),
         mem=spec.mem_per_node, partition=spec.partition, account=spec.account, qos=spec.qos,
         constraint=spec.constraint, exclude=site.excluded(spec.exclude), exclusive=spec.exclusive, mail_user=spec.mail_user,
         mail_type=spec.mail_type, dependency=dependency, hold=spec.hold, signal_delay_s=signal_delay_s(spec),
@@ -113,26 +132,28 @@ def allocation(spec: JobSpec, site: Site, dependency: str | None = None) -> Allo
         python=site.python)
 
 
-def dependency_on(after: tuple[str, ...], reg: registry.Registry) -> str | None:
-    """--after names llamajobs ids; SLURM wants its own: afterok:ID:ID."""
-    if not after:
+def dependency_on(spec: JobSpec, reg: registry.Registry) -> str | None:
+    """--after names llamajobs ids; the cluster wants its own: afterok:ID:ID. Only jobs of this job's
+    own cluster, where that cluster can depend on jobs."""
+    if not spec.after:
         return None
+    able = " or ".join(c.name for c in catalog.CLUSTER.values() if c.can_depend)
     cluster_ids = []
-    for value in after:
+    for value in spec.after:
         job = reg.get(int(value)) if value.isdigit() else None
-        if job is None or job.cluster != "slurm":
-            raise SpecError(f"--after {value}: not a SLURM job known to llamajobs")
+        if job is None or job.cluster != spec.cluster or not spec.cluster_info.can_depend:
+            raise SpecError(f"--after {value}: not a job of the {spec.cluster} cluster known to llamajobs "
+                            f"(--after waits for jobs of the same cluster, on {able})")
         cluster_ids.append(job.cluster_job_id)
     return "afterok:" + ":".join(cluster_ids)
 
 
 def dry_run(spec: JobSpec, site: Site) -> tuple[Path, str | None]:
-    """Render into a new temporary directory; on SLURM also ask `sbatch --test-only` for its verdict."""
+    """Render into a new temporary directory; where the cluster has one (SLURM: `sbatch --test-only`),
+    also its verdict."""
     folder = Path(tempfile.mkdtemp(prefix="llamajobs-dry-run-"))
     render.render(spec, site, folder)
-    if spec.cluster != "slurm":
-        return folder, None
-    return folder, SlurmBackend().test_only(folder / "job.sbatch")
+    return folder, cluster.backend(spec.cluster).test_only(folder / "job.sbatch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +167,7 @@ def submit(spec: JobSpec, site: Site, runs_dir: Path) -> Submission:
     and nothing is removed that this call did not create."""
     backend = cluster.backend(spec.cluster)
     reg = registry.Registry(runs_dir)
-    dependency = dependency_on(spec.after, reg)
+    dependency = dependency_on(spec, reg)
     os.umask(0o022)  # the run dir and what submitit writes into it are not world-writable
     job_id = registry.claim_id(runs_dir)
     run_dir = runs_dir / f"{job_id}-{spec.run_name}"

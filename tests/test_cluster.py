@@ -175,7 +175,8 @@ def test_partition_max_time_and_grace_time():
 def test_a_grace_time_too_short_for_the_checkpoint_is_a_warning():
     big = spec.build({"size": "7b", "cluster": "slurm"})  # ~108 GB to save at 1 GB/s
     requeue = slurm.parse_partition(PARTITIONS, None)  # PreemptMode=REQUEUE GraceTime=60
-    assert "GraceTime 60 s, less than the ~138 s" in submit.grace_warning(big, requeue)
+    assert "GraceTime 60 s, less than the ~108 s this job needs to save a checkpoint (107.8 GB)" in \
+        submit.grace_warning(big, requeue)
     assert submit.grace_warning(spec.build({"size": "tiny", "cluster": "slurm"}), requeue) is None
     assert submit.grace_warning(big, slurm.parse_partition(PARTITIONS.split("\n\n")[0], "debug")) is None  # no preemption
 

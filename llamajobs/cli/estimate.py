@@ -33,7 +33,8 @@ def estimate_options(f: Callable) -> Callable:
     """What both estimate commands take besides the training flags."""
     return options([
         click.option("--gpu", default=None,
-                     help=f"One of {', '.join(catalog.GPUS)} (default {DEFAULT_GPU}); another name "
+                     help=f"One of {', '.join(catalog.GPUS)} (default: site.yaml's gpu, else {DEFAULT_GPU}); "
+                          f"another name "
                           f"needs --peak-tflops and --gpu-mem-gib."),
         click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Dense bf16 peak of the GPU, TFLOP/s (overrides the catalog's)."),
@@ -67,8 +68,13 @@ def hours(job_id: int | None, gpu: str | None, peak_tflops: float | None, gpu_me
     flags = typed(values)
     if job_id is not None:
         result = ops.measured_hours(ops.runs_dir(runs_dir), job_id, count, a)
+    elif not (flags or gpu or peak_tflops or gpu_mem_gib or cpu_mem_gib or assume or tokens):
+        start = ops.starting_grid(a)  # a bare `estimate hours`: a table to start from
+        views.err.print(start.basis, markup=False)
+        views.print_json(start.result) if as_json else views.grid(start.result, start.accelerator)
+        return
     else:
-        accel = ops.accelerator(gpu, peak_tflops, gpu_mem_gib)
+        accel = ops.accelerator(gpu or ops.site_gpu(), peak_tflops, gpu_mem_gib)
         if (result := ops.grid(flags, accel, count, a, cpu_mem_gib)) is not None:
             views.print_json(result) if as_json else views.grid(result, accel)
             return
@@ -92,7 +98,7 @@ def memory(gpu: str | None, peak_tflops: float | None, gpu_mem_gib: float | None
     processes. fits: below 90% of the memory; tight: up to 100%. --size takes a comma list or `all`.
     """
     a = ops.assumptions(assume)
-    accel = ops.accelerator(gpu, peak_tflops, gpu_mem_gib)
+    accel = ops.accelerator(gpu or ops.site_gpu(), peak_tflops, gpu_mem_gib)
     flags = typed(values)
     if (result := ops.grid(flags, accel, None, a, cpu_mem_gib)) is not None:
         views.print_json(result) if as_json else views.grid(result, accel)

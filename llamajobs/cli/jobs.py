@@ -18,7 +18,7 @@ from llamajobs.cli.options import (JOB_OPTIONS, TRAINING_OPTIONS, job_argument, 
 @runs_dir_option
 @click.option("--force", is_flag=True, help="Submit even when the estimate says it does not fit.")
 @click.option("--gpu", default=None, help=f"The GPU type the estimate assumes: {', '.join(catalog.GPUS)} "
-                                          f"(default a100-80g, said so in the output).")
+                                          f"(default: site.yaml's gpu, else a100-80g, said so in the output).")
 @click.option("--dry-run", is_flag=True, help="Render into a temporary directory and print the batch script.")
 @click.option("--wait", is_flag=True, help="Block until the job ends; exit non-zero unless it COMPLETED.")
 @json_option
@@ -30,7 +30,10 @@ def submit(runs_dir: str | None, force: bool, gpu: str | None, dry_run: bool, wa
     detected = None if "cluster" in flags else cluster.detect()
     spec, profile = ops.build_spec(flags, config_file, cluster_default=detected)
     spec = ops.checked_spec(spec, runs)
-    fit = ops.fit_check(spec, gpu, force, dry_run)
+    ops.check_partition(spec, profile)
+    # (detected and its node is this host: no SLURM controller answered)
+    fit = ops.fit_check(spec, gpu or profile.gpu, force, dry_run,
+                        no_controller=detected is not None and catalog.CLUSTER[detected].host_is_node)
     spec = fit.spec or spec  # as it will run on that GPU: --micro-batch auto resolved
     if fit.accelerator is not None:
         views.chosen_plan(spec)

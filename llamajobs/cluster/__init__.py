@@ -2,7 +2,9 @@
 local cluster's /proc process trees, behind a small Backend interface (submitit's executors expose a
 few `_` hooks per backend the same way).
 
-    backend("slurm" | "local" | "debug") -> Backend
+    BACKENDS                               the one registry: cluster name -> Backend class (each names
+                                           its ClusterInfo, catalog.CLUSTER, which the rest asks)
+    backend(name) -> Backend
     Backend.executor(allocation, folder)   a submitit executor: a job's node launchers, or an array
     Backend.states(jobs)                   {job id: state} in one query for all of them
     Backend.cancel(job)                    end the job (scancel / kill the process tree)
@@ -19,22 +21,21 @@ from __future__ import annotations
 from typing import Sequence
 
 from llamajobs.cluster.base import TERMINAL, UNKNOWN, Allocation, Backend, Handle, SubmitError, detached_stdio
-from llamajobs.cluster.local import LocalBackend
+from llamajobs.cluster.local import DebugBackend, LocalBackend
 from llamajobs.cluster.slurm import SlurmBackend, available
 from llamajobs.errors import Failure
 from llamajobs.registry import Job
 
-__all__ = ["TERMINAL", "UNKNOWN", "Allocation", "Backend", "Handle", "SubmitError", "backend", "detached_stdio",
-           "detect", "of", "states"]
-NAMES = ("slurm", "local", "debug")
+__all__ = ["BACKENDS", "TERMINAL", "UNKNOWN", "Allocation", "Backend", "Handle", "SubmitError", "backend",
+           "detached_stdio", "detect", "of", "states"]
+BACKENDS: dict[str, type[Backend]] = {b.info.name: b for b in (SlurmBackend, LocalBackend, DebugBackend)}
+NAMES = tuple(BACKENDS)
 
 
 def backend(name: str) -> Backend:
-    if name == "slurm":
-        return SlurmBackend()
-    if name in ("local", "debug"):
-        return LocalBackend(name)
-    raise ValueError(f"cluster {name!r}; choose slurm, local or debug")
+    if name not in BACKENDS:
+        raise ValueError(f"cluster {name!r}; choose {', '.join(NAMES)}")
+    return BACKENDS[name]()
 
 
 def of(job: Job) -> Backend:
@@ -48,13 +49,17 @@ def of(job: Job) -> Backend:
 
 def detect() -> str:
     """slurm when a controller answers `scontrol ping`, else the local cluster."""
-    return "slurm" if available() else "local"
+    return (SlurmBackend if available() else LocalBackend).info.name
 
 
 def states(jobs: Sequence[Job]) -> dict[int, str]:
     """Every job's state from its own cluster, one query per cluster; a job of a cluster this
     version does not know (a damaged job.json) is UNKNOWN."""
     found = {j.id: UNKNOWN for j in jobs}
-    for name in dict.fromkeys(j.cluster for j in jobs if j.cluster in NAMES):
-        found.update(backend(name).states([j for j in jobs if j.cluster == name]))
+    by_cluster: dict[str, list[Job]] = {}
+    for j in jobs:
+        if j.cluster in BACKENDS:
+            by_cluster.setdefault(j.cluster, []).append(j)
+    for name, group in by_cluster.items():
+        found.update(backend(name).states(group))
     return found

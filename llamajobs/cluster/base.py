@@ -8,8 +8,9 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, ClassVar, Iterator, Protocol, Sequence
 
+from llamajobs.catalog import ClusterInfo
 from llamajobs.errors import Failure
 from llamajobs.registry import Job
 
@@ -48,7 +49,17 @@ class Allocation:
     max_requeues: int = 0
     setup: tuple[str, ...] = ()  # shell lines run first (module loads, venv activation)
     srun_args: tuple[str, ...] = ()
-    python: str | None = None  # the interpreter on the nodes; None: this one
+    python: str | None = None  # the interpreter on the nodes, a path (the backend quotes it); None: this one
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """What submit needs of a partition: its time limit, and how long a preempted job has to save."""
+
+    name: str
+    max_minutes: int  # 0: unlimited
+    grace_s: int  # GraceTime: between preemption's SIGTERM and its SIGKILL
+    preempt_mode: str = "OFF"  # REQUEUE, CANCEL, SUSPEND, ... or OFF: no job here is preempted
 
 
 class Handle(Protocol):
@@ -61,9 +72,14 @@ class Handle(Protocol):
 
 class Backend(ABC):
     """One kind of cluster. Public methods take registered jobs and never raise for one job's
-    damage: a job whose state cannot be told is UNKNOWN."""
+    damage: a job whose state cannot be told is UNKNOWN. Each names its ClusterInfo (what it can do),
+    which the rest of the code asks instead of the name."""
 
-    name: str
+    info: ClassVar[ClusterInfo]
+
+    @property
+    def name(self) -> str:
+        return self.info.name
 
     @abstractmethod
     def executor(self, allocation: Allocation, folder: Path) -> Any:
@@ -87,6 +103,18 @@ class Backend(ABC):
     def signal_stop(self, job: Job) -> None:
         """Send node 0's launcher submitit's timeout signal: it checkpoints at the next step
         boundary and the job is requeued. Failure when the job cannot be reached."""
+
+    def partition(self, name: str | None) -> Partition | None:
+        """The partition a job goes to (its time limit, its preemption), where the cluster has them."""
+        return None
+
+    def node_gpus(self, partition: str | None) -> int | None:
+        """The most GPUs one node of the partition has; None when the cluster cannot tell."""
+        return None
+
+    def test_only(self, script: Path) -> str | None:
+        """The cluster's verdict on a batch script without queueing it (a dry run); None: it has none."""
+        return None
 
     @abstractmethod
     def reattach(self, job_ids: Sequence[str], folder: Path) -> dict[str, Handle]:

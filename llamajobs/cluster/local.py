@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from llamajobs import events
+from llamajobs import catalog, events
 from llamajobs.cluster.base import UNKNOWN, Allocation, Backend, Handle
 from llamajobs.errors import Failure
 from llamajobs.registry import Job
@@ -86,6 +87,27 @@ def kill_tree(pid: int, grace_s: float = 5.0) -> None:
             send(p, signal.SIGKILL)
 
 
+def host_ram_gib() -> float | None:
+    """This host's RAM (MemTotal), the local cluster's node; None when /proc cannot tell."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def host_gpus() -> int:
+    """NVIDIA GPUs on this host, as `nvidia-smi -L` lists them (0 without the driver)."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU") for line in listed.stdout.splitlines()) if listed.returncode == 0 else 0
+
+
 def _pid(job: Job) -> int | None:
     return int(job.cluster_job_id) if job.cluster_job_id.isdigit() else None
 
@@ -130,8 +152,7 @@ class LocalHandle:
 
 
 class LocalBackend(Backend):
-    def __init__(self, name: str = "local") -> None:
-        self.name = name
+    info = catalog.CLUSTER["local"]
 
     def executor(self, allocation: Allocation, folder: Path) -> Any:
         import submitit  # not at the top: `status` never loads it
@@ -167,3 +188,9 @@ class LocalBackend(Backend):
     def reattach(self, job_ids: Sequence[str], folder: Path) -> dict[str, Handle]:
         handles = {i: LocalHandle(i, folder) for i in job_ids}
         return {i: h for i, h in handles.items() if not h.done()}
+
+
+class DebugBackend(LocalBackend):
+    """The local cluster under another name, for quick debugging runs."""
+
+    info = catalog.CLUSTER["debug"]

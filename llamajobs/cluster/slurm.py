@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from llamajobs.cluster.base import UNKNOWN, Allocation, Backend, Handle, SubmitError
+from llamajobs import catalog
+from llamajobs.cluster.base import UNKNOWN, Allocation, Backend, Handle, Partition, SubmitError
 from llamajobs.errors import Failure
 from llamajobs.registry import Job
-from llamajobs.spec import parse_slurm_time
+from llamajobs.values import parse_slurm_time
 
 STATES = frozenset({"PENDING", "RUNNING", "COMPLETING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED",
                     "REQUEUED", "NODE_FAIL", "OUT_OF_MEMORY", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED",
@@ -60,16 +63,6 @@ def parse_states(sacct: str, squeue: str = "") -> dict[str, str]:
         if job_id.strip():
             states[job_id.strip()] = state_word(state)
     return states
-
-
-@dataclass(frozen=True, slots=True)
-class Partition:
-    """What submit needs of a partition: its time limit, and how long a preempted job has to save."""
-
-    name: str
-    max_minutes: int  # 0: unlimited
-    grace_s: int  # GraceTime: between preemption's SIGTERM and its SIGKILL
-    preempt_mode: str = "OFF"  # REQUEUE, CANCEL, SUSPEND, ... or OFF: no job here is preempted
 
 
 def parse_partition(text: str, partition: str | None) -> Partition:
@@ -184,8 +177,16 @@ def available() -> bool:
     return result.returncode == 0 and "UP" in result.stdout
 
 
+def parse_node_gpus(sinfo: str) -> int | None:
+    """The most GPUs one node has, from `sinfo -h -o %G` (one generic-resources list per line of nodes:
+    gpu:8, gpu:a100:4(S:0-1),shard:8, (null)); None when no node lists a GPU count."""
+    counts = [int(m.group(1)) for line in sinfo.split() for item in line.split(",")
+              if (m := re.match(r"^gpu(?::[^:(]+)?:(\d+)", item))]
+    return max(counts) if counts else None
+
+
 class SlurmBackend(Backend):
-    name = "slurm"
+    info = catalog.CLUSTER["slurm"]
 
     def executor(self, allocation: Allocation, folder: Path) -> Any:
         import submitit  # not at the top: `status` never loads it
@@ -206,7 +207,9 @@ class SlurmBackend(Backend):
         }
         executor.update_parameters(**{k: v for k, v in options.items() if v is not None})
         if a.python:
-            executor.python = a.python
+            # submitit writes its `python` into the batch script as shell words: the site's interpreter
+            # is a path, data like every site value but setup, so it goes in quoted.
+            executor.python = shlex.quote(a.python)
         return executor
 
     def _states(self, jobs: Sequence[Job]) -> dict[int, str]:
@@ -254,6 +257,11 @@ class SlurmBackend(Backend):
             return parse_partition(result.stdout, name)
         except ValueError as e:
             raise SubmitError(f"cannot read partition {name or '(default)'}: {e}; give --time") from None
+
+    def node_gpus(self, partition: str | None) -> int | None:
+        """The most GPUs one node of the partition (else of the default one) has, from sinfo."""
+        result = _run(["sinfo", "-h", "-o", "%G"] + (["-p", partition] if partition else []), timeout=30)
+        return parse_node_gpus(result.stdout) if result.returncode == 0 else None
 
     def time_limit(self, partition: str | None) -> int:
         """The partition's MaxTime in minutes (0 when unlimited), for a job that names no --time."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from llamajobs import catalog
 from llamajobs import cluster as clusters
 from llamajobs import site as site_mod
 from llamajobs.data import formats as fmts
@@ -40,7 +41,7 @@ from llamajobs.data.shards import (JOBS, PLAN, SHARDS_DIR, SLOTS_DIR, SUBMITIT_D
 from llamajobs.errors import Failure, SpecError
 from llamajobs.spec import parse_slurm_time
 
-CLUSTERS = ("slurm", "local")
+CLUSTERS = tuple(name for name, info in catalog.CLUSTER.items() if info.runs_arrays)
 
 
 # --- configuration ---
@@ -138,7 +139,9 @@ class _Runner:
         self.entry: dict[str, Any] = {"time": time.time(), "cluster": cluster.cluster, "submitted": {}, "adopted": {}}
         self.history.append(self.entry)
         cpus = cluster.cpus_per_task or config.workers
-        self.slots = (cluster.parallel or max(1, (os.cpu_count() or 1) // cpus)) if cluster.cluster == "local" else 0
+        # On a cluster whose node is this host, the shards share its cores: bounded by slots.
+        on_host = catalog.CLUSTER[cluster.cluster].host_is_node
+        self.slots = (cluster.parallel or max(1, (os.cpu_count() or 1) // cpus)) if on_host else 0
 
     def _done(self, k: int) -> bool:
         if k not in self.markers:

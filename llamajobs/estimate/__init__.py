@@ -21,8 +21,8 @@ from llamajobs.estimate.memory import (GIB, LOSS_CHUNK_TOKENS, activation_bytes,
                                        fused_loss_bytes, gradient_bytes, largest_module_params, loading_bytes, logits_bytes, memory,
                                        model_state_bytes, verdict)
 from llamajobs.estimate.plan import Plan, as_plan, flops_per_token, plan_for_strategy, recompute_flops_per_token
-from llamajobs.estimate.planning import (DEFAULT_GPU, fit_check, grid_row, hours_for_spec, memory_table,
-                                         micro_batch_choices, resolve)
+from llamajobs.estimate.planning import (DEFAULT_GPU, fit_check, grid_row, host_memory_gib, hours_for_spec,
+                                         memory_table, micro_batch_choices, resolve)
 from llamajobs.estimate.published import PUBLISHED, Published, compare_published, predict_published, published_markdown
 from llamajobs.estimate.timing import (EXPECTED_ERROR, UNCHECKED, compute_efficiency, cpu_adam_params_per_s,
                                        expected_error_text, host_floor_s, hours, interconnect_gbps,
@@ -33,7 +33,7 @@ __all__ = [
     "TINYLLAMA", "UNCHECKED", "Anchor", "Assumptions", "GpuFacts", "Plan", "activation_bytes", "anchors_markdown",
     "as_plan", "bench_predictions", "compare_anchors", "compute_efficiency", "cpu_adam_params_per_s",
     "expected_error_text", "fit_check", "fit_loop_efficiency", "flops_per_token", "gathered_bytes", "gpu_facts",
-    "grid_row", "hours", "hours_for_spec", "hours_from_metrics", "largest_fitting_micro_batch",
+    "grid_row", "host_memory_gib", "hours", "hours_for_spec", "hours_from_metrics", "largest_fitting_micro_batch",
     "fused_loss_bytes", "largest_module_params", "loading_bytes", "logits_bytes", "memory", "memory_table", "model_state_bytes",
     "plain_loop_tokens_per_s", "plan_for_strategy", "predict_anchor", "recompute_flops_per_token", "step_time",
     "throughput", "verdict", "with_overrides",

@@ -112,6 +112,9 @@ class Assumptions:
     # Host RSS of one worker process besides the model (Python, torch, CUDA and NCCL host state, data
     # loading): 0.33 GiB for torch+transformers on the CPU alone (measured here); CUDA adds the rest.
     host_process_gib: float = 3.0
+    # The same for a worker on the CPU (the local cluster): no CUDA state; 0.4 GiB max RSS of importing
+    # torch and transformers measured here, with room for data loading.
+    cpu_process_gib: float = 0.75
     # Host RAM per node when the spec does not say (--mem-per-node 0 is "all"): DGX A100 320GB has
     # 1 TiB, the 640GB model 2 TiB; --cpu-mem-gib overrides.
     node_ram_gib: float = 1024.0
@@ -136,6 +139,7 @@ def gpu_facts(gpu: Accelerator, a: Assumptions = DEFAULT) -> GpuFacts:
 # The assumptions that mean something at 0 (no warm-up left out, all communication hidden, no overhead);
 # every other one is a rate or a share that would divide by zero.
 ZERO_ALLOWED = frozenset({"warmup_steps", "comm_exposed", "framework_overhead_gib", "host_process_gib",
+                          "cpu_process_gib",
                           "loop_efficiency_width", "host_us_per_op", "compile_op_share"})
 
 

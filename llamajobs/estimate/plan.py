@@ -134,19 +134,8 @@ class Plan:
     @property
     def trainable_params(self) -> int:
         """Parameters that get a gradient: all of them, the LoRA adapters, or the virtual tokens."""
-        shape, mode = self.shape, self.mode_info
-        if not mode.frozen_base:
-            return shape.params
-        if mode.adapters:
-            kv = shape.n_kv_heads * shape.head_dim
-            dims = {"q_proj": (shape.dim, shape.dim), "k_proj": (shape.dim, kv), "v_proj": (shape.dim, kv),
-                    "o_proj": (shape.dim, shape.dim), "gate_proj": (shape.dim, shape.ffn_dim),
-                    "up_proj": (shape.dim, shape.ffn_dim), "down_proj": (shape.ffn_dim, shape.dim)}
-            per_layer = sum(self.lora_r * sum(dims[t]) for t in self.lora_targets if t in dims)
-            return shape.n_layers * per_layer
-        # prefix tuning trains key/value prefixes in every layer; prompt/p-tuning only input embeddings
-        per_token = 2 * shape.n_layers * shape.dim if mode.layer_prefix else shape.dim
-        return self.num_virtual_tokens * per_token
+        return catalog.trained_params(self.shape, self.mode_info, self.lora_r, self.lora_targets,
+                                      self.num_virtual_tokens)
 
 
 def as_plan(run: Plan | JobSpec) -> Plan:

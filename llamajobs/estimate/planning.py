@@ -99,9 +99,20 @@ def fit_check(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,
 
 
 
+def host_memory_gib(spec: JobSpec, a: Assumptions = DEFAULT) -> float:
+    """GiB of RAM a run on one host's CPU needs (the local cluster): each worker process holds what a
+    GPU of its own would (its share of the model states, its activations and loss), and the host adds
+    the loading and the processes themselves (no CUDA state: CPU processes)."""
+    procs = spec.planned_procs_per_node
+    plan = Plan.from_spec(spec, gpus_per_node=procs, procs_per_node=None, fused_loss=False)
+    host = Accelerator(name="cpu", peak_bf16_flops=1.0, memory_gib=float("inf"))
+    mem = memory(plan, host, a=dataclasses.replace(a, framework_overhead_gib=0.0, host_process_gib=a.cpu_process_gib))
+    return mem["gpu_mem_gib"] * plan.procs + mem["cpu_mem_gib"]
+
+
 def hours_for_spec(spec: JobSpec, gpu: Accelerator | None = None, a: Assumptions = DEFAULT) -> float | None:
-    """Predicted hours per epoch of a SLURM spec that says how many tokens an epoch has."""
-    if spec.tokens_per_epoch is None or spec.cluster != "slurm":
+    """Predicted hours per epoch of a spec planned on GPUs that says how many tokens an epoch has."""
+    if spec.tokens_per_epoch is None or not spec.plans_gpus:
         return None
     return hours(spec, gpu or GPUS[DEFAULT_GPU], a=a)["hours_per_epoch"]
 
