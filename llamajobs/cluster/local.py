@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from llamajobs import events
-from llamajobs.cluster.base import UNKNOWN, Allocation, Backend, Handle
+from llamajobs.cluster.base import TERMINAL, UNKNOWN, Allocation, Backend, Handle
 from llamajobs.errors import Failure
 from llamajobs.registry import Job
 
@@ -111,11 +111,21 @@ def state(job: Job) -> str:
     if any(e["event"] == "cancelled" for e in history):
         return "CANCELLED"
     if is_controller(pid):
-        return "RUNNING"
+        waits = [e["event"] for e in history if e["event"] in ("waiting", "released")]
+        return "PENDING" if waits and waits[-1] == "waiting" else "RUNNING"
     outcome = result(job)
     if outcome is not None:
         return "COMPLETED" if outcome[0] == "success" else "FAILED"
     return "COMPLETED" if any(e["event"] == "finished" for e in history) else "FAILED"
+
+
+def wait_ended(run_dir: str | Path, jobs: Sequence[Job], poll_s: float = 1.0) -> None:
+    """The local cluster's dependency, run by the job's own launcher before it starts: wait until
+    every one of `jobs` ended, however it ended. The job shows PENDING meanwhile."""
+    events.record(run_dir, "waiting", on=[j.id for j in jobs])
+    while any(state(j) not in TERMINAL and state(j) != UNKNOWN for j in jobs):  # UNKNOWN: damaged, never ends
+        time.sleep(poll_s)
+    events.record(run_dir, "released")
 
 
 @dataclass(frozen=True, slots=True)
