@@ -485,6 +485,10 @@ def note(line: str) -> None:
 
 def sweep_estimate(estimate: Any) -> None:
     """Each trial's predicted hours and memory verdict, and the sweep's GPU-hours and wall-clock."""
+    if estimate.gpu is None:  # every trial on the local cluster's CPU: the estimator models GPUs
+        notes = sorted({t.note for t in estimate.trials})
+        out.print(f"estimate: {len(estimate.trials)} trials, {'; '.join(notes)}", markup=False, highlight=False)
+        return
     table = Table(box=None, header_style="bold", title="estimate, before anything is queued", title_justify="left")
     for col in ("trial", "axes", "h/epoch", "hours", "GPUs", "GPU-h", "GiB/GPU", "memory", "note"):
         table.add_column(col)
