@@ -165,6 +165,54 @@ def test_pivot_sort_and_best_from_trial_rows(tmp_path):
         sweep.pivot(status, "lr,seed", "state")
 
 
+# --- --max-parallel's wait, per backend ---
+
+
+def test_a_local_job_waits_pending_until_the_one_before_it_ended(tmp_path):
+    import threading
+
+    from llamajobs import cluster, events
+    from llamajobs.cluster import local
+    from tests.test_cluster import spawn
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    before = spawn("submitit.local._local", "a")
+    waiting = spawn("submitit.local._local", "b")
+    try:
+        first = Job(id=1, name="a", run_dir=tmp_path / "a", cluster="local", cluster_job_id=str(before.pid),
+                    submitted_at=0.0)
+        second = Job(id=2, name="b", run_dir=tmp_path / "b", cluster="local", cluster_job_id=str(waiting.pid),
+                     submitted_at=0.0)
+        assert cluster.backend("local").waits_for([first]) == (first,)
+        waiter = threading.Thread(target=local.wait_ended, args=(second.run_dir, [first], 0.05))
+        waiter.start()
+        deadline = time.time() + 10
+        while local.state(second) != "PENDING":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert waiter.is_alive() and local.state(first) == "RUNNING"
+        before.kill()
+        before.wait(timeout=10)
+        waiter.join(timeout=10)
+        assert not waiter.is_alive() and local.state(second) == "RUNNING"  # released: its launcher goes on
+        assert [e["event"] for e in events.read(second.run_dir)] == ["waiting", "released"]
+    finally:
+        before.kill()
+        waiting.kill()
+
+
+def test_on_slurm_the_wait_is_an_afterany_dependency_and_the_launcher_does_not_wait():
+    from llamajobs import cluster
+
+    jobs = [Job(id=i, name="t", run_dir=Path("/x"), cluster="slurm", cluster_job_id=str(700 + i), submitted_at=0.0)
+            for i in (1, 2)]
+    backend = cluster.backend("slurm")
+    assert backend.after_any_dependency(jobs) == "afterany:701:702" and backend.waits_for(jobs) == ()
+    assert backend.after_any_dependency([]) is None
+
+
 # --- end to end on the local cluster ---
 
 GRID = [*LOCAL, "--mode", "lora", "--max-steps", "8", "--name", "grid", "--axis", "lr=1e-3,3e-3",
