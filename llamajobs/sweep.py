@@ -675,13 +675,18 @@ def plot(runs: Path, ref: str, output: Path, x: str = "step") -> Path:
 
 
 def curves(runs: Path, sweep: Sweep) -> list[tuple[str, list[metrics.MetricsRow]]]:
-    """Each submitted trial's metrics, labelled by its axis values."""
+    """Each submitted trial's metrics, labelled by its axis values; a trial whose run dir cannot be
+    read keeps its legend entry, saying why, and the others are drawn."""
     found = []
     for t in sweep.trials:
         if t.job is None:
             continue
-        job, _ = ops.training_job(runs, t.job)
-        found.append((f"trial {t.trial}: {t.label()}", ops.job_metrics(job)))
+        label = f"trial {t.trial}: {t.label()}"
+        try:
+            job, _ = ops.training_job(runs, t.job)
+            found.append((label, ops.job_metrics(job)))
+        except (Failure, SpecError) as e:
+            found.append((f"{label} ({e})", []))
     if not found:
         raise Failure(f"sweep {sweep.id} has no submitted trial to plot")
     return found

@@ -165,6 +165,16 @@ def test_pivot_sort_and_best_from_trial_rows(tmp_path):
         sweep.pivot(status, "lr,seed", "state")
 
 
+def test_a_damaged_sweep_json_is_one_line_naming_it(cli, home):
+    folder = home / "runs" / "sweeps" / "1-grid"
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text('{"id": 1, "trials": [')
+    code, _, stderr = cli("sweep", "status", "grid")
+    assert code == 1 and stderr.startswith(f"Error: {folder / 'sweep.json'}: damaged") and len(stderr.splitlines()) == 1
+    code, _, stderr = cli("sweep", "status", "other")
+    assert code == 2 and "sweep 'other' is not known" in stderr and "known: 1-grid" in stderr
+
+
 # --- --max-parallel's wait, per backend ---
 
 
