@@ -21,7 +21,7 @@ import submitit
 
 from llamajobs import cluster, events, registry, render
 from llamajobs.cluster import Allocation, SubmitError
-from llamajobs.cluster.local import wait_ended
+from llamajobs.cluster.local import hold, wait_ended
 from llamajobs.cluster.slurm import Partition, SlurmBackend
 from llamajobs.control import STOP_MARGIN_S, save_seconds, signal_delay_s, stop_wait_s
 from llamajobs.errors import SpecError
@@ -167,8 +167,11 @@ def submit(spec: JobSpec, site: Site, runs_dir: Path, after_any: Sequence[Job] =
             raise SubmitError(f"{run_dir} exists already; nothing was submitted")
         os.rename(staging, run_dir)
         made[-1] = run_dir
+        waits = backend.waits_for(after_any)
+        if waits:
+            hold(run_dir, waits)
         executor = backend.executor(allocation(spec, site, dependency or None), run_dir / "submitit")
-        launcher = NodeLauncher(str(run_dir), stop_wait_s=stop_wait_s(spec), wait_for=backend.waits_for(after_any))
+        launcher = NodeLauncher(str(run_dir), stop_wait_s=stop_wait_s(spec), wait_for=waits)
         with cluster.detached_stdio():
             cluster_job = executor.submit(launcher)
         job = Job(id=job_id, name=spec.run_name, run_dir=run_dir, cluster=spec.cluster,

@@ -195,6 +195,9 @@ def test_a_local_job_waits_pending_until_the_one_before_it_ended(tmp_path):
         second = Job(id=2, name="b", run_dir=tmp_path / "b", cluster="local", cluster_job_id=str(waiting.pid),
                      submitted_at=0.0)
         assert cluster.backend("local").waits_for([first]) == (first,)
+        assert local.state(second) == "RUNNING"
+        local.hold(second.run_dir, [first])  # what submit does before it submits a job that waits
+        assert local.state(second) == "PENDING"
         waiter = threading.Thread(target=local.wait_ended, args=(second.run_dir, [first], 0.05))
         waiter.start()
         deadline = time.time() + 10

@@ -21,6 +21,7 @@ DEFAULT_MINUTES = 7 * 24 * 60
 # How a submitit local controller and the task it starts show in /proc/PID/cmdline.
 CONTROLLER = b"submitit.local._local"
 TASK = b"submitit.core._submit"
+ENDED = TERMINAL | {UNKNOWN}
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -119,11 +120,16 @@ def state(job: Job) -> str:
     return "COMPLETED" if any(e["event"] == "finished" for e in history) else "FAILED"
 
 
+def hold(run_dir: str | Path, jobs: Sequence[Job]) -> None:
+    """Mark a job as waiting for `jobs` (before it is submitted: it shows PENDING from the start,
+    not RUNNING while its launcher starts), until its launcher is released by wait_ended."""
+    events.record(run_dir, "waiting", on=[j.id for j in jobs])
+
+
 def wait_ended(run_dir: str | Path, jobs: Sequence[Job], poll_s: float = 1.0) -> None:
     """The local cluster's dependency, run by the job's own launcher before it starts: wait until
-    every one of `jobs` ended, however it ended. The job shows PENDING meanwhile."""
-    events.record(run_dir, "waiting", on=[j.id for j in jobs])
-    while any(state(j) not in TERMINAL and state(j) != UNKNOWN for j in jobs):  # UNKNOWN: damaged, never ends
+    every one of `jobs` ended, however it ended (UNKNOWN too: a damaged job would never end)."""
+    while any(state(j) not in ENDED for j in jobs):
         time.sleep(poll_s)
     events.record(run_dir, "released")
 
