@@ -525,6 +525,22 @@ def _live_jobs(runs: Path, ids: list[int]) -> list[Job]:
             if r.state not in cluster.TERMINAL]
 
 
+def cancel(runs: Path, ref: str) -> tuple[Sweep, list[Trial]]:
+    """Cancel every trial still queued or running, and nothing else: the trials cancelled. The last
+    first, so that cancelling one does not release a trial waiting for its slot."""
+    sweep = find(runs, ref)
+    rows = ops.job_rows(runs, [t.job for t in sweep.trials if t.job is not None])
+    done = []
+    for t in reversed(sweep.trials):
+        if t.job in rows and rows[t.job].state not in cluster.TERMINAL:
+            try:
+                ops.cancel(runs, t.job)
+            except Failure:  # it ended meanwhile
+                continue
+            done.append(t)
+    return sweep, done[::-1]
+
+
 # --- status ---
 
 COLUMNS = ("trial", "job", "state", "step", "total_steps", "loss", "val_loss", "accuracy", "tokens_per_s",

@@ -146,6 +146,26 @@ def test_sweep_json_records_the_trials_and_a_second_submit_queues_only_those_wit
     assert other.sweep.id == recorded.id + 1 and other.submitted == (0,)
 
 
+def test_sweep_cancel_cancels_the_live_trials_last_first_and_nothing_else(cli, home, monkeypatch):
+    from types import SimpleNamespace
+
+    runs = home / "runs"
+    found = define("lr=1e-4,2e-4,3e-4,4e-4", size="tiny")
+    made = sweep.create(runs, found, found.trial_values(), 1)
+    for trial, job in ((0, 10), (1, 11), (2, 12)):  # trial 3 was never submitted
+        made = made.with_job(trial, job)
+    sweep.save(made)
+    states = {10: "COMPLETED", 11: "RUNNING", 12: "PENDING"}
+    asked = []
+    monkeypatch.setattr(ops, "job_rows", lambda runs, ids: asked.extend(ids) or {
+        i: SimpleNamespace(state=states[i]) for i in ids})
+    cancelled = []
+    monkeypatch.setattr(ops, "cancel", lambda runs, job_id: cancelled.append(job_id))
+    code, stdout, _ = cli("sweep", "cancel", "sweep")
+    assert code == 0 and asked == [10, 11, 12] and cancelled == [12, 11]  # the waiting one first
+    assert "trial 1 (job 11), trial 2 (job 12) cancelled" in stdout
+
+
 def test_pivot_sort_and_best_from_trial_rows(tmp_path):
     found = define("lr=1e-4,2e-4", "seed=1,2")
     made = sweep.Sweep(id=3, dir=tmp_path, definition=found, trials=tuple(

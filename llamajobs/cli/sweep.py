@@ -80,3 +80,13 @@ def status(sweep_ref: str, sort: str | None, pivot: str | None, metric: str, run
         views.sweep_pivot(found, table)
     else:
         views.sweep_table(found)
+
+
+@sweep_group.command(name="cancel")
+@click.argument("sweep_ref", metavar="S")
+@runs_dir_option
+def cancel(sweep_ref: str, runs_dir: str | None) -> None:
+    """Cancel every trial of the sweep that is still queued or running."""
+    found, cancelled = sweep.cancel(ops.runs_dir(runs_dir), sweep_ref)
+    views.out.print(f"sweep {found.id}: " + (", ".join(f"trial {t.trial} (job {t.job})" for t in cancelled) + " cancelled"
+                                             if cancelled else "no trial was queued or running"), highlight=False)
