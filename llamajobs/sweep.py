@@ -210,8 +210,9 @@ def axes_json(axes: Mapping[str, Axis]) -> dict[str, Any]:
     return {k: a.to_json() if isinstance(a, Range) else list(a) for k, a in axes.items()}
 
 
-def read_file(path: Path) -> Definition:
-    """A sweep file: name, base (submit's flags or run-YAML keys), axes, and samples/seed/config."""
+def read_file(path: Path) -> dict[str, Any]:
+    """A sweep file's parts, as Definition's fields: name, base (submit's flags or run-YAML keys),
+    axes, samples, seed, config. Checked as a whole once the command line is merged in."""
     data = site.read_yaml(path, "sweep file")
     unknown = [k for k in data if k not in FILE_KEYS]
     if unknown:
@@ -222,28 +223,28 @@ def read_file(path: Path) -> Definition:
     for key in ("samples", "seed"):
         if data.get(key) is not None and (not isinstance(data[key], int) or isinstance(data[key], bool)):
             raise SpecError(f"sweep file {path}: {key} {data[key]!r} is not a whole number")
-    return Definition(name=str(data.get("name") or path.stem), base=base_settings(base, f"sweep file {path}: base"),
-                      axes=dict(parse_axis(k, v, f"sweep file {path}") for k, v in axes.items()),
-                      samples=data.get("samples"), seed=data.get("seed") or 0,
-                      config=str(Path(path.parent, data["config"]).absolute()) if data.get("config") else None,
-                      file=str(path.absolute()), file_text=path.read_text(encoding="utf-8"))
+    base = base_settings(base, f"sweep file {path}: base")
+    return {"name": str(data.get("name") or base.pop("name", None) or path.stem), "base": base,
+            "axes": dict(parse_axis(k, v, f"sweep file {path}") for k, v in axes.items()),
+            "samples": data.get("samples"), "seed": data.get("seed") or 0,
+            "config": str(Path(path.parent, data["config"]).absolute()) if data.get("config") else None,
+            "file": str(path.absolute()), "file_text": path.read_text(encoding="utf-8")}
 
 
 def definition(file: str | None, flags: Mapping[str, Any], axis_flags: Sequence[str], samples: int | None,
                seed: int | None, config: str | None) -> Definition:
-    """The sweep file (if any) with the command line over it: flags over its base, --axis over its axes."""
-    found = read_file(Path(file)) if file else None
-    if seed is not None and samples is None and not (found and found.samples):
+    """The sweep file (if any) with the command line over it: flags over its base, --axis over its
+    axes, --name (the sweep's name, and its trials' prefix) over its name."""
+    found = read_file(Path(file)) if file else {"name": "sweep", "base": {}, "axes": {}, "samples": None, "seed": 0}
+    if seed is not None and samples is None and not found["samples"]:
         raise SpecError(f"--seed {seed} seeds the draws of --samples N; a run's own seed is an axis "
                         f"(--axis seed={seed}) or the sweep file's base (seed: {seed})")
-    base = {**(found.base if found else {}), **base_settings(flags, "flags")}
-    axes = {**(found.axes if found else {}), **dict(parse_axis_flag(a) for a in axis_flags)}
-    name = base.pop("name", None) or (found.name if found else "sweep")
-    return Definition(name=name, base=base, axes=axes,
-                      samples=samples if samples is not None else (found.samples if found else None),
-                      seed=seed if seed is not None else (found.seed if found else 0),
-                      config=str(Path(config).absolute()) if config else (found.config if found else None),
-                      file=found.file if found else None, file_text=found.file_text if found else None)
+    base = {**found["base"], **base_settings(flags, "flags")}
+    return Definition(**{**found, "name": base.pop("name", None) or found["name"], "base": base,
+                         "axes": {**found["axes"], **dict(parse_axis_flag(a) for a in axis_flags)},
+                         "samples": samples if samples is not None else found["samples"],
+                         "seed": seed if seed is not None else found["seed"],
+                         "config": str(Path(config).absolute()) if config else found.get("config")})
 
 
 # --- the recorded sweep ---

@@ -56,6 +56,12 @@ def test_sweep_file_base_and_axes_with_the_command_line_over_them(tmp_path):
     assert found.name == "pmc" and found.base["max_steps"] == 20 and found.base["mode"] == "lora"
     assert found.axes["lora_targets"] == (("q_proj", "v_proj"), ("q_proj",))
     assert len(found.trial_values()) == 3 and found.file == str(path.absolute()) and "pmc" in found.file_text
+    # a file of ranges only, sampled from the command line; its name taken from --name over the file's
+    ranges = tmp_path / "ranges.yaml"
+    ranges.write_text("base: {mode: lora}\naxes: {lr: {low: 1.0e-5, high: 1.0e-3, log: true}}\n")
+    sampled = define(samples=4, seed=2, file=str(ranges), name="lr-search")
+    assert sampled.name == "lr-search" and len(sampled.trial_values()) == 4
+    assert define(file=str(ranges), samples=1).name == "ranges"  # the file's stem
 
 
 # --- refused before anything is queued ---
