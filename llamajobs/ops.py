@@ -172,11 +172,13 @@ class Submitted:
                 "predicted_hours_per_epoch": self.predicted_hours_per_epoch}
 
 
-def submit_job(spec: JobSpec, profile: Site, runs: Path, fit: FitCheck | None = None) -> Submitted:
+def submit_job(spec: JobSpec, profile: Site, runs: Path, fit: FitCheck | None = None,
+               after_any: tuple[Job, ...] = ()) -> Submitted:
+    """after_any: jobs it starts after, however they end (a sweep's --max-parallel slots)."""
     from llamajobs import submit
 
     predicted = estimate.hours_for_spec(spec, fit.accelerator) if fit and fit.accelerator else None
-    return Submitted(submit.submit(spec, profile, runs).job, predicted)
+    return Submitted(submit.submit(spec, profile, runs, after_any).job, predicted)
 
 
 def wait(job: Job, on_step: Callable[[monitor.Row], None] = lambda row: None, poll_s: float = 1.0) -> str:
@@ -215,16 +217,34 @@ def status_rows(runs: Path, job_id: int | None = None, show_all: bool = False, n
     try:
         jobs = jobs or reg.jobs()
         now = now or time.time()
-        cached = reg.finished_rows()
-        found = monitor.rows(jobs, now, cached)
-        reg.set_finished([r.to_dict() for r in found if r.state in cluster.TERMINAL and r.problem is None
-                          and r.id not in cached])
+        found = _rows(reg, jobs, now)
     finally:
         reg.close()
     if show_all or job_id is not None:
         return found
     return [r for r, j in zip(found, jobs)
             if r.state not in cluster.TERMINAL or now - j.submitted_at < FINISHED_HIDDEN_AFTER_S]
+
+
+def _rows(reg: registry.Registry, jobs: list[Job], now: float) -> list[monitor.Row]:
+    cached = reg.finished_rows()
+    found = monitor.rows(jobs, now, cached)
+    reg.set_finished([r.to_dict() for r in found if r.state in cluster.TERMINAL and r.problem is None
+                      and r.id not in cached])
+    return found
+
+
+def job_rows(runs: Path, ids: list[int], now: float | None = None) -> dict[int, monitor.Row]:
+    """The rows of these jobs only (a sweep's trials), by id, cached as status_rows caches them; an
+    id the runs directory no longer holds is left out."""
+    if not ids:
+        return {}
+    reg = registry.Registry(runs)
+    try:
+        jobs = [job for i in ids if (job := reg.get(i)) is not None]
+        return {r.id: r for r in _rows(reg, jobs, now or time.time())}
+    finally:
+        reg.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,11 +348,22 @@ def job_metrics(job: Job) -> list[metrics.MetricsRow]:
         raise Failure(f"job {job.id}: {job.run_dir / metrics.METRICS_FILE} cannot be read ({e.strerror})") from None
 
 
-def plot_job(runs: Path, job_id: int, output: Path) -> Path:
+def plot_job(runs: Path, job_id: int, output: Path, x: str = "step") -> Path:
     from llamajobs.plot import plot_metrics
 
     job, _ = training_job(runs, job_id)
-    return plot_metrics(job_metrics(job), f"job {job.id} {job.name}", output)
+    return plot_metrics(job_metrics(job), f"job {job.id} {job.name}", output, x)
+
+
+def plot_jobs(runs: Path, job_ids: list[int], output: Path, x: str = "step") -> Path:
+    """Several jobs' loss curves overlaid, one legend entry each."""
+    from llamajobs.plot import overlay
+
+    curves = []
+    for job_id in job_ids:
+        job, _ = training_job(runs, job_id)
+        curves.append((f"job {job.id} {job.name}", job_metrics(job)))
+    return overlay(curves, f"jobs {', '.join(map(str, job_ids))}", output, x)
 
 
 # --- estimate ---

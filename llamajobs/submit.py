@@ -15,12 +15,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import submitit
 
 from llamajobs import catalog, cluster, events, registry, render
 from llamajobs.cluster import Allocation, Backend, SubmitError
 from llamajobs.cluster.base import Partition
+from llamajobs.cluster.local import hold, wait_ended
 from llamajobs.control import checkpoint_bytes, save_seconds, signal_delay_s, stop_wait_s
 from llamajobs.errors import SpecError
 from llamajobs.launcher import NodeRun
@@ -45,13 +47,16 @@ class NodeLauncher(submitit.helpers.Checkpointable):
     requeue; the requeued job resumes from `latest`.
     """
 
-    def __init__(self, run_dir: str, stop_wait_s: float = 600.0) -> None:
+    def __init__(self, run_dir: str, stop_wait_s: float = 600.0, wait_for: tuple[Job, ...] = ()) -> None:
         self.run_dir = run_dir
         self.stop_wait_s = stop_wait_s
+        self.wait_for = wait_for  # the local cluster's dependencies: jobs to outlive before starting
         self._run: NodeRun | None = None
         self._on_timeout_signal = None  # submitit's USR2 handler: checkpoint(), then the requeue
 
     def __call__(self) -> str:
+        if self.wait_for:
+            wait_ended(self.run_dir, self.wait_for)
         env = dict(os.environ)
         if "SLURM_JOB_ID" in env:
             # submitit parses the node list (gpu[003-004,010]) here, on the compute node.
@@ -81,7 +86,8 @@ class NodeLauncher(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(NodeLauncher(self.run_dir, self.stop_wait_s))
 
     def __getstate__(self) -> dict:
-        return {"run_dir": self.run_dir, "stop_wait_s": self.stop_wait_s, "_run": None, "_on_timeout_signal": None}
+        return {"run_dir": self.run_dir, "stop_wait_s": self.stop_wait_s, "wait_for": self.wait_for, "_run": None,
+                "_on_timeout_signal": None}
 
 
 def grace_warning(spec: JobSpec, partition: Partition) -> str | None:
@@ -162,12 +168,13 @@ class Submission:
     spec: JobSpec
 
 
-def submit(spec: JobSpec, site: Site, runs_dir: Path) -> Submission:
+def submit(spec: JobSpec, site: Site, runs_dir: Path, after_any: Sequence[Job] = ()) -> Submission:
     """Allocate, render, submit, register; on failure nothing is left registered or half-written,
-    and nothing is removed that this call did not create."""
+    and nothing is removed that this call did not create. `after_any`: jobs of the same cluster it
+    starts after, however they end (a sweep's --max-parallel slots)."""
     backend = cluster.backend(spec.cluster)
     reg = registry.Registry(runs_dir)
-    dependency = dependency_on(spec, reg)
+    dependency = ",".join(filter(None, [dependency_on(spec, reg), backend.after_any_dependency(after_any)]))
     os.umask(0o022)  # the run dir and what submitit writes into it are not world-writable
     job_id = registry.claim_id(runs_dir)
     run_dir = runs_dir / f"{job_id}-{spec.run_name}"
@@ -181,8 +188,11 @@ def submit(spec: JobSpec, site: Site, runs_dir: Path) -> Submission:
             raise SubmitError(f"{run_dir} exists already; nothing was submitted")
         os.rename(staging, run_dir)
         made[-1] = run_dir
-        executor = backend.executor(allocation(spec, site, dependency), run_dir / "submitit")
-        launcher = NodeLauncher(str(run_dir), stop_wait_s=stop_wait_s(spec))
+        waits = backend.waits_for(after_any)
+        if waits:
+            hold(run_dir, waits)
+        executor = backend.executor(allocation(spec, site, dependency or None), run_dir / "submitit")
+        launcher = NodeLauncher(str(run_dir), stop_wait_s=stop_wait_s(spec), wait_for=waits)
         with cluster.detached_stdio():
             cluster_job = executor.submit(launcher)
         job = Job(id=job_id, name=spec.run_name, run_dir=run_dir, cluster=spec.cluster,

@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from llamajobs.cli import data, estimate, jobs, models, status
+from llamajobs.cli import data, estimate, jobs, models, status, sweep
 from llamajobs.errors import Failure, SpecError
 
 
@@ -30,7 +30,8 @@ def cli() -> None:
 
 
 for command in (jobs.submit, status.status, jobs.cancel, jobs.requeue, jobs.logs, status.plot, jobs.render,
-                estimate.estimate, data.data, data.tokenizer, models.convert, models.evaluate, models.generate):
+                estimate.estimate, data.data, data.tokenizer, models.convert, models.evaluate, models.generate,
+                sweep.sweep_group):
     cli.add_command(command)
 
 

@@ -76,10 +76,12 @@ JOB_OPTIONS = [
 ]
 
 
-def options(opts: list[Callable]) -> Callable:
+def options(opts: list[Callable], without: frozenset[str] = frozenset()) -> Callable:
+    """The options, less those named in `without` (a command that gives the flag its own meaning)."""
     def decorate(f: Callable) -> Callable:
         for option in reversed(opts):
             f = option(f)
+        f.__click_params__ = [p for p in f.__click_params__ if p.name not in without]
         return f
     return decorate
 

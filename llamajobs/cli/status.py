@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from llamajobs import ops, views
-from llamajobs.cli.options import job_argument, json_option, optional_job_argument, runs_dir_option
+from llamajobs.sweep import results
+from llamajobs.cli.options import JOB_ID, json_option, optional_job_argument, runs_dir_option
 
 
 @click.command()
@@ -31,9 +32,20 @@ def status(job_id: int | None, watch: bool, show_all: bool, runs_dir: str | None
 
 
 @click.command()
-@job_argument
+@click.argument("job_ids", nargs=-1, type=JOB_ID, metavar="[JOB]...")
+@click.option("--sweep", "sweep_ref", default=None, metavar="S", help="Every trial of sweep S, overlaid.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--x", "x", type=click.Choice(["step", "tokens"]), default="step", show_default=True,
+              help="What the curves are drawn against.")
 @runs_dir_option
-def plot(job_id: int, output: str, runs_dir: str | None) -> None:
-    """Loss, tokens/s and MFU against step, as a PNG."""
-    views.wrote(ops.plot_job(ops.runs_dir(runs_dir), job_id, Path(output)))
+def plot(job_ids: tuple[int, ...], sweep_ref: str | None, output: str, x: str, runs_dir: str | None) -> None:
+    """One job: loss, tokens/s and MFU as a PNG. Several jobs, or a sweep: their loss curves overlaid."""
+    runs = ops.runs_dir(runs_dir)
+    if bool(job_ids) == bool(sweep_ref):
+        raise click.UsageError("give JOB ids or --sweep S, one of the two")
+    if sweep_ref:
+        views.wrote(results.plot(runs, sweep_ref, Path(output), x))
+    elif len(job_ids) == 1:
+        views.wrote(ops.plot_job(runs, job_ids[0], Path(output), x))
+    else:
+        views.wrote(ops.plot_jobs(runs, list(job_ids), Path(output), x))

@@ -116,6 +116,15 @@ class Backend(ABC):
         """The cluster's verdict on a batch script without queueing it (a dry run); None: it has none."""
         return None
 
+    def after_any_dependency(self, jobs: Sequence[Job]) -> str | None:
+        """The scheduler's own dependency on jobs to start after, however they end; None when it has
+        none and the job's launcher waits for them itself (waits_for)."""
+        return None
+
+    def waits_for(self, jobs: Sequence[Job]) -> tuple[Job, ...]:
+        """The jobs a job's launcher must wait for itself before it starts (see after_any_dependency)."""
+        return tuple(jobs)
+
     @abstractmethod
     def reattach(self, job_ids: Sequence[str], folder: Path) -> dict[str, Handle]:
         """Those of the jobs (submitted from `folder` by an earlier command) still queued or

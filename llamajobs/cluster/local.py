@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from llamajobs import catalog, events
-from llamajobs.cluster.base import UNKNOWN, Allocation, Backend, Handle
+from llamajobs.cluster.base import TERMINAL, UNKNOWN, Allocation, Backend, Handle
 from llamajobs.errors import Failure
 from llamajobs.registry import Job
 
@@ -22,6 +22,7 @@ DEFAULT_MINUTES = 7 * 24 * 60
 # How a submitit local controller and the task it starts show in /proc/PID/cmdline.
 CONTROLLER = b"submitit.local._local"
 TASK = b"submitit.core._submit"
+ENDED = TERMINAL | {UNKNOWN}
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -133,11 +134,26 @@ def state(job: Job) -> str:
     if any(e["event"] == "cancelled" for e in history):
         return "CANCELLED"
     if is_controller(pid):
-        return "RUNNING"
+        waits = [e["event"] for e in history if e["event"] in ("waiting", "released")]
+        return "PENDING" if waits and waits[-1] == "waiting" else "RUNNING"
     outcome = result(job)
     if outcome is not None:
         return "COMPLETED" if outcome[0] == "success" else "FAILED"
     return "COMPLETED" if any(e["event"] == "finished" for e in history) else "FAILED"
+
+
+def hold(run_dir: str | Path, jobs: Sequence[Job]) -> None:
+    """Mark a job as waiting for `jobs` (before it is submitted: it shows PENDING from the start,
+    not RUNNING while its launcher starts), until its launcher is released by wait_ended."""
+    events.record(run_dir, "waiting", on=[j.id for j in jobs])
+
+
+def wait_ended(run_dir: str | Path, jobs: Sequence[Job], poll_s: float = 1.0) -> None:
+    """The local cluster's dependency, run by the job's own launcher before it starts: wait until
+    every one of `jobs` ended, however it ended (UNKNOWN too: a damaged job would never end)."""
+    while any(state(j) not in ENDED for j in jobs):
+        time.sleep(poll_s)
+    events.record(run_dir, "released")
 
 
 @dataclass(frozen=True, slots=True)

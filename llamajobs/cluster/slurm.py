@@ -212,6 +212,12 @@ class SlurmBackend(Backend):
             executor.python = shlex.quote(a.python)
         return executor
 
+    def after_any_dependency(self, jobs: Sequence[Job]) -> str | None:
+        return "afterany:" + ":".join(j.cluster_job_id for j in jobs) if jobs else None
+
+    def waits_for(self, jobs: Sequence[Job]) -> tuple[Job, ...]:
+        return ()  # the scheduler holds the job (after_any_dependency)
+
     def _states(self, jobs: Sequence[Job]) -> dict[int, str]:
         """One sacct call for all of them, then squeue for those accounting has not seen yet (it
         learns of a new job only after a while) and for those it says ended in a way SLURM requeues
