@@ -86,18 +86,22 @@ class PrepareConfig:
 
 def resolve_inputs(inputs: Sequence[str | Path]) -> tuple[Path, ...]:
     """The input files: a file as given, a directory as its files (recursively, sorted by their
-    path inside it, names starting with a dot left out)."""
+    path inside it, names starting with a dot left out). A `save_to_disk` folder, given or found
+    inside a directory, is one input: its arrow files together (a DatasetDict's train split)."""
     files: list[Path] = []
     for path in map(Path, inputs):
         files.extend(_files_under(path) if path.is_dir() and not hf.is_saved_dataset(path) else [path])
-    return tuple(files)
+    return tuple(hf.training_split(f) if hf.is_saved_dataset(f) else f for f in files)
 
 
 def _files_under(directory: Path) -> list[Path]:
+    """The files under a directory, and the saved datasets, whose files are not records of their own
+    (their state.json and dataset_info.json are metadata; a DatasetDict's test split is not trained on)."""
     found = []
     for root, dirs, names in os.walk(directory):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(Path(root) / n for n in names if not n.startswith("."))
+        saved = [d for d in dirs if not d.startswith(".") and hf.is_saved_dataset(Path(root) / d)]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in saved]
+        found.extend(Path(root) / n for n in [*names, *saved] if not n.startswith("."))
     return sorted(found, key=lambda p: p.relative_to(directory).parts)
 
 
@@ -161,6 +165,8 @@ def read_chunks(inputs: Sequence[Path], fmt: fmts.Format, chunk_bytes: int = CHU
             size = 0
             try:
                 for line, payload in lines:
+                    if not isinstance(payload, bytes):  # parsed here: it is copied to a worker as it is
+                        payload = fmts.checked(payload)
                     records.append((line, payload))
                     size += len(payload) if isinstance(payload, bytes) else chunk_bytes // CHUNK_RECORDS
                     if size >= chunk_bytes:
