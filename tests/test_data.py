@@ -354,7 +354,7 @@ def test_skip_bad_lines_counts_and_reports(cli, tmp_path, real_tok):
     (["--workers", "100000"], "--workers 100000: must be 1 to"),
     (["--eval-fraction", "1.5"], "--eval-fraction 1.5"),
     (["--cluster", "local", "--no-wait"], "--cluster, --no-wait: only with --shards N"),
-    (["--shards", "0", "--cluster", "local"], "--shards 0: must be at least 1"),
+    (["--shards", "0", "--cluster", "local"], "--shards 0: must be 1 to 10,000"),
     (["--shards", "2", "--cluster", "debug"], "--cluster 'debug': shards run on slurm or local"),
     (["--shards", "2", "--cluster", "slurm", "--time", "1:99:00"], "--time '1:99:00' is malformed"),
 ])

@@ -61,7 +61,7 @@ def data_prepare(inputs: tuple[str, ...], tokenizer_path: str, out_dir: str, fmt
     """Tokenize corpora or instruction sets into a token store for `submit --data`.
 
     INPUT is a file (JSON lines, a JSON list, or .gz of either) or a directory of them."""
-    from llamajobs.data.prepare import PrepareConfig
+    from llamajobs.data.prepare import PrepareConfig, eval_split_warning
 
     config = PrepareConfig(inputs=tuple(Path(p) for p in inputs), tokenizer=ops.tokenizer_source(tokenizer_path),
                            out=Path(out_dir),
@@ -72,6 +72,8 @@ def data_prepare(inputs: tuple[str, ...], tokenizer_path: str, out_dir: str, fmt
     with views.PrepareProgress() as progress:
         meta = ops.prepare_data(config, shards, sharding, wait, progress, on_submit=views.note)
     views.print_json(meta) if as_json else views.prepared(out_dir, meta)
+    if warning := eval_split_warning(meta):
+        views.note(warning)
 
 
 @data.command("inspect")

@@ -38,6 +38,8 @@ BAD_LINE_EXAMPLES = 10  # how many skipped lines meta.json quotes
 # Tokenizing is CPU-bound: more processes than a few per CPU only add memory and start-up time, and
 # a typo (--workers 10000) would start a process storm.
 MAX_WORKERS = 4 * (os.cpu_count() or 1)
+# Holding out more than half of the documents is a typo (0.9 for 0.09), not an evaluation split.
+MAX_EVAL_FRACTION = 0.5
 
 
 # --- configuration ---
@@ -72,8 +74,9 @@ class PrepareConfig:
         self.chat_options()  # an unknown --chat-template or --train-on is refused here too
         if not 1 <= self.workers <= MAX_WORKERS:
             raise SpecError(f"--workers {self.workers}: must be 1 to {MAX_WORKERS} (4 per CPU of this machine)")
-        if not 0 <= self.eval_fraction < 1:
-            raise SpecError(f"--eval-fraction {self.eval_fraction}: must be at least 0 and below 1")
+        if not 0 <= self.eval_fraction <= MAX_EVAL_FRACTION:
+            raise SpecError(f"--eval-fraction {self.eval_fraction}: must be 0 to {MAX_EVAL_FRACTION} (the share "
+                            f"of documents held out for evaluation)")
         if Path(self.out).exists() and not self.force:
             raise SpecError(f"--out {self.out} already exists; choose another directory or pass --force to replace it")
         st.check_replaceable(Path(self.out), (*self.inputs, self.tokenizer))
@@ -399,6 +402,7 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         if train.documents + (held.documents if held else 0) == 0:
             raise SpecError(f"INPUT {', '.join(map(str, inputs))}: no documents ({counts.empty} empty, "
                             f"{counts.bad} bad lines skipped); is --format {fmt.name} right?")
+        check_training_split(train.documents, held.documents if held else 0, config.eval_fraction)
         common = common_meta(fmt, dtype, encoder.describe(), inputs, counts.per_source, config.eval_fraction)
         if config.chat_options() is not None:
             common["chat"] = {"template": config.chat_template or "tokenizer", "train_on": config.train_on,
@@ -414,6 +418,25 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def check_training_split(train_documents: int, eval_documents: int, eval_fraction: float) -> None:
+    """Refuse a store with nothing to train on: the eval split took every document (a training job
+    on it would only fail on the node)."""
+    if train_documents == 0 and eval_documents:
+        raise SpecError(f"--eval-fraction {eval_fraction}: all {eval_documents} documents went to the eval split "
+                        f"(by a hash of each document's id or text), none is left to train on; lower --eval-fraction "
+                        f"or give more documents")
+
+
+def eval_split_warning(meta: dict[str, Any]) -> str | None:
+    """A line for the user when --eval-fraction held out nothing (few documents, or few distinct ids)."""
+    held = meta.get("eval")
+    if held is None or held["documents"]:
+        return None
+    return (f"warning: --eval-fraction {meta['eval_fraction']} held out none of the {meta['documents']:,} documents "
+            f"(the split is by a hash of each document's id or text): the eval split is empty and no validation loss "
+            f"will be measured; raise --eval-fraction or give more documents")
 
 
 def scan_options(fmt: fmts.Format, path: Path) -> Any:
