@@ -443,11 +443,10 @@ def _parses(line: bytes) -> bool:
 def _json_list(path: Path, first: bytes, f: BinaryIO, line: int, chunk: int = 1 << 20) -> Iterator[tuple[int, Any]]:
     """The elements of a JSON list, read incrementally (memory: one chunk plus one element)."""
     decoder = json.JSONDecoder()
-    text = io.TextIOWrapper(f, encoding="utf-8")
-    try:
-        buffer = first.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FileError(path, line, "not valid UTF-8") from None
+    # Bytes that are not UTF-8 become lone surrogates, which valid UTF-8 never decodes to: the
+    # element holding them is a bad line (skippable), the list around it stays readable.
+    text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape")
+    buffer = first.decode("utf-8", "surrogateescape")
     pos = buffer.index("[") + 1
     eof = False
     while True:
@@ -478,6 +477,10 @@ def _json_list(path: Path, first: bytes, f: BinaryIO, line: int, chunk: int = 1 
                     reason = f"not valid JSON ({e.msg}); a JSON list cannot be read past it"
                     raise FileError(path, bad_line, reason) from None
                 buffer, pos = buffer[pos:] + more, 0
+            except ValueError as e:  # (an integer of more digits than Python converts)
+                raise FileError(path, line, f"not valid JSON ({e}); a JSON list cannot be read past it") from None
+        if not is_utf8(buffer[pos:end]):
+            record = Unreadable("not valid UTF-8")
         yield line, record
         line += buffer.count("\n", pos, end)
         pos = end
@@ -494,6 +497,14 @@ def _nothing_after(path: Path, rest: str, text: io.TextIOWrapper, line: int, chu
                                          "or JSON lines")
         line += rest.count("\n")
         rest = text.read(chunk)
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # (fails only on a lone surrogate: bytes that were not UTF-8)
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 class FileError(Exception):
@@ -546,6 +557,8 @@ def parse_record(payload: Any) -> Any:
             raise BadRecord("not valid UTF-8") from None
         except json.JSONDecodeError as e:
             raise BadRecord(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        except ValueError as e:  # (an integer of more digits than Python converts)
+            raise BadRecord(f"not valid JSON ({e})") from None
         except RecursionError:
             raise BadRecord(TOO_DEEP) from None
         if too_deep(record):

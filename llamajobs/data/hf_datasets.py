@@ -25,6 +25,7 @@ knows JSON lists and whole-file documents.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -174,7 +175,10 @@ def csv_records(path: Path, f: Any, delimiter: str) -> Iterator[tuple[int, Any]]
     header, or with bytes that are not UTF-8, is Unreadable (a bad line); a header that names a
     column twice is a FileError (every row would lose a cell)."""
     csv.field_size_limit(max(csv.field_size_limit(), CSV_CELL_CHARS))
-    lines = _text_lines(f)
+    # newline="": the csv module's own line handling (a quoted cell may hold line breaks). Bytes
+    # that are not UTF-8 become lone surrogates, which valid UTF-8 never decodes to: the row
+    # holding them is a bad line, the rows around it stay readable.
+    lines = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
     reader = csv.reader(lines, delimiter=delimiter)
     header: list[str] | None = None
     try:
@@ -188,7 +192,7 @@ def csv_records(path: Path, f: Any, delimiter: str) -> Iterator[tuple[int, Any]]
             if header is None:
                 if _not_utf8(row):
                     raise fmts.FileError(path, start, "the header is not valid UTF-8")
-                twice = next((name for i, name in enumerate(row) if name in row[:i]), None)
+                twice = next((name for name in row if row.count(name) > 1), None) if len(set(row)) < len(row) else None
                 if twice is not None:
                     raise fmts.FileError(path, start, f"the header names the column {twice!r} twice")
                 header = row
@@ -198,26 +202,9 @@ def csv_records(path: Path, f: Any, delimiter: str) -> Iterator[tuple[int, Any]]
                 yield start, fmts.Unreadable(f"{len(row)} cells, but the header has {len(header)} columns")
             else:
                 yield start, dict(zip(header, row))
-    except csv.Error as e:  # (a cell longer than CSV_CELL_CHARS): the reader cannot go on
+    except csv.Error as e:  # (a NUL byte, a cell longer than CSV_CELL_CHARS): the reader cannot go on
         raise fmts.FileError(path, reader.line_num, f"not valid csv ({e})") from None
 
 
-def _text_lines(f: Any) -> Iterator[str]:
-    """The file's lines as text, a UTF-8 byte order mark dropped; bytes that are not UTF-8 become
-    lone surrogates (surrogateescape), which no valid UTF-8 decodes to, so _not_utf8 finds them
-    in the row they belong to."""
-    first = True
-    for line in f:
-        text = line.decode("utf-8", "surrogateescape")
-        if first:
-            text, first = text.removeprefix("\ufeff"), False
-        yield text
-
-
 def _not_utf8(row: list[str]) -> bool:
-    try:
-        for cell in row:
-            cell.encode("utf-8")  # (at C speed; fails only on a surrogate)
-    except UnicodeEncodeError:
-        return True
-    return False
+    return not all(map(fmts.is_utf8, row))
