@@ -9,6 +9,11 @@ Files are JSON lines (optionally .gz), a JSON list of records, or one JSON docum
 expands into records (LMFlow's {"type", "instances"}; PubMedQA's {pmid: record}). JSON lines are
 handed on as raw bytes so that parsing happens in the worker processes; records of a list or a
 document are parsed here. Every record carries its file line for error messages.
+
+What a file holds is read as it is, or refused at its line: only whitespace may follow a JSON
+list's closing bracket, bytes that are not UTF-8 make their record a bad line (never silently
+replaced), and a record nested deeper than MAX_NESTING levels is a bad line too (deeper ones would
+exhaust Python's recursion where they are parsed or copied to a worker).
 """
 
 from __future__ import annotations
