@@ -79,7 +79,7 @@ def _datasets() -> Any:
     try:
         import datasets
     except ImportError:
-        raise SpecError("parquet, arrow and csv inputs and save_to_disk folders are read with the `datasets` "
+        raise SpecError("parquet and arrow inputs and save_to_disk folders are read with the `datasets` "
                         "library: pip install 'llamajobs[datasets]' (or datasets)") from None
     datasets.disable_progress_bars()
     return datasets

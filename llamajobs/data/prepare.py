@@ -444,7 +444,10 @@ def scan_options(fmt: fmts.Format, path: Path) -> Any:
     if not fmt.needs_scan:
         return None
     try:
-        return fmt.scan(iter(hf.DatasetReader(path)) if hf.is_dataset_input(path) else fmts.iter_records(path, fmt))
+        if hf.is_dataset_input(path):
+            with hf.DatasetReader(path) as reader:
+                return fmt.scan(iter(reader))
+        return fmt.scan(fmts.iter_records(path, fmt))
     except fmts.FileError as e:
         raise SpecError(f"{e.path}:{e.line}: {e.reason}") from None
 
