@@ -41,6 +41,10 @@ from llamajobs.errors import Failure, SpecError
 from llamajobs.spec import parse_slurm_time
 
 CLUSTERS = ("slurm", "local")
+
+
+# --- configuration ---
+
 # Upper bounds, checked before anything is planned. Shards: SLURM's default MaxArraySize allows
 # 1001 array tasks; ten thousand shards of a 10 TB corpus are still a gigabyte each, and --shards
 # 100000000 (a typo) planned for minutes and gigabytes before anything was submitted.
@@ -49,9 +53,6 @@ MAX_CPUS_PER_TASK = 1024  # above any node's CPUs
 MAX_MEM_MIB = 64 << 20    # 64T: above any node's memory
 _MEM = re.compile(r"^(\d+)([KMGT]?)$")
 _MEM_MIB = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1 << 20}  # SLURM's --mem counts MiB without a unit
-
-
-# --- configuration ---
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
