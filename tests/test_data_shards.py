@@ -149,7 +149,7 @@ def test_a_merge_whose_eval_split_took_every_document_is_refused(tmp_path, token
     work, plan = sp.open_work(cfg, 2, prep.Encoder(tokenizer_dir))
     for k in range(len(plan["shards"])):
         sp.run_shard(str(work), k)
-    with pytest.raises(SpecError, match=r"--eval-fraction 0\.5: all 6 documents went to the eval split .* none is left"):
+    with pytest.raises(SpecError, match=r"--eval-fraction 0\.5: all 6 documents went to the eval split .* none"):
         sharded.merge(work, plan)
     assert not (work / st.META).exists()
 

@@ -140,7 +140,8 @@ def container_bytes(container: str, fmt: str, records: list[dict], junk: bytes) 
 
 def assert_a_store_or_one_line(cli, tok: Path, path: Path, fmt: str, *flags: str) -> None:
     out = path.parent / "store"
-    code, _, err = cli("data", "prepare", str(path), "--tokenizer", str(tok), "--out", str(out), "--format", fmt, *flags)
+    code, _, err = cli("data", "prepare", str(path), "--tokenizer", str(tok), "--out", str(out), "--format", fmt,
+                       *flags)
     if code == 0:
         assert (out / "meta.json").is_file()
         event("a store")

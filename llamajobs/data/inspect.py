@@ -87,7 +87,8 @@ def _decoder(tokenizer: str | Path | None, store: st.TokenStore) -> tuple[Encode
         raise SpecError(f"--tokenizer {tokenizer} has {encoder.vocab_size:,} ids, but the store holds token id {top:,} "
                         f"(it was made with a vocabulary of {store.vocab_size:,}); pass the tokenizer the store was "
                         f"made with ({made_with})")
-    return None, f"not decoded: {made_with} has {encoder.vocab_size:,} ids now, fewer than the store's; pass --tokenizer"
+    return None, (f"not decoded: {made_with} has {encoder.vocab_size:,} ids now, fewer than the store's; "
+                  f"pass --tokenizer")
 
 
 def loss_segments(encoder: Encoder, ids: list[int], mask: list[int]) -> list[dict[str, Any]]:
