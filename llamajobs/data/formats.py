@@ -522,8 +522,9 @@ class FileError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Unreadable:
-    """What a reader yields in place of a record it could not take (a csv row with too many cells,
-    a record nested too deeply): the worker reports it as a bad line, which --skip-bad-lines skips."""
+    """What a reader yields in place of a record it could not take (a csv row of the wrong width, a
+    csv row or JSON-list element that is not UTF-8, a record nested too deeply): the worker reports
+    it as a bad line, which --skip-bad-lines skips."""
     reason: str
 
 
