@@ -348,13 +348,143 @@ def test_skip_bad_lines_counts_and_reports(cli, tmp_path, real_tok):
     assert json.loads((tmp_path / "s" / "meta.json").read_text())["skipped_bad_lines"] == 3
 
 
+def test_text_after_a_json_list_is_an_error_at_its_line(cli, tmp_path, tokenizer_dir):
+    """A file that starts as a JSON list holds that list: JSON lines appended after it (or a second
+    list) are an error naming their line, never dropped; only whitespace may follow the ]."""
+    listed = tmp_path / "a.json"
+    for tail, line in (('\n\n{"text": "appended"}\n', 5), (' [{"text": "again"}]', 3), ("\n,", 4)):
+        listed.write_text('[\n{"text": "one"},\n{"text": "two"}]' + tail)
+        for extra in ([], ["--skip-bad-lines"]):
+            code, _, err = cli("data", "prepare", str(listed), "--tokenizer", str(tokenizer_dir), "--out",
+                               str(tmp_path / "s"), *extra)
+            assert code == 2 and f"{listed}:{line}: text after the closing ] of the JSON list" in err, (tail, err)
+            assert len(err.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+    listed.write_text('[{"text": "one"}, {"text": "two"}]  \n\n  \n')
+    assert run(listed, tokenizer_dir, tmp_path / "ok")["documents"] == 2
+    # read in chunks smaller than the whitespace after the list: still found, at its line
+    import io
+
+    data = b'[{"a": 1}]\n   \n    \n  x'
+    with pytest.raises(fmts.FileError) as e:
+        list(fmts._json_list(Path("f.json"), data[:11], io.BufferedReader(io.BytesIO(data[11:])), 1, chunk=2))
+    assert e.value.line == 4
+
+
+def test_a_json_list_element_that_is_not_utf8_is_a_bad_line(tmp_path, tokenizer_dir):
+    listed = tmp_path / "a.json"
+    listed.write_bytes(b'[\n{"text": "one"},\n{"text": "t\xffwo"},\n{"text": "three"}\n]\n')
+    with pytest.raises(SpecError, match=r"a\.json:3: not valid UTF-8; pass --skip-bad-lines"):
+        run(listed, tokenizer_dir, tmp_path / "s")
+    meta = run(listed, tokenizer_dir, tmp_path / "s", skip_bad_lines=True)
+    assert meta["documents"] == 2 and meta["bad_line_examples"] == [f"{listed}:3: not valid UTF-8"]
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+# One good record per format, and where a deeply nested value can go in it.
+GOOD = {
+    "text": {"text": "A fine document."},
+    "s2orc": {"corpusid": 1, "externalids": {"pubmedcentral": "PMC1"}, "content": {"text": "A fine paper."}},
+    "alpaca": {"instruction": "Say yes.", "input": "", "output": "Yes."},
+    "medqa": {"sent1": "Which?", "ending0": "a", "ending1": "b", "ending2": "c", "ending3": "d", "label": 1},
+    "medmcqa": {"question": "Which?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 2},
+    "pubmedqa": {"question": "Does it?", "context": "It does.", "final_decision": "yes"},
+    "lmflow": {"type": "text_only", "instances": [{"text": "A fine instance."}]},
+    "messages": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(GOOD))
+def test_deeply_nested_records_are_bad_lines_in_every_format(cli, tmp_path, tokenizer_dir, fmt):
+    """Nesting that would exhaust Python's recursion (to parse it, or to hand it to a worker process)
+    is a bad line naming PATH:LINE, skipped with --skip-bad-lines; in a JSON list an element too deep
+    to parse ends the list with an error at its line."""
+    good = json.dumps(GOOD[fmt])
+    chat = ["--chat-template", "chatml"] if fmt == "messages" else []
+    lines = tmp_path / f"{fmt}.jsonl"
+    for depth in (200, 50_000):  # 200 parses (and is refused); 50,000 is past the recursion limit
+        deep = good[:-1] + f', "deep": {nested(depth)}}}'
+        lines.write_text("\n".join([good, deep, good]) + "\n")
+        base = ("data", "prepare", str(lines), "--tokenizer", str(tokenizer_dir), "--format", fmt, *chat)
+        code, _, err = cli(*base, "--out", str(tmp_path / "s"))
+        assert code == 2 and f"{lines}:2: nested deeper than 100 levels" in err, err
+        assert len(err.strip().splitlines()) == 1
+        code, out, err = cli(*base, "--out", str(tmp_path / f"s{depth}"), "--skip-bad-lines", "--json")
+        assert code == 0 and json.loads(out)["skipped_bad_lines"] == 1, err
+    listed = tmp_path / f"{fmt}.json"
+    listed.write_text(f"[\n{good},\n{good[:-1]}, \"deep\": {nested(200)}}}\n]\n")
+    code, out, err = cli("data", "prepare", str(listed), "--tokenizer", str(tokenizer_dir), "--format", fmt, *chat,
+                         "--out", str(tmp_path / "l"), "--skip-bad-lines", "--json")
+    assert code == 0 and json.loads(out)["bad_line_examples"] == [f"{listed}:3: nested deeper than 100 levels"], err
+    listed.write_text(f"[\n{good},\n{nested(50_000)}\n]\n")
+    code, _, err = cli("data", "prepare", str(listed), "--tokenizer", str(tokenizer_dir), "--format", fmt, *chat,
+                       "--out", str(tmp_path / "m"), "--skip-bad-lines")
+    assert code == 2 and f"{listed}:3: a record nests deeper than 100 levels" in err, err
+
+
+def test_a_deep_record_parsed_by_the_reader_reaches_no_worker(tmp_path, tokenizer_dir):
+    """JSON lists and whole-file documents are parsed in the main process and copied to the workers:
+    a record pickle cannot copy (about 500 levels) is a bad line before that, with --workers 2 too."""
+    listed = tmp_path / "a.json"
+    listed.write_text(f'[{{"text": "one"}}, {{"text": "two", "deep": {nested(600)}}}]')
+    meta = run(listed, tokenizer_dir, tmp_path / "s", workers=2, skip_bad_lines=True)
+    assert meta["documents"] == 1 and meta["bad_line_examples"] == [f"{listed}:1: nested deeper than 100 levels"]
+    document = tmp_path / "lmflow.json"
+    document.write_text(json.dumps({"type": "text_only", "instances": [{"text": "fine"}, {"text": "x", "d": "DEEP"}]},
+                                   indent=1).replace('"DEEP"', nested(600)))
+    meta = run(document, tokenizer_dir, tmp_path / "l", format="lmflow", skip_bad_lines=True)
+    assert meta["documents"] == 1 and meta["skipped_bad_lines"] == 1
+    document.write_text("{\n" + f'"type": "text_only", "instances": {nested(50_000)}' + "\n}")
+    with pytest.raises(SpecError, match=r"lmflow\.json:1: the JSON document nests deeper than 100 levels"):
+        run(document, tokenizer_dir, tmp_path / "m", format="lmflow")
+
+
+def test_an_integer_too_long_to_convert_is_a_bad_line(tmp_path, tokenizer_dir):
+    lines = write_jsonl(tmp_path / "a.jsonl", [{"text": "fine"}, '{"text": "x", "id": ' + "7" * 5000 + "}"])
+    with pytest.raises(SpecError, match=r"a\.jsonl:2: not valid JSON \(Exceeds the limit"):
+        run(lines, tokenizer_dir, tmp_path / "s")
+    listed = tmp_path / "a.json"
+    listed.write_text('[{"text": "fine"},\n{"text": "x", "id": ' + "7" * 5000 + "}]")
+    with pytest.raises(SpecError, match=r"a\.json:2: not valid JSON \(Exceeds the limit"):
+        run(listed, tokenizer_dir, tmp_path / "s", skip_bad_lines=True)
+
+
+def ids_held_out(fraction: float, held: bool, n: int) -> list[dict]:
+    """n text records whose ids the eval split takes (held) or leaves (not held) at this fraction."""
+    ids = (f"doc-{i}" for i in range(10_000) if held_out(f"id:doc-{i}", fraction) == held)
+    return [{"id": doc_id, "text": f"Document {doc_id}."} for doc_id, _ in zip(ids, range(n))]
+
+
+def test_an_eval_split_taking_every_document_is_refused_and_an_empty_one_said(cli, tmp_path, tokenizer_dir):
+    all_held = write_jsonl(tmp_path / "held.jsonl", ids_held_out(0.5, True, 3))
+    code, out, err = cli("data", "prepare", str(all_held), "--tokenizer", str(tokenizer_dir), "--out",
+                         str(tmp_path / "s"), "--eval-fraction", "0.5")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert ("--eval-fraction 0.5: all 3 documents went to the eval split (by a hash of each document's id or "
+            "text), none is left to train on; lower --eval-fraction or give more documents") in err
+    assert not (tmp_path / "s").exists() and list(tmp_path.iterdir()) == [all_held]
+    none_held = write_jsonl(tmp_path / "kept.jsonl", ids_held_out(0.1, False, 4))
+    code, out, err = cli("data", "prepare", str(none_held), "--tokenizer", str(tokenizer_dir), "--out",
+                         str(tmp_path / "s"), "--eval-fraction", "0.1")
+    assert code == 0 and "eval split: 0 documents" in out
+    assert ("warning: --eval-fraction 0.1 held out none of the 4 documents (the split is by a hash of each "
+            "document's id or text): the eval split is empty") in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--format", "csv"], "--format 'csv' is not known; choose one of text, s2orc"),
     (["--workers", "0"], "--workers 0: must be 1 to"),
     (["--workers", "100000"], "--workers 100000: must be 1 to"),
     (["--eval-fraction", "1.5"], "--eval-fraction 1.5"),
+    (["--eval-fraction", "0.9"], "--eval-fraction 0.9: must be 0 to 0.5"),
+    (["--eval-fraction", "nan"], "--eval-fraction nan: must be 0 to 0.5"),
+    (["--shards", "100000000", "--cluster", "local"], "--shards 100000000: must be 1 to 10,000"),
+    (["--shards", "2", "--cluster", "local", "--cpus-per-task", "100000"], "--cpus-per-task 100000: must be 1 to 1024"),
+    (["--shards", "2", "--cluster", "slurm", "--mem", "99999999T"], "--mem 99999999T: must be at most 64T"),
     (["--cluster", "local", "--no-wait"], "--cluster, --no-wait: only with --shards N"),
-    (["--shards", "0", "--cluster", "local"], "--shards 0: must be at least 1"),
+    (["--shards", "0", "--cluster", "local"], "--shards 0: must be 1 to 10,000"),
     (["--shards", "2", "--cluster", "debug"], "--cluster 'debug': shards run on slurm or local"),
     (["--shards", "2", "--cluster", "slurm", "--time", "1:99:00"], "--time '1:99:00' is malformed"),
 ])
@@ -596,6 +726,25 @@ def test_cli_prepare_and_inspect(cli, tmp_path, real_tok):
     assert info["sample"]["text"].startswith(corpus(5)[0]["text"][:40])
     code, stdout, _ = cli("data", "inspect", str(out), "--document", "1")
     assert code == 0 and "fingerprint" in stdout and corpus(5)[1]["text"][:30] in stdout
+
+
+def test_inspect_counts_negative_documents_from_the_end_and_refuses_a_smaller_vocabulary(cli, tmp_path, real_tok,
+                                                                                           tokenizer_dir):
+    run(write_jsonl(tmp_path / "in.jsonl", corpus(3)), real_tok, tmp_path / "s")
+    for given, shown in (("-1", 2), ("-2", 1), ("-3", 0), ("2", 2)):
+        code, out, err = cli("data", "inspect", str(tmp_path / "s"), "--document", given, "--json")
+        assert code == 0 and json.loads(out)["sample"]["document"] == shown, err
+        assert json.loads(out)["sample"]["text"].startswith(corpus(3)[shown]["text"][:30])
+    for given in ("-4", "3", "-1000000000000"):
+        code, _, err = cli("data", "inspect", str(tmp_path / "s"), "--document", given)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert (f"--document {given}: the store has 3 documents, so --document takes 0 to 2 (or -3 to -1, counting "
+                f"from the end)") in err
+    code, _, err = cli("data", "inspect", str(tmp_path / "s"), "--tokenizer", str(tokenizer_dir))
+    top = st.TokenStore(tmp_path / "s").meta["max_token_id"]
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "internal error" not in err, err
+    assert (f"--tokenizer {tokenizer_dir} has {TINY_VOCAB} ids, but the store holds token id {top:,} (it was made "
+            f"with a vocabulary of 32,000); pass the tokenizer the store was made with ({real_tok})") in err
 
 
 def test_inspect_shows_prompt_and_response(tmp_path, real_tok):

@@ -141,6 +141,19 @@ def test_shard_errors_name_the_file_line_and_tokenizer_is_checked(inputs, real_t
         sp.run_shard(str(work), 1)
 
 
+def test_a_merge_whose_eval_split_took_every_document_is_refused(tmp_path, tokenizer_dir):
+    from tests.test_data import ids_held_out
+
+    f = write_jsonl(tmp_path / "held.jsonl", ids_held_out(0.5, True, 6))
+    cfg = prep.PrepareConfig(inputs=(f,), tokenizer=tokenizer_dir, out=tmp_path / "s", eval_fraction=0.5)
+    work, plan = sp.open_work(cfg, 2, prep.Encoder(tokenizer_dir))
+    for k in range(len(plan["shards"])):
+        sp.run_shard(str(work), k)
+    with pytest.raises(SpecError, match=r"--eval-fraction 0\.5: all 6 documents went to the eval split .* none"):
+        sharded.merge(work, plan)
+    assert not (work / st.META).exists()
+
+
 def test_rerun_with_other_settings_is_refused_unless_forced(inputs, real_tok, tmp_path):
     out = tmp_path / "s"
     sp.open_work(config(inputs, real_tok, out), 4, prep.Encoder(real_tok))

@@ -69,25 +69,106 @@ def test_bad_rows_name_the_file_and_row(cli, tmp_path, tokenizer_dir):
     code, _, err = cli("data", "prepare", str(tmp_path / "bad.parquet"), "--tokenizer", str(tokenizer_dir), "--out",
                        str(tmp_path / "s"), "--format", "alpaca")
     assert code == 2 and f"{tmp_path / 'bad.parquet'}:3: missing field \"output\"" in err, err
-    datasets.Dataset.from_list(rows).to_csv(tmp_path / "bad.csv", index=False)
-    code, _, err = cli("data", "prepare", str(tmp_path / "bad.csv"), "--tokenizer", str(tokenizer_dir), "--out",
-                       str(tmp_path / "s"), "--format", "alpaca")
-    assert code == 2 and f"{tmp_path / 'bad.csv'}:4: " in err, err  # the header is line 1
     code, _, err = cli("data", "prepare", str(tmp_path / "bad.parquet"), "--tokenizer", str(tokenizer_dir), "--out",
                        str(tmp_path / "s"), "--format", "alpaca", "--skip-bad-lines", "--json")
     assert code == 0 and json.loads(_)["skipped_bad_lines"] == 1
 
 
-def test_a_saved_dataset_dict_and_a_damaged_file_are_one_line(cli, tmp_path, tokenizer_dir):
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(ALPACA), "test": datasets.Dataset.from_list(ALPACA)}
+def test_a_saved_dataset_dict_without_a_train_split_and_a_damaged_file_are_one_line(cli, tmp_path, tokenizer_dir):
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(ALPACA), "test": datasets.Dataset.from_list(ALPACA)}
                          ).save_to_disk(tmp_path / "dd")
     code, _, err = cli("data", "prepare", str(tmp_path / "dd"), "--tokenizer", str(tokenizer_dir), "--out",
                        str(tmp_path / "s"), "--format", "alpaca")
-    assert code == 2 and "a saved DatasetDict with splits train, test; give one split's folder" in err, err
+    assert code == 2 and "a saved DatasetDict with splits validation, test and no train split" in err, err
     (tmp_path / "x.parquet").write_bytes(b"not parquet at all")
     code, _, err = cli("data", "prepare", str(tmp_path / "x.parquet"), "--tokenizer", str(tokenizer_dir), "--out",
                        str(tmp_path / "s"), "--format", "alpaca")
     assert code == 2 and "x.parquet" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_saved_datasets_inside_a_directory_are_read_as_units(tmp_path, tokenizer_dir):
+    """A DatasetDict in a directory INPUT is its train split (the test split is not trained on and
+    no metadata file is read as a record); a saved Dataset in it is its rows."""
+    train, test, more = ALPACA[:10], ALPACA[10:20], ALPACA[20:]
+    corpus = tmp_path / "corpus"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(train), "test": datasets.Dataset.from_list(test)}
+                         ).save_to_disk(corpus / "a_dict")
+    datasets.Dataset.from_list(more).save_to_disk(corpus / "b_one")
+    jsonl(corpus / "c.jsonl", ALPACA[:3])
+    expected = store_of([jsonl(tmp_path / "all.jsonl", train + more + ALPACA[:3])], tokenizer_dir, tmp_path / "s0",
+                        format="alpaca")
+    assert store_of([corpus], tokenizer_dir, tmp_path / "s1", format="alpaca") == expected
+    # given itself, a DatasetDict is its train split too
+    assert store_of([corpus / "a_dict"], tokenizer_dir, tmp_path / "s2", format="alpaca") == store_of(
+        [jsonl(tmp_path / "train.jsonl", train)], tokenizer_dir, tmp_path / "s3", format="alpaca")
+
+
+# Every value a csv cell might hold that pandas would have read as something else.
+TEXT_CELLS = [{"id": str(i), "instruction": f"Say {word}.", "input": word, "output": word}
+              for i, word in enumerate(["42", "NA", "NULL", "None", "nan", "N/A", "#N/A", "1.0", "007", "True",
+                                        "-inf", "null", "1e5"] * 3)]
+
+
+def test_csv_and_tsv_cells_are_the_text_they_hold(tmp_path, tokenizer_dir):
+    """No type or missing-value inference: "42" stays "42", "NA" stays "NA" (an input of "NA" is in
+    the prompt), and a blank id cell leaves the other ids as written (they decide the eval split)."""
+    rows = TEXT_CELLS + [{"id": "", "instruction": "No id.", "input": "", "output": "fine"}]
+    expected = store_of([jsonl(tmp_path / "a.jsonl", rows)], tokenizer_dir, tmp_path / "s0", format="alpaca",
+                        eval_fraction=0.3)
+    header = list(rows[0])
+    for name, sep in (("a.csv", ","), ("a.tsv", "\t")):
+        (tmp_path / name).write_text(sep.join(header) + "\n" + "".join(sep.join(r[k] for k in header) + "\n"
+                                                                         for r in rows))
+        assert store_of([tmp_path / name], tokenizer_dir, tmp_path / name.replace(".", "_"), format="alpaca",
+                        eval_fraction=0.3) == expected, name
+
+    from llamajobs.data.hf_datasets import DatasetReader
+
+    read = [record for _, record in DatasetReader(tmp_path / "a.csv")]
+    assert read == rows  # every cell a string, the blank one ""
+
+
+def test_csv_errors_name_the_line_the_row_starts_on(cli, tmp_path, tokenizer_dir):
+    """Lines, not rows: a quoted cell spanning lines and blank lines count; a row of the wrong width
+    is a bad line (skippable), a header naming a column twice is refused."""
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b'instruction,input,output\n'                # 1
+                    b'"A question\nover two lines",,yes\n'      # 2-3
+                    b'\n'                                        # 4
+                    b'"Another\r\n\r\none",x,no\n'                # 5-7
+                    b'Too,many,cells,here\n'                     # 8
+                    b'Not \xff UTF-8,,no\n'                      # 9
+                    b'last,,ok\n')                               # 10
+    args = ("data", "prepare", str(bad), "--tokenizer", str(tokenizer_dir), "--format", "alpaca")
+    code, _, err = cli(*args, "--out", str(tmp_path / "s"))
+    assert code == 2 and f"{bad}:8: 4 cells, but the header has 3 columns" in err, err
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = cli(*args, "--out", str(tmp_path / "s"), "--skip-bad-lines", "--json")
+    meta = json.loads(out)
+    assert code == 0 and meta["documents"] == 3, err
+    assert [line.split(": ")[0] for line in meta["bad_line_examples"]] == [f"{bad}:8", f"{bad}:9"]
+    assert meta["bad_line_examples"][1].endswith("not valid UTF-8")
+    (tmp_path / "twice.csv").write_text("instruction,output,output\na,b,c\n")
+    code, _, err = cli("data", "prepare", str(tmp_path / "twice.csv"), "--tokenizer", str(tokenizer_dir), "--format",
+                       "alpaca", "--out", str(tmp_path / "t"))
+    assert code == 2 and f"{tmp_path / 'twice.csv'}:1: the header names the column 'output' twice" in err, err
+
+
+def test_multiple_choice_csv_answers_are_read_from_text(tmp_path, tokenizer_dir):
+    """MedMCQA's 1-based "cop" and MedQA's label come as text from a csv: the same store as JSON."""
+    mcq = [{"question": f"Q{i}?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 1 + i % 4}
+           for i in range(8)]
+    medqa = [{"sent1": f"Q{i}?", **{f"ending{k}": f"e{k}" for k in range(5)}, "label": i % 5} for i in range(8)]
+    for fmt, rows in (("medmcqa", mcq), ("medqa", medqa)):
+        expected = store_of([jsonl(tmp_path / f"{fmt}.jsonl", rows)], tokenizer_dir, tmp_path / f"{fmt}0", format=fmt)
+        datasets.Dataset.from_list(rows).to_csv(tmp_path / f"{fmt}.csv", index=False)
+        assert store_of([tmp_path / f"{fmt}.csv"], tokenizer_dir, tmp_path / f"{fmt}1", format=fmt) == expected, fmt
+    # a 4-option MedQA csv has an empty ending4 column when written beside 5-option rows: still 4 options
+    four = [{k: v for k, v in r.items() if k != "ending4"} | {"label": i % 4} for i, r in enumerate(medqa)]
+    expected = store_of([jsonl(tmp_path / "four.jsonl", four)], tokenizer_dir, tmp_path / "four0", format="medqa")
+    (tmp_path / "four.csv").write_text("sent1,ending0,ending1,ending2,ending3,ending4,label\n" + "".join(
+        f"{r['sent1']},e0,e1,e2,e3,,{r['label']}\n" for r in four))
+    assert store_of([tmp_path / "four.csv"], tokenizer_dir, tmp_path / "four1", format="medqa") == expected
 
 
 def test_a_parquet_file_is_read_a_row_group_at_a_time(tmp_path):

@@ -8,7 +8,8 @@ import click
 
 from llamajobs import ops, views
 from llamajobs.cli.options import json_option
-from llamajobs.data.prepare import MAX_WORKERS
+from llamajobs.data.prepare import MAX_EVAL_FRACTION, MAX_WORKERS
+from llamajobs.data.sharded_prepare import MAX_CPUS_PER_TASK, MAX_SHARDS
 
 
 @click.group()
@@ -35,21 +36,23 @@ def data() -> None:
               help=f"Tokenizing processes (per shard); at most {MAX_WORKERS} here (4 per CPU).")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed lines instead of stopping at the first.")
 @click.option("--eval-fraction", type=float, default=0.0, show_default=True,
-              help="Hold out this fraction of documents (by a hash of their id) into DIR/eval.")
+              help=f"Hold out this fraction of documents (by a hash of their id) into DIR/eval; 0 to "
+                   f"{MAX_EVAL_FRACTION}.")
 @click.option("--force", is_flag=True, help="Replace an existing --out that is a token store, once the new store is "
               "complete (anything else is refused); with --shards, also discard an unfinished preparation made "
               "with other settings.")
 @click.option("--shards", type=int, default=None,
-              help="Split the inputs into N shards of equal bytes, one array task each, in DIR.parts; rerun the "
-                   "same command to finish after an interruption or failed tasks.")
+              help=f"Split the inputs into N shards of equal bytes (1 to {MAX_SHARDS:,}), one array task each, in "
+                   f"DIR.parts; rerun the same command to finish after an interruption or failed tasks.")
 @click.option("--cluster", default=None, help="Where shards run: slurm or local (default: the site profile's, "
               "else slurm when `scontrol ping` answers).")
 @click.option("--partition", default=None, help="SLURM partition of the shards (default: the site profile's).")
 @click.option("--account", default=None, help="SLURM account of the shards (default: the site profile's).")
 @click.option("--time", "time_limit", default=None,
               help="Each shard's time limit, HH:MM:SS (default: the site profile's, else the partition's).")
-@click.option("--cpus-per-task", type=int, default=None, help="CPUs of each shard's task (default: --workers).")
-@click.option("--mem", default=None, help="SLURM --mem of each shard's task (default: the cluster's).")
+@click.option("--cpus-per-task", type=int, default=None,
+              help=f"CPUs of each shard's task, 1 to {MAX_CPUS_PER_TASK} (default: --workers).")
+@click.option("--mem", default=None, help="SLURM --mem of each shard's task, at most 64T (default: the cluster's).")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait for the shards and merge them; --no-wait submits and returns (rerun to wait and merge).")
 @json_option
@@ -60,8 +63,9 @@ def data_prepare(inputs: tuple[str, ...], tokenizer_path: str, out_dir: str, fmt
                  mem: str | None, wait: bool, as_json: bool) -> None:
     """Tokenize corpora or instruction sets into a token store for `submit --data`.
 
-    INPUT is a file (JSON lines, a JSON list, or .gz of either) or a directory of them."""
-    from llamajobs.data.prepare import PrepareConfig
+    INPUT is a file (JSON lines, a JSON list, or .gz of either; parquet, arrow, csv or tsv), a save_to_disk
+    folder (a DatasetDict: its train split), or a directory of them."""
+    from llamajobs.data.prepare import PrepareConfig, eval_split_warning
 
     config = PrepareConfig(inputs=tuple(Path(p) for p in inputs), tokenizer=ops.tokenizer_source(tokenizer_path),
                            out=Path(out_dir),
@@ -72,11 +76,14 @@ def data_prepare(inputs: tuple[str, ...], tokenizer_path: str, out_dir: str, fmt
     with views.PrepareProgress() as progress:
         meta = ops.prepare_data(config, shards, sharding, wait, progress, on_submit=views.note)
     views.print_json(meta) if as_json else views.prepared(out_dir, meta)
+    if warning := eval_split_warning(meta):
+        views.note(warning)
 
 
 @data.command("inspect")
 @click.argument("store_dir", type=click.Path(file_okay=False))
-@click.option("--document", type=int, default=0, show_default=True, help="Which document to decode as the sample.")
+@click.option("--document", type=int, default=0, show_default=True,
+              help="Which document to decode as the sample (negative: counting from the end, -1 the last).")
 @click.option("--tokenizer", "tokenizer_path", default=None, type=click.Path(),
               help="Decode with this tokenizer (default: the one the store was made with).")
 @json_option

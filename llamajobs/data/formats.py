@@ -9,6 +9,11 @@ Files are JSON lines (optionally .gz), a JSON list of records, or one JSON docum
 expands into records (LMFlow's {"type", "instances"}; PubMedQA's {pmid: record}). JSON lines are
 handed on as raw bytes so that parsing happens in the worker processes; records of a list or a
 document are parsed here. Every record carries its file line for error messages.
+
+What a file holds is read as it is, or refused at its line: only whitespace may follow a JSON
+list's closing bracket, bytes that are not UTF-8 make their record a bad line (never silently
+replaced), and a record nested deeper than MAX_NESTING levels is a bad line too (deeper ones would
+exhaust Python's recursion where they are parsed or copied to a worker).
 """
 
 from __future__ import annotations
@@ -198,7 +203,7 @@ class MedQA(Format):
         if isinstance(record.get("sent2"), str) and record["sent2"].strip():
             question = f"{question} {record['sent2']}"
         endings = [field(record, f"ending{i}") for i in range(4)]
-        if "ending4" in record and isinstance(record["ending4"], str):  # the 5-option variant
+        if isinstance(record.get("ending4"), str) and record["ending4"].strip():  # the 5-option variant
             endings.append(record["ending4"])
         answer = _answer_index(field(record, "label", (int, str)), "label", len(endings))
         return [_mcq(question, endings, answer, _id(record, "id"))]
@@ -220,9 +225,11 @@ class MedMCQA(Format):
             if isinstance(record, (bytes, str)):
                 try:
                     record = json.loads(record)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue  # reported by the real pass
             cop = record.get("cop") if isinstance(record, dict) else None
+            if isinstance(cop, str) and cop.strip().isdigit():  # a csv cell is text
+                cop = int(cop)
             if isinstance(cop, int) and not isinstance(cop, bool):
                 seen.add(cop)
         return 1 if 4 in seen and 0 not in seen else 0
@@ -409,6 +416,8 @@ def records(path: Path, f: BinaryIO, fmt: Format) -> Iterator[tuple[int, Any]]:
             document = json.loads(data)
         except ValueError:
             pass
+        except RecursionError:
+            raise FileError(path, number, f"the JSON document nests deeper than {MAX_NESTING} levels") from None
         else:
             try:
                 for record in fmt.expand(document):
@@ -430,6 +439,8 @@ def _parses(line: bytes) -> bool:
     try:
         json.loads(line)
         return True
+    except RecursionError:  # JSON, too deep to parse: a JSON line that parse_record reports
+        return True
     except ValueError:
         return False
 
@@ -437,11 +448,10 @@ def _parses(line: bytes) -> bool:
 def _json_list(path: Path, first: bytes, f: BinaryIO, line: int, chunk: int = 1 << 20) -> Iterator[tuple[int, Any]]:
     """The elements of a JSON list, read incrementally (memory: one chunk plus one element)."""
     decoder = json.JSONDecoder()
-    text = io.TextIOWrapper(f, encoding="utf-8")
-    try:
-        buffer = first.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FileError(path, line, "not valid UTF-8") from None
+    # Bytes that are not UTF-8 become lone surrogates, which valid UTF-8 never decodes to: the
+    # element holding them is a bad line (skippable), the list around it stays readable.
+    text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape")
+    buffer = first.decode("utf-8", "surrogateescape")
     pos = buffer.index("[") + 1
     eof = False
     while True:
@@ -456,11 +466,15 @@ def _json_list(path: Path, first: bytes, f: BinaryIO, line: int, chunk: int = 1 
         if pos >= len(buffer):
             raise FileError(path, line, "the JSON list is not closed with ]")
         if buffer[pos] == "]":
+            _nothing_after(path, buffer[pos + 1:], text, line, chunk)
             return
         while True:
             try:
                 record, end = decoder.raw_decode(buffer, pos)
                 break
+            except RecursionError:  # the decoder cannot find where this record ends, so nothing after it is read
+                reason = f"a record nests deeper than {MAX_NESTING} levels; a JSON list cannot be read past it"
+                raise FileError(path, line, reason) from None
             except json.JSONDecodeError as e:
                 more = "" if eof else text.read(chunk)
                 if not more:
@@ -468,9 +482,34 @@ def _json_list(path: Path, first: bytes, f: BinaryIO, line: int, chunk: int = 1 
                     reason = f"not valid JSON ({e.msg}); a JSON list cannot be read past it"
                     raise FileError(path, bad_line, reason) from None
                 buffer, pos = buffer[pos:] + more, 0
+            except ValueError as e:  # (an integer of more digits than Python converts)
+                raise FileError(path, line, f"not valid JSON ({e}); a JSON list cannot be read past it") from None
+        if not is_utf8(buffer[pos:end]):
+            record = Unreadable("not valid UTF-8")
         yield line, record
         line += buffer.count("\n", pos, end)
         pos = end
+
+
+def _nothing_after(path: Path, rest: str, text: io.TextIOWrapper, line: int, chunk: int) -> None:
+    """After a JSON list's closing bracket only whitespace may follow: anything else (a second list,
+    JSON lines appended to the file) would otherwise be dropped without a word."""
+    while rest:
+        stripped = rest.lstrip()
+        if stripped:
+            where = line + rest.count("\n", 0, len(rest) - len(stripped))
+            raise FileError(path, where, "text after the closing ] of the JSON list; a file holds one JSON list, "
+                                         "or JSON lines")
+        line += rest.count("\n")
+        rest = text.read(chunk)
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # (fails only on a lone surrogate: bytes that were not UTF-8)
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 class FileError(Exception):
@@ -481,13 +520,54 @@ class FileError(Exception):
         self.path, self.line, self.reason = path, line, reason
 
 
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """What a reader yields in place of a record it could not take (a csv row of the wrong width, a
+    csv row or JSON-list element that is not UTF-8, a record nested too deeply): the worker reports
+    it as a bad line, which --skip-bad-lines skips."""
+    reason: str
+
+
+# Real records nest a few levels (a conversation's turns); far deeper ones would exhaust Python's
+# recursion where the record is copied to a worker process or parsed.
+MAX_NESTING = 100
+TOO_DEEP = f"nested deeper than {MAX_NESTING} levels"
+
+
+def too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether lists and objects nest in the value deeper than the limit (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is not None:
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def checked(record: Any) -> Any:
+    """A record parsed in the reading process, or Unreadable when it nests too deeply to hand on."""
+    return Unreadable(TOO_DEEP) if too_deep(record) else record
+
+
 def parse_record(payload: Any) -> Any:
     """A record from what iter_records yielded: JSON lines are parsed here (in the worker)."""
+    if isinstance(payload, Unreadable):
+        raise BadRecord(payload.reason)
     if isinstance(payload, (bytes, str)):
         try:
-            return json.loads(payload)
+            record = json.loads(payload)
         except UnicodeDecodeError:
             raise BadRecord("not valid UTF-8") from None
         except json.JSONDecodeError as e:
             raise BadRecord(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        except ValueError as e:  # (an integer of more digits than Python converts)
+            raise BadRecord(f"not valid JSON ({e})") from None
+        except RecursionError:
+            raise BadRecord(TOO_DEEP) from None
+        if too_deep(record):
+            raise BadRecord(TOO_DEEP)
+        return record
     return payload

@@ -36,19 +36,23 @@ def describe(path: str | Path, *, tokenizer: str | Path | None = None, document:
         "max_document_tokens": int(lengths.max()) if len(lengths) else 0,
         "bytes_on_disk": size, "parts": len(meta["parts"]), "eval": meta.get("eval"),
     }
-    if len(store) == 0:
+    n = len(store)
+    if n == 0:
+        if document != 0:
+            raise SpecError(f"--document {document}: the store has no documents")
         info["sample"] = None
         return info
-    if not -len(store) <= document < len(store):
-        raise SpecError(f"--document {document}: the store has documents 0 to {len(store) - 1}")
+    if not -n <= document < n:  # negative: counting from the end, as Python does
+        raise SpecError(f"--document {document}: the store has {n:,} documents, so --document takes 0 to {n - 1} "
+                        f"(or -{n} to -1, counting from the end)")
+    document %= n
     tokens = store[document]
     mask = store.loss_mask(document)
     sample: dict[str, Any] = {"document": document, "tokens": len(tokens), "first_ids": tokens[:16].tolist()}
-    try:
-        encoder = Encoder(tokenizer or meta["tokenizer"]["path"])
-    except SpecError as e:
+    encoder, note = _decoder(tokenizer, store)
+    if encoder is None:
         sample["text"] = None
-        sample["note"] = f"not decoded: {e}; pass --tokenizer"
+        sample["note"] = note
     else:
         if encoder.fingerprint != store.fingerprint:
             sample["note"] = "decoded with a tokenizer whose fingerprint differs from the store's"
@@ -65,6 +69,26 @@ def describe(path: str | Path, *, tokenizer: str | Path | None = None, document:
         sample["truncated"] = len(ids) > max_tokens
     info["sample"] = sample
     return info
+
+
+def _decoder(tokenizer: str | Path | None, store: st.TokenStore) -> tuple[Encoder | None, str | None]:
+    """The tokenizer to decode the store with (the given one, else the store's own), or why there is
+    none. One with fewer ids than the store holds is refused when given (its decode would index past
+    its vocabulary), noted when it is the store's own tokenizer changed on disk since."""
+    made_with = store.meta["tokenizer"].get("path")
+    try:
+        encoder = Encoder(tokenizer or made_with)
+    except SpecError as e:
+        return None, f"not decoded: {e}; pass --tokenizer"
+    top = int(store.meta.get("max_token_id", store.vocab_size - 1))
+    if encoder.vocab_size > top:
+        return encoder, None
+    if tokenizer:
+        raise SpecError(f"--tokenizer {tokenizer} has {encoder.vocab_size:,} ids, but the store holds token id {top:,} "
+                        f"(it was made with a vocabulary of {store.vocab_size:,}); pass the tokenizer the store was "
+                        f"made with ({made_with})")
+    return None, (f"not decoded: {made_with} has {encoder.vocab_size:,} ids now, fewer than the store's; "
+                  f"pass --tokenizer")
 
 
 def loss_segments(encoder: Encoder, ids: list[int], mask: list[int]) -> list[dict[str, Any]]:

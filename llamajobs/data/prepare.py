@@ -38,6 +38,8 @@ BAD_LINE_EXAMPLES = 10  # how many skipped lines meta.json quotes
 # Tokenizing is CPU-bound: more processes than a few per CPU only add memory and start-up time, and
 # a typo (--workers 10000) would start a process storm.
 MAX_WORKERS = 4 * (os.cpu_count() or 1)
+# Holding out more than half of the documents is a typo (0.9 for 0.09), not an evaluation split.
+MAX_EVAL_FRACTION = 0.5
 
 
 # --- configuration ---
@@ -72,8 +74,9 @@ class PrepareConfig:
         self.chat_options()  # an unknown --chat-template or --train-on is refused here too
         if not 1 <= self.workers <= MAX_WORKERS:
             raise SpecError(f"--workers {self.workers}: must be 1 to {MAX_WORKERS} (4 per CPU of this machine)")
-        if not 0 <= self.eval_fraction < 1:
-            raise SpecError(f"--eval-fraction {self.eval_fraction}: must be at least 0 and below 1")
+        if not 0 <= self.eval_fraction <= MAX_EVAL_FRACTION:
+            raise SpecError(f"--eval-fraction {self.eval_fraction}: must be 0 to {MAX_EVAL_FRACTION} (the share "
+                            f"of documents held out for evaluation)")
         if Path(self.out).exists() and not self.force:
             raise SpecError(f"--out {self.out} already exists; choose another directory or pass --force to replace it")
         st.check_replaceable(Path(self.out), (*self.inputs, self.tokenizer))
@@ -86,18 +89,22 @@ class PrepareConfig:
 
 def resolve_inputs(inputs: Sequence[str | Path]) -> tuple[Path, ...]:
     """The input files: a file as given, a directory as its files (recursively, sorted by their
-    path inside it, names starting with a dot left out)."""
+    path inside it, names starting with a dot left out). A `save_to_disk` folder, given or found
+    inside a directory, is one input: its arrow files together (a DatasetDict's train split)."""
     files: list[Path] = []
     for path in map(Path, inputs):
         files.extend(_files_under(path) if path.is_dir() and not hf.is_saved_dataset(path) else [path])
-    return tuple(files)
+    return tuple(hf.training_split(f) if hf.is_saved_dataset(f) else f for f in files)
 
 
 def _files_under(directory: Path) -> list[Path]:
+    """The files under a directory, and the saved datasets, whose files are not records of their own
+    (their state.json and dataset_info.json are metadata; a DatasetDict's test split is not trained on)."""
     found = []
     for root, dirs, names in os.walk(directory):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(Path(root) / n for n in names if not n.startswith("."))
+        saved = [d for d in dirs if not d.startswith(".") and hf.is_saved_dataset(Path(root) / d)]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in saved]
+        found.extend(Path(root) / n for n in [*names, *saved] if not n.startswith("."))
     return sorted(found, key=lambda p: p.relative_to(directory).parts)
 
 
@@ -161,6 +168,8 @@ def read_chunks(inputs: Sequence[Path], fmt: fmts.Format, chunk_bytes: int = CHU
             size = 0
             try:
                 for line, payload in lines:
+                    if not isinstance(payload, bytes):  # parsed here: it is copied to a worker as it is
+                        payload = fmts.checked(payload)
                     records.append((line, payload))
                     size += len(payload) if isinstance(payload, bytes) else chunk_bytes // CHUNK_RECORDS
                     if size >= chunk_bytes:
@@ -393,6 +402,7 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         if train.documents + (held.documents if held else 0) == 0:
             raise SpecError(f"INPUT {', '.join(map(str, inputs))}: no documents ({counts.empty} empty, "
                             f"{counts.bad} bad lines skipped); is --format {fmt.name} right?")
+        check_training_split(train.documents, held.documents if held else 0, config.eval_fraction)
         common = common_meta(fmt, dtype, encoder.describe(), inputs, counts.per_source, config.eval_fraction)
         if config.chat_options() is not None:
             common["chat"] = {"template": config.chat_template or "tokenizer", "train_on": config.train_on,
@@ -410,12 +420,34 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
     return meta
 
 
+def check_training_split(train_documents: int, eval_documents: int, eval_fraction: float) -> None:
+    """Refuse a store with nothing to train on: the eval split took every document (a training job
+    on it would only fail on the node)."""
+    if train_documents == 0 and eval_documents:
+        raise SpecError(f"--eval-fraction {eval_fraction}: all {eval_documents} documents went to the eval split "
+                        f"(by a hash of each document's id or text), none is left to train on; lower --eval-fraction "
+                        f"or give more documents")
+
+
+def eval_split_warning(meta: dict[str, Any]) -> str | None:
+    """A line for the user when --eval-fraction held out nothing (few documents, or few distinct ids)."""
+    held = meta.get("eval")
+    if held is None or held["documents"]:
+        return None
+    return (f"warning: --eval-fraction {meta['eval_fraction']} held out none of the {meta['documents']:,} documents "
+            f"(the split is by a hash of each document's id or text): the eval split is empty and no validation loss "
+            f"will be measured; raise --eval-fraction or give more documents")
+
+
 def scan_options(fmt: fmts.Format, path: Path) -> Any:
     """The format's per-file options (MedMCQA's answer numbering), from a first pass over the file."""
     if not fmt.needs_scan:
         return None
     try:
-        return fmt.scan(iter(hf.DatasetReader(path)) if hf.is_dataset_input(path) else fmts.iter_records(path, fmt))
+        if hf.is_dataset_input(path):
+            with hf.DatasetReader(path) as reader:
+                return fmt.scan(iter(reader))
+        return fmt.scan(fmts.iter_records(path, fmt))
     except fmts.FileError as e:
         raise SpecError(f"{e.path}:{e.line}: {e.reason}") from None
 

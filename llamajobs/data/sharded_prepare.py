@@ -46,6 +46,15 @@ CLUSTERS = tuple(name for name, info in catalog.CLUSTER.items() if info.runs_arr
 
 # --- configuration ---
 
+# Upper bounds, checked before anything is planned. Shards: SLURM's default MaxArraySize allows
+# 1001 array tasks; ten thousand shards of a 10 TB corpus are still a gigabyte each, and --shards
+# 100000000 (a typo) planned for minutes and gigabytes before anything was submitted.
+MAX_SHARDS = 10_000
+MAX_CPUS_PER_TASK = 1024  # above any node's CPUs
+MAX_MEM_MIB = 64 << 20    # 64T: above any node's memory
+_MEM = re.compile(r"^(\d+)([KMGT]?)$")
+_MEM_MIB = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1 << 20}  # SLURM's --mem counts MiB without a unit
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ClusterConfig:
@@ -63,16 +72,20 @@ class ClusterConfig:
     poll_s: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.shards < 1:
-            raise SpecError(f"--shards {self.shards}: must be at least 1")
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise SpecError(f"--shards {self.shards}: must be 1 to {MAX_SHARDS:,}")
         if self.cluster not in CLUSTERS:
             raise SpecError(f"--cluster {self.cluster!r}: shards run on {' or '.join(CLUSTERS)}")
         if self.time is not None:
             parse_slurm_time(self.time)
-        if self.cpus_per_task is not None and self.cpus_per_task < 1:
-            raise SpecError(f"--cpus-per-task {self.cpus_per_task}: must be at least 1")
-        if self.mem is not None and not re.match(r"^\d+[KMGT]?$", self.mem):
-            raise SpecError(f"--mem {self.mem!r} is malformed; use SLURM's syntax: 4G, 16000")
+        if self.cpus_per_task is not None and not 1 <= self.cpus_per_task <= MAX_CPUS_PER_TASK:
+            raise SpecError(f"--cpus-per-task {self.cpus_per_task}: must be 1 to {MAX_CPUS_PER_TASK}")
+        if self.mem is not None:
+            m = _MEM.match(self.mem)
+            if not m:
+                raise SpecError(f"--mem {self.mem!r} is malformed; use SLURM's syntax: 4G, 16000")
+            if int(m[1]) * _MEM_MIB[m[2]] > MAX_MEM_MIB:  # (0 is SLURM's "all of the node's memory")
+                raise SpecError(f"--mem {self.mem}: must be at most 64T")
         if self.parallel is not None and self.parallel < 1:
             raise SpecError(f"parallel {self.parallel}: must be at least 1")
 
@@ -316,6 +329,8 @@ def merge(work: Path, plan: dict[str, Any], cluster: str = "", seconds: float = 
         raise SpecError(f"INPUT {', '.join(map(str, inputs))}: no documents ({counts.empty} empty, {counts.bad} bad "
                         f"lines skipped); is --format {fmt.name} right?")
     eval_fraction = plan["settings"]["eval_fraction"]
+    prep.check_training_split(sum(p["documents"] for p in parts), sum(p["documents"] for p in held_parts),
+                              eval_fraction)
     common = prep.common_meta(fmt, plan["dtype"], plan["tokenizer"], inputs, counts.per_source, eval_fraction)
     if fmt.chat:
         common["chat"] = {"template": plan["settings"].get("chat_template") or "tokenizer",
