@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import llamajobs.spec
-from llamajobs import catalog, cluster, estimate, events, forensics, hub, metrics, monitor, registry, site
+from llamajobs import catalog, cluster, estimate, events, forensics, hub, metrics, monitor, presets, registry, site
 from llamajobs.data.prepare import PrepareConfig, Progress, prepare
 from llamajobs.errors import Failure, SpecError
 # What submit checks against the hardware lives in fit.py; the CLI calls it through ops.
@@ -90,10 +90,10 @@ def training_job(runs: Path, job_id: int) -> tuple[Job, JobSpec]:
 
 def build_spec(flags: dict[str, Any], config_file: str | None = None, cluster_default: str | None = None,
                fixed: dict[str, Any] | None = None) -> tuple[JobSpec, Site]:
-    """The JobSpec of the typed flags over the run YAML and the site profile; `fixed` holds fields the
-    command sets itself (an eval job's `evaluation`)."""
+    """The JobSpec of the typed flags over the run YAML (a file, or a preset's name) and the site
+    profile; `fixed` holds fields the command sets itself (an eval job's `evaluation`)."""
     profile, site_defaults = site.load()
-    config = site.read_yaml(Path(config_file), "--config") if config_file else {}
+    config = site.read_yaml(presets.config_file(config_file), "--config") if config_file else {}
     flags = {**flags, **(fixed or {})}
     if cluster_default and "cluster" not in flags and "cluster" not in config and "cluster" not in site_defaults:
         flags["cluster"] = cluster_default
@@ -418,6 +418,46 @@ def predicted_hours(spec: JobSpec, accel: catalog.Accelerator, tokens: int | Non
                       "global_batch": spec.global_batch, "micro_batch": spec.micro_batch,
                       "micro_batch_auto": spec.micro_batch_auto, "sharded_accumulation": spec.sharded_accumulation}
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class PresetEstimate:
+    """A row of `llamajobs presets`: what the preset runs and what `estimate hours` predicts for it."""
+    name: str
+    description: str
+    model: str | None  # the Hub id it names (a submit resolves it); None: the size, randomly initialised
+    size: str
+    mode: str
+    strategy: str
+    nodes: int
+    gpus_per_node: int
+    tokens_per_epoch: int
+    hours_per_epoch: float
+    gpu_mem_gib: float
+    verdict: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def preset_estimates(accel: catalog.Accelerator, tokens: int | None = None, a: estimate.Assumptions = estimate.DEFAULT
+                     ) -> list[PresetEstimate]:
+    """Every preset as `estimate hours` predicts it on `accel`, over `tokens` per epoch, else the preset's
+    own, else the seed's corpus. Planned offline: a Hub model at the catalog's shape for its size."""
+    _, site_defaults = site.load()
+    rows = []
+    for name in presets.names():
+        values = presets.settings(name)
+        # On a GPU cluster whatever the site profile's cluster: the estimate is for the GPU named.
+        spec = llamajobs.spec.build({"cluster": "slurm"}, presets.offline(values), site_defaults)
+        count = tokens or spec.tokens_per_epoch or SEED_TOKENS
+        result = predicted_hours(spec, accel, count, a, None)
+        rows.append(PresetEstimate(name=name, description=presets.description(name), model=presets.hub_model(values),
+                                   size=spec.size, mode=spec.mode, strategy=spec.strategy, nodes=spec.nodes,
+                                   gpus_per_node=spec.gpus_per_node, tokens_per_epoch=count,
+                                   hours_per_epoch=result["hours_per_epoch"], gpu_mem_gib=result["gpu_mem_gib"],
+                                   verdict=result["verdict"]))
+    return rows
 
 
 def memory_table(spec: JobSpec, accel: catalog.Accelerator, a: estimate.Assumptions, cpu_mem_gib: float | None
