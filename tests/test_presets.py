@@ -110,8 +110,12 @@ def test_presets_lists_each_with_its_estimate(cli):
     assert rows["13b-full-ds-zero3-offload"]["model"] is None
     code, stdout, _ = cli("presets", "--json", "--gpu", "h100", "--tokens", "5B")
     faster = {row["name"]: row for row in json.loads(stdout)["presets"]}
-    for name, row in faster.items():  # --tokens for every preset; an H100 takes less time per token
-        assert row["tokens_per_epoch"] == 5_000_000_000
-        assert row["hours_per_epoch"] / 5e9 < rows[name]["hours_per_epoch"] / rows[name]["tokens_per_epoch"]
+    assert all(row["tokens_per_epoch"] == 5_000_000_000 for row in faster.values())
+    # Per token an H100 is never slower, and faster where compute bounds the step (not 7b-full-fsdp's
+    # two nodes, which wait on the network alike).
+    per_token = {name: (row["hours_per_epoch"] / 5e9, rows[name]["hours_per_epoch"] / rows[name]["tokens_per_epoch"])
+                 for name, row in faster.items()}
+    assert all(h100 <= a100 * (1 + 1e-9) for h100, a100 in per_token.values())
+    assert per_token["7b-lora-fsdp"][0] < 0.8 * per_token["7b-lora-fsdp"][1]
     code, stdout, _ = cli("presets")
     assert code == 0 and all(name in stdout for name in presets.names())
