@@ -10,6 +10,8 @@ the network (the listing, the golden scripts, the tests) leaves the id out and u
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +64,23 @@ def offline(values: dict[str, Any]) -> dict[str, Any]:
     if hub_model(values) is None:
         return dict(values)
     return {k: v for k, v in values.items() if k not in ("model_path", "model-path")}
+
+
+@dataclass(frozen=True, slots=True)
+class PresetEstimate:
+    """A row of `llamajobs presets`: what the preset runs and what `estimate hours` predicts for it."""
+    name: str
+    description: str
+    model: str | None  # the Hub id it names (a submit resolves it); None: the size, randomly initialised
+    size: str
+    mode: str
+    strategy: str
+    nodes: int
+    gpus_per_node: int
+    tokens_per_epoch: int
+    hours_per_epoch: float
+    gpu_mem_gib: float
+    verdict: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
