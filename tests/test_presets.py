@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -76,6 +77,15 @@ def test_config_takes_a_preset_name_and_flags_win(cli, tmp_path):
     assert code == 0, stderr
     flags = json.loads((tmp_path / "flags" / "spec.json").read_text())
     assert (flags["mode"], flags["lr"], flags["nodes"]) == ("lora", 1e-4, 2)
+
+
+def test_submit_takes_a_preset_s_name(cli, tmp_path):
+    code, _, stderr = cli("submit", "--config", "7b-lora-fsdp", "--size", "tiny", "--cluster", "local", "--dry-run")
+    assert code == 0, stderr
+    folder = Path(stderr.split("rendered into ")[1].split(";")[0])
+    dry = json.loads((folder / "spec.json").read_text())
+    shutil.rmtree(folder)  # a dry run's folder is the user's to keep
+    assert (dry["size"], dry["mode"], dry["lr"], dry["cluster"]) == ("tiny", "lora", 2e-4, "local")
 
 
 def test_a_file_of_the_preset_s_name_wins(cli, tmp_path, monkeypatch):

@@ -73,8 +73,8 @@ def render(out_dir: str, config_file: str | None, **values: Any) -> None:
 
 
 @click.command()
-@click.option("--gpu", default=None, help=f"The GPU type the estimates assume: {', '.join(catalog.GPUS)} "
-                                          f"(default: site.yaml's gpu, else a100-80g).")
+@click.option("--gpu", type=click.Choice(list(catalog.GPUS)), default=None,
+              help="The GPU type the estimates assume (default: site.yaml's gpu, else a100-80g).")
 @click.option("--tokens", default=None, help="Tokens per epoch for every preset, e.g. 800M (default: the preset's "
                                              "tokens_per_epoch, else 2.5B, the seed's corpus).")
 @json_option
