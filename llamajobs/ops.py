@@ -420,26 +420,6 @@ def predicted_hours(spec: JobSpec, accel: catalog.Accelerator, tokens: int | Non
     return result
 
 
-def preset_estimates(accel: catalog.Accelerator, tokens: int | None = None, a: estimate.Assumptions = estimate.DEFAULT
-                     ) -> list[presets.PresetEstimate]:
-    """Every preset as `estimate hours` predicts it on `accel`, over `tokens` per epoch, else the preset's
-    own, else the seed's corpus. Planned offline: a Hub model at the catalog's shape for its size."""
-    _, site_defaults = site.load()
-    rows = []
-    for name in presets.names():
-        values = presets.settings(name)
-        # On a GPU cluster whatever the site profile's cluster: the estimate is for the GPU named.
-        spec = llamajobs.spec.build({"cluster": "slurm"}, presets.offline(values), site_defaults)
-        count = tokens or spec.tokens_per_epoch or SEED_TOKENS
-        result = predicted_hours(spec, accel, count, a, None)
-        rows.append(presets.PresetEstimate(
-            name=name, description=presets.description(name), model=presets.hub_model(values), size=spec.size,
-            mode=spec.mode, strategy=spec.strategy, nodes=spec.nodes, gpus_per_node=spec.gpus_per_node,
-            tokens_per_epoch=count, hours_per_epoch=result["hours_per_epoch"], gpu_mem_gib=result["gpu_mem_gib"],
-            verdict=result["verdict"]))
-    return rows
-
-
 def memory_table(spec: JobSpec, accel: catalog.Accelerator, a: estimate.Assumptions, cpu_mem_gib: float | None
                  ) -> dict[str, Any]:
     return estimate.memory_table(spec, accel, a, node_ram_gib(spec, cpu_mem_gib))

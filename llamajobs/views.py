@@ -21,7 +21,8 @@ from llamajobs.data.prepare import Progress
 from llamajobs.evaluate import eval_mode
 from llamajobs.events import attempts
 from llamajobs.monitor import Row
-from llamajobs.presets import DIR as PRESETS_DIR, PresetEstimate
+from llamajobs.presets import DIR as PRESETS_DIR
+from llamajobs.presets.listing import PresetEstimate
 from llamajobs.ops import Detail, Submitted
 from llamajobs.spec import JobSpec
 

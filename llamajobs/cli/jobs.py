@@ -1,4 +1,4 @@
-"""Jobs: submit, render, cancel, requeue, logs."""
+"""Jobs: submit, presets, render, cancel, requeue, logs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import click
 from llamajobs import catalog, cluster, ops, views
 from llamajobs.cli.options import (JOB_OPTIONS, TRAINING_OPTIONS, job_argument, json_option, options,
                                    runs_dir_option, typed)
+from llamajobs.presets import listing
 from llamajobs.values import parse_count
 
 
@@ -81,7 +82,7 @@ def render(out_dir: str, config_file: str | None, **values: Any) -> None:
 def presets(gpu: str | None, tokens: str | None, as_json: bool) -> None:
     """The presets shipped with llamajobs, each with its estimate; run one with `submit --config NAME`."""
     accel = ops.accelerator(gpu or ops.site_gpu())
-    rows = ops.preset_estimates(accel, parse_count(tokens, "--tokens") if tokens else None)
+    rows = listing.estimates(accel, parse_count(tokens, "--tokens") if tokens else None)
     if as_json:
         views.print_json({"gpu": accel.name, "presets": [r.to_json() for r in rows]})
     else:

@@ -2,7 +2,7 @@
 `submit --config FILE` takes, each opening with a comment line that says what it is.
 
 `submit --config NAME` and `render --config NAME` take a preset's name where no file of that name
-exists; `llamajobs presets` lists them with their estimate. A preset naming a Hub model gives its
+exists; `llamajobs presets` lists them with their estimate (listing.py). A preset naming a Hub model gives its
 `model_path` as a Hub id and its `size` as the catalog's entry for that model's shape: a submit
 resolves the id and reads the shape from its config.json (as for --model-path); a plan made without
 the network (the listing, the golden scripts, the tests) leaves the id out and uses that size.
@@ -10,8 +10,6 @@ the network (the listing, the golden scripts, the tests) leaves the id out and u
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,23 +62,3 @@ def offline(values: dict[str, Any]) -> dict[str, Any]:
     if hub_model(values) is None:
         return dict(values)
     return {k: v for k, v in values.items() if k not in ("model_path", "model-path")}
-
-
-@dataclass(frozen=True, slots=True)
-class PresetEstimate:
-    """A row of `llamajobs presets`: what the preset runs and what `estimate hours` predicts for it."""
-    name: str
-    description: str
-    model: str | None  # the Hub id it names (a submit resolves it); None: the size, randomly initialised
-    size: str
-    mode: str
-    strategy: str
-    nodes: int
-    gpus_per_node: int
-    tokens_per_epoch: int
-    hours_per_epoch: float
-    gpu_mem_gib: float
-    verdict: str
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
