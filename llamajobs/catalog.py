@@ -108,6 +108,18 @@ SIZES: dict[str, Shape] = {
     "llama3-8b": Shape(name="llama3-8b", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                        ffn_dim=14336, vocab_size=128256, max_seq_len=8192, norm_eps=1e-5,
                        rope_theta=500000.0),
+    # The shapes of the Hub models the shipped presets name (llamajobs/presets/), from their
+    # config.json: a preset is planned offline with these, a submit reads the model's own config.json.
+    # Llama 3, 3.1 and 3.3 70B share this shape (3.1's longer context aside).
+    "llama3-70b": Shape(name="llama3-70b", dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                        ffn_dim=28672, vocab_size=128256, max_seq_len=8192, norm_eps=1e-5,
+                        rope_theta=500000.0),
+    "mistral-7b": Shape(name="mistral-7b", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                        vocab_size=32768, max_seq_len=32768, norm_eps=1e-5, rope_theta=1000000.0,
+                        family="mistral"),  # v0.3 (v0.1 and v0.2: 32000 tokens)
+    "qwen2.5-7b": Shape(name="qwen2.5-7b", dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, ffn_dim=18944,
+                        vocab_size=152064, max_seq_len=32768, rope_theta=1000000.0, family="qwen2",
+                        qkv_bias=True),
 }
 
 

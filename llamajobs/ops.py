@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import llamajobs.spec
-from llamajobs import catalog, cluster, estimate, events, forensics, hub, metrics, monitor, registry, site
+from llamajobs import catalog, cluster, estimate, events, forensics, hub, metrics, monitor, presets, registry, site
 from llamajobs.data.prepare import PrepareConfig, Progress, prepare
 from llamajobs.errors import Failure, SpecError
 # What submit checks against the hardware lives in fit.py; the CLI calls it through ops.
@@ -90,10 +90,10 @@ def training_job(runs: Path, job_id: int) -> tuple[Job, JobSpec]:
 
 def build_spec(flags: dict[str, Any], config_file: str | None = None, cluster_default: str | None = None,
                fixed: dict[str, Any] | None = None) -> tuple[JobSpec, Site]:
-    """The JobSpec of the typed flags over the run YAML and the site profile; `fixed` holds fields the
-    command sets itself (an eval job's `evaluation`)."""
+    """The JobSpec of the typed flags over the run YAML (a file, or a preset's name) and the site
+    profile; `fixed` holds fields the command sets itself (an eval job's `evaluation`)."""
     profile, site_defaults = site.load()
-    config = site.read_yaml(Path(config_file), "--config") if config_file else {}
+    config = site.read_yaml(presets.config_file(config_file), "--config") if config_file else {}
     flags = {**flags, **(fixed or {})}
     if cluster_default and "cluster" not in flags and "cluster" not in config and "cluster" not in site_defaults:
         flags["cluster"] = cluster_default

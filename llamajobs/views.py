@@ -21,6 +21,8 @@ from llamajobs.data.prepare import Progress
 from llamajobs.evaluate import eval_mode
 from llamajobs.events import attempts
 from llamajobs.monitor import Row
+from llamajobs.presets import DIR as PRESETS_DIR
+from llamajobs.presets.listing import PresetEstimate
 from llamajobs.ops import Detail, Submitted
 from llamajobs.spec import JobSpec
 
@@ -246,6 +248,20 @@ def grid(result: dict[str, Any], gpu: Accelerator) -> None:
     out.print(table)
     out.print(f"GPU: {gpu.name} ({gpu.peak_bf16_flops / 1e12:g} TFLOP/s bf16, {gpu.memory_gib:g} GiB); "
               f"MFU is model FLOPs over that peak")
+
+
+def presets(rows: list[PresetEstimate], gpu: Accelerator) -> None:
+    table = Table(box=None, header_style="bold")
+    for col in ("preset", "what", "size", "mode", "strategy", "nodes x GPUs", "tokens/epoch", "hours/epoch", "GPU GiB",
+                "verdict"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.name, r.description, r.size, r.mode, r.strategy, f"{r.nodes}x{r.gpus_per_node}",
+                      f"{r.tokens_per_epoch / 1e9:g}B", hours(r.hours_per_epoch), f"{r.gpu_mem_gib:.1f}", r.verdict)
+    out.print(table)
+    out.print(f"Estimated on {gpu.name} (--gpu); a Hub model at its shape in the catalog. Run one with "
+              f"`llamajobs submit --config NAME` (flags win over it); the files are in {PRESETS_DIR}.",
+              markup=False, highlight=False)
 
 
 def hours_table(r: dict[str, Any]) -> None:

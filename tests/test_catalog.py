@@ -16,6 +16,13 @@ def test_llama1_shapes_build_with_the_published_parameter_counts(size, billions)
     assert abs(counted / 1e9 - billions) / billions < 0.01
 
 
+@pytest.mark.parametrize("size, billions", [("llama3-8b", 8.03), ("llama3-70b", 70.6), ("mistral-7b", 7.25),
+                                            ("qwen2.5-7b", 7.62)])
+def test_the_presets_hub_shapes_have_their_published_parameter_counts(size, billions):
+    """The models' cards: Llama 3.1 8B and 70B, Mistral-7B-v0.3, Qwen2.5-7B (7.61B, untied head)."""
+    assert abs(catalog.SIZES[size].params / 1e9 - billions) / billions < 0.005
+
+
 def test_tiny_takes_the_bundled_tokenizer_vocabulary():
     assert catalog.SIZES["tiny"].vocab_size == catalog.TINY_VOCAB
 

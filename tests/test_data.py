@@ -24,6 +24,7 @@ import sentencepiece as spm
 from llamajobs.catalog import TINY_VOCAB
 from llamajobs.data import SAMPLE_CORPUS, read_texts
 from llamajobs.data import formats as fmts
+from llamajobs.data import readers
 from llamajobs.data import store as st
 from llamajobs.data.inspect import describe
 from llamajobs.data.prepare import PrepareConfig, held_out, prepare
@@ -295,12 +296,12 @@ def test_json_list_is_read_incrementally_with_lines():
     import io
 
     data = b'[\n {"a": 1},\n {"b": "x,]y"}\n,\n{"c": [1,\n2]}\n]\n'
-    records = list(fmts._json_list(Path("f.json"), data.split(b"\n", 1)[0] + b"\n",
+    records = list(readers._json_list(Path("f.json"), data.split(b"\n", 1)[0] + b"\n",
                                    io.BufferedReader(io.BytesIO(data.split(b"\n", 1)[1])), 1, chunk=5))
     assert records == [(2, {"a": 1}), (3, {"b": "x,]y"}), (5, {"c": [1, 2]})]
     broken = b'[{"a": 1},\n{"b": oops}]'
-    with pytest.raises(fmts.FileError) as e:
-        list(fmts._json_list(Path("f.json"), broken, io.BufferedReader(io.BytesIO(b"")), 1))
+    with pytest.raises(readers.FileError) as e:
+        list(readers._json_list(Path("f.json"), broken, io.BufferedReader(io.BytesIO(b"")), 1))
     assert e.value.line == 2
 
 
@@ -365,8 +366,8 @@ def test_text_after_a_json_list_is_an_error_at_its_line(cli, tmp_path, tokenizer
     import io
 
     data = b'[{"a": 1}]\n   \n    \n  x'
-    with pytest.raises(fmts.FileError) as e:
-        list(fmts._json_list(Path("f.json"), data[:11], io.BufferedReader(io.BytesIO(data[11:])), 1, chunk=2))
+    with pytest.raises(readers.FileError) as e:
+        list(readers._json_list(Path("f.json"), data[:11], io.BufferedReader(io.BytesIO(data[11:])), 1, chunk=2))
     assert e.value.line == 4
 
 

@@ -355,3 +355,10 @@ def test_overlay_has_one_legend_entry_per_run(tmp_path, monkeypatch):
     ax = drawn["fig"].axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["trial 0: lr=0.001", "trial 1: lr=0.003"]
     assert ax.get_xlabel() == "tokens trained on" and list(ax.lines[0].get_xdata()) == [64, 128, 192, 256]
+
+
+def test_a_sweep_takes_a_preset_as_its_base(tmp_path) -> None:
+    found = sweep.definition(None, {}, ["lr=1e-5,2e-5"], None, None, "7b-lora-fsdp")
+    assert found.config == "7b-lora-fsdp"
+    checked = sweep.plan(found, tmp_path, dry_run=True, cluster_default="slurm", gpu="a100-80g")
+    assert [(p.spec.size, p.spec.mode, p.spec.lr) for p in checked.trials] == [("7b", "lora", 1e-5), ("7b", "lora", 2e-5)]

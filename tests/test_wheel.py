@@ -1,4 +1,5 @@
-"""templates/ must ship inside the wheel: a plain `pip install`, not only an editable one, renders."""
+"""templates/ and the presets must ship inside the wheel: a plain `pip install`, not only an editable one,
+renders."""
 
 import json
 import subprocess
@@ -29,6 +30,11 @@ def test_wheel_renders_from_a_plain_install(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "torch.distributed.run" in (out / "launch.sh").read_text()
     assert json.loads((out / "spec.json").read_text())["size"] == "7b"
+    # The presets ship in the wheel too: a name alone finds one.
+    result = subprocess.run([str(venv / "bin" / "llamajobs"), "render", "--config", "7b-lora-fsdp", "--out",
+                             str(tmp_path / "preset")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "preset" / "spec.json").read_text())["mode"] == "lora"
     where = subprocess.run([str(python), "-c", "import llamajobs; print(llamajobs.__file__)"], capture_output=True,
                            text=True, cwd=tmp_path, check=True).stdout
     assert where.startswith(str(venv))

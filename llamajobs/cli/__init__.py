@@ -29,9 +29,9 @@ def cli() -> None:
     """
 
 
-for command in (jobs.submit, status.status, jobs.cancel, jobs.requeue, jobs.logs, status.plot, jobs.render,
-                estimate.estimate, data.data, data.tokenizer, models.convert, models.evaluate, models.generate,
-                sweep.sweep_group):
+for command in (jobs.submit, jobs.presets, status.status, jobs.cancel, jobs.requeue, jobs.logs, status.plot,
+                jobs.render, estimate.estimate, data.data, data.tokenizer, models.convert, models.evaluate,
+                models.generate, sweep.sweep_group):
     cli.add_command(command)
 
 

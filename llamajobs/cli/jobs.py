@@ -1,4 +1,4 @@
-"""Jobs: submit, render, cancel, requeue, logs."""
+"""Jobs: submit, presets, render, cancel, requeue, logs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import click
 from llamajobs import catalog, cluster, ops, views
 from llamajobs.cli.options import (JOB_OPTIONS, TRAINING_OPTIONS, job_argument, json_option, options,
                                    runs_dir_option, typed)
+from llamajobs.presets import listing
+from llamajobs.values import parse_count
 
 
 @click.command()
@@ -69,6 +71,22 @@ def render(out_dir: str, config_file: str | None, **values: Any) -> None:
     spec, profile = ops.build_spec(typed(values), config_file, cluster_default="slurm")
     for path in llamajobs.render.render(spec, profile, out_dir):
         views.out.print(str(path), markup=False, highlight=False)
+
+
+@click.command()
+@click.option("--gpu", type=click.Choice(list(catalog.GPUS)), default=None,
+              help="The GPU type the estimates assume (default: site.yaml's gpu, else a100-80g).")
+@click.option("--tokens", default=None, help="Tokens per epoch for every preset, e.g. 800M (default: the preset's "
+                                             "tokens_per_epoch, else 2.5B, the seed's corpus).")
+@json_option
+def presets(gpu: str | None, tokens: str | None, as_json: bool) -> None:
+    """The presets shipped with llamajobs, each with its estimate; run one with `submit --config NAME`."""
+    accel = ops.accelerator(gpu or ops.site_gpu())
+    rows = listing.estimates(accel, parse_count(tokens, "--tokens") if tokens else None)
+    if as_json:
+        views.print_json({"gpu": accel.name, "presets": [r.to_json() for r in rows]})
+    else:
+        views.presets(rows, accel)
 
 
 @click.command()

@@ -72,7 +72,9 @@ JOB_OPTIONS = [
     _opt("--wandb", help="Also log to this Weights & Biases [ENTITY/]PROJECT. Offline (RUN_DIR/wandb, upload with "
                          "`wandb sync`) unless WANDB_API_KEY or WANDB_MODE is set where the job runs."),
     _opt("--hold/--no-hold"),
-    _opt("--config", "config_file", type=click.Path(dir_okay=False), help="A run YAML with the same keys as the flags."),
+    _opt("--config", "config_file", type=click.Path(dir_okay=False),
+         help="A run YAML with the same keys as the flags, or a preset's name (`llamajobs presets`); a file of "
+              "that name wins."),
 ]
 
 

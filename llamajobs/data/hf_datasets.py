@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from llamajobs.data import formats as fmts
+from llamajobs.data import readers
 from llamajobs.errors import SpecError
 
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "csv"}
@@ -114,12 +114,12 @@ class DatasetReader:
         self.position = 0
         self._bytes = input_bytes(self.path)
         self._rows: int | None = None
-        self._csv: fmts.CountingReader | None = None  # csv: the bytes read are the position
+        self._csv: readers.CountingReader | None = None  # csv: the bytes read are the position
         self._dataset = self._open()
 
     def _open(self) -> Iterator[tuple[int, Any]]:
         if self.path.suffix.lower() in (".csv", ".tsv"):
-            f, self._csv = fmts.open_binary(self.path)
+            f, self._csv = readers.open_binary(self.path)
             return csv_records(self.path, f, "\t" if self.path.suffix.lower() == ".tsv" else ",")
         datasets = _datasets()
         try:
@@ -153,7 +153,7 @@ class DatasetReader:
                 elif self._rows:
                     self.position = self._bytes * row // self._rows
                 yield row, record
-        except fmts.FileError:  # names its line already
+        except readers.FileError:  # names its line already
             raise
         except Exception as e:  # a damaged file found midway: name where
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -191,20 +191,20 @@ def csv_records(path: Path, f: Any, delimiter: str) -> Iterator[tuple[int, Any]]
                 continue
             if header is None:
                 if _not_utf8(row):
-                    raise fmts.FileError(path, start, "the header is not valid UTF-8")
+                    raise readers.FileError(path, start, "the header is not valid UTF-8")
                 twice = next((name for name in row if row.count(name) > 1), None) if len(set(row)) < len(row) else None
                 if twice is not None:
-                    raise fmts.FileError(path, start, f"the header names the column {twice!r} twice")
+                    raise readers.FileError(path, start, f"the header names the column {twice!r} twice")
                 header = row
             elif _not_utf8(row):
-                yield start, fmts.Unreadable("not valid UTF-8")
+                yield start, readers.Unreadable("not valid UTF-8")
             elif len(row) != len(header):
-                yield start, fmts.Unreadable(f"{len(row)} cells, but the header has {len(header)} columns")
+                yield start, readers.Unreadable(f"{len(row)} cells, but the header has {len(header)} columns")
             else:
                 yield start, dict(zip(header, row))
     except csv.Error as e:  # (a NUL byte, a cell longer than CSV_CELL_CHARS): the reader cannot go on
-        raise fmts.FileError(path, reader.line_num, f"not valid csv ({e})") from None
+        raise readers.FileError(path, reader.line_num, f"not valid csv ({e})") from None
 
 
 def _not_utf8(row: list[str]) -> bool:
-    return not all(map(fmts.is_utf8, row))
+    return not all(map(readers.is_utf8, row))

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from llamajobs.data import formats as fmts
+from llamajobs.data import readers
 from llamajobs.data import hf_datasets as hf
 from llamajobs.data import store as st
 from llamajobs.data.chat import ChatEncoder, ChatOptions, RenderError
@@ -158,8 +159,8 @@ def read_chunks(inputs: Sequence[Path], fmt: fmts.Format, chunk_bytes: int = CHU
             f = raw = hf.DatasetReader(path)
             lines = iter(raw)
         elif piece.whole:
-            f, raw = fmts.open_binary(path)
-            lines = fmts.records(path, f, fmt)
+            f, raw = readers.open_binary(path)
+            lines = readers.records(path, f, fmt)
         else:
             f = raw = LineRange(path, piece.start, piece.end)
             lines = iter(raw)
@@ -169,13 +170,13 @@ def read_chunks(inputs: Sequence[Path], fmt: fmts.Format, chunk_bytes: int = CHU
             try:
                 for line, payload in lines:
                     if not isinstance(payload, bytes):  # parsed here: it is copied to a worker as it is
-                        payload = fmts.checked(payload)
+                        payload = readers.checked(payload)
                     records.append((line, payload))
                     size += len(payload) if isinstance(payload, bytes) else chunk_bytes // CHUNK_RECORDS
                     if size >= chunk_bytes:
                         yield Chunk(piece.source, records, done + raw.position, number)
                         records, size = [], 0
-            except fmts.FileError as e:  # not skippable: nothing after it can be read
+            except readers.FileError as e:  # not skippable: nothing after it can be read
                 raise SpecError(f"{e.path}:{e.line}: {e.reason}") from None
             except (OSError, EOFError) as e:  # a truncated or corrupt .gz
                 raise SpecError(f"INPUT {path}: cannot be read ({e})") from None
@@ -250,7 +251,7 @@ class ChunkEncoder:
         empty = 0
         for line, payload in chunk.records:
             try:
-                found = self.fmt.examples(fmts.parse_record(payload), self.options[chunk.source])
+                found = self.fmt.examples(readers.parse_record(payload), self.options[chunk.source])
                 rendered = [self.chat.encode(e.turns) for e in found if e.response.strip()] if self.chat else []
             except (fmts.BadRecord, RenderError) as e:
                 bad.append((line, str(e)))
@@ -447,8 +448,8 @@ def scan_options(fmt: fmts.Format, path: Path) -> Any:
         if hf.is_dataset_input(path):
             with hf.DatasetReader(path) as reader:
                 return fmt.scan(iter(reader))
-        return fmt.scan(fmts.iter_records(path, fmt))
-    except fmts.FileError as e:
+        return fmt.scan(readers.iter_records(path, fmt))
+    except readers.FileError as e:
         raise SpecError(f"{e.path}:{e.line}: {e.reason}") from None
 
 

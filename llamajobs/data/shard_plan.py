@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from llamajobs.data import formats as fmts
+from llamajobs.data import readers
 from llamajobs.data import hf_datasets
 from llamajobs.data.chat import ChatOptions
 from llamajobs.data import prepare as prep
@@ -39,7 +40,7 @@ FAULT_ENV = "LLAMAJOBS_DATA_FAULT"
 
 
 def splittable(path: Path, fmt: fmts.Format, limit: int = 1 << 24) -> bool:
-    """Whether a file is JSON lines that can be cut at any line start (as formats.records reads it):
+    """Whether a file is JSON lines that can be cut at any line start (as readers.records reads it):
     not gzip, not a JSON list, not a whole-file document of a format that has them."""
     if path.suffix == ".gz" or not path.is_file() or hf_datasets.is_dataset_input(path):
         return False

@@ -227,7 +227,7 @@ def read_file(path: Path) -> dict[str, Any]:
     return {"name": str(data.get("name") or base.pop("name", None) or path.stem), "base": base,
             "axes": dict(parse_axis(k, v, f"sweep file {path}") for k, v in axes.items()),
             "samples": data.get("samples"), "seed": data.get("seed") or 0,
-            "config": str(Path(path.parent, data["config"]).absolute()) if data.get("config") else None,
+            "config": _config(data["config"], path.parent) if data.get("config") else None,
             "file": str(path.absolute()), "file_text": path.read_text(encoding="utf-8")}
 
 
@@ -244,7 +244,13 @@ def definition(file: str | None, flags: Mapping[str, Any], axis_flags: Sequence[
                          "axes": {**found["axes"], **dict(parse_axis_flag(a) for a in axis_flags)},
                          "samples": samples if samples is not None else found["samples"],
                          "seed": seed if seed is not None else found["seed"],
-                         "config": str(Path(config).absolute()) if config else found.get("config")})
+                         "config": _config(config, Path.cwd()) if config else found.get("config")})
+
+
+def _config(value: str, folder: Path) -> str:
+    """A run YAML's absolute path (recorded, so a resubmission from elsewhere finds it), or a preset's name."""
+    path = Path(folder, value)
+    return str(path.absolute()) if path.exists() else str(value)
 
 
 # --- the recorded sweep ---
