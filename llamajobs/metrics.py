@@ -10,7 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamajobs import files
+
 METRICS_FILE = "metrics.jsonl"
+TAIL_BYTES = 65536  # what `status` reads of each job: the last ~150 rows
+MAX_LINE = 65536  # a row is about 500 bytes; a longer line is damage, skipped without being held whole
+# A whole-file read keeps at most this many rows (a 170 MB file holds ~400,000): enough for plot's
+# curves and the sparkline, while memory stays bounded whatever the file's length (see Thinned).
+MAX_ROWS = 4096
+# Numbers beyond this are damage, not measurements (10**18 tokens, seconds or FLOP/s is beyond any run):
+# refused when read, so that no sum, product or date of them overflows downstream.
+MAX_MAGNITUDE = 1e18
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,9 +73,17 @@ def _typed(field: dataclasses.Field, value: Any) -> Any:
         raise ValueError(f"{field.name} {value!r} is not a {kind}")
     if kind == "str":
         return value
-    if not isinstance(value, (int, float)) or not math.isfinite(value) and field.name != "loss":
+    if not isinstance(value, (int, float)):
         raise ValueError(f"{field.name} {value!r} is not a {kind}")
-    return int(value) if kind == "int" else float(value)
+    try:
+        number = float(value)  # an integer of 400 digits is beyond float's range: OverflowError
+    except OverflowError:
+        raise ValueError(f"{field.name} is a number beyond any measurement") from None
+    if math.isnan(number) and field.name == "loss":  # a diverged step's loss is kept (and shown as such)
+        return number
+    if not abs(number) <= MAX_MAGNITUDE and not (math.isinf(number) and field.name == "loss"):
+        raise ValueError(f"{field.name} {number!r} is not a {kind} within ±{MAX_MAGNITUDE:g}")
+    return int(value) if kind == "int" else number
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,24 +99,117 @@ class Metrics:
         return self.rows[-1] if self.rows else None
 
 
-def read(run_dir: Path, tail_bytes: int | None = 65536) -> Metrics:
-    """metrics.jsonl, or only its last lines. A missing file is no rows; an unreadable one raises OSError."""
-    path = Path(run_dir) / METRICS_FILE
+def read(run_dir: Path, tail_bytes: int | None = TAIL_BYTES, max_rows: int = MAX_ROWS) -> Metrics:
+    """metrics.jsonl's last `tail_bytes`; or (None) the whole file in one streamed pass, thinned to at
+    most `max_rows` rows (Thinned: the measured throughput stays exact). Memory is bounded either way.
+    A missing file is no rows; one that cannot be read, or is no regular file, raises OSError."""
     try:
-        f = open(path, "rb")
+        f = files.open_regular(Path(run_dir) / METRICS_FILE)
     except FileNotFoundError:
         return Metrics(rows=[])
     with f:
-        size = path.stat().st_size
-        if tail_bytes is not None and size > tail_bytes:
-            f.seek(size - tail_bytes)
-            lines = f.read().decode(errors="replace").splitlines()[1:]  # the first line of a tail is cut
+        if tail_bytes is None:
+            thinned, bad = Thinned(max_rows), 0
+            for line in files.lines(f, MAX_LINE):
+                row = parse(line) if line is not None else None
+                if row is None:
+                    bad += 1
+                else:
+                    thinned.add(row)
+            return Metrics(rows=thinned.rows(), bad_lines=bad)
+        text, cut = files.tail(f, tail_bytes)
+    lines = text.split(b"\n")[1 if cut else 0:]  # the first line of a tail is cut
+    if lines and not lines[-1]:
+        lines.pop()
+    parsed = [parse(line) for line in lines]
+    rows = [row for row in parsed if row is not None]
+    return Metrics(rows=rows, bad_lines=len(parsed) - len(rows))
+
+
+def parse(line: bytes) -> MetricsRow | None:
+    """One line of metrics.jsonl as a row; None when it is not one (torn, damaged, a value out of range)."""
+    try:
+        return MetricsRow.from_mapping(json.loads(line.decode(errors="replace")))
+    except (ValueError, RecursionError):  # json's errors are ValueErrors too
+        return None
+
+
+@dataclass(slots=True)
+class _Span:
+    """A row and the optimizer steps its step_time_s averages over; steps 0: a row never merged (the
+    warm-up of an attempt, the first row of an attempt, a row without a step time)."""
+
+    row: MetricsRow
+    steps: int
+
+
+class Thinned:
+    """At most `max_rows` rows of a stream, kept in bounded memory: when there are too many, runs of
+    neighbouring steady rows of one attempt are merged into their last row, whose step_time_s becomes
+    the mean over the run's steps (and whose checkpoint seconds the sum, memory the peak). So every
+    interval's seconds, the measured throughput of estimate/measured.py, stays what it was; each
+    curve keeps a sample of rows. The first KEEP_WARMUP_STEPS steps of each attempt are never merged
+    (measured.py leaves an attempt's warm-up out by its steps)."""
+
+    KEEP_WARMUP_STEPS = 100  # >= Assumptions.warmup_steps (5)
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max(2, max_rows)
+        self.spans: list[_Span] = []
+        self.width = 0  # the most steps a merged span covers; doubled when the rows are too many
+        self.prev_step, self.prev_elapsed, self.attempt_start = 0, None, 0
+
+    def add(self, row: MetricsRow) -> None:
+        steps = 0
+        if row.step and row.step_time_s > 0:  # the rows measured.py times, followed as it follows them
+            if self.prev_elapsed is not None and (row.elapsed_s < self.prev_elapsed or row.step <= self.prev_step):
+                self.attempt_start = row.step - max(1, round(row.elapsed_s / max(row.step_time_s, 1e-9)))
+                self.prev_step = max(self.attempt_start, 0)  # a new attempt: never merged with the one before
+            elif self.prev_step - self.attempt_start >= self.KEEP_WARMUP_STEPS:
+                steps = row.step - self.prev_step
+            self.prev_step, self.prev_elapsed = row.step, row.elapsed_s
+        span = _Span(row, steps)
+        if self.spans and self._mergeable(self.spans[-1], span):
+            self.spans[-1] = _merge(self.spans[-1], span)
         else:
-            lines = f.read().decode(errors="replace").splitlines()
-    rows, bad = [], 0
-    for line in lines:
-        try:
-            rows.append(MetricsRow.from_mapping(json.loads(line)))
-        except ValueError:  # json's errors are ValueErrors too
-            bad += 1
-    return Metrics(rows=rows, bad_lines=bad)
+            self.spans.append(span)
+        if len(self.spans) > 2 * self.max_rows:
+            self._compact()
+
+    def rows(self) -> list[MetricsRow]:
+        self._compact()
+        return [s.row for s in self.spans]
+
+    def _mergeable(self, a: _Span, b: _Span) -> bool:
+        return a.steps > 0 and b.steps > 0 and a.steps + b.steps <= self.width
+
+    def _compact(self) -> None:
+        while len(self.spans) > self.max_rows:
+            pairs = [a.steps + b.steps for a, b in zip(self.spans, self.spans[1:]) if a.steps and b.steps]
+            if not pairs:  # nothing steady to merge (a damaged file: every row a new attempt): keep every other
+                self.spans = self.spans[::-1][::2][::-1]
+                continue
+            self.width = max(2 * self.width, min(pairs))
+            merged: list[_Span] = []
+            for span in self.spans:
+                if merged and self._mergeable(merged[-1], span):
+                    merged[-1] = _merge(merged[-1], span)
+                else:
+                    merged.append(span)
+            self.spans = merged
+
+
+def _merge(a: _Span, b: _Span) -> _Span:
+    """One span for two neighbours: b's row (its step, loss, rates: a sample of the curve), with the
+    step time, data wait and checkpoint seconds of both and the higher memory peak."""
+    steps = a.steps + b.steps
+
+    def mean(field: str) -> float:
+        return (getattr(a.row, field) * a.steps + getattr(b.row, field) * b.steps) / steps
+
+    validated = b.row if b.row.val_loss is not None else a.row
+    row = dataclasses.replace(b.row, step_time_s=mean("step_time_s"), data_wait_s=mean("data_wait_s"),
+                              data_wait_frac=mean("data_wait_frac"), checkpoint_s=a.row.checkpoint_s + b.row.checkpoint_s,
+                              mem_gib=max(a.row.mem_gib, b.row.mem_gib), val_loss=validated.val_loss,
+                              val_s=validated.val_s)
+    return _Span(row, steps)

@@ -53,7 +53,11 @@ def eta(seconds: float | None) -> str:
     """The time left and the time of day it ends: '5:12:00 (Tue 14:05)'."""
     if seconds is None:
         return "-"
-    return f"{duration(seconds)} ({time.strftime('%a %H:%M', time.localtime(time.time() + seconds))})"
+    try:
+        ends = time.strftime('%a %H:%M', time.localtime(time.time() + seconds))
+    except (OverflowError, ValueError, OSError):  # centuries away: a damaged metric's step time
+        return duration(seconds)
+    return f"{duration(seconds)} ({ends})"
 
 
 def hours(value: float | None) -> str:
