@@ -44,11 +44,15 @@ def open_regular(path: str | Path) -> BinaryIO:
 
 def read_bytes(path: str | Path, limit: int) -> bytes:
     """The whole file; OSError when it is not a regular file or holds more than `limit` bytes."""
+    chunks, total = [], 0
     with open_regular(path) as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
+        # in pieces: read(limit) would allocate all of `limit` up front, whatever the file's size
+        while total <= limit and (chunk := f.read(min(1 << 16, limit + 1 - total))):
+            chunks.append(chunk)
+            total += len(chunk)
+    if total > limit:
         raise Refused(errno.EFBIG, f"is larger than {limit:,} bytes, more than such a file ever holds", str(path))
-    return data
+    return b"".join(chunks)
 
 
 def read_text(path: str | Path, limit: int, errors: str = "strict") -> str:
@@ -64,7 +68,7 @@ def tail(f: BinaryIO, nbytes: int) -> tuple[bytes, bool]:
     return f.read(nbytes), size > nbytes
 
 
-def lines(f: BinaryIO, max_line: int, chunk: int = 1 << 20) -> Iterator[bytes | None]:
+def lines(f: BinaryIO, max_line: int, chunk: int = 1 << 18) -> Iterator[bytes | None]:
     """The file's lines (without their end), read a chunk at a time: memory stays within about
     `chunk` + `max_line` bytes whatever the file holds. A line longer than `max_line` is yielded as
     None (damage: no line of ours is that long) and is never held whole."""

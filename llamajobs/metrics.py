@@ -17,7 +17,7 @@ TAIL_BYTES = 65536  # what `status` reads of each job: the last ~150 rows
 MAX_LINE = 65536  # a row is about 500 bytes; a longer line is damage, skipped without being held whole
 # A whole-file read keeps at most this many rows (a 170 MB file holds ~400,000): enough for plot's
 # curves and the sparkline, while memory stays bounded whatever the file's length (see Thinned).
-MAX_ROWS = 4096
+MAX_ROWS = 2048
 # Numbers beyond this are damage, not measurements (10**18 tokens, seconds or FLOP/s is beyond any run):
 # refused when read, so that no sum, product or date of them overflows downstream.
 MAX_MAGNITUDE = 1e18
@@ -99,9 +99,10 @@ class Metrics:
         return self.rows[-1] if self.rows else None
 
 
-def read(run_dir: Path, tail_bytes: int | None = TAIL_BYTES, max_rows: int = MAX_ROWS) -> Metrics:
+def read(run_dir: Path, tail_bytes: int | None = TAIL_BYTES, max_rows: int | None = None) -> Metrics:
     """metrics.jsonl's last `tail_bytes`; or (None) the whole file in one streamed pass, thinned to at
-    most `max_rows` rows (Thinned: the measured throughput stays exact). Memory is bounded either way.
+    most `max_rows` rows (default MAX_ROWS; Thinned: the measured throughput stays exact). Memory is
+    bounded either way.
     A missing file is no rows; one that cannot be read, or is no regular file, raises OSError."""
     try:
         f = files.open_regular(Path(run_dir) / METRICS_FILE)
@@ -109,7 +110,7 @@ def read(run_dir: Path, tail_bytes: int | None = TAIL_BYTES, max_rows: int = MAX
         return Metrics(rows=[])
     with f:
         if tail_bytes is None:
-            thinned, bad = Thinned(max_rows), 0
+            thinned, bad = Thinned(max_rows or MAX_ROWS), 0
             for line in files.lines(f, MAX_LINE):
                 row = parse(line) if line is not None else None
                 if row is None:
