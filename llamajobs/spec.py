@@ -287,6 +287,8 @@ def _coerce(name: str, value: Any) -> Any:
         if kind == "float":
             return float(value)
         return str(value)
+    except SpecError:  # parse_count's own words (a count beyond its bound)
+        raise
     except (TypeError, ValueError, OverflowError):
         raise bad from None
 
