@@ -56,34 +56,33 @@ class MetricsRow:
         if not isinstance(data, dict):
             raise ValueError(f"not an object: {type(data).__name__}")
         values = {}
-        for field in dataclasses.fields(cls):
-            if field.name not in data:
-                if field.default is dataclasses.MISSING:
-                    raise ValueError(f"no {field.name!r}")
+        for name, kind, required in _ROW_FIELDS:
+            if name not in data:
+                if required:
+                    raise ValueError(f"no {name!r}")
                 continue
-            values[field.name] = _typed(field, data[field.name])
+            values[name] = _typed(name, kind, data[name])
         return cls(**values)
 
 
-def _typed(field: dataclasses.Field, value: Any) -> Any:
-    kind = str(field.type)
-    if value is None and "None" in kind:
-        return None
-    if isinstance(value, bool) or (kind == "str") != isinstance(value, str):
-        raise ValueError(f"{field.name} {value!r} is not a {kind}")
-    if kind == "str":
+# (name, type, required) of each field, looked up once: a long metrics file is read row by row
+_ROW_FIELDS = tuple((f.name, str(f.type), f.default is dataclasses.MISSING) for f in dataclasses.fields(MetricsRow))
+
+
+def _typed(name: str, kind: str, value: Any) -> Any:
+    if type(value) in (int, float) and kind != "str":  # the common case first; type(): a bool is no number here
+        try:
+            number = float(value)  # an integer of 400 digits is beyond float's range: OverflowError
+        except OverflowError:
+            raise ValueError(f"{name} is a number beyond any measurement") from None
+        if -MAX_MAGNITUDE <= number <= MAX_MAGNITUDE:
+            return int(value) if kind == "int" else number
+        if name == "loss" and not math.isfinite(number):  # a diverged step's loss is kept (and shown as such)
+            return number
+        raise ValueError(f"{name} {number!r} is not a {kind} within ±{MAX_MAGNITUDE:g}")
+    if value is None and "None" in kind or kind == "str" and isinstance(value, str):
         return value
-    if not isinstance(value, (int, float)):
-        raise ValueError(f"{field.name} {value!r} is not a {kind}")
-    try:
-        number = float(value)  # an integer of 400 digits is beyond float's range: OverflowError
-    except OverflowError:
-        raise ValueError(f"{field.name} is a number beyond any measurement") from None
-    if math.isnan(number) and field.name == "loss":  # a diverged step's loss is kept (and shown as such)
-        return number
-    if not abs(number) <= MAX_MAGNITUDE and not (math.isinf(number) and field.name == "loss"):
-        raise ValueError(f"{field.name} {number!r} is not a {kind} within ±{MAX_MAGNITUDE:g}")
-    return int(value) if kind == "int" else number
+    raise ValueError(f"{name} {value!r} is not a {kind}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +136,39 @@ def parse(line: bytes) -> MetricsRow | None:
 
 @dataclass(slots=True)
 class _Span:
-    """A row and the optimizer steps its step_time_s averages over; steps 0: a row never merged (the
-    warm-up of an attempt, the first row of an attempt, a row without a step time)."""
+    """A run of neighbouring rows: the last (its step, loss, rates: a sample of the curves) and what
+    the run adds up to. steps 0: a row never merged (the warm-up of an attempt, the first row of an
+    attempt, a row without a step time)."""
 
     row: MetricsRow
-    steps: int
+    steps: int  # optimizer steps the run's step times cover
+    seconds: float = 0.0  # sum of step_time_s x steps: the run's step time is seconds / steps
+    wait_s: float = 0.0  # the same for data_wait_s and data_wait_frac
+    wait_frac: float = 0.0
+    checkpoint_s: float = 0.0
+    mem_gib: float = 0.0
+    validated: MetricsRow | None = None  # the run's last row with a validation loss
+    merged: bool = False
+
+    @classmethod
+    def of(cls, row: MetricsRow, steps: int) -> _Span:
+        return cls(row, steps, row.step_time_s * steps, row.data_wait_s * steps, row.data_wait_frac * steps,
+                   row.checkpoint_s, row.mem_gib, row if row.val_loss is not None else None)
+
+    def __add__(self, later: _Span) -> _Span:
+        return _Span(later.row, self.steps + later.steps, self.seconds + later.seconds, self.wait_s + later.wait_s,
+                     self.wait_frac + later.wait_frac, self.checkpoint_s + later.checkpoint_s,
+                     max(self.mem_gib, later.mem_gib), later.validated or self.validated, merged=True)
+
+    def as_row(self) -> MetricsRow:
+        """The last row, with the run's step time, data wait and checkpoint seconds, its memory peak and
+        its last validation: a row is written only when read, not on each merge."""
+        if not self.merged:
+            return self.row
+        validated = self.validated or self.row
+        return dataclasses.replace(self.row, step_time_s=self.seconds / self.steps, data_wait_s=self.wait_s / self.steps,
+                                   data_wait_frac=self.wait_frac / self.steps, checkpoint_s=self.checkpoint_s,
+                                   mem_gib=self.mem_gib, val_loss=validated.val_loss, val_s=validated.val_s)
 
 
 class Thinned:
@@ -169,9 +196,9 @@ class Thinned:
             elif self.prev_step - self.attempt_start >= self.KEEP_WARMUP_STEPS:
                 steps = row.step - self.prev_step
             self.prev_step, self.prev_elapsed = row.step, row.elapsed_s
-        span = _Span(row, steps)
+        span = _Span.of(row, steps)
         if self.spans and self._mergeable(self.spans[-1], span):
-            self.spans[-1] = _merge(self.spans[-1], span)
+            self.spans[-1] += span
         else:
             self.spans.append(span)
         if len(self.spans) > 2 * self.max_rows:
@@ -179,7 +206,7 @@ class Thinned:
 
     def rows(self) -> list[MetricsRow]:
         self._compact()
-        return [s.row for s in self.spans]
+        return [s.as_row() for s in self.spans]
 
     def _mergeable(self, a: _Span, b: _Span) -> bool:
         return a.steps > 0 and b.steps > 0 and a.steps + b.steps <= self.width
@@ -194,23 +221,7 @@ class Thinned:
             merged: list[_Span] = []
             for span in self.spans:
                 if merged and self._mergeable(merged[-1], span):
-                    merged[-1] = _merge(merged[-1], span)
+                    merged[-1] += span
                 else:
                     merged.append(span)
             self.spans = merged
-
-
-def _merge(a: _Span, b: _Span) -> _Span:
-    """One span for two neighbours: b's row (its step, loss, rates: a sample of the curve), with the
-    step time, data wait and checkpoint seconds of both and the higher memory peak."""
-    steps = a.steps + b.steps
-
-    def mean(field: str) -> float:
-        return (getattr(a.row, field) * a.steps + getattr(b.row, field) * b.steps) / steps
-
-    validated = b.row if b.row.val_loss is not None else a.row
-    row = dataclasses.replace(b.row, step_time_s=mean("step_time_s"), data_wait_s=mean("data_wait_s"),
-                              data_wait_frac=mean("data_wait_frac"), checkpoint_s=a.row.checkpoint_s + b.row.checkpoint_s,
-                              mem_gib=max(a.row.mem_gib, b.row.mem_gib), val_loss=validated.val_loss,
-                              val_s=validated.val_s)
-    return _Span(row, steps)
