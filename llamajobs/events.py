@@ -70,7 +70,12 @@ def _is_event(value: Any) -> bool:
     if not isinstance(value, dict) or not isinstance(value.get("event"), str):
         return False
     when = value.get("time")
-    return isinstance(when, (int, float)) and not isinstance(when, bool) and math.isfinite(when)
+    if not isinstance(when, (int, float)) or isinstance(when, bool):
+        return False
+    try:
+        return math.isfinite(when)
+    except OverflowError:  # an integer beyond float's range
+        return False
 
 
 @dataclass(frozen=True, slots=True)

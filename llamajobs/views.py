@@ -7,6 +7,7 @@ Views only format: every number and decision comes in with the result.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ def fmt(value: Any, spec: str = "") -> str:
 
 
 def duration(seconds: float | None) -> str:
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):  # inf: from damaged metrics or events
         return "-"
     h, rem = divmod(int(seconds), 3600)
     m, s = divmod(rem, 60)
@@ -166,8 +167,10 @@ def detail(d: Detail) -> None:
     out.print("events")
     for e in d.events:
         extra = {k: v for k, v in e.items() if k not in ("time", "event")}
-        when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e["time"])) if isinstance(
-            e.get("time"), (int, float)) else "?"
+        try:
+            when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e["time"]))
+        except (TypeError, ValueError, OverflowError, OSError):  # a damaged time, beyond any date
+            when = "?"
         out.print(f"  {when}  {e.get('event')}  {extra}", markup=False)
     out.print("logs")
     for path in d.logs:

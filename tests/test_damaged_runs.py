@@ -311,3 +311,24 @@ def test_extreme_but_finite_metrics_never_break_status_estimate_or_plot(runs, tm
     for command in (["status"], ["status", "6"], ["plot", "6", "-o", str(tmp_path / "x.png")], ["estimate", "hours", "6"]):
         code, stdout, stderr = cli(*command, "--runs-dir", str(runs))
         assert code == 0, (command, stderr)
+
+
+def test_numbers_beyond_range_in_events_and_eval_results_never_break_a_command(runs, tmp_path, cli):
+    """Integers of 400 digits (valid JSON, no float holds them) where times, seconds and accuracies go."""
+    with open(run_dir(runs, 2) / "events" / "login-1.jsonl", "a") as f:
+        f.write(json.dumps({"time": 10**400, "event": "finished"}) + "\n")  # no event: a damaged line
+        f.write(json.dumps({"time": 1e300, "event": "stopped", "step": 3}) + "\n")  # an event, beyond any date
+        f.write(json.dumps({"time": time.time(), "event": "checkpointed", "step": 10, "seconds": 10**400}) + "\n")
+        f.write(json.dumps({"time": time.time(), "event": "checkpointed", "step": 12, "seconds": 1e300}) + "\n")
+    from llamajobs import spec
+
+    evaluation = spec.build({"size": "tiny", "cluster": "slurm",
+                             "evaluation": {"model": "/models/x", "task": "medqa", "data": "/data/test.jsonl"}})
+    (run_dir(runs, 3) / "spec.json").write_text(evaluation.to_json())
+    (run_dir(runs, 3) / "eval.json").write_text(json.dumps({"accuracy": 10**400}))
+    rows = table(runs)
+    assert rows[2].problem == "events: 1 damaged line" and rows[2].checkpoint_s == 1e300
+    assert rows[3].accuracy is None
+    for command in (["status"], ["status", "2"], ["estimate", "hours", "2"], ["plot", "2", "-o", str(tmp_path / "x.png")]):
+        code, _, stderr = cli(*command, "--runs-dir", str(runs))
+        assert code == 0, (command, stderr)

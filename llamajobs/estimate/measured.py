@@ -18,7 +18,10 @@ def _checkpoint_pauses(events: Iterable[Any]) -> dict[int, float]:
         if isinstance(e, dict) and e.get("event") == "checkpointed":
             step, seconds = e.get("step"), e.get("seconds") or 0
             if isinstance(step, int) and isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
-                pauses[step] = float(seconds)
+                try:
+                    pauses[step] = float(seconds)
+                except OverflowError:  # an integer beyond float's range: no pause anyone measured
+                    continue
     return pauses
 
 
