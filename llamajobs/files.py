@@ -68,7 +68,7 @@ def tail(f: BinaryIO, nbytes: int) -> tuple[bytes, bool]:
     return f.read(nbytes), size > nbytes
 
 
-def lines(f: BinaryIO, max_line: int, chunk: int = 1 << 18) -> Iterator[bytes | None]:
+def lines(f: BinaryIO, max_line: int, chunk: int = 1 << 16) -> Iterator[bytes | None]:
     """The file's lines (without their end), read a chunk at a time: memory stays within about
     `chunk` + `max_line` bytes whatever the file holds. A line longer than `max_line` is yielded as
     None (damage: no line of ours is that long) and is never held whole."""
