@@ -176,8 +176,9 @@ class Thinned:
     neighbouring steady rows of one attempt are merged into their last row, whose step_time_s becomes
     the mean over the run's steps (and whose checkpoint seconds the sum, memory the peak). So every
     interval's seconds, the measured throughput of estimate/measured.py, stays what it was; each
-    curve keeps a sample of rows. The first KEEP_WARMUP_STEPS steps of each attempt are never merged
-    (measured.py leaves an attempt's warm-up out by its steps)."""
+    curve keeps a sample of rows, and a merged row the last validation loss of its run (shown at the
+    run's last step). The first KEEP_WARMUP_STEPS steps of each attempt are never merged (measured.py
+    leaves an attempt's warm-up out by its steps). A file of fewer than `max_rows` rows is kept whole."""
 
     KEEP_WARMUP_STEPS = 100  # >= Assumptions.warmup_steps (5)
 
