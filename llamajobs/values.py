@@ -105,9 +105,8 @@ LIMITS: dict[str, tuple[int | float, int | float]] = {
     "peak_tflops": (0, 10**6),
     "gpu_mem_gib": (0, 10**6),
     "cpu_mem_gib": (0, 10**8),
-    # logs --rank: below the most processes a job can have
-    "rank": (0, 4096 * 256 - 1),
 }
+LIMITS["rank"] = (0, LIMITS["nodes"][1] * LIMITS["procs_per_node"][1] - 1)  # logs --rank: a job's processes
 
 
 def check_limit(name: str, value: int | float, shown: str | None = None, what: str | None = None) -> None:
