@@ -14,6 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamajobs import files
+
+# An events file holds a few hundred bytes per save, signal and attempt; a larger one is damage, left
+# unread (every status call reads every running job's events).
+MAX_FILE_BYTES = 16 << 20
+
 
 def record(run_dir: str | Path, event: str, **fields: Any) -> None:
     folder = Path(run_dir) / "events"
@@ -25,31 +31,38 @@ def record(run_dir: str | Path, event: str, **fields: Any) -> None:
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """A run's events, oldest first, and how many lines were not events (torn by a writer killed
-    mid-line, or damaged: not JSON, not an object, no event name, a time that is not a number)."""
+    """A run's events, oldest first, how many lines were not events (torn by a writer killed
+    mid-line, or damaged: not JSON, not an object, no event name, a time that is not a number), and
+    the files that could not be read at all (unreadable, too large, a FIFO or device: not a regular file)."""
 
     events: list[dict[str, Any]]
     bad_lines: int = 0
+    unread: tuple[str, ...] = ()
 
 
 def history(run_dir: str | Path) -> History:
-    """Every event file of the run merged by time; an unreadable file raises OSError."""
-    events, bad = [], 0
+    """Every event file of the run merged by time; never raises for a file it cannot read (`unread` names it)."""
+    events, bad, unread = [], 0, []
     for path in sorted((Path(run_dir) / "events").glob("*.jsonl")):
-        for line in path.read_text(errors="replace").splitlines():
+        try:
+            text = files.read_text(path, MAX_FILE_BYTES, errors="replace")
+        except OSError as e:
+            unread.append(f"events/{path.name} {e.strerror or e}")
+            continue
+        for line in text.splitlines():
             try:
                 event = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 event = None
             if _is_event(event):
                 events.append(event)
             elif line.strip():
                 bad += 1
-    return History(events=sorted(events, key=lambda e: e["time"]), bad_lines=bad)
+    return History(events=sorted(events, key=lambda e: e["time"]), bad_lines=bad, unread=tuple(unread))
 
 
 def read(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The run's events, oldest first; lines that are not events are skipped."""
+    """The run's events, oldest first; lines that are not events, and files that cannot be read, are skipped."""
     return history(run_dir).events
 
 
@@ -57,7 +70,12 @@ def _is_event(value: Any) -> bool:
     if not isinstance(value, dict) or not isinstance(value.get("event"), str):
         return False
     when = value.get("time")
-    return isinstance(when, (int, float)) and not isinstance(when, bool) and math.isfinite(when)
+    if not isinstance(when, (int, float)) or isinstance(when, bool):
+        return False
+    try:
+        return math.isfinite(when)
+    except OverflowError:  # an integer beyond float's range
+        return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,11 +11,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from llamajobs import files
 from llamajobs.registry import Job
 
 # How gloo and NCCL say that a collective waited out its timeout: the rank that reports it is the
 # one that waited, not the one that stopped.
 COLLECTIVE_TIMEOUTS = ("Timed out waiting", "collective operation timeout")
+ERROR_FILE_BYTES = 4 << 20  # torchrun's error.json: a message and a traceback
+TRACEBACK = b"Traceback (most recent call last)"
 
 
 def collective_timeout_hint(error: str | None) -> str | None:
@@ -87,10 +90,10 @@ def first_error(job: Job) -> FirstError | None:
     for rank, local, node in _rank_dirs(job):
         newest[rank] = (local, node)
         try:
-            info = json.loads((local / "error.json").read_text())["message"]
+            info = json.loads(files.read_bytes(local / "error.json", ERROR_FILE_BYTES))["message"]
             when = float(info.get("extraInfo", {}).get("timestamp", 0))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none, or half-written
-            continue
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError):
+            continue  # none, half-written, or damaged
         error = FirstError(rank=rank, host=_host(node), message=str(info.get("message", "")).strip(),
                            log=local / "stderr.log", time=when)
         found.append((error.time, 1, rank, error))
@@ -122,9 +125,8 @@ def torchrun_deaths(job: Job, tail_bytes: int = 65536) -> list[FirstError]:
     deaths = []
     for path in sorted((job.run_dir / "submitit").glob("*_log.err")):
         try:
-            with open(path, "rb") as f:
-                f.seek(max(0, path.stat().st_size - tail_bytes))
-                text = f.read().decode(errors="replace")
+            with files.open_regular(path) as f:
+                text = files.tail(f, tail_bytes)[0].decode(errors="replace")
             mtime = path.stat().st_mtime
         except OSError:
             continue
@@ -146,7 +148,7 @@ def torchrun_deaths(job: Job, tail_bytes: int = 65536) -> list[FirstError]:
 
 def _host(node: Path, default: str = "?") -> str:
     try:
-        return (node / "host").read_text().strip() or default
+        return files.read_text(node / "host", 4096, errors="replace").strip() or default
     except OSError:
         return default
 
@@ -164,9 +166,21 @@ def traceback_log(job: Job) -> Path | None:
     if (error := first_error(job)) is not None:
         return error.log
     for path in sorted(log_files(job), key=lambda p: "submitit" in p.parts):
-        try:
-            if "Traceback (most recent call last)" in path.read_text(errors="replace"):
-                return path
-        except OSError:
-            continue
+        if _holds_traceback(path):
+            return path
     return None
+
+
+def _holds_traceback(path: Path) -> bool:
+    """Whether the log holds a traceback, read a chunk at a time (a log may be gigabytes); a log that
+    cannot be read, or is no regular file, holds none."""
+    try:
+        with files.open_regular(path) as f:
+            carry = b""
+            while chunk := f.read(1 << 20):
+                if TRACEBACK in carry + chunk:
+                    return True
+                carry = chunk[-len(TRACEBACK):]
+    except OSError:
+        pass
+    return False

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from llamajobs import cluster, events, forensics, metrics
+from llamajobs import cluster, events, files, forensics, metrics
 from llamajobs.cluster import TERMINAL
 from llamajobs.metrics import MetricsRow
 from llamajobs.registry import Job
@@ -27,6 +27,8 @@ STALL_STEP_FACTOR = 10
 STALL_FLOOR_S = 600.0
 # `status JOB` warns when waiting for batches takes more than this share of the step time.
 SLOW_INPUT_FRAC = 0.1
+# eval.json holds the scores and the choice counts (predictions are in their own file): a few KB.
+EVAL_RESULT_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -136,13 +138,11 @@ def read_run_dir(job: Job) -> RunFiles:
         found.spec = JobSpec.load(job.run_dir / "spec.json")
     except Exception as e:  # any damage: not JSON, wrong types, unreadable, or a rule it breaks now
         damage("spec.json", e)
-    try:
-        log = events.history(job.run_dir)
-        found.history = log.events
-        if log.bad_lines:
-            found.problems.append(f"events: {_lines(log.bad_lines)}")
-    except OSError as e:
-        damage("events", e)
+    log = events.history(job.run_dir)
+    found.history = log.events
+    if log.bad_lines:
+        found.problems.append(f"events: {_lines(log.bad_lines)}")
+    found.problems.extend(log.unread)
     try:
         found.metrics = metrics.read(job.run_dir)
         if found.metrics.bad_lines:
@@ -231,14 +231,20 @@ def _lines(n: int) -> str:
 
 
 def _number(value: Any) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
+    """A finite number from a file, else None (also for an integer beyond float's range)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def eval_result(run_dir: Path) -> dict[str, Any] | None:
     """An eval job's result (what `eval --json` prints), written by its rank 0 at the end."""
     try:
-        result = json.loads((run_dir / "eval.json").read_text())
-    except (OSError, ValueError):
+        result = json.loads(files.read_bytes(run_dir / "eval.json", EVAL_RESULT_BYTES))
+    except (OSError, ValueError, RecursionError):
         return None
     return result if isinstance(result, dict) else None

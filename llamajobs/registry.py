@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamajobs import files
 from llamajobs.errors import SpecError
 
 SCHEMA_VERSION = 2  # PRAGMA user_version; an index of another version is rebuilt
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS finished (id INTEGER PRIMARY KEY, row TEXT NOT NULL);
 """
 
 JOB_FILE = "job.json"
+JOB_FILE_BYTES = 65536  # job.json holds five short fields
 CLAIMS = ".ids"  # runs/.ids/<id>: an id claimed by a submit (an atomic mkdir)
 RUN_DIR = re.compile(r"^(\d{1,18})-(.+)$")  # <id>-<name>; ids stay far below SQLite's 2**63
 MAX_ID = 10**18
@@ -74,12 +76,14 @@ def read_job(run_dir: Path) -> Job | None:
     named after the dir, with `problem` saying what is wrong."""
     dir_id, name = run_dir_id(run_dir), run_dir.name.partition("-")[2]
     try:
-        data = json.loads((run_dir / JOB_FILE).read_text())
+        data = json.loads(files.read_bytes(run_dir / JOB_FILE, JOB_FILE_BYTES))
     except FileNotFoundError:
         return None
     except OSError as e:
+        if isinstance(e, files.Refused):  # a FIFO, a device, a directory, or far too large
+            return _damaged(run_dir, f"{JOB_FILE} {e.strerror}")
         return _damaged(run_dir, f"run dir unreadable ({e.strerror})")
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         return _damaged(run_dir, f"{JOB_FILE}: not JSON ({e})")
     if not isinstance(data, dict):
         return _damaged(run_dir, f"{JOB_FILE}: not an object")

@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from llamajobs import catalog, hub, rules
+from llamajobs import catalog, files, hub, rules
 from llamajobs.errors import SpecError
-from llamajobs.values import check_text, flag as _flag, parse_count, parse_slurm_time
+from llamajobs.values import (LIMITS, check_limit, check_memory, check_text, check_time, flag as _flag, parse_count,
+                              parse_slurm_time)
 
 
 # Cores asked per worker process when --cpus-per-node is not given (SLURM's default is one per task).
 CPUS_PER_WORKER = 4
+# spec.json is a few KB; reading it never takes more than this (a damaged or hostile run dir's may be anything)
+SPEC_FILE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -43,6 +46,7 @@ class EvalSpec:
 
     def __post_init__(self) -> None:
         _check_types(self, EVAL_FIELDS)
+        _check_limits(self)
         rules.validate_eval(self)
 
 
@@ -139,6 +143,7 @@ class JobSpec:
         _check_types(self, FIELDS)
         if self.model_shape is not None:
             _check_types(self.model_shape, SHAPE_FIELDS, prefix="model_shape.")
+        _check_limits(self)
         rules.validate(self)
 
     # --- derived values (never stored twice) ---
@@ -228,7 +233,7 @@ class JobSpec:
     def load(cls, path: str | Path) -> JobSpec:
         """spec.json, and no other file (OSError when it cannot be read; SpecError when it is no spec)."""
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            text = files.read_text(path, SPEC_FILE_BYTES)  # a FIFO or a device in its place: OSError, no hang
         except UnicodeDecodeError:
             raise SpecError(f"{path} is not UTF-8 text") from None
         return cls.from_json(text)
@@ -287,6 +292,8 @@ def _coerce(name: str, value: Any) -> Any:
         if kind == "float":
             return float(value)
         return str(value)
+    except SpecError:  # parse_count's own words (a count beyond its bound)
+        raise
     except (TypeError, ValueError, OverflowError):
         raise bad from None
 
@@ -329,6 +336,18 @@ def _check_types(obj: Any, fields: Mapping[str, dataclasses.Field], prefix: str 
         for item in value if isinstance(value, tuple) else (value,):
             if isinstance(item, str):
                 check_text(label, item)
+
+
+def _check_limits(obj: JobSpec | EvalSpec) -> None:
+    """Every count and size within values.LIMITS, before any rule or plan multiplies them."""
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if field.name in LIMITS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_limit(field.name, value)
+    if isinstance(obj, JobSpec):
+        if obj.time is not None:
+            check_time(obj.time)
+        check_memory(obj.mem_per_node)
 
 
 # Fields that spec.json records but no source sets: the command sets `evaluation` (`llamajobs eval

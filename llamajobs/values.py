@@ -33,6 +33,25 @@ def parse_slurm_time(value: str) -> int:
     return max(1, -(-total_s // 60))
 
 
+def check_time(value: str) -> int:
+    """parse_slurm_time, and SpecError naming the value and the maximum when it is longer than LIMITS allow."""
+    minutes, high = parse_slurm_time(value), LIMITS["time_minutes"][1]
+    if minutes > high:
+        raise SpecError(f"--time {value} is too long; allowed: up to {high // 1440}-00:00:00 ({high:,} minutes)")
+    return minutes
+
+
+_MEMORY = re.compile(r"^(\d+)([KMGT]?)$")
+
+
+def check_memory(value: str, what: str = "--mem-per-node") -> None:
+    """SLURM's --mem (megabytes unless a K, M, G or T suffix) within LIMITS; a malformed one is rules.py's."""
+    m = _MEMORY.match(value)
+    if m:
+        mb = int(m[1]) * {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024**2}[m[2]]
+        check_limit("mem_per_node_mb", mb, shown=value, what=what)
+
+
 _COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBtT]?)\s*$")
 _SCALE = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
@@ -45,7 +64,59 @@ def parse_count(value: str | int, what: str = "--tokens") -> int:
     count = float(m.group(1)) * _SCALE[m.group(2).lower()] if m else math.nan
     if not math.isfinite(count):
         raise SpecError(f"{what} {value!r} is not a count; use e.g. 2.5B, 800M or 2500000000")
+    check_limit("tokens_per_epoch", count, shown=value, what=what)
     return int(round(count))
+
+
+# The allowed range of every count and size a user gives (submit's, estimate's and eval's flags, the
+# keys of a run YAML or site profile): far beyond any real run, and low enough that nothing planned,
+# allocated or multiplied from them runs away before the cluster or the node could refuse it.
+# Values below the minimum are refused by rules.py with its own words; check_limit refuses the rest.
+LIMITS: dict[str, tuple[int | float, int | float]] = {
+    "nodes": (1, 4096),
+    "gpus_per_node": (1, 64),
+    "procs_per_node": (1, 256),
+    "cpus_per_node": (1, 4096),
+    "mem_per_node_mb": (0, 2**30),  # 1 PiB; 0 is all of the node's
+    "seq_len": (1, 2**20),
+    "global_batch": (1, 2**20),
+    "micro_batch": (1, 2**16),
+    "epochs": (0, 10_000),
+    "max_steps": (1, 10**9),
+    "tokens_per_epoch": (1, 10**15),  # --tokens too: the largest corpora are ~1.5e13 tokens
+    "checkpoint_every_steps": (1, 10**9),
+    "checkpoint_every_minutes": (0, 525_600),  # a year
+    "keep_checkpoints": (1, 1000),
+    "max_requeues": (0, 10_000),
+    "lora_r": (1, 65_536),
+    "lora_alpha": (1, 10**6),
+    "num_virtual_tokens": (1, 65_536),
+    "log_every_steps": (1, 10**9),
+    "eval_every_steps": (1, 10**9),
+    "eval_batches": (1, 10**9),
+    "collective_timeout_minutes": (0, 10_080),  # a week
+    "time_minutes": (1, 366 * 24 * 60),  # --time: a year (SLURM's own limit is 2**32 minutes)
+    # eval's
+    "shots": (0, 1000),
+    "batch_size": (1, 65_536),
+    "limit": (1, 10**9),
+    "max_new_tokens": (1, 2**20),
+    # estimate's
+    "peak_tflops": (0, 10**6),
+    "gpu_mem_gib": (0, 10**6),
+    "cpu_mem_gib": (0, 10**8),
+}
+LIMITS["rank"] = (0, LIMITS["nodes"][1] * LIMITS["procs_per_node"][1] - 1)  # logs --rank: a job's processes
+
+
+def check_limit(name: str, value: int | float, shown: str | None = None, what: str | None = None) -> None:
+    """SpecError naming the flag, the value (as the user wrote it: `shown`) and the allowed range when
+    the value is above LIMITS[name]'s maximum."""
+    low, high = LIMITS[name]
+    if value > high:
+        unit = " MB" if name.endswith("_mb") else ""
+        raise SpecError(f"{what or flag(name)} {shown if shown is not None else value} is too large; "
+                        f"allowed: {low:,} to {high:,}{unit}")
 
 
 def flag(name: str) -> str:

@@ -7,6 +7,7 @@ Views only format: every number and decision comes in with the result.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ def fmt(value: Any, spec: str = "") -> str:
 
 
 def duration(seconds: float | None) -> str:
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):  # inf: from damaged metrics or events
         return "-"
     h, rem = divmod(int(seconds), 3600)
     m, s = divmod(rem, 60)
@@ -55,7 +56,11 @@ def eta(seconds: float | None) -> str:
     """The time left and the time of day it ends: '5:12:00 (Tue 14:05)'."""
     if seconds is None:
         return "-"
-    return f"{duration(seconds)} ({time.strftime('%a %H:%M', time.localtime(time.time() + seconds))})"
+    try:
+        ends = time.strftime('%a %H:%M', time.localtime(time.time() + seconds))
+    except (OverflowError, ValueError, OSError):  # centuries away: a damaged metric's step time
+        return duration(seconds)
+    return f"{duration(seconds)} ({ends})"
 
 
 def hours(value: float | None) -> str:
@@ -169,8 +174,10 @@ def detail(d: Detail) -> None:
     out.print("events")
     for e in d.events:
         extra = {k: v for k, v in e.items() if k not in ("time", "event")}
-        when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e["time"])) if isinstance(
-            e.get("time"), (int, float)) else "?"
+        try:
+            when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e["time"]))
+        except (TypeError, ValueError, OverflowError, OSError):  # a damaged time, beyond any date
+            when = "?"
         out.print(f"  {when}  {e.get('event')}  {extra}", markup=False)
     out.print("logs")
     for path in d.logs:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +80,21 @@ def damage_metrics_truncated(runs: Path) -> None:
     path.write_bytes(path.read_bytes()[:-40])
 
 
+def damage_metrics_huge_integer(runs: Path) -> None:
+    """A row whose tokens/s is an integer of 400 digits: JSON allows it, a float cannot hold it."""
+    path = run_dir(runs, 2) / "metrics.jsonl"
+    last = json.loads(path.read_text().splitlines()[-1])
+    with open(path, "a") as f:
+        f.write(json.dumps({**last, "step": last["step"] + 1, "tokens_per_s": 10**400}) + "\n")
+
+
+def damage_metrics_absurd_number(runs: Path) -> None:
+    path = run_dir(runs, 2) / "metrics.jsonl"
+    last = json.loads(path.read_text().splitlines()[-1])
+    with open(path, "a") as f:
+        f.write(json.dumps({**last, "step": last["step"] + 1, "step_time_s": 1e300}) + "\n")
+
+
 def damage_job_file(runs: Path) -> None:
     (run_dir(runs, 2) / registry.JOB_FILE).write_text("\x00\x01garbage")
 
@@ -92,6 +110,8 @@ DAMAGE = {  # what is done to job 2 (COMPLETED) -> what its row's problem says
     "an event with a string time": (damage_events_time, "events: 1 damaged line"),
     "a metrics row with a string time": (damage_metrics_time, "metrics.jsonl: 1 damaged line"),
     "metrics truncated mid-line": (damage_metrics_truncated, "metrics.jsonl: 1 damaged line"),
+    "a metrics row with an integer beyond float range": (damage_metrics_huge_integer, "metrics.jsonl: 1 damaged line"),
+    "a metrics row with a step time of 1e300 s": (damage_metrics_absurd_number, "metrics.jsonl: 1 damaged line"),
 }
 
 
@@ -207,3 +227,108 @@ def test_forensics_passes_over_damaged_logs(tmp_path):
     assert death.rank == 1 and "killed by SIGKILL" in death.message and death.time > 20
     assert sorted(forensics.rank_logs(job)) == [0, 1]
     assert forensics.traceback_log(job) == good / "0" / "stderr.log"
+
+
+# --- files that are not regular files: a FIFO blocks open() and read() for ever, /dev/zero never ends ---
+
+def _fifo(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+def _zero(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.symlink_to("/dev/zero")
+
+
+SPECIAL = {  # job 2's file replaced -> what its row's problem says
+    "metrics.jsonl a FIFO": ("metrics.jsonl", _fifo, "metrics.jsonl: is a FIFO, not a regular file"),
+    "metrics.jsonl linked to /dev/zero": ("metrics.jsonl", _zero, "metrics.jsonl: is a character device"),
+    "spec.json a FIFO": ("spec.json", _fifo, "spec.json: is a FIFO, not a regular file"),
+    "spec.json linked to /dev/zero": ("spec.json", _zero, "spec.json: is a character device"),
+    "job.json a FIFO": ("job.json", _fifo, "job.json is a FIFO, not a regular file"),
+    "an events file a FIFO": ("events/other-1.jsonl", _fifo, "events/other-1.jsonl is a FIFO, not a regular file"),
+    "an events file linked to /dev/zero": ("events/other-1.jsonl", _zero,
+                                           "events/other-1.jsonl is a character device, not a regular file"),
+}
+
+
+def _cli(runs: Path, *args: str) -> subprocess.CompletedProcess:
+    """The CLI in a child process, which a hang cannot take with it (timeout) nor an endless read the
+    machine's memory (an address-space limit of 2 GiB: today's reader of /dev/zero fails on it)."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    return subprocess.run([sys.executable, "-m", "llamajobs", *args, "--runs-dir", str(runs)], capture_output=True,
+                          text=True, timeout=60, preexec_fn=limit)
+
+
+@pytest.mark.parametrize("kind", list(SPECIAL))
+def test_a_fifo_or_device_in_a_run_dir_is_a_row_naming_it_and_spares_the_others(runs, kind):
+    before = healthy(runs)
+    name, replace, says = SPECIAL[kind]
+    replace(run_dir(runs, 2) / name)
+    (runs / "new").mkdir()  # the listing changed: the index reads every job.json again
+    (runs / "new").rmdir()
+    result = _cli(runs, "status", "--json", "--all")
+    assert result.returncode == 0, result.stderr
+    after = {r["id"]: r for r in json.loads(result.stdout)["jobs"]}
+    assert says in after[2]["problem"], after[2]["problem"]
+    stable = {i: {k: v for k, v in r.items() if k not in ("elapsed_s", "last_metric_age_s", "eta_s")}
+              for i, r in after.items() if i != 2}
+    assert stable == {i: r for i, r in before.items() if i != 2}
+    detail = _cli(runs, "status", "2")  # the job's own detail shows what it can and names the file
+    assert detail.returncode == 0 and says.split(" is ")[0].rstrip(":") in detail.stdout, detail.stderr
+
+
+@pytest.mark.parametrize("command", [["plot", "2", "-o", "{tmp}/x.png"], ["estimate", "hours", "2"]])
+@pytest.mark.parametrize("replace", [_fifo, _zero])
+def test_per_job_commands_refuse_a_metrics_file_that_is_no_file_in_one_line(runs, tmp_path, command, replace):
+    replace(run_dir(runs, 2) / "metrics.jsonl")
+    result = _cli(runs, *(a.format(tmp=tmp_path) for a in command))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and "metrics.jsonl cannot be read (is a " in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("damage", [damage_metrics_huge_integer, damage_metrics_absurd_number])
+def test_per_job_commands_pass_over_a_number_beyond_range(runs, tmp_path, cli, damage):
+    damage(runs)
+    for command in (["status", "2"], ["plot", "2", "-o", str(tmp_path / "x.png")], ["estimate", "hours", "2", "--json"]):
+        code, stdout, stderr = cli(*command, "--runs-dir", str(runs))
+        assert code == 0, (command, stderr)
+    assert json.loads(stdout)["step"] == 20  # the damaged row (step 21) is left out
+
+
+def test_extreme_but_finite_metrics_never_break_status_estimate_or_plot(runs, tmp_path, cli):
+    """Values within range whose products are not: a step of 1e-300 s, an epoch of 1e-300, an ETA of 1e30 s."""
+    path = run_dir(runs, 6) / "metrics.jsonl"  # job 6 is RUNNING: it has an ETA
+    last = json.loads(path.read_text().splitlines()[-1])
+    with open(path, "a") as f:
+        for step in (21, 22):
+            f.write(json.dumps({**last, "step": step, "step_time_s": 1e-300, "epoch": 1e-300, "elapsed_s": 1e18,
+                                "total_steps": 10**18, "time": time.time()}) + "\n")
+        f.write(json.dumps({**last, "step": 23, "step_time_s": 1e12, "total_steps": 10**18, "time": time.time()}) + "\n")
+    for command in (["status"], ["status", "6"], ["plot", "6", "-o", str(tmp_path / "x.png")], ["estimate", "hours", "6"]):
+        code, stdout, stderr = cli(*command, "--runs-dir", str(runs))
+        assert code == 0, (command, stderr)
+
+
+def test_numbers_beyond_range_in_events_and_eval_results_never_break_a_command(runs, tmp_path, cli):
+    """Integers of 400 digits (valid JSON, no float holds them) where times, seconds and accuracies go."""
+    with open(run_dir(runs, 2) / "events" / "login-1.jsonl", "a") as f:
+        f.write(json.dumps({"time": 10**400, "event": "finished"}) + "\n")  # no event: a damaged line
+        f.write(json.dumps({"time": 1e300, "event": "stopped", "step": 3}) + "\n")  # an event, beyond any date
+        f.write(json.dumps({"time": time.time(), "event": "checkpointed", "step": 10, "seconds": 10**400}) + "\n")
+        f.write(json.dumps({"time": time.time(), "event": "checkpointed", "step": 12, "seconds": 1e300}) + "\n")
+    from llamajobs import spec
+
+    evaluation = spec.build({"size": "tiny", "cluster": "slurm",
+                             "evaluation": {"model": "/models/x", "task": "medqa", "data": "/data/test.jsonl"}})
+    (run_dir(runs, 3) / "spec.json").write_text(evaluation.to_json())
+    (run_dir(runs, 3) / "eval.json").write_text(json.dumps({"accuracy": 10**400}))
+    rows = table(runs)
+    assert rows[2].problem == "events: 1 damaged line" and rows[2].checkpoint_s == 1e300
+    assert rows[3].accuracy is None
+    for command in (["status"], ["status", "2"], ["estimate", "hours", "2"], ["plot", "2", "-o", str(tmp_path / "x.png")]):
+        code, _, stderr = cli(*command, "--runs-dir", str(runs))
+        assert code == 0, (command, stderr)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from llamajobs import catalog, spec
+from llamajobs import catalog, spec, values
 from llamajobs.errors import SpecError
 from llamajobs.spec import JobSpec
 
@@ -209,3 +209,70 @@ def test_a_damaged_config_json_is_one_line(tmp_path, content, message):
     with pytest.raises(SpecError, match=message) as e:
         spec.build({"model_path": str(tmp_path)})
     assert "\n" not in str(e.value) and str(e.value).startswith(f"--model-path {tmp_path}")
+
+
+# --- every count and size has an upper bound, named with its range before any work ---
+
+# Fields that are numbers but no count or size: rates and shares with rules of their own, and the seed.
+NOT_COUNTS = {"lr", "warmup_ratio", "weight_decay", "grad_clip", "lora_dropout", "seed"}
+
+
+def _numbers(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if str(f.type).split(" |")[0] in ("int", "float")}
+
+
+def test_every_count_and_size_of_a_spec_has_an_upper_bound():
+    assert _numbers(JobSpec) - NOT_COUNTS <= set(values.LIMITS)
+    assert _numbers(spec.EvalSpec) <= set(values.LIMITS)
+
+
+EVAL = {"model": "/models/x", "task": "medqa", "data": "/data/test.jsonl"}
+
+
+@pytest.mark.parametrize("name", sorted((_numbers(JobSpec) | _numbers(spec.EvalSpec)) & set(values.LIMITS)))
+def test_a_count_beyond_its_bound_is_refused_naming_the_value_and_the_range(name):
+    low, high = values.LIMITS[name]
+    too_large = high + 1 if isinstance(high, int) else high * 2
+    with pytest.raises(SpecError) as refused:
+        if name in spec.FIELDS:
+            needs = {"lora_r": "lora", "lora_alpha": "lora", "num_virtual_tokens": catalog.PROMPT_MODES[0]}
+            spec.build({"cluster": "slurm", "mode": needs.get(name, "full"), name: too_large})
+        else:
+            spec.EvalSpec(**EVAL, **{name: too_large})
+    flag, text = f"--{name.replace('_', '-')}", str(refused.value)
+    assert text in (f"{flag} {too_large} is too large; allowed: {low:,} to {high:,}",
+                    f"{flag} {float(too_large)} is too large; allowed: {low:,} to {high:,}"), text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--time", "99999999999:00:00"], "--time 99999999999:00:00 is too long; allowed: up to 366-00:00:00 (527,040 minutes)"),
+    (["--time", "400-00:00:00"], "--time 400-00:00:00 is too long; allowed: up to 366-00:00:00 (527,040 minutes)"),
+    (["--nodes", "100000"], "--nodes 100000 is too large; allowed: 1 to 4,096"),
+    (["--max-steps", "99999999999999"], "--max-steps 99999999999999 is too large; allowed: 1 to 1,000,000,000"),
+    (["--keep-checkpoints", "1000000"], "--keep-checkpoints 1000000 is too large; allowed: 1 to 1,000"),
+    (["--mem-per-node", "99999999T"], "--mem-per-node 99999999T is too large; allowed: 0 to 1,073,741,824 MB"),
+    (["--tokens-per-epoch", "9000T"], "--tokens-per-epoch 9000T is too large; allowed: 1 to 1,000,000,000,000,000"),
+])
+def test_render_refuses_a_count_beyond_its_bound_in_one_line_and_writes_nothing(cli, tmp_path, args, message):
+    code, stdout, stderr = cli("render", "--cluster", "slurm", "--out", str(tmp_path / "out"), *args)
+    assert (code, stderr) == (2, f"Error: {message}\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_yaml_value_beyond_its_bound_is_refused_as_a_flag_is(cli, tmp_path):
+    (tmp_path / "run.yaml").write_text("global_batch: 10000000\n")
+    code, _, stderr = cli("render", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out"))
+    assert code == 2 and "--global-batch 10000000 is too large; allowed: 1 to 1,048,576" in stderr, stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["estimate", "hours", "--size", "7b", "--nodes", "99999"], "--nodes 99999 is too large; allowed: 1 to 4,096"),
+    (["estimate", "hours", "--size", "7b", "--tokens", "99999999999999999999"],
+     "--tokens 99999999999999999999 is too large; allowed: 1 to 1,000,000,000,000,000"),
+    (["estimate", "memory", "--size", "7b", "--gpu-mem-gib", "1e300"], "1e+300 is not in the range 0<x<=1000000"),
+    (["estimate", "hours", "--size", "7b", "--seq-len", "99999999"], "--seq-len 99999999 is too large"),
+    (["logs", "1", "--rank", "99999999"], "99999999 is not in the range 0<=x<=1048575"),
+])
+def test_estimate_and_logs_refuse_a_count_beyond_its_bound(cli, args, says):
+    code, _, stderr = cli(*args)
+    assert code == 2 and says in stderr and stderr.count("\n") == 1, stderr

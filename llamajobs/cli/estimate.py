@@ -9,7 +9,8 @@ from typing import Any, Callable
 import click
 
 from llamajobs import catalog, ops, views
-from llamajobs.cli.options import TRAINING_OPTIONS, json_option, optional_job_argument, options, runs_dir_option, typed
+from llamajobs.cli.options import (TRAINING_OPTIONS, json_option, optional_job_argument, options, runs_dir_option, typed,
+                                   within)
 from llamajobs.estimate import DEFAULT, DEFAULT_GPU, expected_error_text
 from llamajobs.spec import parse_count
 
@@ -36,11 +37,11 @@ def estimate_options(f: Callable) -> Callable:
                      help=f"One of {', '.join(catalog.GPUS)} (default: site.yaml's gpu, else {DEFAULT_GPU}); "
                           f"another name "
                           f"needs --peak-tflops and --gpu-mem-gib."),
-        click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--peak-tflops", type=within("peak_tflops", click.FloatRange, min_open=True), default=None,
                      help="Dense bf16 peak of the GPU, TFLOP/s (overrides the catalog's)."),
-        click.option("--gpu-mem-gib", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--gpu-mem-gib", type=within("gpu_mem_gib", click.FloatRange, min_open=True), default=None,
                      help="Memory of the GPU, GiB (overrides the catalog's)."),
-        click.option("--cpu-mem-gib", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--cpu-mem-gib", type=within("cpu_mem_gib", click.FloatRange, min_open=True), default=None,
                      help=f"Host RAM per node, GiB (default: --mem-per-node, else {DEFAULT.node_ram_gib:g})."),
         click.option("--assume", multiple=True, metavar="NAME=VALUE",
                      help="Override one of the model's constants (repeatable), e.g. network_gbps=100; "

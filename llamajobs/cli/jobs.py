@@ -10,7 +10,7 @@ import click
 
 from llamajobs import catalog, cluster, ops, views
 from llamajobs.cli.options import (JOB_OPTIONS, TRAINING_OPTIONS, job_argument, json_option, options,
-                                   runs_dir_option, typed)
+                                   runs_dir_option, typed, within)
 from llamajobs.presets import listing
 from llamajobs.values import parse_count
 
@@ -111,7 +111,7 @@ def requeue(job_id: int, timeout_s: float, runs_dir: str | None) -> None:
 
 @click.command()
 @job_argument
-@click.option("--rank", type=click.IntRange(min=0), default=None,
+@click.option("--rank", type=within("rank"), default=None,
               help="A worker's global rank (default: the node launcher's log).")
 @click.option("--follow", "-f", is_flag=True)
 @click.option("--stderr", "use_stderr", is_flag=True)

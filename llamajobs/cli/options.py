@@ -10,6 +10,14 @@ import click
 from click.core import ParameterSource
 
 from llamajobs import catalog, ops
+from llamajobs.values import LIMITS
+
+
+def within(name: str, kind: type = click.IntRange, **kw: Any) -> click.ParamType:
+    """A click type bounded by values.LIMITS[name], for a count or size that is no JobSpec field (the
+    spec checks its own): the range lives in one place, and the error names the value and the range."""
+    low, high = LIMITS[name]
+    return kind(min=low, max=high, **kw)
 
 
 def _opt(*names: str, **kw: Any) -> Callable:

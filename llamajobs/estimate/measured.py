@@ -3,6 +3,7 @@ metrics rows (the worker's MetricsRow) and events."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 from llamajobs.estimate.assumptions import DEFAULT, Assumptions
@@ -17,7 +18,10 @@ def _checkpoint_pauses(events: Iterable[Any]) -> dict[int, float]:
         if isinstance(e, dict) and e.get("event") == "checkpointed":
             step, seconds = e.get("step"), e.get("seconds") or 0
             if isinstance(step, int) and isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
-                pauses[step] = float(seconds)
+                try:
+                    pauses[step] = float(seconds)
+                except OverflowError:  # an integer beyond float's range: no pause anyone measured
+                    continue
     return pauses
 
 
@@ -40,7 +44,7 @@ def hours_from_metrics(metrics: list[MetricsRow], events: Iterable[Any] = (), to
     for row in rows:
         step = row.step
         if prev_elapsed is not None and (row.elapsed_s < prev_elapsed or step <= prev_step):
-            attempt_start = step - max(1, round(row.elapsed_s / row.step_time_s))  # a new attempt
+            attempt_start = step - max(1, round(row.elapsed_s / max(row.step_time_s, 1e-9)))  # a new attempt
             prev_step = max(attempt_start, 0)
         steps = max(1, step - prev_step)
         paused = sum(sec for s, sec in pauses.items() if prev_step <= s < step)
@@ -56,8 +60,8 @@ def hours_from_metrics(metrics: list[MetricsRow], events: Iterable[Any] = (), to
     per_gpu_share = last.tokens_per_s_per_gpu / last.tokens_per_s if last.tokens_per_s else None
     flops_over_peak = last.mfu / last.tokens_per_s_per_gpu if last.mfu and last.tokens_per_s_per_gpu else None
     per_gpu = tokens_per_s * per_gpu_share if per_gpu_share else None
-    if tokens is None and last.epoch:
-        tokens = int(round(last.tokens / last.epoch))
+    if tokens is None and last.epoch and math.isfinite(per_epoch := last.tokens / last.epoch):
+        tokens = int(round(per_epoch))
     tokens = tokens or tokens_per_epoch
     total = last.total_steps
     remaining_steps = max(0, total - last.step) if total else None
@@ -67,7 +71,7 @@ def hours_from_metrics(metrics: list[MetricsRow], events: Iterable[Any] = (), to
     ckpt_rate = checkpoint_s / elapsed_steady if elapsed_steady else 0.0
     remaining_s = remaining_steps * step_s * (1 + ckpt_rate) if remaining_steps is not None else None
     return {
-        "hours_per_epoch": tokens / tokens_per_s / 3600 if tokens else None,
+        "hours_per_epoch": tokens / tokens_per_s / 3600 if tokens and tokens_per_s else None,
         "tokens_per_epoch": tokens,
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_per_gpu": per_gpu,
