@@ -11,7 +11,7 @@ different numbers of real tokens, must reproduce the single big batch (a worker 
 rank's own token mean instead was off by 2.4e-3 here, 5.4e-3 on the chat store: tried by hand).
 Everything else is Trainer's own: eager attention, its loss (mean over the label tokens, labels
 shifted by the model), its AdamW and grouping of weight decay, its clipping, and its cosine schedule
-(see trainer_args; no warmup, which no Trainer cosine schedule does as the worker does).
+(see trainer_args: its warmup is compared on a run that is warmup throughout).
 
 Chat data: the reference's labels come from the chat template itself, through transformers'
 apply_chat_template(..., return_assistant_tokens_mask=True) on the family's template with
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import random
 import sys
@@ -57,6 +58,8 @@ PACKED = {"seq_len": 256, "global_batch": 4, "micro_batch": 2}   # 2 ranks x 1 m
 # name: (data, extra flags, processes). The sharded strategies on two ranks; pp is one process.
 RUNS = {
     "fsdp": ("text", {"strategy": "fsdp"}, 2),
+    # Warmup over all 12 steps (ceil(0.95 * 12)): Trainer's warmup is the worker's (trainer_args).
+    "fsdp-warmup": ("text", {"strategy": "fsdp", "warmup_ratio": 0.95}, 2),
     "fsdp-offload": ("text", {"strategy": "fsdp-offload"}, 2),
     "ds-zero2": ("text", {"strategy": "ds-zero2"}, 2),
     "ds-zero2-offload": ("text", {"strategy": "ds-zero2-offload"}, 2),
@@ -279,21 +282,33 @@ class _StepBatches(torch.utils.data.Dataset):
 
 
 def trainer_args(spec: JobSpec, output_dir: Path):
-    """Trainer's settings for the spec's optimizer and schedule. The worker's cosine (warmup 0) falls
-    from the peak at step 0 to MIN_LR_RATIO of it at the last step, progress = step / (total - 1);
-    Trainer's cosine_with_min_lr reaches its floor one step after the last (progress = step / total),
-    so its half cycle is stretched by total / (total - 1) to end on the same last step."""
+    """Trainer's settings for the spec's optimizer and schedule.
+
+    Without warmup, the worker's cosine falls from the peak at step 0 to MIN_LR_RATIO of it at the
+    last step, progress = step / (total - 1); Trainer's cosine_with_min_lr reaches its floor one step
+    after the last (progress = step / total), so its half cycle is stretched by total / (total - 1) to
+    end on the same last step. Trainer's cosine_warmup_with_min_lr warms up as the worker does,
+    lr = peak * (step + 1) / warmup, but leaves the peak one step sooner (the worker's cosine starts
+    at 1 on the first step after warmup); so a run with warmup is compared only where it is warmup
+    throughout, and together the two runs cover both halves of the worker's schedule."""
     from transformers import TrainingArguments
 
     from llamajobs.worker.train import MIN_LR_RATIO
 
+    warmup = math.ceil(spec.warmup_ratio * STEPS)  # as the worker counts it (train.build_optimizer)
+    if warmup:
+        assert warmup == STEPS, "a run with warmup must be warmup throughout (see above)"
+        schedule = {"lr_scheduler_type": "cosine_warmup_with_min_lr", "warmup_steps": warmup,
+                    "lr_scheduler_kwargs": {"min_lr_rate": MIN_LR_RATIO}}
+    else:
+        schedule = {"lr_scheduler_type": "cosine_with_min_lr", "warmup_steps": 0,
+                    "lr_scheduler_kwargs": {"min_lr_rate": MIN_LR_RATIO, "num_cycles": 0.5 * STEPS / (STEPS - 1)}}
     return TrainingArguments(
         output_dir=str(output_dir), max_steps=STEPS, per_device_train_batch_size=1, gradient_accumulation_steps=1,
         learning_rate=spec.lr, weight_decay=spec.weight_decay, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        max_grad_norm=spec.grad_clip, optim="adamw_torch", lr_scheduler_type="cosine_with_min_lr", warmup_steps=0,
-        lr_scheduler_kwargs={"min_lr_rate": MIN_LR_RATIO, "num_cycles": 0.5 * STEPS / (STEPS - 1)},
-        train_sampling_strategy="sequential", remove_unused_columns=False, dataloader_num_workers=0, use_cpu=True,
-        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=spec.seed)
+        max_grad_norm=spec.grad_clip, optim="adamw_torch", **schedule, train_sampling_strategy="sequential",
+        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=True, report_to="none", save_strategy="no",
+        logging_steps=1, disable_tqdm=True, seed=spec.seed)
 
 
 def reference_run(setup: dict[str, Path], name: str, tmp_path: Path) -> tuple[list[float], list[float]]:
