@@ -21,10 +21,10 @@ reference trains on the documents of each packed row one by one, each in a row o
 
 Launches: every two-process run in one torchrun launch of this file (its __main__ trains each run
 dir in turn in one process group), pp in one one-process launch. Time on 2 cores shared with other
-work (the module got 35% of them): 7 minutes, 155 s of CPU in all (the launches 230 s of wall time,
-Trainer 5-30 s a run), once DeepSpeed's CPU Adam is compiled (minutes, once: TORCH_EXTENSIONS_DIR).
-The largest differences measured (max over 12 steps): 4.8e-7 fsdp, fsdp-offload and accumulation;
-9.5e-7 ds-zero2, ds-zero3, pp, chat and packed; 1.4e-6 LoRA; 1.9e-6 and 2.4e-6 the offloaded ZeRO
+work: 4.5 to 7 minutes of wall time (the module got 35-45% of the cores), 125-155 s of CPU in all,
+once DeepSpeed's CPU Adam is compiled (minutes, once, into TORCH_EXTENSIONS_DIR). The largest
+differences measured (max over 12 steps): 4.8e-7 fsdp, fsdp-offload and accumulation; 9.5e-7 warmup,
+ds-zero2, ds-zero3, pp, chat and packed; 1.4e-6 LoRA; 1.9e-6 and 2.4e-6 the offloaded ZeRO
 strategies (DeepSpeed's CPU Adam).
 """
 
@@ -335,7 +335,6 @@ def reference_run(setup: dict[str, Path], name: str, tmp_path: Path) -> tuple[li
             lrs.append(self.lr_scheduler.get_last_lr()[0])  # the lr this step's update uses
             return loss
 
-    torch.manual_seed(0)
     Recording(model=model, args=trainer_args(spec, tmp_path), train_dataset=_StepBatches(reference_batches(setup, name)),
               data_collator=lambda items: items[0]).train()
     return losses, lrs
