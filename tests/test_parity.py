@@ -21,7 +21,7 @@ reference trains on the documents of each packed row one by one, each in a row o
 
 Launches: every two-process run in one torchrun launch of this file (its __main__ trains each run
 dir in turn in one process group), pp in one one-process launch. Time on 2 cores shared with other
-work: 4.5 to 7 minutes of wall time (the module got 35-45% of the cores), 125-155 s of CPU in all,
+work: 4.5 to 7 minutes of wall time (the module had 0.35-0.45 of a core on average), 125-155 s of CPU,
 once DeepSpeed's CPU Adam is compiled (minutes, once, into TORCH_EXTENSIONS_DIR). The largest
 differences measured (max over 12 steps): 4.8e-7 fsdp, fsdp-offload and accumulation; 9.5e-7 warmup,
 ds-zero2, ds-zero3, pp, chat and packed; 1.4e-6 LoRA; 1.9e-6 and 2.4e-6 the offloaded ZeRO
