@@ -21,7 +21,7 @@ reference trains on the documents of each packed row one by one, each in a row o
 
 Launches: every two-process run in one torchrun launch of this file (its __main__ trains each run
 dir in turn in one process group), pp in one one-process launch. Time on 2 cores shared with other
-work: 4.5 to 7 minutes of wall time (the module had 0.35-0.45 of a core on average), 125-155 s of CPU,
+work: 4 to 7 minutes of wall time (the module had 0.35-0.45 of a core on average), 120-155 s of CPU,
 once DeepSpeed's CPU Adam is compiled (minutes, once, into TORCH_EXTENSIONS_DIR). The largest
 differences measured (max over 12 steps): 4.8e-7 fsdp, fsdp-offload and accumulation; 9.5e-7 warmup,
 ds-zero2, ds-zero3, pp, chat and packed; 1.4e-6 LoRA; 1.9e-6 and 2.4e-6 the offloaded ZeRO
@@ -53,7 +53,8 @@ TOLERANCE = 1e-5  # absolute, on losses near ln(400) = 6: fp32 reduction order, 
 COMMON = {"cluster": "local", "device": "cpu", "max_steps": STEPS, "lr": 3e-3, "warmup_ratio": 0.0,
           "weight_decay": 0.1, "grad_clip": 1.0, "log_every_steps": 1, "seed": 0}
 TEXT = {"seq_len": 32, "global_batch": 8, "micro_batch": 4}      # 2 ranks x 1 micro-batch of 4
-PACKED = {"seq_len": 256, "global_batch": 4, "micro_batch": 2}   # 2 ranks x 1 micro-batch of 2 rows (~100-token documents)
+# 2 ranks x 1 micro-batch of 2 rows, each holding one to three of the ~100-token documents
+PACKED = {"seq_len": 256, "global_batch": 4, "micro_batch": 2}
 
 # name: (data, extra flags, processes). The sharded strategies on two ranks; pp is one process.
 RUNS = {
@@ -335,7 +336,8 @@ def reference_run(setup: dict[str, Path], name: str, tmp_path: Path) -> tuple[li
             lrs.append(self.lr_scheduler.get_last_lr()[0])  # the lr this step's update uses
             return loss
 
-    Recording(model=model, args=trainer_args(spec, tmp_path), train_dataset=_StepBatches(reference_batches(setup, name)),
+    batches = _StepBatches(reference_batches(setup, name))
+    Recording(model=model, args=trainer_args(spec, tmp_path), train_dataset=batches,
               data_collator=lambda items: items[0]).train()
     return losses, lrs
 
