@@ -53,7 +53,7 @@ TOLERANCE = 1e-5  # absolute, on losses near ln(400) = 6: fp32 reduction order, 
 COMMON = {"cluster": "local", "device": "cpu", "max_steps": STEPS, "lr": 3e-3, "warmup_ratio": 0.0,
           "weight_decay": 0.1, "grad_clip": 1.0, "log_every_steps": 1, "seed": 0}
 TEXT = {"seq_len": 32, "global_batch": 8, "micro_batch": 4}      # 2 ranks x 1 micro-batch of 4
-# 2 ranks x 1 micro-batch of 2 rows, each holding one to three of the ~100-token documents
+# 2 ranks x 1 micro-batch of 2 rows, each holding one or two of the 90-150-token documents
 PACKED = {"seq_len": 256, "global_batch": 4, "micro_batch": 2}
 
 # name: (data, extra flags, processes). The sharded strategies on two ranks; pp is one process.
