@@ -55,7 +55,7 @@ from llamajobs.data.sampler import IGNORE_INDEX
 from llamajobs.data.tokenizer import load_tokenizer
 from llamajobs.site import Site
 from llamajobs.spec import JobSpec
-from llamajobs.worker import checkpoint, parallel
+from llamajobs.worker import checkpoint, parallel, zero_config
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.parallel import Dist
 from llamajobs.worker.train import build_strategy, check_node, check_supported, parse_run_dir
@@ -91,7 +91,7 @@ def extensions_env() -> dict[str, str]:
 def test_ds_config_is_filled_from_the_spec_with_nothing_left_auto() -> None:
     spec = JobSpec(size="7b", strategy="ds-zero3-offload", cluster="slurm", nodes=2, gpus_per_node=8,
                    global_batch=256, micro_batch=4, grad_clip=0.5)
-    config = render.ds_config(spec)
+    config = zero_config.ds_config(spec)
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (256, 4)
     assert config["gradient_accumulation_steps"] == 4  # 256 / (4 x 16 ranks)
     assert config["managed_gradient_accumulation"] is False and config["gradient_clipping"] == 0.5
@@ -102,10 +102,10 @@ def test_ds_config_is_filled_from_the_spec_with_nothing_left_auto() -> None:
     assert zero["reduce_bucket_size"] == 4096 ** 2 and zero["stage3_param_persistence_threshold"] == 40960
     assert "auto" not in json.dumps(config)
     # On the node: the real world size and device decide.
-    on_cpu = render.ds_config(spec, world_size=2, cuda=False)
+    on_cpu = zero_config.ds_config(spec, world_size=2, cuda=False)
     assert on_cpu["gradient_accumulation_steps"] == 32 and on_cpu["bf16"] == {"enabled": False}
     assert on_cpu["zero_optimization"]["offload_param"]["pin_memory"] is False
-    two = render.ds_config(JobSpec(strategy="ds-zero2", global_batch=8, micro_batch=2), world_size=2, cuda=False)
+    two = zero_config.ds_config(JobSpec(strategy="ds-zero2", global_batch=8, micro_batch=2), world_size=2, cuda=False)
     assert two["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in two["zero_optimization"]
     assert two["zero_optimization"]["allgather_bucket_size"] == 64 ** 2
 

@@ -24,14 +24,13 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from llamajobs import events
-from llamajobs.catalog import TINY_VOCAB
+from llamajobs.catalog import TINY_VOCAB, flops_per_token
 from llamajobs.data import SAMPLE_CORPUS, read_texts
 from llamajobs.data.sampler import (IGNORE_INDEX, MicroBatch, WindowSampler, steps_per_epoch, tokenize_documents,
                                      total_steps)
 from llamajobs.data import instruct
 from llamajobs.data.store import TokenStore, open_documents
 from llamajobs.data.tokenizer import ensure_tokenizer, load_tokenizer
-from llamajobs.estimate import flops_per_token
 from llamajobs.rules import validate_packing
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib

@@ -6,10 +6,10 @@ launch as FSDP (deepspeed.initialize reads torchrun's environment and adopts its
     ds-zero3          the parameters partitioned too, gathered layer by layer for compute
     ds-zero3-offload  and offloaded to the CPU (pinned), optimizer too
 
-The config comes from spec.json through templates/ds_config.json.j2 (llamajobs.render.ds_config),
-rendered here with this node's world size and device. The loop's semantics are the FSDP path's:
-one optimizer step per global batch (unmanaged gradient accumulation: backward() only accumulates,
-step() is the boundary), the loss of each micro-batch already normalised by the global batch's
+The config is built from spec.json as a dict (zero_config.ds_config, which render.py also writes
+into ds_config.json), here with this node's world size and device. The loop's semantics are the
+FSDP path's: one optimizer step per global batch (unmanaged gradient accumulation: backward() only
+accumulates, step() is the boundary), the loss of each micro-batch already normalised by the global batch's
 label tokens, so backward() is told not to divide by the accumulation steps again; like FSDP,
 DeepSpeed averages the gradients over ranks, which the world_size factor of forward_backward undoes.
 
@@ -31,11 +31,11 @@ import torch.distributed as dist
 from torch import nn
 from transformers import LlamaConfig
 
-from llamajobs import render
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.faults import simulate_cpu
 from llamajobs.worker.parallel import Dist, Strategy
+from llamajobs.worker.zero_config import DS_CONFIG, ds_config
 
 
 def fp32_only(accelerator) -> None:
@@ -88,7 +88,7 @@ class Zero(Strategy):
     @property
     def config(self) -> dict:
         """The DeepSpeed config of this node's real world size and device."""
-        return render.ds_config(self.spec, world_size=self.env.world_size, cuda=self.cuda)
+        return ds_config(self.spec, world_size=self.env.world_size, cuda=self.cuda)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -177,8 +177,8 @@ class Zero(Strategy):
         line = (f"deepspeed: ZeRO-{zero['stage']}, offload {'+'.join(offloaded) or 'none'}, "
                 f"{'bf16' if config['bf16']['enabled'] else 'fp32'}, {config['gradient_accumulation_steps']} "
                 f"micro-batches per step, clip {config['gradient_clipping']} (config from spec.json)")
-        planned = run_dir / render.DS_CONFIG
-        if planned.is_file() and json.loads(planned.read_text()) != render.ds_config(self.spec):
+        planned = run_dir / DS_CONFIG
+        if planned.is_file() and json.loads(planned.read_text()) != ds_config(self.spec):
             line += (f"\nwarning: {planned} differs from spec.json's rendering; the worker renders its config from "
                      f"spec.json (edit the spec, not ds_config.json)")
         return line
