@@ -55,7 +55,7 @@ from llamajobs.data.sampler import IGNORE_INDEX
 from llamajobs.data.tokenizer import load_tokenizer
 from llamajobs.site import Site
 from llamajobs.spec import JobSpec
-from llamajobs.worker import checkpoint, parallel, zero_config
+from llamajobs.worker import checkpoint, parallel, zero, zero_config
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.parallel import Dist
 from llamajobs.worker.train import build_strategy, check_node, check_supported, parse_run_dir
@@ -187,15 +187,15 @@ def test_each_part_moves_its_inputs_to_its_device() -> None:
 
 def test_engine_checkpoints_resume_only_on_their_world_size_and_format(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoints" / "step-4"
-    (folder / checkpoint.ENGINE_TAG).mkdir(parents=True)
+    (folder / zero.ENGINE_TAG).mkdir(parents=True)
     (folder / checkpoint.META).write_text('{"complete": true, "mode": "full", "world_size": 8, "strategy": "ds-zero3"}')
     env = Dist(rank=0, local_rank=0, world_size=2, local_world_size=2, device=torch.device("cpu"))
-    with pytest.raises(ValueError, match="ZeRO partitions of 8 processes and this run has 2; resume it on 8"):
-        checkpoint.Checkpointer.resume(SimpleNamespace(root=tmp_path / "checkpoints", spec=JobSpec(strategy="ds-zero3"),
-                                                       env=env, engine_checkpoints=True), 4)
-    with pytest.raises(ValueError, match="--strategy ds-zero3 run in another format"):
-        checkpoint.Checkpointer.resume(SimpleNamespace(root=tmp_path / "checkpoints", spec=JobSpec(strategy="fsdp"),
-                                                       env=env, engine_checkpoints=False), 4)
+    for name, refusal in [("ds-zero3", "ZeRO partitions of 8 processes and this run has 2; resume it on 8"),
+                          ("fsdp", r"--strategy ds-zero3 run in another format \(not DCP\)")]:
+        spec = JobSpec(strategy=name)
+        with pytest.raises(ValueError, match=refusal):
+            checkpoint.Checkpointer.resume(SimpleNamespace(root=tmp_path / "checkpoints", spec=spec, env=env,
+                                                           strategy=build_strategy(spec, env)), 4)
 
 
 # --- launches ---
@@ -376,7 +376,7 @@ def test_zero_full_export_is_the_whole_trained_model_without_placeholders(zero_r
     run_dir = zero_runs(strategy)["full"].ref
     exported = _final(run_dir, "full")
     recovered = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints" / "step-6"),
-                                                         tag=checkpoint.ENGINE_TAG)
+                                                         tag=zero.ENGINE_TAG)
     expected_shapes = {k: v.shape for k, v in _random_base().state_dict().items()}
     assert {k: v.shape for k, v in exported.items()} == expected_shapes
     assert_same_tensors(exported, {k: v.contiguous() for k, v in recovered.items()})

@@ -155,3 +155,24 @@ def test_the_training_worker_reaches_neither_the_estimator_nor_the_renderer():
     assert {"llamajobs.worker.train", "llamajobs.worker.zero", "llamajobs.catalog"} <= reached  # (the walk works)
     assert sorted(name for name in reached if _planner_or_renderer(name)) == []
     assert sorted(name for name in reached if "jinja2" in third_party(mods[name])) == []
+
+
+# What an engine does differently is its Strategy class's (worker/parallel.py, zero.py): the loop and the
+# checkpointer ask the hooks, never the engine's facts or name (train.ENGINES alone maps names to classes).
+ENGINE_FACTS = {"deepspeed", "fsdp", "engine", "zero_stage", "offload_optimizer", "offload_params", "offload"}
+ENGINE_NAMES = {"deepspeed", "fsdp", "pp"}
+
+
+def test_the_loop_and_the_checkpointer_never_branch_on_an_engine():
+    for name in ("llamajobs.worker.train", "llamajobs.worker.checkpoint"):
+        tree = ast.parse(modules()[name].read_text())
+        engines = [node for node in ast.walk(tree) if isinstance(node, ast.AnnAssign)
+                   and isinstance(node.target, ast.Name) and node.target.id == "ENGINES"]
+        table = {id(n) for node in engines for n in ast.walk(node)}
+        lookup = {id(n) for node in ast.walk(tree) if isinstance(node, ast.Subscript)
+                  and isinstance(node.value, ast.Name) and node.value.id == "ENGINES" for n in ast.walk(node)}
+        asked = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                 and node.attr in ENGINE_FACTS and id(node) not in lookup]
+        named = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                 and node.value in ENGINE_NAMES and id(node) not in table]
+        assert (asked, named) == ([], []), name

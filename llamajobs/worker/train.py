@@ -73,10 +73,10 @@ def train(run_dir: Path, spec: JobSpec, env: Dist) -> None:
     check_node(spec, env, strategy.devices_per_process)
     # A full fine-tune's checkpoint holds every weight: resuming one needs no base weights read.
     model = strategy.build_model(config, load_weights=resume_step is None or spec.mode_info.frozen_base)
-    optimizer, scheduler = build_optimizer(model, spec, env.device, total)
+    optimizer, scheduler = build_optimizer(model, spec, strategy, total)
     model, optimizer = strategy.wrap(model, optimizer)  # DeepSpeed: its engine and ZeRO optimizer
     announce(spec, run_dir, env, model, strategy, steps_in_epoch=steps_in_epoch, total=total)
-    checkpointer = Checkpointer(run_dir, spec, env, TrainState(model, optimizer, scheduler, sampler))
+    checkpointer = Checkpointer(run_dir, spec, env, TrainState(model, optimizer, scheduler, sampler), strategy)
     start = checkpointer.resume(resume_step)  # 0 without a checkpoint
     metrics = build_metrics(run_dir, spec, env, strategy, total=total, steps_in_epoch=steps_in_epoch, start=start)
     validator = validate.build_validator(spec, env, strategy, total=total, pad_id=tokenizer.eos_token_id)
@@ -162,15 +162,13 @@ def check_node(spec: JobSpec, env: Dist, devices_per_process: int) -> None:
         kernels.check_fp8_device(env.device)
 
 
+# The Strategy class of each engine the catalog's StrategyInfo names (zero.py imports DeepSpeed only
+# when one of its hooks runs).
+ENGINES: dict[str, type[Strategy]] = {"fsdp": parallel.Fsdp, "deepspeed": zero.Zero, "pp": parallel.LayerSplit}
+
+
 def build_strategy(spec: JobSpec, env: Dist | None) -> Strategy:
-    """The strategy object of spec.strategy, by the catalog's engine (DeepSpeed imported only when
-    one is asked for: zero.py imports it lazily)."""
-    engine = spec.strategy_info.engine
-    if engine == "deepspeed":
-        return zero.Zero(spec, env)
-    if engine == "pp":
-        return parallel.LayerSplit(spec, env)
-    return parallel.Fsdp(spec, env)
+    return ENGINES[spec.strategy_info.engine](spec, env)
 
 
 def grad_accum_steps(spec: JobSpec, world_size: int) -> int:
@@ -193,23 +191,15 @@ def lr_factor(step: int, *, warmup: int, total: int) -> float:
     return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, spec: JobSpec, device: torch.device,
+def build_optimizer(model: nn.Module, spec: JobSpec, strategy: Strategy,
                     total: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW over the trainable parameters only (LoRA: the adapters). No weight decay on vectors
-    (norm scales): decaying them towards 0 only hurts. DeepSpeed's optimizer offload needs its CPU
-    Adam (the same update; a C++ kernel over the CPU-resident fp32 masters)."""
+    """The strategy's AdamW over the trainable parameters only (LoRA: the adapters). No weight decay
+    on vectors (norm scales): decaying them towards 0 only hurts."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     ndim = [len(getattr(p, "ds_shape", p.shape)) for p in trainable]  # (ZeRO-3 partitions look 1-D)
     groups = [{"params": [p for p, n in zip(trainable, ndim) if n >= 2], "weight_decay": spec.weight_decay},
               {"params": [p for p, n in zip(trainable, ndim) if n < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if zero.offloads_optimizer(spec):
-        optimizer = zero.cpu_adam(groups, spec.lr)
-    else:
-        # fused: one kernel per step on GPU, and on the CPU under fsdp-offload (bench/cpu_adam.py: 692 M
-        # parameters/s per core against 104 for the default for-loop); a CPU run keeps the default.
-        fused = device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=spec.lr, fused=fused or None)
+    optimizer = strategy.build_optimizer([g for g in groups if g["params"]])
     warmup = math.ceil(spec.warmup_ratio * total)
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, warmup=warmup, total=total))
     return optimizer, scheduler
