@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from llamajobs import catalog
 from llamajobs.errors import SpecError
-from llamajobs.values import flag as _flag, parse_slurm_time
+from llamajobs.values import DEVICES, flag as _flag, parse_slurm_time
 
 if TYPE_CHECKING:
     from llamajobs.spec import EvalSpec, JobSpec
@@ -73,7 +73,7 @@ def validate(spec: JobSpec) -> None:
     _choice(spec, "mode", catalog.MODES)
     _choice(spec, "cluster", catalog.CLUSTERS)
     _choice(spec, "launcher", catalog.LAUNCHERS)
-    _choice(spec, "device", ("auto", "cuda", "cpu"))
+    _choice(spec, "device", DEVICES)
     _choice(spec, "kernels", catalog.KERNELS)
     if spec.model_shape is not None:
         validate_shape(spec.model_shape)
@@ -107,11 +107,8 @@ def validate(spec: JobSpec) -> None:
         parse_slurm_time(spec.time)
     if spec.seq_len > spec.shape.max_seq_len:
         raise SpecError(f"--seq-len {spec.seq_len} exceeds the model's maximum {spec.shape.max_seq_len}")
-    per_step = spec.micro_batch * spec.world_size
-    if spec.evaluation is None and spec.global_batch % per_step:  # an eval job has no batch schedule
-        raise SpecError(
-            f"--global-batch {spec.global_batch} is not divisible by micro-batch {spec.micro_batch} x "
-            f"world size {spec.world_size} = {per_step}; use a multiple of {per_step}")
+    if spec.evaluation is None:  # (an eval job has no batch schedule)
+        spec.accum_steps()  # refuses a global batch the planned ranks' micro-batches do not divide
 
 
 def _validate_fp8(spec: JobSpec) -> None:

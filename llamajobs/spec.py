@@ -196,6 +196,19 @@ class JobSpec:
     def world_size(self) -> int:
         return self.nodes * self.planned_procs_per_node
 
+    def accum_steps(self, world_size: int | None = None) -> int:
+        """Micro-batches per rank per optimizer step, on world_size ranks: the planned ones by default
+        (validation, the plan, ds_config.json), the ones the node found in the worker (procs per node
+        are counted there). The one place this is computed; refused when the ranks' micro-batches do not
+        divide the global batch."""
+        world_size = self.world_size if world_size is None else world_size
+        per_step = self.micro_batch * world_size
+        accum, rest = divmod(self.global_batch, per_step)
+        if rest or not accum:
+            raise SpecError(f"--global-batch {self.global_batch} is not divisible by micro-batch {self.micro_batch} x "
+                            f"world size {world_size} = {per_step}; use a multiple of {per_step}")
+        return accum
+
     @property
     def time_minutes(self) -> int | None:
         return parse_slurm_time(self.time) if self.time else None

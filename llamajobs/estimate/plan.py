@@ -79,7 +79,10 @@ class Plan:
 
     @property
     def accum(self) -> int:
-        """Micro-batches per rank per optimizer step."""
+        """Micro-batches per rank per optimizer step. The plan of a run is the run's (JobSpec.accum_steps,
+        which divides: validation refused anything else). A what-if that a run would refuse (another
+        strategy's column of the memory table, a local spec priced on a cluster's GPUs) is priced at
+        the next whole number of micro-batches rather than dropped from the table."""
         return max(1, math.ceil(self.global_batch / (self.micro_batch * self.data_parallel)))
 
     @property

@@ -40,6 +40,7 @@ from transformers import LlamaConfig
 
 from llamajobs import catalog
 from llamajobs.spec import JobSpec
+from llamajobs.values import device_type
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.faults import lose_a_rank
 
@@ -71,10 +72,7 @@ def init_distributed(spec: JobSpec) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     # torchrun says LOCAL_WORLD_SIZE; DeepSpeed's launcher says LOCAL_SIZE.
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
-    use_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda, but this node has no usable CUDA device; use --device auto or cpu")
+    if device_type(spec.device, torch.cuda.is_available()) == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         # gloo carries the collectives on CPU tensors, which NCCL cannot do: the per-step stop and

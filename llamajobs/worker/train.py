@@ -134,7 +134,7 @@ def build_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, env: Dist) -> 
     mapped, after its tokenizer fingerprint is checked against ours; without one, the sample corpus
     is tokenised in memory (small: every rank does it). Instruction stores (with a loss mask) are
     packed into rows; pretraining stores give one random window per document per epoch."""
-    grad_accum_steps(spec, env.world_size)  # fail with the batch arithmetic spelled out
+    spec.accum_steps(env.world_size)  # fail with the batch arithmetic spelled out (the node's world size)
     docs = open_documents(spec.data, tokenizer) if spec.data else tokenize_documents(read_texts(SAMPLE_CORPUS), tokenizer)
     shared = dict(seq_len=spec.seq_len, global_batch=spec.global_batch, micro_batch=spec.micro_batch,
                   rank=env.rank, world_size=env.world_size, seed=spec.seed, pad_id=tokenizer.eos_token_id)
@@ -157,7 +157,8 @@ def check_node(spec: JobSpec, env: Dist, devices_per_process: int) -> None:
             raise NotImplementedError(f"--mode {spec.mode} with --strategy {spec.strategy} on {devices_per_process} "
                                       "GPUs: the prefix's keys and values would have to follow each layer to its "
                                       "GPU; use --strategy fsdp (or one GPU)")
-    grad_accum_steps(spec, env.world_size)
+    # The real world size can differ from the planned one (procs per node are counted on the node).
+    spec.accum_steps(env.world_size)
     if spec.fp8:
         kernels.check_fp8_device(env.device)
 
@@ -169,17 +170,6 @@ ENGINES: dict[str, type[Strategy]] = {"fsdp": parallel.Fsdp, "deepspeed": zero.Z
 
 def build_strategy(spec: JobSpec, env: Dist | None) -> Strategy:
     return ENGINES[spec.strategy_info.engine](spec, env)
-
-
-def grad_accum_steps(spec: JobSpec, world_size: int) -> int:
-    """Micro-batches per rank per optimizer step. The real world size can differ from the planned one
-    (procs per node are counted on the node), so this is checked here, not only in the spec."""
-    accum, rest = divmod(spec.global_batch, spec.micro_batch * world_size)
-    if rest or accum == 0:
-        raise ValueError(
-            f"--global-batch {spec.global_batch} is not a multiple of --micro-batch {spec.micro_batch} x "
-            f"world size {world_size} = {spec.micro_batch * world_size}; change --global-batch or --micro-batch")
-    return accum
 
 
 def lr_factor(step: int, *, warmup: int, total: int) -> float:
@@ -224,7 +214,7 @@ def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, strategy
     if env.rank != 0:
         return
     tokens_per_step = spec.global_batch * spec.seq_len
-    accum = grad_accum_steps(spec, env.world_size)
+    accum = spec.accum_steps(env.world_size)
     # DTensor numel is the global size; a ZeRO-3 partition's is not (ds_numel is).
     sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
     n_params, n_trainable = sum(n for n, _ in sizes), sum(n for n, trainable in sizes if trainable)

@@ -29,13 +29,8 @@ def ds_config(spec: JobSpec, *, world_size: int | None = None, cuda: bool | None
     if not info.deepspeed:
         raise ValueError(f"--strategy {spec.strategy} is not a DeepSpeed strategy "
                          f"({', '.join(sorted(catalog.DEEPSPEED_STRATEGIES))})")
-    world_size = spec.world_size if world_size is None else world_size
     if cuda is None:  # the plan: GPUs on SLURM unless --device cpu; the CPU elsewhere
         cuda = spec.plans_gpus
-    accum, rest = divmod(spec.global_batch, spec.micro_batch * world_size)
-    if rest or not accum:
-        raise ValueError(f"--global-batch {spec.global_batch} is not a multiple of --micro-batch {spec.micro_batch} x "
-                         f"world size {world_size}; change --global-batch or --micro-batch")
     d = spec.shape.dim
     zero: dict = {
         "stage": info.zero_stage,
@@ -62,7 +57,7 @@ def ds_config(spec: JobSpec, *, world_size: int | None = None, cuda: bool | None
     return {
         "train_batch_size": spec.global_batch,
         "train_micro_batch_size_per_gpu": spec.micro_batch,
-        "gradient_accumulation_steps": accum,
+        "gradient_accumulation_steps": spec.accum_steps(world_size),
         # Unmanaged: backward() only accumulates, step() is the boundary (the loop's own accumulation).
         "managed_gradient_accumulation": False,
         "gradient_clipping": spec.grad_clip,
