@@ -360,3 +360,5 @@ LAUNCHERS: tuple[str, ...] = ("torchrun", "deepspeed")
 TASKS: tuple[str, ...] = ("medqa", "medmcqa", "pubmedqa")  # eval's multiple-choice sets
 KERNELS: tuple[str, ...] = ("liger", "none")  # --kernels: Liger's fused kernels on CUDA, or the plain modules
 SCORES: tuple[str, ...] = ("letter", "text")  # eval's log-likelihood of an option's letter, or of its text
+# debug.fault: what the worker injects at a step for tests (worker/faults.py says what each does).
+FAULTS: tuple[str, ...] = ("crash", "oom", "stop", "die", "hang", "fsize")

@@ -13,7 +13,7 @@ from llamajobs.errors import SpecError
 from llamajobs.values import DEVICES, flag as _flag, parse_slurm_time
 
 if TYPE_CHECKING:
-    from llamajobs.spec import EvalSpec, JobSpec
+    from llamajobs.spec import DebugSpec, EvalSpec, JobSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _WANDB = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # [ENTITY/]PROJECT
@@ -52,6 +52,13 @@ def validate_eval(options: EvalSpec) -> None:
         value = getattr(options, name)
         if value is not None and value < 1:
             raise SpecError(f"{_flag(name)} {value}: must be at least 1")
+
+
+def validate_debug(debug: DebugSpec) -> None:
+    if debug.fault is not None and debug.fault not in catalog.FAULTS:
+        raise SpecError(f"debug.fault {debug.fault!r}: expected one of {', '.join(catalog.FAULTS)}")
+    if debug.fault_step < 0:
+        raise SpecError(f"debug.fault_step {debug.fault_step} must be 0 or more")
 
 
 def validate_shape(shape: catalog.Shape) -> None:

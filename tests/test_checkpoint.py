@@ -43,7 +43,7 @@ from llamajobs.worker import model as model_lib
 from llamajobs.worker.checkpoint import Checkpointer
 from llamajobs.worker.metrics import MetricsLogger
 from llamajobs.worker.parallel import Dist
-from tests.conftest import assert_exit_0, assert_same_tensors, metrics_rows, torchrun
+from tests.conftest import assert_exit_0, assert_same_tensors, metrics_rows, set_fault, torchrun
 
 # Measured on this CPU (fp32, 2 ranks, 4 steps): micro-batches of 2 x 2 vs 4 x 1 differ by at most
 # 1.6e-7 relative in the loss (a different summation order in the matmuls, carried through AdamW).
@@ -205,8 +205,8 @@ def new_run(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
 
 
 def _work(run_dir: Path, fault: str | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
-    return torchrun("-m", "llamajobs.worker", str(run_dir), env={"LLAMAJOBS_INJECT_FAULT": fault} if fault else None,
-                     nproc=nproc)
+    set_fault(run_dir, fault)
+    return torchrun("-m", "llamajobs.worker", str(run_dir), nproc=nproc)
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -432,7 +432,8 @@ def accumulation_check(tokenizer_dir: Path) -> dict:
         metrics = SimpleNamespace(start_clock=lambda step: None,
                                   log=lambda step, loss, lr, norm, **timings: losses.append(loss))
         no_checkpoints = SimpleNamespace(after_step=lambda step: False, seconds_saving=0.0)
-        train_loop(model, optimizer, scheduler, sampler, metrics, no_checkpoints, spec=spec, env=env, start=0, total=4)
+        train_loop(model, optimizer, scheduler, sampler, metrics, no_checkpoints, spec=spec, env=env, start=0, total=4,
+                   strategy=strategy, validator=None)
         results[micro_batch] = losses
     first = WindowSampler(docs, seq_len=64, global_batch=8, micro_batch=8, rank=0, world_size=1, seed=0, pad_id=2)
     labels = next(first)[0][1]

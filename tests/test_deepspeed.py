@@ -54,12 +54,12 @@ from llamajobs.catalog import SIZES, TINY_VOCAB
 from llamajobs.data.sampler import IGNORE_INDEX
 from llamajobs.data.tokenizer import load_tokenizer
 from llamajobs.site import Site
-from llamajobs.spec import JobSpec
+from llamajobs.spec import DebugSpec, JobSpec
 from llamajobs.worker import checkpoint, parallel, zero, zero_config
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.parallel import Dist
 from llamajobs.worker.train import build_strategy, check_node, check_supported, parse_run_dir
-from tests.conftest import REPO, assert_exit_0, assert_same_tensors, metrics_rows, torchrun
+from tests.conftest import REPO, assert_exit_0, assert_same_tensors, debug_section, metrics_rows, torchrun
 
 TORCHRUN_TIMEOUT_S = 600  # (a first offload launch compiles CPU Adam)
 ZERO = ["ds-zero2", "ds-zero2-offload", "ds-zero3", "ds-zero3-offload"]
@@ -323,12 +323,12 @@ def test_zero_resumes_bitwise_under_full_and_lora(zero_runs, strategy: str) -> N
 @pytest.mark.slow
 def test_zero3_on_a_cpu_with_16bit_instructions_stays_fp32_and_resumes_bitwise(new_run, zero_runs) -> None:
     """On a CPU whose DeepSpeed accelerator reports bf16 and fp16 support (AMD EPYC with avx512_bf16,
-    Xeons with AMX; simulated here by LLAMAJOBS_SIMULATE_CPU), ZeRO-3 keeps every weight fp32: the run
-    is this CPU's bitwise, and a resumed run the uninterrupted one."""
-    pair = _pairs(new_run, "zero3-16bit-cpu", ["full"], strategy="ds-zero3")["full"]
-    simulated = {"LLAMAJOBS_SIMULATE_CPU": "16bit"}
-    first = _train((pair.ref, None), (pair.int, STOP), env=simulated)
-    _train((pair.int, None), env=simulated)
+    Xeons with AMX; simulated here by spec.json's debug.simulate_16bit_cpu), ZeRO-3 keeps every weight
+    fp32: the run is this CPU's bitwise, and a resumed run the uninterrupted one."""
+    simulated = DebugSpec(simulate_16bit_cpu=True)
+    pair = _pairs(new_run, "zero3-16bit-cpu", ["full"], strategy="ds-zero3", debug=simulated)["full"]
+    first = _train((pair.ref, None), (pair.int, STOP))
+    _train((pair.int, None))
     assert "simulated CPU: DeepSpeed's CPU accelerator reports bf16 and fp16 support" in first.stdout
     _assert_resumed_exactly(pair, "full")
     final = _final(pair.int, "full")
@@ -503,7 +503,7 @@ def test_the_deepspeed_launcher_branch_of_launch_sh_trains(new_run, tmp_path: Pa
     render.render(spec, Site(), run_dir)
     assert (run_dir / render.DS_CONFIG).is_file()
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    environment = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LLAMAJOBS_INJECT"))},
+    environment = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
                    **extensions_env(), "PYTHONPATH": python_path, "LLAMAJOBS_PORT": str(29400 + os.getpid() % 500)}
     result = subprocess.run(["bash", str(run_dir / "launch.sh")], cwd=run_dir, env=environment, capture_output=True,
                             text=True, timeout=TORCHRUN_TIMEOUT_S)
@@ -611,10 +611,9 @@ if __name__ == "__main__":
         env = parallel.init_distributed(JobSpec.load(runs[0][0] / "spec.json"))
         try:
             for run_dir, fault in runs:
-                os.environ.pop("LLAMAJOBS_INJECT_FAULT", None)
-                if fault:
-                    os.environ["LLAMAJOBS_INJECT_FAULT"] = fault
-                train(run_dir.resolve(), JobSpec.load(run_dir / "spec.json"), env)
+                spec = JobSpec.load(run_dir / "spec.json")
+                debug = DebugSpec(**debug_section(fault or None, simulate_16bit_cpu=spec.debug.simulate_16bit_cpu))
+                train(run_dir.resolve(), dataclasses.replace(spec, debug=debug), env)
                 gc.collect()
         finally:
             parallel.teardown()

@@ -48,8 +48,8 @@ def unvalidated(values: dict) -> JobSpec:
     """A JobSpec holding `values` without running validation: what the worker would face if validation
     had let it through."""
     spec = object.__new__(JobSpec)
-    for name, field in FIELDS.items():
-        object.__setattr__(spec, name, values.get(name, field.default))
+    for name in FIELDS:
+        object.__setattr__(spec, name, values.get(name, spec_mod.default(name)))
     return spec
 
 

@@ -24,12 +24,13 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
 from llamajobs import catalog, events
+from llamajobs import spec as spec_mod
 from llamajobs.catalog import SIZES, TINY_VOCAB
 from llamajobs.data import read_texts
 from llamajobs.data.sampler import IGNORE_INDEX, WindowSampler, steps_per_epoch, total_steps
 from llamajobs.data.tokenizer import train_tokenizer
 from llamajobs.errors import SpecError
-from llamajobs.spec import JobSpec
+from llamajobs.spec import DebugSpec, JobSpec
 from llamajobs.worker import model as model_lib
 from llamajobs.worker import parallel
 from llamajobs.worker.kernels import token_loss_sum
@@ -204,16 +205,15 @@ def test_a_model_vocabulary_smaller_than_the_tokenizer_is_refused(tokenizer_dir:
         model_lib.check_vocab(LlamaConfig(vocab_size=100), LlamaTokenizer.from_pretrained(tokenizer_dir))
 
 
-def test_injected_fault_raises_when_its_step_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_injected_fault_raises_when_its_step_starts() -> None:
     fake_metrics = SimpleNamespace(start_clock=lambda step: None)
-    monkeypatch.setenv("LLAMAJOBS_INJECT_FAULT", "crash:2")
+    spec = JobSpec(debug=DebugSpec(fault="crash", fault_step=2))
     with pytest.raises(RuntimeError, match="injected fault at step 2"):  # the first step of a run resumed at 1
-        train_loop(nn.Linear(2, 2), None, None, iter(()), fake_metrics, None, spec=JobSpec(), env=None,
-                   start=1, total=3)
-    monkeypatch.setenv("LLAMAJOBS_INJECT_FAULT", "boom")
-    with pytest.raises(ValueError, match="expected one of crash:N, oom:N, stop:N, die:N, hang:N, fsize:N"):
-        train_loop(nn.Linear(2, 2), None, None, iter(()), fake_metrics, None, spec=JobSpec(), env=None,
-                   start=0, total=3)
+        train_loop(nn.Linear(2, 2), None, None, iter(()), fake_metrics, None, spec=spec, env=None,
+                   start=1, total=3, strategy=parallel.Fsdp(spec, None), validator=None)
+    assert spec.debug.describe() == "debug: inject crash at step 2"  # (what rank 0 prints at start-up)
+    with pytest.raises(SpecError, match="debug.fault 'boom': expected one of crash, oom, stop, die, hang, fsize"):
+        spec_mod.from_mapping({"debug": {"fault": "boom", "fault_step": 2}})  # refused as spec.json is read
 
 
 # --- loss normalisation: accumulated, sharded gradients == one pass over the global batch ---
@@ -242,7 +242,8 @@ def gradient_check(mode: str) -> dict[str, float]:
                     p.copy_(torch.full_like(p, 0.01))
     mine = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
     model.train()
-    share = forward_backward(model, list(zip(inputs[mine].split(2), labels[mine].split(2))), world_size)
+    share = forward_backward(model, list(zip(inputs[mine].split(2), labels[mine].split(2))), world_size,
+                             parallel.Fsdp(spec, None))
     dist.all_reduce(share)
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
     weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}

@@ -53,7 +53,7 @@ from llamajobs.control import STOP_REQUEST
 from llamajobs.data.sampler import WindowSampler
 from llamajobs.spec import JobSpec
 from llamajobs.worker import rng
-from llamajobs.worker.faults import injected_fault, limit_file_size, lose_a_rank
+from llamajobs.worker.faults import limit_file_size, lose_a_rank
 from llamajobs.worker.parallel import Dist, Strategy
 
 LATEST = "latest"
@@ -316,7 +316,7 @@ class Checkpointer:
         self.clock = clock
         self.last_save = clock()
         self.seconds_saving = 0.0  # this attempt's time spent in save(), for the metrics rows
-        self.stop_at = injected_fault("stop")
+        self.stop_at = spec.debug.fault_at("stop")  # tests: a stop request at a step they can predict
         # Names this attempt's temporary directories: the same on every rank, new on every attempt.
         self.token = broadcast_object(f"{os.getpid()}-{int(time.time())}")
 
@@ -325,8 +325,8 @@ class Checkpointer:
     def after_step(self, step: int) -> bool:
         """Save when due (every N steps, every M minutes, or on a stop request); True when a stop was
         requested: the checkpoint of this step is then complete and the worker should exit."""
-        lose_a_rank(step, self.env.rank, self.env.world_size)  # fault injection (die:N, hang:N)
-        limit_file_size(step)  # fault injection (fsize:N)
+        lose_a_rank(self.spec.debug, step, self.env.rank, self.env.world_size)  # fault injection (die, hang)
+        limit_file_size(self.spec.debug, step)  # fault injection (fsize)
         minutes_due, stop = self._rank0_decisions(step)
         steps_due = bool(self.every_steps) and step % self.every_steps == 0
         if steps_due or minutes_due or stop:

@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig
 
 from llamajobs import catalog
-from llamajobs.spec import JobSpec
+from llamajobs.spec import DebugSpec, JobSpec
 from llamajobs.values import device_type
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.faults import lose_a_rank
@@ -88,7 +88,7 @@ def init_distributed(spec: JobSpec) -> Dist:
     # The rendezvous init_process_group would do, done here to keep the store for the preflight.
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
-    hosts = preflight(store, rank, world_size, device, min(timeout, PREFLIGHT_TIMEOUT),
+    hosts = preflight(store, rank, world_size, device, min(timeout, PREFLIGHT_TIMEOUT), debug=spec.debug,
                       join=lambda: dist.init_process_group(backend=backend, store=store, rank=rank,
                                                            world_size=world_size, timeout=timeout, **options))
     # torchrun sets OMP_NUM_THREADS=1; without a share of the cores each CPU step is 3-10x slower.
@@ -108,7 +108,7 @@ STAGES = {
 
 
 def preflight(store: dist.Store, rank: int, world_size: int, device: torch.device, timeout: timedelta, *,
-              join: Callable[[], None]) -> list[str]:
+              debug: DebugSpec, join: Callable[[], None]) -> list[str]:
     """Join the process group (`join`), then one all_gather of the hosts and one all_reduce on the
     device, all within `timeout`; returns every rank's host.
 
@@ -121,7 +121,7 @@ def preflight(store: dist.Store, rank: int, world_size: int, device: torch.devic
     host = socket.gethostname()
     keys = preflight_keys(store)
     keys.set(f"arrived/{rank}", host)
-    lose_a_rank(0, rank, world_size)  # fault injection (hang:0): a rank that rendezvoused and went no further
+    lose_a_rank(debug, 0, rank, world_size)  # fault injection (hang at 0): a rank that rendezvoused, no further
     done = threading.Event()
     watchdog = threading.Thread(target=_preflight_watchdog, args=(done, store, world_size, timeout), daemon=True)
     watchdog.start()

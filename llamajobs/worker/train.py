@@ -36,7 +36,6 @@ from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
 from llamajobs.worker import kernels, packing, parallel, rng, sinks, validate, zero
 from llamajobs.worker.checkpoint import Checkpointer, CheckpointWriteError, TrainState, find_resume_step
-from llamajobs.worker.faults import injected_fault
 from llamajobs.worker.metrics import MetricsLogger, device_description
 from llamajobs.worker.parallel import Dist, Strategy
 
@@ -222,6 +221,8 @@ def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, strategy
           f"{spec.strategy} over {env.world_size} processes on {device_description(env.device)}", flush=True)
     if details := strategy.describe(run_dir):
         print(details, flush=True)
+    if switches := spec.debug.describe():
+        print(switches, flush=True)
     print(kernels.choose(spec, env.device.type).describe(), flush=True)
     print(f"tokens per step: {tokens_per_step:,} = global batch {spec.global_batch} x seq len {spec.seq_len} "
           f"({accum} micro-batches of {spec.micro_batch} on each of {env.world_size} ranks)", flush=True)
@@ -242,7 +243,7 @@ def to_device(micro_batches: list[MicroBatch], device: torch.device) -> list[Mic
 
 
 def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_size: int,
-                     strategy: Strategy | None = None) -> torch.Tensor:
+                     strategy: Strategy) -> torch.Tensor:
     """Accumulate into .grad the gradient of the global batch's mean token loss; return this rank's
     share of that mean (detached; the sum of the shares over ranks is the mean).
 
@@ -252,7 +253,6 @@ def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_si
     global batch. FSDP and DeepSpeed average gradients over ranks; the world_size factor turns that
     into a sum. (The strategy's backward is the engine's under DeepSpeed, told not to divide again.)
     """
-    strategy = strategy or parallel.Fsdp(JobSpec(), None)
     n_tokens = torch.stack([(labels != IGNORE_INDEX).sum() for _, labels, *_ in micro_batches]).sum()
     dist.all_reduce(n_tokens)
     scale = world_size / n_tokens.clamp(min=1)
@@ -281,14 +281,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: La
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, sampler: WindowSampler,
                metrics: MetricsLogger, checkpointer: Checkpointer, *, spec: JobSpec, env: Dist, start: int,
-               total: int, strategy: Strategy | None = None,
-               validator: validate.Validator | None = None) -> tuple[int, bool]:
+               total: int, strategy: Strategy, validator: validate.Validator | None) -> tuple[int, bool]:
     """Optimizer steps start+1..total, one global batch each, a checkpoint whenever due; returns the
     last step and whether a stop request ended the loop there (its checkpoint saved)."""
-    strategy = strategy or build_strategy(spec, env)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = spec.grad_clip if spec.grad_clip > 0 else math.inf
-    crash_step, oom_step = injected_fault("crash"), injected_fault("oom")
+    crash_step, oom_step = spec.debug.fault_at("crash"), spec.debug.fault_at("oom")  # (tests: spec.json's debug)
     model.train()
     metrics.start_clock(start)
     data_wait = 0.0  # host seconds spent getting batches since the last log

@@ -96,7 +96,7 @@ class Zero(Strategy):
         # DeepSpeed 0.19 still calls these torch.distributed names: one warning per call, every step.
         warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\."
                                 r"(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
-        simulate_cpu()  # tests: DeepSpeed's answers on a CPU with bf16/fp16 instructions
+        simulate_cpu(self.spec.debug)  # tests: DeepSpeed's answers on a CPU with bf16/fp16 instructions
         if not self.cuda:
             fp32_only(deepspeed.get_accelerator())
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")  # adopts the existing group
