@@ -9,8 +9,8 @@
 
 train.py and checkpoint.py call only the hooks of Strategy (train.ENGINES maps the catalog's engine to
 its class); everything a strategy does differently (the model, the optimizer, the step, the checkpoint
-format, final/) lives behind them. Which strategy and mode combinations run is
-JobSpec validation's to say; only what the node alone can tell is checked here.
+format, final/) lives behind them. Which strategy and mode combinations run is JobSpec validation's
+to say; only what the node alone can tell is checked here.
 """
 
 from __future__ import annotations
