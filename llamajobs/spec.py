@@ -67,8 +67,11 @@ class DebugSpec:
 
     def describe(self) -> str:
         """What rank 0 prints at start-up when a switch is on ("" when none is)."""
-        parts = ([f"inject {self.fault} at step {self.fault_step}"] if self.fault else []) + \
-            (["DeepSpeed's CPU accelerator simulates bf16/fp16 support"] if self.simulate_16bit_cpu else [])
+        parts = []
+        if self.fault:
+            parts.append(f"inject {self.fault} at step {self.fault_step}")
+        if self.simulate_16bit_cpu:
+            parts.append("DeepSpeed's CPU accelerator simulates bf16/fp16 support")
         return "debug: " + "; ".join(parts) if parts else ""
 
 
@@ -225,9 +228,9 @@ class JobSpec:
 
     def accum_steps(self, world_size: int | None = None) -> int:
         """Micro-batches per rank per optimizer step, on world_size ranks: the planned ones by default
-        (validation, the plan, ds_config.json), the ones the node found in the worker (procs per node
-        are counted there). The one place this is computed; refused when the ranks' micro-batches do not
-        divide the global batch."""
+        (validation, ds_config.json), the ones the node found in the worker (procs per node are counted
+        there). The one place this is computed; refused when the ranks' micro-batches do not divide the
+        global batch. (The estimator's Plan prices what-ifs a run would refuse: estimate/plan.py.)"""
         world_size = self.world_size if world_size is None else world_size
         per_step = self.micro_batch * world_size
         accum, rest = divmod(self.global_batch, per_step)
