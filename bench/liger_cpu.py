@@ -120,7 +120,7 @@ def ranks(which: str, mode: str, strategy: str) -> None:
     model = with_kernels(chosen, lambda: built.build_model(model_lib.model_config(spec), load_weights=False))
     torch.manual_seed(env.rank)
     bench.randomize(model)
-    optimizer, scheduler = train.build_optimizer(model, spec, env.device, total=100)
+    optimizer, scheduler = train.build_optimizer(model, spec, built, total=100)
     model, optimizer = built.wrap(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     losses = []

@@ -124,7 +124,7 @@ def measure(case: Case, way: str, device: torch.device, env, args: argparse.Name
         strategy = train.build_strategy(spec, env)
         model = strategy.build_model(model_lib.model_config(spec), load_weights=False)
         randomize(model)
-        optimizer, scheduler = train.build_optimizer(model, spec, device, total=10**6)
+        optimizer, scheduler = train.build_optimizer(model, spec, strategy, total=10**6)
         model, optimizer = strategy.wrap(model, optimizer)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]

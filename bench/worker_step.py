@@ -110,7 +110,7 @@ def worker_step(spec: JobSpec, env: parallel.Dist, batches: int = 1) -> Callable
     strategy = train.build_strategy(spec, env)
     model = strategy.build_model(model_lib.model_config(spec), load_weights=False)
     randomize(model)
-    optimizer, scheduler = train.build_optimizer(model, spec, env.device, total=10**6)  # ~ the plain loop's fixed lr
+    optimizer, scheduler = train.build_optimizer(model, spec, strategy, total=10**6)  # ~ the plain loop's fixed lr
     model, optimizer = strategy.wrap(model, optimizer)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

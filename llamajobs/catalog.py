@@ -348,6 +348,26 @@ MODES: tuple[str, ...] = tuple(MODE)
 PROMPT_MODES: tuple[str, ...] = tuple(m.name for m in MODE.values() if m.virtual_tokens)
 
 
+def flops_per_token(shape: Shape, seq_len: int, mode: str) -> float:
+    """Model FLOPs to train on one token: 6N + 12·L·d·s (N without embeddings; PaLM appendix B).
+
+    A frozen base (LoRA and the prompt methods) skips the weight gradients: about 4N. The output
+    head's matmul (2·d·V forward, twice that backward) is counted with N's rule; the input embedding
+    (a lookup) is not. The worker's MFU and the estimator both use this count (it reproduces
+    DESIGN.md's 49.5% anchor); it lives here, beside the shape, so the worker needs no estimator.
+    """
+    weight_flops_per_param = 4 if MODE[mode].frozen_base else 6
+    n = shape.non_embedding_params + shape.dim * shape.vocab_size  # the head multiplies every token
+    attention = 12 * shape.n_layers * shape.dim * seq_len
+    return weight_flops_per_param * n + attention
+
+
+def recompute_flops_per_token(shape: Shape, seq_len: int) -> float:
+    """What activation recompute adds (spent, never counted in MFU): one more forward of the decoder
+    layers, 2N for the weights and 4·L·d·s for attention (the head is not recomputed)."""
+    return 2 * shape.non_embedding_params + 4 * shape.n_layers * shape.dim * seq_len
+
+
 def trained_params(shape: Shape, mode: ModeInfo, lora_r: int, lora_targets: tuple[str, ...],
                    num_virtual_tokens: int) -> int:
     """Parameters that get a gradient (and are checkpointed): all of them, the LoRA adapters, or the
@@ -400,3 +420,5 @@ LAUNCHERS: tuple[str, ...] = ("torchrun", "deepspeed")
 TASKS: tuple[str, ...] = ("medqa", "medmcqa", "pubmedqa")  # eval's multiple-choice sets
 KERNELS: tuple[str, ...] = ("liger", "none")  # --kernels: Liger's fused kernels on CUDA, or the plain modules
 SCORES: tuple[str, ...] = ("letter", "text")  # eval's log-likelihood of an option's letter, or of its text
+# debug.fault: what the worker injects at a step for tests (worker/faults.py says what each does).
+FAULTS: tuple[str, ...] = ("crash", "oom", "stop", "die", "hang", "fsize")

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from llamajobs.data.formats import LETTERS
 from llamajobs.errors import SpecError
 from llamajobs.questions import Question, few_shot_prompt, mcq_answer, parse_choice, read_questions
+from llamajobs.values import device_type
 
 if TYPE_CHECKING:
     from llamajobs.spec import EvalSpec
@@ -102,13 +103,7 @@ def encode_options(tokenizer: TextEncoder, prompt: str, answers: Sequence[str]) 
 def resolve_device(device: str = "auto") -> Any:
     import torch
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise SpecError(f"--device {device!r}; choose auto, cpu or cuda")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SpecError("--device cuda: no CUDA device here; use --device cpu")
-    return torch.device(device)
+    return torch.device(device_type(device, torch.cuda.is_available()))  # (the worker's rule)
 
 
 def adapter_base(adapter: Path) -> Path:

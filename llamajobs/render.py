@@ -1,5 +1,5 @@
 """Render templates/ into a run dir: spec.json, the per-node launch.sh, a standalone job.sbatch, and
-for the DeepSpeed strategies ds_config.json."""
+for the DeepSpeed strategies ds_config.json (the dict the worker builds, worker/zero_config.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import jinja2
 
-from llamajobs import __version__, catalog, control
+from llamajobs import __version__, control
 from llamajobs.site import Site
 from llamajobs.spec import JobSpec
 from llamajobs.values import check_text
+from llamajobs.worker.zero_config import DS_CONFIG, ds_config
 
 RENDERED = ("spec.json", "launch.sh", "job.sbatch")
-DS_CONFIG = "ds_config.json"  # ds-* strategies only
 
 
 def templates_dir() -> Path:
@@ -57,34 +57,6 @@ def sbatch_options(spec: JobSpec) -> list[tuple[str, str]]:
 def gres(spec: JobSpec, site: Site) -> str | None:
     """The job's --gres: GPUs asked per node on a cluster that allocates them, unless --device cpu."""
     return site.gres_for(spec.gpus_per_node) if spec.cluster_info.allocates_gpus and spec.device != "cpu" else None
-
-
-def ds_config(spec: JobSpec, *, world_size: int | None = None, cuda: bool | None = None) -> dict:
-    """DeepSpeed's config for a ds-* spec, every value filled from the spec (none left "auto").
-
-    spec.json is the one source of truth: the run dir's ds_config.json is this function's output for
-    the planned world size and device, and the worker calls it again on the node with the real ones
-    (the launch counts the GPUs there; --device auto decides bf16 or fp32 there). Buckets are sized
-    from the hidden size d as Hugging Face's "auto" sizes them: d^2 elements per reduce (and ZeRO-2
-    all-gather) bucket, 0.9 d^2 per ZeRO-3 prefetch, parameters under 10 d elements kept whole."""
-    info = spec.strategy_info
-    if not info.deepspeed:
-        raise ValueError(f"--strategy {spec.strategy} is not a DeepSpeed strategy "
-                         f"({', '.join(sorted(catalog.DEEPSPEED_STRATEGIES))})")
-    world_size = spec.world_size if world_size is None else world_size
-    if cuda is None:  # the plan: GPUs on SLURM unless --device cpu; the CPU elsewhere
-        cuda = spec.plans_gpus
-    accum, rest = divmod(spec.global_batch, spec.micro_batch * world_size)
-    if rest or not accum:
-        raise ValueError(f"--global-batch {spec.global_batch} is not a multiple of --micro-batch {spec.micro_batch} x "
-                         f"world size {world_size}; change --global-batch or --micro-batch")
-    d = spec.shape.dim
-    context = {
-        "spec": spec, "accum": accum, "cuda": cuda, "stage": info.zero_stage,
-        "offload_optimizer": info.offload_optimizer, "offload_param": info.offload_params,
-        "reduce_bucket": d * d, "prefetch_bucket": int(0.9 * d * d), "persistence_threshold": 10 * d,
-    }
-    return json.loads(_environment().get_template(DS_CONFIG + ".j2").render(context))
 
 
 def render(spec: JobSpec, site: Site, out_dir: str | Path, run_dir: str | None = None) -> list[Path]:

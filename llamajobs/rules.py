@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 from llamajobs import catalog
 from llamajobs.errors import SpecError
-from llamajobs.values import flag as _flag, parse_slurm_time
+from llamajobs.values import DEVICES, flag as _flag, parse_slurm_time
 
 if TYPE_CHECKING:
-    from llamajobs.spec import EvalSpec, JobSpec
+    from llamajobs.spec import DebugSpec, EvalSpec, JobSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _WANDB = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # [ENTITY/]PROJECT
@@ -54,6 +54,13 @@ def validate_eval(options: EvalSpec) -> None:
             raise SpecError(f"{_flag(name)} {value}: must be at least 1")
 
 
+def validate_debug(debug: DebugSpec) -> None:
+    if debug.fault is not None and debug.fault not in catalog.FAULTS:
+        raise SpecError(f"debug.fault {debug.fault!r}: expected one of {', '.join(catalog.FAULTS)}")
+    if debug.fault_step < 0:
+        raise SpecError(f"debug.fault_step {debug.fault_step} must be 0 or more")
+
+
 def validate_shape(shape: catalog.Shape) -> None:
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len", "norm_eps",
                  "rope_theta"):
@@ -73,7 +80,7 @@ def validate(spec: JobSpec) -> None:
     _choice(spec, "mode", catalog.MODES)
     _choice(spec, "cluster", list(catalog.CLUSTER))
     _choice(spec, "launcher", catalog.LAUNCHERS)
-    _choice(spec, "device", ("auto", "cuda", "cpu"))
+    _choice(spec, "device", DEVICES)
     _choice(spec, "kernels", catalog.KERNELS)
     if spec.model_shape is not None:
         validate_shape(spec.model_shape)
@@ -107,11 +114,8 @@ def validate(spec: JobSpec) -> None:
         parse_slurm_time(spec.time)
     if spec.seq_len > spec.shape.max_seq_len:
         raise SpecError(f"--seq-len {spec.seq_len} exceeds the model's maximum {spec.shape.max_seq_len}")
-    per_step = spec.micro_batch * spec.world_size
-    if spec.evaluation is None and spec.global_batch % per_step:  # an eval job has no batch schedule
-        raise SpecError(
-            f"--global-batch {spec.global_batch} is not divisible by micro-batch {spec.micro_batch} x "
-            f"world size {spec.world_size} = {per_step}; use a multiple of {per_step}")
+    if spec.evaluation is None:  # (an eval job has no batch schedule)
+        spec.accum_steps()  # refuses a global batch the planned ranks' micro-batches do not divide
 
 
 def _validate_fp8(spec: JobSpec) -> None:

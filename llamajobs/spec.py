@@ -51,6 +51,35 @@ class EvalSpec:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class DebugSpec:
+    """Switches for tests, like torchtitan's DebugConfig: a section of spec.json (a run YAML's `debug:`),
+    validated and printed with the rest. Nothing in the worker reads them from the environment."""
+
+    fault: str | None = None  # one of catalog.FAULTS, injected at optimizer step fault_step (worker/faults.py)
+    fault_step: int = 0  # (hang at step 0: after the rendezvous, before joining the process group)
+    # DeepSpeed's CPU accelerator answers as on a CPU with bf16 and fp16 instructions (AMD EPYC with
+    # avx512_bf16, Xeons with AMX), where its dtype decisions differ from those on a CPU without them.
+    simulate_16bit_cpu: bool = False
+
+    def __post_init__(self) -> None:
+        _check_types(self, DEBUG_FIELDS, prefix="debug.")
+        rules.validate_debug(self)
+
+    def fault_at(self, kind: str) -> int | None:
+        """The step of the injected fault of this kind, or None."""
+        return self.fault_step if self.fault == kind else None
+
+    def describe(self) -> str:
+        """What rank 0 prints at start-up when a switch is on ("" when none is)."""
+        parts = []
+        if self.fault:
+            parts.append(f"inject {self.fault} at step {self.fault_step}")
+        if self.simulate_16bit_cpu:
+            parts.append("DeepSpeed's CPU accelerator simulates bf16/fp16 support")
+        return "debug: " + "; ".join(parts) if parts else ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class JobSpec:
     # model
     size: str = "tiny"
@@ -138,6 +167,7 @@ class JobSpec:
     eval_batches: int | None = None  # each validation over at most N micro-batches per rank (None: the whole split)
     # what runs: training (None), or an eval of a model (`llamajobs eval --cluster ...`)
     evaluation: EvalSpec | None = None
+    debug: DebugSpec = dataclasses.field(default_factory=DebugSpec)  # test switches (run YAML only)
 
     def __post_init__(self) -> None:
         _check_types(self, FIELDS)
@@ -206,6 +236,19 @@ class JobSpec:
     def world_size(self) -> int:
         return self.nodes * self.planned_procs_per_node
 
+    def accum_steps(self, world_size: int | None = None) -> int:
+        """Micro-batches per rank per optimizer step, on world_size ranks: the planned ones by default
+        (validation, ds_config.json), the ones the node found in the worker (procs per node are counted
+        there). The one place this is computed; refused when the ranks' micro-batches do not divide the
+        global batch. (The estimator's Plan prices what-ifs a run would refuse: estimate/plan.py.)"""
+        world_size = self.world_size if world_size is None else world_size
+        per_step = self.micro_batch * world_size
+        accum, rest = divmod(self.global_batch, per_step)
+        if rest or not accum:
+            raise SpecError(f"--global-batch {self.global_batch} is not divisible by micro-batch {self.micro_batch} x "
+                            f"world size {world_size} = {per_step}; use a multiple of {per_step}")
+        return accum
+
     @property
     def time_minutes(self) -> int | None:
         return parse_slurm_time(self.time) if self.time else None
@@ -242,11 +285,13 @@ class JobSpec:
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(JobSpec)}
 EVAL_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(EvalSpec)}
 SHAPE_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(catalog.Shape)}
+DEBUG_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(DebugSpec)}
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 def default(name: str) -> Any:
-    return FIELDS[name].default
+    field = FIELDS[name]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default  # (debug: a factory)
 
 
 
@@ -263,6 +308,8 @@ def _coerce(name: str, value: Any) -> Any:
         return value if isinstance(value, EvalSpec) else eval_from_mapping(value)
     if name == "model_shape":
         return value if isinstance(value, catalog.Shape) else shape_from_mapping(value)
+    if name == "debug":
+        return value if isinstance(value, DebugSpec) else debug_from_mapping(value)
     kind = _kind(FIELDS[name])
     bad = SpecError(f"{_flag(name)} {value!r} is not a valid {kind.replace('tuple[str, ...]', 'list of names')}")
     scalar = isinstance(value, (str, int, float)) and not isinstance(value, bool)
@@ -327,6 +374,7 @@ def _check_types(obj: Any, fields: Mapping[str, dataclasses.Field], prefix: str 
             "tuple[str, ...]": isinstance(value, tuple) and all(isinstance(v, str) for v in value),
             "catalog.Shape": isinstance(value, catalog.Shape),
             "EvalSpec": isinstance(value, EvalSpec),
+            "DebugSpec": isinstance(value, DebugSpec),
         }.get(base, True)
         label = prefix + name if prefix else _flag(name)
         if not ok:
@@ -390,6 +438,16 @@ def eval_from_mapping(values: Any) -> EvalSpec:
     if missing:
         raise SpecError(f"evaluation: no {missing[0]!r}; an eval job needs model, task and data")
     return EvalSpec(**fields)
+
+
+def debug_from_mapping(values: Any) -> DebugSpec:
+    """spec.json's or a run YAML's debug section."""
+    if not isinstance(values, Mapping):
+        raise SpecError(f"debug {values!r} is not a mapping; give its switches as keys ({', '.join(DEBUG_FIELDS)})")
+    unknown = [k for k in values if str(k).replace("-", "_") not in DEBUG_FIELDS]
+    if unknown:
+        raise SpecError(f"debug: unknown key {str(unknown[0])!r}; allowed: {', '.join(DEBUG_FIELDS)}")
+    return DebugSpec(**{str(k).replace("-", "_"): v for k, v in values.items()})
 
 
 def read_model_shape(model_path: str | None, init_from: str | None) -> catalog.Shape | None:

@@ -1,5 +1,5 @@
-"""User-given values parsed and checked the same way everywhere: SLURM times, token counts, and the one
-rule for text that may reach a script. Below the spec and the site profile, which both use it."""
+"""User-given values parsed and checked the same way everywhere: SLURM times, token counts, --device, and
+the one rule for text that may reach a script. Below the spec and the site profile, which both use it."""
 
 from __future__ import annotations
 
@@ -117,6 +117,19 @@ def check_limit(name: str, value: int | float, shown: str | None = None, what: s
         unit = " MB" if name.endswith("_mb") else ""
         raise SpecError(f"{what or flag(name)} {shown if shown is not None else value} is too large; "
                         f"allowed: {low:,} to {high:,}{unit}")
+
+
+DEVICES: tuple[str, ...] = ("auto", "cuda", "cpu")  # --device
+
+
+def device_type(device: str, cuda_available: bool) -> str:
+    """The one rule for --device, wherever a process picks its device (the training worker, kernels,
+    eval): "cuda" when asked, refused where there is none, or under auto when there is one; else "cpu"."""
+    if device not in DEVICES:
+        raise SpecError(f"--device {device!r}; choose {', '.join(DEVICES)}")
+    if device == "cuda" and not cuda_available:
+        raise SpecError("--device cuda, but there is no usable CUDA device here; use --device auto or cpu")
+    return "cuda" if device != "cpu" and cuda_available else "cpu"
 
 
 def flag(name: str) -> str:

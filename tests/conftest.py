@@ -3,6 +3,7 @@ launches of this checkout, a one-process gloo group, the bundled tokenizer."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -85,11 +86,28 @@ def assert_same_tensors(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
+def debug_section(fault: str | None = None, **switches: object) -> dict:
+    """spec.json's debug section (spec.DebugSpec) for `fault` as the tests spell it, KIND:STEP ("crash:3")."""
+    kind, _, step = (fault or "").partition(":")
+    return {"fault": kind or None, "fault_step": int(step or 0), **switches}
+
+
+def set_fault(run_dir: Path, fault: str | None) -> None:
+    """RUN_DIR/spec.json with `fault` injected by the next launch (None: no fault), its other debug
+    switches kept: what the environment variable LLAMAJOBS_INJECT_FAULT once did for one launch."""
+    from llamajobs.spec import DebugSpec, JobSpec
+
+    path = run_dir / "spec.json"
+    spec = JobSpec.load(path)
+    debug = DebugSpec(**debug_section(fault, simulate_16bit_cpu=spec.debug.simulate_16bit_cpu))
+    path.write_text(dataclasses.replace(spec, debug=debug).to_json())
+
+
 def torchrun(*args: str, nproc: int = 2, env: dict[str, str] | None = None,
              timeout: float = TORCHRUN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node N ARGS` with this checkout importable; no fault is
-    injected unless `env` says so."""
-    environment = {k: v for k, v in os.environ.items() if k != "LLAMAJOBS_INJECT_FAULT"}
+    """`torchrun --standalone --nproc-per-node N ARGS` with this checkout importable (faults are the
+    run dir's spec.json's: set_fault)."""
+    environment = dict(os.environ)
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     environment.update(PYTHONPATH=python_path, **(env or {}))
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",

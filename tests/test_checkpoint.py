@@ -38,12 +38,12 @@ from llamajobs.data import read_texts
 from llamajobs.data.sampler import IGNORE_INDEX, WindowSampler, tokenize_documents
 from llamajobs.data.tokenizer import load_tokenizer
 from llamajobs.spec import JobSpec
-from llamajobs.worker import checkpoint, rng
+from llamajobs.worker import checkpoint, parallel, rng
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.checkpoint import Checkpointer
 from llamajobs.worker.metrics import MetricsLogger
 from llamajobs.worker.parallel import Dist
-from tests.conftest import assert_exit_0, assert_same_tensors, metrics_rows, torchrun
+from tests.conftest import assert_exit_0, assert_same_tensors, metrics_rows, set_fault, torchrun
 
 # Measured on this CPU (fp32, 2 ranks, 4 steps): micro-batches of 2 x 2 vs 4 x 1 differ by at most
 # 1.6e-7 relative in the loss (a different summation order in the matmuls, carried through AdamW).
@@ -100,7 +100,8 @@ def test_checkpointer_saves_on_steps_minutes_and_stop_requests(single_rank_group
     now = [0.0]
     spec = JobSpec(checkpoint_every_steps=5, checkpoint_every_minutes=1.0)
     env = Dist(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
-    checkpointer = Checkpointer(tmp_path, spec, env, state=None, clock=lambda: now[0])
+    checkpointer = Checkpointer(tmp_path, spec, env, state=None, strategy=parallel.Fsdp(spec, env),
+                                clock=lambda: now[0])
     saved = []
 
     def save(step: int) -> None:
@@ -126,7 +127,8 @@ def test_checkpointer_saves_on_steps_minutes_and_stop_requests(single_rank_group
 def test_a_checkpoint_of_the_other_mode_is_refused_by_flag(single_rank_group, tmp_path: Path) -> None:
     _fake_checkpoint(tmp_path / "checkpoints", 4, '{"complete": true, "mode": "lora"}')
     env = Dist(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
-    checkpointer = Checkpointer(tmp_path, JobSpec(mode="full"), env, state=None)
+    checkpointer = Checkpointer(tmp_path, JobSpec(mode="full"), env, state=None,
+                                strategy=parallel.Fsdp(JobSpec(mode="full"), env))
     with pytest.raises(ValueError, match="saved by a --mode lora run; resume it with --mode lora, or turn resume off"):
         checkpointer.resume(4)
 
@@ -203,8 +205,8 @@ def new_run(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
 
 
 def _work(run_dir: Path, fault: str | None = None, nproc: int = 2) -> subprocess.CompletedProcess:
-    return torchrun("-m", "llamajobs.worker", str(run_dir), env={"LLAMAJOBS_INJECT_FAULT": fault} if fault else None,
-                     nproc=nproc)
+    set_fault(run_dir, fault)
+    return torchrun("-m", "llamajobs.worker", str(run_dir), nproc=nproc)
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -423,13 +425,15 @@ def accumulation_check(tokenizer_dir: Path) -> dict:
         spec = JobSpec(**{**BASE, "micro_batch": micro_batch, "max_steps": 4})
         sampler = WindowSampler(docs, seq_len=64, global_batch=8, micro_batch=micro_batch, rank=env.rank,
                                 world_size=env.world_size, seed=0, pad_id=2)
-        model = build_strategy(spec, env).build_model(model_lib.model_config(spec), load_weights=True)
-        optimizer, scheduler = build_optimizer(model, spec, env.device, total=4)
+        strategy = build_strategy(spec, env)
+        model = strategy.build_model(model_lib.model_config(spec), load_weights=True)
+        optimizer, scheduler = build_optimizer(model, spec, strategy, total=4)
         losses: list[float] = []
         metrics = SimpleNamespace(start_clock=lambda step: None,
                                   log=lambda step, loss, lr, norm, **timings: losses.append(loss))
         no_checkpoints = SimpleNamespace(after_step=lambda step: False, seconds_saving=0.0)
-        train_loop(model, optimizer, scheduler, sampler, metrics, no_checkpoints, spec=spec, env=env, start=0, total=4)
+        train_loop(model, optimizer, scheduler, sampler, metrics, no_checkpoints, spec=spec, env=env, start=0, total=4,
+                   strategy=strategy, validator=None)
         results[micro_batch] = losses
     first = WindowSampler(docs, seq_len=64, global_batch=8, micro_batch=8, rank=0, world_size=1, seed=0, pad_id=2)
     labels = next(first)[0][1]

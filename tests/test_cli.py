@@ -6,7 +6,9 @@ from pathlib import Path
 import click
 import pytest
 
+from llamajobs.catalog import CLUSTERS, FAMILIES, KERNELS, MODES, SIZES, STRATEGIES, TASKS
 from llamajobs.cli import cli as root
+from llamajobs.values import DEVICES
 
 SURFACE_FILE = Path(__file__).with_name("cli_surface.json")
 
@@ -25,8 +27,28 @@ def test_cli_surface_is_frozen():
     assert surface(root) == json.loads(SURFACE_FILE.read_text())
 
 
+def test_fixed_values_are_offered_from_their_registries():
+    """--help lists a flag's values from the registry that validates them (never typed by hand), and
+    shell completion offers them; a value outside them is refused by the spec, as from a run YAML."""
+    from llamajobs.data.chat import TEMPLATES
+    from llamajobs.data.formats import FORMATS
+
+    def choices(command: click.Command) -> dict[str, list[str]]:
+        return {p.name: list(p.type.choices) for p in command.params if isinstance(p.type, click.Choice)}
+
+    submit = choices(root.commands["submit"])
+    assert (submit["size"], submit["strategy"], submit["mode"]) == (list(SIZES), list(STRATEGIES), list(MODES))
+    assert (submit["kernels"], submit["cluster"], submit["device"]) == (list(KERNELS), list(CLUSTERS), list(DEVICES))
+    prepare = choices(root.commands["data"].commands["prepare"])
+    assert (prepare["fmt"], prepare["chat_template"]) == (list(FORMATS), list(TEMPLATES))
+    assert choices(root.commands["eval"])["task"] == list(TASKS)
+    model_path = next(p for p in root.commands["submit"].params if p.name == "model_path")
+    assert all(family in model_path.help for family in FAMILIES)
+
+
 @pytest.mark.parametrize("args, message", [
     (["submit", "--size", "8b", "--cluster", "local"], "--size '8b' is not known"),
+    (["submit", "--strategy", "zero4", "--cluster", "local"], "--strategy 'zero4' is not allowed"),
     (["submit", "--global-batch", "7", "--cluster", "local"], "--global-batch 7 is not divisible"),
     (["render", "--out", "x", "--time", "forever"], "--time 'forever' is malformed"),
     (["estimate", "hours", "--size", "7b", "--gpu", "v100"], "--gpu 'v100' is not known"),

@@ -20,7 +20,7 @@ from llamajobs.cluster.local import descendants, exited
 from llamajobs.spec import JobSpec
 from llamajobs.worker.checkpoint import (complete_steps, describe_write_failure, mount_point, newest_complete_step,
                                          write_failure, write_synced)
-from tests.conftest import REPO, assert_exit_0, torchrun
+from tests.conftest import REPO, assert_exit_0, set_fault, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,6 @@ STEPS = 120
 
 def launch(run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("LLAMAJOBS_INJECT_FAULT", None)
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "-m", "llamajobs.worker", str(run_dir)], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -98,9 +97,9 @@ def new_run(tmp_path: Path, tokenizer_dir: Path, **spec: object) -> Path:
 
 def run_worker(run_dir: Path, fault: str | None = None) -> subprocess.CompletedProcess:
     """One torchrun launch to its end, each rank's output in RUN_DIR/logs (as the launch script does)."""
+    set_fault(run_dir, fault)
     return torchrun("--max-restarts", "0", "--log-dir", str(run_dir / "logs"), "--redirects", "3",
-                    "-m", "llamajobs.worker", str(run_dir), env={"LLAMAJOBS_INJECT_FAULT": fault} if fault else None,
-                    timeout=300)
+                    "-m", "llamajobs.worker", str(run_dir), timeout=300)
 
 
 def rank_logs(run_dir: Path, name: str) -> dict[int, Path]:

@@ -54,12 +54,12 @@ from llamajobs.catalog import SIZES, TINY_VOCAB
 from llamajobs.data.sampler import IGNORE_INDEX
 from llamajobs.data.tokenizer import load_tokenizer
 from llamajobs.site import Site
-from llamajobs.spec import JobSpec
-from llamajobs.worker import checkpoint, parallel
+from llamajobs.spec import DebugSpec, JobSpec
+from llamajobs.worker import checkpoint, parallel, zero, zero_config
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.parallel import Dist
 from llamajobs.worker.train import build_strategy, check_node, check_supported, parse_run_dir
-from tests.conftest import REPO, assert_exit_0, assert_same_tensors, metrics_rows, torchrun
+from tests.conftest import REPO, assert_exit_0, assert_same_tensors, debug_section, metrics_rows, torchrun
 
 TORCHRUN_TIMEOUT_S = 600  # (a first offload launch compiles CPU Adam)
 ZERO = ["ds-zero2", "ds-zero2-offload", "ds-zero3", "ds-zero3-offload"]
@@ -91,7 +91,7 @@ def extensions_env() -> dict[str, str]:
 def test_ds_config_is_filled_from_the_spec_with_nothing_left_auto() -> None:
     spec = JobSpec(size="7b", strategy="ds-zero3-offload", cluster="slurm", nodes=2, gpus_per_node=8,
                    global_batch=256, micro_batch=4, grad_clip=0.5)
-    config = render.ds_config(spec)
+    config = zero_config.ds_config(spec)
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (256, 4)
     assert config["gradient_accumulation_steps"] == 4  # 256 / (4 x 16 ranks)
     assert config["managed_gradient_accumulation"] is False and config["gradient_clipping"] == 0.5
@@ -102,10 +102,10 @@ def test_ds_config_is_filled_from_the_spec_with_nothing_left_auto() -> None:
     assert zero["reduce_bucket_size"] == 4096 ** 2 and zero["stage3_param_persistence_threshold"] == 40960
     assert "auto" not in json.dumps(config)
     # On the node: the real world size and device decide.
-    on_cpu = render.ds_config(spec, world_size=2, cuda=False)
+    on_cpu = zero_config.ds_config(spec, world_size=2, cuda=False)
     assert on_cpu["gradient_accumulation_steps"] == 32 and on_cpu["bf16"] == {"enabled": False}
     assert on_cpu["zero_optimization"]["offload_param"]["pin_memory"] is False
-    two = render.ds_config(JobSpec(strategy="ds-zero2", global_batch=8, micro_batch=2), world_size=2, cuda=False)
+    two = zero_config.ds_config(JobSpec(strategy="ds-zero2", global_batch=8, micro_batch=2), world_size=2, cuda=False)
     assert two["zero_optimization"]["stage"] == 2 and "offload_optimizer" not in two["zero_optimization"]
     assert two["zero_optimization"]["allgather_bucket_size"] == 64 ** 2
 
@@ -187,15 +187,15 @@ def test_each_part_moves_its_inputs_to_its_device() -> None:
 
 def test_engine_checkpoints_resume_only_on_their_world_size_and_format(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoints" / "step-4"
-    (folder / checkpoint.ENGINE_TAG).mkdir(parents=True)
+    (folder / zero.ENGINE_TAG).mkdir(parents=True)
     (folder / checkpoint.META).write_text('{"complete": true, "mode": "full", "world_size": 8, "strategy": "ds-zero3"}')
     env = Dist(rank=0, local_rank=0, world_size=2, local_world_size=2, device=torch.device("cpu"))
-    with pytest.raises(ValueError, match="ZeRO partitions of 8 processes and this run has 2; resume it on 8"):
-        checkpoint.Checkpointer.resume(SimpleNamespace(root=tmp_path / "checkpoints", spec=JobSpec(strategy="ds-zero3"),
-                                                       env=env, engine_checkpoints=True), 4)
-    with pytest.raises(ValueError, match="--strategy ds-zero3 run in another format"):
-        checkpoint.Checkpointer.resume(SimpleNamespace(root=tmp_path / "checkpoints", spec=JobSpec(strategy="fsdp"),
-                                                       env=env, engine_checkpoints=False), 4)
+    for name, refusal in [("ds-zero3", "ZeRO partitions of 8 processes and this run has 2; resume it on 8"),
+                          ("fsdp", r"--strategy ds-zero3 run in another format \(not DCP\)")]:
+        spec = JobSpec(strategy=name)
+        with pytest.raises(ValueError, match=refusal):
+            checkpoint.Checkpointer.resume(SimpleNamespace(root=tmp_path / "checkpoints", spec=spec, env=env,
+                                                           strategy=build_strategy(spec, env)), 4)
 
 
 # --- launches ---
@@ -323,12 +323,12 @@ def test_zero_resumes_bitwise_under_full_and_lora(zero_runs, strategy: str) -> N
 @pytest.mark.slow
 def test_zero3_on_a_cpu_with_16bit_instructions_stays_fp32_and_resumes_bitwise(new_run, zero_runs) -> None:
     """On a CPU whose DeepSpeed accelerator reports bf16 and fp16 support (AMD EPYC with avx512_bf16,
-    Xeons with AMX; simulated here by LLAMAJOBS_SIMULATE_CPU), ZeRO-3 keeps every weight fp32: the run
-    is this CPU's bitwise, and a resumed run the uninterrupted one."""
-    pair = _pairs(new_run, "zero3-16bit-cpu", ["full"], strategy="ds-zero3")["full"]
-    simulated = {"LLAMAJOBS_SIMULATE_CPU": "16bit"}
-    first = _train((pair.ref, None), (pair.int, STOP), env=simulated)
-    _train((pair.int, None), env=simulated)
+    Xeons with AMX; simulated here by spec.json's debug.simulate_16bit_cpu), ZeRO-3 keeps every weight
+    fp32: the run is this CPU's bitwise, and a resumed run the uninterrupted one."""
+    simulated = DebugSpec(simulate_16bit_cpu=True)
+    pair = _pairs(new_run, "zero3-16bit-cpu", ["full"], strategy="ds-zero3", debug=simulated)["full"]
+    first = _train((pair.ref, None), (pair.int, STOP))
+    _train((pair.int, None))
     assert "simulated CPU: DeepSpeed's CPU accelerator reports bf16 and fp16 support" in first.stdout
     _assert_resumed_exactly(pair, "full")
     final = _final(pair.int, "full")
@@ -376,7 +376,7 @@ def test_zero_full_export_is_the_whole_trained_model_without_placeholders(zero_r
     run_dir = zero_runs(strategy)["full"].ref
     exported = _final(run_dir, "full")
     recovered = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints" / "step-6"),
-                                                         tag=checkpoint.ENGINE_TAG)
+                                                         tag=zero.ENGINE_TAG)
     expected_shapes = {k: v.shape for k, v in _random_base().state_dict().items()}
     assert {k: v.shape for k, v in exported.items()} == expected_shapes
     assert_same_tensors(exported, {k: v.contiguous() for k, v in recovered.items()})
@@ -503,7 +503,7 @@ def test_the_deepspeed_launcher_branch_of_launch_sh_trains(new_run, tmp_path: Pa
     render.render(spec, Site(), run_dir)
     assert (run_dir / render.DS_CONFIG).is_file()
     python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    environment = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LLAMAJOBS_INJECT"))},
+    environment = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
                    **extensions_env(), "PYTHONPATH": python_path, "LLAMAJOBS_PORT": str(29400 + os.getpid() % 500)}
     result = subprocess.run(["bash", str(run_dir / "launch.sh")], cwd=run_dir, env=environment, capture_output=True,
                             text=True, timeout=TORCHRUN_TIMEOUT_S)
@@ -611,10 +611,9 @@ if __name__ == "__main__":
         env = parallel.init_distributed(JobSpec.load(runs[0][0] / "spec.json"))
         try:
             for run_dir, fault in runs:
-                os.environ.pop("LLAMAJOBS_INJECT_FAULT", None)
-                if fault:
-                    os.environ["LLAMAJOBS_INJECT_FAULT"] = fault
-                train(run_dir.resolve(), JobSpec.load(run_dir / "spec.json"), env)
+                spec = JobSpec.load(run_dir / "spec.json")
+                debug = DebugSpec(**debug_section(fault or None, simulate_16bit_cpu=spec.debug.simulate_16bit_cpu))
+                train(run_dir.resolve(), dataclasses.replace(spec, debug=debug), env)
                 gc.collect()
         finally:
             parallel.teardown()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -263,7 +262,6 @@ if __name__ == "__main__":
     env = parallel.init_distributed(JobSpec.load(run_dirs[0] / "spec.json"))
     try:
         for run_dir in run_dirs:
-            os.environ.pop("LLAMAJOBS_INJECT_FAULT", None)
             train(run_dir, JobSpec.load(run_dir / "spec.json"), env)
             gc.collect()
     finally:

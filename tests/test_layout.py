@@ -104,11 +104,75 @@ def test_no_module_much_over_500_lines():
     assert long == {}
 
 
+def third_party(path: Path) -> set[str]:
+    """The top-level packages a module imports from outside llamajobs, at any depth in its code."""
+    tree = ast.parse(path.read_text())
+    used = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    used |= {node.module.split(".")[0] for node in ast.walk(tree)
+             if isinstance(node, ast.ImportFrom) and node.module and not node.level}
+    return used - {"llamajobs"}
+
+
+def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
+    """`start` and every module its imports reach, transitively."""
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(edges.get(name, ()))
+    return seen
+
+
 def test_click_and_rich_only_in_the_cli_and_views():
     for name, path in modules().items():
         if name.startswith("llamajobs.cli") or name.split(".")[-1] == "views":  # llamajobs.views, sweep.views
             continue
-        tree = ast.parse(path.read_text())
-        used = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        used |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        used = third_party(path)
         assert not used & {"click", "rich"}, f"{name} imports {used & {'click', 'rich'}}"
+
+
+# The login node's planning and rendering: the training worker needs none of it (its FLOPs per token are
+# the catalog's, its DeepSpeed config a dict built by worker/zero_config.py).
+NOT_IN_THE_WORKER = ("llamajobs.estimate", "llamajobs.render")
+
+
+def _planner_or_renderer(name: str) -> bool:
+    return any(name == banned or name.startswith(banned + ".") for banned in NOT_IN_THE_WORKER)
+
+
+def test_no_worker_module_imports_the_estimator_the_renderer_or_jinja():
+    edges, mods = graph(), modules()
+    for name in (n for n in mods if n.startswith("llamajobs.worker")):
+        assert not [target for target in edges[name] if _planner_or_renderer(target)], name
+        assert "jinja2" not in third_party(mods[name]), name
+
+
+def test_the_training_worker_reaches_neither_the_estimator_nor_the_renderer():
+    """What `python -m llamajobs.worker` imports, followed through every module it reaches."""
+    mods = modules()
+    reached = reachable(graph(), "llamajobs.worker.__main__")
+    assert {"llamajobs.worker.train", "llamajobs.worker.zero", "llamajobs.catalog"} <= reached  # (the walk works)
+    assert sorted(name for name in reached if _planner_or_renderer(name)) == []
+    assert sorted(name for name in reached if "jinja2" in third_party(mods[name])) == []
+
+
+# What an engine does differently is its Strategy class's (worker/parallel.py, zero.py): the loop and the
+# checkpointer ask the hooks, never the engine's facts or name (train.ENGINES alone maps names to classes).
+ENGINE_FACTS = {"deepspeed", "fsdp", "engine", "zero_stage", "offload_optimizer", "offload_params", "offload"}
+ENGINE_NAMES = {"deepspeed", "fsdp", "pp"}
+
+
+def test_the_loop_and_the_checkpointer_never_branch_on_an_engine():
+    for name in ("llamajobs.worker.train", "llamajobs.worker.checkpoint"):
+        tree = ast.parse(modules()[name].read_text())
+        engines = [node for node in ast.walk(tree) if isinstance(node, ast.AnnAssign)
+                   and isinstance(node.target, ast.Name) and node.target.id == "ENGINES"]
+        table = {id(n) for node in engines for n in ast.walk(node)}
+        lookup = {id(n) for node in ast.walk(tree) if isinstance(node, ast.Subscript)
+                  and isinstance(node.value, ast.Name) and node.value.id == "ENGINES" for n in ast.walk(node)}
+        asked = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                 and node.attr in ENGINE_FACTS and id(node) not in lookup]
+        named = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                 and node.value in ENGINE_NAMES and id(node) not in table]
+        assert (asked, named) == ([], []), name

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, status
+from tests.conftest import debug_section, run_cli, status
 
 pytestmark = pytest.mark.slow
 
@@ -147,9 +147,11 @@ def test_stalled_then_cancelled(env):
     # other, and status names the rank that died first, not the one stopped after it.
     ("die:3", "FAILED", 1, "the process exited with code 1 without a Python error", "rank 1 exits after step 3"),
 ])
-def test_failing_worker_shows_why_and_names_the_log(env, fault, state, rank, says, log_says):
-    result = run_cli("submit", *TINY, "--max-steps", "6", "--name", fault.split(":")[0], "--wait", "--json",
-                     env={**env, "LLAMAJOBS_INJECT_FAULT": fault})
+def test_failing_worker_shows_why_and_names_the_log(env, tmp_path, fault, state, rank, says, log_says):
+    config = tmp_path / "fault.yaml"  # (JSON is YAML) the run's debug section, as spec.json will hold it
+    config.write_text(json.dumps({"debug": debug_section(fault)}))
+    result = run_cli("submit", *TINY, "--max-steps", "6", "--name", fault.split(":")[0], "--config", str(config),
+                     "--wait", "--json", env=env)
     assert result.returncode == 1
     job_id = json.loads(result.stdout)["id"]
     row = status(env, job_id)

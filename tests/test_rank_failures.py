@@ -1,6 +1,6 @@
 """Failures end fast and say why: a rank that dies, a rank that hangs, a rank that reached the
 rendezvous but never joins the process group. Real torchrun launches of the tiny model on this CPU
-(gloo), the faults injected with LLAMAJOBS_INJECT_FAULT (die:N, hang:N, hang:0); every launch runs
+(gloo), the faults injected through spec.json's debug section (die:N, hang:N, hang:0); every launch runs
 with --max-restarts 0, as the launch script does. The local-cluster test of `status` naming the dead
 rank is in test_local_cluster.py."""
 
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from llamajobs import forensics
 from llamajobs.spec import JobSpec
 from llamajobs.worker.parallel import STAGES, preflight_report
-from tests.conftest import REPO
+from tests.conftest import REPO, set_fault
 
 TIMEOUT_MINUTES = 0.05  # 3 s: the collective timeout (and so the preflight's) of these launches
 # Start-up of a launch here (imports, the model, two ranks on 2 shared cores) takes 5-10 s; exits
@@ -44,7 +44,9 @@ class Launch:
     """One torchrun (one node), its output read as it comes, with the time of each line."""
 
     def __init__(self, run_dir: Path, fault: str, *, nnodes: int = 1, node_rank: int = 0, port: int = 0) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "LLAMAJOBS_INJECT_FAULT": fault}
+        if node_rank == 0:  # (the nodes share the run dir)
+            set_fault(run_dir, fault)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
         where = ["--standalone"] if nnodes == 1 else ["--nnodes", str(nnodes), "--node-rank", str(node_rank),
                                                        "--master-addr", "127.0.0.1", "--master-port", str(port)]
         self.log_dir = run_dir / "logs" / f"node-{node_rank}"

@@ -17,6 +17,7 @@ from llamajobs import spec as spec_mod
 from llamajobs.errors import SpecError
 from llamajobs.site import Site
 from llamajobs.spec import FIELDS, JobSpec
+from llamajobs.worker import zero_config
 from llamajobs.worker.parallel import Dist
 from llamajobs.worker.train import check_node, check_supported
 
@@ -47,8 +48,8 @@ def unvalidated(values: dict) -> JobSpec:
     """A JobSpec holding `values` without running validation: what the worker would face if validation
     had let it through."""
     spec = object.__new__(JobSpec)
-    for name, field in FIELDS.items():
-        object.__setattr__(spec, name, values.get(name, field.default))
+    for name in FIELDS:
+        object.__setattr__(spec, name, values.get(name, spec_mod.default(name)))
     return spec
 
 
@@ -67,8 +68,8 @@ def worker_refuses(spec: JobSpec) -> str | None:
         check_supported(spec)
         env, devices = node_environment(spec)
         check_node(spec, env, devices)
-        if spec.strategy_info.deepspeed:  # the worker renders DeepSpeed's config on the node
-            render.ds_config(spec, world_size=env.world_size, cuda=False)
+        if spec.strategy_info.deepspeed:  # the worker builds DeepSpeed's config on the node
+            zero_config.ds_config(spec, world_size=env.world_size, cuda=False)
     except (ValueError, NotImplementedError) as e:
         return str(e)
     return None

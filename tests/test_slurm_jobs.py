@@ -13,7 +13,7 @@ import pytest
 
 from llamajobs import events
 from llamajobs.cluster.local import cmdline
-from tests.conftest import run_cli, status
+from tests.conftest import debug_section, run_cli, status
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -28,9 +28,8 @@ def env(slurm, tmp_path_factory) -> dict[str, str]:
     return {"LLAMAJOBS_HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache")}
 
 
-def submit(env, *args: str, extra_env: dict[str, str] | None = None) -> dict:
-    return json.loads(run_cli("submit", *TWO_NODES, *args, "--json", env={**env, **(extra_env or {})},
-                              check=True).stdout)
+def submit(env, *args: str) -> dict:
+    return json.loads(run_cli("submit", *TWO_NODES, *args, "--json", env=env, check=True).stdout)
 
 
 def wait_state(env, job_id: int, states: set[str], timeout: float = 240) -> dict:
@@ -42,12 +41,13 @@ def wait_state(env, job_id: int, states: set[str], timeout: float = 240) -> dict
 
 
 @pytest.fixture(scope="module")
-def chained(env) -> dict:
+def chained(env, tmp_path_factory) -> dict:
     """A 2-node job, and a second queued behind it with --after that crashes at step 2: one pair of
     launches serves the completion, the chain and the crash assertions."""
+    crash = tmp_path_factory.mktemp("crash") / "crash.yaml"  # (JSON is YAML) the debug section of its spec.json
+    crash.write_text(json.dumps({"debug": debug_section("crash:2")}))
     first = submit(env, "--max-steps", "8", "--name", "two-nodes")
-    second = submit(env, "--max-steps", "6", "--name", "crash", "--after", str(first["id"]),
-                    extra_env={"LLAMAJOBS_INJECT_FAULT": "crash:2"})
+    second = submit(env, "--max-steps", "6", "--name", "crash", "--after", str(first["id"]), "--config", str(crash))
     wait_state(env, first["id"], {"RUNNING", "COMPLETED", "FAILED"})
     queued_behind = status(env, second["id"])["state"]
     first_row = wait_state(env, first["id"], {"COMPLETED", "FAILED", "CANCELLED"})

@@ -6,6 +6,7 @@ import pytest
 from llamajobs import catalog, spec, values
 from llamajobs.errors import SpecError
 from llamajobs.spec import JobSpec
+from llamajobs.worker import zero_config
 
 
 def test_defaults_live_in_the_jobspec():
@@ -13,6 +14,25 @@ def test_defaults_live_in_the_jobspec():
     assert (s.seq_len, s.global_batch, s.micro_batch, s.lr, s.warmup_ratio) == (512, 128, 4, 2e-5, 0.03)
     assert (s.lora_r, s.lora_alpha, s.lora_dropout, s.lora_targets) == (8, 32, 0.1, ("q_proj", "v_proj"))
     assert (s.keep_checkpoints, s.max_requeues, s.checkpoint_every_minutes) == (2, 20, 60.0)
+
+
+def test_the_accumulation_steps_are_computed_once_and_refused_where_they_do_not_divide():
+    s = JobSpec(global_batch=16, micro_batch=2)  # the local cluster plans 2 ranks
+    assert (s.accum_steps(), s.accum_steps(4)) == (4, 2)  # planned; the world size the node found
+    with pytest.raises(SpecError, match=r"--global-batch 16 is not divisible by micro-batch 2 x world size 3 = 6; "
+                                        r"use a multiple of 6"):
+        s.accum_steps(3)
+    zero = dataclasses.replace(s, strategy="ds-zero2")
+    assert [zero_config.ds_config(zero, world_size=w)["gradient_accumulation_steps"] for w in (None, 4)] == [4, 2]
+
+
+def test_one_device_rule_cuda_when_asked_or_there_and_auto():
+    assert [values.device_type(d, True) for d in values.DEVICES] == ["cuda", "cuda", "cpu"]
+    assert [values.device_type(d, False) for d in ("auto", "cpu")] == ["cpu", "cpu"]
+    with pytest.raises(SpecError, match="--device cuda, but there is no usable CUDA device here; use --device auto"):
+        values.device_type("cuda", False)
+    with pytest.raises(SpecError, match="--device 'gpu'; choose auto, cuda, cpu"):
+        values.device_type("gpu", True)
 
 
 def test_json_round_trip():

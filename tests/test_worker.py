@@ -23,18 +23,19 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-from llamajobs import events
+from llamajobs import catalog, events
+from llamajobs import spec as spec_mod
 from llamajobs.catalog import SIZES, TINY_VOCAB
 from llamajobs.data import read_texts
 from llamajobs.data.sampler import IGNORE_INDEX, WindowSampler, steps_per_epoch, total_steps
 from llamajobs.data.tokenizer import train_tokenizer
 from llamajobs.errors import SpecError
-from llamajobs.spec import JobSpec
+from llamajobs.spec import DebugSpec, JobSpec
 from llamajobs.worker import model as model_lib
 from llamajobs.worker import parallel
 from llamajobs.worker.kernels import token_loss_sum
-from llamajobs.worker.train import (build_optimizer, check_supported, forward_backward, train_loop,
-                                    train_step)
+from llamajobs.worker.train import (ENGINES, build_optimizer, build_strategy, check_supported, forward_backward,
+                                    train_loop, train_step)
 from tests.conftest import assert_exit_0, metrics_rows, torchrun
 
 
@@ -153,9 +154,25 @@ def test_batch_arithmetic_errors_name_the_settings() -> None:
 # --- schedule, refusals, fault injection ---
 
 
+def test_every_strategy_is_built_by_its_engines_class() -> None:
+    assert set(ENGINES) == {info.engine for info in catalog.STRATEGY.values()}
+    cpu = parallel.Dist(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+    for name, info in catalog.STRATEGY.items():
+        assert type(build_strategy(JobSpec(strategy=name), cpu)) is ENGINES[info.engine]
+
+
+def test_the_strategy_builds_the_optimizer_adamw_unless_zero_offloads_it() -> None:
+    cpu = parallel.Dist(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+    groups = [{"params": list(nn.Linear(2, 2).parameters()), "weight_decay": 0.0}]
+    for name in ("fsdp", "fsdp-offload", "ds-zero2", "ds-zero3", "pp"):
+        assert type(build_strategy(JobSpec(strategy=name, lr=0.5), cpu).build_optimizer(groups)) is torch.optim.AdamW
+    # (ds-*-offload's DeepSpeedCPUAdam compiles an extension: tests/test_deepspeed.py runs it)
+
+
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth() -> None:
     spec = JobSpec(lr=2.0, warmup_ratio=0.1, weight_decay=0.1)
-    optimizer, scheduler = build_optimizer(nn.Linear(4, 4), spec, torch.device("cpu"), total=12)
+    cpu = parallel.Dist(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+    optimizer, scheduler = build_optimizer(nn.Linear(4, 4), spec, parallel.Fsdp(spec, cpu), total=12)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]  # no decay on the bias
     lrs = []
     for _ in range(12):
@@ -188,16 +205,15 @@ def test_a_model_vocabulary_smaller_than_the_tokenizer_is_refused(tokenizer_dir:
         model_lib.check_vocab(LlamaConfig(vocab_size=100), LlamaTokenizer.from_pretrained(tokenizer_dir))
 
 
-def test_injected_fault_raises_when_its_step_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_injected_fault_raises_when_its_step_starts() -> None:
     fake_metrics = SimpleNamespace(start_clock=lambda step: None)
-    monkeypatch.setenv("LLAMAJOBS_INJECT_FAULT", "crash:2")
+    spec = JobSpec(debug=DebugSpec(fault="crash", fault_step=2))
     with pytest.raises(RuntimeError, match="injected fault at step 2"):  # the first step of a run resumed at 1
-        train_loop(nn.Linear(2, 2), None, None, iter(()), fake_metrics, None, spec=JobSpec(), env=None,
-                   start=1, total=3)
-    monkeypatch.setenv("LLAMAJOBS_INJECT_FAULT", "boom")
-    with pytest.raises(ValueError, match="expected one of crash:N, oom:N, stop:N, die:N, hang:N, fsize:N"):
-        train_loop(nn.Linear(2, 2), None, None, iter(()), fake_metrics, None, spec=JobSpec(), env=None,
-                   start=0, total=3)
+        train_loop(nn.Linear(2, 2), None, None, iter(()), fake_metrics, None, spec=spec, env=None,
+                   start=1, total=3, strategy=parallel.Fsdp(spec, None), validator=None)
+    assert spec.debug.describe() == "debug: inject crash at step 2"  # (what rank 0 prints at start-up)
+    with pytest.raises(SpecError, match="debug.fault 'boom': expected one of crash, oom, stop, die, hang, fsize"):
+        spec_mod.from_mapping({"debug": {"fault": "boom", "fault_step": 2}})  # refused as spec.json is read
 
 
 # --- loss normalisation: accumulated, sharded gradients == one pass over the global batch ---
@@ -226,7 +242,8 @@ def gradient_check(mode: str) -> dict[str, float]:
                     p.copy_(torch.full_like(p, 0.01))
     mine = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
     model.train()
-    share = forward_backward(model, list(zip(inputs[mine].split(2), labels[mine].split(2))), world_size)
+    share = forward_backward(model, list(zip(inputs[mine].split(2), labels[mine].split(2))), world_size,
+                             parallel.Fsdp(spec, None))
     dist.all_reduce(share)
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
     weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
@@ -308,7 +325,7 @@ def test_one_process_trains_unsharded_with_the_sharded_step_s_numbers(single_ran
         strategy.sharded = sharded
         model = strategy.build_model(model_lib.model_config(spec), load_weights=True)
         assert isinstance(model, parallel.FSDPModule) == sharded
-        optimizer, scheduler = build_optimizer(model, spec, env.device, total=10)
+        optimizer, scheduler = build_optimizer(model, spec, strategy, total=10)
         params = [p for p in model.parameters() if p.requires_grad]
         losses = [train_step(model, optimizer, scheduler, batches, strategy=strategy, params=params, max_norm=1.0,
                              world_size=1)[0].item() for _ in range(2)]

@@ -7,9 +7,13 @@ from pathlib import Path
 import click
 
 from llamajobs import ops, views
-from llamajobs.cli.options import json_option
+from llamajobs.cli.options import Choice, json_option
+from llamajobs.data.chat import TEMPLATES, TRAIN_ON
+from llamajobs.data.formats import FORMATS
 from llamajobs.data.prepare import MAX_EVAL_FRACTION, MAX_WORKERS
-from llamajobs.data.sharded_prepare import MAX_CPUS_PER_TASK, MAX_SHARDS
+from llamajobs.data.sharded_prepare import CLUSTERS, MAX_CPUS_PER_TASK, MAX_SHARDS
+
+_CHAT = "/".join(name for name, fmt in FORMATS.items() if fmt.chat)  # the formats of conversations
 
 
 @click.group()
@@ -24,14 +28,13 @@ def data() -> None:
                    "Hub id (org/name[@revision]) found in or downloaded into the Hugging Face cache.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="The store directory to write (written aside, renamed when complete).")
-@click.option("--format", "fmt", default="text", show_default=True,
-              help="text|s2orc|alpaca|messages|sharegpt|medqa|medmcqa|pubmedqa|lmflow (JSON lines, a JSON list, or "
-                   ".gz of either).")
-@click.option("--chat-template", default=None,
-              help="messages/sharegpt: render with llama3|chatml|mistral|alpaca instead of the tokenizer's own "
-                   "chat template (needed when its tokenizer_config.json has none).")
-@click.option("--train-on", default="assistant", show_default=True,
-              help="messages/sharegpt: the loss covers assistant turns, or all turns.")
+@click.option("--format", "fmt", type=Choice(tuple(FORMATS)), default="text", show_default=True,
+              help="The inputs' layout (JSON lines, a JSON list, or .gz of either).")
+@click.option("--chat-template", type=Choice(TEMPLATES), default=None,
+              help=f"{_CHAT}: render with this template instead of the tokenizer's own chat template (needed when "
+                   "its tokenizer_config.json has none).")
+@click.option("--train-on", type=Choice(TRAIN_ON), default="assistant", show_default=True,
+              help=f"{_CHAT}: the loss covers assistant turns, or all turns.")
 @click.option("--workers", type=int, default=1, show_default=True,
               help=f"Tokenizing processes (per shard); at most {MAX_WORKERS} here (4 per CPU).")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed lines instead of stopping at the first.")
@@ -44,8 +47,8 @@ def data() -> None:
 @click.option("--shards", type=int, default=None,
               help=f"Split the inputs into N shards of equal bytes (1 to {MAX_SHARDS:,}), one array task each, in "
                    f"DIR.parts; rerun the same command to finish after an interruption or failed tasks.")
-@click.option("--cluster", default=None, help="Where shards run: slurm or local (default: the site profile's, "
-              "else slurm when `scontrol ping` answers).")
+@click.option("--cluster", type=Choice(CLUSTERS), default=None,
+              help="Where shards run (default: the site profile's, else slurm when `scontrol ping` answers).")
 @click.option("--partition", default=None, help="SLURM partition of the shards (default: the site profile's).")
 @click.option("--account", default=None, help="SLURM account of the shards (default: the site profile's).")
 @click.option("--time", "time_limit", default=None,

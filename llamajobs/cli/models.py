@@ -8,9 +8,11 @@ from typing import Any, Callable
 import click
 
 from llamajobs import catalog, ops, views
-from llamajobs.cli.options import PLACEMENT_OPTIONS, QUEUE_OPTIONS, json_option, options, runs_dir_option, typed
+from llamajobs.cli.options import (PLACEMENT_OPTIONS, QUEUE_OPTIONS, Choice, json_option, options, runs_dir_option,
+                                   typed)
 from llamajobs.errors import Failure, SpecError
 from llamajobs.spec import EVAL_FIELDS, EvalSpec, default
+from llamajobs.values import DEVICES
 
 
 @click.command()
@@ -18,7 +20,8 @@ from llamajobs.spec import EVAL_FIELDS, EvalSpec, default
               help="Meta's checkpoint folder: consolidated.NN.pth shards and params.json.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="The Hugging Face directory to write (new or empty).")
-@click.option("--size", default=None, help=f"Cross-check the shape against the catalog: {', '.join(catalog.SIZES)}.")
+@click.option("--size", type=Choice(tuple(catalog.SIZES)), default=None,
+              help="Cross-check the shape against the catalog.")
 @click.option("--tokenizer", "tokenizer_file", default=None, type=click.Path(dir_okay=False),
               help="Meta's tokenizer.model, sentencepiece (LLaMA-1/2) or tiktoken (Llama 3) (default: in "
                    "--input-dir or its parent).")
@@ -48,7 +51,7 @@ def _default(name: str) -> str:
 @click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
               help="HF LLaMA directory (convert's output, a run's final/ or final/merged).")
 @click.option("--adapter", default=None, type=click.Path(file_okay=False), help="A LoRA adapter (a LoRA run's final/).")
-@click.option("--task", default=None, help="medqa, medmcqa or pubmedqa.")
+@click.option("--task", type=Choice(catalog.TASKS), default=None, help="The multiple-choice set.")
 @click.option("--data", default=None, type=click.Path(dir_okay=False), help="The questions (JSONL; JSON list or dict).")
 @click.option("--harness", default=None, help="Run lm-evaluation-harness tasks instead (TASK[,TASK]; needs the "
               "`harness` extra); --model may then be a job id (its final/).")
@@ -58,7 +61,7 @@ def _default(name: str) -> str:
 @click.option("--shots", type=int, default=None, help="Solved examples before each question" + _default("shots") + ".")
 @click.option("--shots-file", default=None, type=click.Path(dir_okay=False), help="Where the shots come from (first K).")
 @click.option("--generate", "use_generate", is_flag=True, help="Greedy-generate and parse the letter instead of scoring.")
-@click.option("--score", default=None,
+@click.option("--score", type=Choice(catalog.SCORES), default=None,
               help="letter: log-likelihood of the option's letter; text: of its text" + _default("score") + ".")
 @click.option("--batch-size", type=int, default=None, help="Questions per forward pass" + _default("batch_size") + ".")
 @click.option("--limit", type=int, default=None, help="Only the first N questions.")
@@ -66,8 +69,8 @@ def _default(name: str) -> str:
 @click.option("--predictions", default=None, type=click.Path(dir_okay=False),
               help="Write per-question results (JSONL); checked writable before scoring. A cluster job writes "
                    "RUN_DIR/predictions.jsonl.")
-@click.option("--cluster", default=None, help="slurm, local or debug: submit the eval as a job there "
-                                               "(default: run it here).")
+@click.option("--cluster", type=Choice(catalog.CLUSTERS), default=None,
+              help="Submit the eval as a job there (default: run it here).")
 @options(PLACEMENT_OPTIONS + QUEUE_OPTIONS)
 @click.option("--name", default=None, help="With --cluster: the job's name (default eval-TASK).")
 @click.option("--wait", is_flag=True, help="With --cluster: block until the job ends, then print its accuracy.")
@@ -164,7 +167,7 @@ def _harness(model_dir: str, adapter: str | None, tasks: str | None, tasks_dir: 
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="For sampling (temperature > 0).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--device", type=Choice(DEVICES), default="auto", show_default=True)
 def generate(model_dir: str, adapter: str | None, prompt: str, max_new_tokens: int, temperature: float,
              top_p: float, seed: int, device: str) -> None:
     """Continue a prompt (greedy by default); prints only the generated text."""

@@ -10,7 +10,16 @@ import click
 from click.core import ParameterSource
 
 from llamajobs import catalog, ops
-from llamajobs.values import LIMITS
+from llamajobs.values import DEVICES, LIMITS
+
+
+class Choice(click.Choice):
+    """A flag's fixed values, from their registry: --help lists them and shell completion offers them.
+    A value outside them goes on to the spec (or the operation), whose refusal names the flag the same
+    way whether the value came from a flag, a run YAML or the site profile."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return value
 
 
 def within(name: str, kind: type = click.IntRange, **kw: Any) -> click.ParamType:
@@ -24,6 +33,11 @@ def _opt(*names: str, **kw: Any) -> Callable:
     return click.option(*names, default=None, **kw)
 
 
+def _names(values: tuple[str, ...] | list[str]) -> str:
+    """a, b or c"""
+    return f"{', '.join(values[:-1])} or {values[-1]}" if len(values) > 1 else "".join(values)
+
+
 # Where a job runs and how it is queued: submit's, and `eval --cluster`'s.
 PLACEMENT_OPTIONS = [
     _opt("--nodes", type=int), _opt("--gpus-per-node", type=int),
@@ -32,7 +46,7 @@ PLACEMENT_OPTIONS = [
     _opt("--mem-per-node", help="SLURM --mem of each node (default 0: all of it)."),
 ]
 QUEUE_OPTIONS = [
-    _opt("--device", help="auto, cuda or cpu; decided on the compute node."),
+    _opt("--device", type=Choice(DEVICES), help="auto is decided on the compute node."),
     _opt("--partition"), _opt("--account"), _opt("--qos"),
     _opt("--time", help="SLURM time limit, HH:MM:SS or D-HH:MM:SS."),
     _opt("--constraint"), _opt("--exclusive/--no-exclusive"), _opt("--exclude"),
@@ -40,13 +54,13 @@ QUEUE_OPTIONS = [
     _opt("--after", help="Start only after these jobs completed (comma list)."),
 ]
 TRAINING_OPTIONS = [
-    _opt("--size", help=f"Model size: {', '.join(catalog.SIZES)}. Ignored with --model-path."),
-    _opt("--strategy", help=f"One of {', '.join(catalog.STRATEGIES)}."),
-    _opt("--mode", help=f"One of {', '.join(catalog.MODES)}."),
+    _opt("--size", type=Choice(tuple(catalog.SIZES)), help="Model size. Ignored with --model-path."),
+    _opt("--strategy", type=Choice(catalog.STRATEGIES)),
+    _opt("--mode", type=Choice(catalog.MODES)),
     _opt("--lora-r", type=int), _opt("--lora-alpha", type=int), _opt("--lora-dropout", type=float),
     _opt("--lora-targets", help="Comma list of module names, e.g. q_proj,v_proj."),
-    _opt("--num-virtual-tokens", type=int, help="Virtual tokens trained by --mode prefix, ptuning or prompt."),
-    _opt("--model-path", help="HF model directory or Hub id org/name[@revision] (llama, mistral, qwen2, qwen3); "
+    _opt("--num-virtual-tokens", type=int, help=f"Virtual tokens trained by --mode {_names(catalog.PROMPT_MODES)}."),
+    _opt("--model-path", help=f"HF model directory or Hub id org/name[@revision] ({', '.join(catalog.FAMILIES)}); "
                               "the shape is read from its config.json."),
     _opt("--init-from", help="Start from another run's final/ (JOB id or DIR)."),
     _opt("--data", help="A token store from `llamajobs data prepare`; default: the bundled sample corpus."),
@@ -56,8 +70,9 @@ TRAINING_OPTIONS = [
     _opt("--lr", type=float), _opt("--warmup-ratio", type=float), _opt("--weight-decay", type=float),
     _opt("--activation-checkpointing/--no-activation-checkpointing"),
     _opt("--compile/--no-compile"), _opt("--seed", type=int),
-    _opt("--kernels", help="liger (default: Liger's fused kernels on CUDA, for the families it covers; the plain "
-                           "modules elsewhere) or none."),
+    _opt("--kernels", type=Choice(catalog.KERNELS),
+         help="liger (default): Liger's fused kernels on CUDA, for the families it covers, the plain modules "
+              "elsewhere; none: the plain modules."),
     _opt("--fp8/--no-fp8", help="Float8 linears (torchao) for full fine-tunes under fsdp with --compile, on "
                                 "H100-class GPUs."),
     *PLACEMENT_OPTIONS,
@@ -74,9 +89,9 @@ JOB_OPTIONS = [
     _opt("--keep-checkpoints", type=int), _opt("--max-requeues", type=int),
     _opt("--collective-timeout-minutes", type=float,
          help="How long the ranks wait for one that went silent before the job fails (default 30)."),
-    _opt("--cluster", help="slurm, local or debug (default: slurm when `scontrol ping` answers)."),
+    _opt("--cluster", type=Choice(catalog.CLUSTERS), help="Default: slurm when `scontrol ping` answers."),
     *QUEUE_OPTIONS,
-    _opt("--launcher", help="torchrun or deepspeed."), _opt("--name"),
+    _opt("--launcher", type=Choice(catalog.LAUNCHERS)), _opt("--name"),
     _opt("--wandb", help="Also log to this Weights & Biases [ENTITY/]PROJECT. Offline (RUN_DIR/wandb, upload with "
                          "`wandb sync`) unless WANDB_API_KEY or WANDB_MODE is set where the job runs."),
     _opt("--hold/--no-hold"),

@@ -11,6 +11,7 @@ throughput; anchors.py holds the published measurements the model is calibrated 
 against (`compare_anchors()` recomputes the README's table of them).
 """
 
+from llamajobs.catalog import flops_per_token, recompute_flops_per_token  # (the worker's MFU uses them too)
 from llamajobs.estimate.anchors import (ANCHORS, BENCH_CASES, FALCON_7B, TINYLLAMA, Anchor, anchors_markdown,
                                         bench_predictions, compare_anchors, fit_loop_efficiency,
                                         plain_loop_tokens_per_s, predict_anchor)
@@ -20,7 +21,7 @@ from llamajobs.estimate.measured import hours_from_metrics
 from llamajobs.estimate.memory import (GIB, LOSS_CHUNK_TOKENS, activation_bytes, autocast_weight_bytes, gathered_bytes,
                                        fused_loss_bytes, gradient_bytes, largest_module_params, loading_bytes, logits_bytes, memory,
                                        model_state_bytes, verdict)
-from llamajobs.estimate.plan import Plan, as_plan, flops_per_token, plan_for_strategy, recompute_flops_per_token
+from llamajobs.estimate.plan import Plan, as_plan, plan_for_strategy
 from llamajobs.estimate.planning import (DEFAULT_GPU, fit_check, grid_row, host_memory_gib, hours_for_spec,
                                          memory_table, micro_batch_choices, resolve)
 from llamajobs.estimate.published import PUBLISHED, Published, compare_published, predict_published, published_markdown

@@ -1,4 +1,5 @@
-"""The run being estimated, and its FLOPs: a `Plan` is what the estimate needs to know of a JobSpec."""
+"""The run being estimated: a `Plan` is what the estimate needs to know of a JobSpec (its FLOPs per
+token are the catalog's, shared with the worker)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,6 @@ from typing import Any
 from llamajobs import catalog
 from llamajobs.catalog import Shape
 from llamajobs.spec import CPUS_PER_WORKER, JobSpec
-
-
-def flops_per_token(shape: Shape, seq_len: int, mode: str) -> float:
-    """Model FLOPs to train on one token: 6N + 12·L·d·s (N without embeddings; PaLM appendix B).
-
-    A frozen base (LoRA and the prompt methods) skips the weight gradients: about 4N. The output
-    head's matmul (2·d·V forward, twice that backward) is counted with N's rule; the input embedding
-    (a lookup) is not. The worker's MFU uses this count (it reproduces DESIGN.md's 49.5% anchor).
-    """
-    weight_flops_per_param = 4 if catalog.MODE[mode].frozen_base else 6
-    n = shape.non_embedding_params + shape.dim * shape.vocab_size  # the head multiplies every token
-    attention = 12 * shape.n_layers * shape.dim * seq_len
-    return weight_flops_per_param * n + attention
-
-
-def recompute_flops_per_token(shape: Shape, seq_len: int) -> float:
-    """What activation recompute adds (spent, never counted in MFU): one more forward of the decoder
-    layers, 2N for the weights and 4·L·d·s for attention (the head is not recomputed)."""
-    return 2 * shape.non_embedding_params + 4 * shape.n_layers * shape.dim * seq_len
-
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -98,7 +79,10 @@ class Plan:
 
     @property
     def accum(self) -> int:
-        """Micro-batches per rank per optimizer step."""
+        """Micro-batches per rank per optimizer step. The plan of a run is the run's (JobSpec.accum_steps,
+        which divides: validation refused anything else). A what-if that a run would refuse (another
+        strategy's column of the memory table, a local spec priced on a cluster's GPUs) is priced at
+        the next whole number of micro-batches rather than dropped from the table."""
         return max(1, math.ceil(self.global_batch / (self.micro_batch * self.data_parallel)))
 
     @property

@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from llamajobs.catalog import Accelerator
+from llamajobs.catalog import Accelerator, flops_per_token, recompute_flops_per_token
 from llamajobs.estimate.assumptions import DEFAULT, Assumptions, gpu_facts
 from llamajobs.estimate.memory import memory
-from llamajobs.estimate.plan import Plan, as_plan, flops_per_token, recompute_flops_per_token
+from llamajobs.estimate.plan import Plan, as_plan
 from llamajobs.spec import JobSpec
 
 

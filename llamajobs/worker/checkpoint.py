@@ -12,6 +12,8 @@ every rank writing its own shards), and where a relaunched worker resumes.
                                   (engine.save_checkpoint with tag "engine" and no `latest` of its
                                   own; each rank writes its ZeRO partitions; adapters only, as above).
                                   It resumes on the same number of processes only.
+                                  (The strategy writes and reads this part: Strategy.save_checkpoint,
+                                  load_checkpoint; check_checkpoint refuses another format's.)
         rng-rank{R}.pt            rank R's python, numpy, torch (and CUDA) generator states
         train_state.json          step, scheduler and sampler positions (the same on every rank)
         meta.json                 written last: {"step", "mode", "strategy", "world_size", "device", "time",
@@ -42,10 +44,8 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.optim.lr_scheduler import LRScheduler
 
 from llamajobs import events
@@ -53,23 +53,19 @@ from llamajobs.control import STOP_REQUEST
 from llamajobs.data.sampler import WindowSampler
 from llamajobs.spec import JobSpec
 from llamajobs.worker import rng
-from llamajobs.worker.faults import injected_fault, limit_file_size, lose_a_rank
-from llamajobs.worker.parallel import Dist
+from llamajobs.worker.faults import limit_file_size, lose_a_rank
+from llamajobs.worker.parallel import Dist, Strategy
 
 LATEST = "latest"
 META = "meta.json"
 TRAIN_STATE = "train_state.json"
-ENGINE_TAG = "engine"  # DeepSpeed's checkpoint inside step-N (its "tag": a subdirectory)
-# ignore_frozen_params: a LoRA checkpoint holds the adapters, not the base. strict=False because the
-# base is then absent from what is loaded; nothing goes missing unnoticed: dcp.load fails on any
-# requested (trainable) entry the checkpoint lacks.
-STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 @dataclass(slots=True)
 class TrainState:
-    """What a checkpoint saves and a resume restores (besides the RNG states). Under DeepSpeed the
-    model is its engine, which saves and loads the optimizer's partitions itself."""
+    """What a checkpoint saves and a resume restores (besides the RNG states). The model and optimizer
+    are what the strategy's wrap returned (DeepSpeed: its engine, which saves the optimizer's
+    partitions itself)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -307,19 +303,20 @@ def find_resume_step(run_dir: Path, spec: JobSpec, env: Dist) -> int | None:
 class Checkpointer:
     """Saves at optimizer-step boundaries when due, and restores a resumed attempt."""
 
-    def __init__(self, run_dir: Path, spec: JobSpec, env: Dist, state: TrainState, *,
+    def __init__(self, run_dir: Path, spec: JobSpec, env: Dist, state: TrainState, strategy: Strategy, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.run_dir = run_dir
         self.root = run_dir / "checkpoints"
         self.spec = spec
         self.env = env
         self.state = state
+        self.strategy = strategy  # writes and reads the model's and optimizer's part, in its format
         self.every_steps = spec.checkpoint_every_steps
         self.every_seconds = spec.checkpoint_every_minutes * 60 if spec.checkpoint_every_minutes else None
         self.clock = clock
         self.last_save = clock()
         self.seconds_saving = 0.0  # this attempt's time spent in save(), for the metrics rows
-        self.stop_at = injected_fault("stop")
+        self.stop_at = spec.debug.fault_at("stop")  # tests: a stop request at a step they can predict
         # Names this attempt's temporary directories: the same on every rank, new on every attempt.
         self.token = broadcast_object(f"{os.getpid()}-{int(time.time())}")
 
@@ -328,8 +325,8 @@ class Checkpointer:
     def after_step(self, step: int) -> bool:
         """Save when due (every N steps, every M minutes, or on a stop request); True when a stop was
         requested: the checkpoint of this step is then complete and the worker should exit."""
-        lose_a_rank(step, self.env.rank, self.env.world_size)  # fault injection (die:N, hang:N)
-        limit_file_size(step)  # fault injection (fsize:N)
+        lose_a_rank(self.spec.debug, step, self.env.rank, self.env.world_size)  # fault injection (die, hang)
+        limit_file_size(self.spec.debug, step)  # fault injection (fsize)
         minutes_due, stop = self._rank0_decisions(step)
         steps_due = bool(self.every_steps) and step % self.every_steps == 0
         if steps_due or minutes_due or stop:
@@ -381,7 +378,7 @@ class Checkpointer:
     def _write_shards(self, tmp: Path) -> None:
         """This rank's files: its shards (DCP is collective and raises the same error on every rank
         when one failed) and its RNG state."""
-        self._save_model_and_optimizer(tmp)
+        self.strategy.save_checkpoint(self.state.model, self.state.optimizer, tmp)
         buffer = io.BytesIO()
         torch.save(rng.get_state(self.env.device), buffer)
         write_synced(tmp / f"rng-rank{self.env.rank}.pt", buffer.getvalue())  # (DCP syncs its own files)
@@ -428,16 +425,8 @@ class Checkpointer:
         if saved_mode != self.spec.mode:  # a LoRA checkpoint holds no base weights; a full one no adapters
             raise ValueError(f"{folder} was saved by a --mode {saved_mode} run; resume it with --mode {saved_mode}, "
                              f"or turn resume off (--no-resume) to start over")
-        saved_format = "engine" if (folder / ENGINE_TAG).is_dir() else "dcp"
-        if saved_format != ("engine" if self.engine_checkpoints else "dcp"):
-            raise ValueError(f"{folder} was saved by a --strategy {meta.get('strategy', '?')} run in another format "
-                             f"({'DeepSpeed' if saved_format == 'engine' else 'DCP'}); resume it with that "
-                             f"strategy, or turn resume off (--no-resume) to start over")
-        if self.engine_checkpoints and meta.get("world_size") != self.env.world_size:
-            raise ValueError(f"{folder} holds DeepSpeed ZeRO partitions of {meta.get('world_size')} processes and this "
-                             f"run has {self.env.world_size}; resume it on {meta.get('world_size')} (--nodes, "
-                             f"--procs-per-node), or turn resume off (--no-resume) to start over")
-        self._load_model_and_optimizer(folder)
+        self.strategy.check_checkpoint(folder, meta)  # its format, and what else it needs (ZeRO: the world size)
+        self.strategy.load_checkpoint(self.state.model, self.state.optimizer, folder)
         train_state = json.loads((folder / TRAIN_STATE).read_text())
         self.state.scheduler.load_state_dict(train_state["scheduler"])
         self.state.sampler.load_state_dict(train_state["sampler"])
@@ -447,53 +436,6 @@ class Checkpointer:
             events.record(self.run_dir, "resumed", step=step, path=str(folder))
             print(f"resumed from {folder}", flush=True)
         return step
-
-    # --- the model and optimizer: DCP shards, or DeepSpeed's engine checkpoint ---
-
-    @property
-    def engine_checkpoints(self) -> bool:
-        return self.spec.strategy_info.deepspeed
-
-    def _save_model_and_optimizer(self, tmp: Path) -> None:
-        """Collective: every rank writes its shards (or ZeRO partitions) into tmp."""
-        if self.engine_checkpoints:
-            # Into tmp/engine, with no `latest` of DeepSpeed's own: ours, written after meta.json, is the
-            # only one. A frozen base is rebuilt at start-up, as under DCP.
-            self.state.model.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False,
-                                             exclude_frozen_parameters=self.spec.mode_info.frozen_base)
-            # DeepSpeed does not sync what it wrote (DCP does): on disk before meta.json vouches for it.
-            # Every rank syncs every file: each flushes whatever of them it wrote.
-            for path in (tmp / ENGINE_TAG).iterdir():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-            return
-        model_state, optimizer_state = self._dcp_state()
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
-
-    def _load_model_and_optimizer(self, folder: Path) -> None:
-        if self.engine_checkpoints:
-            path, _ = self.state.model.load_checkpoint(
-                str(folder), tag=ENGINE_TAG, load_module_strict=not self.spec.mode_info.frozen_base,
-                load_optimizer_states=True, load_lr_scheduler_states=False)  # (the schedule is in train_state.json)
-            if path is None:
-                raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / ENGINE_TAG}")
-            return
-        model_state, optimizer_state = self._dcp_state()
-        loaded = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(loaded, checkpoint_id=folder)  # in place, each rank reading its own shards
-        set_state_dict(self.state.model, self.state.optimizer, model_state_dict=loaded["model"],
-                       optim_state_dict=loaded["optimizer"], options=STATE_OPTIONS)
-
-    def _dcp_state(self) -> tuple[dict, dict]:
-        """The model's and optimizer's state dicts as DCP saves and loads them. Under a peft mode only
-        what is trained: ignore_frozen_params misses the second name peft's prompt learning gives the
-        frozen input embedding (word_embeddings), which would put the base's largest matrix in every
-        checkpoint."""
-        model_state, optimizer_state = get_state_dict(self.state.model, self.state.optimizer, options=STATE_OPTIONS)
-        if self.spec.mode_info.frozen_base:
-            trainable = {name for name, p in self.state.model.named_parameters() if p.requires_grad}
-            model_state = {name: value for name, value in model_state.items() if name in trainable}
-        return model_state, optimizer_state
 
     def _restore_rng(self, folder: Path, step: int) -> None:
         """Each rank's generators as they were, when the ranks are the same ones; otherwise there is

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from llamajobs import values
 from llamajobs.data.sampler import IGNORE_INDEX
 from llamajobs.spec import JobSpec
 
@@ -64,9 +65,8 @@ def choose(spec: JobSpec, device_type: str) -> Kernels:
 
 
 def device_type(spec: JobSpec) -> str:
-    """The device the node will train on, by the rule init_distributed applies (cuda when asked, or
-    when there is one and --device is auto)."""
-    return "cuda" if spec.device != "cpu" and torch.cuda.is_available() else "cpu"
+    """The device the node will train on, by the rule init_distributed applies (values.device_type)."""
+    return values.device_type(spec.device, torch.cuda.is_available())
 
 
 def _liger_installed() -> bool:

@@ -7,9 +7,10 @@
     pp                      LayerSplit: one process per node, the decoder layers split contiguously
                             over the node's devices; slow, for debugging
 
-train.py calls only the hooks of Strategy (train.build_strategy picks one from the catalog's facts);
-everything a strategy does differently lives behind them. Which strategy and mode combinations run is
-JobSpec validation's to say; only what the node alone can tell is checked here.
+train.py and checkpoint.py call only the hooks of Strategy (train.ENGINES maps the catalog's engine to
+its class); everything a strategy does differently (the model, the optimizer, the step, the checkpoint
+format, final/) lives behind them. Which strategy and mode combinations run is JobSpec validation's
+to say; only what the node alone can tell is checked here.
 """
 
 from __future__ import annotations
@@ -28,21 +29,29 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig
 
 from llamajobs import catalog
-from llamajobs.spec import JobSpec
+from llamajobs.spec import DebugSpec, JobSpec
+from llamajobs.values import device_type
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.faults import lose_a_rank
 
 # The start-up preflight gives every rank this long to join (or the collective timeout, if shorter).
 PREFLIGHT_TIMEOUT = timedelta(minutes=5)
 PREFLIGHT_KEYS = "llamajobs/preflight"  # its keys in the rendezvous store (+ torchrun's restart count)
+# ignore_frozen_params: a LoRA checkpoint holds the adapters, not the base. strict=False because the
+# base is then absent from what is loaded; nothing goes missing unnoticed: dcp.load fails on any
+# requested (trainable) entry the checkpoint lacks.
+STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+DCP_METADATA = ".metadata"  # written last by dcp.save: a folder without it holds no DCP checkpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +72,7 @@ def init_distributed(spec: JobSpec) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     # torchrun says LOCAL_WORLD_SIZE; DeepSpeed's launcher says LOCAL_SIZE.
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
-    use_cuda = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda, but this node has no usable CUDA device; use --device auto or cpu")
+    if device_type(spec.device, torch.cuda.is_available()) == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         # gloo carries the collectives on CPU tensors, which NCCL cannot do: the per-step stop and
@@ -82,7 +88,7 @@ def init_distributed(spec: JobSpec) -> Dist:
     # The rendezvous init_process_group would do, done here to keep the store for the preflight.
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
-    hosts = preflight(store, rank, world_size, device, min(timeout, PREFLIGHT_TIMEOUT),
+    hosts = preflight(store, rank, world_size, device, min(timeout, PREFLIGHT_TIMEOUT), debug=spec.debug,
                       join=lambda: dist.init_process_group(backend=backend, store=store, rank=rank,
                                                            world_size=world_size, timeout=timeout, **options))
     # torchrun sets OMP_NUM_THREADS=1; without a share of the cores each CPU step is 3-10x slower.
@@ -102,7 +108,7 @@ STAGES = {
 
 
 def preflight(store: dist.Store, rank: int, world_size: int, device: torch.device, timeout: timedelta, *,
-              join: Callable[[], None]) -> list[str]:
+              debug: DebugSpec, join: Callable[[], None]) -> list[str]:
     """Join the process group (`join`), then one all_gather of the hosts and one all_reduce on the
     device, all within `timeout`; returns every rank's host.
 
@@ -115,7 +121,7 @@ def preflight(store: dist.Store, rank: int, world_size: int, device: torch.devic
     host = socket.gethostname()
     keys = preflight_keys(store)
     keys.set(f"arrived/{rank}", host)
-    lose_a_rank(0, rank, world_size)  # fault injection (hang:0): a rank that rendezvoused and went no further
+    lose_a_rank(debug, 0, rank, world_size)  # fault injection (hang at 0): a rank that rendezvoused, no further
     done = threading.Event()
     watchdog = threading.Thread(target=_preflight_watchdog, args=(done, store, world_size, timeout), daemon=True)
     watchdog.start()
@@ -178,10 +184,10 @@ def teardown() -> None:
 
 class Strategy(ABC):
     """What differs between strategies, as hooks. The model passed to the hooks is what build_model
-    and wrap returned (for DeepSpeed: the engine); unwrap gives the Hugging Face (or peft) module."""
+    and wrap returned (for DeepSpeed: the engine); unwrap gives the Hugging Face (or peft) module.
+    The defaults are FSDP2's and pp's: torch's AdamW, checkpoints in torch.distributed.checkpoint (DCP)."""
 
-    # Checkpoint format: torch.distributed.checkpoint (DCP) shards, or DeepSpeed's engine files.
-    engine_checkpoints = False
+    checkpoint_format = "DCP"  # what a refusal of another format's checkpoint calls this one
 
     def __init__(self, spec: JobSpec, env: Dist | None) -> None:
         self.spec = spec
@@ -193,6 +199,13 @@ class Strategy(ABC):
     def build_model(self, config: LlamaConfig, *, load_weights: bool) -> nn.Module:
         """This rank's model with the starting weights (rank 0's, the same everywhere); without
         load_weights, allocated but uninitialised, for a checkpoint to fill."""
+
+    def build_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """AdamW over the parameter groups (train.build_optimizer makes them). fused: one kernel per step
+        on GPU, and on the CPU under fsdp-offload (bench/cpu_adam.py: 692 M parameters/s per core against
+        104 for the default for-loop); a CPU run keeps the default."""
+        fused = self.env.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=self.spec.lr, fused=fused or None)
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         """The model and optimizer the loop steps (DeepSpeed: its engine and ZeRO optimizer)."""
@@ -230,12 +243,51 @@ class Strategy(ABC):
         optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    # --- checkpoints: the model's and optimizer's part of step-N/ (checkpoint.py writes the rest) ---
+
+    def check_checkpoint(self, folder: Path, meta: dict) -> None:
+        """Refuse, with the setting to change, a checkpoint this strategy cannot resume from."""
+        if not (folder / DCP_METADATA).is_file():
+            raise ValueError(other_format(folder, meta, self.checkpoint_format))
+
+    def save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        """Collective: every rank writes its shards of the model and the optimizer into folder (DCP
+        syncs its files). A frozen base is not saved: start-up rebuilds it, exactly as the first
+        attempt built it."""
+        model_state, optimizer_state = self._dcp_state(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+
+    def load_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        """Collective: the model's and optimizer's state from folder, in place, each rank its own shards."""
+        model_state, optimizer_state = self._dcp_state(model, optimizer)
+        loaded = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(loaded, checkpoint_id=folder)
+        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"],
+                       options=STATE_OPTIONS)
+
+    def _dcp_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """The model's and optimizer's state dicts as DCP saves and loads them. Under a peft mode only
+        what is trained: ignore_frozen_params misses the second name peft's prompt learning gives the
+        frozen input embedding (word_embeddings), which would put the base's largest matrix in every
+        checkpoint."""
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=STATE_OPTIONS)
+        if self.spec.mode_info.frozen_base:
+            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            model_state = {name: value for name, value in model_state.items() if name in trainable}
+        return model_state, optimizer_state
+
     # --- final/ ---
 
     @abstractmethod
     def gather(self, model: nn.Module, *, trainable_only: bool) -> dict[str, torch.Tensor]:
         """Collective: the full (unsharded) tensors on rank 0, on the CPU, named as in the unwrapped
         module's state dict; other ranks may get {}. trainable_only: the adapters, not the base."""
+
+
+def other_format(folder: Path, meta: dict, expected: str) -> str:
+    """The refusal of a checkpoint saved in another strategy's format."""
+    return (f"{folder} was saved by a --strategy {meta.get('strategy', '?')} run in another format (not {expected}); "
+            f"resume it with that strategy, or turn resume off (--no-resume) to start over")
 
 
 # --- FSDP2 ---

@@ -24,20 +24,18 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from llamajobs import events
-from llamajobs.catalog import TINY_VOCAB
+from llamajobs.catalog import TINY_VOCAB, flops_per_token
 from llamajobs.data import SAMPLE_CORPUS, read_texts
 from llamajobs.data.sampler import (IGNORE_INDEX, MicroBatch, WindowSampler, steps_per_epoch, tokenize_documents,
                                      total_steps)
 from llamajobs.data import instruct
 from llamajobs.data.store import TokenStore, open_documents
 from llamajobs.data.tokenizer import ensure_tokenizer, load_tokenizer
-from llamajobs.estimate import flops_per_token
 from llamajobs.rules import validate_packing
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
 from llamajobs.worker import kernels, packing, parallel, rng, sinks, validate, zero
 from llamajobs.worker.checkpoint import Checkpointer, CheckpointWriteError, TrainState, find_resume_step
-from llamajobs.worker.faults import injected_fault
 from llamajobs.worker.metrics import MetricsLogger, device_description
 from llamajobs.worker.parallel import Dist, Strategy
 
@@ -74,10 +72,10 @@ def train(run_dir: Path, spec: JobSpec, env: Dist) -> None:
     check_node(spec, env, strategy.devices_per_process)
     # A full fine-tune's checkpoint holds every weight: resuming one needs no base weights read.
     model = strategy.build_model(config, load_weights=resume_step is None or spec.mode_info.frozen_base)
-    optimizer, scheduler = build_optimizer(model, spec, env.device, total)
+    optimizer, scheduler = build_optimizer(model, spec, strategy, total)
     model, optimizer = strategy.wrap(model, optimizer)  # DeepSpeed: its engine and ZeRO optimizer
     announce(spec, run_dir, env, model, strategy, steps_in_epoch=steps_in_epoch, total=total)
-    checkpointer = Checkpointer(run_dir, spec, env, TrainState(model, optimizer, scheduler, sampler))
+    checkpointer = Checkpointer(run_dir, spec, env, TrainState(model, optimizer, scheduler, sampler), strategy)
     start = checkpointer.resume(resume_step)  # 0 without a checkpoint
     metrics = build_metrics(run_dir, spec, env, strategy, total=total, steps_in_epoch=steps_in_epoch, start=start)
     validator = validate.build_validator(spec, env, strategy, total=total, pad_id=tokenizer.eos_token_id)
@@ -135,7 +133,7 @@ def build_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, env: Dist) -> 
     mapped, after its tokenizer fingerprint is checked against ours; without one, the sample corpus
     is tokenised in memory (small: every rank does it). Instruction stores (with a loss mask) are
     packed into rows; pretraining stores give one random window per document per epoch."""
-    grad_accum_steps(spec, env.world_size)  # fail with the batch arithmetic spelled out
+    spec.accum_steps(env.world_size)  # fail with the batch arithmetic spelled out (the node's world size)
     docs = open_documents(spec.data, tokenizer) if spec.data else tokenize_documents(read_texts(SAMPLE_CORPUS), tokenizer)
     shared = dict(seq_len=spec.seq_len, global_batch=spec.global_batch, micro_batch=spec.micro_batch,
                   rank=env.rank, world_size=env.world_size, seed=spec.seed, pad_id=tokenizer.eos_token_id)
@@ -158,31 +156,19 @@ def check_node(spec: JobSpec, env: Dist, devices_per_process: int) -> None:
             raise NotImplementedError(f"--mode {spec.mode} with --strategy {spec.strategy} on {devices_per_process} "
                                       "GPUs: the prefix's keys and values would have to follow each layer to its "
                                       "GPU; use --strategy fsdp (or one GPU)")
-    grad_accum_steps(spec, env.world_size)
+    # The real world size can differ from the planned one (procs per node are counted on the node).
+    spec.accum_steps(env.world_size)
     if spec.fp8:
         kernels.check_fp8_device(env.device)
 
 
+# The Strategy class of each engine the catalog's StrategyInfo names (zero.py imports DeepSpeed only
+# when one of its hooks runs).
+ENGINES: dict[str, type[Strategy]] = {"fsdp": parallel.Fsdp, "deepspeed": zero.Zero, "pp": parallel.LayerSplit}
+
+
 def build_strategy(spec: JobSpec, env: Dist | None) -> Strategy:
-    """The strategy object of spec.strategy, by the catalog's engine (DeepSpeed imported only when
-    one is asked for: zero.py imports it lazily)."""
-    engine = spec.strategy_info.engine
-    if engine == "deepspeed":
-        return zero.Zero(spec, env)
-    if engine == "pp":
-        return parallel.LayerSplit(spec, env)
-    return parallel.Fsdp(spec, env)
-
-
-def grad_accum_steps(spec: JobSpec, world_size: int) -> int:
-    """Micro-batches per rank per optimizer step. The real world size can differ from the planned one
-    (procs per node are counted on the node), so this is checked here, not only in the spec."""
-    accum, rest = divmod(spec.global_batch, spec.micro_batch * world_size)
-    if rest or accum == 0:
-        raise ValueError(
-            f"--global-batch {spec.global_batch} is not a multiple of --micro-batch {spec.micro_batch} x "
-            f"world size {world_size} = {spec.micro_batch * world_size}; change --global-batch or --micro-batch")
-    return accum
+    return ENGINES[spec.strategy_info.engine](spec, env)
 
 
 def lr_factor(step: int, *, warmup: int, total: int) -> float:
@@ -194,23 +180,15 @@ def lr_factor(step: int, *, warmup: int, total: int) -> float:
     return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, spec: JobSpec, device: torch.device,
+def build_optimizer(model: nn.Module, spec: JobSpec, strategy: Strategy,
                     total: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW over the trainable parameters only (LoRA: the adapters). No weight decay on vectors
-    (norm scales): decaying them towards 0 only hurts. DeepSpeed's optimizer offload needs its CPU
-    Adam (the same update; a C++ kernel over the CPU-resident fp32 masters)."""
+    """The strategy's AdamW over the trainable parameters only (LoRA: the adapters). No weight decay
+    on vectors (norm scales): decaying them towards 0 only hurts."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     ndim = [len(getattr(p, "ds_shape", p.shape)) for p in trainable]  # (ZeRO-3 partitions look 1-D)
     groups = [{"params": [p for p, n in zip(trainable, ndim) if n >= 2], "weight_decay": spec.weight_decay},
               {"params": [p for p, n in zip(trainable, ndim) if n < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if zero.offloads_optimizer(spec):
-        optimizer = zero.cpu_adam(groups, spec.lr)
-    else:
-        # fused: one kernel per step on GPU, and on the CPU under fsdp-offload (bench/cpu_adam.py: 692 M
-        # parameters/s per core against 104 for the default for-loop); a CPU run keeps the default.
-        fused = device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=spec.lr, fused=fused or None)
+    optimizer = strategy.build_optimizer([g for g in groups if g["params"]])
     warmup = math.ceil(spec.warmup_ratio * total)
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, warmup=warmup, total=total))
     return optimizer, scheduler
@@ -235,7 +213,7 @@ def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, strategy
     if env.rank != 0:
         return
     tokens_per_step = spec.global_batch * spec.seq_len
-    accum = grad_accum_steps(spec, env.world_size)
+    accum = spec.accum_steps(env.world_size)
     # DTensor numel is the global size; a ZeRO-3 partition's is not (ds_numel is).
     sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
     n_params, n_trainable = sum(n for n, _ in sizes), sum(n for n, trainable in sizes if trainable)
@@ -243,6 +221,8 @@ def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, strategy
           f"{spec.strategy} over {env.world_size} processes on {device_description(env.device)}", flush=True)
     if details := strategy.describe(run_dir):
         print(details, flush=True)
+    if switches := spec.debug.describe():
+        print(switches, flush=True)
     print(kernels.choose(spec, env.device.type).describe(), flush=True)
     print(f"tokens per step: {tokens_per_step:,} = global batch {spec.global_batch} x seq len {spec.seq_len} "
           f"({accum} micro-batches of {spec.micro_batch} on each of {env.world_size} ranks)", flush=True)
@@ -263,7 +243,7 @@ def to_device(micro_batches: list[MicroBatch], device: torch.device) -> list[Mic
 
 
 def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_size: int,
-                     strategy: Strategy | None = None) -> torch.Tensor:
+                     strategy: Strategy) -> torch.Tensor:
     """Accumulate into .grad the gradient of the global batch's mean token loss; return this rank's
     share of that mean (detached; the sum of the shares over ranks is the mean).
 
@@ -273,7 +253,6 @@ def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_si
     global batch. FSDP and DeepSpeed average gradients over ranks; the world_size factor turns that
     into a sum. (The strategy's backward is the engine's under DeepSpeed, told not to divide again.)
     """
-    strategy = strategy or parallel.Fsdp(JobSpec(), None)
     n_tokens = torch.stack([(labels != IGNORE_INDEX).sum() for _, labels, *_ in micro_batches]).sum()
     dist.all_reduce(n_tokens)
     scale = world_size / n_tokens.clamp(min=1)
@@ -302,14 +281,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: La
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, sampler: WindowSampler,
                metrics: MetricsLogger, checkpointer: Checkpointer, *, spec: JobSpec, env: Dist, start: int,
-               total: int, strategy: Strategy | None = None,
-               validator: validate.Validator | None = None) -> tuple[int, bool]:
+               total: int, strategy: Strategy, validator: validate.Validator | None) -> tuple[int, bool]:
     """Optimizer steps start+1..total, one global batch each, a checkpoint whenever due; returns the
     last step and whether a stop request ended the loop there (its checkpoint saved)."""
-    strategy = strategy or build_strategy(spec, env)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = spec.grad_clip if spec.grad_clip > 0 else math.inf
-    crash_step, oom_step = injected_fault("crash"), injected_fault("oom")
+    crash_step, oom_step = spec.debug.fault_at("crash"), spec.debug.fault_at("oom")  # (tests: spec.json's debug)
     model.train()
     metrics.start_clock(start)
     data_wait = 0.0  # host seconds spent getting batches since the last log

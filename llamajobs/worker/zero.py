@@ -6,10 +6,10 @@ launch as FSDP (deepspeed.initialize reads torchrun's environment and adopts its
     ds-zero3          the parameters partitioned too, gathered layer by layer for compute
     ds-zero3-offload  and offloaded to the CPU (pinned), optimizer too
 
-The config comes from spec.json through templates/ds_config.json.j2 (llamajobs.render.ds_config),
-rendered here with this node's world size and device. The loop's semantics are the FSDP path's:
-one optimizer step per global batch (unmanaged gradient accumulation: backward() only accumulates,
-step() is the boundary), the loss of each micro-batch already normalised by the global batch's
+The config is built from spec.json as a dict (zero_config.ds_config, which render.py also writes
+into ds_config.json), here with this node's world size and device. The loop's semantics are the
+FSDP path's: one optimizer step per global batch (unmanaged gradient accumulation: backward() only
+accumulates, step() is the boundary), the loss of each micro-batch already normalised by the global batch's
 label tokens, so backward() is told not to divide by the accumulation steps again; like FSDP,
 DeepSpeed averages the gradients over ranks, which the world_size factor of forward_backward undoes.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -31,11 +32,11 @@ import torch.distributed as dist
 from torch import nn
 from transformers import LlamaConfig
 
-from llamajobs import render
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.faults import simulate_cpu
-from llamajobs.worker.parallel import Dist, Strategy
+from llamajobs.worker.parallel import Dist, Strategy, other_format
+from llamajobs.worker.zero_config import DS_CONFIG, ds_config
 
 
 def fp32_only(accelerator) -> None:
@@ -59,22 +60,12 @@ def check_fp32(model: nn.Module, when: str) -> None:
                                    f"(DeepSpeed chose a 16-bit dtype on this CPU)")
 
 
-def offloads_optimizer(spec: JobSpec) -> bool:
-    """DeepSpeed's offload runs its own CPU Adam (FSDP2's offload keeps torch's)."""
-    return spec.strategy_info.deepspeed and spec.strategy_info.offload_optimizer
-
-
-def cpu_adam(groups: list[dict], lr: float) -> torch.optim.Optimizer:
-    """DeepSpeed's CPU Adam in AdamW mode (decoupled weight decay, torch's betas and eps), which ZeRO
-    offload requires. Its C++ extension is compiled on first use (about a minute) into
-    TORCH_EXTENSIONS_DIR, where later runs find it."""
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-    return DeepSpeedCPUAdam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, adamw_mode=True)
+# DeepSpeed's checkpoint inside step-N: its "tag", a subdirectory (with no `latest` of DeepSpeed's own).
+ENGINE_TAG = "engine"
 
 
 class Zero(Strategy):
-    engine_checkpoints = True
+    checkpoint_format = "DeepSpeed's"
 
     def __init__(self, spec: JobSpec, env: Dist | None) -> None:
         super().__init__(spec, env)
@@ -88,7 +79,7 @@ class Zero(Strategy):
     @property
     def config(self) -> dict:
         """The DeepSpeed config of this node's real world size and device."""
-        return render.ds_config(self.spec, world_size=self.env.world_size, cuda=self.cuda)
+        return ds_config(self.spec, world_size=self.env.world_size, cuda=self.cuda)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -105,7 +96,7 @@ class Zero(Strategy):
         # DeepSpeed 0.19 still calls these torch.distributed names: one warning per call, every step.
         warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\."
                                 r"(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
-        simulate_cpu()  # tests: DeepSpeed's answers on a CPU with bf16/fp16 instructions
+        simulate_cpu(self.spec.debug)  # tests: DeepSpeed's answers on a CPU with bf16/fp16 instructions
         if not self.cuda:
             fp32_only(deepspeed.get_accelerator())
         deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")  # adopts the existing group
@@ -157,6 +148,17 @@ class Zero(Strategy):
                 if not partitioned:
                     dist.broadcast(param.data, src=0)
 
+    def build_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        """ZeRO's optimizer offload requires DeepSpeed's CPU Adam (the same update, a C++ kernel over the
+        CPU-resident fp32 masters) in AdamW mode: decoupled weight decay, torch's betas and eps. Its
+        extension is compiled on first use (about a minute) into TORCH_EXTENSIONS_DIR, where later runs
+        find it. Without offload, torch's AdamW as under FSDP."""
+        if not self.spec.strategy_info.offload_optimizer:
+            return super().build_optimizer(groups)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=self.spec.lr, betas=(0.9, 0.999), eps=1e-8, adamw_mode=True)
+
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         import deepspeed
 
@@ -177,8 +179,8 @@ class Zero(Strategy):
         line = (f"deepspeed: ZeRO-{zero['stage']}, offload {'+'.join(offloaded) or 'none'}, "
                 f"{'bf16' if config['bf16']['enabled'] else 'fp32'}, {config['gradient_accumulation_steps']} "
                 f"micro-batches per step, clip {config['gradient_clipping']} (config from spec.json)")
-        planned = run_dir / render.DS_CONFIG
-        if planned.is_file() and json.loads(planned.read_text()) != render.ds_config(self.spec):
+        planned = run_dir / DS_CONFIG
+        if planned.is_file() and json.loads(planned.read_text()) != ds_config(self.spec):
             line += (f"\nwarning: {planned} differs from spec.json's rendering; the worker renders its config from "
                      f"spec.json (edit the spec, not ds_config.json)")
         return line
@@ -193,6 +195,35 @@ class Zero(Strategy):
         model.step()  # the accumulation boundary: reduce, clip (gradient_clipping), update, zero the gradients
         norm = model.get_global_grad_norm()
         return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32).cpu()
+
+    # --- checkpoints: DeepSpeed's engine files, in step-N/engine ---
+
+    def check_checkpoint(self, folder: Path, meta: dict) -> None:
+        if not (folder / ENGINE_TAG).is_dir():
+            raise ValueError(other_format(folder, meta, self.checkpoint_format))
+        if meta.get("world_size") != self.env.world_size:
+            raise ValueError(f"{folder} holds DeepSpeed ZeRO partitions of {meta.get('world_size')} processes and this "
+                             f"run has {self.env.world_size}; resume it on {meta.get('world_size')} (--nodes, "
+                             f"--procs-per-node), or turn resume off (--no-resume) to start over")
+
+    def save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        """The engine saves its module and its ZeRO optimizer's partitions (each rank its own) into
+        folder/engine, with no `latest` of its own: checkpoint.py's, written after meta.json, is the only
+        one. A frozen base is rebuilt at start-up, as under DCP."""
+        model.save_checkpoint(str(folder), tag=ENGINE_TAG, save_latest=False,
+                              exclude_frozen_parameters=self.spec.mode_info.frozen_base)
+        # DeepSpeed does not sync what it wrote (DCP does): on disk before meta.json vouches for it.
+        # Every rank syncs every file: each flushes whatever of them it wrote.
+        for path in (folder / ENGINE_TAG).iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+    def load_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        path, _ = model.load_checkpoint(
+            str(folder), tag=ENGINE_TAG, load_module_strict=not self.spec.mode_info.frozen_base,
+            load_optimizer_states=True, load_lr_scheduler_states=False)  # (the schedule is in train_state.json)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / ENGINE_TAG}")
 
     # --- final/ ---
 
