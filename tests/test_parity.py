@@ -432,7 +432,6 @@ if __name__ == "__main__":
     env = parallel.init_distributed(JobSpec.load(run_dirs[0] / "spec.json"))
     try:
         for run_dir in run_dirs:
-            os.environ.pop("LLAMAJOBS_INJECT_FAULT", None)
             train(run_dir, JobSpec.load(run_dir / "spec.json"), env)
             gc.collect()
     finally:
