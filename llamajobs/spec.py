@@ -304,12 +304,11 @@ def _coerce(name: str, value: Any) -> Any:
     Lists, mappings and bytes never become a string or a number by accident."""
     if value is None:
         return None
-    if name == "evaluation":
-        return value if isinstance(value, EvalSpec) else eval_from_mapping(value)
-    if name == "model_shape":
-        return value if isinstance(value, catalog.Shape) else shape_from_mapping(value)
-    if name == "debug":
-        return value if isinstance(value, DebugSpec) else debug_from_mapping(value)
+    sections = {"evaluation": (EvalSpec, eval_from_mapping), "model_shape": (catalog.Shape, shape_from_mapping),
+                "debug": (DebugSpec, debug_from_mapping)}  # fields that are nested dataclasses
+    if name in sections:
+        cls, parse = sections[name]
+        return value if isinstance(value, cls) else parse(value)
     kind = _kind(FIELDS[name])
     bad = SpecError(f"{_flag(name)} {value!r} is not a valid {kind.replace('tuple[str, ...]', 'list of names')}")
     scalar = isinstance(value, (str, int, float)) and not isinstance(value, bool)
