@@ -220,7 +220,7 @@ def test_conversations_without_special_strings_tokenise_as_the_whole_rendering(c
         enc = ChatEncoder(chat_tokenizers[tok], ChatOptions(name))
         for c in CONVERSATIONS:
             turns = tuple((m["role"], m["content"]) for m in c["messages"])
-            ids, _ = enc.encode(turns)
+            ids = enc.encode(turns)[0].tolist()
             whole = as_inference(enc, turns)
             assert ids[int(whole[:1] != ids[:1]):][:len(whole)] == whole, (tok, name)
 
@@ -233,7 +233,7 @@ def test_special_token_strings_in_messages_are_text(chat_tokenizers, tok, templa
     assert any(enc.special_ids.get(s) is not None for s in ("<|im_end|>", "<|eot_id|>", "</s>")), enc.special_ids
     plain = tuple(PROBE)
     attacked = tuple((role, content.replace("@@", attack)) for role, content in PROBE)
-    (ids, mask), (plain_ids, plain_mask) = enc.encode(attacked), enc.encode(plain)
+    (ids, mask), (plain_ids, plain_mask) = (tuple(a.tolist() for a in enc.encode(turns)) for turns in (attacked, plain))
     # On the old encoding (the rendering in one piece) the messages' strings were control tokens.
     assert [t for t in as_inference(enc, attacked) if t in special] != [t for t in as_inference(enc, plain)
                                                                         if t in special]
@@ -247,7 +247,7 @@ def test_special_token_strings_in_messages_are_text(chat_tokenizers, tok, templa
         decode([t for t, m in zip(plain_ids, plain_mask) if not m]).replace("@@", attack)
     if tok != "sentencepiece":  # byte-level: each message's tokens decode to its text exactly
         hidden, _ = enc.spans(attacked)
-        tokens, starts = enc.tokenize(hidden)
+        tokens, starts = (a.tolist() for a in enc.tokenize(hidden))
         text = enc.render(attacked)
         for _, content in attacked[1:]:
             a = text.index(content)
@@ -269,7 +269,7 @@ def test_inspect_shows_special_strings_of_a_message_as_text(tmp_path, bpe_tok):
     trained = "".join(s["text"] for s in sample["segments"] if s["target"])
     assert trained == f"I will not {attack} do that.<|im_end|>\nStill {attack} no.<|im_end|>\n</s>"
     assert [m for _, m in shown] == st.TokenStore(tmp_path / "store").loss_mask(0).tolist()
-    assert enc.encode(tuple((m["role"], m["content"]) for m in record["messages"]))[0] == \
+    assert enc.encode(tuple((m["role"], m["content"]) for m in record["messages"]))[0].tolist() == \
         st.TokenStore(tmp_path / "store")[0].tolist()
 
 

@@ -6,26 +6,34 @@ beside it) through transformers' apply_chat_template, or with a named one (`--ch
 chat_templates/NAME.jinja, data like the tokenizer's). Only the markup the template emits may become
 special tokens: a special token's string inside a message ("<|im_end|>", "</s>") is text, or a user
 could end the assistant's turn. So the messages are rendered with such strings hidden (each character
-moved one for one into a private-use plane, so every offset holds), the special tokens left in the
-rendering are the template's, and the text between them is tokenised with special-token strings kept
-as text, each piece as the tokenizer tokenises the text between special tokens (so tokens merge exactly
-as at inference). Each token is trained on when its first character lies in a trained span: by
-default every assistant turn, from its first character to the end of its rendering (the turn's
+moved one for one onto a surrogate code point, so every offset holds; a message's own lone surrogates
+are cleaned to U+FFFD first, as the text formats do, so hiding never meets a character of the data and
+every other character, private-use ones included, comes back as it was), the special tokens left in
+the rendering are the template's, and the text between them is tokenised with special-token strings
+kept as text, each piece as the tokenizer tokenises the text between special tokens (so tokens merge
+exactly as at inference). Each token is trained on when its first character lies in a trained span:
+by default every assistant turn, from its first character to the end of its rendering (the turn's
 end-of-turn token included, the header before it not), or every turn with `--train-on all`.
 
 An assistant turn's span is found by rendering the conversation up to it with the generation prompt
 (the header an inference server would send) and up to and including it: the first must be a prefix
 of the second, and the second of the whole, which holds for the templates of LLaMA-3, Mistral,
-Qwen, ChatML and Alpaca. A template for which it does not hold is refused, record by record.
+Qwen, ChatML and Alpaca. A template for which it does not hold is refused, record by record; one that
+fails to render (a syntax error, a sandbox violation, no end within RENDER_SECONDS) is refused whole.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import numpy as np
 
 from llamajobs.errors import SpecError
 
@@ -35,7 +43,15 @@ TRAIN_ON = ("assistant", "all")
 ROLES = ("system", "user", "assistant")
 
 Turn = tuple[str, str]  # (role, content)
-HIDDEN = 0xF0000  # a hidden character's code point is this plus its own (planes 15 and 16: private use)
+HIDDEN = 0xD800  # hidden characters are the surrogates U+D800..U+DFFF: no cleaned message holds one
+HIDDEN_CHARS = 0x800
+SURROGATE = re.compile("[\ud800-\udfff]")
+# One rendering of one conversation takes milliseconds, even of megabytes; a template that loops for
+# longer than this is refused rather than left to hang the prepare.
+RENDER_SECONDS = 10.0
+# A text piece longer than this many characters is tokenised a window at a time: the Rust encoding of
+# one text holds about 250 bytes per token, 2.5 GB for a 10 MB message in one piece.
+WINDOW = 1 << 18
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,68 +75,119 @@ class RenderError(ValueError):
     """A conversation the template refuses (its own raise_exception) or renders inconsistently."""
 
 
-class ChatEncoder:
-    """Render and tokenise conversations: ids and loss mask (1: a target), BOS first, EOS last."""
+class RenderTimeout(BaseException):
+    """A rendering ran past RENDER_SECONDS (a BaseException: no `except Exception` in the template's
+    Python callees swallows it)."""
 
-    def __init__(self, tokenizer_path: str | Path, options: ChatOptions) -> None:
+
+class ChatEncoder:
+    """Render and tokenise conversations: ids and loss mask (1: a target); BOS first when the tokenizer
+    has one, EOS last."""
+
+    def __init__(self, tokenizer_path: str | Path, options: ChatOptions, window: int = WINDOW) -> None:
         from llamajobs.data.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.options = options
         if options.template is not None:
             self.template, self.template_name = named_template(options.template), options.template
+            self.template_label = f"--chat-template {options.template}"
         elif getattr(self.tokenizer, "chat_template", None):
             self.template, self.template_name = self.tokenizer.chat_template, "tokenizer"
+            self.template_label = f"the chat template of --tokenizer {tokenizer_path}"
         else:
             raise SpecError(f"--tokenizer {tokenizer_path} has no chat template (no chat_template in its "
                             f"tokenizer_config.json); pass --chat-template {'|'.join(TEMPLATES)}")
         if not self.tokenizer.is_fast:
             raise SpecError(f"--tokenizer {tokenizer_path}: chat formats need a fast tokenizer (tokenizer.json) "
                             f"for the token offsets of the turns")
+        # No BOS (Qwen's tokenizers): a document starts with the template's first token, as at inference.
         self.bos_id, self.eos_id = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        special = {i: t for i, t in self.tokenizer.added_tokens_decoder.items()
-                   if t.special and t.content and max(map(ord, t.content)) < 0x110000 - HIDDEN}
+        if self.eos_id is None:
+            raise SpecError(f"--tokenizer {tokenizer_path} has no EOS token; a causal LM's tokenizer has one")
+        special, hidden = {}, {}
+        for i, token in sorted(self.tokenizer.added_tokens_decoder.items()):
+            new = sorted(set(token.content) - hidden.keys()) if token.special else []
+            if not token.special or not token.content or len(hidden) + len(new) > HIDDEN_CHARS:
+                continue  # not markup: the template's string of it is tokenised as text
+            hidden.update({c: chr(HIDDEN + len(hidden) + n) for n, c in enumerate(new)})
+            special[i] = token
+        self._hide, self._unhide = str.maketrans(hidden), str.maketrans({v: k for k, v in hidden.items()})
         self.special_ids = {t.content: i for i, t in special.items()}
         longest_first = sorted(special.values(), key=lambda t: len(t.content), reverse=True)
         names = [t.content for t in longest_first]
         self._markup = _alternation(map(_markup_pattern, longest_first))
         self._in_text = _alternation(map(re.escape, names))
-        self._hidden = _alternation(re.escape(hide(name)) for name in names)
-        self._first_piece, self._later_piece = text_tokenizers(self.tokenizer.backend_tokenizer)
+        self._hidden = _alternation(re.escape(self.hide(name)) for name in names)
+        self._first_piece, self._later_piece, self._continued = text_tokenizers(self.tokenizer.backend_tokenizer)
+        self.window = window
+        # Windows are cut where the pre-tokenizer splits words (tokens never cross them); one that
+        # does not split (sentencepiece's Metaspace without split) tokenises each piece whole.
+        self._splits_words = len(set(self._later_piece.encode("a b", add_special_tokens=False).word_ids)) > 1
+
+    def hide(self, text: str) -> str:
+        return text.translate(self._hide)
+
+    def restore(self, hidden: str) -> str:
+        return hidden if self._hidden is None else self._hidden.sub(lambda m: m.group().translate(self._unhide), hidden)
 
     def render(self, turns: tuple[Turn, ...], generation_prompt: bool = False) -> str:
-        """The conversation as the template renders it (the messages' text as given)."""
+        """The conversation as the template renders it (the messages' text as given, lone surrogates
+        cleaned)."""
         return self.restore(self.render_hidden(turns, generation_prompt))
 
     def render_hidden(self, turns: tuple[Turn, ...], generation_prompt: bool = False) -> str:
         """The rendering with the special-token strings of the messages hidden: every special-token
         string left in it is the template's markup. As long as render()'s, character for character."""
+        return self._render(self._hidden_turns(turns), generation_prompt)
+
+    def _hidden_turns(self, turns: tuple[Turn, ...]) -> tuple[Turn, ...]:
+        def hidden(content: str) -> str:
+            if SURROGATE.search(content):  # a lone surrogate ("\ud800" in the JSON) is no text: U+FFFD, as text formats do
+                content = content.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return content if self._in_text is None else self._in_text.sub(lambda m: self.hide(m.group()), content)
+
+        return tuple((role, hidden(content)) for role, content in turns)
+
+    def _render(self, turns: tuple[Turn, ...], generation_prompt: bool) -> str:
         from jinja2 import TemplateError
 
-        if self._in_text is not None:
-            turns = tuple((role, self._in_text.sub(lambda m: hide(m.group()), content)) for role, content in turns)
         messages = [{"role": role, "content": content} for role, content in turns]
         try:
-            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                      add_generation_prompt=generation_prompt)
-        except TemplateError as e:  # raise_exception in a template raises TemplateError too
-            raise RenderError(f"the chat template ({self.template_name}) refuses it: {e}") from None
+            with time_limit(RENDER_SECONDS):
+                return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                          add_generation_prompt=generation_prompt)
+        except RenderTimeout:
+            raise SpecError(f"{self.template_label} rendered one conversation ({len(turns)} turns, "
+                            f"{sum(len(c) for _, c in turns):,} characters) for over {RENDER_SECONDS:g} s without "
+                            f"an end (a loop too large?); fix the template or pass --chat-template "
+                            f"{'|'.join(TEMPLATES)}") from None
+        except TemplateError as e:
+            if type(e) is TemplateError:  # the template's raise_exception: it refuses this conversation
+                raise RenderError(f"the chat template ({self.template_name}) refuses it: {e}") from None
+            raise self._broken(e) from None  # a syntax error, a sandbox violation, an undefined name
+        except Exception as e:  # the messages are role and content strings: what fails here is the template
+            raise self._broken(e) from None
 
-    def restore(self, hidden: str) -> str:
-        return hidden if self._hidden is None else self._hidden.sub(lambda m: unhide(m.group()), hidden)
+    def _broken(self, e: BaseException) -> SpecError:
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        return SpecError(f"{self.template_label} cannot be rendered ({type(e).__name__}"
+                         f"{': ' + detail if detail else ''}); fix the template or pass --chat-template "
+                         f"{'|'.join(TEMPLATES)}")
 
     def spans(self, turns: tuple[Turn, ...]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation (special-token strings of the messages hidden) and the character
         spans trained on."""
-        text = self.render_hidden(turns)
+        turns = self._hidden_turns(turns)
+        text = self._render(turns, False)
         if self.options.train_on == "all":
             return text, [(0, len(text))]
         spans = []
         for i, (role, _) in enumerate(turns):
             if role != "assistant":
                 continue
-            before = self.render_hidden(turns[:i], generation_prompt=True) if i else ""
-            through = self.render_hidden(turns[:i + 1])
+            before = self._render(turns[:i], True) if i else ""
+            through = self._render(turns[:i + 1], False)
             if not through.startswith(before) or not text.startswith(through):
                 raise RenderError(f"the chat template ({self.template_name}) does not render turn {i + 1} as a "
                                   f"continuation of the turns before it, so its tokens cannot be told apart; "
@@ -128,49 +195,132 @@ class ChatEncoder:
             spans.append((len(before), len(through)))
         return text, spans
 
-    def encode(self, turns: tuple[Turn, ...]) -> tuple[list[int], list[int]]:
-        """(ids, mask) of one conversation. BOS is added when the template did not put one first,
-        EOS when it did not end with one (trained on when the last turn is)."""
+    def encode(self, turns: tuple[Turn, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids uint32, mask uint8) of one conversation. The BOS is added when the tokenizer has one and
+        the template did not put it first, the EOS when the rendering does not end with it (trained on
+        when the last token is)."""
         hidden, spans = self.spans(turns)
         ids, starts = self.tokenize(hidden)
-        mask = [int(any(a <= start < b for a, b in spans)) for start in starts]
-        if not ids or ids[0] != self.bos_id:
-            ids, mask = [self.bos_id, *ids], [0, *mask]
-        mask[0] = 0  # the BOS is never a target (nothing precedes it)
-        if ids[-1] != self.eos_id:
-            ids, mask = [*ids, self.eos_id], [*mask, mask[-1]]
+        mask = in_spans(starts, spans)
+        if self.bos_id is not None and (not len(ids) or ids[0] != self.bos_id):
+            ids, mask = np.concatenate([[self.bos_id], ids]).astype(np.uint32), np.concatenate([[0], mask]).astype(np.uint8)
+        if not len(ids) or ids[-1] != self.eos_id:
+            last = mask[-1] if len(mask) else 0
+            ids, mask = np.append(ids, np.uint32(self.eos_id)), np.append(mask, np.uint8(last))
+        mask[0] = 0  # the first token is never a target (nothing precedes it)
         return ids, mask
 
-    def tokenize(self, hidden: str) -> tuple[list[int], list[int]]:
-        """(ids, each token's first character) of a rendering from render_hidden: its special-token
-        strings become special tokens, the text between them is tokenised with none."""
+    def tokenize(self, hidden: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids uint32, each token's first character int64) of a rendering from render_hidden: its
+        special-token strings become special tokens, the text between them is tokenised with none."""
         text = self.restore(hidden)
-        ids: list[int] = []
-        starts: list[int] = []
+        ids: list[np.ndarray] = []
+        starts: list[np.ndarray] = []
 
         def text_piece(a: int, b: int) -> None:
             if a < b:  # the first piece is tokenised as the start of a text, the others as what follows a special token
-                encoded = (self._first_piece if a == 0 else self._later_piece).encode(text[a:b], add_special_tokens=False)
-                ids.extend(encoded.ids)
-                starts.extend(a + start for start, _ in encoded.offsets)
+                for piece_ids, piece_starts in self._encode_piece(text, a, b):
+                    ids.append(piece_ids)
+                    starts.append(piece_starts)
 
         position = 0
         for match in self._markup.finditer(hidden) if self._markup is not None else ():
             text_piece(position, match.start())
             name = match.group()
-            ids.append(self.special_ids[name if name in self.special_ids else name.strip()])
-            starts.append(match.start())
+            ids.append(np.array([self.special_ids[name if name in self.special_ids else name.strip()]], np.uint32))
+            starts.append(np.array([match.start()], np.int64))
             position = match.end()
         text_piece(position, len(text))
-        return ids, starts
+        if not ids:
+            return np.zeros(0, np.uint32), np.zeros(0, np.int64)
+        return np.concatenate(ids), np.concatenate(starts)
+
+    def _encode_piece(self, text: str, a: int, b: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The tokens of text[a:b], a piece between special tokens, as (ids, starts) parts. A long piece
+        is tokenised a window at a time, cut at the start of a word well inside the window: the next
+        window starts there, and its first tokens must be those the window before gave past the cut,
+        or the piece is tokenised whole after all."""
+        tokenizer = first = self._first_piece if a == 0 else self._later_piece
+        if b - a <= self.window or not self._splits_words:
+            yield _arrays(tokenizer.encode(text[a:b], add_special_tokens=False), a)
+            return
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        position, window, expected = a, self.window, None
+        while True:
+            end = min(b, position + window)
+            encoding = tokenizer.encode(text[position:end], add_special_tokens=False)
+            if expected is not None and encoding.ids[:len(expected)] != expected:
+                yield _arrays(first.encode(text[a:b], add_special_tokens=False), a)  # not local after all
+                return
+            if end == b:
+                parts.append(_arrays(encoding, position))
+                break
+            cut = _last_word_start(encoding, end - position - window // 4)
+            if cut is None:  # one word over most of the window: a larger one
+                window *= 2
+                continue
+            token, char = cut
+            offsets = encoding.offsets
+            parts.append(_arrays(encoding, position, token))
+            # What the next window must begin with: this one's tokens past the cut, up to well before its end.
+            limit = end - position - window // 8
+            expected = [t for t, (_, stop) in zip(encoding.ids[token:], offsets[token:]) if stop <= limit]
+            position += char
+            tokenizer, window = self._continued, self.window
+        yield from parts
 
 
-def hide(text: str) -> str:
-    return "".join(chr(HIDDEN + ord(c)) for c in text)
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise RenderTimeout in the block after `seconds`. SIGALRM: only in a process's main thread (which
+    encodes, with --workers 1 and in each worker process); elsewhere, or with a timer of someone else's
+    already set, no limit."""
+    if threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0]:
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise RenderTimeout
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
-def unhide(text: str) -> str:
-    return "".join(chr(ord(c) - HIDDEN) for c in text)
+def in_spans(starts: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """1 where a start lies in one of the spans [a, b), else 0 (uint8)."""
+    merged: list[list[int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        elif a < b:
+            merged.append([a, b])
+    bounds = np.array(merged, np.int64).ravel()
+    return (np.searchsorted(bounds, starts, side="right") % 2).astype(np.uint8)
+
+
+def _arrays(encoding: Any, offset: int, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, starts) of an Encoding's tokens before `stop`, starts shifted by offset."""
+    ids, offsets = encoding.ids[:stop], encoding.offsets[:stop]
+    return (np.array(ids, np.uint32),
+            np.fromiter((start for start, _ in offsets), np.int64, len(offsets)) + offset)
+
+
+def _last_word_start(encoding: Any, limit: int) -> tuple[int, int] | None:
+    """(token index, character) of the last word start at or before character `limit`, after the
+    first word; None when there is none."""
+    words = encoding.word_ids
+    for token in range(len(words) - 1, 0, -1):
+        word = words[token]
+        if word is not None and word != words[token - 1]:
+            char = encoding.word_to_chars(word)[0]
+            if char <= limit:
+                return token, char
+    return None
 
 
 def _markup_pattern(token: Any) -> str:
@@ -184,24 +334,41 @@ def _alternation(patterns: Any) -> re.Pattern[str] | None:
     return re.compile("|".join(patterns)) if patterns else None
 
 
-def text_tokenizers(backend: Any) -> tuple[Any, Any]:
-    """Two copies of a `tokenizers` Tokenizer that keep special-token strings as text: one for a text's
-    first piece and one for a piece after a special token. They differ for a Metaspace pre-tokenizer
-    that prepends its "▁" only at the start of the text (prepend_scheme "first", LLaMA-2's and
-    Mistral's): in one whole text, the piece after "</s>" gets none, and a piece tokenised on its own
-    would."""
+def text_tokenizers(backend: Any) -> tuple[Any, Any, Any]:
+    """Three copies of a `tokenizers` Tokenizer that keep special-token strings as text: one for a
+    text's first piece, one for a piece after a special token, and one for the rest of a long piece
+    tokenised a window at a time (continued). The first two differ for a Metaspace pre-tokenizer that
+    prepends its "▁" only at the start of the text (prepend_scheme "first", LLaMA-2's and Mistral's):
+    in one whole text, the piece after "</s>" gets none, and a piece tokenised on its own would. The
+    continued one prepends nothing at all (no "▁", no ByteLevel prefix space, no Prepend normalizer):
+    it starts inside a piece."""
     from llamajobs.data.encoder import text_tokenizer
 
-    def never_first(node: Any) -> Any:
+    def rewritten(node: Any, change: Any) -> Any:
         if isinstance(node, dict):
-            if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
-                return {**node, "prepend_scheme": "never"}
-            return {k: never_first(v) for k, v in node.items()}
-        return [never_first(v) for v in node] if isinstance(node, list) else node
+            node = change(node)
+            return None if node is None else {k: rewritten(v, change) for k, v in node.items()}
+        if isinstance(node, list):
+            return [n for n in (rewritten(v, change) for v in node) if n is not None]
+        return node
+
+    def never_first(node: dict) -> dict:
+        if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+            return {**node, "prepend_scheme": "never"}
+        return node
+
+    def no_prefix(node: dict) -> dict | None:
+        if node.get("type") == "Metaspace":
+            return {**node, "prepend_scheme": "never"}
+        if node.get("type") == "ByteLevel" and node.get("add_prefix_space"):
+            return {**node, "add_prefix_space": False}
+        return None if node.get("type") == "Prepend" else node
 
     config = json.loads(backend.to_str())
-    later = {**config, "pre_tokenizer": never_first(config.get("pre_tokenizer"))}
-    return text_tokenizer(backend.to_str()), text_tokenizer(json.dumps(later))
+    later = {**config, "pre_tokenizer": rewritten(config.get("pre_tokenizer"), never_first)}
+    continued = {**config, "pre_tokenizer": rewritten(config.get("pre_tokenizer"), no_prefix),
+                 "normalizer": rewritten(config.get("normalizer"), no_prefix)}
+    return text_tokenizer(backend.to_str()), text_tokenizer(json.dumps(later)), text_tokenizer(json.dumps(continued))
 
 
 def describe(options: ChatOptions, encoder: ChatEncoder) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -236,7 +235,7 @@ class ChunkEncoder:
 
     def __call__(self, chunk: Chunk) -> Encoded:
         examples: list[fmts.Example] = []
-        chats: list[tuple[list[int], list[int]]] = []  # chat formats: each example's (ids, mask)
+        chats: list[tuple[np.ndarray, np.ndarray]] = []  # chat formats: each example's (ids, mask)
         bad: list[tuple[int, str]] = []
         empty = 0
         for line, payload in chunk.records:
@@ -270,12 +269,12 @@ class ChunkEncoder:
             held = np.fromiter((held_out(e.split_key(), self.eval_fraction) for e in examples), bool, len(examples))
         return Encoded(tokens, lengths, mask, held, bad, empty)
 
-    def _encoded_chats(self, examples: list[fmts.Example], chats: list[tuple[list[int], list[int]]],
+    def _encoded_chats(self, examples: list[fmts.Example], chats: list[tuple[np.ndarray, np.ndarray]],
                        bad: list[tuple[int, str]], empty: int) -> Encoded:
         """Rendered conversations come framed already (BOS first, EOS last) with their own masks."""
         lengths = np.fromiter((len(ids) for ids, _ in chats), np.int64, len(chats))
-        tokens = np.fromiter(chain.from_iterable(ids for ids, _ in chats), np.uint32, int(lengths.sum()))
-        mask = np.fromiter(chain.from_iterable(m for _, m in chats), np.uint8, int(lengths.sum()))
+        tokens = np.concatenate([ids for ids, _ in chats]) if chats else np.zeros(0, np.uint32)
+        mask = np.concatenate([m for _, m in chats]) if chats else np.zeros(0, np.uint8)
         held = None
         if self.eval_fraction > 0:
             held = np.fromiter((held_out(e.split_key(), self.eval_fraction) for e in examples), bool, len(examples))
