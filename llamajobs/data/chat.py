@@ -255,7 +255,7 @@ class ChatEncoder:
             if end == b:
                 parts.append(_arrays(encoding, position))
                 break
-            cut = _last_word_start(encoding, end - position - window // 4)
+            cut = _last_word_start(encoding, end - position - window // 16)
             if cut is None:  # one word over most of the window: a larger one
                 window *= 2
                 continue
@@ -263,7 +263,7 @@ class ChatEncoder:
             offsets = encoding.offsets
             parts.append(_arrays(encoding, position, token))
             # What the next window must begin with: this one's tokens past the cut, up to well before its end.
-            limit = end - position - window // 8
+            limit = end - position - window // 32
             expected = [t for t, (_, stop) in zip(encoding.ids[token:], offsets[token:]) if stop <= limit]
             position += char
             tokenizer, window = self._continued, self.window
@@ -312,14 +312,12 @@ def _arrays(encoding: Any, offset: int, stop: int | None = None) -> tuple[np.nda
 
 def _last_word_start(encoding: Any, limit: int) -> tuple[int, int] | None:
     """(token index, character) of the last word start at or before character `limit`, after the
-    first word; None when there is none."""
-    words = encoding.word_ids
+    first word; None when there is none. Found by the tokens' offsets, its character then read from
+    the word's own span (once: word_to_chars walks the encoding)."""
+    words, offsets = encoding.word_ids, encoding.offsets
     for token in range(len(words) - 1, 0, -1):
-        word = words[token]
-        if word is not None and word != words[token - 1]:
-            char = encoding.word_to_chars(word)[0]
-            if char <= limit:
-                return token, char
+        if offsets[token][0] <= limit and words[token] is not None and words[token] != words[token - 1]:
+            return token, encoding.word_to_chars(words[token])[0]
     return None
 
 
