@@ -80,47 +80,83 @@ class RenderTimeout(BaseException):
     Python callees swallows it)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ChatTokenizer:
+    """What rendering and tokenising chat needs of a tokenizer, read once with transformers. Picklable:
+    a worker process builds its ChatEncoder from it without transformers' tokenizer classes, which
+    import torch (seconds of start-up per worker, longer than a small prepare's tokenising)."""
+    path: str
+    tokenizer_json: str
+    template: str
+    template_name: str                 # a name from TEMPLATES, or "tokenizer"
+    template_label: str                # how messages name it
+    template_kwargs: dict[str, Any]    # what apply_chat_template passes to the template: bos_token, eos_token, ...
+    bos_id: int | None
+    eos_id: int
+    special: tuple[tuple[int, str, bool, bool], ...]  # (id, content, lstrip, rstrip) of each special added token
+
+
+def read_chat_tokenizer(tokenizer: Any, tokenizer_path: str | Path, options: ChatOptions) -> ChatTokenizer:
+    if options.template is not None:
+        template, name, label = named_template(options.template), options.template, f"--chat-template {options.template}"
+    elif getattr(tokenizer, "chat_template", None):
+        template, name, label = tokenizer.chat_template, "tokenizer", f"the chat template of --tokenizer {tokenizer_path}"
+    else:
+        raise SpecError(f"--tokenizer {tokenizer_path} has no chat template (no chat_template in its "
+                        f"tokenizer_config.json); pass --chat-template {'|'.join(TEMPLATES)}")
+    if not tokenizer.is_fast:
+        raise SpecError(f"--tokenizer {tokenizer_path}: chat formats need a fast tokenizer (tokenizer.json) "
+                        f"for the token offsets of the turns")
+    if tokenizer.eos_token_id is None:
+        raise SpecError(f"--tokenizer {tokenizer_path} has no EOS token; a causal LM's tokenizer has one")
+    special = tuple((i, t.content, t.lstrip, t.rstrip) for i, t in sorted(tokenizer.added_tokens_decoder.items())
+                    if t.special and t.content)
+    return ChatTokenizer(str(tokenizer_path), tokenizer.backend_tokenizer.to_str(), template, name, label,
+                         dict(tokenizer.special_tokens_map), tokenizer.bos_token_id, tokenizer.eos_token_id, special)
+
+
 class ChatEncoder:
     """Render and tokenise conversations: ids and loss mask (1: a target); BOS first when the tokenizer
-    has one, EOS last."""
+    has one, EOS last. Built from a tokenizer path (transformers loads it: `tokenizer` is then the
+    transformers tokenizer, for decoding), or from a ChatTokenizer (`tokenizer` None); pickled as its
+    ChatTokenizer."""
 
-    def __init__(self, tokenizer_path: str | Path, options: ChatOptions, window: int = WINDOW) -> None:
-        from llamajobs.data.tokenizer import load_tokenizer
+    def __init__(self, source: str | Path | ChatTokenizer, options: ChatOptions, window: int = WINDOW) -> None:
+        self.tokenizer = None
+        if not isinstance(source, ChatTokenizer):
+            from llamajobs.data.tokenizer import load_tokenizer
 
-        self.tokenizer = load_tokenizer(tokenizer_path)
-        self.options = options
-        if options.template is not None:
-            self.template, self.template_name = named_template(options.template), options.template
-            self.template_label = f"--chat-template {options.template}"
-        elif getattr(self.tokenizer, "chat_template", None):
-            self.template, self.template_name = self.tokenizer.chat_template, "tokenizer"
-            self.template_label = f"the chat template of --tokenizer {tokenizer_path}"
-        else:
-            raise SpecError(f"--tokenizer {tokenizer_path} has no chat template (no chat_template in its "
-                            f"tokenizer_config.json); pass --chat-template {'|'.join(TEMPLATES)}")
-        if not self.tokenizer.is_fast:
-            raise SpecError(f"--tokenizer {tokenizer_path}: chat formats need a fast tokenizer (tokenizer.json) "
-                            f"for the token offsets of the turns")
+            self.tokenizer = load_tokenizer(source)
+            source = read_chat_tokenizer(self.tokenizer, source, options)
+        self._build(source, options, window)
+
+    def __getstate__(self) -> tuple[ChatTokenizer, ChatOptions, int]:
+        return self.spec, self.options, self.window
+
+    def __setstate__(self, state: tuple[ChatTokenizer, ChatOptions, int]) -> None:
+        self.tokenizer = None
+        self._build(*state)
+
+    def _build(self, spec: ChatTokenizer, options: ChatOptions, window: int) -> None:
+        self.spec, self.options, self.window = spec, options, window
+        self.template, self.template_name, self.template_label = spec.template, spec.template_name, spec.template_label
         # No BOS (Qwen's tokenizers): a document starts with the template's first token, as at inference.
-        self.bos_id, self.eos_id = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        if self.eos_id is None:
-            raise SpecError(f"--tokenizer {tokenizer_path} has no EOS token; a causal LM's tokenizer has one")
+        self.bos_id, self.eos_id = spec.bos_id, spec.eos_id
         special, hidden = {}, {}
-        for i, token in sorted(self.tokenizer.added_tokens_decoder.items()):
-            new = sorted(set(token.content) - hidden.keys()) if token.special else []
-            if not token.special or not token.content or len(hidden) + len(new) > HIDDEN_CHARS:
+        for i, content, lstrip, rstrip in spec.special:
+            new = sorted(set(content) - hidden.keys())
+            if len(hidden) + len(new) > HIDDEN_CHARS:
                 continue  # not markup: the template's string of it is tokenised as text
             hidden.update({c: chr(HIDDEN + len(hidden) + n) for n, c in enumerate(new)})
-            special[i] = token
+            special[i] = (content, lstrip, rstrip)
         self._hide, self._unhide = str.maketrans(hidden), str.maketrans({v: k for k, v in hidden.items()})
-        self.special_ids = {t.content: i for i, t in special.items()}
-        longest_first = sorted(special.values(), key=lambda t: len(t.content), reverse=True)
-        names = [t.content for t in longest_first]
-        self._markup = _alternation(map(_markup_pattern, longest_first))
+        self.special_ids = {content: i for i, (content, _, _) in special.items()}
+        longest_first = sorted(special.values(), key=lambda t: len(t[0]), reverse=True)
+        names = [content for content, _, _ in longest_first]
+        self._markup = _alternation(_markup_pattern(*t) for t in longest_first)
         self._in_text = _alternation(map(re.escape, names))
         self._hidden = _alternation(re.escape(self.hide(name)) for name in names)
-        self._first_piece, self._later_piece, self._continued = text_tokenizers(self.tokenizer.backend_tokenizer)
-        self.window = window
+        self._first_piece, self._later_piece, self._continued = text_tokenizers(spec.tokenizer_json)
         # Windows are cut where the pre-tokenizer splits words (tokens never cross them); one that
         # does not split (sentencepiece's Metaspace without split) tokenises each piece whole.
         self._splits_words = len(set(self._later_piece.encode("a b", add_special_tokens=False).word_ids)) > 1
@@ -151,12 +187,14 @@ class ChatEncoder:
 
     def _render(self, turns: tuple[Turn, ...], generation_prompt: bool) -> str:
         from jinja2 import TemplateError
+        from transformers.utils.chat_template_utils import render_jinja_template  # no torch, unlike the tokenizers
 
         messages = [{"role": role, "content": content} for role, content in turns]
         try:
-            with time_limit(RENDER_SECONDS):
-                return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                          add_generation_prompt=generation_prompt)
+            with time_limit(RENDER_SECONDS):  # as apply_chat_template(tokenize=False) renders
+                rendered, _ = render_jinja_template(conversations=[messages], chat_template=self.template,
+                                                    add_generation_prompt=generation_prompt, **self.spec.template_kwargs)
+                return rendered[0]
         except RenderTimeout:
             raise SpecError(f"{self.template_label} rendered one conversation ({len(turns)} turns, "
                             f"{sum(len(c) for _, c in turns):,} characters) for over {RENDER_SECONDS:g} s without "
@@ -321,10 +359,10 @@ def _last_word_start(encoding: Any, limit: int) -> tuple[int, int] | None:
     return None
 
 
-def _markup_pattern(token: Any) -> str:
-    """An AddedToken's match in a rendering: with lstrip/rstrip, the white space beside it too, as the
+def _markup_pattern(content: str, lstrip: bool, rstrip: bool) -> str:
+    """An added token's match in a rendering: with lstrip/rstrip, the white space beside it too, as the
     tokenizer takes it."""
-    return ("\\s*" if token.lstrip else "") + re.escape(token.content) + ("\\s*" if token.rstrip else "")
+    return ("\\s*" if lstrip else "") + re.escape(content) + ("\\s*" if rstrip else "")
 
 
 def _alternation(patterns: Any) -> re.Pattern[str] | None:
@@ -332,7 +370,7 @@ def _alternation(patterns: Any) -> re.Pattern[str] | None:
     return re.compile("|".join(patterns)) if patterns else None
 
 
-def text_tokenizers(backend: Any) -> tuple[Any, Any, Any]:
+def text_tokenizers(tokenizer_json: str) -> tuple[Any, Any, Any]:
     """Three copies of a `tokenizers` Tokenizer that keep special-token strings as text: one for a
     text's first piece, one for a piece after a special token, and one for the rest of a long piece
     tokenised a window at a time (continued). The first two differ for a Metaspace pre-tokenizer that
@@ -362,11 +400,11 @@ def text_tokenizers(backend: Any) -> tuple[Any, Any, Any]:
             return {**node, "add_prefix_space": False}
         return None if node.get("type") == "Prepend" else node
 
-    config = json.loads(backend.to_str())
+    config = json.loads(tokenizer_json)
     later = {**config, "pre_tokenizer": rewritten(config.get("pre_tokenizer"), never_first)}
     continued = {**config, "pre_tokenizer": rewritten(config.get("pre_tokenizer"), no_prefix),
                  "normalizer": rewritten(config.get("normalizer"), no_prefix)}
-    return text_tokenizer(backend.to_str()), text_tokenizer(json.dumps(later)), text_tokenizer(json.dumps(continued))
+    return text_tokenizer(tokenizer_json), text_tokenizer(json.dumps(later)), text_tokenizer(json.dumps(continued))
 
 
 def describe(options: ChatOptions, encoder: ChatEncoder) -> dict[str, Any]:

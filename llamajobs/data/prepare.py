@@ -226,12 +226,15 @@ class ChunkEncoder:
     """Parse, template and tokenise chunks (in a worker process, or in the main one with --workers 1)."""
 
     def __init__(self, codec: TextCodec, format: str, options: list[Any], eval_fraction: float,
-                 chat: ChatOptions | None = None) -> None:
+                 chat: ChatOptions | ChatEncoder | None = None) -> None:
         self.codec = codec
         self.fmt = fmts.get_format(format)
         self.options = options
         self.eval_fraction = eval_fraction
-        self.chat = ChatEncoder(codec.path, chat or ChatOptions()) if self.fmt.chat else None
+        if isinstance(chat, ChatEncoder) or not self.fmt.chat:  # one built by the main process: no transformers here
+            self.chat = chat
+        else:
+            self.chat = ChatEncoder(codec.path, chat or ChatOptions())
 
     def __call__(self, chunk: Chunk) -> Encoded:
         examples: list[fmts.Example] = []
@@ -378,9 +381,9 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         train = st.PartWriter(tmp / st.part_name(0), dtype, fmt.instruct)
         held = st.PartWriter(tmp / st.EVAL / st.part_name(0), dtype, fmt.instruct) if config.eval_fraction else None
         counts = Counts(per_source=[0] * len(inputs))
-        args = (encoder.codec, config.format, options, config.eval_fraction, config.chat_options())
-        if config.chat_options() is not None:  # no chat template: refused here, not in each worker
-            ChatEncoder(encoder.path, config.chat_options())
+        # Chat: the encoder is built here (no chat template is refused before any work) and goes to the workers.
+        chat = ChatEncoder(encoder.path, config.chat_options()) if config.chat_options() is not None else None
+        args = (encoder.codec, config.format, options, config.eval_fraction, chat)
         for chunk, enc in encode_chunks(read_chunks(inputs, fmt, config.chunk_bytes), args, config.workers):
             check_bad_lines(enc.bad, inputs[chunk.source], fmt, config.skip_bad_lines, counts)
             counts.empty += enc.empty
