@@ -500,3 +500,30 @@ def test_progress_lines_end_before_an_error_where_stderr_is_no_terminal():
     assert "\x1b" not in stream.getvalue() and "\r" not in stream.getvalue(), repr(stream.getvalue())
     assert lines[0].startswith("tokenizing 25% 0.5 MB/s 1,000 docs") and lines[-1] == "Error: chat.jsonl:2001: a bad line\n"
     assert all(line.endswith("\n") for line in lines)
+
+
+def test_chat_workers_give_the_one_process_store(tmp_path, family_tokenizers):
+    """The main process's ChatEncoder goes to the worker processes pickled (its ChatTokenizer: no
+    transformers tokenizer, no torch there); the store is byte for byte the one-process store."""
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: prepare starts no pool")
+    tok = family_tokenizers["qwen2"][0]
+    data = write(tmp_path / "chat.jsonl", [dict(c, id=f"{c['id']}-{i}") for i in range(30) for c in CONVERSATIONS])
+    for workers in (1, 2):
+        prepare(PrepareConfig(inputs=(data,), tokenizer=tok, out=tmp_path / f"w{workers}", format="messages",
+                              workers=workers, chunk_bytes=2048, eval_fraction=0.2))
+    assert st.content_digest(tmp_path / "w2") == st.content_digest(tmp_path / "w1")
+
+
+def test_workers_are_capped_to_cpus_and_chunks():
+    import os
+
+    from llamajobs.data.prepare import useful_workers
+
+    cpus = len(os.sched_getaffinity(0))
+    assert useful_workers(64, 100 << 20, 1 << 20) == cpus
+    assert useful_workers(64, 1000, 1 << 20) == 1  # one chunk: the main process encodes it, no pool
+    assert useful_workers(2, (1 << 20) + 1, 1 << 20) == min(2, cpus)
+    assert useful_workers(3, None, 1 << 20) == min(3, cpus)  # a compressed input's chunks are not known

@@ -319,6 +319,15 @@ def _encode_in_worker(chunk: Chunk) -> Encoded:
     return _worker(chunk)
 
 
+def useful_workers(workers: int, input_bytes: int | None, chunk_bytes: int) -> int:
+    """The tokenizing processes worth starting: no more than the CPUs this process may use (more only
+    share them, and each costs its start-up and memory), nor than the chunks the input makes when its
+    bytes are known (a worker without a chunk is start-up for nothing; compressed and dataset inputs
+    and pipes: unknown). One means no pool: the main process encodes."""
+    chunks = -(-input_bytes // chunk_bytes) if input_bytes else workers
+    return max(1, min(workers, len(os.sched_getaffinity(0)), chunks))
+
+
 def encode_chunks(chunks: Iterator[Chunk], args: tuple, workers: int) -> Iterator[tuple[Chunk, Encoded]]:
     """(chunk, its encoding) in input order; args are ChunkEncoder's (the TextCodec first). Workers > 1:
     a process pool with at most 2 chunks per worker in flight (Pool.imap would read ahead without bound)."""
@@ -384,7 +393,9 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         # Chat: the encoder is built here (no chat template is refused before any work) and goes to the workers.
         chat = ChatEncoder(encoder.path, config.chat_options()) if config.chat_options() is not None else None
         args = (encoder.codec, config.format, options, config.eval_fraction, chat)
-        for chunk, enc in encode_chunks(read_chunks(inputs, fmt, config.chunk_bytes), args, config.workers):
+        plain = not any(p.suffix == ".gz" or hf.is_dataset_input(p) for p in inputs)  # bytes read = chunk bytes
+        workers = useful_workers(config.workers, total_bytes if plain else None, config.chunk_bytes)
+        for chunk, enc in encode_chunks(read_chunks(inputs, fmt, config.chunk_bytes), args, workers):
             check_bad_lines(enc.bad, inputs[chunk.source], fmt, config.skip_bad_lines, counts)
             counts.empty += enc.empty
             counts.per_source[chunk.source] += len(enc.lengths)
