@@ -236,42 +236,45 @@ class ChatEncoder:
     def encode(self, turns: tuple[Turn, ...]) -> tuple[np.ndarray, np.ndarray]:
         """(ids uint32, mask uint8) of one conversation. The BOS is added when the tokenizer has one and
         the template did not put it first, the EOS when the rendering does not end with it (trained on
-        when the last token is)."""
+        when the last token is). The mask is made part by part: no array of every token's start."""
         hidden, spans = self.spans(turns)
-        ids, starts = self.tokenize(hidden)
-        mask = in_spans(starts, spans)
-        if self.bos_id is not None and (not len(ids) or ids[0] != self.bos_id):
-            ids, mask = np.concatenate([[self.bos_id], ids]).astype(np.uint32), np.concatenate([[0], mask]).astype(np.uint8)
-        if not len(ids) or ids[-1] != self.eos_id:
-            last = mask[-1] if len(mask) else 0
-            ids, mask = np.append(ids, np.uint32(self.eos_id)), np.append(mask, np.uint8(last))
-        mask[0] = 0  # the first token is never a target (nothing precedes it)
-        return ids, mask
+        bounds = span_bounds(spans)
+        ids: list[np.ndarray] = []
+        mask: list[np.ndarray] = []
+        for part_ids, starts in self._token_parts(hidden):
+            ids.append(part_ids)
+            mask.append(in_spans(starts, bounds))
+        if self.bos_id is not None and (not ids or ids[0][0] != self.bos_id):
+            ids.insert(0, np.array([self.bos_id], np.uint32))
+            mask.insert(0, np.zeros(1, np.uint8))
+        if not ids or ids[-1][-1] != self.eos_id:
+            ids.append(np.array([self.eos_id], np.uint32))
+            mask.append(mask[-1][-1:].copy() if mask else np.zeros(1, np.uint8))
+        ids_array, mask_array = np.concatenate(ids), np.concatenate(mask)
+        mask_array[0] = 0  # the first token is never a target (nothing precedes it)
+        return ids_array, mask_array
 
     def tokenize(self, hidden: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids uint32, each token's first character int64) of a rendering from render_hidden: its
         special-token strings become special tokens, the text between them is tokenised with none."""
+        parts = list(self._token_parts(hidden))
+        if not parts:
+            return np.zeros(0, np.uint32), np.zeros(0, np.int64)
+        return np.concatenate([ids for ids, _ in parts]), np.concatenate([starts for _, starts in parts])
+
+    def _token_parts(self, hidden: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """tokenize()'s (ids, starts) in parts: each special token, each text piece (or window of one)."""
         text = self.restore(hidden)
-        ids: list[np.ndarray] = []
-        starts: list[np.ndarray] = []
-
-        def text_piece(a: int, b: int) -> None:
-            if a < b:  # the first piece is tokenised as the start of a text, the others as what follows a special token
-                for piece_ids, piece_starts in self._encode_piece(text, a, b):
-                    ids.append(piece_ids)
-                    starts.append(piece_starts)
-
         position = 0
         for match in self._markup.finditer(hidden) if self._markup is not None else ():
-            text_piece(position, match.start())
+            if position < match.start():  # the first piece is tokenised as the start of a text, the others as what follows a special token
+                yield from self._encode_piece(text, position, match.start())
             name = match.group()
-            ids.append(np.array([self.special_ids[name if name in self.special_ids else name.strip()]], np.uint32))
-            starts.append(np.array([match.start()], np.int64))
+            yield (np.array([self.special_ids[name if name in self.special_ids else name.strip()]], np.uint32),
+                   np.array([match.start()], np.int64))
             position = match.end()
-        text_piece(position, len(text))
-        if not ids:
-            return np.zeros(0, np.uint32), np.zeros(0, np.int64)
-        return np.concatenate(ids), np.concatenate(starts)
+        if position < len(text):
+            yield from self._encode_piece(text, position, len(text))
 
     def _encode_piece(self, text: str, a: int, b: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The tokens of text[a:b], a piece between special tokens, as (ids, starts) parts. A long piece
@@ -329,16 +332,23 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def in_spans(starts: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
-    """1 where a start lies in one of the spans [a, b), else 0 (uint8)."""
+def span_bounds(spans: list[tuple[int, int]]) -> np.ndarray:
+    """The spans [a, b) merged where they overlap, as sorted bounds a0, b0, a1, b1, ..."""
     merged: list[list[int]] = []
     for a, b in sorted(spans):
         if merged and a <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], b)
         elif a < b:
             merged.append([a, b])
-    bounds = np.array(merged, np.int64).ravel()
-    return (np.searchsorted(bounds, starts, side="right") % 2).astype(np.uint8)
+    return np.array(merged, np.int64).ravel()
+
+
+def in_spans(starts: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """1 where a start lies in one of the spans of span_bounds, else 0 (uint8): after an odd number of
+    bounds."""
+    after = np.searchsorted(bounds, starts, side="right")
+    after &= 1
+    return after.astype(np.uint8)
 
 
 def _arrays(encoding: Any, offset: int, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
