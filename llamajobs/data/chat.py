@@ -31,7 +31,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -51,7 +51,7 @@ SURROGATE = re.compile("[\ud800-\udfff]")
 RENDER_SECONDS = 10.0
 # A text piece longer than this many characters is tokenised a window at a time: the Rust encoding of
 # one text holds about 250 bytes per token, 2.5 GB for a 10 MB message in one piece.
-WINDOW = 1 << 18
+WINDOW = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,9 +241,9 @@ class ChatEncoder:
         bounds = span_bounds(spans)
         ids: list[np.ndarray] = []
         mask: list[np.ndarray] = []
-        for part_ids, starts in self._token_parts(hidden):
+        for part_ids, part_mask in self._token_parts(hidden, lambda starts: in_spans(starts, bounds)):
             ids.append(part_ids)
-            mask.append(in_spans(starts, bounds))
+            mask.append(part_mask)
         if self.bos_id is not None and (not ids or ids[0][0] != self.bos_id):
             ids.insert(0, np.array([self.bos_id], np.uint32))
             mask.insert(0, np.zeros(1, np.uint8))
@@ -257,33 +257,35 @@ class ChatEncoder:
     def tokenize(self, hidden: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids uint32, each token's first character int64) of a rendering from render_hidden: its
         special-token strings become special tokens, the text between them is tokenised with none."""
-        parts = list(self._token_parts(hidden))
+        parts = list(self._token_parts(hidden, lambda starts: starts))
         if not parts:
             return np.zeros(0, np.uint32), np.zeros(0, np.int64)
         return np.concatenate([ids for ids, _ in parts]), np.concatenate([starts for _, starts in parts])
 
-    def _token_parts(self, hidden: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """tokenize()'s (ids, starts) in parts: each special token, each text piece (or window of one)."""
+    def _token_parts(self, hidden: str, keep: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """tokenize()'s (ids, keep(starts)) in parts: each special token, each text piece (or window of
+        one). encode() keeps each part's mask, not its starts (8 bytes a token)."""
         text = self.restore(hidden)
         position = 0
         for match in self._markup.finditer(hidden) if self._markup is not None else ():
             if position < match.start():  # the first piece is tokenised as the start of a text, the others as what follows a special token
-                yield from self._encode_piece(text, position, match.start())
+                yield from self._encode_piece(text, position, match.start(), keep)
             name = match.group()
             yield (np.array([self.special_ids[name if name in self.special_ids else name.strip()]], np.uint32),
-                   np.array([match.start()], np.int64))
+                   keep(np.array([match.start()], np.int64)))
             position = match.end()
         if position < len(text):
-            yield from self._encode_piece(text, position, len(text))
+            yield from self._encode_piece(text, position, len(text), keep)
 
-    def _encode_piece(self, text: str, a: int, b: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The tokens of text[a:b], a piece between special tokens, as (ids, starts) parts. A long piece
+    def _encode_piece(self, text: str, a: int, b: int,
+                      keep: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The tokens of text[a:b], a piece between special tokens, as (ids, keep(starts)) parts. A long piece
         is tokenised a window at a time, cut at the start of a word well inside the window: the next
         window starts there, and its first tokens must be those the window before gave past the cut,
         or the piece is tokenised whole after all."""
         tokenizer = first = self._first_piece if a == 0 else self._later_piece
         if b - a <= self.window or not self._splits_words:
-            yield _arrays(tokenizer.encode(text[a:b], add_special_tokens=False), a)
+            yield _arrays(tokenizer.encode(text[a:b], add_special_tokens=False), a, keep)
             return
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         position, window, expected = a, self.window, None
@@ -291,10 +293,10 @@ class ChatEncoder:
             end = min(b, position + window)
             encoding = tokenizer.encode(text[position:end], add_special_tokens=False)
             if expected is not None and encoding.ids[:len(expected)] != expected:
-                yield _arrays(first.encode(text[a:b], add_special_tokens=False), a)  # not local after all
+                yield _arrays(first.encode(text[a:b], add_special_tokens=False), a, keep)  # not local after all
                 return
             if end == b:
-                parts.append(_arrays(encoding, position))
+                parts.append(_arrays(encoding, position, keep))
                 break
             cut = _last_word_start(encoding, end - position - window // 16)
             if cut is None:  # one word over most of the window: a larger one
@@ -302,7 +304,7 @@ class ChatEncoder:
                 continue
             token, char = cut
             offsets = encoding.offsets
-            parts.append(_arrays(encoding, position, token))
+            parts.append(_arrays(encoding, position, keep, token))
             # What the next window must begin with: this one's tokens past the cut, up to well before its end.
             limit = end - position - window // 32
             expected = [t for t, (_, stop) in zip(encoding.ids[token:], offsets[token:]) if stop <= limit]
@@ -351,11 +353,12 @@ def in_spans(starts: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     return after.astype(np.uint8)
 
 
-def _arrays(encoding: Any, offset: int, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, starts) of an Encoding's tokens before `stop`, starts shifted by offset."""
+def _arrays(encoding: Any, offset: int, keep: Callable[[np.ndarray], np.ndarray],
+            stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, keep(starts)) of an Encoding's tokens before `stop`, starts shifted by offset."""
     ids, offsets = encoding.ids[:stop], encoding.offsets[:stop]
     return (np.array(ids, np.uint32),
-            np.fromiter((start for start, _ in offsets), np.int64, len(offsets)) + offset)
+            keep(np.fromiter((start for start, _ in offsets), np.int64, len(offsets)) + offset))
 
 
 def _last_word_start(encoding: Any, limit: int) -> tuple[int, int] | None:
