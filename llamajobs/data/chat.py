@@ -157,9 +157,7 @@ class ChatEncoder:
         self._in_text = _alternation(map(re.escape, names))
         self._hidden = _alternation(re.escape(self.hide(name)) for name in names)
         self._first_piece, self._later_piece, self._continued = text_tokenizers(spec.tokenizer_json)
-        # Windows are cut where the pre-tokenizer splits words (tokens never cross them); one that
-        # does not split (sentencepiece's Metaspace without split) tokenises each piece whole.
-        self._splits_words = len(set(self._later_piece.encode("a b", add_special_tokens=False).word_ids)) > 1
+        self._cut = window_cuts(spec.tokenizer_json, self._later_piece)
 
     def hide(self, text: str) -> str:
         return text.translate(self._hide)
@@ -284,7 +282,7 @@ class ChatEncoder:
         window starts there, and its first tokens must be those the window before gave past the cut,
         or the piece is tokenised whole after all."""
         tokenizer = first = self._first_piece if a == 0 else self._later_piece
-        if b - a <= self.window or not self._splits_words:
+        if b - a <= self.window or self._cut is None:
             yield _arrays(tokenizer.encode(text[a:b], add_special_tokens=False), a, keep)
             return
         parts: list[tuple[np.ndarray, np.ndarray]] = []
@@ -298,7 +296,7 @@ class ChatEncoder:
             if end == b:
                 parts.append(_arrays(encoding, position, keep))
                 break
-            cut = _last_word_start(encoding, end - position - window // 16)
+            cut = self._cut(encoding, end - position - window // 16)
             if cut is None:  # one word over most of the window: a larger one
                 window *= 2
                 continue
@@ -361,6 +359,47 @@ def _arrays(encoding: Any, offset: int, keep: Callable[[np.ndarray], np.ndarray]
             keep(np.fromiter((start for start, _ in offsets), np.int64, len(offsets)) + offset))
 
 
+def window_cuts(tokenizer_json: str, tokenizer: Any) -> Callable[[Any, int], tuple[int, int] | None] | None:
+    """Where a long piece may be cut between windows: where tokens never cross. At word starts when the
+    pre-tokenizer splits words (byte-level BPE: Llama 3, Qwen, Mistral's tokenizer.json). Sentencepiece's
+    BPE as transformers converts it (Metaspace without split: the piece is one word) at a "▁" after
+    another character, when no token of the vocabulary holds "▁" after another character (LLaMA's and
+    Mistral's do not): no merge can cross it, so each side merges as it would alone. Otherwise None: the
+    piece is tokenised whole."""
+    if len(set(tokenizer.encode("a b", add_special_tokens=False).word_ids)) > 1:
+        return _last_word_start
+    config = json.loads(tokenizer_json)
+    found: list[dict] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            found.extend([node] if node.get("type") == "Metaspace" else [])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config.get("pre_tokenizer"))
+    model = config.get("model") or {}
+    if len(found) != 1 or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        return None
+    space = found[0].get("replacement", "\u2581")
+    if any(space in token.lstrip(space) for token in model["vocab"]):
+        return None
+    return lambda encoding, limit: _last_space_start(space, encoding, limit)
+
+
+def _last_space_start(space: str, encoding: Any, limit: int) -> tuple[int, int] | None:
+    """(token index, character) of the last token at or before character `limit` that starts with the
+    space mark after a token that does not end with one."""
+    tokens, offsets = encoding.tokens, encoding.offsets
+    for token in range(len(tokens) - 1, 0, -1):
+        if offsets[token][0] <= limit and tokens[token].startswith(space) and not tokens[token - 1].endswith(space):
+            return token, offsets[token][0]
+    return None
+
+
 def _last_word_start(encoding: Any, limit: int) -> tuple[int, int] | None:
     """(token index, character) of the last word start at or before character `limit`, after the
     first word; None when there is none. Found by the tokens' offsets, its character then read from
@@ -411,6 +450,8 @@ def text_tokenizers(tokenizer_json: str) -> tuple[Any, Any, Any]:
             return {**node, "prepend_scheme": "never"}
         if node.get("type") == "ByteLevel" and node.get("add_prefix_space"):
             return {**node, "add_prefix_space": False}
+        if node.get("type") == "Replace" and str((node.get("pattern") or {}).get("Regex", "")).startswith("\\A"):
+            return None  # transformers' sentencepiece conversion: "\A▁" -> "▁▁", at a text's start only
         return None if node.get("type") == "Prepend" else node
 
     config = json.loads(tokenizer_json)
