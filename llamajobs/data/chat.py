@@ -102,8 +102,10 @@ def read_chat_tokenizer(tokenizer: Any, tokenizer_path: str | Path, options: Cha
     elif getattr(tokenizer, "chat_template", None):
         template, name, label = tokenizer.chat_template, "tokenizer", f"the chat template of --tokenizer {tokenizer_path}"
     else:
-        raise SpecError(f"--tokenizer {tokenizer_path} has no chat template (no chat_template in its "
-                        f"tokenizer_config.json); pass --chat-template {'|'.join(TEMPLATES)}")
+        where = ("a sentencepiece model file carries none" if Path(tokenizer_path).is_file()
+                 else "no chat_template in its tokenizer_config.json")
+        raise SpecError(f"--tokenizer {tokenizer_path} has no chat template ({where}); pass --chat-template "
+                        f"{'|'.join(TEMPLATES)}")
     if not tokenizer.is_fast:
         raise SpecError(f"--tokenizer {tokenizer_path}: chat formats need a fast tokenizer (tokenizer.json) "
                         f"for the token offsets of the turns")
