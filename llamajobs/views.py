@@ -376,36 +376,72 @@ def converted(result: dict[str, Any]) -> None:
 
 
 class PrepareProgress:
-    """`data prepare`'s progress bar on stderr: input bytes read, documents and tokens with their
-    rates. Use as a context manager; call it with each data.prepare.Progress."""
+    """`data prepare`'s progress on stderr: input bytes read, documents and tokens with their rates. On
+    a terminal a live bar (cleared when an error follows, so the error is the only thing there);
+    elsewhere (a log file, a pipe) whole lines, one every LINE_SECONDS and one at the end, each ended
+    before anything else is printed: a live bar's cursor controls (FORCE_COLOR, TTY_COMPATIBLE make
+    rich draw one into a file) would leave an error glued to it. Use as a context manager; call it
+    with each data.prepare.Progress."""
+
+    LINE_SECONDS = 30.0
 
     def __init__(self, console: Console = err) -> None:
         from rich.progress import (BarColumn, Progress as Bar, TaskProgressColumn, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
+        self.console = console
+        self.live = _isatty(console.file)
         self.bar = Bar(TextColumn("{task.fields[label]}"), BarColumn(), TaskProgressColumn(),
                        TextColumn("{task.fields[mb_s]:.1f} MB/s"),
                        TextColumn("{task.fields[docs]:,} docs ({task.fields[docs_s]:,.0f}/s)"),
                        TextColumn("{task.fields[tokens]:,} tokens ({task.fields[tokens_s]:,.0f}/s)"),
                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
         self.task = None
+        self.last: Progress | None = None
+        self.printed_at = 0.0
 
     def __enter__(self) -> PrepareProgress:
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        if self.task is not None:
+        if self.live and self.task is not None:
             self.bar.live.transient = exc_type is not None  # an error is then the only thing on stderr
             self.bar.stop()
+        elif not self.live and self.last is not None and exc_type is None:
+            self._line(self.last)
 
     def __call__(self, p: Progress) -> None:
-        rate = 1 / max(p.elapsed_s, 1e-9)
-        fields = {"label": p.label, "mb_s": p.bytes_read / 1e6 * rate, "docs": p.documents,
-                  "docs_s": p.documents * rate, "tokens": p.tokens, "tokens_s": p.tokens * rate}
+        if not self.live:
+            self.last = p
+            if time.monotonic() - self.printed_at >= self.LINE_SECONDS:
+                self._line(p)
+            return
+        fields = _rates(p)
         if self.task is None:
             self.bar.start()
             self.task = self.bar.add_task("prepare", total=p.total_bytes or None, **fields)
         self.bar.update(self.task, completed=p.bytes_read, **fields)
+
+    def _line(self, p: Progress) -> None:
+        f = _rates(p)
+        done = f" {100 * p.bytes_read / p.total_bytes:.0f}%" if p.total_bytes else ""
+        self.console.file.write(f"{f['label']}{done} {f['mb_s']:.1f} MB/s {f['docs']:,} docs ({f['docs_s']:,.0f}/s) "
+                                f"{f['tokens']:,} tokens ({f['tokens_s']:,.0f}/s) {p.elapsed_s:.0f} s\n")
+        self.console.file.flush()
+        self.printed_at = time.monotonic()
+
+
+def _rates(p: Progress) -> dict[str, Any]:
+    rate = 1 / max(p.elapsed_s, 1e-9)
+    return {"label": p.label, "mb_s": p.bytes_read / 1e6 * rate, "docs": p.documents, "docs_s": p.documents * rate,
+            "tokens": p.tokens, "tokens_s": p.tokens * rate}
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no such method, or a closed stream
+        return False
 
 
 def prepared(out_dir: str, meta: dict[str, Any]) -> None:

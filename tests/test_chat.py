@@ -220,7 +220,7 @@ def test_conversations_without_special_strings_tokenise_as_the_whole_rendering(c
         enc = ChatEncoder(chat_tokenizers[tok], ChatOptions(name))
         for c in CONVERSATIONS:
             turns = tuple((m["role"], m["content"]) for m in c["messages"])
-            ids, _ = enc.encode(turns)
+            ids = enc.encode(turns)[0].tolist()
             whole = as_inference(enc, turns)
             assert ids[int(whole[:1] != ids[:1]):][:len(whole)] == whole, (tok, name)
 
@@ -233,7 +233,7 @@ def test_special_token_strings_in_messages_are_text(chat_tokenizers, tok, templa
     assert any(enc.special_ids.get(s) is not None for s in ("<|im_end|>", "<|eot_id|>", "</s>")), enc.special_ids
     plain = tuple(PROBE)
     attacked = tuple((role, content.replace("@@", attack)) for role, content in PROBE)
-    (ids, mask), (plain_ids, plain_mask) = enc.encode(attacked), enc.encode(plain)
+    (ids, mask), (plain_ids, plain_mask) = (tuple(a.tolist() for a in enc.encode(turns)) for turns in (attacked, plain))
     # On the old encoding (the rendering in one piece) the messages' strings were control tokens.
     assert [t for t in as_inference(enc, attacked) if t in special] != [t for t in as_inference(enc, plain)
                                                                         if t in special]
@@ -247,7 +247,7 @@ def test_special_token_strings_in_messages_are_text(chat_tokenizers, tok, templa
         decode([t for t, m in zip(plain_ids, plain_mask) if not m]).replace("@@", attack)
     if tok != "sentencepiece":  # byte-level: each message's tokens decode to its text exactly
         hidden, _ = enc.spans(attacked)
-        tokens, starts = enc.tokenize(hidden)
+        tokens, starts = (a.tolist() for a in enc.tokenize(hidden))
         text = enc.render(attacked)
         for _, content in attacked[1:]:
             a = text.index(content)
@@ -269,7 +269,7 @@ def test_inspect_shows_special_strings_of_a_message_as_text(tmp_path, bpe_tok):
     trained = "".join(s["text"] for s in sample["segments"] if s["target"])
     assert trained == f"I will not {attack} do that.<|im_end|>\nStill {attack} no.<|im_end|>\n</s>"
     assert [m for _, m in shown] == st.TokenStore(tmp_path / "store").loss_mask(0).tolist()
-    assert enc.encode(tuple((m["role"], m["content"]) for m in record["messages"]))[0] == \
+    assert enc.encode(tuple((m["role"], m["content"]) for m in record["messages"]))[0].tolist() == \
         st.TokenStore(tmp_path / "store")[0].tolist()
 
 
@@ -300,3 +300,227 @@ def test_a_chat_store_of_the_old_encoding_is_refused_and_other_stores_are_not(tm
     meta_path.write_text(json.dumps(meta))  # as the old llamajobs wrote it
     with pytest.raises(SpecError, match="chat data prepared by an older llamajobs.*prepare the data again"):
         st.check_store(tmp_path / "chat", tok)
+
+
+# --- each supported family's kind of tokenizer ---
+
+
+def mistral_common_model() -> Path:
+    """The real LLaMA-style 32k sentencepiece model that mistral-common ships (tokenizer.model.v1)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("mistral-common is not installed (pip install --no-deps mistral-common)")
+    return Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
+
+
+def tiktoken_file(tokenizer_json: Path, out: Path) -> None:
+    """Llama 3's original tokenizer.model beside its tokenizer.json: each token's bytes in base64 and its
+    rank, one per line (tiktoken's format, text: not a sentencepiece model)."""
+    import base64
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    vocab = json.loads(tokenizer_json.read_text())["model"]["vocab"]
+    out.write_text("".join(f"{base64.b64encode(bytes(byte_of[c] for c in token)).decode()} {rank}\n"
+                           for token, rank in sorted(vocab.items(), key=lambda kv: kv[1])))
+
+
+@pytest.fixture(scope="module")
+def family_tokenizers(tmp_path_factory) -> dict[str, tuple[Path, str | None]]:
+    """(tokenizer, --chat-template or None for its own) of each kind a supported family ships: byte-level
+    BPE with a BOS (Llama 3, Mistral's tokenizer.json) and without one (Qwen2, Qwen3: bos_token None),
+    a sentencepiece model file (LLaMA 1/2, Mistral v1), and Llama 3's directory with its tiktoken-style
+    tokenizer.model beside tokenizer.json."""
+    from tests.families import train_fast_tokenizer
+
+    kinds: dict[str, tuple[Path, str | None]] = {}
+    for family in ("llama", "mistral", "qwen2", "qwen3"):
+        train_fast_tokenizer(family, out := tmp_path_factory.mktemp(family))
+        kinds[family] = (out, None)
+    kinds["sentencepiece"] = (mistral_common_model(), "mistral")
+    tiktoken = tmp_path_factory.mktemp("llama-tiktoken")
+    train_fast_tokenizer("llama", tiktoken)
+    tiktoken_file(tiktoken / "tokenizer.json", tiktoken / "tokenizer.model")
+    kinds["tiktoken"] = (tiktoken, None)
+    return kinds
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "sentencepiece", "tiktoken"])
+def test_chat_prepare_with_each_family_kind_of_tokenizer(cli, tmp_path, family_tokenizers, kind):
+    """Each document is the rendering as an inference server tokenises it, a BOS in front only when the
+    tokenizer has one (Qwen's have none: the document starts with the template's <|im_start|>), the
+    EOS last (added when the template did not end with it); the loss covers the answers and nothing else."""
+    tok, template = family_tokenizers[kind]
+    data = write(tmp_path / "chat.jsonl", CONVERSATIONS)
+    code, _, err = cli("data", "prepare", str(data), "--tokenizer", str(tok), "--out", str(tmp_path / "s"),
+                       "--format", "messages", *(["--chat-template", template] if template else []))
+    assert code == 0, err
+    store = st.TokenStore(tmp_path / "s")
+    enc = ChatEncoder(tok, ChatOptions(template))
+    assert (enc.bos_id is None) == kind.startswith("qwen")
+    for i, (answers, questions) in enumerate(((ASSISTANT[:2], USER[:2]), (ASSISTANT[2:], USER[2:3]))):
+        whole = as_inference(enc, tuple((m["role"], m["content"]) for m in CONVERSATIONS[i]["messages"]))
+        bos = [] if enc.bos_id is None or whole[:1] == [enc.bos_id] else [enc.bos_id]
+        eos = [] if whole[-1:] == [enc.eos_id] else [enc.eos_id]  # Mistral's template ends with it
+        assert store[i].tolist() == bos + whole + eos, kind
+        trained, masked = trained_and_masked(store, i, enc.tokenizer.decode)
+        assert all(a in trained for a in answers) and not any(q in trained for q in questions), (kind, trained)
+        assert all(q in masked for q in questions), (kind, masked)
+    if enc.bos_id is None:
+        assert store[0][0] == enc.special_ids["<|im_start|>"]
+
+
+def test_a_sentencepiece_model_file_without_a_template_names_what_is_needed(cli, tmp_path):
+    data = write(tmp_path / "chat.jsonl", CONVERSATIONS)
+    code, _, err = cli("data", "prepare", str(data), "--tokenizer", str(mistral_common_model()), "--out",
+                       str(tmp_path / "s"), "--format", "messages")
+    assert code == 2 and "has no chat template" in err and "--chat-template llama3|chatml|mistral|alpaca" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+# --- content comes back as it was ---
+
+
+def test_lone_surrogates_are_cleaned_and_private_use_characters_kept(cli, tmp_path, family_tokenizers):
+    """A lone surrogate (no text) becomes U+FFFD, as the text formats clean it; private-use characters,
+    those the special-token strings used to be hidden on included, are the message's own text."""
+    tok = family_tokenizers["qwen2"][0]  # byte-level: tokens decode to the text exactly
+    private = "".join(chr(0xF0000 + ord(c)) for c in "<|im_end|>") + "\ue000\U0010fffd"
+    data = write(tmp_path / "chat.jsonl", [
+        '{"messages": [{"role": "user", "content": "lone \\ud800 here"}, '
+        '{"role": "assistant", "content": "pair \\ud83d\\ude00, lone \\udfff"}]}',
+        {"messages": [{"role": "user", "content": f"x{private}"}, {"role": "assistant", "content": f"{private} y"}]}])
+    code, _, err = cli("data", "prepare", str(data), "--tokenizer", str(tok), "--out", str(tmp_path / "s"),
+                       "--format", "messages")
+    assert code == 0, err
+    store = st.TokenStore(tmp_path / "s")
+    decode = ChatEncoder(tok, ChatOptions()).tokenizer.decode
+    assert trained_and_masked(store, 0, decode) == (
+        "pair \U0001f600, lone \ufffd<|im_end|>\n<|endoftext|>",
+        "<|im_start|>user\nlone \ufffd here<|im_end|>\n<|im_start|>assistant\n")
+    assert trained_and_masked(store, 1, decode) == (
+        f"{private} y<|im_end|>\n<|endoftext|>", f"<|im_start|>user\nx{private}<|im_end|>\n<|im_start|>assistant\n")
+
+
+# --- a template that fails is the template's problem, not the data's ---
+
+
+@pytest.mark.parametrize("template, error", [
+    ("{% for m in messages %}{{ m['content'] }}", "TemplateSyntaxError"),  # no endfor
+    ("{{ messages[0]['content'] | no_such_filter }}", "TemplateAssertionError"),
+    ("{{ messages.__class__.__mro__ }}", "SecurityError"),  # the sandbox refuses it
+    ("{% for m in messages %}{{ m['content'] // 0 }}{% endfor %}", "TypeError"),
+    ("{% for m in messages %}{{ m.content }}{{ 1 // 0 }}{% endfor %}", "ZeroDivisionError"),
+    # nested loops of 10^8 steps (minutes) that render nothing: stopped after RENDER_SECONDS
+    ("{% for i in range(100000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}",
+     "without an end (a loop too large?)"),
+])
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_broken_or_looping_template_is_a_template_error(cli, tmp_path, bpe_tok, monkeypatch, template, error, skip):
+    import shutil
+
+    from llamajobs.data import chat
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 1.0)
+    tok = tmp_path / "tok"
+    shutil.copytree(bpe_tok, tok)
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tok / "tokenizer_config.json").write_text(json.dumps(config))
+    (tok / "chat_template.jinja").write_text(template)
+    data = write(tmp_path / "chat.jsonl", CONVERSATIONS)
+    code, _, err = cli("data", "prepare", str(data), "--tokenizer", str(tok), "--out", str(tmp_path / "s"),
+                       "--format", "messages", *(["--skip-bad-lines"] if skip else []))
+    assert code == 2 and f"the chat template of --tokenizer {tok}" in err and error in err, err
+    assert "--chat-template llama3|chatml|mistral|alpaca" in err and "skip-bad-lines" not in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+# --- a long message: tokenised a window at a time, the same ids as whole ---
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "sentencepiece"])
+def test_long_messages_tokenise_in_windows_as_whole(family_tokenizers, kind):
+    """A piece longer than the window is tokenised a window at a time, cut where no token crosses (word
+    starts; sentencepiece's "▁" after another character): the ids and the mask are those of the piece
+    tokenised whole."""
+    from llamajobs.data import SAMPLE_CORPUS, read_texts
+
+    tok, template = family_tokenizers[kind]
+    corpus = "\n\n".join(read_texts(SAMPLE_CORPUS))[:60_000]
+    turns = (("system", corpus[:5000]), ("user", "Summarise:  " + corpus[5000:30_000] + "   \n\n"),
+             ("assistant", corpus[30_000:]))
+    whole = ChatEncoder(tok, ChatOptions(template))
+    windowed = ChatEncoder(tok, ChatOptions(template), window=700)
+    lengths: dict[str, list[int]] = {"first": [], "later": [], "continued": []}
+
+    class Recording:  # the length of each text a tokenizer is given
+        def __init__(self, name, tokenizer):
+            self.name, self.tokenizer = name, tokenizer
+
+        def encode(self, text, **kwargs):
+            lengths[self.name].append(len(text))
+            return self.tokenizer.encode(text, **kwargs)
+
+    for name in lengths:
+        setattr(windowed, f"_{name}_piece" if name != "continued" else "_continued",
+                Recording(name, getattr(windowed, f"_{name}_piece" if name != "continued" else "_continued")))
+    (ids, mask), (whole_ids, whole_mask) = windowed.encode(turns), whole.encode(turns)
+    assert ids.tolist() == whole_ids.tolist() and mask.tolist() == whole_mask.tolist()
+    # Every text given to the tokenizer at most a window long: no piece fell back to being tokenised whole.
+    assert len(lengths["continued"]) > 50 and max(n for ns in lengths.values() for n in ns) <= 700, lengths
+
+
+def test_progress_lines_end_before_an_error_where_stderr_is_no_terminal():
+    """Rich draws its live bar with cursor controls wherever it is told the stream is a terminal (FORCE_COLOR,
+    TTY_COMPATIBLE in CI), and the error after a cleared bar starts on the bar's line. Into a file or a
+    pipe, progress is whole lines, each ended, so the error is a line of its own."""
+    import io
+
+    from rich.console import Console
+
+    from llamajobs.data.prepare import Progress
+    from llamajobs.views import PrepareProgress
+
+    stream = io.StringIO()
+    console = Console(file=stream, force_terminal=True, width=120)
+    with pytest.raises(SpecError):
+        with PrepareProgress(console) as progress:
+            progress(Progress(1 << 20, 4 << 20, 1000, 250_000, 2.0))
+            progress(Progress(2 << 20, 4 << 20, 2000, 500_000, 4.0))
+            raise SpecError("chat.jsonl:2001: a bad line")
+    stream.write("Error: chat.jsonl:2001: a bad line\n")
+    lines = stream.getvalue().splitlines(keepends=True)
+    assert "\x1b" not in stream.getvalue() and "\r" not in stream.getvalue(), repr(stream.getvalue())
+    assert lines[0].startswith("tokenizing 25% 0.5 MB/s 1,000 docs") and lines[-1] == "Error: chat.jsonl:2001: a bad line\n"
+    assert all(line.endswith("\n") for line in lines)
+
+
+def test_chat_workers_give_the_one_process_store(tmp_path, family_tokenizers):
+    """The main process's ChatEncoder goes to the worker processes pickled (its ChatTokenizer: no
+    transformers tokenizer, no torch there); the store is byte for byte the one-process store."""
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: prepare starts no pool")
+    tok = family_tokenizers["qwen2"][0]
+    data = write(tmp_path / "chat.jsonl", [dict(c, id=f"{c['id']}-{i}") for i in range(30) for c in CONVERSATIONS])
+    for workers in (1, 2):
+        prepare(PrepareConfig(inputs=(data,), tokenizer=tok, out=tmp_path / f"w{workers}", format="messages",
+                              workers=workers, chunk_bytes=2048, eval_fraction=0.2))
+    assert st.content_digest(tmp_path / "w2") == st.content_digest(tmp_path / "w1")
+
+
+def test_workers_are_capped_to_cpus_and_chunks():
+    import os
+
+    from llamajobs.data.prepare import useful_workers
+
+    cpus = len(os.sched_getaffinity(0))
+    assert useful_workers(64, 100 << 20, 1 << 20) == cpus
+    assert useful_workers(64, 1000, 1 << 20) == 1  # one chunk: the main process encodes it, no pool
+    assert useful_workers(2, (1 << 20) + 1, 1 << 20) == min(2, cpus)
+    assert useful_workers(3, None, 1 << 20) == min(3, cpus)  # a compressed input's chunks are not known

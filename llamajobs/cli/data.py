@@ -36,7 +36,8 @@ def data() -> None:
 @click.option("--train-on", type=Choice(TRAIN_ON), default="assistant", show_default=True,
               help=f"{_CHAT}: the loss covers assistant turns, or all turns.")
 @click.option("--workers", type=int, default=1, show_default=True,
-              help=f"Tokenizing processes (per shard); at most {MAX_WORKERS} here (4 per CPU).")
+              help=f"Tokenizing processes (per shard); at most {MAX_WORKERS} here (4 per CPU). No more start than "
+                   f"the CPUs this process may use, nor than the input's 1 MB chunks.")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed lines instead of stopping at the first.")
 @click.option("--eval-fraction", type=float, default=0.0, show_default=True,
               help=f"Hold out this fraction of documents (by a hash of their id) into DIR/eval; 0 to "

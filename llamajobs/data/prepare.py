@@ -19,7 +19,6 @@ import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -237,16 +236,19 @@ class ChunkEncoder:
     """Parse, template and tokenise chunks (in a worker process, or in the main one with --workers 1)."""
 
     def __init__(self, codec: TextCodec, format: str, options: list[Any], eval_fraction: float,
-                 chat: ChatOptions | None = None) -> None:
+                 chat: ChatOptions | ChatEncoder | None = None) -> None:
         self.codec = codec
         self.fmt = fmts.get_format(format)
         self.options = options
         self.eval_fraction = eval_fraction
-        self.chat = ChatEncoder(codec.path, chat or ChatOptions()) if self.fmt.chat else None
+        if isinstance(chat, ChatEncoder) or not self.fmt.chat:  # one built by the main process: no transformers here
+            self.chat = chat
+        else:
+            self.chat = ChatEncoder(codec.path, chat or ChatOptions())
 
     def __call__(self, chunk: Chunk) -> Encoded:
         examples: list[fmts.Example] = []
-        chats: list[tuple[list[int], list[int]]] = []  # chat formats: each example's (ids, mask)
+        chats: list[tuple[np.ndarray, np.ndarray]] = []  # chat formats: each example's (ids, mask)
         bad: list[tuple[int, str]] = []
         empty = 0
         for line, payload in chunk.records:
@@ -280,12 +282,12 @@ class ChunkEncoder:
             held = np.fromiter((held_out(e.split_key(), self.eval_fraction) for e in examples), bool, len(examples))
         return Encoded(tokens, lengths, mask, held, bad, empty)
 
-    def _encoded_chats(self, examples: list[fmts.Example], chats: list[tuple[list[int], list[int]]],
+    def _encoded_chats(self, examples: list[fmts.Example], chats: list[tuple[np.ndarray, np.ndarray]],
                        bad: list[tuple[int, str]], empty: int) -> Encoded:
         """Rendered conversations come framed already (BOS first, EOS last) with their own masks."""
         lengths = np.fromiter((len(ids) for ids, _ in chats), np.int64, len(chats))
-        tokens = np.fromiter(chain.from_iterable(ids for ids, _ in chats), np.uint32, int(lengths.sum()))
-        mask = np.fromiter(chain.from_iterable(m for _, m in chats), np.uint8, int(lengths.sum()))
+        tokens = np.concatenate([ids for ids, _ in chats]) if chats else np.zeros(0, np.uint32)
+        mask = np.concatenate([m for _, m in chats]) if chats else np.zeros(0, np.uint8)
         held = None
         if self.eval_fraction > 0:
             held = np.fromiter((held_out(e.split_key(), self.eval_fraction) for e in examples), bool, len(examples))
@@ -325,6 +327,15 @@ def _init_worker(*args: Any) -> None:
 def _encode_in_worker(chunk: Chunk) -> Encoded:
     assert _worker is not None
     return _worker(chunk)
+
+
+def useful_workers(workers: int, input_bytes: int | None, chunk_bytes: int) -> int:
+    """The tokenizing processes worth starting: no more than the CPUs this process may use (more only
+    share them, and each costs its start-up and memory), nor than the chunks the input makes when its
+    bytes are known (a worker without a chunk is start-up for nothing; compressed and dataset inputs
+    and pipes: unknown). One means no pool: the main process encodes."""
+    chunks = -(-input_bytes // chunk_bytes) if input_bytes else workers
+    return max(1, min(workers, len(os.sched_getaffinity(0)), chunks))
 
 
 def encode_chunks(chunks: Iterator[Chunk], args: tuple, workers: int) -> Iterator[tuple[Chunk, Encoded]]:
@@ -389,10 +400,12 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         train = st.PartWriter(tmp / st.part_name(0), dtype, fmt.instruct)
         held = st.PartWriter(tmp / st.EVAL / st.part_name(0), dtype, fmt.instruct) if config.eval_fraction else None
         counts = Counts(per_source=[0] * len(inputs))
-        args = (encoder.codec, config.format, options, config.eval_fraction, config.chat_options())
-        if config.chat_options() is not None:  # no chat template: refused here, not in each worker
-            ChatEncoder(encoder.path, config.chat_options())
-        for chunk, enc in encode_chunks(read_chunks(inputs, fmt, config.chunk_bytes), args, config.workers):
+        # Chat: the encoder is built here (no chat template is refused before any work) and goes to the workers.
+        chat = ChatEncoder(encoder.path, config.chat_options()) if config.chat_options() is not None else None
+        args = (encoder.codec, config.format, options, config.eval_fraction, chat)
+        plain = not any(p.suffix == ".gz" or hf.is_dataset_input(p) for p in inputs)  # bytes read = chunk bytes
+        workers = useful_workers(config.workers, total_bytes if plain else None, config.chunk_bytes)
+        for chunk, enc in encode_chunks(read_chunks(inputs, fmt, config.chunk_bytes), args, workers):
             check_bad_lines(enc.bad, inputs[chunk.source], fmt, config.skip_bad_lines, counts)
             counts.empty += enc.empty
             counts.per_source[chunk.source] += len(enc.lengths)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 from llamajobs.data import formats as fmts
 from llamajobs.data import readers
 from llamajobs.data import hf_datasets
-from llamajobs.data.chat import ChatOptions
+from llamajobs.data.chat import ChatEncoder, ChatOptions
 from llamajobs.data import prepare as prep
 from llamajobs.data import store as st
 from llamajobs.data.shards import (PLAN, PLAN_KIND, PROGRESS, SHARDS_DIR, SLOTS_DIR, WORK_DIR, HEARTBEAT_S,
@@ -254,7 +254,9 @@ def prepare_shard(work: Path, plan: dict[str, Any], index: int, scratch: Path, w
     bases: dict[int, int] = {}
     beat = _Heartbeat(scratch / PROGRESS, plan["id"], index, plan["shards"][index]["bytes"])
     fault = _fault(index)
-    chat = ChatOptions(settings.get("chat_template"), settings.get("train_on", "assistant")) if fmt.chat else None
+    chat = None
+    if fmt.chat:  # built once here and pickled to this shard's workers, which then import no transformers
+        chat = ChatEncoder(encoder.path, ChatOptions(settings.get("chat_template"), settings.get("train_on", "assistant")))
     args = (encoder.codec, fmt.name, plan["options"], eval_fraction, chat)
     chunks = prep.read_chunks(inputs, fmt, chunk_bytes, pieces)
     for chunk, enc in prep.encode_chunks(chunks, args, workers):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -93,16 +94,25 @@ def ensure_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer of an HF LLaMA directory (a checkpoint, a run's final/, or a trained one).
+    """The tokenizer of an HF LLaMA directory (a checkpoint, a run's final/, or a trained one), or of a
+    sentencepiece model file (whatever its name: mistral-common ships tokenizer.model.v1).
 
     AutoTokenizer, not LlamaTokenizer: LLaMA-3 checkpoints ship a different tokenizer class.
     """
     path = Path(path)
+    if path.is_file():  # transformers reads a sentencepiece model only as a directory's tokenizer.model
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "tokenizer.model").symlink_to(path.resolve())
+            return _auto_tokenizer(Path(tmp), path)  # loaded whole: nothing reads the link afterwards
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model; expected an HF LLaMA directory")
+    return _auto_tokenizer(path, path)
+
+
+def _auto_tokenizer(directory: Path, named: Path) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(directory)
     except Exception as e:  # transformers and tokenizers raise many kinds for a damaged file, even a bare Exception
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SpecError(f"{path}: its tokenizer cannot be loaded ({first}); is tokenizer.json or "
+        raise SpecError(f"{named}: its tokenizer cannot be loaded ({first}); is tokenizer.json or "
                         f"tokenizer_config.json damaged?") from None
