@@ -398,7 +398,7 @@ class PrepareProgress:
                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
         self.task = None
         self.last: Progress | None = None
-        self.printed_at = 0.0
+        self.printed_at = time.monotonic()  # the first line after LINE_SECONDS: a short run's error stands alone
 
     def __enter__(self) -> PrepareProgress:
         return self

@@ -474,7 +474,7 @@ def test_long_messages_tokenise_in_windows_as_whole(family_tokenizers, kind):
     assert len(lengths["continued"]) > 50 and max(n for ns in lengths.values() for n in ns) <= 700, lengths
 
 
-def test_progress_lines_end_before_an_error_where_stderr_is_no_terminal():
+def test_progress_lines_end_before_an_error_where_stderr_is_no_terminal(monkeypatch):
     """Rich draws its live bar with cursor controls wherever it is told the stream is a terminal (FORCE_COLOR,
     TTY_COMPATIBLE in CI), and the error after a cleared bar starts on the bar's line. Into a file or a
     pipe, progress is whole lines, each ended, so the error is a line of its own."""
@@ -485,6 +485,7 @@ def test_progress_lines_end_before_an_error_where_stderr_is_no_terminal():
     from llamajobs.data.prepare import Progress
     from llamajobs.views import PrepareProgress
 
+    monkeypatch.setattr(PrepareProgress, "LINE_SECONDS", 0.0)  # a line at every update, as after 30 s each
     stream = io.StringIO()
     console = Console(file=stream, force_terminal=True, width=120)
     with pytest.raises(SpecError):
