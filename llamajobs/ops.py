@@ -397,7 +397,7 @@ def _grid_axis(flags: dict[str, Any], name: str, known: list[str]) -> list[str] 
 
 
 def grid(flags: dict[str, Any], accel: catalog.Accelerator, tokens: int | None, a: estimate.Assumptions,
-         cpu_mem_gib: float | None) -> dict[str, Any] | None:
+         cpu_mem_gib: float | None) -> estimate.Grid | None:
     """A planning grid when --size or --strategy names a comma list or `all`: one row per size ×
     strategy (hours per epoch, MFU, memory, verdict); None when each names one value."""
     sizes = _grid_axis(flags, "size", [s for s in catalog.SIZES if s != "tiny"])
@@ -410,7 +410,7 @@ def grid(flags: dict[str, Any], accel: catalog.Accelerator, tokens: int | None, 
             cell = {**flags, **({"size": size} if size else {}), **({"strategy": strategy} if strategy else {})}
             spec, _ = build_spec({k: v for k, v in cell.items() if v is not None}, cluster_default="slurm")
             rows.append(estimate.grid_row(spec, accel, spec.size, tokens, a, node_ram_gib(spec, cpu_mem_gib)))  # resolves
-    return {"rows": rows}
+    return estimate.Grid(rows=tuple(rows))
 
 
 SEED_TOKENS = 2_500_000_000  # the seed's corpus: tokens per epoch of its table
@@ -419,7 +419,7 @@ SEED_TOKENS = 2_500_000_000  # the seed's corpus: tokens per epoch of its table
 @dataclass(frozen=True, slots=True)
 class StartingGrid:
     """`estimate hours` without flags: the seed's kind of table, 7B and 13B x every strategy."""
-    result: dict[str, Any]  # as `grid` returns it
+    result: estimate.Grid
     accelerator: catalog.Accelerator
     basis: str  # what the table assumes, in words
 
@@ -441,30 +441,26 @@ def starting_grid(a: estimate.Assumptions) -> StartingGrid:
 
 
 def predicted_hours(spec: JobSpec, accel: catalog.Accelerator, tokens: int | None, a: estimate.Assumptions,
-                    cpu_mem_gib: float | None) -> dict[str, Any]:
+                    cpu_mem_gib: float | None) -> estimate.PredictedHours:
     spec = plan_for_gpu(spec, accel, a, cpu_mem_gib)
     result = estimate.hours(spec, accel, tokens, a, node_ram_gib(spec, cpu_mem_gib))
-    result["spec"] = {"size": spec.size, "mode": spec.mode, "strategy": spec.strategy, "nodes": spec.nodes,
-                      "gpus_per_node": spec.gpus_per_node, "seq_len": spec.seq_len,
-                      "global_batch": spec.global_batch, "micro_batch": spec.micro_batch,
-                      "micro_batch_auto": spec.micro_batch_auto, "sharded_accumulation": spec.sharded_accumulation}
-    return result
+    return dataclasses.replace(result, spec=estimate.RunSummary.of(spec))
 
 
 def memory_table(spec: JobSpec, accel: catalog.Accelerator, a: estimate.Assumptions, cpu_mem_gib: float | None
-                 ) -> dict[str, Any]:
+                 ) -> estimate.MemoryTable:
     return estimate.memory_table(spec, accel, a, node_ram_gib(spec, cpu_mem_gib))
 
 
-def measured_hours(runs: Path, job_id: int, tokens: int | None, a: estimate.Assumptions) -> dict[str, Any]:
+def measured_hours(runs: Path, job_id: int, tokens: int | None, a: estimate.Assumptions) -> estimate.MeasuredHours:
     """Hours per epoch from the job's steady measured throughput, and the model's prediction beside it."""
     job, spec = training_job(runs, job_id)
     result = estimate.hours_from_metrics(job_metrics(job), events.read(job.run_dir), tokens, spec.tokens_per_epoch, a)
     if result is None:
         raise Failure(f"job {job_id} has no measured throughput yet; try again after its first logged steps")
-    gpu = catalog.GPUS.get(result.get("peak") or "")
+    gpu = catalog.GPUS.get(result.peak or "")
     if gpu is not None and spec.plans_gpus:
-        result["predicted_tokens_per_s"] = estimate.throughput(spec, gpu, a)["tokens_per_s"]
+        result = dataclasses.replace(result, predicted_tokens_per_s=estimate.throughput(spec, gpu, a)["tokens_per_s"])
     return result
 
 
