@@ -21,6 +21,7 @@ import llamajobs.spec
 from llamajobs import catalog, cluster, estimate, events, forensics, hub, metrics, monitor, presets, registry, site
 from llamajobs.data.prepare import PrepareConfig, Progress, prepare
 from llamajobs.errors import Failure, SpecError
+from llamajobs.evaluate import EvalResult
 # What submit checks against the hardware lives in fit.py; the CLI calls it through ops.
 from llamajobs.fit import FitCheck, accelerator, fit_check, node_ram_gib, plan_for_gpu, preemption_warning
 from llamajobs.registry import Job
@@ -257,7 +258,7 @@ class Detail:
     logs: list[Path]
     losses: list[float]  # every logged step's, for the sparkline
     slow_input: bool  # waiting for batches takes a noticeable share of the step
-    eval_result: dict[str, Any] | None  # an eval job's eval.json, once written
+    eval_result: EvalResult | dict[str, Any] | None  # an eval job's eval.json, once written (a dict: lm-eval's)
     error_hint: str | None  # what the first error means (a collective timeout)
     error_log: Path | None  # the first error's log, for a failed job
     val_losses: tuple[tuple[int, float], ...] = ()  # (step, validation loss) of every validation run
@@ -279,7 +280,7 @@ def detail(runs: Path, job_id: int) -> Detail:
     return Detail(job=job, row=row, spec=spec, events=events.read(job.run_dir), logs=forensics.log_files(job),
                   losses=losses,
                   slow_input=row.data_wait_frac is not None and row.data_wait_frac > monitor.SLOW_INPUT_FRAC,
-                  eval_result=monitor.eval_result(job.run_dir) if spec and spec.evaluation else None,
+                  eval_result=_eval_detail(job.run_dir, spec.evaluation) if spec and spec.evaluation else None,
                   error_hint=forensics.collective_timeout_hint(row.error),
                   error_log=forensics.traceback_log(job) if failed else None,
                   val_losses=tuple((r.step, r.val_loss) for r in measured if r.val_loss is not None))
@@ -469,7 +470,7 @@ def measured_hours(runs: Path, job_id: int, tokens: int | None, a: estimate.Assu
 
 @dataclass(frozen=True, slots=True)
 class EvalRun:
-    result: dict[str, Any]  # what `eval --json` prints (predictions aside)
+    result: EvalResult  # what `eval --json` prints (predictions aside)
     predictions_error: str | None = None  # the scoring stands even when its predictions file could not be written
 
 
@@ -479,8 +480,7 @@ def evaluate_here(options: EvalSpec, device: str, predictions: Path | None = Non
 
     if predictions is not None:
         evaluate.check_writable(predictions, "--predictions")
-    result = evaluate.evaluate(options, device=device)
-    details = result.pop("predictions")
+    result, details = evaluate.evaluate(options, device=device)
     if predictions is None:
         return EvalRun(result)
     try:
@@ -507,9 +507,20 @@ def submit_eval(options: EvalSpec, flags: dict[str, Any], runs: Path) -> Submitt
     return Submitted(submit.submit(spec, profile, runs).job)
 
 
-def eval_result(job: Job, state: str) -> dict[str, Any] | None:
-    """An eval job's eval.json, once it completed."""
+def eval_result(job: Job, state: str) -> EvalResult | None:
+    """A multiple-choice eval job's result, once it completed (None: not written, or damaged)."""
+    return EvalResult.from_json(monitor.eval_result(job.run_dir)) if state == "COMPLETED" else None
+
+
+def harness_result(job: Job, state: str) -> dict[str, Any] | None:
+    """An lm-eval job's summary (its eval.json, lm-eval's metrics per task), once it completed."""
     return monitor.eval_result(job.run_dir) if state == "COMPLETED" else None
+
+
+def _eval_detail(run_dir: Path, evaluation: EvalSpec) -> EvalResult | dict[str, Any] | None:
+    """What `status JOB` shows of an eval job's eval.json: typed for the built-in eval, lm-eval's summary as is."""
+    written = monitor.eval_result(run_dir)
+    return written if evaluation.harness else EvalResult.from_json(written)
 
 
 # --- data ---

@@ -20,7 +20,7 @@ from rich.table import Table
 from llamajobs.catalog import CLUSTER, Accelerator
 from llamajobs.data.prepare import Progress
 from llamajobs.estimate.results import Grid, MeasuredHours, MemoryTable, PredictedHours, StepPlan
-from llamajobs.evaluate import eval_mode
+from llamajobs.evaluate import EvalResult, eval_mode
 from llamajobs.events import attempts
 from llamajobs.monitor import Row
 from llamajobs.presets import DIR as PRESETS_DIR
@@ -236,9 +236,9 @@ def _eval_progress(d: Detail) -> None:
     if result is None:
         out.print(f"result    none yet  elapsed {duration(d.row.elapsed_s)}")
         return
-    choices = " ".join(f"{k} {v}" for k, v in result["choices"].items())
-    out.print(f"result    accuracy {percent(result['accuracy'])} ({result['correct']}/{result['n_labelled']}), "
-              f"n {result['n']}, {result['questions_per_s']} questions/s over {result.get('world_size', '-')} "
+    choices = " ".join(f"{k} {v}" for k, v in result.choices.items())
+    out.print(f"result    accuracy {percent(result.accuracy)} ({result.correct}/{result.n_labelled}), "
+              f"n {result.n}, {result.questions_per_s} questions/s over {fmt(result.world_size)} "
               f"processes  chosen {choices}  elapsed {duration(d.row.elapsed_s)}")
     out.print(f"          {run_dir / 'eval.json'}, {run_dir / 'predictions.jsonl'}", markup=False)
 
@@ -333,21 +333,21 @@ def memory_table(result: MemoryTable, spec: JobSpec, accel: Accelerator) -> None
 # --- eval, generate, convert ---
 
 
-def eval_result(result: dict[str, Any]) -> None:
+def eval_result(result: EvalResult) -> None:
     """Accuracy, n, throughput and the choice counts; notes on stderr."""
-    ranks = f" over {result['world_size']} processes" if result.get("world_size") else ""
-    out.print(f"{result['task']} ({result['mode']}, {result['shots']}-shot): accuracy "
-              f"[bold]{percent(result['accuracy'])}[/] ({result['correct']}/{result['n_labelled']}), "
-              f"n {result['n']}, {result['questions_per_s']} questions/s{ranks}")
+    ranks = f" over {result.world_size} processes" if result.world_size else ""
+    out.print(f"{result.task} ({result.mode}, {result.shots}-shot): accuracy "
+              f"[bold]{percent(result.accuracy)}[/] ({result.correct}/{result.n_labelled}), "
+              f"n {result.n}, {result.questions_per_s} questions/s{ranks}")
     table = Table(box=None, header_style="bold")
     table.add_column("")
-    for key in result["choices"]:
+    for key in result.choices:
         table.add_column(key)
-    table.add_row("chosen", *(str(v) for v in result["choices"].values()))
-    table.add_row("gold", *(str(result["gold"].get(k, "-")) for k in result["choices"]))
+    table.add_row("chosen", *(str(v) for v in result.choices.values()))
+    table.add_row("gold", *(str(result.gold.get(k, "-")) for k in result.choices))
     out.print(table)
-    for note in result["notes"] + ([f"{result['truncated']} prompt(s) truncated to fit the model"]
-                                   if result["truncated"] else []):
+    for note in list(result.notes) + ([f"{result.truncated} prompt(s) truncated to fit the model"]
+                                      if result.truncated else []):
         err.print(f"note: {note}", markup=False)
 
 

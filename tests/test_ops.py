@@ -241,8 +241,10 @@ def test_unwritable_predictions_are_refused_before_scoring(tmp_path, monkeypatch
 
 
 def test_predictions_that_fail_to_write_keep_the_result(tmp_path, monkeypatch):
-    scored = {"task": "medqa", "accuracy": 0.5, "predictions": [{"gold": "A", "choice": "A"}]}
-    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: dict(scored))
+    scored = evaluate.EvalResult(task="medqa", data="q.jsonl", model="m", adapter=None, shots=0, mode="loglik-letter",
+                                 n=2, n_labelled=2, correct=1, accuracy=0.5, choices={"A": 2}, gold={"A": 1, "B": 1},
+                                 truncated=0, seconds=1.0, questions_per_s=2.0, notes=())
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: (scored, [{"gold": "A", "choice": "A"}]))
 
     def disk_full(path, rows):
         raise OSError(28, "No space left on device")
@@ -250,7 +252,7 @@ def test_predictions_that_fail_to_write_keep_the_result(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "write_predictions", disk_full)
     options = EvalSpec(model=str(tmp_path), task="medqa", data=str(tmp_path / "q.jsonl"))
     done = ops.evaluate_here(options, "cpu", tmp_path / "p.jsonl")
-    assert done.result == {"task": "medqa", "accuracy": 0.5}
+    assert done.result == scored
     assert "No space left on device" in done.predictions_error and "the scores above stand" in done.predictions_error
 
 
