@@ -73,7 +73,7 @@ def _required(record: dict, *names: str) -> Any:
     for name in names:
         if name in record:
             return record[name]
-    raise BadRecord(f'missing field "{names[0]}"')
+    raise BadRecord(f"no {names[0]!r} field")
 
 
 def _text(value: Any, name: str) -> str:
