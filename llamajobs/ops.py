@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import llamajobs.spec
 from llamajobs import catalog, cluster, estimate, events, forensics, hub, metrics, monitor, presets, registry, site
 from llamajobs.data.prepare import PrepareConfig, Progress, prepare
+from llamajobs.data.results import Prepared, Unfinished, prepared
 from llamajobs.errors import Failure, SpecError
 from llamajobs.evaluate import EvalResult
 # What submit checks against the hardware lives in fit.py; the CLI calls it through ops.
@@ -528,16 +529,16 @@ def _eval_detail(run_dir: Path, evaluation: EvalSpec) -> EvalResult | dict[str, 
 
 def prepare_data(config: PrepareConfig, shards: int | None, sharding: dict[str, Any], wait: bool = True,
                  progress: Callable[[Progress], None] | None = None,
-                 on_submit: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    """`data prepare`: in this process, or (shards) as array tasks merged into one store. The store's
-    meta.json, or a sharded preparation's state while it is unfinished ("unfinished" is true)."""
+                 on_submit: Callable[[str], None] = lambda line: None) -> Prepared | Unfinished:
+    """`data prepare`: in this process, or (shards) as array tasks merged into one store; or a
+    sharded preparation's state while it is unfinished."""
     if shards is None:
         given = [f"--{k.replace('_', '-')}" for k, v in sharding.items() if v is not None] + ([] if wait else
                                                                                               ["--no-wait"])
         if given:
             raise SpecError(f"{', '.join(given)}: only with --shards N (sharded preparation)")
-        return prepare(config, progress)
+        return prepared(prepare(config, progress))
     from llamajobs.data import sharded_prepare
 
     cluster_config = sharded_prepare.cluster_config(shards, wait=wait, **sharding)
-    return sharded_prepare.prepare_sharded(config, cluster_config, progress, on_submit=on_submit)
+    return prepared(sharded_prepare.prepare_sharded(config, cluster_config, progress, on_submit=on_submit))

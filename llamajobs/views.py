@@ -19,6 +19,7 @@ from rich.table import Table
 
 from llamajobs.catalog import CLUSTER, Accelerator
 from llamajobs.data.prepare import Progress
+from llamajobs.data.results import Prepared, Unfinished
 from llamajobs.estimate.results import Grid, MeasuredHours, MemoryTable, PredictedHours, StepPlan
 from llamajobs.evaluate import EvalResult, eval_mode
 from llamajobs.events import attempts
@@ -407,24 +408,23 @@ class PrepareProgress:
         self.bar.update(self.task, completed=p.bytes_read, **fields)
 
 
-def prepared(out_dir: str, meta: dict[str, Any]) -> None:
-    if meta.get("unfinished"):
-        out.print(f"{meta['workdir']}: {meta['counts']}; `llamajobs data inspect {out_dir}` shows the shards; "
+def prepared(out_dir: str, result: Prepared | Unfinished) -> None:
+    if isinstance(result, Unfinished):
+        out.print(f"{result.workdir}: {result.counts}; `llamajobs data inspect {out_dir}` shows the shards; "
                   f"rerun the same command to wait for them and merge", markup=False)
         return
-    held = meta.get("eval")
-    out.print(f"{out_dir}: {meta['documents']:,} documents, {meta['tokens']:,} tokens ({meta['dtype']})"
-              + (f"; eval split: {held['documents']:,} documents, {held['tokens']:,} tokens" if held else ""),
+    held = result.eval_split
+    out.print(f"{out_dir}: {result.documents:,} documents, {result.tokens:,} tokens ({result.dtype})"
+              + (f"; eval split: {held.documents:,} documents, {held.tokens:,} tokens" if held else ""),
               markup=False)
-    done = meta.get("preparation")
-    if done:
-        out.print(f"{done['shards']} shard(s) on the {done['cluster']} cluster"
-                  + (f" ({done['shards_requested']} requested: whole files are not split)"
-                     if done["shards"] < done["shards_requested"] else "")
-                  + f", {done['seconds']:.1f} s; merge {done['merge_seconds']:.2f} s")
-    if meta["skipped_empty"] or meta["skipped_bad_lines"]:
-        err.print(f"skipped {meta['skipped_empty']:,} empty documents and {meta['skipped_bad_lines']:,} bad lines"
-                  + "".join(f"\n  {line}" for line in meta["bad_line_examples"]), markup=False)
+    if done := result.sharded:
+        out.print(f"{done.shards} shard(s) on the {done.cluster} cluster"
+                  + (f" ({done.shards_requested} requested: whole files are not split)"
+                     if done.shards < done.shards_requested else "")
+                  + f", {done.seconds:.1f} s; merge {done.merge_seconds:.2f} s")
+    if result.skipped_empty or result.skipped_bad_lines:
+        err.print(f"skipped {result.skipped_empty:,} empty documents and {result.skipped_bad_lines:,} bad lines"
+                  + "".join(f"\n  {line}" for line in result.bad_line_examples), markup=False)
 
 
 STORE_KEYS = ("path", "format", "documents", "tokens", "dtype", "loss_mask", "vocab_size", "fingerprint",
