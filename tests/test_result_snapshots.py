@@ -121,3 +121,23 @@ def test_eval_json_is_unchanged(cli, tiny_model, tmp_path):
         for mode, extra in {"mcq": (), "generate": ("--generate", "--max-new-tokens", "2")}.items():
             _check(f"eval-{task}-{mode}", _document(cli, "eval", "--model", str(tiny_model), "--task", task, "--data",
                                                     str(path), "--batch-size", "2", *extra, "--json"))
+
+
+def test_an_eval_json_reads_back_as_the_result_it_was_and_a_damaged_one_as_none():
+    """A job's eval.json is read back typed (status JOB, eval --wait): the document round-trips, and
+    what is not one (damaged, lm-eval's summary, a number no float holds) is no result, not a crash."""
+    from llamajobs.evaluate import EvalResult
+
+    result = EvalResult(task="medmcqa", data="q.jsonl", model="m", adapter=None, shots=0, mode="loglik-letter", n=3,
+                        n_labelled=2, correct=1, accuracy=0.5, choices={"A": 2, "B": 1}, gold={"A": 1, "B": 1},
+                        truncated=0, seconds=1.5, questions_per_s=2.0, notes=("medmcqa: cop only took values 1-3",),
+                        world_size=2)
+    written = json.loads(json.dumps(result.to_json()))
+    assert list(written)[-2:] == ["notes", "world_size"]
+    assert EvalResult.from_json(written) == result
+    in_process = {k: v for k, v in written.items() if k != "world_size"}
+    assert EvalResult.from_json(in_process).world_size is None
+    for damaged in ({**written, "accuracy": 10**400}, {**written, "n": "3"}, {**written, "choices": [2, 1]},
+                    {k: v for k, v in written.items() if k != "gold"}, ["not", "a", "result"],
+                    {"harness": ["mmlu"], "tasks": {}, "accuracy": 0.3}):
+        assert EvalResult.from_json(damaged) is None, damaged

@@ -5,7 +5,8 @@ on). Plain documents (text, s2orc, lmflow text_only) have an empty prompt. Instr
 rendered with a prompt template: Alpaca's (with or without input) or the multiple-choice template
 shared by MedQA, MedMCQA and PubMedQA, whose response is the letter of the correct option.
 
-How files are read into records: readers.py.
+How files are read into records: readers.py. The multiple-choice records are parsed by data/mcq.py,
+the parser `eval` reads the same sets with (one set of rules for both).
 """
 
 from __future__ import annotations
