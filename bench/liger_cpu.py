@@ -63,14 +63,6 @@ def shim_interpreter() -> None:
     rms_norm.rsqrt = lambda x: 1.0 / tl.sqrt(x)
 
 
-def with_kernels(chosen: kernels.Kernels, build):
-    choose = kernels.choose
-    kernels.choose = lambda spec, device: chosen  # the node would choose Liger on CUDA only
-    try:
-        return build()
-    finally:
-        kernels.choose = choose
-
 
 def families() -> bool:
     from families import CONFIGS
@@ -88,8 +80,8 @@ def families() -> bool:
         for name, chosen in (("plain", PLAIN), ("liger", LIGER)):
             for mode in ("full", "lora"):
                 torch.manual_seed(1)
-                model = with_kernels(chosen, lambda: model_lib.build_structure(
-                    JobSpec(mode=mode, lora_dropout=0.0), config, torch.float32))
+                # Liger on the CPU: kernels.choose would pick it on CUDA only.
+                model = model_lib.build_structure(JobSpec(mode=mode, lora_dropout=0.0), config, torch.float32, chosen)
                 loss = model(input_ids=inputs, labels=labels, position_ids=positions).loss
                 loss.backward()
                 results[name, mode] = loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -117,7 +109,7 @@ def ranks(which: str, mode: str, strategy: str) -> None:
     env = parallel.init_distributed(spec)
     chosen = LIGER if which == "liger" else PLAIN
     built = train.build_strategy(spec, env)
-    model = with_kernels(chosen, lambda: built.build_model(model_lib.model_config(spec), load_weights=False))
+    model = built.build_model(model_lib.model_config(spec), load_weights=False, chosen=chosen)
     torch.manual_seed(env.rank)
     bench.randomize(model)
     optimizer, scheduler = train.build_optimizer(model, spec, built, total=100)

@@ -39,7 +39,7 @@ from llamajobs.data.instruct import PackedSampler  # noqa: E402
 from llamajobs.data.sampler import IGNORE_INDEX  # noqa: E402
 from llamajobs.spec import JobSpec  # noqa: E402
 from llamajobs.worker import model as model_lib  # noqa: E402
-from llamajobs.worker import train  # noqa: E402
+from llamajobs.worker import kernels, train  # noqa: E402
 
 WAYS = ("unpacked", "packed", "isolated")
 
@@ -122,7 +122,8 @@ def measure(case: Case, way: str, device: torch.device, env, args: argparse.Name
     batch = tuple(t.to(device) for t in batch)
     try:
         strategy = train.build_strategy(spec, env)
-        model = strategy.build_model(model_lib.model_config(spec), load_weights=False)
+        model = strategy.build_model(model_lib.model_config(spec), load_weights=False,
+                                     chosen=kernels.choose(spec, env.device.type))
         randomize(model)
         optimizer, scheduler = train.build_optimizer(model, spec, strategy, total=10**6)
         model, optimizer = strategy.wrap(model, optimizer)

@@ -108,7 +108,8 @@ def randomize(model: torch.nn.Module) -> None:
 
 def worker_step(spec: JobSpec, env: parallel.Dist, batches: int = 1) -> Callable[[], torch.Tensor]:
     strategy = train.build_strategy(spec, env)
-    model = strategy.build_model(model_lib.model_config(spec), load_weights=False)
+    model = strategy.build_model(model_lib.model_config(spec), load_weights=False,
+                                 chosen=kernels.choose(spec, env.device.type))
     randomize(model)
     optimizer, scheduler = train.build_optimizer(model, spec, strategy, total=10**6)  # ~ the plain loop's fixed lr
     model, optimizer = strategy.wrap(model, optimizer)

@@ -18,10 +18,12 @@ of the questions and `summarize` on the gathered whole: the same result as `eval
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -370,18 +372,78 @@ def scoring_options(options: EvalSpec) -> dict[str, Any]:
             "max_new_tokens": options.max_new_tokens}
 
 
-def evaluate(options: EvalSpec, device: str = "auto") -> dict:
-    """Read the questions (and the K shots), load the model, score; the CLI's in-process `eval`."""
+def evaluate(options: EvalSpec, device: str = "auto") -> tuple[EvalResult, list[dict]]:
+    """Read the questions (and the K shots), load the model, score; the CLI's in-process `eval`: the
+    result and the per-question predictions."""
     inputs = read_inputs(options)
     model, tokenizer = load_model(options.model, options.adapter, device)
     return report(options, inputs, run_eval(model, tokenizer, inputs.questions, shots=inputs.shots,
                                             **scoring_options(options)))
 
 
-def report(options: EvalSpec, inputs: Inputs, result: dict) -> dict:
-    """What `eval --json` prints (and an eval job's eval.json holds), predictions aside."""
-    return {"task": options.task, "data": options.data, "model": options.model, "adapter": options.adapter,
-            "shots": len(inputs.shots), **result, "notes": inputs.notes}
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvalResult:
+    """What `eval --json` prints and an eval job's eval.json holds (the per-question predictions go
+    to their own file). Fields in the order of the document's keys (CLI.md; frozen by
+    tests/test_result_snapshots.py)."""
+    task: str
+    data: str | None
+    model: str | None
+    adapter: str | None
+    shots: int
+    mode: str  # eval_mode()
+    n: int
+    n_labelled: int
+    correct: int
+    accuracy: float | None  # None without labelled questions
+    choices: dict[str, int]  # letter (or "unparsed") -> how often chosen
+    gold: dict[str, int]  # letter -> how often the answer
+    truncated: int  # prompts cut to fit the model
+    seconds: float
+    questions_per_s: float | None
+    notes: tuple[str, ...]  # what reading the files decided (MedMCQA's numbering)
+    world_size: int | None = None  # a job's processes; not in the in-process document
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {f.name: getattr(self, f.name) for f in fields(self)}
+        doc["notes"] = list(self.notes)
+        if self.world_size is None:
+            del doc["world_size"]
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any) -> EvalResult | None:
+        """An eval.json read back; None when it is not one (damaged, or another kind of result)."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(doc, dict) or not all(k in doc for k in names if k != "world_size"):
+            return None
+        try:
+            result = cls(**{k: doc[k] for k in names if k in doc})
+        except TypeError:
+            return None
+        ok = (isinstance(result.choices, dict) and isinstance(result.gold, dict) and isinstance(result.notes, list)
+              and all(map(_number, (result.n, result.n_labelled, result.correct, result.accuracy,
+                                    result.questions_per_s))))
+        return dataclasses.replace(result, notes=tuple(map(str, result.notes))) if ok else None
+
+
+def _number(value: Any) -> bool:
+    """None or a finite number (a damaged file may hold 1e999 or an integer no float holds)."""
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def report(options: EvalSpec, inputs: Inputs, scored: dict) -> tuple[EvalResult, list[dict]]:
+    """The result of `summarize`'s counts for these options and inputs, and the per-question predictions."""
+    counts = {k: v for k, v in scored.items() if k != "predictions"}
+    return (EvalResult(task=options.task, data=options.data, model=options.model, adapter=options.adapter,
+                       shots=len(inputs.shots), **counts, notes=tuple(inputs.notes)), scored["predictions"])
 
 
 def load_shots(task: str, shots: int, shots_file: str | Path | None, notes: list[str] | None = None) -> list[Question]:

@@ -20,7 +20,9 @@ from typing import Any, Callable, Iterator
 import llamajobs.spec
 from llamajobs import catalog, cluster, estimate, events, forensics, hub, metrics, monitor, presets, registry, site
 from llamajobs.data.prepare import PrepareConfig, Progress, prepare
+from llamajobs.data.results import Prepared, Unfinished, prepared
 from llamajobs.errors import Failure, SpecError
+from llamajobs.evaluate import EvalResult
 # What submit checks against the hardware lives in fit.py; the CLI calls it through ops.
 from llamajobs.fit import FitCheck, accelerator, fit_check, node_ram_gib, plan_for_gpu, preemption_warning
 from llamajobs.registry import Job
@@ -257,7 +259,7 @@ class Detail:
     logs: list[Path]
     losses: list[float]  # every logged step's, for the sparkline
     slow_input: bool  # waiting for batches takes a noticeable share of the step
-    eval_result: dict[str, Any] | None  # an eval job's eval.json, once written
+    eval_result: EvalResult | dict[str, Any] | None  # an eval job's eval.json, once written (a dict: lm-eval's)
     error_hint: str | None  # what the first error means (a collective timeout)
     error_log: Path | None  # the first error's log, for a failed job
     val_losses: tuple[tuple[int, float], ...] = ()  # (step, validation loss) of every validation run
@@ -279,7 +281,7 @@ def detail(runs: Path, job_id: int) -> Detail:
     return Detail(job=job, row=row, spec=spec, events=events.read(job.run_dir), logs=forensics.log_files(job),
                   losses=losses,
                   slow_input=row.data_wait_frac is not None and row.data_wait_frac > monitor.SLOW_INPUT_FRAC,
-                  eval_result=monitor.eval_result(job.run_dir) if spec and spec.evaluation else None,
+                  eval_result=_eval_detail(job.run_dir, spec.evaluation) if spec and spec.evaluation else None,
                   error_hint=forensics.collective_timeout_hint(row.error),
                   error_log=forensics.traceback_log(job) if failed else None,
                   val_losses=tuple((r.step, r.val_loss) for r in measured if r.val_loss is not None))
@@ -397,7 +399,7 @@ def _grid_axis(flags: dict[str, Any], name: str, known: list[str]) -> list[str] 
 
 
 def grid(flags: dict[str, Any], accel: catalog.Accelerator, tokens: int | None, a: estimate.Assumptions,
-         cpu_mem_gib: float | None) -> dict[str, Any] | None:
+         cpu_mem_gib: float | None) -> estimate.Grid | None:
     """A planning grid when --size or --strategy names a comma list or `all`: one row per size ×
     strategy (hours per epoch, MFU, memory, verdict); None when each names one value."""
     sizes = _grid_axis(flags, "size", [s for s in catalog.SIZES if s != "tiny"])
@@ -410,7 +412,7 @@ def grid(flags: dict[str, Any], accel: catalog.Accelerator, tokens: int | None, 
             cell = {**flags, **({"size": size} if size else {}), **({"strategy": strategy} if strategy else {})}
             spec, _ = build_spec({k: v for k, v in cell.items() if v is not None}, cluster_default="slurm")
             rows.append(estimate.grid_row(spec, accel, spec.size, tokens, a, node_ram_gib(spec, cpu_mem_gib)))  # resolves
-    return {"rows": rows}
+    return estimate.Grid(rows=tuple(rows))
 
 
 SEED_TOKENS = 2_500_000_000  # the seed's corpus: tokens per epoch of its table
@@ -419,7 +421,7 @@ SEED_TOKENS = 2_500_000_000  # the seed's corpus: tokens per epoch of its table
 @dataclass(frozen=True, slots=True)
 class StartingGrid:
     """`estimate hours` without flags: the seed's kind of table, 7B and 13B x every strategy."""
-    result: dict[str, Any]  # as `grid` returns it
+    result: estimate.Grid
     accelerator: catalog.Accelerator
     basis: str  # what the table assumes, in words
 
@@ -441,30 +443,26 @@ def starting_grid(a: estimate.Assumptions) -> StartingGrid:
 
 
 def predicted_hours(spec: JobSpec, accel: catalog.Accelerator, tokens: int | None, a: estimate.Assumptions,
-                    cpu_mem_gib: float | None) -> dict[str, Any]:
+                    cpu_mem_gib: float | None) -> estimate.PredictedHours:
     spec = plan_for_gpu(spec, accel, a, cpu_mem_gib)
     result = estimate.hours(spec, accel, tokens, a, node_ram_gib(spec, cpu_mem_gib))
-    result["spec"] = {"size": spec.size, "mode": spec.mode, "strategy": spec.strategy, "nodes": spec.nodes,
-                      "gpus_per_node": spec.gpus_per_node, "seq_len": spec.seq_len,
-                      "global_batch": spec.global_batch, "micro_batch": spec.micro_batch,
-                      "micro_batch_auto": spec.micro_batch_auto, "sharded_accumulation": spec.sharded_accumulation}
-    return result
+    return dataclasses.replace(result, spec=estimate.RunSummary.of(spec))
 
 
 def memory_table(spec: JobSpec, accel: catalog.Accelerator, a: estimate.Assumptions, cpu_mem_gib: float | None
-                 ) -> dict[str, Any]:
+                 ) -> estimate.MemoryTable:
     return estimate.memory_table(spec, accel, a, node_ram_gib(spec, cpu_mem_gib))
 
 
-def measured_hours(runs: Path, job_id: int, tokens: int | None, a: estimate.Assumptions) -> dict[str, Any]:
+def measured_hours(runs: Path, job_id: int, tokens: int | None, a: estimate.Assumptions) -> estimate.MeasuredHours:
     """Hours per epoch from the job's steady measured throughput, and the model's prediction beside it."""
     job, spec = training_job(runs, job_id)
     result = estimate.hours_from_metrics(job_metrics(job), events.read(job.run_dir), tokens, spec.tokens_per_epoch, a)
     if result is None:
         raise Failure(f"job {job_id} has no measured throughput yet; try again after its first logged steps")
-    gpu = catalog.GPUS.get(result.get("peak") or "")
+    gpu = catalog.GPUS.get(result.peak or "")
     if gpu is not None and spec.plans_gpus:
-        result["predicted_tokens_per_s"] = estimate.throughput(spec, gpu, a)["tokens_per_s"]
+        result = dataclasses.replace(result, predicted_tokens_per_s=estimate.throughput(spec, gpu, a)["tokens_per_s"])
     return result
 
 
@@ -473,7 +471,7 @@ def measured_hours(runs: Path, job_id: int, tokens: int | None, a: estimate.Assu
 
 @dataclass(frozen=True, slots=True)
 class EvalRun:
-    result: dict[str, Any]  # what `eval --json` prints (predictions aside)
+    result: EvalResult  # what `eval --json` prints (predictions aside)
     predictions_error: str | None = None  # the scoring stands even when its predictions file could not be written
 
 
@@ -483,8 +481,7 @@ def evaluate_here(options: EvalSpec, device: str, predictions: Path | None = Non
 
     if predictions is not None:
         evaluate.check_writable(predictions, "--predictions")
-    result = evaluate.evaluate(options, device=device)
-    details = result.pop("predictions")
+    result, details = evaluate.evaluate(options, device=device)
     if predictions is None:
         return EvalRun(result)
     try:
@@ -511,9 +508,20 @@ def submit_eval(options: EvalSpec, flags: dict[str, Any], runs: Path) -> Submitt
     return Submitted(submit.submit(spec, profile, runs).job)
 
 
-def eval_result(job: Job, state: str) -> dict[str, Any] | None:
-    """An eval job's eval.json, once it completed."""
+def eval_result(job: Job, state: str) -> EvalResult | None:
+    """A multiple-choice eval job's result, once it completed (None: not written, or damaged)."""
+    return EvalResult.from_json(monitor.eval_result(job.run_dir)) if state == "COMPLETED" else None
+
+
+def harness_result(job: Job, state: str) -> dict[str, Any] | None:
+    """An lm-eval job's summary (its eval.json, lm-eval's metrics per task), once it completed."""
     return monitor.eval_result(job.run_dir) if state == "COMPLETED" else None
+
+
+def _eval_detail(run_dir: Path, evaluation: EvalSpec) -> EvalResult | dict[str, Any] | None:
+    """What `status JOB` shows of an eval job's eval.json: typed for the built-in eval, lm-eval's summary as is."""
+    written = monitor.eval_result(run_dir)
+    return written if evaluation.harness else EvalResult.from_json(written)
 
 
 # --- data ---
@@ -521,16 +529,16 @@ def eval_result(job: Job, state: str) -> dict[str, Any] | None:
 
 def prepare_data(config: PrepareConfig, shards: int | None, sharding: dict[str, Any], wait: bool = True,
                  progress: Callable[[Progress], None] | None = None,
-                 on_submit: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    """`data prepare`: in this process, or (shards) as array tasks merged into one store. The store's
-    meta.json, or a sharded preparation's state while it is unfinished ("unfinished" is true)."""
+                 on_submit: Callable[[str], None] = lambda line: None) -> Prepared | Unfinished:
+    """`data prepare`: in this process, or (shards) as array tasks merged into one store; or a
+    sharded preparation's state while it is unfinished."""
     if shards is None:
         given = [f"--{k.replace('_', '-')}" for k, v in sharding.items() if v is not None] + ([] if wait else
                                                                                               ["--no-wait"])
         if given:
             raise SpecError(f"{', '.join(given)}: only with --shards N (sharded preparation)")
-        return prepare(config, progress)
+        return prepared(prepare(config, progress))
     from llamajobs.data import sharded_prepare
 
     cluster_config = sharded_prepare.cluster_config(shards, wait=wait, **sharding)
-    return sharded_prepare.prepare_sharded(config, cluster_config, progress, on_submit=on_submit)
+    return prepared(sharded_prepare.prepare_sharded(config, cluster_config, progress, on_submit=on_submit))

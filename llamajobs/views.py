@@ -19,7 +19,9 @@ from rich.table import Table
 
 from llamajobs.catalog import CLUSTER, Accelerator
 from llamajobs.data.prepare import Progress
-from llamajobs.evaluate import eval_mode
+from llamajobs.data.results import Prepared, Unfinished
+from llamajobs.estimate.results import Grid, MeasuredHours, MemoryTable, PredictedHours, StepPlan
+from llamajobs.evaluate import EvalResult, eval_mode
 from llamajobs.events import attempts
 from llamajobs.monitor import Row
 from llamajobs.presets import DIR as PRESETS_DIR
@@ -235,9 +237,9 @@ def _eval_progress(d: Detail) -> None:
     if result is None:
         out.print(f"result    none yet  elapsed {duration(d.row.elapsed_s)}")
         return
-    choices = " ".join(f"{k} {v}" for k, v in result["choices"].items())
-    out.print(f"result    accuracy {percent(result['accuracy'])} ({result['correct']}/{result['n_labelled']}), "
-              f"n {result['n']}, {result['questions_per_s']} questions/s over {result.get('world_size', '-')} "
+    choices = " ".join(f"{k} {v}" for k, v in result.choices.items())
+    out.print(f"result    accuracy {percent(result.accuracy)} ({result.correct}/{result.n_labelled}), "
+              f"n {result.n}, {result.questions_per_s} questions/s over {fmt(result.world_size)} "
               f"processes  chosen {choices}  elapsed {duration(d.row.elapsed_s)}")
     out.print(f"          {run_dir / 'eval.json'}, {run_dir / 'predictions.jsonl'}", markup=False)
 
@@ -245,13 +247,13 @@ def _eval_progress(d: Detail) -> None:
 # --- estimate ---
 
 
-def grid(result: dict[str, Any], gpu: Accelerator) -> None:
+def grid(result: Grid, gpu: Accelerator) -> None:
     table = Table(box=None, header_style="bold")
     for col in ("size", "strategy", "mode", "hours/epoch", "MFU", "GPU GiB", "CPU GiB/node", "verdict", "micro-batch"):
         table.add_column(col)
-    for r in result["rows"]:
-        table.add_row(r["size"], r["strategy"], r["mode"], hours(r["hours_per_epoch"]), f"{r['mfu']:.1%}",
-                      f"{r['gpu_mem_gib']:.1f}", f"{r['cpu_mem_gib']:.0f}", r["verdict"], str(r.get("micro_batch", "")))
+    for r in result.rows:
+        table.add_row(r.size, r.strategy, r.mode, hours(r.hours_per_epoch), f"{r.mfu:.1%}", f"{r.gpu_mem_gib:.1f}",
+                      f"{r.cpu_mem_gib:.0f}", r.verdict, str(r.micro_batch))
     out.print(table)
     out.print(f"GPU: {gpu.name} ({gpu.peak_bf16_flops / 1e12:g} TFLOP/s bf16, {gpu.memory_gib:g} GiB); "
               f"MFU is model FLOPs over that peak")
@@ -271,84 +273,82 @@ def presets(rows: list[PresetEstimate], gpu: Accelerator) -> None:
               markup=False, highlight=False)
 
 
-def hours_table(r: dict[str, Any]) -> None:
+def hours_table(r: PredictedHours | MeasuredHours) -> None:
     table = Table(box=None, show_header=False)
-    measured = r["source"] == "measured"
-    if "plan" in r:
-        table.add_row("plan", plan_line(r["plan"]))
-    if "spec" in r:
-        s = r["spec"]
-        table.add_row("run", f"{s['size']} {s['mode']}, {s['strategy']}, {s['nodes']}x{s['gpus_per_node']} "
-                             f"{r['peak']}, seq {s['seq_len']}, global batch {s['global_batch']}, "
-                             f"micro {s['micro_batch']}")
-    table.add_row("hours per epoch", hours(r["hours_per_epoch"]) + (
-        f" ({r['tokens_per_epoch']:,} tokens)" if r.get("tokens_per_epoch") else "  (pass --tokens 2.5B)"))
-    table.add_row("tokens/s", f"{r['tokens_per_s']:,.0f} total, {fmt(r['tokens_per_s_per_gpu'], ',.0f')} per GPU")
-    mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
-    table.add_row(f"MFU ({'measured' if measured else 'assumed'})", f"{mfu} of {r.get('peak') or '?'}'s peak")
-    parts = "" if measured else f" ({r['accumulation']} micro-batches: " + ", ".join(
-        f"{k[:-2]} {v:.2f}" for k, v in r["time_parts_s"].items() if v) + ")"
-    table.add_row("step", f"{r['step_s']:.3g} s{parts}")
-    if measured:
-        table.add_row("steps", f"{r['step']}/{fmt(r['total_steps'])} ({r['steady_steps']} steady steps timed, "
-                               f"{r['checkpoint_s']:.0f} s of checkpoints left out)")
-        table.add_row("remaining", duration(r["remaining_s"]))
-        if r.get("predicted_tokens_per_s"):
-            table.add_row("predicted", f"{r['predicted_tokens_per_s']:,.0f} tokens/s on this card")
-        table.add_row("peak memory per process", fmt(r["gpu_mem_gib"], ".1f") + " GiB")
+    if isinstance(r, PredictedHours) and r.spec is not None:
+        s = r.spec
+        table.add_row("plan", plan_line(r.plan))
+        table.add_row("run", f"{s.size} {s.mode}, {s.strategy}, {s.nodes}x{s.gpus_per_node} {r.peak}, seq {s.seq_len}, "
+                             f"global batch {s.global_batch}, micro {s.micro_batch}")
+    elif isinstance(r, PredictedHours):
+        table.add_row("plan", plan_line(r.plan))
+    table.add_row("hours per epoch", hours(r.hours_per_epoch) + (
+        f" ({r.tokens_per_epoch:,} tokens)" if r.tokens_per_epoch else "  (pass --tokens 2.5B)"))
+    table.add_row("tokens/s", f"{r.tokens_per_s:,.0f} total, {fmt(r.tokens_per_s_per_gpu, ',.0f')} per GPU")
+    mfu = "-" if r.mfu is None else f"{r.mfu:.1%}"
+    table.add_row(f"MFU ({'measured' if r.measured else 'assumed'})", f"{mfu} of {r.peak or '?'}'s peak")
+    if isinstance(r, MeasuredHours):
+        table.add_row("step", f"{r.step_s:.3g} s")
+        table.add_row("steps", f"{r.step}/{fmt(r.total_steps)} ({r.steady_steps} steady steps timed, "
+                               f"{r.checkpoint_s:.0f} s of checkpoints left out)")
+        table.add_row("remaining", duration(r.remaining_s))
+        if r.predicted_tokens_per_s:
+            table.add_row("predicted", f"{r.predicted_tokens_per_s:,.0f} tokens/s on this card")
+        table.add_row("peak memory per process", fmt(r.gpu_mem_gib, ".1f") + " GiB")
     else:
-        table.add_row("memory per GPU", f"{r['gpu_mem_gib']:.1f} GiB")
-        table.add_row("memory per node (CPU)", f"{r['cpu_mem_gib']:.0f} GiB")
-        table.add_row("verdict", r["verdict"])
-        table.add_row("largest micro-batch that fits", fmt(r["largest_fitting_micro_batch"]))
-        table.add_row("expected error", r["expected_error"])
+        parts = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r.time_parts_s.items() if v)
+        table.add_row("step", f"{r.step_s:.3g} s ({r.accumulation} micro-batches: {parts})")
+        table.add_row("memory per GPU", f"{r.gpu_mem_gib:.1f} GiB")
+        table.add_row("memory per node (CPU)", f"{r.cpu_mem_gib:.0f} GiB")
+        table.add_row("verdict", r.verdict)
+        table.add_row("largest micro-batch that fits", fmt(r.largest_fitting_micro_batch))
+        table.add_row("expected error", r.expected_error)
     out.print(table)
 
 
-def plan_line(plan: dict[str, Any]) -> str:
+def plan_line(plan: StepPlan) -> str:
     """The plan a run would run: its micro-batch (and whether auto picked it) and how gradients accumulate."""
     how = {"sharded": ", reduce-scattered into the shard every micro-batch",
-           "unsharded": ", an unsharded fp32 gradient accumulated until the last"}.get(plan["gradient_accumulation"], "")
-    picked = " (auto: the fastest that fits)" if plan["micro_batch_auto"] else ""
-    return f"micro-batch {plan['micro_batch']}{picked}, {plan['micro_batches_per_step']} per step{how}"
+           "unsharded": ", an unsharded fp32 gradient accumulated until the last"}.get(plan.gradient_accumulation, "")
+    picked = " (auto: the fastest that fits)" if plan.micro_batch_auto else ""
+    return f"micro-batch {plan.micro_batch}{picked}, {plan.micro_batches_per_step} per step{how}"
 
 
-def memory_table(result: dict[str, Any], spec: JobSpec, accel: Accelerator) -> None:
+def memory_table(result: MemoryTable, spec: JobSpec, accel: Accelerator) -> None:
     table = Table(box=None, header_style="bold")
     for col in ("strategy", "GPU GiB", "CPU GiB/node", "verdict", "tokens/s", "micro-batch"):
         table.add_column(col)
-    for r in result["strategies"]:
-        table.add_row(r["strategy"], f"{r['gpu_mem_gib']:.1f}", f"{r['cpu_mem_gib']:.0f}", r["verdict"],
-                      f"{r['tokens_per_s']:,.0f}", f"{r['micro_batch']}" + (
-                          " sharded" if r.get("accumulation") == "sharded" else ""))
+    for r in result.strategies:
+        table.add_row(r.strategy, f"{r.gpu_mem_gib:.1f}", f"{r.cpu_mem_gib:.0f}", r.verdict, f"{r.tokens_per_s:,.0f}",
+                      f"{r.micro_batch}" + (" sharded" if r.accumulation == "sharded" else ""))
     out.print(table)
-    first = result["strategies"][0]
+    first = result.strategies[0]
     out.print(f"{spec.size} {spec.mode} on {spec.nodes}x{spec.gpus_per_node} {accel.name} "
-              f"({first['gpu_capacity_gib']:g} GiB per GPU, {first['node_ram_gib']:g} GiB host RAM per node); "
+              f"({first.gpu_capacity_gib:g} GiB per GPU, {first.node_ram_gib:g} GiB host RAM per node); "
               + ("micro-batch: auto, each strategy's fastest that fits" if spec.micro_batch_auto
                  else f"micro-batch {spec.micro_batch}"))
     none = "none fits; add nodes, use --mode lora or --activation-checkpointing"
-    out.print(f"recommended: {result['recommended'] or none}")
+    out.print(f"recommended: {result.recommended or none}")
 
 
 # --- eval, generate, convert ---
 
 
-def eval_result(result: dict[str, Any]) -> None:
+def eval_result(result: EvalResult) -> None:
     """Accuracy, n, throughput and the choice counts; notes on stderr."""
-    ranks = f" over {result['world_size']} processes" if result.get("world_size") else ""
-    out.print(f"{result['task']} ({result['mode']}, {result['shots']}-shot): accuracy "
-              f"[bold]{percent(result['accuracy'])}[/] ({result['correct']}/{result['n_labelled']}), "
-              f"n {result['n']}, {result['questions_per_s']} questions/s{ranks}")
+    ranks = f" over {result.world_size} processes" if result.world_size else ""
+    out.print(f"{result.task} ({result.mode}, {result.shots}-shot): accuracy "
+              f"[bold]{percent(result.accuracy)}[/] ({result.correct}/{result.n_labelled}), "
+              f"n {result.n}, {result.questions_per_s} questions/s{ranks}")
     table = Table(box=None, header_style="bold")
     table.add_column("")
-    for key in result["choices"]:
+    for key in result.choices:
         table.add_column(key)
-    table.add_row("chosen", *(str(v) for v in result["choices"].values()))
-    table.add_row("gold", *(str(result["gold"].get(k, "-")) for k in result["choices"]))
+    table.add_row("chosen", *(str(v) for v in result.choices.values()))
+    table.add_row("gold", *(str(result.gold.get(k, "-")) for k in result.choices))
     out.print(table)
-    for note in result["notes"] + ([f"{result['truncated']} prompt(s) truncated to fit the model"]
-                                   if result["truncated"] else []):
+    for note in list(result.notes) + ([f"{result.truncated} prompt(s) truncated to fit the model"]
+                                      if result.truncated else []):
         err.print(f"note: {note}", markup=False)
 
 
@@ -444,24 +444,23 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
-def prepared(out_dir: str, meta: dict[str, Any]) -> None:
-    if meta.get("unfinished"):
-        out.print(f"{meta['workdir']}: {meta['counts']}; `llamajobs data inspect {out_dir}` shows the shards; "
+def prepared(out_dir: str, result: Prepared | Unfinished) -> None:
+    if isinstance(result, Unfinished):
+        out.print(f"{result.workdir}: {result.counts}; `llamajobs data inspect {out_dir}` shows the shards; "
                   f"rerun the same command to wait for them and merge", markup=False)
         return
-    held = meta.get("eval")
-    out.print(f"{out_dir}: {meta['documents']:,} documents, {meta['tokens']:,} tokens ({meta['dtype']})"
-              + (f"; eval split: {held['documents']:,} documents, {held['tokens']:,} tokens" if held else ""),
+    held = result.eval_split
+    out.print(f"{out_dir}: {result.documents:,} documents, {result.tokens:,} tokens ({result.dtype})"
+              + (f"; eval split: {held.documents:,} documents, {held.tokens:,} tokens" if held else ""),
               markup=False)
-    done = meta.get("preparation")
-    if done:
-        out.print(f"{done['shards']} shard(s) on the {done['cluster']} cluster"
-                  + (f" ({done['shards_requested']} requested: whole files are not split)"
-                     if done["shards"] < done["shards_requested"] else "")
-                  + f", {done['seconds']:.1f} s; merge {done['merge_seconds']:.2f} s")
-    if meta["skipped_empty"] or meta["skipped_bad_lines"]:
-        err.print(f"skipped {meta['skipped_empty']:,} empty documents and {meta['skipped_bad_lines']:,} bad lines"
-                  + "".join(f"\n  {line}" for line in meta["bad_line_examples"]), markup=False)
+    if done := result.sharded:
+        out.print(f"{done.shards} shard(s) on the {done.cluster} cluster"
+                  + (f" ({done.shards_requested} requested: whole files are not split)"
+                     if done.shards < done.shards_requested else "")
+                  + f", {done.seconds:.1f} s; merge {done.merge_seconds:.2f} s")
+    if result.skipped_empty or result.skipped_bad_lines:
+        err.print(f"skipped {result.skipped_empty:,} empty documents and {result.skipped_bad_lines:,} bad lines"
+                  + "".join(f"\n  {line}" for line in result.bad_line_examples), markup=False)
 
 
 STORE_KEYS = ("path", "format", "documents", "tokens", "dtype", "loss_mask", "vocab_size", "fingerprint",

@@ -38,7 +38,7 @@ from llamajobs.data import read_texts
 from llamajobs.data.sampler import IGNORE_INDEX, WindowSampler, tokenize_documents
 from llamajobs.data.tokenizer import load_tokenizer
 from llamajobs.spec import JobSpec
-from llamajobs.worker import checkpoint, parallel, rng
+from llamajobs.worker import checkpoint, kernels, parallel, rng
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.checkpoint import Checkpointer
 from llamajobs.worker.metrics import MetricsLogger
@@ -426,7 +426,8 @@ def accumulation_check(tokenizer_dir: Path) -> dict:
         sampler = WindowSampler(docs, seq_len=64, global_batch=8, micro_batch=micro_batch, rank=env.rank,
                                 world_size=env.world_size, seed=0, pad_id=2)
         strategy = build_strategy(spec, env)
-        model = strategy.build_model(model_lib.model_config(spec), load_weights=True)
+        model = strategy.build_model(model_lib.model_config(spec), load_weights=True,
+                                     chosen=kernels.choose(spec, env.device.type))
         optimizer, scheduler = build_optimizer(model, spec, strategy, total=4)
         losses: list[float] = []
         metrics = SimpleNamespace(start_clock=lambda step: None,

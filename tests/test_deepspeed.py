@@ -55,7 +55,7 @@ from llamajobs.data.sampler import IGNORE_INDEX
 from llamajobs.data.tokenizer import load_tokenizer
 from llamajobs.site import Site
 from llamajobs.spec import DebugSpec, JobSpec
-from llamajobs.worker import checkpoint, parallel, zero, zero_config
+from llamajobs.worker import checkpoint, kernels, parallel, zero, zero_config
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.parallel import Dist
 from llamajobs.worker.train import build_strategy, check_node, check_supported, parse_run_dir
@@ -155,7 +155,8 @@ def test_the_deepspeed_launchers_local_rank_argument_is_ignored() -> None:
 
 def test_layers_are_split_contiguously_embeddings_first_head_last() -> None:
     config = LlamaConfig(**{**SIZES["tiny"].hf_config(), "num_hidden_layers": 7})
-    model = model_lib.build_meta_model(JobSpec(mode="lora"), config, torch.float32)
+    spec = JobSpec(mode="lora")
+    model = model_lib.build_meta_model(spec, config, torch.float32, kernels.choose(spec, "cpu"))
     devices = [torch.device("cuda", i) for i in range(3)]  # (only named: nothing is allocated)
     placement = parallel.split_layers(model, devices)
     layers = [d.index for _, d in placement[:7]]
@@ -168,7 +169,8 @@ def test_layers_are_split_contiguously_embeddings_first_head_last() -> None:
 def test_each_part_is_allocated_on_its_own_device() -> None:
     """Never the whole model on the first GPU first: the meta device stands in for a second one."""
     config = LlamaConfig(**{**SIZES["tiny"].hf_config(), "num_hidden_layers": 4})
-    model = model_lib.build_meta_model(JobSpec(mode="prompt", num_virtual_tokens=4), config, torch.float32)
+    spec = JobSpec(mode="prompt", num_virtual_tokens=4)
+    model = model_lib.build_meta_model(spec, config, torch.float32, kernels.choose(spec, "cpu"))
     devices = [torch.device("cpu"), torch.device("meta")]
     model_lib.materialize(model, devices[0], devices[0], dict(parallel.split_layers(model, devices)))
     second = (".layers.2.", ".layers.3.", "lm_head.", "model.norm.")
@@ -540,7 +542,7 @@ def zero_gradient_check(strategy_name: str, mode: str) -> dict:
     grads = {}
     for name in (strategy_name, "fsdp"):
         strategy = build_strategy(dataclasses.replace(spec, strategy=name), env)
-        model = strategy.build_model(config, load_weights=True)
+        model = strategy.build_model(config, load_weights=True, chosen=kernels.choose(spec, env.device.type))
         if mode == "lora":  # lora_B starts at 0, which would leave lora_A's gradient 0: make it checkable
             _fill_lora_b(model, zero3=name == "ds-zero3")
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
@@ -557,7 +559,7 @@ def zero_gradient_check(strategy_name: str, mode: str) -> dict:
         gc.collect()
     if rank != 0:
         return {}
-    reference = model_lib.build_meta_model(spec, config, torch.float32)
+    reference = model_lib.build_meta_model(spec, config, torch.float32, kernels.choose(spec, "cpu"))
     model_lib.materialize(reference, torch.device("cpu"), torch.device("cpu"))
     reference.load_state_dict(weights, strict=True)
     reference.train()

@@ -219,27 +219,27 @@ def test_more_nodes_never_shorten_the_epoch_below_linear_and_mfu_is_model_flops(
     plan = make_plan(shape=SIZES["7b"], global_batch=512, micro_batch=4, tokens_per_epoch=10**9)
     one = est.hours(plan, A100_80)
     two = est.hours(dataclasses.replace(plan, nodes=2), A100_80)
-    assert two["hours_per_epoch"] >= one["hours_per_epoch"] / 2  # the network is slower than NVLink
+    assert two.hours_per_epoch >= one.hours_per_epoch / 2  # the network is slower than NVLink
     recompute = est.hours(dataclasses.replace(plan, recompute=True), A100_80)
-    assert recompute["hours_per_epoch"] > one["hours_per_epoch"]
+    assert recompute.hours_per_epoch > one.hours_per_epoch
     # MFU counts model FLOPs only: recompute spends more and reports less
-    assert recompute["mfu"] < one["mfu"]
-    assert one["mfu"] == pytest.approx(est.flops_per_token(SIZES["7b"], 512, "full") * one["tokens_per_s_per_gpu"] / 312e12)
+    assert recompute.mfu < one.mfu
+    assert one.mfu == pytest.approx(est.flops_per_token(SIZES["7b"], 512, "full") * one.tokens_per_s_per_gpu / 312e12)
 
 
 def test_the_13b_verdicts_name_a_strategy_that_fits():
     plan = make_plan(shape=SIZES["13b"], global_batch=384, micro_batch=4)
     on_40 = est.memory_table(dataclasses.replace(plan, micro_batch_auto=True), A100_40)
     # fsdp fits 40 GB only because the estimator picks sharded accumulation (and a micro-batch) for it
-    fsdp = next(r for r in on_40["strategies"] if r["strategy"] == "fsdp")
-    assert fsdp["verdict"] == "fits" and fsdp["accumulation"] == "sharded"
+    fsdp = next(r for r in on_40.strategies if r.strategy == "fsdp")
+    assert fsdp.verdict == "fits" and fsdp.accumulation == "sharded"
     assert est.memory(plan, A100_40)["verdict"] == "does not fit"  # the unsharded fp32 accumulator
     # fsdp-offload's CPU Adam (torch's fused AdamW) costs less than fsdp's comm at 12 micro-batches
-    assert on_40["recommended"] == "fsdp-offload"
+    assert on_40.recommended == "fsdp-offload"
     on_80 = est.memory_table(plan, A100_80)
-    fitting = {r["strategy"]: r["tokens_per_s"] for r in on_80["strategies"] if r["verdict"] == "fits"}
+    fitting = {r.strategy: r.tokens_per_s for r in on_80.strategies if r.verdict == "fits"}
     # 80 GB holds ZeRO-2's replicated 16-bit weights: the fastest strategy that fits, and it is recommended
-    assert on_80["recommended"] == max(fitting, key=fitting.get) == "ds-zero2"
+    assert on_80.recommended == max(fitting, key=fitting.get) == "ds-zero2"
     message = est.fit_check(plan, A100_40)
     assert "--strategy fsdp-offload would fit" in message and "accumulates over 12 micro-batches" in message
     assert est.fit_check(dataclasses.replace(plan, strategy="ds-zero3-offload"), A100_40) is None
@@ -254,8 +254,8 @@ def test_largest_fitting_micro_batch():
 
 def test_assumptions_can_be_overridden():
     plan = make_plan(shape=SIZES["7b"], nodes=2, global_batch=512)
-    slow = est.hours(plan, A100_80, 10**9)["hours_per_epoch"]
-    fast = est.hours(plan, A100_80, 10**9, est.with_overrides({"network_gbps": "200"}))["hours_per_epoch"]
+    slow = est.hours(plan, A100_80, 10**9).hours_per_epoch
+    fast = est.hours(plan, A100_80, 10**9, est.with_overrides({"network_gbps": "200"})).hours_per_epoch
     assert fast < slow
     with pytest.raises(ValueError, match="not an assumption"):
         est.with_overrides({"speed": "1"})
@@ -322,13 +322,13 @@ def _rows(step_times, tokens_per_step=1000, start=0, elapsed=0.0):
 def test_measured_hours_leave_out_warmup_and_checkpoints():
     steps = [9.0, 5.0, 3.0, 2.0, 2.0] + [2.0] * 9 + [2.0 + 30.0] + [2.0] * 5  # a 30 s checkpoint at step 14
     result = est.hours_from_metrics(_rows(steps), [{"event": "checkpointed", "step": 14, "seconds": 30.0}])
-    assert result["tokens_per_s"] == pytest.approx(500.0)  # 1000 tokens per 2 s step
-    assert result["hours_per_epoch"] == pytest.approx(100_000 / 500 / 3600)
-    assert result["steady_steps"] == 15
+    assert result.tokens_per_s == pytest.approx(500.0)  # 1000 tokens per 2 s step
+    assert result.hours_per_epoch == pytest.approx(100_000 / 500 / 3600)
+    assert result.steady_steps == 15
     # 80 steps to go at 2 s, plus checkpoints at the rate so far (30 s per computed second)
-    assert result["remaining_s"] == pytest.approx(80 * 2.0 * (1 + 30 / (sum(steps) - 30)), rel=1e-6)
-    assert result["mfu"] == pytest.approx(0.1)  # measured MFU scaled to the steady throughput
-    assert result["source"] == "measured"
+    assert result.remaining_s == pytest.approx(80 * 2.0 * (1 + 30 / (sum(steps) - 30)), rel=1e-6)
+    assert result.mfu == pytest.approx(0.1)  # measured MFU scaled to the steady throughput
+    assert result.source == "measured"
 
 
 def test_measured_hours_read_the_rows_the_worker_writes(tmp_path):
@@ -344,7 +344,7 @@ def test_measured_hours_restart_warmup_after_a_resume():
     resumed = _rows([20.0, 8.0, 4.0, 4.0, 4.0, 4.0, 4.0], start=10)  # elapsed_s starts again: a new attempt
     result = est.hours_from_metrics(first + resumed)
     # steady: steps 6-10 of the first attempt (2 s) and 16-17 of the second (4 s)
-    assert result["step_s"] == pytest.approx((5 * 2.0 + 2 * 4.0) / 7)
+    assert result.step_s == pytest.approx((5 * 2.0 + 2 * 4.0) / 7)
     assert est.hours_from_metrics([]) is None
 
 

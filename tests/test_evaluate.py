@@ -215,7 +215,9 @@ def read_jsonl(path: Path) -> list[dict]:
 def in_process(tuned_model, toy) -> dict:
     """The in-process eval of the tuned model on the toy test set (what `eval --json` prints, with
     the per-question predictions)."""
-    return ev.evaluate(EvalSpec(model=str(tuned_model), task="medqa", data=str(toy["test"])), device="cpu")
+    result, predictions = ev.evaluate(EvalSpec(model=str(tuned_model), task="medqa", data=str(toy["test"])),
+                                      device="cpu")
+    return {**result.to_json(), "predictions": predictions}
 
 
 def assert_same_answers(job: dict, job_rows: list[dict], local: dict) -> None:

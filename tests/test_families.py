@@ -85,13 +85,15 @@ def test_hub_style_config_keys_are_read_too() -> None:
 
 
 def test_each_family_s_decoder_layers_are_what_fsdp_and_pp_split(model_dirs) -> None:
+    from llamajobs.worker import kernels
     from llamajobs.worker import model as model_lib
     from llamajobs.worker import parallel
 
     for family, path in model_dirs.items():
         spec = spec_mod.build({"model_path": str(path), "mode": "lora", **SMALL})
         assert spec.lora_targets == catalog.FAMILIES[family].lora_targets
-        model = model_lib.build_meta_model(spec, model_lib.model_config(spec), torch.float32)
+        model = model_lib.build_meta_model(spec, model_lib.model_config(spec), torch.float32,
+                                           kernels.choose(spec, "cpu"))
         layers = parallel.decoder_layers(model)
         assert [type(m).__name__ for m in layers] == [catalog.FAMILIES[family].decoder_layer] * 2
         placement = parallel.split_layers(model, [torch.device("cpu"), torch.device("meta")])

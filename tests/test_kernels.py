@@ -81,7 +81,7 @@ def test_the_loss_forward_equals_the_logits_loss(mode, fused):
     plain logits. `fused` runs the fused path's plumbing with a plain linear cross-entropy."""
     torch.manual_seed(0)
     spec = JobSpec(mode=mode, num_virtual_tokens=3, lora_dropout=0.0)
-    model = model_lib.build_structure(spec, tiny_config(), torch.float32)
+    model = model_lib.build_structure(spec, tiny_config(), torch.float32, kernels.choose(spec, "cpu"))
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if fused:
         causal_lm.linear_ce_sum = reference_linear_ce_sum
@@ -105,7 +105,7 @@ def test_the_loss_forward_equals_the_logits_loss(mode, fused):
 
 def test_without_labels_the_model_is_its_own():
     """generate and eval call the model without labels: logits as transformers computes them."""
-    model = model_lib.build_structure(JobSpec(), tiny_config(), torch.float32)
+    model = model_lib.build_structure(JobSpec(), tiny_config(), torch.float32, kernels.choose(JobSpec(), "cpu"))
     inputs = torch.randint(0, 500, (1, 8))
     assert model(input_ids=inputs).logits.shape == (1, 8, SIZES["tiny"].vocab_size)
 

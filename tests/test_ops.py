@@ -240,9 +240,15 @@ def test_unwritable_predictions_are_refused_before_scoring(tmp_path, monkeypatch
     assert not (tmp_path / "no such dir").exists()
 
 
+# A scored eval as evaluate.evaluate returns it (the predictions beside it).
+SCORED = evaluate.EvalResult(task="medqa", data="q.jsonl", model="m", adapter=None, shots=0, mode="loglik-letter", n=2,
+                             n_labelled=2, correct=1, accuracy=0.5, choices={"A": 2}, gold={"A": 1, "B": 1}, truncated=0,
+                             seconds=1.0, questions_per_s=2.0, notes=())
+
+
 def test_predictions_that_fail_to_write_keep_the_result(tmp_path, monkeypatch):
-    scored = {"task": "medqa", "accuracy": 0.5, "predictions": [{"gold": "A", "choice": "A"}]}
-    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: dict(scored))
+    scored = SCORED
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: (scored, [{"gold": "A", "choice": "A"}]))
 
     def disk_full(path, rows):
         raise OSError(28, "No space left on device")
@@ -250,7 +256,7 @@ def test_predictions_that_fail_to_write_keep_the_result(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "write_predictions", disk_full)
     options = EvalSpec(model=str(tmp_path), task="medqa", data=str(tmp_path / "q.jsonl"))
     done = ops.evaluate_here(options, "cpu", tmp_path / "p.jsonl")
-    assert done.result == {"task": "medqa", "accuracy": 0.5}
+    assert done.result == scored
     assert "No space left on device" in done.predictions_error and "the scores above stand" in done.predictions_error
 
 
@@ -309,7 +315,7 @@ def test_python_dash_m_runs_the_cli():
 
 
 def test_eval_prints_its_scores_then_one_line_when_predictions_fail(cli, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: {"task": "medqa", "accuracy": 0.5, "predictions": []})
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: (SCORED, []))
 
     def read_only_filesystem(path, rows):
         raise OSError(30, "Read-only file system")
@@ -317,7 +323,7 @@ def test_eval_prints_its_scores_then_one_line_when_predictions_fail(cli, tmp_pat
     monkeypatch.setattr(evaluate, "write_predictions", read_only_filesystem)
     code, stdout, stderr = cli("eval", "--model", str(tmp_path), "--task", "medqa", "--data", str(tmp_path / "q.jsonl"),
                                "--predictions", str(tmp_path / "p.jsonl"), "--json")
-    assert code == 1 and json.loads(stdout) == {"task": "medqa", "accuracy": 0.5}
+    assert code == 1 and json.loads(stdout) == SCORED.to_json()
     assert stderr.count("\n") == 1 and "Read-only file system" in stderr and "Traceback" not in stderr
     code, stdout, stderr = cli("eval", "--model", str(tmp_path), "--task", "medqa", "--data", str(tmp_path / "q.jsonl"),
                                "--predictions", str(tmp_path / "missing" / "p.jsonl"))

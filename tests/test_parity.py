@@ -387,6 +387,7 @@ def test_a_packed_row_s_loss_is_its_documents_losses_unpacked(setup) -> None:
     from llamajobs.data.instruct import PackedSampler
     from llamajobs.data.store import open_documents
     from llamajobs.data.tokenizer import load_tokenizer
+    from llamajobs.worker import kernels
     from llamajobs.worker import model as model_lib
     from llamajobs.worker import packing
 
@@ -394,7 +395,8 @@ def test_a_packed_row_s_loss_is_its_documents_losses_unpacked(setup) -> None:
     tokenizer = load_tokenizer(setup["model"])
     reference = AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32,
                                                      attn_implementation="eager").eval()
-    worker = model_lib.build_structure(spec, model_lib.model_config(spec), torch.float32).eval()
+    worker = model_lib.build_structure(spec, model_lib.model_config(spec), torch.float32,
+                                       kernels.choose(spec, "cpu")).eval()
     worker.load_state_dict(reference.state_dict())
     sampler = PackedSampler(open_documents(spec.data, tokenizer), seq_len=spec.seq_len, global_batch=8, micro_batch=8,
                             rank=0, world_size=1, seed=spec.seed, pad_id=tokenizer.eos_token_id)

@@ -39,7 +39,7 @@ def test_every_preset_builds_renders_and_fits(name, tmp_path):
     # As `estimate hours` and submit's fit check plan it: it must fit where users will run it.
     planned = fit.plan_for_gpu(built, DEFAULT_GPU)
     result = estimate.hours(planned, DEFAULT_GPU, built.tokens_per_epoch or 2_500_000_000)
-    assert result["hours_per_epoch"] > 0 and result["verdict"] == "fits", result["gpu_mem_gib"]
+    assert result.hours_per_epoch > 0 and result.verdict == "fits", result.gpu_mem_gib
     assert estimate.fit_check(planned, DEFAULT_GPU) is None
 
 

@@ -72,8 +72,8 @@ def test_a_thinned_read_keeps_the_measured_throughput_and_samples_the_curves(tmp
     assert 100 <= len(thinned.rows) <= 200 and thinned.bad_lines == 0
     exact, found = hours_from_metrics(rows, saves), hours_from_metrics(thinned.rows, saves)
     for key in ("tokens_per_s", "step_s", "hours_per_epoch", "remaining_s", "mfu", "checkpoint_s", "gpu_mem_gib"):
-        assert found[key] == pytest.approx(exact[key], rel=1e-9), key
-    assert found["steady_steps"] == exact["steady_steps"]
+        assert getattr(found, key) == pytest.approx(getattr(exact, key), rel=1e-9), key
+    assert found.steady_steps == exact.steady_steps
     last = thinned.rows[-1]
     assert (last.step, last.loss, last.tokens, last.elapsed_s) == (rows[-1].step, rows[-1].loss, rows[-1].tokens,
                                                                    rows[-1].elapsed_s)

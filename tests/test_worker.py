@@ -31,6 +31,7 @@ from llamajobs.data.sampler import IGNORE_INDEX, WindowSampler, steps_per_epoch,
 from llamajobs.data.tokenizer import train_tokenizer
 from llamajobs.errors import SpecError
 from llamajobs.spec import DebugSpec, JobSpec
+from llamajobs.worker import kernels
 from llamajobs.worker import model as model_lib
 from llamajobs.worker import parallel
 from llamajobs.worker.kernels import token_loss_sum
@@ -226,7 +227,7 @@ def gradient_check(mode: str) -> dict[str, float]:
     spec = JobSpec(size="tiny", mode=mode, lora_dropout=0.0, seq_len=16, global_batch=8, micro_batch=2)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config = model_lib.model_config(spec)
-    model = model_lib.build_meta_model(spec, config, torch.float32)
+    model = model_lib.build_meta_model(spec, config, torch.float32, kernels.choose(spec, "cpu"))
     parallel.parallelize(model, spec, torch.device("cpu"))
     model_lib.materialize(model, torch.device("cpu"), torch.device("cpu"))
     model_lib.load_weights(model, spec, config, rank)
@@ -248,7 +249,7 @@ def gradient_check(mode: str) -> dict[str, float]:
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
     weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
 
-    reference = model_lib.build_meta_model(spec, config, torch.float32)
+    reference = model_lib.build_meta_model(spec, config, torch.float32, kernels.choose(spec, "cpu"))
     model_lib.materialize(reference, torch.device("cpu"), torch.device("cpu"))
     reference.load_state_dict(weights)
     reference.train()
@@ -323,7 +324,8 @@ def test_one_process_trains_unsharded_with_the_sharded_step_s_numbers(single_ran
     for sharded in (False, True):
         strategy = parallel.Fsdp(spec, env)
         strategy.sharded = sharded
-        model = strategy.build_model(model_lib.model_config(spec), load_weights=True)
+        model = strategy.build_model(model_lib.model_config(spec), load_weights=True,
+                                     chosen=kernels.choose(spec, env.device.type))
         assert isinstance(model, parallel.FSDPModule) == sharded
         optimizer, scheduler = build_optimizer(model, spec, strategy, total=10)
         params = [p for p in model.parameters() if p.requires_grad]

@@ -78,9 +78,9 @@ def data_prepare(inputs: tuple[str, ...], tokenizer_path: str, out_dir: str, fmt
     sharding = {"cluster": cluster, "partition": partition, "account": account, "time": time_limit,
                 "cpus_per_task": cpus_per_task, "mem": mem}
     with views.PrepareProgress() as progress:
-        meta = ops.prepare_data(config, shards, sharding, wait, progress, on_submit=views.note)
-    views.print_json(meta) if as_json else views.prepared(out_dir, meta)
-    if warning := eval_split_warning(meta):
+        result = ops.prepare_data(config, shards, sharding, wait, progress, on_submit=views.note)
+    views.print_json(result.to_json()) if as_json else views.prepared(out_dir, result)
+    if warning := eval_split_warning(result.to_json()):
         views.note(warning)
 
 

@@ -72,16 +72,16 @@ def hours(job_id: int | None, gpu: str | None, peak_tflops: float | None, gpu_me
     elif not (flags or gpu or peak_tflops or gpu_mem_gib or cpu_mem_gib or assume or tokens):
         start = ops.starting_grid(a)  # a bare `estimate hours`: a table to start from
         views.err.print(start.basis, markup=False)
-        views.print_json(start.result) if as_json else views.grid(start.result, start.accelerator)
+        views.print_json(start.result.to_json()) if as_json else views.grid(start.result, start.accelerator)
         return
     else:
         accel = ops.accelerator(gpu or ops.site_gpu(), peak_tflops, gpu_mem_gib)
         if (result := ops.grid(flags, accel, count, a, cpu_mem_gib)) is not None:
-            views.print_json(result) if as_json else views.grid(result, accel)
+            views.print_json(result.to_json()) if as_json else views.grid(result, accel)
             return
         spec, _ = ops.build_spec(flags, cluster_default="slurm")
         result = ops.predicted_hours(spec, accel, count, a, cpu_mem_gib)
-    views.print_json(result) if as_json else views.hours_table(result)
+    views.print_json(result.to_json()) if as_json else views.hours_table(result)
 
 
 @estimate.command()
@@ -102,8 +102,8 @@ def memory(gpu: str | None, peak_tflops: float | None, gpu_mem_gib: float | None
     accel = ops.accelerator(gpu or ops.site_gpu(), peak_tflops, gpu_mem_gib)
     flags = typed(values)
     if (result := ops.grid(flags, accel, None, a, cpu_mem_gib)) is not None:
-        views.print_json(result) if as_json else views.grid(result, accel)
+        views.print_json(result.to_json()) if as_json else views.grid(result, accel)
         return
     spec, _ = ops.build_spec(flags, cluster_default="slurm")
     result = ops.memory_table(spec, accel, a, cpu_mem_gib)
-    views.print_json(result) if as_json else views.memory_table(result, spec, accel)
+    views.print_json(result.to_json()) if as_json else views.memory_table(result, spec, accel)

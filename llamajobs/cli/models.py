@@ -105,19 +105,19 @@ def evaluate(model_dir: str, adapter: str | None, task: str | None, data: str | 
                             f"--cluster local (without --cluster, eval runs here)")
         done = ops.evaluate_here(settings, values["device"] or default("device"),
                                  Path(predictions) if predictions else None)
-        views.print_json(done.result) if as_json else views.eval_result(done.result)
+        views.print_json(done.result.to_json()) if as_json else views.eval_result(done.result)
         if done.predictions_error:
             raise Failure(done.predictions_error)
         return
     if predictions:
         raise SpecError(f"--predictions {predictions}: an eval job writes RUN_DIR/predictions.jsonl; leave it out")
     result = ops.submit_eval(settings, typed(values), ops.runs_dir(runs_dir, writable=True))
-    if _follow(result, "eval job", wait, as_json, views.eval_result) is None and wait:
+    if _follow(result, "eval job", wait, as_json, ops.eval_result, views.eval_result) is None and wait:
         raise Failure(f"job {result.job.id} completed without writing {result.job.run_dir / 'eval.json'}")
 
 
-def _follow(result: ops.Submitted, kind: str, wait: bool, as_json: bool,
-            show: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
+def _follow(result: ops.Submitted, kind: str, wait: bool, as_json: bool, read: Callable[[Any, str], Any],
+            show: Callable[[Any], None]) -> Any:
     """An eval job as submitted; with --wait, its end and its results (failing unless it COMPLETED)."""
     if not wait:
         views.print_json(result.to_json()) if as_json else views.submitted(result, kind=kind)
@@ -125,9 +125,10 @@ def _follow(result: ops.Submitted, kind: str, wait: bool, as_json: bool,
     if not as_json:
         views.submitted(result, kind=kind)
     state = ops.wait(result.job)
-    scored = ops.eval_result(result.job, state)
+    scored = read(result.job, state)
     if as_json:
-        views.print_json({**result.to_json(), "state": state, **(scored or {})})
+        document = scored.to_json() if hasattr(scored, "to_json") else scored  # lm-eval's summary is a dict
+        views.print_json({**result.to_json(), "state": state, **(document or {})})
     else:
         views.out.print(f"job {result.job.id} ended {state}")
         if scored:
@@ -155,7 +156,7 @@ def _harness(model_dir: str, adapter: str | None, tasks: str | None, tasks_dir: 
         views.print_json(summary) if as_json else views.harness_result(summary)
         return
     result = harness.submit_harness(settings, typed(values), ops.runs_dir(runs_dir, writable=True))
-    if _follow(result, "lm-eval job", wait, as_json, views.harness_result) is None and wait:
+    if _follow(result, "lm-eval job", wait, as_json, ops.harness_result, views.harness_result) is None and wait:
         raise Failure(f"job {result.job.id} completed without writing {result.job.run_dir / 'eval.json'}")
 
 

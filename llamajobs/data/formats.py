@@ -5,7 +5,8 @@ on). Plain documents (text, s2orc, lmflow text_only) have an empty prompt. Instr
 rendered with a prompt template: Alpaca's (with or without input) or the multiple-choice template
 shared by MedQA, MedMCQA and PubMedQA, whose response is the letter of the correct option.
 
-How files are read into records: readers.py.
+How files are read into records: readers.py. The multiple-choice records are parsed by data/mcq.py,
+the parser `eval` reads the same sets with (one set of rules for both).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
+from llamajobs.data import mcq
+from llamajobs.data.mcq import LETTERS, BadRecord
 from llamajobs.errors import SpecError
 
 # --- prompt templates ---
@@ -36,7 +39,6 @@ ALPACA_PROMPT_NO_INPUT = (
 MCQ_PROMPT = (
     "Below is a multiple-choice question{about}. Answer with the letter of the correct option.\n\n"
     "{context}### Question:\n{question}\n\n### Options:\n{options}\n\n### Answer:\n")
-LETTERS = "ABCDEFGHIJ"
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:
@@ -54,10 +56,6 @@ def mcq_prompt(question: str, options: list[str], context: str = "") -> str:
 
 
 # --- records ---
-
-
-class BadRecord(ValueError):
-    """A record that does not fit its format; the message says why (without the file:line)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,41 +164,28 @@ class Alpaca(Format):
         return [Example(alpaca_prompt(instruction, input or ""), output, _id(record, "id"))]
 
 
-def _mcq(question: str, options: list[str], answer: int, doc_id: str | None, context: str = "") -> Example:
-    return Example(mcq_prompt(question, options, context), LETTERS[answer], doc_id)
-
-
-def _answer_index(value: Any, name: str, n: int, base: int = 0) -> int:
-    """An option index from a number (base 0 or 1) or a letter."""
-    if isinstance(value, str) and len(value.strip()) == 1 and value.strip().upper() in LETTERS[:n]:
-        return LETTERS.index(value.strip().upper())
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value - base < n:
-        return value - base
-    raise BadRecord(f'field "{name}" is {value!r}, expected {base}-{base + n - 1} or a letter A-{LETTERS[n - 1]}')
+def _mcq(q: mcq.Question, answer_field: str) -> list[Example]:
+    """A parsed question (data/mcq.py, the parser `eval` reads with too) as a training example: the
+    prompt, and the gold letter as the response."""
+    if q.answer is None:
+        raise BadRecord(f"no answer ({answer_field}); a training example needs one")
+    return [Example(mcq_prompt(q.question, list(q.options), q.context or ""), LETTERS[q.answer], q.id)]
 
 
 class MedQA(Format):
     name = "medqa"
     instruct = True
     expects = ('{"sent1": "...", "ending0": "...", "ending1": "...", "ending2": "...", "ending3": "...", '
-               '"label": 0-3} per line (the Hugging Face MedQA-USMLE 4-option layout)')
+               '"label": 0-3} per line (the Hugging Face MedQA-USMLE layout; a fifth ending is read too), or '
+               '{"question": "...", "options": {"A": "...", ...}, "answer_idx": "A"} (the original release)')
 
     def examples(self, record, options=None):
-        question = field(record, "sent1")
-        if isinstance(record.get("sent2"), str) and record["sent2"].strip():
-            question = f"{question} {record['sent2']}"
-        endings = [field(record, f"ending{i}") for i in range(4)]
-        if isinstance(record.get("ending4"), str) and record["ending4"].strip():  # the 5-option variant
-            endings.append(record["ending4"])
-        answer = _answer_index(field(record, "label", (int, str)), "label", len(endings))
-        return [_mcq(question, endings, answer, _id(record, "id"))]
+        return _mcq(mcq.medqa(record), "label or answer_idx missing, or label -1")
 
 
 class MedMCQA(Format):
-    """MedMCQA's "cop" counts from 0 on Hugging Face (openlifescienceai/medmcqa) and from 1 in the
-    original release; `scan` tells them apart per file (a 4 means 1-based, a 0 means 0-based)."""
+    """`scan` decides the file's cop numbering (mcq.medmcqa_numbering: 0-3 or 1-4) before its records
+    are read; a file with both 0 and 4 stops there, at the line that makes it ambiguous."""
 
     name = "medmcqa"
     instruct = True
@@ -209,25 +194,21 @@ class MedMCQA(Format):
     needs_scan = True
 
     def scan(self, records):
-        seen: set[int] = set()
-        for _, record in records:
-            if isinstance(record, (bytes, str)):
+        def cops():
+            for number, record in records:
+                if isinstance(record, (bytes, str)):
+                    try:
+                        record = json.loads(record)
+                    except (ValueError, RecursionError):
+                        continue  # reported by the real pass
                 try:
-                    record = json.loads(record)
-                except (ValueError, RecursionError):
-                    continue  # reported by the real pass
-            cop = record.get("cop") if isinstance(record, dict) else None
-            if isinstance(cop, str) and cop.strip().isdigit():  # a csv cell is text
-                cop = int(cop)
-            if isinstance(cop, int) and not isinstance(cop, bool):
-                seen.add(cop)
-        return 1 if 4 in seen and 0 not in seen else 0
+                    yield number, mcq.medmcqa_cop(record)
+                except BadRecord:
+                    continue  # likewise
+        return mcq.medmcqa_numbering(cops())[0]
 
     def examples(self, record, options=None):
-        question = field(record, "question")
-        opts = [field(record, f"op{c}") for c in "abcd"]
-        answer = _answer_index(field(record, "cop", (int, str)), "cop", 4, base=options or 0)
-        return [_mcq(question, opts, answer, _id(record, "id"))]
+        return _mcq(mcq.medmcqa(record, options or 0), "cop missing or -1")
 
 
 class PubMedQA(Format):
@@ -235,7 +216,6 @@ class PubMedQA(Format):
     instruct = True
     expects = ('{"question": "...", "context": {"contexts": ["..."]} or "...", "final_decision": "yes"|"no"|"maybe"} '
                'per line, or the original {"PMID": {"QUESTION", "CONTEXTS", "final_decision"}} file')
-    decisions = ("yes", "no", "maybe")
 
     def expand(self, document):
         if isinstance(document, dict):  # ori_pqal.json: {pmid: record}
@@ -248,19 +228,7 @@ class PubMedQA(Format):
         if (isinstance(record, dict) and record and "question" not in record and "QUESTION" not in record
                 and all(isinstance(v, dict) for v in record.values())):  # a one-line {pmid: record} file
             return [e for r in self.expand(record) for e in self.examples(r)]
-        if isinstance(record, dict) and "question" not in record and "QUESTION" in record:
-            record = {**record, "question": record["QUESTION"], "context": record.get("CONTEXTS")}
-        question = field(record, "question")
-        context = field(record, "context", (str, list, dict))
-        if isinstance(context, dict):
-            context = context.get("contexts", "")
-        if isinstance(context, list):
-            context = "\n".join(str(c) for c in context)
-        decision = field(record, "final_decision").strip().lower()
-        if decision not in self.decisions:
-            raise BadRecord(f'field "final_decision" is {decision!r}, expected yes, no or maybe')
-        return [_mcq(question, list(self.decisions), self.decisions.index(decision),
-                     _id(record, "pubid", "id"), context=context)]
+        return _mcq(mcq.pubmedqa(record), "final_decision missing")
 
 
 class LMFlow(Format):

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from llamajobs.data import formats as fmts
+from llamajobs.data import formats as fmts, mcq
 from llamajobs.data import readers
 from llamajobs.data import hf_datasets as hf
 from llamajobs.data import store as st
@@ -464,6 +464,8 @@ def scan_options(fmt: fmts.Format, path: Path) -> Any:
         return fmt.scan(readers.iter_records(path, fmt))
     except readers.FileError as e:
         raise SpecError(f"{e.path}:{e.line}: {e.reason}") from None
+    except mcq.NumberingError as e:  # MedMCQA's cop both 0 and 4: no numbering fits, no line to skip
+        raise SpecError(f"{path}:{e.where}: {e}") from None
 
 
 def check_bad_lines(bad: list[tuple[int, str]], path: Path, fmt: fmts.Format, skip: bool, counts: Counts,

@@ -165,7 +165,7 @@ def predict_anchor(anchor: Anchor, a: Assumptions = DEFAULT) -> float:
         fetch = plan.accum * 2 * 2 * plan.shape.params / plan.data_parallel / (a.ds_offload_gbps * 1e9)
         return step_time(plan, gpu, a)["step_s"] + fetch
     if anchor.unit == "hours/epoch":
-        return hours(plan, gpu, a=a)["hours_per_epoch"]
+        return hours(plan, gpu, a=a).hours_per_epoch
     if anchor.unit == "s/step":
         return step_time(plan, gpu, a)["step_s"]
     speed = throughput(plan, gpu, a)

@@ -7,6 +7,7 @@ import math
 from typing import Any, Iterable
 
 from llamajobs.estimate.assumptions import DEFAULT, Assumptions
+from llamajobs.estimate.results import MeasuredHours
 from llamajobs.metrics import MetricsRow
 
 
@@ -26,7 +27,7 @@ def _checkpoint_pauses(events: Iterable[Any]) -> dict[int, float]:
 
 
 def hours_from_metrics(metrics: list[MetricsRow], events: Iterable[Any] = (), tokens: int | None = None,
-                       tokens_per_epoch: int | None = None, a: Assumptions = DEFAULT) -> dict[str, Any] | None:
+                       tokens_per_epoch: int | None = None, a: Assumptions = DEFAULT) -> MeasuredHours | None:
     """Hours per epoch and the time remaining from a run's metrics rows (`llamajobs.metrics.read`) and
     events.
 
@@ -70,22 +71,19 @@ def hours_from_metrics(metrics: list[MetricsRow], events: Iterable[Any] = (), to
     # Checkpoints to come: as often per computed second as so far.
     ckpt_rate = checkpoint_s / elapsed_steady if elapsed_steady else 0.0
     remaining_s = remaining_steps * step_s * (1 + ckpt_rate) if remaining_steps is not None else None
-    return {
-        "hours_per_epoch": tokens / tokens_per_s / 3600 if tokens and tokens_per_s else None,
-        "tokens_per_epoch": tokens,
-        "tokens_per_s": tokens_per_s,
-        "tokens_per_s_per_gpu": per_gpu,
-        "mfu": per_gpu * flops_over_peak if per_gpu and flops_over_peak else last.mfu,
-        "peak": last.peak,
-        "gpu_mem_gib": max(m.mem_gib for m in rows) or None,
-        "cpu_mem_gib": None,
-        "fits": True,
-        "step_s": step_s,
-        "steady_steps": sum(i[1] for i in steady),
-        "step": last.step,
-        "total_steps": total,
-        "remaining_s": remaining_s,
-        "remaining_hours": remaining_s / 3600 if remaining_s is not None else None,
-        "checkpoint_s": checkpoint_s,
-        "source": "measured",
-    }
+    return MeasuredHours(
+        hours_per_epoch=tokens / tokens_per_s / 3600 if tokens and tokens_per_s else None,
+        tokens_per_epoch=tokens,
+        tokens_per_s=tokens_per_s,
+        tokens_per_s_per_gpu=per_gpu,
+        mfu=per_gpu * flops_over_peak if per_gpu and flops_over_peak else last.mfu,
+        peak=last.peak,
+        gpu_mem_gib=max(m.mem_gib for m in rows) or None,
+        step_s=step_s,
+        steady_steps=sum(i[1] for i in steady),
+        step=last.step,
+        total_steps=total,
+        remaining_s=remaining_s,
+        remaining_hours=remaining_s / 3600 if remaining_s is not None else None,
+        checkpoint_s=checkpoint_s,
+    )

@@ -4,12 +4,12 @@ its predicted hours."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from llamajobs.catalog import GPUS, STRATEGIES, Accelerator
 from llamajobs.estimate.assumptions import DEFAULT, Assumptions
 from llamajobs.estimate.memory import memory
 from llamajobs.estimate.plan import Plan, as_plan, plan_for_strategy
+from llamajobs.estimate.results import GridRow, MemoryRow, MemoryTable
 from llamajobs.estimate.timing import hours, throughput
 from llamajobs.spec import JobSpec
 
@@ -48,32 +48,29 @@ def resolve(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,
 
 
 def memory_table(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,
-                 node_ram_gib: float | None = None) -> dict[str, Any]:
+                 node_ram_gib: float | None = None) -> MemoryTable:
     """Every strategy's memory and verdict (each at the plan it would run: its own micro-batch under
     --micro-batch auto), and the fastest strategy that fits (None if none does)."""
     plan = as_plan(run)
     rows = []
     for strategy in STRATEGIES:
         variant = resolve(plan_for_strategy(plan, strategy), gpu, a, node_ram_gib)
-        row = memory(variant, gpu, a=a, node_ram_gib=node_ram_gib)
-        row["tokens_per_s"] = throughput(variant, gpu, a)["tokens_per_s"]
-        row["micro_batch"] = variant.micro_batch
-        row["accumulation"] = variant.accumulation
-        rows.append(row)
-    fitting = [r for r in rows if r["verdict"] == "fits"]
-    best = max(fitting, key=lambda r: r["tokens_per_s"], default=None)
-    return {"strategies": rows, "recommended": best["strategy"] if best else None}
-
+        rows.append(MemoryRow(**memory(variant, gpu, a=a, node_ram_gib=node_ram_gib),
+                              tokens_per_s=throughput(variant, gpu, a)["tokens_per_s"],
+                              micro_batch=variant.micro_batch, accumulation=variant.accumulation))
+    fitting = [r for r in rows if r.verdict == "fits"]
+    best = max(fitting, key=lambda r: r.tokens_per_s, default=None)
+    return MemoryTable(strategies=tuple(rows), recommended=best.strategy if best else None)
 
 
 def grid_row(run: Plan | JobSpec, gpu: Accelerator, size: str, tokens: int | None = None, a: Assumptions = DEFAULT,
-             node_ram_gib: float | None = None) -> dict[str, Any]:
+             node_ram_gib: float | None = None) -> GridRow:
     """One cell of the planning grid (sizes x strategies), at the plan it would run."""
     plan = resolve(run, gpu, a, node_ram_gib)
     h = hours(plan, gpu, tokens, a, node_ram_gib)
-    return {"size": size, "strategy": plan.strategy, "mode": plan.mode, "hours_per_epoch": h["hours_per_epoch"],
-            "mfu": h["mfu"], "tokens_per_s": h["tokens_per_s"], "gpu_mem_gib": h["gpu_mem_gib"],
-            "cpu_mem_gib": h["cpu_mem_gib"], "verdict": h["verdict"], "micro_batch": plan.micro_batch}
+    return GridRow(size=size, strategy=plan.strategy, mode=plan.mode, hours_per_epoch=h.hours_per_epoch, mfu=h.mfu,
+                   tokens_per_s=h.tokens_per_s, gpu_mem_gib=h.gpu_mem_gib, cpu_mem_gib=h.cpu_mem_gib,
+                   verdict=h.verdict, micro_batch=plan.micro_batch)
 
 
 def fit_check(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,
@@ -93,7 +90,7 @@ def fit_check(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,
     if mem["cpu_verdict"] == "does not fit":
         where.append(f"{mem['cpu_mem_gib']:.0f} GiB of host RAM per node of {mem['node_ram_gib']:g}")
     table = memory_table(plan, gpu, a, node_ram_gib)
-    fix = f"--strategy {table['recommended']} would fit" if table["recommended"] else \
+    fix = f"--strategy {table.recommended} would fit" if table.recommended else \
         "no strategy fits; add --nodes, use --mode lora or --activation-checkpointing"
     return f"--strategy {plan.strategy}: {plan.shape.name} {plan.mode} needs {' and '.join(where)}; {fix}"
 
@@ -114,5 +111,5 @@ def hours_for_spec(spec: JobSpec, gpu: Accelerator | None = None, a: Assumptions
     """Predicted hours per epoch of a spec planned on GPUs that says how many tokens an epoch has."""
     if spec.tokens_per_epoch is None or not spec.plans_gpus:
         return None
-    return hours(spec, gpu or GPUS[DEFAULT_GPU], a=a)["hours_per_epoch"]
+    return hours(spec, gpu or GPUS[DEFAULT_GPU], a=a).hours_per_epoch
 

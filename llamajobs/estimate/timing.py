@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from llamajobs.catalog import Accelerator, flops_per_token, recompute_flops_per_token
 from llamajobs.estimate.assumptions import DEFAULT, Assumptions, gpu_facts
 from llamajobs.estimate.memory import memory
 from llamajobs.estimate.plan import Plan, as_plan
+from llamajobs.estimate.results import PredictedHours, StepPlan
 from llamajobs.spec import JobSpec
 
 
@@ -147,34 +147,34 @@ def throughput(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT) 
 
 
 def hours(run: Plan | JobSpec, gpu: Accelerator, tokens: int | None = None, a: Assumptions = DEFAULT,
-          node_ram_gib: float | None = None) -> dict[str, Any]:
+          node_ram_gib: float | None = None) -> PredictedHours:
     """Predicted hours per epoch, throughput, MFU (model FLOPs over the datasheet peak) and memory."""
     plan = as_plan(run)
     speed = throughput(plan, gpu, a)
     mem = memory(plan, gpu, a=a, node_ram_gib=node_ram_gib)
     tokens = tokens or plan.tokens_per_epoch
-    return {
-        "hours_per_epoch": tokens / speed["tokens_per_s"] / 3600 if tokens else None,
-        "tokens_per_epoch": tokens,
-        "tokens_per_s": speed["tokens_per_s"],
-        "tokens_per_s_per_gpu": speed["tokens_per_s_per_gpu"],
-        "mfu": speed["mfu"],
-        "peak": gpu.name,
-        "peak_tflops": gpu.peak_bf16_flops / 1e12,
-        "gpu_mem_gib": mem["gpu_mem_gib"],
-        "cpu_mem_gib": mem["cpu_mem_gib"],
-        "fits": mem["verdict"] != "does not fit",
-        "verdict": mem["verdict"],
-        "step_s": speed["step_s"],
-        "steps_per_epoch": tokens / plan.tokens_per_step if tokens else None,
-        "accumulation": plan.accum,
-        "plan": {"micro_batch": plan.micro_batch, "micro_batch_auto": plan.micro_batch_auto,
-                 "micro_batches_per_step": plan.accum, "gradient_accumulation": plan.accumulation},
-        "time_parts_s": {k: speed[k] for k in ("compute_s", "host_floor_s", "hbm_s", "comm_s", "pcie_s", "offload_s", "optimizer_s")},
-        "expected_error": expected_error_text(plan.strategy),
-        "largest_fitting_micro_batch": largest_fitting_micro_batch(plan, gpu, a, node_ram_gib),
-        "source": "predicted",
-    }
+    return PredictedHours(
+        hours_per_epoch=tokens / speed["tokens_per_s"] / 3600 if tokens else None,
+        tokens_per_epoch=tokens,
+        tokens_per_s=speed["tokens_per_s"],
+        tokens_per_s_per_gpu=speed["tokens_per_s_per_gpu"],
+        mfu=speed["mfu"],
+        peak=gpu.name,
+        peak_tflops=gpu.peak_bf16_flops / 1e12,
+        gpu_mem_gib=mem["gpu_mem_gib"],
+        cpu_mem_gib=mem["cpu_mem_gib"],
+        fits=mem["verdict"] != "does not fit",
+        verdict=mem["verdict"],
+        step_s=speed["step_s"],
+        steps_per_epoch=tokens / plan.tokens_per_step if tokens else None,
+        accumulation=plan.accum,
+        plan=StepPlan(micro_batch=plan.micro_batch, micro_batch_auto=plan.micro_batch_auto,
+                      micro_batches_per_step=plan.accum, gradient_accumulation=plan.accumulation),
+        time_parts_s={k: speed[k] for k in ("compute_s", "host_floor_s", "hbm_s", "comm_s", "pcie_s", "offload_s",
+                                            "optimizer_s")},
+        expected_error=expected_error_text(plan.strategy),
+        largest_fitting_micro_batch=largest_fitting_micro_batch(plan, gpu, a, node_ram_gib),
+    )
 
 
 def largest_fitting_micro_batch(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,

@@ -45,6 +45,6 @@ def estimates(accel: catalog.Accelerator, tokens: int | None = None, a: estimate
         rows.append(PresetEstimate(
             name=name, description=presets.description(name), model=presets.hub_model(values), size=spec.size,
             mode=spec.mode, strategy=spec.strategy, nodes=spec.nodes, gpus_per_node=spec.gpus_per_node,
-            tokens_per_epoch=count, hours_per_epoch=result["hours_per_epoch"], gpu_mem_gib=result["gpu_mem_gib"],
-            verdict=result["verdict"]))
+            tokens_per_epoch=count, hours_per_epoch=result.hours_per_epoch, gpu_mem_gib=result.gpu_mem_gib,
+            verdict=result.verdict))
     return rows

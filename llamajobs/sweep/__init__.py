@@ -429,14 +429,14 @@ def estimate_trial(trial: Trial, spec: JobSpec, fit: ops.FitCheck) -> TrialEstim
     h = estimate.hours(planned, fit.accelerator, node_ram_gib=ops.node_ram_gib(planned))
     gpus = planned.nodes * planned.gpus_per_node
     if planned.max_steps is not None:
-        total = planned.max_steps * h["step_s"] / 3600
-    elif h["hours_per_epoch"] is not None:
-        total = planned.epochs * h["hours_per_epoch"]
+        total = planned.max_steps * h.step_s / 3600
+    elif h.hours_per_epoch is not None:
+        total = planned.epochs * h.hours_per_epoch
     else:
         total = None
-    return TrialEstimate(trial=trial.trial, label=label, hours_per_epoch=h["hours_per_epoch"], hours=total, gpus=gpus,
-                         gpu_hours=total * gpus if total is not None else None, gpu_mem_gib=h["gpu_mem_gib"],
-                         verdict=h["verdict"],
+    return TrialEstimate(trial=trial.trial, label=label, hours_per_epoch=h.hours_per_epoch, hours=total, gpus=gpus,
+                         gpu_hours=total * gpus if total is not None else None, gpu_mem_gib=h.gpu_mem_gib,
+                         verdict=h.verdict,
                          note="" if total is not None else "hours need --tokens-per-epoch or --max-steps")
 
 

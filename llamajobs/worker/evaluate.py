@@ -11,6 +11,7 @@ carries the accuracy for `status`. An eval has no checkpoints: a requeued one st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -72,14 +73,13 @@ def evaluate(run_dir: Path, options: EvalSpec, env: Dist) -> None:
     result = ev.summarize(inputs.questions, choices, details, seconds=seconds,
                           truncated=sum(truncated for _, _, truncated in gathered),
                           mode=ev.eval_mode(options.generate, options.score))
-    report = ev.report(options, inputs, result)
-    predictions = report.pop("predictions")
+    report, predictions = ev.report(options, inputs, result)
     ev.write_predictions(run_dir / PREDICTIONS, predictions)
-    report["world_size"] = env.world_size
-    write_atomically(run_dir / RESULT, json.dumps(report, indent=2) + "\n")
-    print(f"{options.task}: accuracy {report['accuracy']} ({report['correct']}/{report['n_labelled']}), n {n}, "
-          f"{report['questions_per_s']} questions/s over {env.world_size} ranks", flush=True)
-    events.record(run_dir, "finished", accuracy=report["accuracy"], n=n, questions_per_s=report["questions_per_s"])
+    report = dataclasses.replace(report, world_size=env.world_size)
+    write_atomically(run_dir / RESULT, json.dumps(report.to_json(), indent=2) + "\n")
+    print(f"{options.task}: accuracy {report.accuracy} ({report.correct}/{report.n_labelled}), n {n}, "
+          f"{report.questions_per_s} questions/s over {env.world_size} ranks", flush=True)
+    events.record(run_dir, "finished", accuracy=report.accuracy, n=n, questions_per_s=report.questions_per_s)
 
 
 def run_harness(run_dir: Path, options: EvalSpec, env: Dist) -> None:

@@ -31,7 +31,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from llamajobs import values
 from llamajobs.data.sampler import IGNORE_INDEX
 from llamajobs.spec import JobSpec
 
@@ -62,11 +61,6 @@ def choose(spec: JobSpec, device_type: str) -> Kernels:
     spec's rules admitted it; check_fp8_device refuses a card without float8 matmuls)."""
     liger = spec.liger and device_type == "cuda" and _liger_installed()
     return Kernels(liger=liger, fused_loss=liger and spec.fused_loss, fp8=spec.fp8)
-
-
-def device_type(spec: JobSpec) -> str:
-    """The device the node will train on, by the rule init_distributed applies (values.device_type)."""
-    return values.device_type(spec.device, torch.cuda.is_available())
 
 
 def _liger_installed() -> bool:

@@ -170,14 +170,15 @@ def _apply_peft(model: nn.Module, spec: JobSpec) -> nn.Module:
         return get_peft_model(model, peft_config(spec))  # freezes the base: only the adapter requires grad
 
 
-def build_structure(spec: JobSpec, config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+def build_structure(spec: JobSpec, config: PretrainedConfig, dtype: torch.dtype, chosen: kernels.Kernels) -> nn.Module:
     """The model (peft-wrapped unless --mode full) wherever the caller's context builds it: on the
-    meta device (build_meta_model) or inside DeepSpeed's zero.Init."""
+    meta device (build_meta_model) or inside DeepSpeed's zero.Init. `chosen`: the kernels train()
+    decided for this process's device (kernels.choose), the same decision its announcement prints."""
     model = causal_lm(config)
     if next(model.parameters()).dtype != dtype:  # (zero.Init builds in its own dtype already)
         model = model.to(dtype)
     # The loss forward, and Liger's kernels or FP8's linears where chosen: before peft wraps the model.
-    kernels.apply(model, kernels.choose(spec, kernels.device_type(spec)))
+    kernels.apply(model, chosen)
     if spec.activation_checkpointing:
         # HF's per-decoder-layer checkpointing (non-reentrant) keeps parameter names unchanged,
         # unlike torch's checkpoint_wrapper, so state dicts stay in HF format.
@@ -191,10 +192,11 @@ def build_structure(spec: JobSpec, config: PretrainedConfig, dtype: torch.dtype)
     return model
 
 
-def build_meta_model(spec: JobSpec, config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+def build_meta_model(spec: JobSpec, config: PretrainedConfig, dtype: torch.dtype, chosen: kernels.Kernels
+                     ) -> nn.Module:
     """The model's structure on the meta device (no memory); same on every rank."""
     with torch.device("meta"):
-        return build_structure(spec, config, dtype)
+        return build_structure(spec, config, dtype, chosen)
 
 
 def materialize(model: nn.Module, init_device: torch.device, buffer_device: torch.device,

@@ -43,6 +43,7 @@ from llamajobs.spec import DebugSpec, JobSpec
 from llamajobs.values import device_type
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.faults import lose_a_rank
+from llamajobs.worker.kernels import Kernels
 
 # The start-up preflight gives every rank this long to join (or the collective timeout, if shorter).
 PREFLIGHT_TIMEOUT = timedelta(minutes=5)
@@ -196,9 +197,10 @@ class Strategy(ABC):
     # --- building ---
 
     @abstractmethod
-    def build_model(self, config: LlamaConfig, *, load_weights: bool) -> nn.Module:
+    def build_model(self, config: LlamaConfig, *, load_weights: bool, chosen: Kernels) -> nn.Module:
         """This rank's model with the starting weights (rank 0's, the same everywhere); without
-        load_weights, allocated but uninitialised, for a checkpoint to fill."""
+        load_weights, allocated but uninitialised, for a checkpoint to fill. `chosen`: the kernels
+        train() decided for this process's device."""
 
     def build_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         """AdamW over the parameter groups (train.build_optimizer makes them). fused: one kernel per step
@@ -301,11 +303,11 @@ class Fsdp(Strategy):
         # (bf16 autocast on GPU, the same mixed precision) unless offload needs FSDP's CPU placement.
         self.sharded = env is None or env.world_size > 1 or spec.strategy_info.offload
 
-    def build_model(self, config: LlamaConfig, *, load_weights: bool) -> nn.Module:
+    def build_model(self, config: LlamaConfig, *, load_weights: bool, chosen: Kernels) -> nn.Module:
         """Structure on the meta device, sharded, only the shards allocated, weights read once (rank 0)
         and broadcast; without load_weights the shards stay uninitialised for a checkpoint to fill."""
         spec, device = self.spec, self.env.device
-        model = model_lib.build_meta_model(spec, config, model_lib.weights_dtype(spec, device))
+        model = model_lib.build_meta_model(spec, config, model_lib.weights_dtype(spec, device), chosen)
         if spec.compile:
             compile_layers(model)
         if self.sharded:
@@ -432,10 +434,10 @@ class LayerSplit(Strategy):
     def autocast(self) -> contextlib.AbstractContextManager:
         return bf16_autocast(self.env.device)
 
-    def build_model(self, config: LlamaConfig, *, load_weights: bool) -> nn.Module:
+    def build_model(self, config: LlamaConfig, *, load_weights: bool, chosen: Kernels) -> nn.Module:
         """Every process (one per node) reads or initialises the weights itself: once per node."""
         spec, devices = self.spec, self.devices  # (train.check_node checked the processes and devices)
-        model = model_lib.build_meta_model(spec, config, model_lib.weights_dtype(spec, devices[0]))
+        model = model_lib.build_meta_model(spec, config, model_lib.weights_dtype(spec, devices[0]), chosen)
         placement = dict(split_layers(model, devices))
         model_lib.materialize(model, devices[0], devices[0], placement)  # each part allocated on its device
         for module, device in placement.items():

@@ -70,11 +70,14 @@ def train(run_dir: Path, spec: JobSpec, env: Dist) -> None:
     resume_step = find_resume_step(run_dir, spec, env)  # None: this attempt starts at step 0
     strategy = build_strategy(spec, env)
     check_node(spec, env, strategy.devices_per_process)
+    # Decided once, for the device this process trains on: the model is built with it, the log says it.
+    chosen = kernels.choose(spec, env.device.type)
     # A full fine-tune's checkpoint holds every weight: resuming one needs no base weights read.
-    model = strategy.build_model(config, load_weights=resume_step is None or spec.mode_info.frozen_base)
+    model = strategy.build_model(config, load_weights=resume_step is None or spec.mode_info.frozen_base,
+                                 chosen=chosen)
     optimizer, scheduler = build_optimizer(model, spec, strategy, total)
     model, optimizer = strategy.wrap(model, optimizer)  # DeepSpeed: its engine and ZeRO optimizer
-    announce(spec, run_dir, env, model, strategy, steps_in_epoch=steps_in_epoch, total=total)
+    announce(spec, run_dir, env, model, strategy, chosen, steps_in_epoch=steps_in_epoch, total=total)
     checkpointer = Checkpointer(run_dir, spec, env, TrainState(model, optimizer, scheduler, sampler), strategy)
     start = checkpointer.resume(resume_step)  # 0 without a checkpoint
     metrics = build_metrics(run_dir, spec, env, strategy, total=total, steps_in_epoch=steps_in_epoch, start=start)
@@ -207,8 +210,8 @@ def build_metrics(run_dir: Path, spec: JobSpec, env: Dist, strategy: Strategy, *
     return metrics
 
 
-def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, strategy: Strategy, *, steps_in_epoch: int,
-             total: int) -> None:
+def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, strategy: Strategy, chosen: kernels.Kernels,
+             *, steps_in_epoch: int, total: int) -> None:
     """The token budget up front (like nanoGPT), and the "started" event."""
     if env.rank != 0:
         return
@@ -223,7 +226,7 @@ def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, strategy
         print(details, flush=True)
     if switches := spec.debug.describe():
         print(switches, flush=True)
-    print(kernels.choose(spec, env.device.type).describe(), flush=True)
+    print(chosen.describe(), flush=True)
     print(f"tokens per step: {tokens_per_step:,} = global batch {spec.global_batch} x seq len {spec.seq_len} "
           f"({accum} micro-batches of {spec.micro_batch} on each of {env.world_size} ranks)", flush=True)
     print(f"steps: {total:,} = {total / steps_in_epoch:.2f} epochs of {steps_in_epoch:,} steps "

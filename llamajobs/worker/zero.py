@@ -35,6 +35,7 @@ from transformers import LlamaConfig
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.faults import simulate_cpu
+from llamajobs.worker.kernels import Kernels
 from llamajobs.worker.parallel import Dist, Strategy, other_format
 from llamajobs.worker.zero_config import DS_CONFIG, ds_config
 
@@ -88,7 +89,7 @@ class Zero(Strategy):
 
     # --- building ---
 
-    def build_model(self, config: LlamaConfig, *, load_weights: bool) -> nn.Module:
+    def build_model(self, config: LlamaConfig, *, load_weights: bool, chosen: Kernels) -> nn.Module:
         import deepspeed
 
         # Its INFO log repeats the whole config and each step's timers: our own lines say what matters.
@@ -118,9 +119,9 @@ class Zero(Strategy):
                     deepspeed.zero.Init(config_dict_or_path=self.config, dtype=None,
                                         remote_device="cpu" if self.offload_param else None,
                                         pin_memory=self.cuda and self.offload_param):
-                model = model_lib.build_structure(self.spec, config, self.dtype)
+                model = model_lib.build_structure(self.spec, config, self.dtype, chosen)
         else:
-            model = model_lib.build_meta_model(self.spec, config, self.dtype)
+            model = model_lib.build_meta_model(self.spec, config, self.dtype, chosen)
             model_lib.materialize(model, self.env.device, self.env.device)
         if load_weights:
             self._load_rank0(model, config)
