@@ -59,6 +59,7 @@ class PrepareConfig:
     chunk_bytes: int = CHUNK_BYTES
     chat_template: str | None = None  # chat formats: a named template instead of the tokenizer's own
     train_on: str = "assistant"       # chat formats: the loss covers assistant turns, or all of them
+    max_length: int = 512             # preference pairs: each answer with its prompt at most this many tokens
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -73,6 +74,10 @@ class PrepareConfig:
             raise SpecError(f"--chat-template and --train-on are for --format messages or sharegpt, "
                             f"not --format {self.format}")
         self.chat_options()  # an unknown --chat-template or --train-on is refused here too
+        if fmts.get_format(self.format).pairs and self.train_on != "assistant":
+            raise SpecError("--train-on all is not for --format preference: DPO scores the answers only")
+        if self.max_length < 8:
+            raise SpecError(f"--max-length {self.max_length}: must be 8 or more (tokens of a prompt and its answer)")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise SpecError(f"--workers {self.workers}: must be 1 to {MAX_WORKERS} (4 per CPU of this machine)")
         if not 0 <= self.eval_fraction <= MAX_EVAL_FRACTION:
@@ -142,6 +147,7 @@ class Encoded:
     held_out: np.ndarray | None      # bool per document: goes to the eval split
     bad: list[tuple[int, str]]       # (line, reason) of records that did not fit the format
     empty: int                       # documents with no text, skipped
+    truncated: int = 0               # preference pairs cut to --max-length
 
 
 def whole_files(inputs: Sequence[Path]) -> list[Piece]:
@@ -237,14 +243,20 @@ class ChunkEncoder:
     """Parse, template and tokenise chunks (in a worker process, or in the main one with --workers 1)."""
 
     def __init__(self, codec: TextCodec, format: str, options: list[Any], eval_fraction: float,
-                 chat: ChatOptions | None = None) -> None:
+                 chat: ChatOptions | None = None, max_length: int = 0) -> None:
         self.codec = codec
         self.fmt = fmts.get_format(format)
         self.options = options
         self.eval_fraction = eval_fraction
-        self.chat = ChatEncoder(codec.path, chat or ChatOptions()) if self.fmt.chat else None
+        self.max_length = max_length
+        if self.fmt.pairs:
+            self.chat = pair_chat_encoder(codec.path, chat or ChatOptions())
+        else:
+            self.chat = ChatEncoder(codec.path, chat or ChatOptions()) if self.fmt.chat else None
 
     def __call__(self, chunk: Chunk) -> Encoded:
+        if self.fmt.pairs:
+            return self._encoded_pairs(chunk)
         examples: list[fmts.Example] = []
         chats: list[tuple[list[int], list[int]]] = []  # chat formats: each example's (ids, mask)
         bad: list[tuple[int, str]] = []
@@ -290,6 +302,75 @@ class ChunkEncoder:
         if self.eval_fraction > 0:
             held = np.fromiter((held_out(e.split_key(), self.eval_fraction) for e in examples), bool, len(examples))
         return Encoded(tokens, lengths, mask, held, bad, empty)
+
+
+    def _encoded_pairs(self, chunk: Chunk) -> Encoded:
+        """Preference pairs: two documents per pair, chosen then rejected, each the prompt and one answer
+        (the loss mask on the answer), cut to max_length together (truncate_pair)."""
+        pairs: list[fmts.Pair] = []
+        docs: list[tuple[list[int], list[int]]] = []
+        bad: list[tuple[int, str]] = []
+        truncated = 0
+        assert isinstance(self.fmt, fmts.Preference)
+        for line, payload in chunk.records:
+            try:
+                pair = self.fmt.pair(readers.parse_record(payload))
+                encoded = [self._encode_answer(e) for e in pair.examples()]
+            except (fmts.BadRecord, RenderError) as e:
+                bad.append((line, str(e)))
+                continue
+            encoded, cut = truncate_pair(encoded, self.max_length)
+            truncated += cut
+            pairs.append(pair)
+            docs.extend(encoded)
+        lengths = np.fromiter((len(ids) for ids, _ in docs), np.int64, len(docs))
+        tokens = np.fromiter(chain.from_iterable(ids for ids, _ in docs), np.uint32, int(lengths.sum()))
+        mask = np.fromiter(chain.from_iterable(m for _, m in docs), np.uint8, int(lengths.sum()))
+        held = None
+        if self.eval_fraction > 0:  # per pair, so both answers land in the same split
+            held = np.repeat(np.fromiter((held_out(p.split_key(), self.eval_fraction) for p in pairs), bool,
+                                         len(pairs)), 2)
+        return Encoded(tokens, lengths, mask, held, bad, 0, truncated)
+
+    def _encode_answer(self, example: fmts.Example) -> tuple[list[int], list[int]]:
+        """(ids, mask) of a prompt and one answer: the chat rendering when there is a template, else
+        BOS, the prompt's text and the answer's, EOS (the mask from where the prompt's tokens end)."""
+        if self.chat is not None:
+            return self.chat.encode(example.turns)
+        ids = self.codec.encode([example.prompt + example.response])[0]
+        prompt = _common_prefix(ids, self.codec.encode([example.prompt])[0])
+        framed = [self.codec.bos_id, *ids, self.codec.eos_id]
+        return framed, [0] * (1 + prompt) + [1] * (len(ids) - prompt + 1)
+
+
+def pair_chat_encoder(tokenizer_path: str | Path, options: ChatOptions) -> ChatEncoder | None:
+    """Preference pairs are rendered like `messages` when there is a chat template (--chat-template or
+    the tokenizer's own), and as plain text when there is none."""
+    try:
+        return ChatEncoder(tokenizer_path, options)
+    except SpecError:
+        if options.template is not None:
+            raise
+        return None
+
+
+def truncate_pair(docs: list[tuple[list[int], list[int]]], max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Cut a pair's two (ids, mask) documents to max_length tokens; (the documents, 1 if cut else 0).
+
+    What goes is the prompt's beginning (its end is what the answer follows: the last question and
+    the assistant's header) and, when the longer answer alone does not fit in half the length, the
+    answers' ends. Both documents keep the same number of prompt tokens, so the prompt stays shared.
+    The BOS stays first. The prompt is what precedes the first target token of the mask."""
+    if max_length <= 0 or all(len(ids) <= max_length for ids, _ in docs):
+        return docs, 0
+    starts = [mask.index(1) if 1 in mask else len(mask) for _, mask in docs]
+    longest_answer = max(len(ids) - start for (ids, _), start in zip(docs, starts))
+    prompt_keep = min(min(starts) - 1, max(max_length // 2, max_length - 1 - longest_answer))
+    cut = []
+    for (ids, mask), start in zip(docs, starts):
+        keep = slice(start - prompt_keep, start + max_length - 1 - prompt_keep)
+        cut.append(([ids[0], *ids[keep]], [mask[0], *mask[keep]]))
+    return cut, 1
 
 
 def _framed(ids: list[list[int]], bos: int, eos: int) -> np.ndarray:
@@ -366,6 +447,7 @@ class Progress:
 class Counts:
     empty: int = 0
     bad: int = 0
+    truncated: int = 0  # preference pairs cut to --max-length
     bad_examples: list[str] = field(default_factory=list)
     per_source: list[int] = field(default_factory=list)
 
@@ -389,12 +471,17 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         train = st.PartWriter(tmp / st.part_name(0), dtype, fmt.instruct)
         held = st.PartWriter(tmp / st.EVAL / st.part_name(0), dtype, fmt.instruct) if config.eval_fraction else None
         counts = Counts(per_source=[0] * len(inputs))
-        args = (encoder.codec, config.format, options, config.eval_fraction, config.chat_options())
-        if config.chat_options() is not None:  # no chat template: refused here, not in each worker
-            ChatEncoder(encoder.path, config.chat_options())
+        args = (encoder.codec, config.format, options, config.eval_fraction, config.chat_options(),
+                config.max_length if fmt.pairs else 0)
+        chat = None
+        if fmt.pairs:  # rendered with a chat template when there is one, else as plain text
+            chat = pair_chat_encoder(encoder.path, config.chat_options() or ChatOptions())
+        elif config.chat_options() is not None:  # no chat template: refused here, not in each worker
+            chat = ChatEncoder(encoder.path, config.chat_options())
         for chunk, enc in encode_chunks(read_chunks(inputs, fmt, config.chunk_bytes), args, config.workers):
             check_bad_lines(enc.bad, inputs[chunk.source], fmt, config.skip_bad_lines, counts)
             counts.empty += enc.empty
+            counts.truncated += enc.truncated
             counts.per_source[chunk.source] += len(enc.lengths)
             write_encoded(train, held, enc)
             if progress:
@@ -405,9 +492,11 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
                             f"{counts.bad} bad lines skipped); is --format {fmt.name} right?")
         check_training_split(train.documents, held.documents if held else 0, config.eval_fraction)
         common = common_meta(fmt, dtype, encoder.describe(), inputs, counts.per_source, config.eval_fraction)
-        if config.chat_options() is not None:
+        if chat is not None:
             common["chat"] = {"template": config.chat_template or "tokenizer", "train_on": config.train_on,
                               "encoding": st.CHAT_ENCODING}
+        if fmt.pairs:  # documents 2k and 2k + 1 are pair k's chosen and rejected answers
+            common["pairs"] = {"max_length": config.max_length, "truncated": counts.truncated}
         meta = store_meta([train.close()], common, counts)
         if held is not None:
             eval_meta = store_meta([held.close()], {**common, "split": "eval"}, Counts())

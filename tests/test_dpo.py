@@ -1,0 +1,192 @@
+"""Preference tuning (DPO): the pairs' store, the pair sampler, the loss against TRL's, and a run.
+
+Data: `data prepare --format preference` in both layouts (strings; UltraFeedback's message lists),
+from JSON lines and parquet, rendered with the chat template (or as plain text without one), the
+mask on the answers only, pairs kept together, truncation keeping the prompt's end, bad records by
+PATH:LINE. The loss: the worker's DPO step (worker/dpo.py) against TRL's DPOTrainer's own loss and
+log-probability code on the same tiny model and batch, in fp32: loss, reward accuracy and every
+gradient within 1e-5, sigmoid and IPO, full and LoRA. The run: a LoRA DPO job through the worker
+under fsdp and ds-zero2, two processes each in one torchrun launch of this file (its __main__).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llamajobs.data.prepare import PrepareConfig, prepare
+from llamajobs.data.store import TokenStore
+from llamajobs.errors import SpecError
+from tests.families import make_model_dir
+
+PROMPTS = ["Which organ pumps blood?", "Where is bile made?", "What filters the blood?", "What do lungs hold?",
+           "Name a bone of the arm.", "Which cells carry oxygen?", "What is the skin's outer layer?",
+           "Where is insulin made?"]
+
+
+def string_pairs(n: int) -> list[dict]:
+    """{"prompt", "chosen", "rejected"} strings; the chosen answer is always "yes ...", the rejected "no ..."."""
+    return [{"prompt": PROMPTS[i % len(PROMPTS)] + f" ({i})", "chosen": f"yes, the answer is {i % 5}.",
+             "rejected": f"no idea {i % 3}"} for i in range(n)]
+
+
+def ultrafeedback(n: int) -> list[dict]:
+    """UltraFeedback-binarized rows: prompt a string, chosen/rejected the whole conversation."""
+    rows = []
+    for pair in string_pairs(n):
+        user = {"role": "user", "content": pair["prompt"]}
+        rows.append({"prompt": pair["prompt"], "prompt_id": pair["prompt"],
+                     "chosen": [user, {"role": "assistant", "content": pair["chosen"]}],
+                     "rejected": [user, {"role": "assistant", "content": pair["rejected"]}]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama 3 with its fast tokenizer and chat template (tests/families.py)."""
+    return make_model_dir("llama", tmp_path_factory.mktemp("dpo") / "model")
+
+
+def decoded_answers(store: TokenStore, tokenizer, doc: int) -> tuple[str, str]:
+    """(the document's text before its first target token, the target tokens' text)."""
+    tokens, mask = store[doc].tolist(), store.loss_mask(doc)
+    start = int(np.argmax(mask))
+    assert mask[start:].all(), "the targets are one span at the end"
+    return tokenizer.decode(tokens[:start]), tokenizer.decode(tokens[start:])
+
+
+# --- the store ---
+
+
+def test_pairs_are_stored_chosen_then_rejected_with_only_the_answers_as_targets(tmp_path, model_dir):
+    from llamajobs.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    rows = string_pairs(12)
+    meta = prepare(PrepareConfig(inputs=(write_jsonl(tmp_path / "p.jsonl", rows),), tokenizer=model_dir,
+                                 out=tmp_path / "s", format="preference"))
+    assert meta["documents"] == 24 and meta["pairs"] == {"max_length": 512, "truncated": 0}
+    assert meta["chat"]["template"] == "tokenizer"  # the model's Llama-3 template
+    store = TokenStore(tmp_path / "s")
+    for k, row in enumerate(rows):
+        (prompt_c, chosen), (prompt_r, rejected) = (decoded_answers(store, tokenizer, 2 * k + j) for j in (0, 1))
+        assert prompt_c == prompt_r and row["prompt"] in prompt_c and "<|start_header_id|>assistant" in prompt_c
+        end = "<|eot_id|><|end_of_text|>"  # the turn's end, and the EOS the store adds (as for `messages`)
+        assert chosen == row["chosen"] + end and rejected == row["rejected"] + end
+    # UltraFeedback's layout (the conversation in chosen/rejected) is the same pairs, token for token.
+    prepare(PrepareConfig(inputs=(write_jsonl(tmp_path / "u.jsonl", ultrafeedback(12)),), tokenizer=model_dir,
+                          out=tmp_path / "u", format="preference"))
+    other = TokenStore(tmp_path / "u")
+    assert all(np.array_equal(store[i], other[i]) and np.array_equal(store.loss_mask(i), other.loss_mask(i))
+               for i in range(24))
+
+
+def test_parquet_pairs_equal_json_lines_and_no_template_is_plain_text(tmp_path, model_dir, tokenizer_dir):
+    import datasets
+
+    from llamajobs.data.tokenizer import load_tokenizer
+
+    rows = ultrafeedback(10)
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "u.parquet")
+    for name, path in (("j", write_jsonl(tmp_path / "u.jsonl", rows)), ("p", tmp_path / "u.parquet")):
+        prepare(PrepareConfig(inputs=(path,), tokenizer=model_dir, out=tmp_path / name, format="preference"))
+    a, b = TokenStore(tmp_path / "j"), TokenStore(tmp_path / "p")
+    assert len(a) == len(b) == 20 and all(np.array_equal(a[i], b[i]) for i in range(20))
+    # The bundled tokenizer has no chat template: BOS, the prompt's text, a newline, the answer, EOS.
+    tokenizer = load_tokenizer(tokenizer_dir)
+    assert not getattr(tokenizer, "chat_template", None)
+    meta = prepare(PrepareConfig(inputs=(tmp_path / "u.jsonl",), tokenizer=tokenizer_dir, out=tmp_path / "plain",
+                                 format="preference"))
+    assert "chat" not in meta
+    plain = TokenStore(tmp_path / "plain")
+    prompt, answer = decoded_answers(plain, tokenizer, 1)
+    assert rows[0]["prompt"] in prompt and answer.strip().startswith(rows[0]["rejected"][-1]["content"])
+
+
+def test_long_prompts_lose_their_beginning_and_are_counted(tmp_path, model_dir, cli):
+    from llamajobs.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    rows = string_pairs(6)
+    for row in rows[:2]:
+        row["prompt"] = "filler words " * 40 + "THE QUESTION END"
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    code, out, err = cli("data", "prepare", str(path), "--tokenizer", str(model_dir), "--out", str(tmp_path / "s"),
+                         "--format", "preference", "--max-length", "64")
+    assert code == 0, err
+    assert "6 preference pairs (chosen and rejected answers); 2 truncated to --max-length 64" in out
+    store = TokenStore(tmp_path / "s")
+    assert store.meta["pairs"]["truncated"] == 2 and int(store.lengths().max()) <= 64
+    for doc in range(4):
+        tokens = store[doc].tolist()
+        assert tokens[0] == tokenizer.bos_token_id
+        prompt, answer = decoded_answers(store, tokenizer, doc)
+        row = rows[doc // 2]
+        assert "THE QUESTION END" in prompt and answer.startswith(row["chosen" if doc % 2 == 0 else "rejected"])
+    assert decoded_answers(store, tokenizer, 4)[0].count("<|start_header_id|>") == 2  # untouched pairs whole
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, 'fields "chosen" and "rejected" are the same answer'),
+    ({"prompt": "p", "chosen": " ", "rejected": "b"}, 'field "chosen" is an empty answer'),
+    ({"prompt": "p", "chosen": "a"}, 'missing field "rejected"'),
+    ({"prompt": "p", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
+     'field "chosen" does not end with an assistant message'),
+])
+def test_a_broken_pair_names_its_file_and_line(tmp_path, model_dir, cli, row, reason):
+    path = write_jsonl(tmp_path / "p.jsonl", [*string_pairs(2), row])
+    code, _, err = cli("data", "prepare", str(path), "--tokenizer", str(model_dir), "--out", str(tmp_path / "s"),
+                       "--format", "preference")
+    assert code == 2 and f"{path}:3: {reason}" in err, err
+
+
+def test_the_sampler_keeps_pairs_whole_and_a_preference_store_needs_dpo(tmp_path, model_dir):
+    from llamajobs import spec as spec_mod
+    from llamajobs.data.preference import PairSampler
+    from llamajobs.data.sampler import IGNORE_INDEX
+
+    prepare(PrepareConfig(inputs=(write_jsonl(tmp_path / "p.jsonl", string_pairs(10)),), tokenizer=model_dir,
+                          out=tmp_path / "s", format="preference"))
+    store = TokenStore(tmp_path / "s")
+    seen = []
+    for rank in (0, 1):
+        sampler = PairSampler(store, seq_len=64, global_batch=4, micro_batch=1, rank=rank, world_size=2, seed=0,
+                              pad_id=0)
+        batches = next(sampler)
+        assert len(batches) == 2 and all(t.shape == (1, 2, 64) for mb in batches for t in mb)
+        for inputs, labels in batches:
+            pair = sampler.pair_at(sampler.position - 4 + rank * 2 + len(seen) % 2)
+            for j in (0, 1):  # the row is the store's document, its labels the next answer token
+                doc = store[2 * pair + j]
+                assert inputs[0, j, :len(doc)].tolist() == doc.tolist()
+                targets = labels[0, j][labels[0, j] != IGNORE_INDEX]
+                mask = store.loss_mask(2 * pair + j)
+                assert targets.tolist() == doc[1:][mask[1:] == 1].tolist()
+            seen.append(pair)
+    assert len(set(seen)) == 4  # four different pairs in the global batch, none split
+    with pytest.raises(ValueError, match="--seq-len 8 is shorter than the store's longest"):
+        PairSampler(store, seq_len=8, global_batch=4, micro_batch=1, rank=0, world_size=2, seed=0, pad_id=0)
+    common = {"model_path": str(model_dir), "data": str(tmp_path / "s"), "cluster": "local", "device": "cpu",
+              "procs_per_node": 2, "global_batch": 4, "micro_batch": 1}
+    from llamajobs.ops import checked_spec
+
+    with pytest.raises(SpecError, match="holds preference pairs: train on it with --objective dpo"):
+        checked_spec(spec_mod.build(common), tmp_path)
+    with pytest.raises(SpecError, match="frozen reference copy of a full fine-tune is not implemented yet"):
+        spec_mod.build({**common, "objective": "dpo"})
+    with pytest.raises(SpecError, match="--beta 0.0 must be a positive finite number"):
+        spec_mod.build({**common, "objective": "dpo", "mode": "lora", "beta": 0.0})
+    with pytest.raises(SpecError, match="--beta 0.5: only with --objective dpo"):
+        spec_mod.build({**common, "beta": 0.5})
