@@ -422,3 +422,5 @@ KERNELS: tuple[str, ...] = ("liger", "none")  # --kernels: Liger's fused kernels
 SCORES: tuple[str, ...] = ("letter", "text")  # eval's log-likelihood of an option's letter, or of its text
 # debug.fault: what the worker injects at a step for tests (worker/faults.py says what each does).
 FAULTS: tuple[str, ...] = ("crash", "oom", "stop", "die", "hang", "fsize")
+OBJECTIVES: tuple[str, ...] = ("sft", "dpo")  # --objective: next-token loss, or preference pairs (worker/dpo.py)
+DPO_LOSSES: tuple[str, ...] = ("sigmoid", "ipo")  # --loss: DPO's logistic loss, or IPO's squared one

@@ -128,6 +128,10 @@ class JobSpec:
     kernels: str = "liger"  # Liger's fused kernels where they run (CUDA, a family it covers); else the plain path
     fp8: bool = False  # torchao's float8 linears (full fine-tunes, fsdp, compiled, H100-class GPUs)
     seed: int = 0
+    # the objective: sft (next-token loss on the targets) or dpo (preference pairs; worker/dpo.py)
+    objective: str = "sft"
+    beta: float = 0.1  # dpo: how far the policy may move from the reference (the KL penalty's weight)
+    loss: str = "sigmoid"  # dpo: sigmoid (DPO's) or ipo
     # checkpoints and requeue
     checkpoint_every_steps: int | None = None
     checkpoint_every_minutes: float | None = 60.0
@@ -181,6 +185,11 @@ class JobSpec:
     @property
     def strategy_info(self) -> catalog.StrategyInfo:
         return catalog.STRATEGY[self.strategy]
+
+    @property
+    def rows_per_example(self) -> int:
+        """Sequences of seq_len per example of the global batch: DPO's pair is two (chosen, rejected)."""
+        return 2 if self.objective == "dpo" else 1
 
     @property
     def mode_info(self) -> catalog.ModeInfo:
