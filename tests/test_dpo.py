@@ -190,3 +190,111 @@ def test_the_sampler_keeps_pairs_whole_and_a_preference_store_needs_dpo(tmp_path
         spec_mod.build({**common, "objective": "dpo", "mode": "lora", "beta": 0.0})
     with pytest.raises(SpecError, match="--beta 0.5: only with --objective dpo"):
         spec_mod.build({**common, "beta": 0.5})
+
+
+# --- the loss against TRL's ---
+
+TOLERANCE = 1e-5  # fp32, absolute: on losses near ln 2 and gradients of order 1e-2
+
+
+def store_batch(tmp_path: Path, model_dir: Path, n_pairs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n pairs from a preference store as the sampler gives them: (input_ids, labels) [n, 2, seq] and
+    TRL's completion mask for the same rows (the store's loss mask, padded with 0)."""
+    from llamajobs.data.preference import PairSampler
+
+    rows = string_pairs(n_pairs)
+    for row in rows[1::2]:  # the longer answer rejected in every other pair: rewards that order both ways
+        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+    prepare(PrepareConfig(inputs=(write_jsonl(tmp_path / "p.jsonl", rows),), tokenizer=model_dir,
+                          out=tmp_path / "s", format="preference"))
+    store = TokenStore(tmp_path / "s")
+    sampler = PairSampler(store, seq_len=64, global_batch=n_pairs, micro_batch=n_pairs, rank=0, world_size=1,
+                          seed=0, pad_id=0)
+    inputs, labels = next(sampler)[0]
+    completion = torch.zeros(inputs.shape, dtype=torch.int64)
+    for i in range(n_pairs):
+        pair = sampler.pair_at(i)
+        for j in (0, 1):
+            mask = torch.from_numpy(store.loss_mask(2 * pair + j).astype(np.int64))
+            completion[i, j, :len(mask)] = mask
+    return inputs, labels, completion
+
+
+def trl_step(model, ref_model, model_dir: Path, tmp_path: Path, inputs: torch.Tensor, completion: torch.Tensor,
+             lengths: torch.Tensor, *, loss: str) -> tuple[float, float]:
+    """TRL's DPOTrainer._compute_loss on the batch, backward included: (loss, reward accuracy). Its rows are
+    the chosen answers then the rejected ones, padded on the right, with an attention mask."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from llamajobs.data.tokenizer import load_tokenizer
+
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[loss], use_cpu=True, bf16=False,
+                     report_to=[], per_device_train_batch_size=len(inputs), max_length=64)
+    tiny = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])  # (batches are given below)
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=tiny,
+                         processing_class=load_tokenizer(model_dir))
+    if "ref" in getattr(trainer.model, "peft_config", {}):
+        # TRL takes a PeftModel for an adapter trained before and keeps its copy as the reference; ours
+        # is a new adapter (B = 0 at step 0), whose reference is the base: TRL's disabled adapters.
+        trainer.model.delete_adapter("ref")
+    rows = inputs.transpose(0, 1).flatten(0, 1)
+    attention = (torch.arange(rows.shape[1]) < lengths.transpose(0, 1).flatten()[:, None]).long()
+    batch = {"input_ids": rows, "attention_mask": attention, "completion_mask": completion.transpose(0, 1).flatten(0, 1)}
+    trainer.model.train()
+    value = trainer._compute_loss(trainer.model, batch, return_outputs=False)
+    value.backward()
+    return value.item(), trainer._metrics["train"]["rewards/accuracies"][-1]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_the_loss_reward_accuracy_and_gradients_are_trl_s(tmp_path, model_dir, mode, loss):
+    """Two micro-batches of 3 pairs (the accumulation) against TRL's one batch of 6. After one step of
+    random LoRA weights, so that the policy differs from the reference (at step 0 they are equal and the
+    reward accuracy is 0 for both: no pair's rewards differ)."""
+    import copy
+    from types import SimpleNamespace
+    import contextlib
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llamajobs.worker import kernels
+    from llamajobs.worker.dpo import Dpo
+
+    inputs, labels, completion = store_batch(tmp_path, model_dir, 6)
+    lengths = (completion.flip(-1).cumsum(-1) > 0).sum(-1)  # up to the last answer token: the row's length
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if mode == "lora":
+        base = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))  # random B: the policy is not the base
+        reference = None
+    else:
+        reference = copy.deepcopy(base).eval().requires_grad_(False)
+        with torch.no_grad():  # move the policy away from its reference
+            for p in base.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    ours, theirs = copy.deepcopy(base), base
+    kernels.apply(ours.get_base_model() if mode == "lora" else ours,
+                  kernels.Kernels(liger=False, fused_loss=False, fp8=False))  # the worker's forward
+    ours.train()
+    objective = Dpo(beta=0.1, loss=loss, disabled_adapters=(lambda m: m.disable_adapter()) if mode == "lora" else None,
+                    reference_model=reference)
+    strategy = SimpleNamespace(autocast=contextlib.nullcontext, set_gradient_sync=lambda model, sync: None,
+                               backward=lambda model, value: value.backward())
+    stats = objective.forward_backward(ours, [(inputs[:3], labels[:3]), (inputs[3:], labels[3:])], 1, strategy)
+    trl_loss, trl_accuracy = trl_step(theirs, copy.deepcopy(reference) if reference is not None else None,
+                                      model_dir, tmp_path, inputs, completion, lengths, loss=loss)
+    assert abs(stats[0].item() - trl_loss) < TOLERANCE and stats[0].item() > 0
+    assert stats[1].item() == trl_accuracy and 0 < trl_accuracy < 1  # some pairs each way: a miscount shows
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    theirs_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert grads.keys() == theirs_grads.keys() and len(grads) > 0
+    worst = max((grads[n] - theirs_grads[n]).abs().max().item() for n in grads)
+    difference = abs(stats[0].item() - trl_loss)
+    print(f"{mode} {loss}: loss {stats[0].item():.6f} vs TRL {trl_loss:.6f} (difference {difference:.1e}), "
+          f"accuracy {trl_accuracy}, "
+          f"max gradient difference {worst:.2e}")
+    assert worst < TOLERANCE and max(g.abs().max().item() for g in grads.values()) > 100 * TOLERANCE
