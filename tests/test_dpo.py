@@ -298,3 +298,77 @@ def test_the_loss_reward_accuracy_and_gradients_are_trl_s(tmp_path, model_dir, m
           f"accuracy {trl_accuracy}, "
           f"max gradient difference {worst:.2e}")
     assert worst < TOLERANCE and max(g.abs().max().item() for g in grads.values()) > 100 * TOLERANCE
+
+
+# --- a run through the worker ---
+
+STEPS = 6
+RUN = {"cluster": "local", "device": "cpu", "procs_per_node": 2, "mode": "lora", "lora_dropout": 0.0, "lora_r": 8,
+       "lora_targets": "q_proj,k_proj,v_proj,o_proj", "objective": "dpo", "seq_len": 64, "global_batch": 8,
+       "micro_batch": 2, "max_steps": STEPS, "lr": 2e-2, "warmup_ratio": 0.0, "log_every_steps": 1, "seed": 0,
+       "checkpoint_every_steps": 3}
+# name: (strategy, the fault of the first launch). Each rank holds 2 micro-batches of 2 pairs per step.
+RUNS = {"fsdp": ("fsdp", None), "ds-zero2": ("ds-zero2", None),
+        "fsdp-resumed": ("fsdp", "crash:5")}  # last: its crash ends the first launch
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(tmp_path_factory, model_dir) -> dict[str, Path]:
+    """The runs of RUNS in one two-process torchrun launch; then the crashed one resumed in another."""
+    from llamajobs import spec as spec_mod
+    from tests.conftest import set_fault, torchrun
+    from tests.test_deepspeed import extensions_env
+
+    root = tmp_path_factory.mktemp("dpo-runs")
+    prepare(PrepareConfig(inputs=(write_jsonl(root / "p.jsonl", string_pairs(32)),), tokenizer=model_dir,
+                          out=root / "store", format="preference", max_length=64))
+    runs = {}
+    for name, (strategy, fault) in RUNS.items():
+        runs[name] = root / name
+        runs[name].mkdir()
+        spec = spec_mod.build({**RUN, "strategy": strategy, "model_path": str(model_dir), "data": str(root / "store")})
+        (runs[name] / "spec.json").write_text(spec.to_json())
+        set_fault(runs[name], fault)
+    first = torchrun(str(Path(__file__)), *map(str, runs.values()), env=extensions_env(), timeout=900)
+    assert first.returncode != 0 and "injected fault at step 5" in first.stdout + first.stderr, first.stderr[-4000:]
+    set_fault(runs["fsdp-resumed"], None)
+    second = torchrun(str(Path(__file__)), str(runs["fsdp-resumed"]), env=extensions_env(), timeout=900)
+    assert second.returncode == 0, second.stderr[-6000:]
+    return runs
+
+
+@pytest.mark.slow
+def test_a_lora_dpo_run_starts_at_log_2_logs_its_rewards_and_resumes_exactly(dpo_runs):
+    from llamajobs.metrics import MetricsRow
+    from tests.conftest import metrics_rows
+
+    for name in ("fsdp", "ds-zero2"):
+        rows = [MetricsRow.from_mapping(r) for r in metrics_rows(dpo_runs[name])]
+        assert [r.step for r in rows] == list(range(1, STEPS + 1))
+        # Step 0's policy is its reference (LoRA's B starts at 0): every reward is 0, no pair is ranked.
+        assert abs(rows[0].loss - math.log(2)) < 1e-6 and rows[0].reward_margin == 0 and rows[0].reward_accuracy == 0
+        assert all(r.reward_accuracy is not None and r.chosen_logp < 0 and r.rejected_logp < 0 for r in rows)
+        print(name, [(round(r.loss, 4), r.reward_accuracy) for r in rows])
+        assert rows[-1].loss < math.log(2) and rows[-1].reward_margin > 0 and rows[-1].reward_accuracy > 0.5
+        assert (dpo_runs[name] / "final" / "adapter_model.safetensors").is_file()
+    # The crashed run resumed from its step-3 checkpoint: its rows are the uninterrupted run's, bit for bit.
+    keys = ("step", "loss", "grad_norm", "reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
+    resumed, whole = metrics_rows(dpo_runs["fsdp-resumed"]), metrics_rows(dpo_runs["fsdp"])
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in whole]
+
+
+if __name__ == "__main__":
+    # `torchrun --nproc-per-node 2 tests/test_dpo.py RUN_DIR...`: each run dir trained in turn in this
+    # process group, as `python -m llamajobs.worker RUN_DIR` would.
+    from llamajobs.spec import JobSpec
+    from llamajobs.worker import parallel
+    from llamajobs.worker.train import train
+
+    run_dirs = [Path(arg).resolve() for arg in sys.argv[1:]]
+    env = parallel.init_distributed(JobSpec.load(run_dirs[0] / "spec.json"))
+    try:
+        for run_dir in run_dirs:
+            train(run_dir, JobSpec.load(run_dir / "spec.json"), env)
+            gc.collect()
+    finally:
+        parallel.teardown()
