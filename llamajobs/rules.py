@@ -190,6 +190,9 @@ def _validate_objective(spec: JobSpec) -> None:
         raise SpecError("--objective dpo needs --data: a store from `llamajobs data prepare --format preference`")
     if spec.strategy_info.one_process_per_node:
         raise SpecError(f"--objective dpo runs under fsdp and ds-* strategies, not --strategy {spec.strategy}")
+    if spec.eval_every_steps:
+        raise SpecError("--eval-every-steps with --objective dpo: validation of preference pairs is not implemented "
+                        "yet; leave --eval-every-steps out")
 
 
 def validate_objective_data(spec: JobSpec, preference_store: bool) -> None:

@@ -190,6 +190,15 @@ def test_the_sampler_keeps_pairs_whole_and_a_preference_store_needs_dpo(tmp_path
         spec_mod.build({**common, "objective": "dpo", "mode": "lora", "beta": 0.0})
     with pytest.raises(SpecError, match="--beta 0.5: only with --objective dpo"):
         spec_mod.build({**common, "beta": 0.5})
+    with pytest.raises(SpecError, match="validation of preference pairs is not implemented yet"):
+        spec_mod.build({**common, "objective": "dpo", "mode": "lora", "eval_every_steps": 2})
+    dpo = spec_mod.build({**common, "objective": "dpo", "mode": "lora", "loss": "ipo", "beta": 0.5})
+    assert checked_spec(dpo, tmp_path) == dpo and dpo.rows_per_example == 2
+    plain = tmp_path / "plain"
+    prepare(PrepareConfig(inputs=(write_jsonl(tmp_path / "t.jsonl", [{"text": "a b c"}] * 4),), tokenizer=model_dir,
+                          out=plain))
+    with pytest.raises(SpecError, match="is not a preference store; prepare one with"):
+        checked_spec(spec_mod.build({**common, "objective": "dpo", "mode": "lora", "data": str(plain)}), tmp_path)
 
 
 # --- the loss against TRL's ---
