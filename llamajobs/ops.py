@@ -133,10 +133,14 @@ def checked_spec(spec: JobSpec, runs: Path) -> JobSpec:
             (Path(spec.model_path) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise SpecError(f"--model-path {spec.model_path}: no tokenizer.json or tokenizer.model there; the worker "
                         f"tokenizes with the model's own tokenizer: copy it beside the weights")
-    if spec.data is not None:
-        from llamajobs.data.store import TokenStore
+    from llamajobs.rules import validate_objective_data
+
+    if spec.data is None:
+        validate_objective_data(spec, preference_store=False)  # (dpo: refused, it needs pairs)
+    else:
         from llamajobs.data.preference import is_preference_store
-        from llamajobs.rules import validate_objective_data, validate_packing
+        from llamajobs.data.store import TokenStore
+        from llamajobs.rules import validate_packing
 
         store = TokenStore(spec.data)
         validate_objective_data(spec, is_preference_store(store))

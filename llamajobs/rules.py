@@ -186,8 +186,6 @@ def _validate_objective(spec: JobSpec) -> None:
     if not spec.mode_info.adapters:
         raise SpecError(f"--objective dpo with --mode {spec.mode}: the frozen reference copy of a full fine-tune is "
                         f"not implemented yet; use --mode lora (its reference is the base, adapters disabled)")
-    if spec.data is None:
-        raise SpecError("--objective dpo needs --data: a store from `llamajobs data prepare --format preference`")
     if spec.strategy_info.one_process_per_node:
         raise SpecError(f"--objective dpo runs under fsdp and ds-* strategies, not --strategy {spec.strategy}")
     if spec.eval_every_steps:
@@ -197,7 +195,9 @@ def _validate_objective(spec: JobSpec) -> None:
 
 def validate_objective_data(spec: JobSpec, preference_store: bool) -> None:
     """A preference store trains only with --objective dpo, and dpo only on one (reads no file: the
-    caller says what --data is)."""
+    caller says what --data is). Not a spec rule: an estimate of a DPO run needs no store."""
+    if spec.objective == "dpo" and spec.data is None:
+        raise SpecError("--objective dpo needs --data: a store from `llamajobs data prepare --format preference`")
     if spec.objective == "dpo" and not preference_store:
         raise SpecError(f"--objective dpo: --data {spec.data} is not a preference store; prepare one with "
                         f"`llamajobs data prepare --format preference`")

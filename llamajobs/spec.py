@@ -208,8 +208,9 @@ class JobSpec:
     @property
     def fused_loss(self) -> bool:
         """Liger's fused linear cross-entropy (the logits never exist): not under ZeRO-3, whose head
-        weight is a partition outside the head's own forward."""
-        return self.liger and self.strategy_info.zero_stage != 3
+        weight is a partition outside the head's own forward, nor for DPO, which needs the logits for
+        its answers' log-probabilities (worker/dpo.py)."""
+        return self.liger and self.strategy_info.zero_stage != 3 and self.objective != "dpo"
 
     @property
     def plans_gpus(self) -> bool:

@@ -309,6 +309,39 @@ def test_the_loss_reward_accuracy_and_gradients_are_trl_s(tmp_path, model_dir, m
     assert worst < TOLERANCE and max(g.abs().max().item() for g in grads.values()) > 100 * TOLERANCE
 
 
+
+# --- estimates ---
+
+
+def test_estimates_count_two_rows_per_pair_and_the_reference_s_forward():
+    """A DPO step trains both rows of every pair and runs the reference's forward on them: twice the
+    tokens, each costing the reference's forward (2N + 4·L·d·s, the causal half skipped) on top; the
+    activations and logits of both rows; MFU counting the reference's FLOPs too."""
+    from llamajobs import catalog
+    from llamajobs import spec as spec_mod
+    from llamajobs.estimate import timing
+    from llamajobs.estimate.memory import activation_bytes, memory
+    from llamajobs.estimate.plan import Plan
+
+    common = {"size": "7b", "mode": "lora", "strategy": "fsdp", "cluster": "slurm", "nodes": 1, "gpus_per_node": 8,
+              "global_batch": 64, "micro_batch": 4, "seq_len": 1024, "kernels": "none"}
+    sft, dpo = (Plan.from_spec(spec_mod.build({**common, **extra})) for extra in ({}, {"objective": "dpo"}))
+    assert (sft.rows_per_example, dpo.rows_per_example) == (1, 2) and dpo.tokens_per_step == 2 * sft.tokens_per_step
+    shape, seq = sft.shape, sft.seq_len
+    extra = catalog.reference_flops_per_token(shape, seq) - 2 * shape.n_layers * shape.dim * seq
+    assert timing.spent_flops_per_token(dpo) == timing.spent_flops_per_token(sft) + extra
+    gpu = catalog.GPUS["h100"]
+    times = {name: timing.step_time(plan, gpu) for name, plan in (("sft", sft), ("dpo", dpo))}
+    assert times["sft"]["compute_s"] > times["sft"]["host_floor_s"]  # (compute-bound: the ratio below holds)
+    ratio = 2 * timing.spent_flops_per_token(dpo) / timing.spent_flops_per_token(sft)
+    assert times["dpo"]["compute_s"] == pytest.approx(ratio * times["sft"]["compute_s"], rel=1e-12)
+    assert activation_bytes(dpo) == 2 * activation_bytes(sft)
+    rates = {name: timing.throughput(plan, gpu) for name, plan in (("sft", sft), ("dpo", dpo))}
+    flops = catalog.objective_flops_per_token(shape, seq, "lora", "dpo")
+    assert flops == catalog.flops_per_token(shape, seq, "lora") + catalog.reference_flops_per_token(shape, seq)
+    assert rates["dpo"]["mfu"] == pytest.approx(flops * rates["dpo"]["tokens_per_s_per_gpu"] / gpu.peak_bf16_flops)
+    assert memory(dpo, gpu)["gpu_mem_gib"] > memory(sft, gpu)["gpu_mem_gib"]
+
 # --- a run through the worker ---
 
 STEPS = 6

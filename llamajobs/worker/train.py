@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from llamajobs import events
-from llamajobs.catalog import TINY_VOCAB, flops_per_token
+from llamajobs.catalog import TINY_VOCAB, objective_flops_per_token
 from llamajobs.data import SAMPLE_CORPUS, read_texts
 from llamajobs.data.sampler import (IGNORE_INDEX, MicroBatch, WindowSampler, steps_per_epoch, tokenize_documents,
                                      total_steps)
@@ -206,7 +206,7 @@ def build_metrics(run_dir: Path, spec: JobSpec, env: Dist, strategy: Strategy, *
     metrics = MetricsLogger(
         run_dir, enabled=env.rank == 0, total_steps=total, steps_per_epoch=steps_in_epoch,
         tokens_per_step=spec.global_batch * spec.rows_per_example * spec.seq_len,
-        flops_per_token=flops_per_token(spec.shape, spec.seq_len, spec.mode),
+        flops_per_token=objective_flops_per_token(spec.shape, spec.seq_len, spec.mode, spec.objective),
         # Per GPU: pp's one process drives all of its node's GPUs.
         world_size=env.world_size * strategy.devices_per_process, device=env.device,
         sinks=sinks.open_sinks(run_dir, spec, start=start) if env.rank == 0 else ())
