@@ -399,6 +399,31 @@ def test_a_lora_dpo_run_starts_at_log_2_logs_its_rewards_and_resumes_exactly(dpo
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in whole]
 
 
+
+@pytest.mark.slow
+def test_status_shows_the_dpo_statistics(dpo_runs, cli, home):
+    """`status JOB` on the fsdp run (registered here as a local job): the objective and the last step's
+    reward accuracy, margin and log-probabilities; `--json` carries the loss as for SFT."""
+    import shutil
+
+    from llamajobs import registry
+    from llamajobs.metrics import MetricsRow
+    from llamajobs.registry import Job
+    from tests.conftest import metrics_rows
+
+    run_dir = home / "runs" / "1-dpo"
+    shutil.copytree(dpo_runs["fsdp"], run_dir)
+    registry.write_job_file(Job(id=1, name="dpo", run_dir=run_dir, cluster="local", cluster_job_id="1",
+                                submitted_at=0.0))
+    last = MetricsRow.from_mapping(metrics_rows(run_dir)[-1])
+    code, out, err = cli("status", "1")
+    assert code == 0, err
+    assert "objective dpo, loss sigmoid, beta 0.1" in out
+    assert (f"dpo       step {STEPS}: reward accuracy {last.reward_accuracy:.3f}  margin {last.reward_margin:.4f}  "
+            f"log-prob chosen {last.chosen_logp:.3f} rejected {last.rejected_logp:.3f}") in out, out
+    code, out, _ = cli("status", "1", "--json")
+    assert code == 0 and json.loads(out)["loss"] == pytest.approx(last.loss)
+
 if __name__ == "__main__":
     # `torchrun --nproc-per-node 2 tests/test_dpo.py RUN_DIR...`: each run dir trained in turn in this
     # process group, as `python -m llamajobs.worker RUN_DIR` would.
