@@ -183,9 +183,12 @@ def _validate_objective(spec: JobSpec) -> None:
         if given:
             raise SpecError(f"{', '.join(given)}: only with --objective dpo (objective is {spec.objective!r})")
         return
-    if not spec.mode_info.adapters:
-        raise SpecError(f"--objective dpo with --mode {spec.mode}: the frozen reference copy of a full fine-tune is "
-                        f"not implemented yet; use --mode lora (its reference is the base, adapters disabled)")
+    if spec.mode not in ("lora", "full"):
+        raise SpecError(f"--objective dpo trains --mode lora or full, not --mode {spec.mode}")
+    if spec.mode == "full" and not spec.strategy_info.fsdp:
+        raise SpecError(f"--objective dpo with --mode full keeps a frozen reference copy sharded like the policy; "
+                        f"that is implemented for the fsdp strategies, not yet --strategy {spec.strategy}: use "
+                        f"--strategy fsdp or --mode lora")
     if spec.strategy_info.one_process_per_node:
         raise SpecError(f"--objective dpo runs under fsdp and ds-* strategies, not --strategy {spec.strategy}")
     if spec.eval_every_steps:

@@ -184,8 +184,10 @@ def test_the_sampler_keeps_pairs_whole_and_a_preference_store_needs_dpo(tmp_path
 
     with pytest.raises(SpecError, match="holds preference pairs: train on it with --objective dpo"):
         checked_spec(spec_mod.build(common), tmp_path)
-    with pytest.raises(SpecError, match="frozen reference copy of a full fine-tune is not implemented yet"):
-        spec_mod.build({**common, "objective": "dpo"})
+    with pytest.raises(SpecError, match="implemented for the fsdp strategies, not yet --strategy ds-zero3"):
+        spec_mod.build({**common, "objective": "dpo", "strategy": "ds-zero3"})
+    with pytest.raises(SpecError, match="--objective dpo trains --mode lora or full, not --mode prefix"):
+        spec_mod.build({**common, "objective": "dpo", "mode": "prefix"})
     with pytest.raises(SpecError, match="--beta 0.0 must be a positive finite number"):
         spec_mod.build({**common, "objective": "dpo", "mode": "lora", "beta": 0.0})
     with pytest.raises(SpecError, match="--beta 0.5: only with --objective dpo"):
@@ -320,7 +322,7 @@ def test_estimates_count_two_rows_per_pair_and_the_reference_s_forward():
     from llamajobs import catalog
     from llamajobs import spec as spec_mod
     from llamajobs.estimate import timing
-    from llamajobs.estimate.memory import activation_bytes, memory
+    from llamajobs.estimate.memory import activation_bytes, memory, model_state_bytes
     from llamajobs.estimate.plan import Plan
 
     common = {"size": "7b", "mode": "lora", "strategy": "fsdp", "cluster": "slurm", "nodes": 1, "gpus_per_node": 8,
@@ -341,6 +343,11 @@ def test_estimates_count_two_rows_per_pair_and_the_reference_s_forward():
     assert flops == catalog.flops_per_token(shape, seq, "lora") + catalog.reference_flops_per_token(shape, seq)
     assert rates["dpo"]["mfu"] == pytest.approx(flops * rates["dpo"]["tokens_per_s_per_gpu"] / gpu.peak_bf16_flops)
     assert memory(dpo, gpu)["gpu_mem_gib"] > memory(sft, gpu)["gpu_mem_gib"]
+    # A full fine-tune also holds the frozen reference: its fp32 weights, sharded over the 8 GPUs.
+    full = {name: Plan.from_spec(spec_mod.build({**common, "mode": "full", "micro_batch": 1, **extra}))
+            for name, extra in (("sft", {}), ("dpo", {"objective": "dpo"}))}
+    states = {name: model_state_bytes(plan)["state_gpu"] for name, plan in full.items()}
+    assert states["dpo"] - states["sft"] == 4 * shape.params / 8
 
 # --- a run through the worker ---
 
@@ -351,6 +358,7 @@ RUN = {"cluster": "local", "device": "cpu", "procs_per_node": 2, "mode": "lora",
        "checkpoint_every_steps": 3}
 # name: (strategy, the fault of the first launch). Each rank holds 2 micro-batches of 2 pairs per step.
 RUNS = {"fsdp": ("fsdp", None), "ds-zero2": ("ds-zero2", None),
+        "full-fsdp": ("fsdp", None),  # --mode full: the reference a frozen sharded copy
         "fsdp-resumed": ("fsdp", "crash:5")}  # last: its crash ends the first launch
 
 
@@ -368,7 +376,10 @@ def dpo_runs(tmp_path_factory, model_dir) -> dict[str, Path]:
     for name, (strategy, fault) in RUNS.items():
         runs[name] = root / name
         runs[name].mkdir()
-        spec = spec_mod.build({**RUN, "strategy": strategy, "model_path": str(model_dir), "data": str(root / "store")})
+        mode = {"mode": "full", "lr": 1e-3} if name.startswith("full") else {}
+        flags = {k: v for k, v in RUN.items() if not (mode and k.startswith("lora"))}
+        spec = spec_mod.build({**flags, **mode, "strategy": strategy, "model_path": str(model_dir),
+                               "data": str(root / "store")})
         (runs[name] / "spec.json").write_text(spec.to_json())
         set_fault(runs[name], fault)
     first = torchrun(str(Path(__file__)), *map(str, runs.values()), env=extensions_env(), timeout=900)
@@ -384,15 +395,17 @@ def test_a_lora_dpo_run_starts_at_log_2_logs_its_rewards_and_resumes_exactly(dpo
     from llamajobs.metrics import MetricsRow
     from tests.conftest import metrics_rows
 
-    for name in ("fsdp", "ds-zero2"):
+    for name in ("fsdp", "ds-zero2", "full-fsdp"):
         rows = [MetricsRow.from_mapping(r) for r in metrics_rows(dpo_runs[name])]
         assert [r.step for r in rows] == list(range(1, STEPS + 1))
-        # Step 0's policy is its reference (LoRA's B starts at 0): every reward is 0, no pair is ranked.
+        # Step 0's policy is its reference (LoRA's B starts at 0; a full fine-tune's copy is the start):
+        # every reward is 0, no pair is ranked.
         assert abs(rows[0].loss - math.log(2)) < 1e-6 and rows[0].reward_margin == 0 and rows[0].reward_accuracy == 0
         assert all(r.reward_accuracy is not None and r.chosen_logp < 0 and r.rejected_logp < 0 for r in rows)
         print(name, [(round(r.loss, 4), r.reward_accuracy) for r in rows])
         assert rows[-1].loss < math.log(2) and rows[-1].reward_margin > 0 and rows[-1].reward_accuracy > 0.5
-        assert (dpo_runs[name] / "final" / "adapter_model.safetensors").is_file()
+        final = "model.safetensors" if name.startswith("full") else "adapter_model.safetensors"
+        assert (dpo_runs[name] / "final" / final).is_file()
     # The crashed run resumed from its step-3 checkpoint: its rows are the uninterrupted run's, bit for bit.
     keys = ("step", "loss", "grad_norm", "reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
     resumed, whole = metrics_rows(dpo_runs["fsdp-resumed"]), metrics_rows(dpo_runs["fsdp"])

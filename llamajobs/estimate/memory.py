@@ -77,6 +77,10 @@ def model_state_bytes(plan: Plan, a: Assumptions = DEFAULT) -> dict[str, float]:
             "pp": (2 * n / gpn, 0.0),
         }[plan.strategy]
         gpu += 16 * t
+    if plan.objective == "dpo" and full:
+        # DPO's frozen reference copy, fp32 like the policy's weights and sharded like them (fsdp only)
+        reference = 4 * n / g
+        gpu, cpu = (gpu, cpu + reference * plan.procs * buf) if plan.strategy_info.offload else (gpu + reference, cpu)
     return {"state_gpu": gpu, "accumulated_grads": accumulated, "state_cpu": cpu}
 
 

@@ -112,8 +112,15 @@ class Dpo:
         return share / n_pairs
 
 
-def build(spec, strategy) -> Dpo:
+def build(spec, strategy, config) -> Dpo:
     """The run's DPO objective. LoRA's reference is the peft model (under the engine's wrapper) with its
-    adapters off. (A full fine-tune's frozen reference copy is not built yet: rules.py refuses
-    --objective dpo with --mode full before anything is queued.)"""
-    return Dpo(beta=spec.beta, loss=spec.loss, disabled_adapters=lambda model: strategy.unwrap(model).disable_adapter())
+    adapters off. A full fine-tune's is a second model built as the policy was at step 0 (its starting
+    weights read again, also on a resume: the reference never moves) and sharded the same way by the
+    strategy, frozen. (rules.py allows full with the fsdp strategies only: a ZeRO-3 copy would need an
+    engine of its own.)"""
+    if spec.mode_info.adapters:
+        return Dpo(beta=spec.beta, loss=spec.loss,
+                   disabled_adapters=lambda model: strategy.unwrap(model).disable_adapter())
+    reference = strategy.build_model(config, load_weights=True)
+    reference.requires_grad_(False).eval()
+    return Dpo(beta=spec.beta, loss=spec.loss, reference_model=reference)

@@ -79,7 +79,7 @@ def train(run_dir: Path, spec: JobSpec, env: Dist) -> None:
     start = checkpointer.resume(resume_step)  # 0 without a checkpoint
     metrics = build_metrics(run_dir, spec, env, strategy, total=total, steps_in_epoch=steps_in_epoch, start=start)
     validator = validate.build_validator(spec, env, strategy, total=total, pad_id=tokenizer.eos_token_id)
-    objective = dpo.build(spec, strategy) if spec.objective == "dpo" else None  # None: SFT's token loss
+    objective = dpo.build(spec, strategy, config) if spec.objective == "dpo" else None  # None: SFT's token loss
     step, stopped = train_loop(model, optimizer, scheduler, sampler, metrics, checkpointer,
                                spec=spec, env=env, start=start, total=total, strategy=strategy, validator=validator,
                                objective=objective)
@@ -232,8 +232,9 @@ def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, strategy
         print(switches, flush=True)
     print(kernels.choose(spec, env.device.type).describe(), flush=True)
     if spec.objective == "dpo":
+        reference = "the base with the adapters disabled" if spec.mode_info.adapters else "a frozen copy of the start"
         print(f"objective: dpo, loss {spec.loss}, beta {spec.beta}; each example a pair (chosen and rejected "
-              f"answers, 2 rows), the reference the base with the adapters disabled", flush=True)
+              f"answers, 2 rows), the reference {reference}", flush=True)
     print(f"tokens per step: {tokens_per_step:,} = global batch {spec.global_batch}"
           f"{' pairs x 2' if spec.rows_per_example == 2 else ''} x seq len {spec.seq_len} "
           f"({accum} micro-batches of {spec.micro_batch} on each of {env.world_size} ranks)", flush=True)
