@@ -31,6 +31,7 @@ from llamajobs.data import hf_datasets as hf
 from llamajobs.data import store as st
 from llamajobs.data.chat import ChatEncoder, ChatOptions, RenderError
 from llamajobs.data.encoder import Encoder, TextCodec
+from llamajobs.data.pairs import PairEncoder, pair_chat_encoder
 from llamajobs.errors import SpecError
 
 CHUNK_BYTES = 1 << 20
@@ -248,11 +249,9 @@ class ChunkEncoder:
         self.fmt = fmts.get_format(format)
         self.options = options
         self.eval_fraction = eval_fraction
-        self.max_length = max_length
-        if self.fmt.pairs:
-            self.chat = pair_chat_encoder(codec.path, chat or ChatOptions())
-        else:
-            self.chat = ChatEncoder(codec.path, chat or ChatOptions()) if self.fmt.chat else None
+        self.chat = ChatEncoder(codec.path, chat or ChatOptions()) if self.fmt.chat and not self.fmt.pairs else None
+        self.pairs = PairEncoder(codec, pair_chat_encoder(codec.path, chat or ChatOptions()), max_length) \
+            if self.fmt.pairs else None
 
     def __call__(self, chunk: Chunk) -> Encoded:
         if self.fmt.pairs:
@@ -306,20 +305,19 @@ class ChunkEncoder:
 
     def _encoded_pairs(self, chunk: Chunk) -> Encoded:
         """Preference pairs: two documents per pair, chosen then rejected, each the prompt and one answer
-        (the loss mask on the answer), cut to max_length together (truncate_pair)."""
+        (the loss mask on the answer), cut to max_length together (pairs.truncate_pair)."""
         pairs: list[fmts.Pair] = []
         docs: list[tuple[list[int], list[int]]] = []
         bad: list[tuple[int, str]] = []
         truncated = 0
-        assert isinstance(self.fmt, fmts.Preference)
+        assert isinstance(self.fmt, fmts.Preference) and self.pairs is not None
         for line, payload in chunk.records:
             try:
                 pair = self.fmt.pair(readers.parse_record(payload))
-                encoded = [self._encode_answer(e) for e in pair.examples()]
+                encoded, cut = self.pairs.encode(pair)
             except (fmts.BadRecord, RenderError) as e:
                 bad.append((line, str(e)))
                 continue
-            encoded, cut = truncate_pair(encoded, self.max_length)
             truncated += cut
             pairs.append(pair)
             docs.extend(encoded)
@@ -331,46 +329,6 @@ class ChunkEncoder:
             held = np.repeat(np.fromiter((held_out(p.split_key(), self.eval_fraction) for p in pairs), bool,
                                          len(pairs)), 2)
         return Encoded(tokens, lengths, mask, held, bad, 0, truncated)
-
-    def _encode_answer(self, example: fmts.Example) -> tuple[list[int], list[int]]:
-        """(ids, mask) of a prompt and one answer: the chat rendering when there is a template, else
-        BOS, the prompt's text and the answer's, EOS (the mask from where the prompt's tokens end)."""
-        if self.chat is not None:
-            return self.chat.encode(example.turns)
-        ids = self.codec.encode([example.prompt + example.response])[0]
-        prompt = _common_prefix(ids, self.codec.encode([example.prompt])[0])
-        framed = [self.codec.bos_id, *ids, self.codec.eos_id]
-        return framed, [0] * (1 + prompt) + [1] * (len(ids) - prompt + 1)
-
-
-def pair_chat_encoder(tokenizer_path: str | Path, options: ChatOptions) -> ChatEncoder | None:
-    """Preference pairs are rendered like `messages` when there is a chat template (--chat-template or
-    the tokenizer's own), and as plain text when there is none."""
-    try:
-        return ChatEncoder(tokenizer_path, options)
-    except SpecError:
-        if options.template is not None:
-            raise
-        return None
-
-
-def truncate_pair(docs: list[tuple[list[int], list[int]]], max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """Cut a pair's two (ids, mask) documents to max_length tokens; (the documents, 1 if cut else 0).
-
-    What goes is the prompt's beginning (its end is what the answer follows: the last question and
-    the assistant's header) and, when the longer answer alone does not fit in half the length, the
-    answers' ends. Both documents keep the same number of prompt tokens, so the prompt stays shared.
-    The BOS stays first. The prompt is what precedes the first target token of the mask."""
-    if max_length <= 0 or all(len(ids) <= max_length for ids, _ in docs):
-        return docs, 0
-    starts = [mask.index(1) if 1 in mask else len(mask) for _, mask in docs]
-    longest_answer = max(len(ids) - start for (ids, _), start in zip(docs, starts))
-    prompt_keep = min(min(starts) - 1, max(max_length // 2, max_length - 1 - longest_answer))
-    cut = []
-    for (ids, mask), start in zip(docs, starts):
-        keep = slice(start - prompt_keep, start + max_length - 1 - prompt_keep)
-        cut.append(([ids[0], *ids[keep]], [mask[0], *mask[keep]]))
-    return cut, 1
 
 
 def _framed(ids: list[list[int]], bos: int, eos: int) -> np.ndarray:
