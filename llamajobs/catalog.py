@@ -368,6 +368,20 @@ def recompute_flops_per_token(shape: Shape, seq_len: int) -> float:
     return 2 * shape.non_embedding_params + 4 * shape.n_layers * shape.dim * seq_len
 
 
+def reference_flops_per_token(shape: Shape, seq_len: int) -> float:
+    """What DPO's reference adds per token of each answer row: one forward of the whole model, the
+    head included (its log-probabilities need the logits): 2N + 4·L·d·s. Counted in MFU: it is work
+    the objective needs, as the policy's forward and backward are."""
+    return 2 * (shape.non_embedding_params + shape.dim * shape.vocab_size) + 4 * shape.n_layers * shape.dim * seq_len
+
+
+def objective_flops_per_token(shape: Shape, seq_len: int, mode: str, objective: str) -> float:
+    """Model FLOPs per trained token under an objective: SFT's, plus the reference's forward for DPO
+    (a token here is one of a row's: a pair is two rows)."""
+    return flops_per_token(shape, seq_len, mode) + (reference_flops_per_token(shape, seq_len)
+                                                     if objective == "dpo" else 0.0)
+
+
 def trained_params(shape: Shape, mode: ModeInfo, lora_r: int, lora_targets: tuple[str, ...],
                    num_virtual_tokens: int) -> int:
     """Parameters that get a gradient (and are checkpointed): all of them, the LoRA adapters, or the
@@ -422,3 +436,5 @@ KERNELS: tuple[str, ...] = ("liger", "none")  # --kernels: Liger's fused kernels
 SCORES: tuple[str, ...] = ("letter", "text")  # eval's log-likelihood of an option's letter, or of its text
 # debug.fault: what the worker injects at a step for tests (worker/faults.py says what each does).
 FAULTS: tuple[str, ...] = ("crash", "oom", "stop", "die", "hang", "fsize")
+OBJECTIVES: tuple[str, ...] = ("sft", "dpo")  # --objective: next-token loss, or preference pairs (worker/dpo.py)
+DPO_LOSSES: tuple[str, ...] = ("sigmoid", "ipo")  # --loss: DPO's logistic loss, or IPO's squared one

@@ -46,6 +46,12 @@ class MetricsRow:
     checkpoint_s: float = 0.0  # seconds spent saving checkpoints since the previous row
     val_loss: float | None = None  # validation loss on the eval split, on the rows of the steps it ran
     val_s: float = 0.0  # seconds that validation took (left out of step_time_s)
+    # --objective dpo (loss is then the mean pair loss), means over the step's pairs; rewards are
+    # beta x (policy - reference) log-probabilities of an answer
+    reward_accuracy: float | None = None  # the share of pairs whose chosen answer's reward is the higher
+    reward_margin: float | None = None  # chosen's reward minus rejected's
+    chosen_logp: float | None = None  # the policy's log-probability of the chosen answer (summed over its tokens)
+    rejected_logp: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -135,11 +135,18 @@ def checked_spec(spec: JobSpec, runs: Path) -> JobSpec:
             (Path(spec.model_path) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         raise SpecError(f"--model-path {spec.model_path}: no tokenizer.json or tokenizer.model there; the worker "
                         f"tokenizes with the model's own tokenizer: copy it beside the weights")
-    if spec.data is not None:
+    from llamajobs.rules import validate_objective_data
+
+    if spec.data is None:
+        validate_objective_data(spec, preference_store=False)  # (dpo: refused, it needs pairs)
+    else:
+        from llamajobs.data.preference import is_preference_store
         from llamajobs.data.store import TokenStore
         from llamajobs.rules import validate_packing
 
-        validate_packing(spec, packed=TokenStore(spec.data).has_loss_mask)
+        store = TokenStore(spec.data)
+        validate_objective_data(spec, is_preference_store(store))
+        validate_packing(spec, packed=store.has_loss_mask and not is_preference_store(store))
     return spec
 
 
@@ -263,6 +270,7 @@ class Detail:
     error_hint: str | None  # what the first error means (a collective timeout)
     error_log: Path | None  # the first error's log, for a failed job
     val_losses: tuple[tuple[int, float], ...] = ()  # (step, validation loss) of every validation run
+    preference: metrics.MetricsRow | None = None  # --objective dpo: the last row with its statistics
 
 
 def detail(runs: Path, job_id: int) -> Detail:
@@ -277,6 +285,7 @@ def detail(runs: Path, job_id: int) -> Detail:
     except Failure:  # the row names the problem; the rest of the detail still shows
         measured = []
     losses = [r.loss for r in measured]
+    preference = next((r for r in reversed(measured) if r.reward_accuracy is not None), None)
     failed = row.state in ("FAILED", "OUT_OF_MEMORY")
     return Detail(job=job, row=row, spec=spec, events=events.read(job.run_dir), logs=forensics.log_files(job),
                   losses=losses,
@@ -284,7 +293,8 @@ def detail(runs: Path, job_id: int) -> Detail:
                   eval_result=_eval_detail(job.run_dir, spec.evaluation) if spec and spec.evaluation else None,
                   error_hint=forensics.collective_timeout_hint(row.error),
                   error_log=forensics.traceback_log(job) if failed else None,
-                  val_losses=tuple((r.step, r.val_loss) for r in measured if r.val_loss is not None))
+                  val_losses=tuple((r.step, r.val_loss) for r in measured if r.val_loss is not None),
+                  preference=preference)
 
 
 # --- cancel, requeue, logs ---
@@ -538,6 +548,8 @@ def prepare_data(config: PrepareConfig, shards: int | None, sharding: dict[str, 
         if given:
             raise SpecError(f"{', '.join(given)}: only with --shards N (sharded preparation)")
         return prepared(prepare(config, progress))
+    if config.format == "preference":
+        raise SpecError("--shards: --format preference is prepared in one process; leave --shards out")
     from llamajobs.data import sharded_prepare
 
     cluster_config = sharded_prepare.cluster_config(shards, wait=wait, **sharding)

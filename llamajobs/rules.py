@@ -5,6 +5,7 @@ Rules between flags come from the catalog's facts (strategies, modes, families),
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING
 
@@ -82,6 +83,8 @@ def validate(spec: JobSpec) -> None:
     _choice(spec, "launcher", catalog.LAUNCHERS)
     _choice(spec, "device", DEVICES)
     _choice(spec, "kernels", catalog.KERNELS)
+    _choice(spec, "objective", catalog.OBJECTIVES)
+    _choice(spec, "loss", catalog.DPO_LOSSES)
     if spec.model_shape is not None:
         validate_shape(spec.model_shape)
     elif spec.size not in catalog.SIZES:
@@ -152,6 +155,7 @@ def _validate_combinations(spec: JobSpec) -> None:
                         "--gpus-per-node 1 or --device cpu")
     if spec.fp8:
         _validate_fp8(spec)
+    _validate_objective(spec)
     where = spec.cluster_info
     if not where.spans_nodes and spec.nodes > 1:
         raise SpecError(f"--nodes {spec.nodes}: the {spec.cluster} cluster has one node; use --cluster "
@@ -166,6 +170,42 @@ def _validate_combinations(spec: JobSpec) -> None:
     if spec.procs_per_node and where.allocates_gpus and spec.device != "cpu" \
             and spec.procs_per_node > spec.gpus_per_node:
         raise SpecError(f"--procs-per-node {spec.procs_per_node} exceeds --gpus-per-node {spec.gpus_per_node}")
+
+
+def _validate_objective(spec: JobSpec) -> None:
+    """DPO's settings, and what this increment of it runs (the reference of a LoRA run is its base with
+    the adapters disabled; a full fine-tune's frozen copy is not built yet)."""
+    if not (math.isfinite(spec.beta) and spec.beta > 0):
+        raise SpecError(f"--beta {spec.beta} must be a positive finite number (DPO's default is 0.1)")
+    if spec.objective != "dpo":
+        given = [f"--{name} {getattr(spec, name)}" for name in ("beta", "loss")
+                 if getattr(spec, name) != type(spec).__dataclass_fields__[name].default]
+        if given:
+            raise SpecError(f"{', '.join(given)}: only with --objective dpo (objective is {spec.objective!r})")
+        return
+    if spec.mode not in ("lora", "full"):
+        raise SpecError(f"--objective dpo trains --mode lora or full, not --mode {spec.mode}")
+    if spec.mode == "full" and not spec.strategy_info.fsdp:
+        raise SpecError(f"--objective dpo with --mode full keeps a frozen reference copy sharded like the policy; "
+                        f"that is implemented for the fsdp strategies, not yet --strategy {spec.strategy}: use "
+                        f"--strategy fsdp or --mode lora")
+    if spec.strategy_info.one_process_per_node:
+        raise SpecError(f"--objective dpo runs under fsdp and ds-* strategies, not --strategy {spec.strategy}")
+    if spec.eval_every_steps:
+        raise SpecError("--eval-every-steps with --objective dpo: validation of preference pairs is not implemented "
+                        "yet; leave --eval-every-steps out")
+
+
+def validate_objective_data(spec: JobSpec, preference_store: bool) -> None:
+    """A preference store trains only with --objective dpo, and dpo only on one (reads no file: the
+    caller says what --data is). Not a spec rule: an estimate of a DPO run needs no store."""
+    if spec.objective == "dpo" and spec.data is None:
+        raise SpecError("--objective dpo needs --data: a store from `llamajobs data prepare --format preference`")
+    if spec.objective == "dpo" and not preference_store:
+        raise SpecError(f"--objective dpo: --data {spec.data} is not a preference store; prepare one with "
+                        f"`llamajobs data prepare --format preference`")
+    if spec.objective != "dpo" and preference_store:
+        raise SpecError(f"--data {spec.data} holds preference pairs: train on it with --objective dpo")
 
 
 def _clusters_that(capability: str) -> str:

@@ -128,6 +128,10 @@ class JobSpec:
     kernels: str = "liger"  # Liger's fused kernels where they run (CUDA, a family it covers); else the plain path
     fp8: bool = False  # torchao's float8 linears (full fine-tunes, fsdp, compiled, H100-class GPUs)
     seed: int = 0
+    # the objective: sft (next-token loss on the targets) or dpo (preference pairs; worker/dpo.py)
+    objective: str = "sft"
+    beta: float = 0.1  # dpo: how far the policy may move from the reference (the KL penalty's weight)
+    loss: str = "sigmoid"  # dpo: sigmoid (DPO's) or ipo
     # checkpoints and requeue
     checkpoint_every_steps: int | None = None
     checkpoint_every_minutes: float | None = 60.0
@@ -183,6 +187,11 @@ class JobSpec:
         return catalog.STRATEGY[self.strategy]
 
     @property
+    def rows_per_example(self) -> int:
+        """Sequences of seq_len per example of the global batch: DPO's pair is two (chosen, rejected)."""
+        return 2 if self.objective == "dpo" else 1
+
+    @property
     def mode_info(self) -> catalog.ModeInfo:
         return catalog.MODE[self.mode]
 
@@ -199,8 +208,9 @@ class JobSpec:
     @property
     def fused_loss(self) -> bool:
         """Liger's fused linear cross-entropy (the logits never exist): not under ZeRO-3, whose head
-        weight is a partition outside the head's own forward."""
-        return self.liger and self.strategy_info.zero_stage != 3
+        weight is a partition outside the head's own forward, nor for DPO, which needs the logits for
+        its answers' log-probabilities (worker/dpo.py)."""
+        return self.liger and self.strategy_info.zero_stage != 3 and self.objective != "dpo"
 
     @property
     def plans_gpus(self) -> bool:

@@ -200,6 +200,8 @@ def _training_progress(d: Detail) -> None:
     spec, row = d.spec, d.row
     out.print(f"model     {spec.size} {spec.mode} {spec.strategy}, {spec.nodes} node(s) "
               f"seq {spec.seq_len} global batch {spec.global_batch} micro {spec.micro_batch} lr {spec.lr}")
+    if spec.objective == "dpo":
+        out.print(f"objective dpo, loss {spec.loss}, beta {spec.beta}")
     out.print(f"progress  step {fmt(row.step)}/{fmt(row.total_steps)}  loss {fmt(row.loss, '.4f')}  "
               f"tok/s {fmt(row.tokens_per_s, ',.0f')}  MFU {percent(row.mfu, 2)} "
               f"(peak {row.peak or '-'})  ETA {eta(row.eta_s)}  elapsed {duration(row.elapsed_s)}")
@@ -212,6 +214,10 @@ def _training_progress(d: Detail) -> None:
                   "is the token store (--data) on a slow filesystem? copy it to node-local disk or a faster one[/]")
     if d.losses:
         out.print(f"loss      {sparkline(d.losses)}  {d.losses[0]:.3f} → {d.losses[-1]:.3f}")
+    if p := d.preference:
+        out.print(f"dpo       step {p.step}: reward accuracy {fmt(p.reward_accuracy, '.3f')}  margin "
+                  f"{fmt(p.reward_margin, '.4f')}  log-prob chosen {fmt(p.chosen_logp, '.3f')} rejected "
+                  f"{fmt(p.rejected_logp, '.3f')}")
     if d.val_losses:
         values = [v for _, v in d.val_losses]
         out.print(f"val loss  {sparkline(values)}  {values[0]:.3f} → {values[-1]:.3f} "
@@ -453,6 +459,9 @@ def prepared(out_dir: str, result: Prepared | Unfinished) -> None:
     out.print(f"{out_dir}: {result.documents:,} documents, {result.tokens:,} tokens ({result.dtype})"
               + (f"; eval split: {held.documents:,} documents, {held.tokens:,} tokens" if held else ""),
               markup=False)
+    if pairs := result.pairs:
+        out.print(f"{pairs.count:,} preference pairs (chosen and rejected answers); "
+                  f"{pairs.truncated:,} truncated to --max-length {pairs.max_length}", markup=False)
     if done := result.sharded:
         out.print(f"{done.shards} shard(s) on the {done.cluster} cluster"
                   + (f" ({done.shards_requested} requested: whole files are not split)"

@@ -234,7 +234,7 @@ def test_a_damaged_config_json_is_one_line(tmp_path, content, message):
 # --- every count and size has an upper bound, named with its range before any work ---
 
 # Fields that are numbers but no count or size: rates and shares with rules of their own, and the seed.
-NOT_COUNTS = {"lr", "warmup_ratio", "weight_decay", "grad_clip", "lora_dropout", "seed"}
+NOT_COUNTS = {"lr", "warmup_ratio", "weight_decay", "grad_clip", "lora_dropout", "seed", "beta"}
 
 
 def _numbers(cls) -> set[str]:

@@ -35,6 +35,9 @@ def data() -> None:
                    "its tokenizer_config.json has none).")
 @click.option("--train-on", type=Choice(TRAIN_ON), default="assistant", show_default=True,
               help=f"{_CHAT}: the loss covers assistant turns, or all turns.")
+@click.option("--max-length", type=int, default=512, show_default=True,
+              help="--format preference: each answer with its prompt at most this many tokens (the prompt's "
+                   "beginning is cut first); use submit's --seq-len.")
 @click.option("--workers", type=int, default=1, show_default=True,
               help=f"Tokenizing processes (per shard); at most {MAX_WORKERS} here (4 per CPU). No more start than "
                    f"the CPUs this process may use, nor than the input's 1 MB chunks.")
@@ -61,7 +64,7 @@ def data() -> None:
               help="Wait for the shards and merge them; --no-wait submits and returns (rerun to wait and merge).")
 @json_option
 def data_prepare(inputs: tuple[str, ...], tokenizer_path: str, out_dir: str, fmt: str, chat_template: str | None,
-                 train_on: str, workers: int,
+                 train_on: str, max_length: int, workers: int,
                  skip_bad_lines: bool, eval_fraction: float, force: bool, shards: int | None, cluster: str | None,
                  partition: str | None, account: str | None, time_limit: str | None, cpus_per_task: int | None,
                  mem: str | None, wait: bool, as_json: bool) -> None:
@@ -74,7 +77,8 @@ def data_prepare(inputs: tuple[str, ...], tokenizer_path: str, out_dir: str, fmt
     config = PrepareConfig(inputs=tuple(Path(p) for p in inputs), tokenizer=ops.tokenizer_source(tokenizer_path),
                            out=Path(out_dir),
                            format=fmt, workers=workers, skip_bad_lines=skip_bad_lines, eval_fraction=eval_fraction,
-                           force=force, chat_template=chat_template, train_on=train_on)
+                           force=force, chat_template=chat_template, train_on=train_on,
+                           max_length=max_length)
     sharding = {"cluster": cluster, "partition": partition, "account": account, "time": time_limit,
                 "cpus_per_task": cpus_per_task, "mem": mem}
     with views.PrepareProgress() as progress:

@@ -73,6 +73,11 @@ TRAINING_OPTIONS = [
     _opt("--kernels", type=Choice(catalog.KERNELS),
          help="liger (default): Liger's fused kernels on CUDA, for the families it covers, the plain modules "
               "elsewhere; none: the plain modules."),
+    _opt("--objective", type=Choice(catalog.OBJECTIVES),
+         help="sft (default): the next-token loss on the data's targets; dpo: preference tuning on a store from "
+              "`data prepare --format preference` (LoRA: the reference is the base, adapters disabled)."),
+    _opt("--beta", type=float, help="--objective dpo: the weight of the KL penalty to the reference (default 0.1)."),
+    _opt("--loss", type=Choice(catalog.DPO_LOSSES), help="--objective dpo: sigmoid (DPO's, default) or ipo."),
     _opt("--fp8/--no-fp8", help="Float8 linears (torchao) for full fine-tunes under fsdp with --compile, on "
                                 "H100-class GPUs."),
     *PLACEMENT_OPTIONS,

@@ -116,6 +116,7 @@ class Format:
     expects: ClassVar[str]            # one record, shown when a record does not fit
     needs_scan: ClassVar[bool] = False
     chat: ClassVar[bool] = False      # examples are conversations (turns), rendered with a chat template
+    pairs: ClassVar[bool] = False     # records are preference pairs (Preference.pair), for DPO
 
     def examples(self, record: Any, options: Any = None) -> list[Example]:
         raise NotImplementedError
@@ -257,7 +258,8 @@ def _conversation(turns: list[tuple[str, str]], doc_id: str | None) -> Example:
     return Example("", "\n".join(content for _, content in turns), doc_id, tuple(turns))
 
 
-def _turns(record: Any, name: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[tuple[str, str]]:
+def _turns(record: Any, name: str, role_key: str, content_key: str, roles: dict[str, str],
+           need_assistant: bool = True) -> list[tuple[str, str]]:
     turns = []
     given = field(record, name, list)
     if not given:
@@ -272,7 +274,7 @@ def _turns(record: Any, name: str, role_key: str, content_key: str, roles: dict[
         if not isinstance(content, str):
             raise BadRecord(f'field "{where}.{content_key}" is {_json_type(content)}, expected a string')
         turns.append((roles[role], content))
-    if "assistant" not in (role for role, _ in turns):
+    if need_assistant and "assistant" not in (role for role, _ in turns):
         raise BadRecord(f'field "{name}" has no {"assistant" if role_key == "role" else "gpt"} turn')
     return turns
 
@@ -301,8 +303,78 @@ class ShareGPT(Format):
         return [_conversation(turns, _id(record, "id"))]
 
 
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """A preference record: the prompt's turns and the two answers (the assistant's, chosen first)."""
+    prompt: tuple[tuple[str, str], ...]
+    chosen: str
+    rejected: str
+    id: str | None = None
+
+    def examples(self) -> list[Example]:
+        """Two Examples, chosen then rejected; each a conversation (the prompt's turns and one answer)
+        with the plain-text prompt and response beside it for a tokenizer without a chat template."""
+        text = "\n".join(content for _, content in self.prompt) + "\n"  # the answer starts on a new line
+        return [Example(text, answer, self.id, (*self.prompt, ("assistant", answer)))
+                for answer in (self.chosen, self.rejected)]
+
+    def split_key(self) -> str:
+        """Both answers of a pair land in the same split: the key is the pair's, not an answer's."""
+        if self.id is not None:
+            return "id:" + self.id
+        return "sha1:" + hashlib.sha1(json.dumps([self.prompt, self.chosen, self.rejected]).encode()).hexdigest()
+
+
+class Preference(Format):
+    """Preference pairs for DPO: a prompt, the chosen answer and the rejected one. Answers are strings,
+    or message lists whose last message is the assistant's answer (UltraFeedback-binarized: the
+    messages before it repeat the prompt; they are the prompt's turns then, and must agree)."""
+
+    name = "preference"
+    instruct = True
+    chat = True   # rendered with the chat template when there is one (prepare.py: else as plain text)
+    pairs = True  # each record is two documents, chosen then rejected, kept together
+    expects = ('{"prompt": "..." or [messages], "chosen": "..." or [messages], "rejected": "..." or [messages]} per '
+               'line (a message list ends with the assistant\'s answer)')
+
+    def examples(self, record, options=None):
+        raise NotImplementedError("preference records are pairs: call pair()")
+
+    def pair(self, record: Any) -> Pair:
+        roles = {r: r for r in ("system", "user", "assistant")}
+        answers = []
+        contexts = []
+        for name in ("chosen", "rejected"):
+            value = field(record, name, (str, list))
+            if isinstance(value, str):
+                answers.append(value)
+                contexts.append(())
+                continue
+            turns = _turns(record, name, "role", "content", roles, need_assistant=False)
+            if turns[-1][0] != "assistant":
+                raise BadRecord(f'field "{name}" does not end with an assistant message (its answer)')
+            answers.append(turns[-1][1])
+            contexts.append(tuple(turns[:-1]))
+        if contexts[0] != contexts[1]:
+            raise BadRecord('fields "chosen" and "rejected" answer different conversations (the messages before '
+                            'their last differ)')
+        prompt: tuple[tuple[str, str], ...] = contexts[0]
+        if not prompt:  # the answers carry no context: the prompt field is it
+            given = field(record, "prompt", (str, list))
+            prompt = ((("user", given),) if isinstance(given, str)
+                      else tuple(_turns(record, "prompt", "role", "content", roles, need_assistant=False)) if given else ())
+        if not prompt or not any(content.strip() for _, content in prompt):
+            raise BadRecord('field "prompt" is empty')
+        for name, answer in zip(("chosen", "rejected"), answers):
+            if not answer.strip():
+                raise BadRecord(f'field "{name}" is an empty answer')
+        if answers[0] == answers[1]:
+            raise BadRecord('fields "chosen" and "rejected" are the same answer (nothing to prefer)')
+        return Pair(prompt, answers[0], answers[1], _id(record, "id", "prompt_id"))
+
+
 FORMATS: dict[str, type[Format]] = {f.name: f for f in (Text, S2orc, Alpaca, Messages, ShareGPT, MedQA, MedMCQA,
-                                                        PubMedQA, LMFlow)}
+                                                        PubMedQA, LMFlow, Preference)}
 
 
 def get_format(name: str) -> Format:

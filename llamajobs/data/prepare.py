@@ -30,6 +30,7 @@ from llamajobs.data import hf_datasets as hf
 from llamajobs.data import store as st
 from llamajobs.data.chat import ChatEncoder, ChatOptions, RenderError
 from llamajobs.data.encoder import Encoder, TextCodec
+from llamajobs.data.pairs import PairEncoder, pair_chat_encoder
 from llamajobs.errors import SpecError
 
 CHUNK_BYTES = 1 << 20
@@ -58,6 +59,7 @@ class PrepareConfig:
     chunk_bytes: int = CHUNK_BYTES
     chat_template: str | None = None  # chat formats: a named template instead of the tokenizer's own
     train_on: str = "assistant"       # chat formats: the loss covers assistant turns, or all of them
+    max_length: int = 512             # preference pairs: each answer with its prompt at most this many tokens
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -72,6 +74,10 @@ class PrepareConfig:
             raise SpecError(f"--chat-template and --train-on are for --format messages or sharegpt, "
                             f"not --format {self.format}")
         self.chat_options()  # an unknown --chat-template or --train-on is refused here too
+        if fmts.get_format(self.format).pairs and self.train_on != "assistant":
+            raise SpecError("--train-on all is not for --format preference: DPO scores the answers only")
+        if self.max_length < 8:
+            raise SpecError(f"--max-length {self.max_length}: must be 8 or more (tokens of a prompt and its answer)")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise SpecError(f"--workers {self.workers}: must be 1 to {MAX_WORKERS} (4 per CPU of this machine)")
         if not 0 <= self.eval_fraction <= MAX_EVAL_FRACTION:
@@ -141,6 +147,7 @@ class Encoded:
     held_out: np.ndarray | None      # bool per document: goes to the eval split
     bad: list[tuple[int, str]]       # (line, reason) of records that did not fit the format
     empty: int                       # documents with no text, skipped
+    truncated: int = 0               # preference pairs cut to --max-length
 
 
 def whole_files(inputs: Sequence[Path]) -> list[Piece]:
@@ -236,17 +243,24 @@ class ChunkEncoder:
     """Parse, template and tokenise chunks (in a worker process, or in the main one with --workers 1)."""
 
     def __init__(self, codec: TextCodec, format: str, options: list[Any], eval_fraction: float,
-                 chat: ChatOptions | ChatEncoder | None = None) -> None:
+                 chat: ChatOptions | ChatEncoder | None = None, max_length: int = 0) -> None:
         self.codec = codec
         self.fmt = fmts.get_format(format)
         self.options = options
         self.eval_fraction = eval_fraction
-        if isinstance(chat, ChatEncoder) or not self.fmt.chat:  # one built by the main process: no transformers here
-            self.chat = chat
+        if self.fmt.pairs:  # the main process's encoder, or None: pairs rendered as plain text
+            self.chat = None
+            self.pairs = PairEncoder(codec, chat if isinstance(chat, ChatEncoder) else None, max_length)
         else:
-            self.chat = ChatEncoder(codec.path, chat or ChatOptions())
+            self.pairs = None
+            if isinstance(chat, ChatEncoder) or not self.fmt.chat:  # one built by the main process: no transformers here
+                self.chat = chat
+            else:
+                self.chat = ChatEncoder(codec.path, chat or ChatOptions())
 
     def __call__(self, chunk: Chunk) -> Encoded:
+        if self.fmt.pairs:
+            return self._encoded_pairs(chunk)
         examples: list[fmts.Example] = []
         chats: list[tuple[np.ndarray, np.ndarray]] = []  # chat formats: each example's (ids, mask)
         bad: list[tuple[int, str]] = []
@@ -292,6 +306,34 @@ class ChunkEncoder:
         if self.eval_fraction > 0:
             held = np.fromiter((held_out(e.split_key(), self.eval_fraction) for e in examples), bool, len(examples))
         return Encoded(tokens, lengths, mask, held, bad, empty)
+
+
+    def _encoded_pairs(self, chunk: Chunk) -> Encoded:
+        """Preference pairs: two documents per pair, chosen then rejected, each the prompt and one answer
+        (the loss mask on the answer), cut to max_length together (pairs.truncate_pair)."""
+        pairs: list[fmts.Pair] = []
+        docs: list[tuple[list[int], list[int]]] = []
+        bad: list[tuple[int, str]] = []
+        truncated = 0
+        assert isinstance(self.fmt, fmts.Preference) and self.pairs is not None
+        for line, payload in chunk.records:
+            try:
+                pair = self.fmt.pair(readers.parse_record(payload))
+                encoded, cut = self.pairs.encode(pair)
+            except (fmts.BadRecord, RenderError) as e:
+                bad.append((line, str(e)))
+                continue
+            truncated += cut
+            pairs.append(pair)
+            docs.extend(encoded)
+        lengths = np.fromiter((len(ids) for ids, _ in docs), np.int64, len(docs))
+        tokens = np.fromiter(chain.from_iterable(ids for ids, _ in docs), np.uint32, int(lengths.sum()))
+        mask = np.fromiter(chain.from_iterable(m for _, m in docs), np.uint8, int(lengths.sum()))
+        held = None
+        if self.eval_fraction > 0:  # per pair, so both answers land in the same split
+            held = np.repeat(np.fromiter((held_out(p.split_key(), self.eval_fraction) for p in pairs), bool,
+                                         len(pairs)), 2)
+        return Encoded(tokens, lengths, mask, held, bad, 0, truncated)
 
 
 def _framed(ids: list[list[int]], bos: int, eos: int) -> np.ndarray:
@@ -377,6 +419,7 @@ class Progress:
 class Counts:
     empty: int = 0
     bad: int = 0
+    truncated: int = 0  # preference pairs cut to --max-length
     bad_examples: list[str] = field(default_factory=list)
     per_source: list[int] = field(default_factory=list)
 
@@ -400,14 +443,19 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
         train = st.PartWriter(tmp / st.part_name(0), dtype, fmt.instruct)
         held = st.PartWriter(tmp / st.EVAL / st.part_name(0), dtype, fmt.instruct) if config.eval_fraction else None
         counts = Counts(per_source=[0] * len(inputs))
-        # Chat: the encoder is built here (no chat template is refused before any work) and goes to the workers.
-        chat = ChatEncoder(encoder.path, config.chat_options()) if config.chat_options() is not None else None
-        args = (encoder.codec, config.format, options, config.eval_fraction, chat)
+        # Chat: the encoder is built here (no chat template is refused before any work) and goes to the
+        # workers. Preference pairs are rendered with a chat template when there is one, else as plain text.
+        if fmt.pairs:
+            chat = pair_chat_encoder(encoder.path, config.chat_options() or ChatOptions())
+        else:
+            chat = ChatEncoder(encoder.path, config.chat_options()) if config.chat_options() is not None else None
+        args = (encoder.codec, config.format, options, config.eval_fraction, chat, config.max_length if fmt.pairs else 0)
         plain = not any(p.suffix == ".gz" or hf.is_dataset_input(p) for p in inputs)  # bytes read = chunk bytes
         workers = useful_workers(config.workers, total_bytes if plain else None, config.chunk_bytes)
         for chunk, enc in encode_chunks(read_chunks(inputs, fmt, config.chunk_bytes), args, workers):
             check_bad_lines(enc.bad, inputs[chunk.source], fmt, config.skip_bad_lines, counts)
             counts.empty += enc.empty
+            counts.truncated += enc.truncated
             counts.per_source[chunk.source] += len(enc.lengths)
             write_encoded(train, held, enc)
             if progress:
@@ -418,9 +466,11 @@ def prepare(config: PrepareConfig, progress: Callable[[Progress], None] | None =
                             f"{counts.bad} bad lines skipped); is --format {fmt.name} right?")
         check_training_split(train.documents, held.documents if held else 0, config.eval_fraction)
         common = common_meta(fmt, dtype, encoder.describe(), inputs, counts.per_source, config.eval_fraction)
-        if config.chat_options() is not None:
+        if chat is not None:
             common["chat"] = {"template": config.chat_template or "tokenizer", "train_on": config.train_on,
                               "encoding": st.CHAT_ENCODING}
+        if fmt.pairs:  # documents 2k and 2k + 1 are pair k's chosen and rejected answers
+            common["pairs"] = {"max_length": config.max_length, "truncated": counts.truncated}
         meta = store_meta([train.close()], common, counts)
         if held is not None:
             eval_meta = store_meta([held.close()], {**common, "split": "eval"}, Counts())

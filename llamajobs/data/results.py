@@ -30,12 +30,21 @@ class ShardedRun:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Pairs:
+    """A preference store's pairs (documents 2k and 2k + 1: pair k's chosen and rejected answers)."""
+    count: int
+    max_length: int
+    truncated: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Prepared:
     documents: int
     tokens: int
     dtype: str
     eval_split: SplitCounts | None  # None without --eval-fraction
     sharded: ShardedRun | None  # None when prepared in this process
+    pairs: Pairs | None  # None but for --format preference
     skipped_empty: int
     skipped_bad_lines: int
     bad_line_examples: tuple[str, ...]
@@ -49,7 +58,8 @@ class Prepared:
                    sharded=ShardedRun(**{k: run[k] for k in ("shards", "shards_requested", "cluster", "seconds",
                                                              "merge_seconds")}) if run else None,
                    skipped_empty=meta["skipped_empty"], skipped_bad_lines=meta["skipped_bad_lines"],
-                   bad_line_examples=tuple(meta["bad_line_examples"]), meta=meta)
+                   bad_line_examples=tuple(meta["bad_line_examples"]), meta=meta,
+                   pairs=Pairs(count=meta["documents"] // 2, **meta["pairs"]) if meta.get("pairs") else None)
 
     def to_json(self) -> dict[str, Any]:
         return self.meta

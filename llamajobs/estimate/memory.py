@@ -77,6 +77,10 @@ def model_state_bytes(plan: Plan, a: Assumptions = DEFAULT) -> dict[str, float]:
             "pp": (2 * n / gpn, 0.0),
         }[plan.strategy]
         gpu += 16 * t
+    if plan.objective == "dpo" and full:
+        # DPO's frozen reference copy, fp32 like the policy's weights and sharded like them (fsdp only)
+        reference = 4 * n / g
+        gpu, cpu = (gpu, cpu + reference * plan.procs * buf) if plan.strategy_info.offload else (gpu + reference, cpu)
     return {"state_gpu": gpu, "accumulated_grads": accumulated, "state_cpu": cpu}
 
 
@@ -89,7 +93,8 @@ def activation_bytes(plan: Plan, a: Assumptions = DEFAULT) -> float:
     storage that two ops save twice). Recompute keeps each layer's input (2·d) and rebuilds one layer's
     set at a time during the backward. `--compile` saves fewer (`compile_activation_share`)."""
     shape, mode = plan.shape, plan.mode_info
-    tokens = plan.micro_batch * plan.seq_len * (a.compile_activation_share if plan.compile else 1.0)
+    # (DPO: both rows of each pair; the reference's forward runs without gradients and saves nothing)
+    tokens = plan.micro_batch * plan.rows_per_example * plan.seq_len * (a.compile_activation_share if plan.compile else 1.0)
     if mode.frozen_base:
         per_layer = (16 + 4 * len(plan.lora_targets if mode.adapters else ())) * shape.dim + 5 * shape.ffn_dim
     else:
@@ -169,7 +174,8 @@ def memory(run: Plan | JobSpec, gpu: Accelerator, strategy: str | None = None, a
     # Two peaks: the start of the backward (activations and the loss, not yet the gradients the
     # backward allocates) and its end (every gradient, the activations gone); the larger one counts.
     grads = gradient_bytes(plan)
-    loss = (fused_loss_bytes if plan.fused_loss else logits_bytes)(s, plan.micro_batch, plan.seq_len)
+    loss = (fused_loss_bytes if plan.fused_loss else logits_bytes)(s, plan.micro_batch * plan.rows_per_example,
+                                                                   plan.seq_len)
     at_start = acts + loss + autocast_weight_bytes(plan) - grads
     parts = {
         "model_states": states["state_gpu"] - grads + (grads if at_start < 0 else 0.0),

@@ -41,6 +41,7 @@ class Plan:
     sharded_accumulation: bool
     micro_batch_auto: bool  # --micro-batch auto: `planning.resolve` picks the fastest that fits
     fused_loss: bool  # Liger's fused linear cross-entropy on the GPUs (--kernels liger): no logits tensor
+    objective: str  # dpo: two rows per example (chosen, rejected) and the reference's forward
 
     @classmethod
     def from_spec(cls, spec: JobSpec, **changes: Any) -> Plan:
@@ -53,7 +54,7 @@ class Plan:
                    cpus_per_node=spec.cpus_per_node, weights_from_disk=bool(spec.model_path),
                    tokens_per_epoch=spec.tokens_per_epoch,
                    sharded_accumulation=spec.sharded_accumulation,
-                   micro_batch_auto=spec.micro_batch_auto, fused_loss=spec.fused_loss)
+                   micro_batch_auto=spec.micro_batch_auto, fused_loss=spec.fused_loss, objective=spec.objective)
         return dataclasses.replace(plan, **changes)
 
     @property
@@ -86,8 +87,13 @@ class Plan:
         return max(1, math.ceil(self.global_batch / (self.micro_batch * self.data_parallel)))
 
     @property
+    def rows_per_example(self) -> int:
+        """Sequences of seq_len per example (per unit of the global and micro batches): DPO's pair is two."""
+        return 2 if self.objective == "dpo" else 1
+
+    @property
     def tokens_per_step(self) -> int:
-        return self.global_batch * self.seq_len
+        return self.global_batch * self.rows_per_example * self.seq_len
 
     @property
     def runs_unsharded(self) -> bool:

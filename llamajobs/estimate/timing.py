@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from llamajobs.catalog import Accelerator, flops_per_token, recompute_flops_per_token
+from llamajobs.catalog import (Accelerator, flops_per_token, objective_flops_per_token, recompute_flops_per_token,
+                               reference_flops_per_token)
 from llamajobs.estimate.assumptions import DEFAULT, Assumptions, gpu_facts
 from llamajobs.estimate.memory import memory
 from llamajobs.estimate.plan import Plan, as_plan
@@ -38,6 +39,8 @@ def spent_flops_per_token(plan: Plan) -> float:
     spent = flops_per_token(s, plan.seq_len, plan.mode) - causal_skip
     if plan.recompute:
         spent += recompute_flops_per_token(s, plan.seq_len) - 2 * s.n_layers * s.dim * plan.seq_len
+    if plan.objective == "dpo":  # the reference's forward (no gradients), its causal half skipped too
+        spent += reference_flops_per_token(s, plan.seq_len) - 2 * s.n_layers * s.dim * plan.seq_len
     return spent
 
 
@@ -87,7 +90,7 @@ def step_time(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT) -
     n = s.params
     t = plan.trainable_params
     g, m = plan.data_parallel, plan.accum
-    tokens_per_rank = plan.micro_batch * plan.seq_len * m
+    tokens_per_rank = plan.micro_batch * plan.rows_per_example * plan.seq_len * m
     compute = tokens_per_rank * spent_flops_per_token(plan) / (gpu.peak_bf16_flops * compute_efficiency(plan, gpu, a))
     floor = m * host_floor_s(plan, a)
     hbm_bytes_per_s = facts.hbm_gbps * 1e9 * a.hbm_fraction
@@ -142,7 +145,7 @@ def throughput(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT) 
     times = step_time(plan, gpu, a)
     tokens_per_s = plan.tokens_per_step / times["step_s"]
     per_gpu = tokens_per_s / plan.gpus
-    mfu = flops_per_token(plan.shape, plan.seq_len, plan.mode) * per_gpu / gpu.peak_bf16_flops
+    mfu = objective_flops_per_token(plan.shape, plan.seq_len, plan.mode, plan.objective) * per_gpu / gpu.peak_bf16_flops
     return {"tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": per_gpu, "mfu": mfu, **times}
 
 

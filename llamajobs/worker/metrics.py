@@ -97,11 +97,13 @@ class MetricsLogger:
         self.last_checkpoint_total = 0.0
 
     def log(self, step: int, loss: float, lr: float, grad_norm: float, *, data_wait_s: float = 0.0,
-            checkpoint_total_s: float = 0.0, validation: Validation | None = None) -> MetricsRow:
+            checkpoint_total_s: float = 0.0, validation: Validation | None = None,
+            preference: dict[str, float] | None = None) -> MetricsRow:
         """One row for the steps since the last one. data_wait_s: the host seconds spent waiting for
         batches over those steps; checkpoint_total_s: the seconds spent saving checkpoints in this
         attempt so far (the row gets the part since the previous row); validation: the validation
-        run after this step, if one did (its time is not step time)."""
+        run after this step, if one did (its time is not step time); preference: DPO's statistics
+        of the step (worker/dpo.STATS)."""
         now = time.perf_counter()
         steps = step - self.last_step
         val_s = validation.seconds if validation else 0.0
@@ -119,6 +121,7 @@ class MetricsLogger:
             mem_gib=peak_memory_gib(self.device), data_wait_s=data_wait_s / steps,
             data_wait_frac=data_wait_s / steps / step_time, checkpoint_s=checkpoint_s,
             val_loss=validation.loss if validation else None, val_s=val_s,
+            **{k: v for k, v in (preference or {}).items() if k != "loss"},
         )
         if self.enabled:
             with open(self.path, "a") as f:  # one open per log: a crash leaves only whole lines
@@ -131,7 +134,9 @@ class MetricsLogger:
                   f"| {step_time:.3f} s/step | data {row.data_wait_s:.3f} s/step ({row.data_wait_frac:.0%}) "
                   f"| mfu {mfu_text} ({self.peak_name}) | {row.mem_gib:.2f} GiB"
                   + (f" | val loss {validation.loss:.4f} ({validation.tokens:,} tokens, {val_s:.1f} s)"
-                     if validation else ""), flush=True)
+                     if validation else "")
+                  + (f" | reward acc {row.reward_accuracy:.2f} margin {row.reward_margin:.4f}"
+                     if row.reward_accuracy is not None else ""), flush=True)
         return row
 
     def close(self) -> None:

@@ -24,17 +24,17 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import LlamaConfig, PreTrainedTokenizerBase
 
 from llamajobs import events
-from llamajobs.catalog import TINY_VOCAB, flops_per_token
+from llamajobs.catalog import TINY_VOCAB, objective_flops_per_token
 from llamajobs.data import SAMPLE_CORPUS, read_texts
 from llamajobs.data.sampler import (IGNORE_INDEX, MicroBatch, WindowSampler, steps_per_epoch, tokenize_documents,
                                      total_steps)
-from llamajobs.data import instruct
+from llamajobs.data import instruct, preference
 from llamajobs.data.store import TokenStore, open_documents
 from llamajobs.data.tokenizer import ensure_tokenizer, load_tokenizer
-from llamajobs.rules import validate_packing
+from llamajobs.rules import validate_objective_data, validate_packing
 from llamajobs.spec import JobSpec
 from llamajobs.worker import model as model_lib
-from llamajobs.worker import kernels, packing, parallel, rng, sinks, validate, zero
+from llamajobs.worker import dpo, kernels, packing, parallel, rng, sinks, validate, zero
 from llamajobs.worker.checkpoint import Checkpointer, CheckpointWriteError, TrainState, find_resume_step
 from llamajobs.worker.metrics import MetricsLogger, device_description
 from llamajobs.worker.parallel import Dist, Strategy
@@ -82,8 +82,10 @@ def train(run_dir: Path, spec: JobSpec, env: Dist) -> None:
     start = checkpointer.resume(resume_step)  # 0 without a checkpoint
     metrics = build_metrics(run_dir, spec, env, strategy, total=total, steps_in_epoch=steps_in_epoch, start=start)
     validator = validate.build_validator(spec, env, strategy, total=total, pad_id=tokenizer.eos_token_id)
+    objective = dpo.build(spec, strategy, config) if spec.objective == "dpo" else None  # None: SFT's token loss
     step, stopped = train_loop(model, optimizer, scheduler, sampler, metrics, checkpointer,
-                               spec=spec, env=env, start=start, total=total, strategy=strategy, validator=validator)
+                               spec=spec, env=env, start=start, total=total, strategy=strategy, validator=validator,
+                               objective=objective)
     metrics.close()  # the TensorBoard and wandb files are complete before the export (or the requeue)
     if not stopped:  # (stopped: the checkpoint of `step` is complete; the launcher requeues the job)
         finish(model, strategy, spec, config, tokenizer, run_dir, env, step)
@@ -135,11 +137,16 @@ def build_data(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, env: Dist) -> 
     """This rank's sampler and the number of steps in an epoch. A token store (--data) is memory
     mapped, after its tokenizer fingerprint is checked against ours; without one, the sample corpus
     is tokenised in memory (small: every rank does it). Instruction stores (with a loss mask) are
-    packed into rows; pretraining stores give one random window per document per epoch."""
+    packed into rows; preference stores (DPO) give pairs; pretraining stores give one random window
+    per document per epoch."""
     spec.accum_steps(env.world_size)  # fail with the batch arithmetic spelled out (the node's world size)
     docs = open_documents(spec.data, tokenizer) if spec.data else tokenize_documents(read_texts(SAMPLE_CORPUS), tokenizer)
     shared = dict(seq_len=spec.seq_len, global_batch=spec.global_batch, micro_batch=spec.micro_batch,
                   rank=env.rank, world_size=env.world_size, seed=spec.seed, pad_id=tokenizer.eos_token_id)
+    validate_objective_data(spec, preference.is_preference_store(docs))  # submit refused it already
+    if preference.is_preference_store(docs):
+        pairs = preference.PairSampler(docs, **shared)
+        return pairs, preference.steps_per_epoch(pairs, spec.tokens_per_epoch)
     if getattr(docs, "has_loss_mask", False):
         validate_packing(spec, packed=True)  # submit refused it already; a hand-edited spec.json too
         packed = instruct.PackedSampler(docs, **shared)
@@ -201,8 +208,8 @@ def build_metrics(run_dir: Path, spec: JobSpec, env: Dist, strategy: Strategy, *
                   start: int) -> MetricsLogger:
     metrics = MetricsLogger(
         run_dir, enabled=env.rank == 0, total_steps=total, steps_per_epoch=steps_in_epoch,
-        tokens_per_step=spec.global_batch * spec.seq_len,
-        flops_per_token=flops_per_token(spec.shape, spec.seq_len, spec.mode),
+        tokens_per_step=spec.global_batch * spec.rows_per_example * spec.seq_len,
+        flops_per_token=objective_flops_per_token(spec.shape, spec.seq_len, spec.mode, spec.objective),
         # Per GPU: pp's one process drives all of its node's GPUs.
         world_size=env.world_size * strategy.devices_per_process, device=env.device,
         sinks=sinks.open_sinks(run_dir, spec, start=start) if env.rank == 0 else ())
@@ -215,7 +222,7 @@ def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, strategy
     """The token budget up front (like nanoGPT), and the "started" event."""
     if env.rank != 0:
         return
-    tokens_per_step = spec.global_batch * spec.seq_len
+    tokens_per_step = spec.global_batch * spec.rows_per_example * spec.seq_len
     accum = spec.accum_steps(env.world_size)
     # DTensor numel is the global size; a ZeRO-3 partition's is not (ds_numel is).
     sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
@@ -227,7 +234,12 @@ def announce(spec: JobSpec, run_dir: Path, env: Dist, model: nn.Module, strategy
     if switches := spec.debug.describe():
         print(switches, flush=True)
     print(chosen.describe(), flush=True)
-    print(f"tokens per step: {tokens_per_step:,} = global batch {spec.global_batch} x seq len {spec.seq_len} "
+    if spec.objective == "dpo":
+        reference = "the base with the adapters disabled" if spec.mode_info.adapters else "a frozen copy of the start"
+        print(f"objective: dpo, loss {spec.loss}, beta {spec.beta}; each example a pair (chosen and rejected "
+              f"answers, 2 rows), the reference {reference}", flush=True)
+    print(f"tokens per step: {tokens_per_step:,} = global batch {spec.global_batch}"
+          f"{' pairs x 2' if spec.rows_per_example == 2 else ''} x seq len {spec.seq_len} "
           f"({accum} micro-batches of {spec.micro_batch} on each of {env.world_size} ranks)", flush=True)
     print(f"steps: {total:,} = {total / steps_in_epoch:.2f} epochs of {steps_in_epoch:,} steps "
           f"({steps_in_epoch * tokens_per_step:,} tokens per epoch, {total * tokens_per_step:,} in all)", flush=True)
@@ -273,10 +285,14 @@ def forward_backward(model: nn.Module, micro_batches: list[MicroBatch], world_si
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
                micro_batches: list[MicroBatch], *, strategy: Strategy, params: list[nn.Parameter], max_norm: float,
-               world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+               world_size: int, objective: dpo.Dpo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches: (loss share, gradient norm), both still on
-    the device: nothing here waits for the GPU (bench/worker_step.py times exactly this)."""
-    loss = forward_backward(model, micro_batches, world_size, strategy)
+    the device: nothing here waits for the GPU (bench/worker_step.py times exactly this). With a DPO
+    objective the share is a vector of its statistics (dpo.STATS, the loss first)."""
+    if objective is not None:
+        loss = objective.forward_backward(model, micro_batches, world_size, strategy)
+    else:
+        loss = forward_backward(model, micro_batches, world_size, strategy)
     grad_norm = strategy.step(model, optimizer, params, max_norm)  # clip, update, zero the gradients
     scheduler.step()
     return loss, grad_norm
@@ -284,7 +300,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: La
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, sampler: WindowSampler,
                metrics: MetricsLogger, checkpointer: Checkpointer, *, spec: JobSpec, env: Dist, start: int,
-               total: int, strategy: Strategy, validator: validate.Validator | None) -> tuple[int, bool]:
+               total: int, strategy: Strategy, validator: validate.Validator | None,
+               objective: dpo.Dpo | None = None) -> tuple[int, bool]:
     """Optimizer steps start+1..total, one global batch each, a checkpoint whenever due; returns the
     last step and whether a stop request ended the loop there (its checkpoint saved)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -305,12 +322,14 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: La
         micro_batches = to_device(next(sampler), env.device)
         data_wait += time.perf_counter() - fetching
         loss, grad_norm = train_step(model, optimizer, scheduler, micro_batches,
-                                     strategy=strategy, params=params, max_norm=max_norm, world_size=env.world_size)
+                                     strategy=strategy, params=params, max_norm=max_norm, world_size=env.world_size,
+                                     objective=objective)
         validation = validator.after_step(model, step) if validator else None  # every N steps and the last
         if step % spec.log_every_steps == 0 or step == total or validation:
-            dist.all_reduce(loss)  # the shares -> the global batch's mean token loss
-            metrics.log(step, loss.item(), lr, grad_norm.item(), data_wait_s=data_wait,
-                        checkpoint_total_s=checkpointer.seconds_saving, validation=validation)
+            dist.all_reduce(loss)  # the shares -> the global batch's mean token (or pair) loss
+            stats = dict(zip(dpo.STATS, loss.tolist())) if objective is not None else None
+            metrics.log(step, loss.flatten()[0].item(), lr, grad_norm.item(), data_wait_s=data_wait,
+                        checkpoint_total_s=checkpointer.seconds_saving, validation=validation, preference=stats)
             data_wait = 0.0
         if checkpointer.after_step(step):  # at the optimizer-step boundary: a saved checkpoint, if due
             return step, True

@@ -39,7 +39,7 @@ class Validation:
 def eval_stream(spec: JobSpec, store: TokenStore | None, pad_id: int) -> BatchStream | None:
     """The eval split's examples, as training cuts them; None when the store has no eval split."""
     held = store.eval_split() if store is not None else None
-    if held is None or len(held) == 0:
+    if held is None or len(held) == 0 or held.meta.get("pairs"):  # (DPO's validation is not implemented yet)
         return None
     shared = dict(seq_len=spec.seq_len, global_batch=1, micro_batch=1, rank=0, world_size=1, seed=spec.seed,
                   pad_id=pad_id)
