@@ -442,8 +442,14 @@ def starting_grid(a: estimate.Assumptions) -> StartingGrid:
 
 def predicted_hours(spec: JobSpec, accel: catalog.Accelerator, tokens: int | None, a: estimate.Assumptions,
                     cpu_mem_gib: float | None) -> dict[str, Any]:
+    asked = spec.shard_within  # (auto, before plan_for_gpu records the choice)
     spec = plan_for_gpu(spec, accel, a, cpu_mem_gib)
     result = estimate.hours(spec, accel, tokens, a, node_ram_gib(spec, cpu_mem_gib))
+    # fsdp across nodes: both layouts priced, the one this run takes and why (None: no choice to make)
+    choice = estimate.shard_choice(dataclasses.replace(spec, shard_within=asked), accel, a,
+                                   node_ram_gib(spec, cpu_mem_gib))
+    result["shard_within"] = (choice["shard_within"] if choice else "all") if spec.strategy_info.fsdp else None
+    result["shard_within_choice"] = choice
     result["spec"] = {"size": spec.size, "mode": spec.mode, "strategy": spec.strategy, "nodes": spec.nodes,
                       "gpus_per_node": spec.gpus_per_node, "seq_len": spec.seq_len,
                       "global_batch": spec.global_batch, "micro_batch": spec.micro_batch,

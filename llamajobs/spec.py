@@ -60,6 +60,9 @@ class DebugSpec:
     # DeepSpeed's CPU accelerator answers as on a CPU with bf16 and fp16 instructions (AMD EPYC with
     # avx512_bf16, Xeons with AMX), where its dtype decisions differ from those on a CPU without them.
     simulate_16bit_cpu: bool = False
+    # Count every N consecutive ranks as one node (--shard-within node's shard group) instead of the
+    # launcher's LOCAL_WORLD_SIZE: a test runs 2 processes of one host as 2 nodes of 1.
+    ranks_per_node: int | None = None
 
     def __post_init__(self) -> None:
         _check_types(self, DEBUG_FIELDS, prefix="debug.")
@@ -76,6 +79,8 @@ class DebugSpec:
             parts.append(f"inject {self.fault} at step {self.fault_step}")
         if self.simulate_16bit_cpu:
             parts.append("DeepSpeed's CPU accelerator simulates bf16/fp16 support")
+        if self.ranks_per_node:
+            parts.append(f"every {self.ranks_per_node} rank(s) count as one node")
         return "debug: " + "; ".join(parts) if parts else ""
 
 
@@ -119,6 +124,13 @@ class JobSpec:
     # accumulating an unsharded fp32 gradient (4 bytes x every parameter per GPU); the estimator picks
     # it when the unsharded one does not fit.
     sharded_accumulation: bool = False
+    # fsdp strategies across nodes: shard each layer within a node and replicate across nodes (HSDP:
+    # all-gathers stay on NVLink, one gradient all-reduce per step crosses the network), or over all
+    # ranks. auto: the estimator picks the faster layout that fits when the run is planned on GPUs
+    # (llamajobs.fit.plan_for_gpu) and records it here with shard_within_auto; a run not planned on
+    # GPUs keeps auto, which the worker runs as all.
+    shard_within: str = "auto"
+    shard_within_auto: bool = False
     lr: float = 2e-5
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -399,8 +411,9 @@ def _check_limits(obj: JobSpec | EvalSpec) -> None:
 
 
 # Fields that spec.json records but no source sets: the command sets `evaluation` (`llamajobs eval
-# --cluster`), the estimator `micro_batch_auto` (--micro-batch auto) and `sharded_accumulation`.
-RECORDED = frozenset({"evaluation", "micro_batch_auto", "sharded_accumulation"})
+# --cluster`), the estimator `micro_batch_auto` (--micro-batch auto), `sharded_accumulation` and
+# `shard_within_auto` (--shard-within auto).
+RECORDED = frozenset({"evaluation", "micro_batch_auto", "sharded_accumulation", "shard_within_auto"})
 
 
 def normalise_keys(values: Mapping[str, Any], source: str, settings: bool = False) -> dict[str, Any]:

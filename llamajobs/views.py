@@ -281,6 +281,15 @@ def hours_table(r: dict[str, Any]) -> None:
         table.add_row("run", f"{s['size']} {s['mode']}, {s['strategy']}, {s['nodes']}x{s['gpus_per_node']} "
                              f"{r['peak']}, seq {s['seq_len']}, global batch {s['global_batch']}, "
                              f"micro {s['micro_batch']}")
+    if r.get("shard_within_choice"):
+        c = r["shard_within_choice"]
+        table.add_row("shard within", f"{c['shard_within']}: {c['reason']}")
+        for layout, what in (("node", "node (hybrid: shard in a node, replicate across nodes)"),
+                             ("all", "all (every GPU of the job)")):
+            row = c["layouts"][layout]
+            table.add_row(f"  {layout}", f"{row['step_s']:.3g} s per step (communication {row['comm_s']:.3g} s), "
+                                         f"{row['gpu_mem_gib']:.1f} GiB per GPU at micro-batch {row['micro_batch']}, "
+                                         f"{row['verdict']}; {what}")
     table.add_row("hours per epoch", hours(r["hours_per_epoch"]) + (
         f" ({r['tokens_per_epoch']:,} tokens)" if r.get("tokens_per_epoch") else "  (pass --tokens 2.5B)"))
     table.add_row("tokens/s", f"{r['tokens_per_s']:,.0f} total, {fmt(r['tokens_per_s_per_gpu'], ',.0f')} per GPU")

@@ -23,7 +23,7 @@ from llamajobs.estimate.memory import (GIB, LOSS_CHUNK_TOKENS, activation_bytes,
                                        model_state_bytes, verdict)
 from llamajobs.estimate.plan import Plan, as_plan, plan_for_strategy
 from llamajobs.estimate.planning import (DEFAULT_GPU, fit_check, grid_row, host_memory_gib, hours_for_spec,
-                                         memory_table, micro_batch_choices, resolve)
+                                         memory_table, micro_batch_choices, resolve, shard_choice)
 from llamajobs.estimate.published import PUBLISHED, Published, compare_published, predict_published, published_markdown
 from llamajobs.estimate.timing import (EXPECTED_ERROR, UNCHECKED, compute_efficiency, cpu_adam_params_per_s,
                                        expected_error_text, host_floor_s, hours, interconnect_gbps,
@@ -40,5 +40,5 @@ __all__ = [
     "throughput", "verdict", "with_overrides",
     "LOSS_CHUNK_TOKENS", "PUBLISHED", "Published", "autocast_weight_bytes", "compare_published", "gradient_bytes",
     "host_floor_s", "interconnect_gbps", "micro_batch_choices", "ops_per_layer", "predict_published",
-    "published_markdown", "resolve",
+    "published_markdown", "resolve", "shard_choice",
 ]
