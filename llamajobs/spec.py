@@ -215,6 +215,15 @@ class JobSpec:
         return self.liger and self.strategy_info.zero_stage != 3
 
     @property
+    def async_checkpoints(self) -> bool:
+        """Whether periodic saves are written in the background, staging a copy of the saved state in host
+        memory: the worker's Strategy.async_checkpoints (DCP's strategies without offload; DeepSpeed's
+        engine saves synchronously)."""
+        info = self.strategy_info
+        periodic = bool(self.checkpoint_every_steps or self.checkpoint_every_minutes)
+        return periodic and not info.deepspeed and not info.offload
+
+    @property
     def plans_gpus(self) -> bool:
         """Whether the run is planned on GPUs: --device cuda, or auto on a cluster that allocates GPUs
         (the node decides auto)."""

@@ -445,3 +445,27 @@ def test_submit_checks_a_slurm_run_on_the_assumed_gpu():
     fit = fit_check(on_slurm, None)
     assert fit.accelerator.name == "a100-80g" and "assumed" in fit.note
 
+
+
+def test_asynchronous_checkpoints_stage_a_node_s_share_of_the_saved_state_in_host_memory() -> None:
+    """DCP's async_save copies what each rank saves (fp32 weights and two Adam moments: 12 bytes a
+    trained parameter) to host memory: a node holds its ranks' shards. Loading is over by then, so the
+    larger of the two counts; DeepSpeed saves synchronously; under hybrid sharding a node saves a
+    whole replica's shards."""
+    from llamajobs.estimate import GIB, Plan, memory, staging_bytes
+
+    a100 = GPUS["a100-80g"]
+    plan = Plan.from_spec(JobSpec(size="7b", strategy="fsdp", cluster="slurm", nodes=2, gpus_per_node=8,
+                                  shard_within="all", model_path=None))
+    n = plan.shape.params
+    assert plan.async_checkpoints and staging_bytes(plan) == 12 * n / 16 * 8
+    parts = memory(plan, a100)["cpu_parts_gib"]
+    assert parts["checkpoint_staging"] == pytest.approx(6 * n / GIB)
+    synchronous = dataclasses.replace(plan, async_checkpoints=False)
+    added = memory(plan, a100)["cpu_mem_gib"] - memory(synchronous, a100)["cpu_mem_gib"]
+    assert added == pytest.approx(max(parts["loading"], parts["checkpoint_staging"]) - parts["loading"])
+    assert added > 0  # 6 bytes a parameter per node against the 4 of an fp32 random init
+    assert staging_bytes(dataclasses.replace(plan, shard_within="node")) == 12 * n
+    for synchronous_strategy in ("ds-zero3", "fsdp-offload"):
+        assert staging_bytes(Plan.from_spec(JobSpec(size="7b", strategy=synchronous_strategy, cluster="slurm"))) == 0
+    assert not JobSpec(checkpoint_every_steps=None, checkpoint_every_minutes=None).async_checkpoints

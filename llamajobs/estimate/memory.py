@@ -150,6 +150,18 @@ def loading_bytes(plan: Plan) -> float:
     return (2 if plan.weights_from_disk else 4) * plan.shape.params
 
 
+def staging_bytes(plan: Plan) -> float:
+    """Host RAM per node of an asynchronous checkpoint: DCP's async_save copies what each rank saves
+    (fp32 weights and Adam's two moments of what it trains: 12 bytes a parameter, its shard) into
+    host memory and writes it from there. A frozen base is not saved; DeepSpeed and the offload
+    strategies save synchronously (JobSpec.async_checkpoints)."""
+    if not plan.async_checkpoints or plan.strategy_info.deepspeed or plan.strategy_info.offload:
+        return 0.0
+    if plan.strategy_info.one_process_per_node or plan.runs_unsharded:
+        return 12.0 * plan.trainable_params  # one process holds (and saves) all of it
+    return 12.0 * plan.trainable_params / plan.shard_ranks * plan.procs
+
+
 def verdict(used: float, available: float, a: Assumptions = DEFAULT) -> str:
     share = used / available if available > 0 else math.inf
     return "fits" if share < a.fits_below else "tight" if share <= 1.0 else "does not fit"
@@ -185,9 +197,13 @@ def memory(run: Plan | JobSpec, gpu: Accelerator, strategy: str | None = None, a
     cpu_parts = {
         "offloaded_states": states["state_cpu"],
         "loading": loading_bytes(plan),
+        "checkpoint_staging": staging_bytes(plan),
         "processes": a.host_process_gib * GIB * plan.procs,
     }
-    gpu_bytes, cpu_bytes = sum(parts.values()), sum(cpu_parts.values())
+    gpu_bytes = sum(parts.values())
+    # Loading is over (its buffers freed) before the first checkpoint: the larger of the two counts.
+    cpu_bytes = (cpu_parts["offloaded_states"] + max(cpu_parts["loading"], cpu_parts["checkpoint_staging"])
+                 + cpu_parts["processes"])
     ram = node_ram_gib or a.node_ram_gib
     gpu_verdict = verdict(gpu_bytes, gpu.memory_gib * GIB, a)
     cpu_verdict = verdict(cpu_bytes, ram * GIB, a)

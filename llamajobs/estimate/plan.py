@@ -43,6 +43,7 @@ class Plan:
     # fsdp across nodes: "node" shards within a node and replicates across nodes (HSDP), "all" over
     # every rank; "auto": `planning.resolve` picks (priced as "all" until it does)
     shard_within: str
+    async_checkpoints: bool  # periodic saves staged in host memory and written in the background
     fused_loss: bool  # Liger's fused linear cross-entropy on the GPUs (--kernels liger): no logits tensor
 
     @classmethod
@@ -57,6 +58,7 @@ class Plan:
                    tokens_per_epoch=spec.tokens_per_epoch,
                    sharded_accumulation=spec.sharded_accumulation,
                    micro_batch_auto=spec.micro_batch_auto, shard_within=spec.shard_within,
+                   async_checkpoints=spec.async_checkpoints,
                    fused_loss=spec.fused_loss)
         return dataclasses.replace(plan, **changes)
 

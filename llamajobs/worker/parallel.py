@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -257,6 +258,23 @@ class Strategy(ABC):
         attempt built it."""
         model_state, optimizer_state = self._dcp_state(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+
+    @property
+    def async_checkpoints(self) -> bool:
+        """Whether periodic saves may run in the background (save_checkpoint_async; JobSpec.async_checkpoints
+        says the same to the estimator). Not under offload: the state already lives in host memory,
+        and staging would copy the largest user of host RAM a second time."""
+        return not self.spec.strategy_info.offload
+
+    def save_checkpoint_async(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
+                              group: dist.ProcessGroup) -> Future:
+        """Collective: copy this rank's shards to host memory now (training may change the originals as
+        soon as this returns), and write them into folder in a background thread; the future completes
+        when this rank's files are written. `group`: a gloo group of its own, for DCP's collectives
+        from that thread, which must never interleave with the training's on the default group."""
+        model_state, optimizer_state = self._dcp_state(model, optimizer)
+        return dcp.async_save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder,
+                              process_group=group)
 
     def load_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
         """Collective: the model's and optimizer's state from folder, in place, each rank its own shards."""
