@@ -105,6 +105,8 @@ def state(row: Row) -> str:
         return f"{row.state}: {row.problem}"
     if row.state == "STALLED" and row.last_metric_age_s is not None:
         return f"STALLED, no metric for {duration(row.last_metric_age_s)}"
+    if row.slow:
+        return f"{row.state}, SLOW"
     return row.state
 
 
@@ -182,6 +184,8 @@ def detail(d: Detail) -> None:
     out.print("logs")
     for path in d.logs:
         out.print(f"  {path}", markup=False)
+    if row.slow:
+        out.print(f"SLOW: {row.slow}", style="yellow", markup=False)
     if row.error:
         out.print(f"first error: {row.error}", style="red", markup=False)
         if d.error_hint:

@@ -353,6 +353,8 @@ class Checkpointer:
         """Save when due (every N steps, every M minutes, or on a stop request); True when a stop was
         requested: the checkpoint of this step is then complete and the worker should exit."""
         lose_a_rank(self.spec.debug, step, self.env.rank, self.env.world_size)  # fault injection (die, hang)
+        if step == self.spec.debug.fault_at("fsize"):
+            self.wait()  # the injected limit is for the saves after this step, not one still being written
         limit_file_size(self.spec.debug, step)  # fault injection (fsize)
         minutes_due, stop = self._rank0_decisions(step)
         self._commit_if_written()
