@@ -79,6 +79,8 @@ def test_auto_falls_back_to_full_sharding_when_a_node_cannot_hold_the_shard() ->
     assert choice["shard_within"] == "all"
     assert choice["reason"].startswith("node does not fit")
     assert plan_for_gpu(spec, a100).shard_within == "all"
+    on_two = estimate.shard_choice(dataclasses.replace(spec, nodes=2), a100)  # 70 GB per GPU even over 16
+    assert on_two["shard_within"] == "all" and on_two["reason"].startswith("neither fits; all needs less memory")
 
 
 def test_no_choice_on_one_node_or_for_deepspeed_and_a_given_layout_is_kept() -> None:

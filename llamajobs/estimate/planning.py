@@ -76,7 +76,9 @@ def shard_choice(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT
     chosen, rival = rows[picked], rows[other]
     if plan.shard_within != "auto":
         reason = f"--shard-within {picked} as given"
-    elif rival["verdict"] == "does not fit" and chosen["verdict"] != "does not fit":
+    elif chosen["verdict"] == "does not fit":
+        reason = f"neither fits; {picked} needs less memory ({chosen['gpu_mem_gib']:.1f} GiB per GPU)"
+    elif rival["verdict"] == "does not fit":
         reason = (f"{other} does not fit ({rival['gpu_mem_gib']:.1f} GiB per GPU of {gpu.memory_gib:g}); "
                   f"{picked} needs {chosen['gpu_mem_gib']:.1f}")
     elif _PREFERENCE[rival["verdict"]] > _PREFERENCE[chosen["verdict"]]:
