@@ -59,6 +59,8 @@ def validate_debug(debug: DebugSpec) -> None:
         raise SpecError(f"debug.fault {debug.fault!r}: expected one of {', '.join(catalog.FAULTS)}")
     if debug.fault_step < 0:
         raise SpecError(f"debug.fault_step {debug.fault_step} must be 0 or more")
+    if debug.slow_checkpoint_write_s < 0:
+        raise SpecError(f"debug.slow_checkpoint_write_s {debug.slow_checkpoint_write_s} must be 0 or more")
     if debug.ranks_per_node is not None and debug.ranks_per_node < 1:
         raise SpecError(f"debug.ranks_per_node {debug.ranks_per_node} must be 1 or more")
 

@@ -63,6 +63,9 @@ class DebugSpec:
     # Count every N consecutive ranks as one node (--shard-within node's shard group) instead of the
     # launcher's LOCAL_WORLD_SIZE: a test runs 2 processes of one host as 2 nodes of 1.
     ranks_per_node: int | None = None
+    # Each rank's background checkpoint write sleeps this long before writing (a slow filesystem), so
+    # that a test sees training go on while a save is in flight. Periodic (background) saves only.
+    slow_checkpoint_write_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_types(self, DEBUG_FIELDS, prefix="debug.")
@@ -81,6 +84,8 @@ class DebugSpec:
             parts.append("DeepSpeed's CPU accelerator simulates bf16/fp16 support")
         if self.ranks_per_node:
             parts.append(f"every {self.ranks_per_node} rank(s) count as one node")
+        if self.slow_checkpoint_write_s:
+            parts.append(f"background checkpoint writes wait {self.slow_checkpoint_write_s:g} s first")
         return "debug: " + "; ".join(parts) if parts else ""
 
 

@@ -37,7 +37,7 @@ from llamajobs.catalog import SIZES
 from llamajobs.data import read_texts
 from llamajobs.data.sampler import IGNORE_INDEX, WindowSampler, tokenize_documents
 from llamajobs.data.tokenizer import load_tokenizer
-from llamajobs.spec import JobSpec
+from llamajobs.spec import DebugSpec, JobSpec
 from llamajobs.worker import checkpoint, parallel, rng
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.checkpoint import Checkpointer
@@ -219,6 +219,7 @@ def _listing(folder: Path) -> list[str]:
 
 
 FULL = dict(max_steps=6, checkpoint_every_steps=2)  # checkpoints at 2, 4, 6; keep_checkpoints 2
+SLOW_WRITE_S = 3.0  # a background write's wait: longer than two steps of the tiny model here (~0.2 s each)
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +299,24 @@ def test_periodic_saves_written_in_the_background_resume_bitwise_and_a_stop_save
     assert _losses(run_dir) == _losses(full_reference)
     assert_same_tensors(load_file(full_reference / "final" / "model.safetensors"),
                         load_file(run_dir / "final" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_training_goes_on_while_a_periodic_save_is_written(new_run, full_reference: Path) -> None:
+    """A slow filesystem (each rank's write of a background save waits 3 s first): steps 3 and 4 are
+    trained and logged while step 2's checkpoint is still being written, which is committed only
+    later; the losses are the reference's, bitwise."""
+    run_dir = new_run("slow-writes", **FULL, debug=DebugSpec(slow_checkpoint_write_s=SLOW_WRITE_S))
+    assert_exit_0(_work(run_dir))
+    rows = {r["step"]: r for r in metrics_rows(run_dir)}
+    saves = {e["step"]: e for e in events.read(run_dir) if e["event"] == "checkpointed"}
+    assert sorted(saves) == [2, 4, 6] and all(e["background"] for e in saves.values())
+    # Step 2's save was still being written after step 3's boundary, and after step 4 was logged: the
+    # boundary of step 4, which starts the next save, waited for it and committed it.
+    assert rows[4]["time"] < saves[2]["time"] < saves[4]["time"]
+    assert saves[2]["written_s"] >= SLOW_WRITE_S
+    assert _losses(run_dir) == _losses(full_reference)
+    assert checkpoint.complete_steps(run_dir / "checkpoints") == [4, 6]  # (keep_checkpoints 2)
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ from llamajobs import catalog
 from llamajobs.spec import DebugSpec, JobSpec
 from llamajobs.values import device_type
 from llamajobs.worker import model as model_lib
-from llamajobs.worker.faults import lose_a_rank
+from llamajobs.worker.faults import lose_a_rank, slow_writer
 
 # The start-up preflight gives every rank this long to join (or the collective timeout, if shorter).
 PREFLIGHT_TIMEOUT = timedelta(minutes=5)
@@ -273,8 +273,9 @@ class Strategy(ABC):
         when this rank's files are written. `group`: a gloo group of its own, for DCP's collectives
         from that thread, which must never interleave with the training's on the default group."""
         model_state, optimizer_state = self._dcp_state(model, optimizer)
+        delay = self.spec.debug.slow_checkpoint_write_s  # (tests: a slow filesystem)
         return dcp.async_save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder,
-                              process_group=group)
+                              storage_writer=slow_writer(folder, delay) if delay else None, process_group=group)
 
     def load_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
         """Collective: the model's and optimizer's state from folder, in place, each rank its own shards."""
