@@ -432,6 +432,9 @@ CLUSTER: dict[str, ClusterInfo] = {c.name: c for c in (
 CLUSTERS: tuple[str, ...] = tuple(CLUSTER)
 LAUNCHERS: tuple[str, ...] = ("torchrun", "deepspeed")
 TASKS: tuple[str, ...] = ("medqa", "medmcqa", "pubmedqa")  # eval's multiple-choice sets
+# --shard-within (fsdp strategies): FSDP2 shards each layer over the ranks of one node and replicates
+# across nodes (HSDP), or over every rank of the job; auto: the estimator picks the faster that fits.
+SHARD_WITHIN: tuple[str, ...] = ("auto", "node", "all")
 KERNELS: tuple[str, ...] = ("liger", "none")  # --kernels: Liger's fused kernels on CUDA, or the plain modules
 SCORES: tuple[str, ...] = ("letter", "text")  # eval's log-likelihood of an option's letter, or of its text
 # debug.fault: what the worker injects at a step for tests (worker/faults.py says what each does).

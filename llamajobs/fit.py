@@ -31,13 +31,16 @@ def accelerator(gpu: str | None, peak_tflops: float | None = None, gpu_mem_gib: 
 def plan_for_gpu(spec: JobSpec, accel: catalog.Accelerator | None, a: estimate.Assumptions = estimate.DEFAULT,
                  cpu_mem_gib: float | None = None) -> JobSpec:
     """The spec as it will run on `accel`: --micro-batch auto resolved to the fastest micro-batch that
-    fits, and FSDP's accumulation (sharded when the unsharded fp32 gradient does not fit). A run not
+    fits, FSDP's accumulation (sharded when the unsharded fp32 gradient does not fit) and --shard-within
+    auto to the faster layout that fits. A run not
     planned on GPUs (local, --device cpu) or an eval job is returned as it is."""
     if accel is None or spec.evaluation is not None or not spec.plans_gpus:
         return spec
     plan = estimate.resolve(spec, accel, a, node_ram_gib(spec, cpu_mem_gib))
     if spec.micro_batch_auto:
         spec = llamajobs.spec.with_auto_micro_batch(spec, plan.micro_batch)
+    if spec.shard_within == "auto" and spec.strategy_info.fsdp:  # recorded: the worker runs what spec.json says
+        spec = dataclasses.replace(spec, shard_within=plan.shard_within, shard_within_auto=True)
     return dataclasses.replace(spec, sharded_accumulation=plan.sharded_accumulation)
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from llamajobs import cluster, events, files, forensics, metrics
+from llamajobs import catalog, cluster, estimate, events, files, forensics, metrics
 from llamajobs.cluster import TERMINAL
 from llamajobs.metrics import MetricsRow
 from llamajobs.registry import Job
@@ -70,6 +70,7 @@ class Row:
     val_loss: float | None = None  # the latest validation loss (None: no eval split, or none run yet)
     hub_id: str | None = None  # --model-path as a Hub id: the repository, and the commit it was pinned to
     hub_commit: str | None = None
+    slow: str | None = None  # why the job is SLOW (slow_reason), else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +85,29 @@ def recent_median(rows: Sequence[MetricsRow], field: str, window: int = 20) -> f
     """Median of a metric over the recent logged steps, the first left out (as for the step time)."""
     values = [getattr(m, field) for m in rows if m.step > 1][-window:]
     return statistics.median(values) if values else None
+
+
+# A running job is SLOW when its measured tokens/s after warm-up is below this share of what the
+# estimator predicts for its own plan (issue 31): something the plan does not know is holding it back.
+SLOW_SHARE = 0.7
+
+
+def slow_reason(spec: JobSpec | None, measured: Sequence[MetricsRow], history: Sequence[dict]) -> str | None:
+    """Why a job is SLOW, or None: its steady throughput (warm-up steps and checkpoint pauses left out,
+    as `estimate hours JOB` measures it) against the prediction for its plan on the GPU it ran on.
+    Only for runs planned on GPUs the catalog knows, once a step past the warm-up was logged."""
+    if spec is None or spec.evaluation is not None or not spec.plans_gpus or not measured:
+        return None
+    gpu = catalog.GPUS.get(measured[-1].peak)
+    if gpu is None or not any(m.step > estimate.DEFAULT.warmup_steps for m in measured):
+        return None
+    steady = estimate.hours_from_metrics(list(measured), history)
+    predicted = estimate.throughput(spec, gpu)["tokens_per_s"]
+    if steady is None or not steady.tokens_per_s or steady.tokens_per_s >= SLOW_SHARE * predicted:
+        return None
+    got = steady.tokens_per_s
+    return (f"{got:,.0f} tokens/s after warm-up, {got / predicted:.0%} of the {predicted:,.0f} predicted for its "
+            f"plan on {gpu.name} (below {SLOW_SHARE:.0%})")
 
 
 def stall_threshold(step_time: float | None) -> float:
@@ -202,6 +226,7 @@ def row(job: Job, state: str | None = None, now: float | None = None) -> Row:
         problem="; ".join(files.problems) or None,
         val_loss=latest_val_loss(measured),
         hub_id=spec.hub_id if spec else None, hub_commit=spec.hub_commit if spec else None,
+        slow=slow_reason(spec, measured, history) if state == "RUNNING" else None,
     )
 
 

@@ -60,6 +60,10 @@ def validate_debug(debug: DebugSpec) -> None:
         raise SpecError(f"debug.fault {debug.fault!r}: expected one of {', '.join(catalog.FAULTS)}")
     if debug.fault_step < 0:
         raise SpecError(f"debug.fault_step {debug.fault_step} must be 0 or more")
+    if debug.slow_checkpoint_write_s < 0:
+        raise SpecError(f"debug.slow_checkpoint_write_s {debug.slow_checkpoint_write_s} must be 0 or more")
+    if debug.ranks_per_node is not None and debug.ranks_per_node < 1:
+        raise SpecError(f"debug.ranks_per_node {debug.ranks_per_node} must be 1 or more")
 
 
 def validate_shape(shape: catalog.Shape) -> None:
@@ -85,6 +89,7 @@ def validate(spec: JobSpec) -> None:
     _choice(spec, "kernels", catalog.KERNELS)
     _choice(spec, "objective", catalog.OBJECTIVES)
     _choice(spec, "loss", catalog.DPO_LOSSES)
+    _choice(spec, "shard_within", catalog.SHARD_WITHIN)
     if spec.model_shape is not None:
         validate_shape(spec.model_shape)
     elif spec.size not in catalog.SIZES:
@@ -165,6 +170,9 @@ def _validate_combinations(spec: JobSpec) -> None:
     if spec.sharded_accumulation and not strategy.fsdp:
         raise SpecError(f"sharded_accumulation is FSDP's (DeepSpeed partitions gradients itself); leave it out "
                         f"with --strategy {spec.strategy}")
+    if spec.shard_within != "auto" and not strategy.fsdp:
+        raise SpecError(f"--shard-within {spec.shard_within} is FSDP's hybrid sharding; leave it out with "
+                        f"--strategy {spec.strategy} (or use --strategy fsdp)")
     if spec.launcher == "deepspeed" and not strategy.deepspeed:
         raise SpecError(f"--launcher deepspeed needs a ds-* strategy (strategy is {spec.strategy!r})")
     if spec.procs_per_node and where.allocates_gpus and spec.device != "cpu" \

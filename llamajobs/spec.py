@@ -15,8 +15,7 @@ from typing import Any, Mapping
 
 from llamajobs import catalog, files, hub, rules
 from llamajobs.errors import SpecError
-from llamajobs.values import (LIMITS, check_limit, check_memory, check_text, check_time, flag as _flag, parse_count,
-                              parse_slurm_time)
+from llamajobs.values import check_limits, check_text, flag as _flag, parse_count, parse_slurm_time
 
 
 # Cores asked per worker process when --cpus-per-node is not given (SLURM's default is one per task).
@@ -46,7 +45,7 @@ class EvalSpec:
 
     def __post_init__(self) -> None:
         _check_types(self, EVAL_FIELDS)
-        _check_limits(self)
+        check_limits(self)
         rules.validate_eval(self)
 
 
@@ -60,6 +59,12 @@ class DebugSpec:
     # DeepSpeed's CPU accelerator answers as on a CPU with bf16 and fp16 instructions (AMD EPYC with
     # avx512_bf16, Xeons with AMX), where its dtype decisions differ from those on a CPU without them.
     simulate_16bit_cpu: bool = False
+    # Count every N consecutive ranks as one node (--shard-within node's shard group) instead of the
+    # launcher's LOCAL_WORLD_SIZE: a test runs 2 processes of one host as 2 nodes of 1.
+    ranks_per_node: int | None = None
+    # Each rank's background checkpoint write sleeps this long before writing (a slow filesystem), so
+    # that a test sees training go on while a save is in flight. Periodic (background) saves only.
+    slow_checkpoint_write_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_types(self, DEBUG_FIELDS, prefix="debug.")
@@ -76,6 +81,10 @@ class DebugSpec:
             parts.append(f"inject {self.fault} at step {self.fault_step}")
         if self.simulate_16bit_cpu:
             parts.append("DeepSpeed's CPU accelerator simulates bf16/fp16 support")
+        if self.ranks_per_node:
+            parts.append(f"every {self.ranks_per_node} rank(s) count as one node")
+        if self.slow_checkpoint_write_s:
+            parts.append(f"background checkpoint writes wait {self.slow_checkpoint_write_s:g} s first")
         return "debug: " + "; ".join(parts) if parts else ""
 
 
@@ -119,6 +128,13 @@ class JobSpec:
     # accumulating an unsharded fp32 gradient (4 bytes x every parameter per GPU); the estimator picks
     # it when the unsharded one does not fit.
     sharded_accumulation: bool = False
+    # fsdp strategies across nodes: shard each layer within a node and replicate across nodes (HSDP:
+    # all-gathers stay on NVLink, one gradient all-reduce per step crosses the network), or over all
+    # ranks. auto: the estimator picks the faster layout that fits when the run is planned on GPUs
+    # (llamajobs.fit.plan_for_gpu) and records it here with shard_within_auto; a run not planned on
+    # GPUs keeps auto, which the worker runs as all.
+    shard_within: str = "auto"
+    shard_within_auto: bool = False
     lr: float = 2e-5
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -177,7 +193,7 @@ class JobSpec:
         _check_types(self, FIELDS)
         if self.model_shape is not None:
             _check_types(self.model_shape, SHAPE_FIELDS, prefix="model_shape.")
-        _check_limits(self)
+        check_limits(self)
         rules.validate(self)
 
     # --- derived values (never stored twice) ---
@@ -211,6 +227,15 @@ class JobSpec:
         weight is a partition outside the head's own forward, nor for DPO, which needs the logits for
         its answers' log-probabilities (worker/dpo.py)."""
         return self.liger and self.strategy_info.zero_stage != 3 and self.objective != "dpo"
+
+    @property
+    def async_checkpoints(self) -> bool:
+        """Whether periodic saves are written in the background, staging a copy of the saved state in host
+        memory: the worker's Strategy.async_checkpoints (DCP's strategies without offload; DeepSpeed's
+        engine saves synchronously)."""
+        info = self.strategy_info
+        periodic = bool(self.checkpoint_every_steps or self.checkpoint_every_minutes)
+        return periodic and not info.deepspeed and not info.offload
 
     @property
     def plans_gpus(self) -> bool:
@@ -395,21 +420,10 @@ def _check_types(obj: Any, fields: Mapping[str, dataclasses.Field], prefix: str 
                 check_text(label, item)
 
 
-def _check_limits(obj: JobSpec | EvalSpec) -> None:
-    """Every count and size within values.LIMITS, before any rule or plan multiplies them."""
-    for field in dataclasses.fields(obj):
-        value = getattr(obj, field.name)
-        if field.name in LIMITS and isinstance(value, (int, float)) and not isinstance(value, bool):
-            check_limit(field.name, value)
-    if isinstance(obj, JobSpec):
-        if obj.time is not None:
-            check_time(obj.time)
-        check_memory(obj.mem_per_node)
-
-
 # Fields that spec.json records but no source sets: the command sets `evaluation` (`llamajobs eval
-# --cluster`), the estimator `micro_batch_auto` (--micro-batch auto) and `sharded_accumulation`.
-RECORDED = frozenset({"evaluation", "micro_batch_auto", "sharded_accumulation"})
+# --cluster`), the estimator `micro_batch_auto` (--micro-batch auto), `sharded_accumulation` and
+# `shard_within_auto` (--shard-within auto).
+RECORDED = frozenset({"evaluation", "micro_batch_auto", "sharded_accumulation", "shard_within_auto"})
 
 
 def normalise_keys(values: Mapping[str, Any], source: str, settings: bool = False) -> dict[str, Any]:

@@ -3,9 +3,11 @@ the one rule for text that may reach a script. Below the spec and the site profi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import unicodedata
+from typing import Any
 
 from llamajobs.errors import SpecError
 
@@ -146,3 +148,16 @@ def check_text(what: str, value: str, allowed: str = "") -> None:
         if unicodedata.category(c) == "Cc" and c not in allowed:
             raise SpecError(f"{what} {value!r} contains a control character ({c!r}); give it on one line, "
                             "without control characters")
+
+
+def check_limits(spec: Any) -> None:
+    """Every count and size of a spec (a JobSpec or an EvalSpec) within LIMITS, before any rule or
+    plan multiplies them."""
+    for field in dataclasses.fields(spec):
+        value = getattr(spec, field.name)
+        if field.name in LIMITS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_limit(field.name, value)
+    if getattr(spec, "time", None) is not None:
+        check_time(spec.time)
+    if hasattr(spec, "mem_per_node"):
+        check_memory(spec.mem_per_node)

@@ -99,7 +99,8 @@ def set_fault(run_dir: Path, fault: str | None) -> None:
 
     path = run_dir / "spec.json"
     spec = JobSpec.load(path)
-    debug = DebugSpec(**debug_section(fault, simulate_16bit_cpu=spec.debug.simulate_16bit_cpu))
+    switches = {k: v for k, v in dataclasses.asdict(spec.debug).items() if k not in ("fault", "fault_step")}
+    debug = DebugSpec(**debug_section(fault, **switches))
     path.write_text(dataclasses.replace(spec, debug=debug).to_json())
 
 

@@ -483,7 +483,7 @@ def test_progress_lines_end_before_an_error_where_stderr_is_no_terminal(monkeypa
     from rich.console import Console
 
     from llamajobs.data.prepare import Progress
-    from llamajobs.views import PrepareProgress
+    from llamajobs.data.views import PrepareProgress
 
     monkeypatch.setattr(PrepareProgress, "LINE_SECONDS", 0.0)  # a line at every update, as after 30 s each
     stream = io.StringIO()

@@ -37,7 +37,7 @@ from llamajobs.catalog import SIZES
 from llamajobs.data import read_texts
 from llamajobs.data.sampler import IGNORE_INDEX, WindowSampler, tokenize_documents
 from llamajobs.data.tokenizer import load_tokenizer
-from llamajobs.spec import JobSpec
+from llamajobs.spec import DebugSpec, JobSpec
 from llamajobs.worker import checkpoint, kernels, parallel, rng
 from llamajobs.worker import model as model_lib
 from llamajobs.worker.checkpoint import Checkpointer
@@ -104,10 +104,11 @@ def test_checkpointer_saves_on_steps_minutes_and_stop_requests(single_rank_group
                                 clock=lambda: now[0])
     saved = []
 
-    def save(step: int) -> None:
-        saved.append(step)
+    def save(how: str, step: int) -> None:
+        saved.append((step, how))
         checkpointer.last_save = now[0]
-    monkeypatch.setattr(checkpointer, "save", save)
+    monkeypatch.setattr(checkpointer, "save", lambda step: save("sync", step))
+    monkeypatch.setattr(checkpointer, "save_in_background", lambda step: save("background", step))
     assert not checkpointer.after_step(1) and saved == []
     now[0] = 59.0
     checkpointer.after_step(2)
@@ -116,9 +117,9 @@ def test_checkpointer_saves_on_steps_minutes_and_stop_requests(single_rank_group
     now[0] = 100.0
     checkpointer.after_step(4)
     checkpointer.after_step(5)  # every 5 steps
-    assert saved == [3, 5]
+    assert saved == [(3, "background"), (5, "background")]  # periodic saves: in the background
     (tmp_path / "stop-request").write_text("timeout\n")
-    assert checkpointer.after_step(6) and saved == [3, 5, 6]
+    assert checkpointer.after_step(6) and saved[-1] == (6, "sync")  # a stop's save: synchronous
     assert not (tmp_path / "stop-request").exists()
     assert (tmp_path / "stop-request.done-step-6").read_text() == "timeout\n"
     assert [(e["event"], e["step"]) for e in events.read(tmp_path)] == [("stopped", 6)]
@@ -218,6 +219,7 @@ def _listing(folder: Path) -> list[str]:
 
 
 FULL = dict(max_steps=6, checkpoint_every_steps=2)  # checkpoints at 2, 4, 6; keep_checkpoints 2
+SLOW_WRITE_S = 3.0  # a background write's wait: longer than two steps of the tiny model here (~0.2 s each)
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +280,43 @@ def test_a_crash_resumes_from_the_newest_complete_checkpoint_past_an_incomplete_
                         ("started", None), ("resumed", 4), ("finished", 6)]
     ckpt = full_interrupted.run_dir / "checkpoints"  # the incomplete step-9 went with the next save's cleanup
     assert _listing(ckpt) == ["latest", "step-4", "step-6"] and (ckpt / "latest").read_text() == "step-6\n"
+
+
+@pytest.mark.slow
+def test_periodic_saves_written_in_the_background_resume_bitwise_and_a_stop_saves_synchronously(
+        full_reference: Path, full_interrupted: SimpleNamespace, tmp_path: Path) -> None:
+    """The reference's periodic saves (2, 4, 6) were asynchronous (DCP's async_save, committed at a
+    later step boundary or at the end); its step-4 checkpoint resumed gives the uninterrupted run's
+    losses and weights bitwise, as the synchronous save of the stop request at 3 does."""
+    def saves(run_dir: Path) -> list[tuple[int, bool]]:
+        return [(e["step"], e["background"]) for e in events.read(run_dir) if e["event"] == "checkpointed"]
+    assert saves(full_reference) == [(2, True), (4, True), (6, True)]
+    assert saves(full_interrupted.run_dir)[:2] == [(2, True), (3, False)]  # 3: the stop request's
+    run_dir = tmp_path / "from-step-4"
+    shutil.copytree(full_reference, run_dir, ignore=shutil.ignore_patterns("final", "events", "step-6"))
+    (run_dir / "checkpoints" / "latest").write_text("step-4\n")
+    assert_exit_0(_work(run_dir))
+    assert _losses(run_dir) == _losses(full_reference)
+    assert_same_tensors(load_file(full_reference / "final" / "model.safetensors"),
+                        load_file(run_dir / "final" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_training_goes_on_while_a_periodic_save_is_written(new_run, full_reference: Path) -> None:
+    """A slow filesystem (each rank's write of a background save waits 3 s first): steps 3 and 4 are
+    trained and logged while step 2's checkpoint is still being written, which is committed only
+    later; the losses are the reference's, bitwise."""
+    run_dir = new_run("slow-writes", **FULL, debug=DebugSpec(slow_checkpoint_write_s=SLOW_WRITE_S))
+    assert_exit_0(_work(run_dir))
+    rows = {r["step"]: r for r in metrics_rows(run_dir)}
+    saves = {e["step"]: e for e in events.read(run_dir) if e["event"] == "checkpointed"}
+    assert sorted(saves) == [2, 4, 6] and all(e["background"] for e in saves.values())
+    # Step 2's save was still being written after step 3's boundary, and after step 4 was logged: the
+    # boundary of step 4, which starts the next save, waited for it and committed it.
+    assert rows[4]["time"] < saves[2]["time"] < saves[4]["time"]
+    assert saves[2]["written_s"] >= SLOW_WRITE_S
+    assert _losses(run_dir) == _losses(full_reference)
+    assert checkpoint.complete_steps(run_dir / "checkpoints") == [4, 6]  # (keep_checkpoints 2)
 
 
 @pytest.mark.slow

@@ -445,3 +445,48 @@ def test_submit_checks_a_slurm_run_on_the_assumed_gpu():
     fit = fit_check(on_slurm, None)
     assert fit.accelerator.name == "a100-80g" and "assumed" in fit.note
 
+
+
+def test_asynchronous_checkpoints_stage_a_node_s_share_of_the_saved_state_in_host_memory() -> None:
+    """DCP's async_save copies what each rank saves (fp32 weights and two Adam moments: 12 bytes a
+    trained parameter) to host memory: a node holds its ranks' shards. Loading is over by then, so the
+    larger of the two counts; DeepSpeed saves synchronously; under hybrid sharding a node saves a
+    whole replica's shards."""
+    from llamajobs.estimate import GIB, Plan, memory, staging_bytes
+
+    a100 = GPUS["a100-80g"]
+    plan = Plan.from_spec(JobSpec(size="7b", strategy="fsdp", cluster="slurm", nodes=2, gpus_per_node=8,
+                                  shard_within="all", model_path=None))
+    n = plan.shape.params
+    assert plan.async_checkpoints and staging_bytes(plan) == 12 * n / 16 * 8
+    parts = memory(plan, a100)["cpu_parts_gib"]
+    assert parts["checkpoint_staging"] == pytest.approx(6 * n / GIB)
+    synchronous = dataclasses.replace(plan, async_checkpoints=False)
+    added = memory(plan, a100)["cpu_mem_gib"] - memory(synchronous, a100)["cpu_mem_gib"]
+    assert added == pytest.approx(max(parts["loading"], parts["checkpoint_staging"]) - parts["loading"])
+    assert added > 0  # 6 bytes a parameter per node against the 4 of an fp32 random init
+    assert staging_bytes(dataclasses.replace(plan, shard_within="node")) == 12 * n
+    for synchronous_strategy in ("ds-zero3", "fsdp-offload"):
+        assert staging_bytes(Plan.from_spec(JobSpec(size="7b", strategy=synchronous_strategy, cluster="slurm"))) == 0
+    assert not JobSpec(checkpoint_every_steps=None, checkpoint_every_minutes=None).async_checkpoints
+
+
+def test_a_running_job_below_70_percent_of_its_predicted_throughput_is_slow():
+    """status's SLOW: steady tokens/s (warm-up and checkpoint pauses left out) against the estimator's
+    prediction for the job's own plan on the GPU it reports."""
+    from llamajobs import monitor
+
+    spec = JobSpec(size="7b", strategy="fsdp", cluster="slurm", nodes=1, gpus_per_node=8, seq_len=512,
+                   global_batch=128, micro_batch=4)
+    predicted = est.throughput(spec, GPUS["a100-80g"])["tokens_per_s"]
+    tokens_per_step = 128 * 512
+
+    def rows_at(share: float, steps: int = 12):
+        step_time = tokens_per_step / (share * predicted)
+        return _rows([step_time * 3] + [step_time] * (steps - 1), tokens_per_step=tokens_per_step)
+    reason = monitor.slow_reason(spec, rows_at(0.5), [])
+    assert reason is not None and reason.startswith(f"{0.5 * predicted:,.0f} tokens/s after warm-up, 50% of the ")
+    assert "a100-80g (below 70%)" in reason
+    assert monitor.slow_reason(spec, rows_at(0.8), []) is None
+    assert monitor.slow_reason(spec, rows_at(0.5, steps=5), []) is None  # still warming up
+    assert monitor.slow_reason(JobSpec(cluster="local"), rows_at(0.5), []) is None  # not planned on GPUs

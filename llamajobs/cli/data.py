@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from llamajobs import ops, views
+from llamajobs.data import views as data_views
 from llamajobs.cli.options import Choice, json_option
 from llamajobs.data.chat import TEMPLATES, TRAIN_ON
 from llamajobs.data.formats import FORMATS
@@ -81,9 +82,9 @@ def data_prepare(inputs: tuple[str, ...], tokenizer_path: str, out_dir: str, fmt
                            max_length=max_length)
     sharding = {"cluster": cluster, "partition": partition, "account": account, "time": time_limit,
                 "cpus_per_task": cpus_per_task, "mem": mem}
-    with views.PrepareProgress() as progress:
+    with data_views.PrepareProgress() as progress:
         result = ops.prepare_data(config, shards, sharding, wait, progress, on_submit=views.note)
-    views.print_json(result.to_json()) if as_json else views.prepared(out_dir, result)
+    views.print_json(result.to_json()) if as_json else data_views.prepared(out_dir, result)
     if warning := eval_split_warning(result.to_json()):
         views.note(warning)
 
@@ -101,7 +102,7 @@ def data_inspect(store_dir: str, document: int, tokenizer_path: str | None, as_j
 
     info = describe(store_dir, tokenizer=str(ops.tokenizer_source(tokenizer_path)) if tokenizer_path else None,
                     document=document)
-    views.print_json(info) if as_json else views.store(info)
+    views.print_json(info) if as_json else data_views.store(info)
 
 
 @click.group()

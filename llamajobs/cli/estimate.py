@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import click
 
-from llamajobs import catalog, ops, views
+from llamajobs import catalog, estimates, ops, views
 from llamajobs.cli.options import (TRAINING_OPTIONS, json_option, optional_job_argument, options, runs_dir_option, typed,
                                    within)
 from llamajobs.estimate import DEFAULT, DEFAULT_GPU, expected_error_text
@@ -64,23 +64,23 @@ def estimate() -> None:
 def hours(job_id: int | None, gpu: str | None, peak_tflops: float | None, gpu_mem_gib: float | None,
           cpu_mem_gib: float | None, assume: tuple[str, ...], tokens: str | None, runs_dir: str | None,
           as_json: bool, **values: Any) -> None:
-    a = ops.assumptions(assume)
+    a = estimates.assumptions(assume)
     count = parse_count(tokens) if tokens else None
     flags = typed(values)
     if job_id is not None:
-        result = ops.measured_hours(ops.runs_dir(runs_dir), job_id, count, a)
+        result = estimates.measured_hours(ops.runs_dir(runs_dir), job_id, count, a)
     elif not (flags or gpu or peak_tflops or gpu_mem_gib or cpu_mem_gib or assume or tokens):
-        start = ops.starting_grid(a)  # a bare `estimate hours`: a table to start from
+        start = estimates.starting_grid(a)  # a bare `estimate hours`: a table to start from
         views.err.print(start.basis, markup=False)
         views.print_json(start.result.to_json()) if as_json else views.grid(start.result, start.accelerator)
         return
     else:
         accel = ops.accelerator(gpu or ops.site_gpu(), peak_tflops, gpu_mem_gib)
-        if (result := ops.grid(flags, accel, count, a, cpu_mem_gib)) is not None:
+        if (result := estimates.grid(flags, accel, count, a, cpu_mem_gib)) is not None:
             views.print_json(result.to_json()) if as_json else views.grid(result, accel)
             return
         spec, _ = ops.build_spec(flags, cluster_default="slurm")
-        result = ops.predicted_hours(spec, accel, count, a, cpu_mem_gib)
+        result = estimates.predicted_hours(spec, accel, count, a, cpu_mem_gib)
     views.print_json(result.to_json()) if as_json else views.hours_table(result)
 
 
@@ -98,12 +98,12 @@ def memory(gpu: str | None, peak_tflops: float | None, gpu_mem_gib: float | None
     --micro-batch auto (the default). Per node's CPU: offloaded states, loading the weights once, the worker
     processes. fits: below 90% of the memory; tight: up to 100%. --size takes a comma list or `all`.
     """
-    a = ops.assumptions(assume)
+    a = estimates.assumptions(assume)
     accel = ops.accelerator(gpu or ops.site_gpu(), peak_tflops, gpu_mem_gib)
     flags = typed(values)
-    if (result := ops.grid(flags, accel, None, a, cpu_mem_gib)) is not None:
+    if (result := estimates.grid(flags, accel, None, a, cpu_mem_gib)) is not None:
         views.print_json(result.to_json()) if as_json else views.grid(result, accel)
         return
     spec, _ = ops.build_spec(flags, cluster_default="slurm")
-    result = ops.memory_table(spec, accel, a, cpu_mem_gib)
+    result = estimates.memory_table(spec, accel, a, cpu_mem_gib)
     views.print_json(result.to_json()) if as_json else views.memory_table(result, spec, accel)

@@ -80,6 +80,10 @@ TRAINING_OPTIONS = [
     _opt("--loss", type=Choice(catalog.DPO_LOSSES), help="--objective dpo: sigmoid (DPO's, default) or ipo."),
     _opt("--fp8/--no-fp8", help="Float8 linears (torchao) for full fine-tunes under fsdp with --compile, on "
                                 "H100-class GPUs."),
+    _opt("--shard-within", type=Choice(catalog.SHARD_WITHIN),
+         help="fsdp strategies on several nodes: node shards each layer within a node and replicates across "
+              "nodes (one gradient all-reduce per step crosses the network), all shards over every GPU; auto "
+              "(default): the estimator picks the faster that fits."),
     *PLACEMENT_OPTIONS,
 ]
 JOB_OPTIONS = [

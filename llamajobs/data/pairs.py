@@ -34,7 +34,8 @@ class PairEncoder:
         prompt's text and the answer's, EOS (the mask from where the prompt's tokens end; a token
         merged across the boundary counts as the answer's)."""
         if self.chat is not None:
-            return self.chat.encode(example.turns)
+            ids, mask = self.chat.encode(example.turns)  # (numpy arrays)
+            return ids.tolist(), mask.tolist()
         ids = self.codec.encode([example.prompt + example.response])[0]
         prompt_ids = self.codec.encode([example.prompt])[0]
         prompt = next((i for i, (a, b) in enumerate(zip(ids, prompt_ids)) if a != b), min(len(ids), len(prompt_ids)))

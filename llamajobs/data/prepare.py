@@ -19,6 +19,7 @@ import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -29,7 +30,7 @@ from llamajobs.data import readers
 from llamajobs.data import hf_datasets as hf
 from llamajobs.data import store as st
 from llamajobs.data.chat import ChatEncoder, ChatOptions, RenderError
-from llamajobs.data.encoder import Encoder, TextCodec
+from llamajobs.data.encoder import Encoder, TextCodec, common_prefix, framed
 from llamajobs.data.pairs import PairEncoder, pair_chat_encoder
 from llamajobs.errors import SpecError
 
@@ -282,14 +283,14 @@ class ChunkEncoder:
             return self._encoded_chats(examples, chats, bad, empty)
         ids = self.codec.encode([e.prompt + e.response for e in examples])
         lengths = np.fromiter(map(len, ids), np.int64, len(ids)) + 2
-        tokens = _framed(ids, self.codec.bos_id, self.codec.eos_id)
+        tokens = framed(ids, self.codec.bos_id, self.codec.eos_id)
         mask = None
         if self.fmt.instruct:
             mask = np.ones(len(tokens), np.uint8)
             prompts = self.codec.encode([e.prompt for e in examples])
             start = 0
             for doc, prompt, length in zip(ids, prompts, lengths):
-                mask[start:start + 1 + _common_prefix(doc, prompt)] = 0  # BOS and the prompt
+                mask[start:start + 1 + common_prefix(doc, prompt)] = 0  # BOS and the prompt
                 start += int(length)
         held = None
         if self.eval_fraction > 0:
@@ -334,28 +335,6 @@ class ChunkEncoder:
             held = np.repeat(np.fromiter((held_out(p.split_key(), self.eval_fraction) for p in pairs), bool,
                                          len(pairs)), 2)
         return Encoded(tokens, lengths, mask, held, bad, 0, truncated)
-
-
-def _framed(ids: list[list[int]], bos: int, eos: int) -> np.ndarray:
-    """The documents end to end, each as BOS, its tokens, EOS (uint32)."""
-    flat: list[int] = []
-    for doc in ids:  # list.extend: the fastest way from lists of ids to one array (np.fromiter of a chain is ~2x)
-        flat.append(bos)
-        flat.extend(doc)
-        flat.append(eos)
-    return np.array(flat, np.uint32)
-
-
-def _common_prefix(doc: list[int], prompt: list[int]) -> int:
-    """How many leading tokens of the whole example are the prompt's (all of them, unless the
-    tokenizer merged across the prompt/response boundary; the merged token then counts as response)."""
-    n = min(len(doc), len(prompt))
-    if doc[:n] == prompt[:n]:
-        return n
-    k = 0
-    while k < n and doc[k] == prompt[k]:
-        k += 1
-    return k
 
 
 _worker: ChunkEncoder | None = None

@@ -20,10 +20,11 @@ from llamajobs.estimate.assumptions import (DEFAULT, GPU_FACTS, OTHER_GPU, Assum
 from llamajobs.estimate.measured import hours_from_metrics
 from llamajobs.estimate.memory import (GIB, LOSS_CHUNK_TOKENS, activation_bytes, autocast_weight_bytes, gathered_bytes,
                                        fused_loss_bytes, gradient_bytes, largest_module_params, loading_bytes, logits_bytes, memory,
+                                       staging_bytes,
                                        model_state_bytes, verdict)
 from llamajobs.estimate.plan import Plan, as_plan, plan_for_strategy
 from llamajobs.estimate.planning import (DEFAULT_GPU, fit_check, grid_row, host_memory_gib, hours_for_spec,
-                                         memory_table, micro_batch_choices, resolve)
+                                         memory_table, micro_batch_choices, resolve, shard_choice)
 from llamajobs.estimate.results import (Grid, GridRow, MeasuredHours, MemoryRow, MemoryTable, PredictedHours,
                                         RunSummary, StepPlan)
 from llamajobs.estimate.published import PUBLISHED, Published, compare_published, predict_published, published_markdown
@@ -42,6 +43,6 @@ __all__ = [
     "throughput", "verdict", "with_overrides",
     "LOSS_CHUNK_TOKENS", "PUBLISHED", "Published", "autocast_weight_bytes", "compare_published", "gradient_bytes",
     "host_floor_s", "interconnect_gbps", "micro_batch_choices", "ops_per_layer", "predict_published",
-    "published_markdown", "resolve",
+    "published_markdown", "resolve", "shard_choice", "staging_bytes",
     "Grid", "GridRow", "MeasuredHours", "MemoryRow", "MemoryTable", "PredictedHours", "RunSummary", "StepPlan",
 ]

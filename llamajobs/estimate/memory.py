@@ -47,6 +47,9 @@ def model_state_bytes(plan: Plan, a: Assumptions = DEFAULT) -> dict[str, float]:
     that the 16 bytes already count.
     """
     s, n, g, gpn = plan.shape, plan.shape.params, plan.gpus, plan.gpus_per_node
+    # FSDP's shard group: every GPU, or under --shard-within node a node's (HSDP: each node holds a
+    # whole replica, so a GPU holds nodes times the full shard's state)
+    fs = plan.procs if plan.hybrid else g
     layer, largest = s.layer_params, largest_module_params(s)
     gathered = gathered_bytes(s)
     grad_working = 6 * layer  # one layer's bf16 gradient and its fp32 copy for the reduce-scatter
@@ -56,8 +59,8 @@ def model_state_bytes(plan: Plan, a: Assumptions = DEFAULT) -> dict[str, float]:
     buf = a.host_buffer_factor
     if full:
         gpu, cpu = {
-            "fsdp": (16 * n / g + gathered + grad_working, 0.0),
-            "fsdp-offload": (gathered + grad_working, 16 * n / g * plan.procs * buf),
+            "fsdp": (16 * n / fs + gathered + grad_working, 0.0),
+            "fsdp-offload": (gathered + grad_working, 16 * n / fs * plan.procs * buf),
             "ds-zero2": (2 * n + 18 * n / g, 0.0),
             "ds-zero2-offload": (2 * n, 16 * n / g * plan.procs * buf),
             "ds-zero3": (4 * largest + 18 * n / g + gathered, 0.0),
@@ -68,8 +71,8 @@ def model_state_bytes(plan: Plan, a: Assumptions = DEFAULT) -> dict[str, float]:
         # A frozen base keeps 2 bytes per parameter, placed like the strategy's parameters; the
         # adapters (or prompts) get the full 16 bytes, replicated: they are small.
         gpu, cpu = {
-            "fsdp": (2 * n / g + gathered, 0.0),
-            "fsdp-offload": (gathered, 2 * n / g * plan.procs * buf),
+            "fsdp": (2 * n / fs + gathered, 0.0),
+            "fsdp-offload": (gathered, 2 * n / fs * plan.procs * buf),
             "ds-zero2": (2 * n, 0.0),
             "ds-zero2-offload": (2 * n, 0.0),
             "ds-zero3": (2 * n / g + gathered, 0.0),
@@ -135,7 +138,7 @@ def gradient_bytes(plan: Plan) -> float:
         return 0.0
     if plan.accum > 1 and (plan.sharded_accumulation or plan.runs_unsharded):
         return 0.0  # the earlier micro-batches' gradients are there already
-    shards = plan.gpus_per_node if info.one_process_per_node else plan.gpus
+    shards = plan.gpus_per_node if info.one_process_per_node else plan.procs if plan.hybrid else plan.gpus
     return 4 * plan.shape.params / shards
 
 
@@ -150,6 +153,18 @@ def loading_bytes(plan: Plan) -> float:
     """Host RAM of reading the starting weights: our worker reads them once per job (rank 0) and
     broadcasts, so one copy, not one per rank: the 16-bit checkpoint, or an fp32 random init."""
     return (2 if plan.weights_from_disk else 4) * plan.shape.params
+
+
+def staging_bytes(plan: Plan) -> float:
+    """Host RAM per node of an asynchronous checkpoint: DCP's async_save copies what each rank saves
+    (fp32 weights and Adam's two moments of what it trains: 12 bytes a parameter, its shard) into
+    host memory and writes it from there. A frozen base is not saved; DeepSpeed and the offload
+    strategies save synchronously (JobSpec.async_checkpoints)."""
+    if not plan.async_checkpoints or plan.strategy_info.deepspeed or plan.strategy_info.offload:
+        return 0.0
+    if plan.strategy_info.one_process_per_node or plan.runs_unsharded:
+        return 12.0 * plan.trainable_params  # one process holds (and saves) all of it
+    return 12.0 * plan.trainable_params / plan.shard_ranks * plan.procs
 
 
 def verdict(used: float, available: float, a: Assumptions = DEFAULT) -> str:
@@ -188,9 +203,13 @@ def memory(run: Plan | JobSpec, gpu: Accelerator, strategy: str | None = None, a
     cpu_parts = {
         "offloaded_states": states["state_cpu"],
         "loading": loading_bytes(plan),
+        "checkpoint_staging": staging_bytes(plan),
         "processes": a.host_process_gib * GIB * plan.procs,
     }
-    gpu_bytes, cpu_bytes = sum(parts.values()), sum(cpu_parts.values())
+    gpu_bytes = sum(parts.values())
+    # Loading is over (its buffers freed) before the first checkpoint: the larger of the two counts.
+    cpu_bytes = (cpu_parts["offloaded_states"] + max(cpu_parts["loading"], cpu_parts["checkpoint_staging"])
+                 + cpu_parts["processes"])
     ram = node_ram_gib or a.node_ram_gib
     gpu_verdict = verdict(gpu_bytes, gpu.memory_gib * GIB, a)
     cpu_verdict = verdict(cpu_bytes, ram * GIB, a)

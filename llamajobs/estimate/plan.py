@@ -40,6 +40,10 @@ class Plan:
     # keeping an unsharded fp32 one until the last (the JobSpec's choice; `planning.resolve` makes it).
     sharded_accumulation: bool
     micro_batch_auto: bool  # --micro-batch auto: `planning.resolve` picks the fastest that fits
+    # fsdp across nodes: "node" shards within a node and replicates across nodes (HSDP), "all" over
+    # every rank; "auto": `planning.resolve` picks (priced as "all" until it does)
+    shard_within: str
+    async_checkpoints: bool  # periodic saves staged in host memory and written in the background
     fused_loss: bool  # Liger's fused linear cross-entropy on the GPUs (--kernels liger): no logits tensor
     objective: str  # dpo: two rows per example (chosen, rejected) and the reference's forward
 
@@ -54,7 +58,8 @@ class Plan:
                    cpus_per_node=spec.cpus_per_node, weights_from_disk=bool(spec.model_path),
                    tokens_per_epoch=spec.tokens_per_epoch,
                    sharded_accumulation=spec.sharded_accumulation,
-                   micro_batch_auto=spec.micro_batch_auto, fused_loss=spec.fused_loss, objective=spec.objective)
+                   micro_batch_auto=spec.micro_batch_auto, shard_within=spec.shard_within,
+                   async_checkpoints=spec.async_checkpoints, fused_loss=spec.fused_loss, objective=spec.objective)
         return dataclasses.replace(plan, **changes)
 
     @property
@@ -100,6 +105,17 @@ class Plan:
         """fsdp in one process without offload: the worker runs the plain model (nobody to shard with)."""
         info = self.strategy_info
         return info.fsdp and not info.offload and self.data_parallel == 1
+
+    @property
+    def hybrid(self) -> bool:
+        """FSDP2 over a 2-D mesh: each layer sharded over a node's ranks, replicated across the nodes."""
+        return (self.strategy_info.fsdp and self.shard_within == "node" and self.nodes > 1
+                and not self.runs_unsharded)
+
+    @property
+    def shard_ranks(self) -> int:
+        """Ranks that one parameter is sharded over (FSDP's shard group; ZeRO-3's partitions)."""
+        return self.procs if self.hybrid else self.data_parallel
 
     @property
     def unsharded_accumulation(self) -> bool:

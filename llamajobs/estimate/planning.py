@@ -4,6 +4,7 @@ its predicted hours."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from llamajobs.catalog import GPUS, STRATEGIES, Accelerator
 from llamajobs.estimate.assumptions import DEFAULT, Assumptions
@@ -25,17 +26,27 @@ def micro_batch_choices(plan: Plan) -> list[int]:
     return [m for m in range(1, per_rank + 1) if per_rank % m == 0]
 
 
+def shard_layouts(plan: Plan) -> list[str]:
+    """The --shard-within layouts a plan may run: both for fsdp on several nodes under auto, else its own
+    ("all" for auto where the two are the same: one node, or a strategy without the choice)."""
+    if plan.shard_within != "auto":
+        return [plan.shard_within]
+    return ["node", "all"] if plan.strategy_info.fsdp and plan.nodes > 1 else ["all"]
+
+
 def resolve(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,
             node_ram_gib: float | None = None) -> Plan:
     """The plan that would run: with --micro-batch auto the fastest micro-batch that fits with
     headroom (verdict "fits"), and for FSDP with accumulation the unsharded fp32 accumulator when it
-    fits, else (or when faster) reduce-scatter every micro-batch into the sharded gradient. Nothing
+    fits, else (or when faster) reduce-scatter every micro-batch into the sharded gradient; with
+    --shard-within auto on several nodes the faster of hybrid and full sharding that fits. Nothing
     fits: the choice that needs the least memory, so that the fit check says by how much."""
     plan = as_plan(run)
     sizes = micro_batch_choices(plan) if plan.micro_batch_auto else [plan.micro_batch]
+    layouts = shard_layouts(plan)
     options = []
-    for m in sizes:
-        variant = dataclasses.replace(plan, micro_batch=m, sharded_accumulation=False)
+    for m, layout in ((m, layout) for m in sizes for layout in layouts):
+        variant = dataclasses.replace(plan, micro_batch=m, sharded_accumulation=False, shard_within=layout)
         ways = [variant]
         if variant.strategy_info.fsdp and variant.accum > 1 and not variant.runs_unsharded:
             ways.append(dataclasses.replace(variant, sharded_accumulation=True))
@@ -45,6 +56,38 @@ def resolve(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,
             options.append((_PREFERENCE[mem["verdict"]], -speed if mem["verdict"] != "does not fit" else mem["gpu_mem_gib"],
                             option))
     return min(options, key=lambda o: (o[0], o[1]))[2]
+
+
+def shard_choice(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,
+                 node_ram_gib: float | None = None) -> dict[str, Any] | None:
+    """For fsdp on several nodes: both layouts, each at the plan it would run (its own micro-batch and
+    accumulation), which one `resolve` picks and why. None where there is no choice to make."""
+    plan = as_plan(run)
+    if not plan.strategy_info.fsdp or plan.nodes == 1:
+        return None
+    rows = {}
+    for layout in ("node", "all"):
+        option = resolve(dataclasses.replace(plan, shard_within=layout), gpu, a, node_ram_gib)
+        mem = memory(option, gpu, a=a, node_ram_gib=node_ram_gib)
+        speed = throughput(option, gpu, a)
+        rows[layout] = {"step_s": speed["step_s"], "comm_s": speed["comm_s"], "tokens_per_s": speed["tokens_per_s"],
+                        "gpu_mem_gib": mem["gpu_mem_gib"], "verdict": mem["verdict"], "micro_batch": option.micro_batch}
+    picked = plan.shard_within if plan.shard_within != "auto" else resolve(plan, gpu, a, node_ram_gib).shard_within
+    other = "all" if picked == "node" else "node"
+    chosen, rival = rows[picked], rows[other]
+    if plan.shard_within != "auto":
+        reason = f"--shard-within {picked} as given"
+    elif chosen["verdict"] == "does not fit":
+        reason = f"neither fits; {picked} needs less memory ({chosen['gpu_mem_gib']:.1f} GiB per GPU)"
+    elif rival["verdict"] == "does not fit":
+        reason = (f"{other} does not fit ({rival['gpu_mem_gib']:.1f} GiB per GPU of {gpu.memory_gib:g}); "
+                  f"{picked} needs {chosen['gpu_mem_gib']:.1f}")
+    elif _PREFERENCE[rival["verdict"]] > _PREFERENCE[chosen["verdict"]]:
+        reason = f"{other} is {rival['verdict']} ({rival['gpu_mem_gib']:.1f} GiB per GPU); {picked} fits"
+    else:
+        reason = (f"{picked} is faster: {chosen['step_s']:.3g} s per step against {rival['step_s']:.3g} s "
+                  f"(communication {chosen['comm_s']:.3g} s against {rival['comm_s']:.3g} s)")
+    return {"shard_within": picked, "reason": reason, "layouts": rows}
 
 
 def memory_table(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT,

@@ -90,6 +90,10 @@ class PredictedHours(_Document):
     expected_error: str
     largest_fitting_micro_batch: int | None
     source: str = "predicted"
+    # fsdp strategies: the layout across nodes this run takes ("node" or "all"); None for the others
+    shard_within: str | None = None
+    # with several nodes: both layouts priced ("layouts": step_s, comm_s, gpu_mem_gib, verdict...) and why
+    shard_within_choice: dict[str, Any] | None = None
     spec: RunSummary | None = None
 
     @property

@@ -104,6 +104,8 @@ def step_time(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT) -
         # One process per node walks the layers GPU after GPU: one GPU computes at a time.
         compute *= plan.gpus_per_node
         hbm = 28 * t / plan.gpus_per_node / hbm_bytes_per_s
+    elif plan.hybrid:
+        hbm, comm = hybrid_step(plan, gpu, a)
     else:
         if sharded:
             hbm += m * 8 * n  # all-gather copy-out, forward and backward
@@ -121,12 +123,13 @@ def step_time(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT) -
             hbm += 28 * t / g  # fused GPU Adam over the local shard
         hbm /= hbm_bytes_per_s
         comm /= busbw * 1e9
-        local = t / g  # trained parameters this rank updates
+    if not info.one_process_per_node:
+        local = t / plan.shard_ranks  # trained parameters this rank updates
         if info.fsdp and info.offload:
             base_bytes = 4 if full else 2  # the worker keeps fp32 master shards (a LoRA base in bf16)
             # gradients down (every micro-batch under sharded accumulation) and the updated shard back up
             grad_copies = m if plan.sharded_accumulation else 1
-            pcie = (m * 2 * base_bytes * n / g + grad_copies * 4 * local + 4 * local) / (a.pcie_gbps * 1e9)
+            pcie = (m * 2 * base_bytes * n / plan.shard_ranks + grad_copies * 4 * local + 4 * local) / (a.pcie_gbps * 1e9)
         elif info.deepspeed and info.offload_optimizer and not info.offload_params:
             offload = (m * 4 * local + 2 * local) / (a.ds_offload_gbps * 1e9)
         elif info.deepspeed and info.offload_params:
@@ -138,6 +141,28 @@ def step_time(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT) -
     step = max(gpu_busy, comm, pcie) + a.comm_exposed * (comm + pcie) + offload + optimizer
     return {"compute_s": compute, "host_floor_s": floor, "hbm_s": hbm, "comm_s": comm, "pcie_s": pcie, "offload_s": offload,
             "optimizer_s": optimizer, "step_s": step}
+
+
+def hybrid_step(plan: Plan, gpu: Accelerator, a: Assumptions = DEFAULT) -> tuple[float, float]:
+    """HBM and communication seconds per step of FSDP2 over a 2-D mesh (--shard-within node): the
+    per-micro-batch all-gathers and the gradient reduce-scatter stay inside the node (over its P ranks,
+    NVLink), and once per step (every micro-batch under sharded accumulation) each rank all-reduces its
+    gradient shard with its peers on the other R nodes: a node sends its P shards' 2(R-1)/R share of the
+    fp32 gradient through its NICs. The two are added (conservative: FSDP2 runs the all-reduce after
+    each layer's reduce-scatter, partly behind the backward)."""
+    n, t, m = plan.shape.params, plan.trainable_params, plan.accum
+    p, r = plan.procs, plan.nodes
+    grad_bytes = 4  # our FSDP2 reduces in fp32 (reduce_dtype)
+    reductions = m if plan.sharded_accumulation else 1
+    inside = (p - 1) / p if p > 1 else 0.0
+    intra = (m * 2 * 2 * n + reductions * grad_bytes * t) * inside / (gpu_facts(gpu, a).nvlink_gbps * 1e9)
+    inter = reductions * grad_bytes * t * 2 * (r - 1) / r / (a.network_gbps * a.nics_per_node * 1e9)
+    hbm = m * 8 * n  # all-gather copy-out, forward and backward
+    if plan.unsharded_accumulation:
+        hbm += m * 10 * t
+    if not plan.strategy_info.offload_optimizer:
+        hbm += 28 * t / p  # fused GPU Adam over the local shard: a node's share, not the job's
+    return hbm / (gpu_facts(gpu, a).hbm_gbps * 1e9 * a.hbm_fraction), intra + inter
 
 
 def throughput(run: Plan | JobSpec, gpu: Accelerator, a: Assumptions = DEFAULT) -> dict[str, float]:

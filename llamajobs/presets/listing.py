@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import llamajobs.spec
-from llamajobs import catalog, estimate, ops, presets, site
+from llamajobs import catalog, estimate, presets, site
+from llamajobs.estimates import SEED_TOKENS, predicted_hours
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +41,8 @@ def estimates(accel: catalog.Accelerator, tokens: int | None = None, a: estimate
         values = presets.settings(name)
         # On a GPU cluster whatever the site profile's cluster: the estimate is for the GPU named.
         spec = llamajobs.spec.build({"cluster": "slurm"}, presets.offline(values), site_defaults)
-        count = tokens or spec.tokens_per_epoch or ops.SEED_TOKENS
-        result = ops.predicted_hours(spec, accel, count, a, None)
+        count = tokens or spec.tokens_per_epoch or SEED_TOKENS
+        result = predicted_hours(spec, accel, count, a, None)
         rows.append(PresetEstimate(
             name=name, description=presets.description(name), model=presets.hub_model(values), size=spec.size,
             mode=spec.mode, strategy=spec.strategy, nodes=spec.nodes, gpus_per_node=spec.gpus_per_node,

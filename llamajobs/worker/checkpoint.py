@@ -36,8 +36,8 @@ import errno
 import io
 import json
 import os
-import shutil
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -53,11 +53,10 @@ from llamajobs.control import STOP_REQUEST
 from llamajobs.data.sampler import WindowSampler
 from llamajobs.spec import JobSpec
 from llamajobs.worker import rng
+from llamajobs.worker.checkpoint_files import (LATEST, META, commit, complete_steps, discard, folder_bytes, newest_complete_step, prune, read_meta, set_aside, step_dir, write_atomically, write_synced)
 from llamajobs.worker.faults import limit_file_size, lose_a_rank
 from llamajobs.worker.parallel import Dist, Strategy
 
-LATEST = "latest"
-META = "meta.json"
 TRAIN_STATE = "train_state.json"
 
 
@@ -71,111 +70,6 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
     sampler: WindowSampler
-
-
-# --- the checkpoints on disk (rank 0's bookkeeping; no collectives) ---
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step}"
-
-
-def read_meta(folder: Path) -> dict[str, Any] | None:
-    """The checkpoint's metadata when it is complete, else None (missing, torn, or not marked complete)."""
-    try:
-        meta = json.loads((folder / META).read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) and meta.get("complete") is True else None
-
-
-def complete_steps(root: Path) -> list[int]:
-    """Steps of the complete checkpoints under root, oldest first."""
-    steps = []
-    for folder in root.glob("step-*"):
-        number = folder.name.removeprefix("step-")
-        if number.isdigit() and read_meta(folder) is not None:
-            steps.append(int(number))
-    return sorted(steps)
-
-
-def newest_complete_step(root: Path) -> int | None:
-    """The step to resume from: the newest complete checkpoint. `latest` normally names it; when it
-    names anything else (an incomplete directory, a missing one), say so and use the newest anyway."""
-    steps = complete_steps(root)
-    newest = steps[-1] if steps else None
-    try:
-        named = (root / LATEST).read_text().strip()
-    except OSError:
-        named = None
-    if named is not None and named != f"step-{newest}":
-        found = f"resuming from step-{newest}" if newest is not None else "starting from step 0"
-        print(f"warning: {root / LATEST} names {named!r}, not the newest complete checkpoint; {found}", flush=True)
-    return newest
-
-
-def write_synced(path: Path, data: bytes) -> None:
-    """On disk before anything written after it (the metadata must never outlive what it vouches for)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write_synced(tmp, text.encode())
-    os.replace(tmp, path)
-
-
-def commit(root: Path, tmp: Path, step: int, meta: dict[str, Any]) -> Path:
-    """Mark the written checkpoint complete (meta.json last), move it into place, point `latest` at it."""
-    write_atomically(tmp / META, json.dumps({**meta, "complete": True}, indent=2) + "\n")
-    final = step_dir(root, step)
-    if final.exists():  # an incomplete leftover of a crashed attempt (or a redone step): superseded
-        discard(final)
-    os.replace(tmp, final)
-    write_atomically(root / LATEST, final.name + "\n")
-    return final
-
-
-def discard(folder: Path) -> None:
-    """Delete a checkpoint directory so that no kill can leave half of it looking complete: it
-    leaves its step-N name in one atomic rename first (a partly deleted step-N would still hold
-    meta.json, but not all of its shards)."""
-    trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
-    os.replace(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def prune(root: Path, keep: int) -> None:
-    """Keep the `keep` newest complete checkpoints; delete older ones, incomplete step directories
-    and abandoned temporary or half-deleted ones. Called only after a new checkpoint is complete
-    and `latest` names it."""
-    kept = {f"step-{s}" for s in complete_steps(root)[-keep:]}
-    for folder in root.iterdir():
-        if not folder.is_dir() or folder.name in kept:
-            continue
-        if folder.name.startswith(".trash-"):
-            shutil.rmtree(folder, ignore_errors=True)
-        elif folder.name.startswith(("step-", ".tmp-step-")):
-            discard(folder)
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def set_aside(root: Path) -> None:
-    """--no-resume: an earlier attempt's checkpoints must not be resumed (nor outrank the new ones
-    when pruning); they are moved to checkpoints.previous (replacing an older set aside)."""
-    if not root.is_dir() or not any(root.iterdir()):
-        return
-    aside = root.with_name(root.name + ".previous")
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(root, aside)
-    print(f"resume is off: moved the earlier checkpoints to {aside}", flush=True)
 
 
 # --- a save that cannot write ---
@@ -300,8 +194,29 @@ def find_resume_step(run_dir: Path, spec: JobSpec, env: Dist) -> int | None:
     return broadcast_object(step)
 
 
+@dataclass(slots=True)
+class PendingSave:
+    """A periodic save written in the background: what its commit needs once every rank's files are
+    written. The train state is taken when the save starts: the sampler and scheduler move on."""
+
+    step: int
+    tmp: Path
+    written: Future  # this rank's DCP files (Strategy.save_checkpoint_async)
+    train_state: dict[str, Any]
+    start: float  # perf_counter when the save started
+    stalled: float  # seconds training stood still to stage it (the copy to host memory)
+
+
 class Checkpointer:
-    """Saves at optimizer-step boundaries when due, and restores a resumed attempt."""
+    """Saves at optimizer-step boundaries when due, and restores a resumed attempt.
+
+    Periodic saves (every N steps or M minutes) run in the background where the strategy can
+    (DCP's async_save: the shards are copied to host memory, then written by a thread while training
+    goes on); a save for a stop request is synchronous, as the requeue waits for it. Either way a
+    checkpoint is committed (meta.json, then `latest`) only once every rank's files are written: at
+    each step boundary the ranks agree whether the background save is done (one tiny all-reduce,
+    only while one is in flight). One save at a time: a new one, a stop, or the end waits for the
+    one in flight."""
 
     def __init__(self, run_dir: Path, spec: JobSpec, env: Dist, state: TrainState, strategy: Strategy, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -319,6 +234,11 @@ class Checkpointer:
         self.stop_at = spec.debug.fault_at("stop")  # tests: a stop request at a step they can predict
         # Names this attempt's temporary directories: the same on every rank, new on every attempt.
         self.token = broadcast_object(f"{os.getpid()}-{int(time.time())}")
+        self.pending: PendingSave | None = None
+        periodic = bool(self.every_steps or self.every_seconds)
+        # DCP's background writes run their own collectives from a thread: a gloo group of their own
+        # keeps them apart from the training's (torchtitan does the same). Created once, collectively.
+        self.async_group = dist.new_group(backend="gloo") if periodic and strategy.async_checkpoints else None
 
     # --- at every optimizer-step boundary ---
 
@@ -326,11 +246,16 @@ class Checkpointer:
         """Save when due (every N steps, every M minutes, or on a stop request); True when a stop was
         requested: the checkpoint of this step is then complete and the worker should exit."""
         lose_a_rank(self.spec.debug, step, self.env.rank, self.env.world_size)  # fault injection (die, hang)
+        if step == self.spec.debug.fault_at("fsize"):
+            self.wait()  # the injected limit is for the saves after this step, not one still being written
         limit_file_size(self.spec.debug, step)  # fault injection (fsize)
         minutes_due, stop = self._rank0_decisions(step)
+        self._commit_if_written()
         steps_due = bool(self.every_steps) and step % self.every_steps == 0
-        if steps_due or minutes_due or stop:
-            self.save(step)
+        if stop:
+            self.save(step)  # synchronous: the launcher requeues once `latest` names this step
+        elif steps_due or minutes_due:
+            self.save_in_background(step) if self.async_group is not None else self.save(step)
         if stop and self.env.rank == 0:
             # Consumed: the requeued attempt must not stop again. (Gone already: someone withdrew it.)
             with contextlib.suppress(FileNotFoundError):
@@ -358,44 +283,114 @@ class Checkpointer:
         """Collective: every rank writes its shards and RNG state; rank 0 commits and prunes. When a write
         fails on any rank (a full filesystem, a quota, a file-size limit), every rank raises the same
         CheckpointWriteError, the partial directory is removed and the previous checkpoint stays `latest`."""
+        self.wait()  # the one in flight first: checkpoints are committed in step order
         start = time.perf_counter()
+        tmp = self._make_tmp(step)
+        failure = _attempt(lambda: self._write_shards(tmp), self.root)
+        self._agree_or_raise(failure, tmp, step)  # every rank's files are written before rank 0 commits
+        final = self._commit_everywhere(tmp, step, start, self._train_state(step))
+        self.seconds_saving += time.perf_counter() - start
+        return final
+
+    def save_in_background(self, step: int) -> None:
+        """Collective: start a periodic save of this step; training goes on while it is written, and a
+        later step boundary commits it (_commit_if_written). The loop waits only for the copy to host
+        memory (and for an earlier save still in flight)."""
+        self.wait()
+        start = time.perf_counter()
+        tmp = self._make_tmp(step)
+        started: list[Future] = []
+
+        def begin() -> None:
+            started.append(self.strategy.save_checkpoint_async(self.state.model, self.state.optimizer, tmp,
+                                                               self.async_group))
+            self._write_rng(tmp)  # (small: written now, with the state it holds)
+        self._agree_or_raise(_attempt(begin, self.root), tmp, step)
+        staged = time.perf_counter() - start
+        self.pending = PendingSave(step, tmp, started[0], self._train_state(step), start, staged)
+        self.last_save = self.clock()  # the minute schedule counts from the state saved, not the commit
+        self.seconds_saving += staged
+        if self.env.rank == 0:
+            print(f"checkpoint: step {step} staged in {staged:.2f} s; writing in the background", flush=True)
+
+    def _commit_if_written(self) -> None:
+        """Collective while a background save is in flight: commit it once every rank's files are
+        written (a rank that finished waits for the others; nobody blocks on the writes)."""
+        if self.pending is None:
+            return
+        done = torch.tensor([int(self.pending.written.done())], dtype=torch.int32)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)  # (a CPU tensor over gloo: no device sync)
+        if done.item():
+            self.wait()
+
+    def wait(self) -> None:
+        """Collective: finish the background save in flight, if any: wait for this rank's writes, agree
+        that every rank's succeeded, commit. The worker calls it before it exports final/ or exits."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        waited = time.perf_counter()
+        self._agree_or_raise(_attempt(pending.written.result, self.root), pending.tmp, pending.step)
+        self._commit_everywhere(pending.tmp, pending.step, pending.start, pending.train_state,
+                                background=(pending.stalled, waited))
+        self.seconds_saving += time.perf_counter() - waited
+
+    def _make_tmp(self, step: int) -> Path:
+        """Collective: rank 0 creates the save's temporary directory before any rank writes into it."""
         tmp = self.root / f".tmp-step-{step}-{self.token}"
         failure = None
         if self.env.rank == 0:
             failure = _attempt(lambda: tmp.mkdir(parents=True, exist_ok=True), self.root)
-        if broadcast_object(failure) is None:  # the directory exists before any rank writes into it
-            failure = _attempt(lambda: self._write_shards(tmp), self.root)
-        self._agree_or_raise(failure, tmp, step)  # every rank's files are written before rank 0 commits
-        final = step_dir(self.root, step)
+        failure = broadcast_object(failure)
+        if failure is not None:
+            self._agree_or_raise(failure, tmp, step)
+        return tmp
+
+    def _commit_everywhere(self, tmp: Path, step: int, start: float, train_state: dict[str, Any],
+                           background: tuple[float, float] | None = None) -> Path:
+        """Collective: rank 0 commits; every rank learns whether that worked. background: a background
+        save's (seconds training stood still to stage it, perf_counter when the wait for it began)."""
         failure = None
         if self.env.rank == 0:
-            failure = _attempt(lambda: self._commit(tmp, step, start), self.root)
+            failure = _attempt(lambda: self._commit(tmp, step, start, train_state, background), self.root)
         self._agree_or_raise(failure, tmp, step)
         self.last_save = self.clock()
-        self.seconds_saving += time.perf_counter() - start
-        return final
+        return step_dir(self.root, step)
+
+    def _train_state(self, step: int) -> dict[str, Any]:
+        return {"step": step, "scheduler": self.state.scheduler.state_dict(),
+                "sampler": self.state.sampler.state_dict()}
 
     def _write_shards(self, tmp: Path) -> None:
         """This rank's files: its shards (DCP is collective and raises the same error on every rank
         when one failed) and its RNG state."""
         self.strategy.save_checkpoint(self.state.model, self.state.optimizer, tmp)
+        self._write_rng(tmp)
+
+    def _write_rng(self, tmp: Path) -> None:
         buffer = io.BytesIO()
         torch.save(rng.get_state(self.env.device), buffer)
         write_synced(tmp / f"rng-rank{self.env.rank}.pt", buffer.getvalue())  # (DCP syncs its own files)
 
-    def _commit(self, tmp: Path, step: int, start: float) -> None:
+    def _commit(self, tmp: Path, step: int, start: float, train_state: dict[str, Any],
+                background: tuple[float, float] | None) -> None:
         """Rank 0: the train state, then meta.json and `latest` (commit), then the pruning of older ones."""
-        train_state = {"step": step, "scheduler": self.state.scheduler.state_dict(),
-                       "sampler": self.state.sampler.state_dict()}
         write_synced(tmp / TRAIN_STATE, (json.dumps(train_state, indent=2) + "\n").encode())
         final = commit(self.root, tmp, step, {"step": step, "mode": self.spec.mode, "strategy": self.spec.strategy,
                                               "world_size": self.env.world_size, "device": self.env.device.type,
                                               "time": time.time()})
         prune(self.root, self.spec.keep_checkpoints)
-        seconds = time.perf_counter() - start
+        now = time.perf_counter()
+        written = now - start
+        # seconds: how long training stood still for this save (what measured throughput leaves out);
+        # in the background the copy to host memory and the wait and commit at the end, and written_s
+        # the time from the start to the commit.
+        seconds = written if background is None else background[0] + now - background[1]
+        extra = {"background": background is not None} | ({"written_s": round(written, 3)} if background else {})
         events.record(self.run_dir, "checkpointed", step=step, seconds=round(seconds, 3),
-                      bytes=folder_bytes(final), path=str(final))
-        print(f"checkpoint: step {step} in {seconds:.2f} s -> {final}", flush=True)
+                      bytes=folder_bytes(final), path=str(final), **extra)
+        how = f" (written in the background in {written:.2f} s)" if background else ""
+        print(f"checkpoint: step {step} in {seconds:.2f} s{how} -> {final}", flush=True)
 
     def _agree_or_raise(self, failure: WriteFailure | None, tmp: Path, step: int) -> None:
         """Collective: go on when no rank failed; otherwise rank 0 removes the partial directory and

@@ -18,6 +18,9 @@ fsize    every rank lowers its file-size limit (RLIMIT_FSIZE, `ulimit -f`) to FS
          a real write error, as a full filesystem's ENOSPC would be (SIGXFSZ ignored: the write fails
          instead of killing the process).
 
+Besides the faults, debug.slow_checkpoint_write_s slows each rank's background checkpoint write
+(slow_writer), so a test can see training go on while a save is in flight.
+
 And debug.simulate_16bit_cpu, a CPU this one is not: DeepSpeed's CPU accelerator answers as on a CPU
 with bf16 and fp16 instructions (AMD EPYC with avx512_bf16, Xeons with AMX), where its dtype
 decisions differ from those on a CPU without them.
@@ -30,6 +33,9 @@ import resource
 import signal
 import sys
 import time
+from pathlib import Path
+
+from torch.distributed.checkpoint import FileSystemWriter
 
 from llamajobs.spec import DebugSpec
 
@@ -73,3 +79,13 @@ def limit_file_size(debug: DebugSpec, step: int) -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (FSIZE_LIMIT, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         print(f"injected fault: files are limited to {FSIZE_LIMIT} bytes after step {step}", flush=True)
+
+
+def slow_writer(folder: Path, delay_s: float) -> FileSystemWriter:
+    """debug.slow_checkpoint_write_s: DCP's file writer, sleeping delay_s in the writing thread before it
+    writes (a slow filesystem), so that a save stays in flight over several training steps."""
+    class SlowWriter(FileSystemWriter):
+        def write_data(self, plan, planner):
+            time.sleep(delay_s)
+            return super().write_data(plan, planner)
+    return SlowWriter(folder)

@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig
 
@@ -42,7 +44,7 @@ from llamajobs import catalog
 from llamajobs.spec import DebugSpec, JobSpec
 from llamajobs.values import device_type
 from llamajobs.worker import model as model_lib
-from llamajobs.worker.faults import lose_a_rank
+from llamajobs.worker.faults import lose_a_rank, slow_writer
 from llamajobs.worker.kernels import Kernels
 
 # The start-up preflight gives every rank this long to join (or the collective timeout, if shorter).
@@ -259,6 +261,24 @@ class Strategy(ABC):
         model_state, optimizer_state = self._dcp_state(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
 
+    @property
+    def async_checkpoints(self) -> bool:
+        """Whether periodic saves may run in the background (save_checkpoint_async; JobSpec.async_checkpoints
+        says the same to the estimator). Not under offload: the state already lives in host memory,
+        and staging would copy the largest user of host RAM a second time."""
+        return not self.spec.strategy_info.offload
+
+    def save_checkpoint_async(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
+                              group: dist.ProcessGroup) -> Future:
+        """Collective: copy this rank's shards to host memory now (training may change the originals as
+        soon as this returns), and write them into folder in a background thread; the future completes
+        when this rank's files are written. `group`: a gloo group of its own, for DCP's collectives
+        from that thread, which must never interleave with the training's on the default group."""
+        model_state, optimizer_state = self._dcp_state(model, optimizer)
+        delay = self.spec.debug.slow_checkpoint_write_s  # (tests: a slow filesystem)
+        return dcp.async_save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder,
+                              storage_writer=slow_writer(folder, delay) if delay else None, process_group=group)
+
     def load_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
         """Collective: the model's and optimizer's state from folder, in place, each rank its own shards."""
         model_state, optimizer_state = self._dcp_state(model, optimizer)
@@ -302,6 +322,7 @@ class Fsdp(Strategy):
         # and out of its all-gather buffers, forward and backward, every step. It runs the plain model
         # (bf16 autocast on GPU, the same mixed precision) unless offload needs FSDP's CPU placement.
         self.sharded = env is None or env.world_size > 1 or spec.strategy_info.offload
+        self.mesh = shard_mesh(spec, env) if env is not None and self.sharded else None
 
     def build_model(self, config: LlamaConfig, *, load_weights: bool, chosen: Kernels) -> nn.Module:
         """Structure on the meta device, sharded, only the shards allocated, weights read once (rank 0)
@@ -311,13 +332,17 @@ class Fsdp(Strategy):
         if spec.compile:
             compile_layers(model)
         if self.sharded:
-            parallelize(model, spec, device)
+            parallelize(model, spec, device, self.mesh)
         model_lib.materialize(model, init_device(spec, device), device)
         if load_weights:
             model_lib.load_weights(model, spec, config, self.env.rank)
         return model
 
     def describe(self, run_dir: Path) -> str:
+        if self.mesh is not None:
+            replicas, shard = self.mesh.shape
+            return (f"fsdp: hybrid sharding (--shard-within node): each layer sharded over the {shard} rank(s) of "
+                    f"a node, replicated across {replicas} nodes")
         if self.sharded:
             return ""
         return "fsdp over one process: nothing to shard, the model runs unsharded" + (
@@ -342,9 +367,31 @@ class Fsdp(Strategy):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def parallelize(model: nn.Module, spec: JobSpec, device: torch.device) -> nn.Module:
+def shard_mesh(spec: JobSpec, env: Dist) -> DeviceMesh | None:
+    """The 2-D mesh of --shard-within node on several nodes: ("replicate", "shard") = (nodes, ranks per
+    node). torchrun numbers ranks node by node, so each row is one node's ranks: the all-gathers and
+    reduce-scatters run inside a node, and the gradient all-reduce across the rows once per step.
+    None: FSDP's default 1-D mesh over every rank (--shard-within all; auto left unresolved, a run
+    not planned on GPUs; one node, where both layouts are the same).
+
+    Ranks per node: the launcher's LOCAL_WORLD_SIZE, or debug.ranks_per_node (a test's 2 processes
+    of one host as 2 nodes)."""
+    if spec.shard_within != "node":
+        return None
+    per_node = spec.debug.ranks_per_node or env.local_world_size
+    if env.world_size % per_node:
+        raise ValueError(f"--shard-within node: {env.world_size} ranks are not whole nodes of {per_node}; "
+                         f"use --shard-within all")
+    if env.world_size == per_node:
+        return None
+    return init_device_mesh(env.device.type, (env.world_size // per_node, per_node),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def parallelize(model: nn.Module, spec: JobSpec, device: torch.device, mesh: DeviceMesh | None = None) -> nn.Module:
     """FSDP2: shard each decoder layer (its own all-gather/reduce-scatter unit), then the root
-    (embeddings, final norm, head, a prompt encoder). In place; returns the model for readability."""
+    (embeddings, final norm, head, a prompt encoder). In place; returns the model for readability.
+    A 2-D `mesh` (shard_mesh) makes it HSDP: sharded along "shard", replicated along "replicate"."""
     if not spec.strategy_info.fsdp:
         raise ValueError(f"parallelize shards with FSDP; --strategy {spec.strategy} is not an FSDP strategy")
     if device.type == "cuda":
@@ -357,8 +404,9 @@ def parallelize(model: nn.Module, spec: JobSpec, device: torch.device) -> nn.Mod
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again right away by the backward: keep them.
-        fully_shard(layer, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=i < len(layers) - 1)
-    fully_shard(model, mp_policy=mp_policy, offload_policy=offload)
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, offload_policy=offload,
+                    reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
     return model
 
 

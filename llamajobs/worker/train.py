@@ -86,6 +86,7 @@ def train(run_dir: Path, spec: JobSpec, env: Dist) -> None:
     step, stopped = train_loop(model, optimizer, scheduler, sampler, metrics, checkpointer,
                                spec=spec, env=env, start=start, total=total, strategy=strategy, validator=validator,
                                objective=objective)
+    checkpointer.wait()  # a periodic save still being written in the background is committed first
     metrics.close()  # the TensorBoard and wandb files are complete before the export (or the requeue)
     if not stopped:  # (stopped: the checkpoint of `step` is complete; the launcher requeues the job)
         finish(model, strategy, spec, config, tokenizer, run_dir, env, step)

@@ -67,6 +67,7 @@ ENGINE_TAG = "engine"
 
 class Zero(Strategy):
     checkpoint_format = "DeepSpeed's"
+    async_checkpoints = False  # the engine's save_checkpoint writes synchronously
 
     def __init__(self, spec: JobSpec, env: Dist | None) -> None:
         super().__init__(spec, env)
