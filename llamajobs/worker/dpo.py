@@ -112,7 +112,7 @@ class Dpo:
         return share / n_pairs
 
 
-def build(spec, strategy, config) -> Dpo:
+def build(spec, strategy, config, chosen) -> Dpo:
     """The run's DPO objective. LoRA's reference is the peft model (under the engine's wrapper) with its
     adapters off. A full fine-tune's is a second model built as the policy was at step 0 (its starting
     weights read again, also on a resume: the reference never moves) and sharded the same way by the
@@ -121,6 +121,6 @@ def build(spec, strategy, config) -> Dpo:
     if spec.mode_info.adapters:
         return Dpo(beta=spec.beta, loss=spec.loss,
                    disabled_adapters=lambda model: strategy.unwrap(model).disable_adapter())
-    reference = strategy.build_model(config, load_weights=True)
+    reference = strategy.build_model(config, load_weights=True, chosen=chosen)  # the policy's kernels
     reference.requires_grad_(False).eval()
     return Dpo(beta=spec.beta, loss=spec.loss, reference_model=reference)

@@ -82,7 +82,7 @@ def train(run_dir: Path, spec: JobSpec, env: Dist) -> None:
     start = checkpointer.resume(resume_step)  # 0 without a checkpoint
     metrics = build_metrics(run_dir, spec, env, strategy, total=total, steps_in_epoch=steps_in_epoch, start=start)
     validator = validate.build_validator(spec, env, strategy, total=total, pad_id=tokenizer.eos_token_id)
-    objective = dpo.build(spec, strategy, config) if spec.objective == "dpo" else None  # None: SFT's token loss
+    objective = dpo.build(spec, strategy, config, chosen) if spec.objective == "dpo" else None  # None: SFT's token loss
     step, stopped = train_loop(model, optimizer, scheduler, sampler, metrics, checkpointer,
                                spec=spec, env=env, start=start, total=total, strategy=strategy, validator=validator,
                                objective=objective)
