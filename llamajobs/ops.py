@@ -12,13 +12,14 @@ submitit, torch and transformers are imported only by the operations that need t
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import llamajobs.spec
-from llamajobs import catalog, cluster, estimate, events, forensics, hub, metrics, monitor, presets, registry, site
+from llamajobs import catalog, cluster, estimate, events, files, forensics, hub, metrics, monitor, presets, registry, site
 from llamajobs.data.prepare import PrepareConfig, Progress, prepare
 from llamajobs.data.results import Prepared, Unfinished, prepared
 from llamajobs.errors import Failure, SpecError
@@ -341,9 +342,11 @@ def log_file(runs: Path, job_id: int, rank: int | None = None, stderr: bool = Fa
 
 
 def read_log(path: Path, follow: bool = False, poll_s: float = 0.5) -> Iterator[str]:
-    """The log's text, then (follow) each line as it is written, until interrupted."""
-    with open(path, errors="replace") as f:
-        yield f.read()
+    """The log's text in pieces (never the whole of a long log in memory), then (follow) each line as it
+    is written, until interrupted. A log that is no regular file (a FIFO, a device) is refused, not waited on."""
+    with io.TextIOWrapper(files.open_regular(path), errors="replace") as f:
+        while piece := f.read(1 << 16):
+            yield piece
         while follow:
             line = f.readline()
             if line:

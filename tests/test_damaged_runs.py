@@ -332,3 +332,22 @@ def test_numbers_beyond_range_in_events_and_eval_results_never_break_a_command(r
     for command in (["status"], ["status", "2"], ["estimate", "hours", "2"], ["plot", "2", "-o", str(tmp_path / "x.png")]):
         code, _, stderr = cli(*command, "--runs-dir", str(runs))
         assert code == 0, (command, stderr)
+
+
+@pytest.mark.parametrize("replace", [_fifo, _zero])
+def test_logs_refuses_a_log_that_is_no_file_in_one_line(runs, replace):
+    log = run_dir(runs, 2) / "submitit" / "2_0_log.out"
+    log.parent.mkdir(exist_ok=True)
+    replace(log)
+    result = _cli(runs, "logs", "2")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "2_0_log.out" in result.stderr and "not a regular file" in result.stderr, result.stderr
+
+
+def test_logs_prints_a_long_log_whole(runs):
+    log = run_dir(runs, 2) / "submitit" / "2_0_log.out"
+    log.parent.mkdir(exist_ok=True)
+    text = "".join(f"line {i}\n" for i in range(50_000))  # several of read_log's pieces
+    log.write_text(text)
+    result = _cli(runs, "logs", "2")
+    assert result.returncode == 0 and result.stdout == text, result.stderr

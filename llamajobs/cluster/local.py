@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from llamajobs import catalog, events
+from llamajobs import catalog, events, files
 from llamajobs.cluster.base import TERMINAL, UNKNOWN, Allocation, Backend, Handle
 from llamajobs.errors import Failure
 from llamajobs.registry import Job
@@ -113,12 +113,14 @@ def _pid(job: Job) -> int | None:
     return int(job.cluster_job_id) if job.cluster_job_id.isdigit() else None
 
 
+RESULT_BYTES = 16 << 20  # the launcher returns a few bytes; submitit pickles its traceback on an error
+
+
 def result(job: Job) -> tuple[str, Any] | None:
     """submitit's result pickle of the local job: ("success", value) or ("error", traceback)."""
     path = job.run_dir / "submitit" / f"{job.cluster_job_id}_0_result.pkl"
-    try:
-        with open(path, "rb") as f:
-            found = pickle.load(f)
+    try:  # (a FIFO or a device in its place is refused, not waited on or read without end)
+        found = pickle.loads(files.read_bytes(path, RESULT_BYTES))
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, ValueError):
         return None
     return found if isinstance(found, tuple) and len(found) == 2 else None
