@@ -424,6 +424,10 @@ def _check_types(obj: Any, fields: Mapping[str, dataclasses.Field], prefix: str 
 # --cluster`), the estimator `micro_batch_auto` (--micro-batch auto), `sharded_accumulation` and
 # `shard_within_auto` (--shard-within auto).
 RECORDED = frozenset({"evaluation", "micro_batch_auto", "sharded_accumulation", "shard_within_auto"})
+# Fields resolved at submit (--model-path's Hub id pinned to a commit, the shape read from config.json),
+# and settings a run YAML or the site profile gives that have no flag (hf_home: site.yaml's cache).
+RESOLVED = frozenset({"hub_id", "hub_revision", "hub_commit", "model_shape"})
+YAML_ONLY = frozenset({"grad_clip", "debug", "hf_home"})
 
 
 def normalise_keys(values: Mapping[str, Any], source: str, settings: bool = False) -> dict[str, Any]:

@@ -114,3 +114,15 @@ def test_light_commands_do_not_import_torch(tmp_path, home):
     result = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "r")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
+
+
+def test_every_settable_field_has_a_flag_or_is_listed_as_run_yaml_only():
+    """A JobSpec field a user sets is a submit flag, unless spec.py says it is given in a run YAML or
+    site profile only (YAML_ONLY), resolved at submit (RESOLVED) or recorded by a command (RECORDED)."""
+    from llamajobs import spec as spec_mod
+    from llamajobs.cli import jobs
+
+    flags = {p.name for p in jobs.submit.params}
+    listed = spec_mod.YAML_ONLY | spec_mod.RESOLVED | spec_mod.RECORDED
+    assert [f for f in spec_mod.FIELDS if f not in flags and f not in listed] == []
+    assert [f for f in listed if f in flags] == []  # a listed field that gained a flag leaves the lists

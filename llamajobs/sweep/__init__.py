@@ -39,8 +39,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Keys a sweep file may hold besides these: none (a typo must not pass silently).
 FILE_KEYS = ("name", "base", "axes", "samples", "seed", "config")
 # JobSpec fields that are not settings (computed, or set by another command), and keys an axis may not vary.
-NOT_SETTINGS = frozenset({"model_shape", "hub_id", "hub_revision", "hub_commit", "micro_batch_auto",
-                          "sharded_accumulation", "shard_within_auto", "evaluation"})
+NOT_SETTINGS = llamajobs.spec.RESOLVED | llamajobs.spec.RECORDED
 NOT_AXES = {"name": "every trial is named after the sweep", "cluster": "a sweep runs on one cluster"}
 
 
