@@ -68,7 +68,11 @@ def render(out_dir: str, config_file: str | None, **values: Any) -> None:
     """Write spec.json, launch.sh and job.sbatch without a cluster."""
     import llamajobs.render
 
-    spec, profile = ops.build_spec(typed(values), config_file, cluster_default="slurm")
+    flags = typed(values)
+    spec, profile = ops.build_spec(flags, config_file, cluster_default="slurm")
+    # What submit decides (--micro-batch auto, --shard-within auto), decided the same way: a script
+    # submitted by hand runs what `submit` would have.
+    spec = ops.plan_for_gpu(spec, ops.accelerator(flags.get("gpu") or ops.site_gpu()))
     for path in llamajobs.render.render(spec, profile, out_dir):
         views.out.print(str(path), markup=False, highlight=False)
 
