@@ -430,6 +430,13 @@ CLUSTER: dict[str, ClusterInfo] = {c.name: c for c in (
                 preempts=False, host_is_node=True, poll_s=0.0, runs_arrays=False),
 )}
 CLUSTERS: tuple[str, ...] = tuple(CLUSTER)
+
+
+def allocates_gpus(cluster: str) -> bool:
+    """Whether a job recorded on this cluster was given GPUs (False for a name no ClusterInfo has: a
+    damaged job.json's)."""
+    info = CLUSTER.get(cluster)
+    return info is not None and info.allocates_gpus
 LAUNCHERS: tuple[str, ...] = ("torchrun", "deepspeed")
 TASKS: tuple[str, ...] = ("medqa", "medmcqa", "pubmedqa")  # eval's multiple-choice sets
 # --shard-within (fsdp strategies): FSDP2 shards each layer over the ranks of one node and replicates

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from llamajobs.catalog import CLUSTER, Accelerator
+from llamajobs.catalog import Accelerator, allocates_gpus
 from llamajobs.estimate.results import Grid, MeasuredHours, MemoryTable, PredictedHours, StepPlan
 from llamajobs.evaluate import EvalResult, eval_mode
 from llamajobs.events import attempts
@@ -117,11 +117,6 @@ def epoch(epochs: float | None) -> str:
     return f"{epochs * 100:.1f}%" if epochs <= 1 else f"{epochs:.2f} ep"
 
 
-def _allocates_gpus(cluster: str) -> bool:
-    info = CLUSTER.get(cluster)  # None: a damaged job.json's cluster
-    return info is not None and info.allocates_gpus
-
-
 def status_table(rows: list[Row]) -> Table:
     table = Table(box=None, header_style="bold")
     for col in ("id", "name", "job", "state", "nodes×gpus", "size/mode/strategy", "step", "epoch",
@@ -131,7 +126,7 @@ def status_table(rows: list[Row]) -> Table:
         accuracy = f" acc {r.accuracy:.1%}" if r.accuracy is not None else ""
         table.add_row(
             str(r.id), escape(r.name), f"{r.cluster}:{r.cluster_job_id}", escape(state(r)),
-            f"{r.nodes}×{r.gpus_per_node}" if _allocates_gpus(r.cluster) else f"{r.nodes}×{r.procs_per_node} cpu",
+            f"{r.nodes}×{r.gpus_per_node}" if allocates_gpus(r.cluster) else f"{r.nodes}×{r.procs_per_node} cpu",
             f"{r.size}/{r.mode}/{r.strategy}{accuracy}", f"{fmt(r.step)}/{fmt(r.total_steps)}", epoch(r.epoch),
             fmt(r.loss, ".4f"), fmt(r.val_loss, ".4f"),
             fmt(r.tokens_per_s, ",.0f"), fmt(r.tokens_per_s_per_gpu, ",.0f"), percent(r.mfu),

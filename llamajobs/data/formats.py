@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
 from llamajobs.data import mcq
-from llamajobs.data.mcq import LETTERS, BadRecord
+from llamajobs.data.mcq import LETTERS, BadRecord, record_id
 from llamajobs.errors import SpecError
 
 # --- prompt templates ---
@@ -91,14 +91,6 @@ def _json_type(value: Any) -> str:
             float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _id(record: dict, *names: str) -> str | None:
-    for name in names:
-        value = record.get(name)
-        if value is not None and value != "":
-            return str(value)
-    return None
-
-
 # --- formats ---
 
 
@@ -135,7 +127,7 @@ class Text(Format):
     expects = '{"text": "..."} per line (an "id" is optional)'
 
     def examples(self, record, options=None):
-        return [Example("", field(record, "text"), _id(record, "id"))]
+        return [Example("", field(record, "text"), record_id(record, "id"))]
 
 
 class S2orc(Format):
@@ -149,8 +141,8 @@ class S2orc(Format):
         if not isinstance(content["text"], str):
             raise BadRecord(f'field "content.text" is {_json_type(content["text"])}, expected a string')
         ids = record.get("externalids") or {}
-        doc_id = _id(ids, "pubmedcentral") if isinstance(ids, dict) else None
-        return [Example("", content["text"], doc_id or _id(record, "corpusid", "id"))]
+        doc_id = record_id(ids, "pubmedcentral") if isinstance(ids, dict) else None
+        return [Example("", content["text"], doc_id or record_id(record, "corpusid", "id"))]
 
 
 class Alpaca(Format):
@@ -162,7 +154,7 @@ class Alpaca(Format):
         instruction = field(record, "instruction")
         input = field(record, "input", optional=True) if "input" in record else None
         output = field(record, "output")
-        return [Example(alpaca_prompt(instruction, input or ""), output, _id(record, "id"))]
+        return [Example(alpaca_prompt(instruction, input or ""), output, record_id(record, "id"))]
 
 
 def _mcq(q: mcq.Question, answer_field: str) -> list[Example]:
@@ -247,9 +239,9 @@ class LMFlow(Format):
         kind = field(record, "type")
         instances = field(record, "instances", list)
         if kind == "text_only":
-            return [Example("", field(i, "text"), _id(i, "id")) for i in instances]
+            return [Example("", field(i, "text"), record_id(i, "id")) for i in instances]
         if kind == "text2text":
-            return [Example(field(i, "input"), field(i, "output"), _id(i, "id")) for i in instances]
+            return [Example(field(i, "input"), field(i, "output"), record_id(i, "id")) for i in instances]
         raise BadRecord(f'field "type" is {kind!r}, expected text_only or text2text')
 
 
@@ -288,7 +280,7 @@ class Messages(Format):
 
     def examples(self, record, options=None):
         roles = {r: r for r in ("system", "user", "assistant")}
-        return [_conversation(_turns(record, "messages", "role", "content", roles), _id(record, "id"))]
+        return [_conversation(_turns(record, "messages", "role", "content", roles), record_id(record, "id"))]
 
 
 class ShareGPT(Format):
@@ -300,7 +292,7 @@ class ShareGPT(Format):
 
     def examples(self, record, options=None):
         turns = _turns(record, "conversations", "from", "value", self.roles)
-        return [_conversation(turns, _id(record, "id"))]
+        return [_conversation(turns, record_id(record, "id"))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,7 +362,7 @@ class Preference(Format):
                 raise BadRecord(f'field "{name}" is an empty answer')
         if answers[0] == answers[1]:
             raise BadRecord('fields "chosen" and "rejected" are the same answer (nothing to prefer)')
-        return Pair(prompt, answers[0], answers[1], _id(record, "id", "prompt_id"))
+        return Pair(prompt, answers[0], answers[1], record_id(record, "id", "prompt_id"))
 
 
 FORMATS: dict[str, type[Format]] = {f.name: f for f in (Text, S2orc, Alpaca, Messages, ShareGPT, MedQA, MedMCQA,

@@ -108,7 +108,8 @@ def _unlabelled(value: Any) -> bool:
                              and str(value).strip() == str(UNLABELLED))
 
 
-def _id(record: dict, *names: str) -> str | None:
+def record_id(record: dict, *names: str) -> str | None:
+    """The first of these keys that holds a value, as text (a document's id for the eval split's hash)."""
     for name in names:
         value = record.get(name)
         if value is not None and value != "":
@@ -153,7 +154,7 @@ def medqa(record: Any) -> Question:
         if idx is not None and idx not in keys:
             raise BadRecord(f"answer_idx {idx!r} is not one of the options {', '.join(map(str, keys))}")
         answer = None if idx is None else keys.index(idx)
-    return Question(question=question, options=_options(options), answer=answer, id=_id(record, "id"))
+    return Question(question=question, options=_options(options), answer=answer, id=record_id(record, "id"))
 
 
 def medmcqa_cop(record: Any) -> int | None:
@@ -191,7 +192,7 @@ def medmcqa(record: Any, base: int) -> Question:
     cop = medmcqa_cop(record)
     options = tuple(_text(_required(record, key), key) for key in ("opa", "opb", "opc", "opd"))
     return Question(question=_text(_required(record, "question"), "question"), options=options,
-                    answer=None if cop is None else _index(cop, 4, "cop", base), id=_id(record, "id"))
+                    answer=None if cop is None else _index(cop, 4, "cop", base), id=record_id(record, "id"))
 
 
 def pubmedqa(record: Any) -> Question:
@@ -211,4 +212,4 @@ def pubmedqa(record: Any) -> Question:
             raise BadRecord(f"final_decision {decision!r}; expected yes, no or maybe")
         answer = PUBMEDQA_OPTIONS.index(decision)
     return Question(question=question, options=PUBMEDQA_OPTIONS, answer=answer, context=context or None,
-                    id=_id(record, "pubid", "id"))
+                    id=record_id(record, "pubid", "id"))

@@ -91,8 +91,7 @@ def _trial_row(trial: Trial, row: monitor.Row | None) -> TrialRow:
         return TrialRow(trial=trial, state=cluster.UNKNOWN, error=f"job {trial.job} is no longer in the runs directory")
     # The whole of metrics.jsonl is read only for a run that validates (monitor reads its tail).
     best = _best_val_loss(Path(row.run_dir)) if row.val_loss is not None else None
-    info = catalog.CLUSTER.get(row.cluster)  # None: a damaged job.json's cluster
-    gpus = (row.nodes or 0) * (row.gpus_per_node or 0) if info is not None and info.allocates_gpus else 0
+    gpus = (row.nodes or 0) * (row.gpus_per_node or 0) if catalog.allocates_gpus(row.cluster) else 0
     gpu_hours = row.elapsed_s * gpus / 3600 if gpus and row.elapsed_s is not None else None
     return TrialRow(trial=trial, state=row.state, step=row.step, total_steps=row.total_steps, loss=row.loss,
                     val_loss=best if best is not None else row.val_loss, accuracy=row.accuracy,
