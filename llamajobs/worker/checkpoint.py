@@ -53,7 +53,10 @@ from llamajobs.control import STOP_REQUEST
 from llamajobs.data.sampler import WindowSampler
 from llamajobs.spec import JobSpec
 from llamajobs.worker import rng
-from llamajobs.worker.checkpoint_files import (LATEST, META, commit, complete_steps, discard, folder_bytes, newest_complete_step, prune, read_meta, set_aside, step_dir, write_atomically, write_synced)
+# (LATEST and META are read by tests as checkpoint.LATEST and checkpoint.META.)
+from llamajobs.worker.checkpoint_files import (LATEST, META, commit, complete_steps, discard, folder_bytes,  # noqa: F401
+                                               newest_complete_step, prune, read_meta, set_aside, step_dir,
+                                               write_synced)
 from llamajobs.worker.faults import limit_file_size, lose_a_rank
 from llamajobs.worker.parallel import Dist, Strategy
 

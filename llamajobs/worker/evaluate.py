@@ -24,7 +24,7 @@ from llamajobs import evaluate as ev
 from llamajobs import events
 from llamajobs.spec import EvalSpec, JobSpec
 from llamajobs.worker import parallel
-from llamajobs.worker.checkpoint import write_atomically
+from llamajobs.worker.checkpoint_files import write_atomically
 from llamajobs.worker.metrics import device_description
 from llamajobs.worker.parallel import Dist
 from llamajobs.worker.train import parse_run_dir

@@ -23,7 +23,7 @@ import torch
 
 from llamajobs.catalog import CPU_PEAK_FLOPS_PER_CORE, Accelerator, gpu_from_device_name
 from llamajobs.metrics import METRICS_FILE, MetricsRow
-from llamajobs.worker.checkpoint import write_atomically
+from llamajobs.worker.checkpoint_files import write_atomically
 from llamajobs.worker.sinks import Sink
 
 if TYPE_CHECKING:
